@@ -1,0 +1,109 @@
+"""Resumable training state: adapter weights, optimizer, scheduler, RNG and loop position.
+
+A checkpoint folder is written whole under a temporary name and renamed into place, so a
+folder named `epoch-N` or `step-N` is always complete. Tensors are loaded back with
+`weights_only=True`; loop state is plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lora_cli.atomic import TMP_PREFIX, atomic_dir
+from lora_cli.errors import LoraCliError
+
+STATE = "trainer_state.json"
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps done within `epoch`
+    metrics_lines: int = 0  # lines of metrics.jsonl written so far
+    window_loss: float = 0.0  # summed loss since the last log line
+    window_targets: int = 0
+    window_tokens: int = 0
+    window_steps: int = 0
+    tokens_seen: int = 0
+    fingerprint: str = ""
+    total_steps: int = 0
+    world_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def checkpoint_dir(root: Path) -> Path:
+    return Path(root) / "checkpoints"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by optimizer step)."""
+    folder = checkpoint_dir(root)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.name.startswith(TMP_PREFIX) or not (p / STATE).is_file():
+            continue
+        try:
+            found.append((json.loads((p / STATE).read_text())["step"], p))
+        except (OSError, ValueError, KeyError):
+            continue
+    return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name))]
+
+
+def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer, scheduler, keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    dest = checkpoint_dir(root) / name
+    with atomic_dir(dest, replace=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
+    prune(root, keep, protect=dest)
+    return dest
+
+
+def prune(root: Path, keep: int, protect: Path | None = None) -> None:
+    existing = list_checkpoints(root)
+    for old in existing[: max(0, len(existing) - keep)]:
+        if protect is None or old.resolve() != protect.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path):
+    """(LoopState, adapter tensors, optimizer state, scheduler state, rng) from a checkpoint folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = LoopState(**json.loads((path / STATE).read_text()))
+        adapter = load_file(str(path / "adapter_model.safetensors"))
+        optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+        rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+    except FileNotFoundError as exc:
+        raise LoraCliError(f"Checkpoint {path} is incomplete ({Path(exc.filename).name} is missing).") from None
+    except Exception as exc:  # corrupt or foreign files: say which checkpoint, not a traceback
+        raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    return state, adapter, optim, sched, rng
+
+
+def restore_rng(rng: dict) -> None:
+    import torch
+
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        states = rng["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)

@@ -1,0 +1,63 @@
+"""`lora-cli tokenize`: the tokenized dataset, cached on disk, reused while nothing changed."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from lora_cli.options import (CacheOpt, ConfigOpt, EosOpt, MaxLenOpt, ModelOpt, PromptOpt, SetOpt, SkipOpt,
+                              TemplateOpt, TrainFileOpt, TrustOpt, ValFileOpt, data_flags)
+
+
+def tokenize(
+    model: ModelOpt = None,
+    train: TrainFileOpt = None,
+    val: ValFileOpt = None,
+    template: TemplateOpt = None,
+    max_length: MaxLenOpt = None,
+    train_on_prompt: PromptOpt = None,
+    add_eos: EosOpt = None,
+    skip_invalid: SkipOpt = None,
+    cache_dir: CacheOpt = None,
+    trust_remote_code: TrustOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild the cache entries even if they exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the cache entries as JSON.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Tokenize the data (template, response-only labels, eos, truncation) into the on-disk cache."""
+    from lora_cli.config import build_config
+    from lora_cli.modeling import quiet_libraries
+    from lora_cli.prepare import prepare_data
+    from lora_cli.render import RichReporter, out, table
+
+    quiet_libraries()
+    cfg = build_config(str(config) if config else None, set_, data_flags(
+        model, None, trust_remote_code, train, val, template, max_length, train_on_prompt, add_eos, skip_invalid,
+        cache_dir))
+    data = prepare_data(cfg, RichReporter(), force=force)
+    entries = [e for e in (data.train, data.val) if e is not None]
+    if as_json:
+        typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
+                                "counts": e.meta.get("counts")} for e in entries], indent=2))
+        return
+    rows = []
+    for e in entries:
+        c = e.meta.get("counts", {})
+        rows.append([e.split, "cache hit" if e.hit else "built", c.get("examples"), c.get("tokens"),
+                     c.get("targets"), c.get("truncated"), c.get("invalid"), str(e.path)])
+    out.print(table(f"tokenize ({cfg.model.name}, template {cfg.data.template}, max length {cfg.data.max_length})",
+                    ["split", "status", "examples", "tokens", "target tokens", "truncated", "skipped", "cache entry"],
+                    rows, right=(2, 3, 4, 5, 6)))
+    for e in entries:
+        c = e.meta.get("counts", {})
+        if c.get("no_target"):
+            out.print(f"note: {c['no_target']} {e.split} example(s) left out: no response token survives "
+                      f"truncation at {cfg.data.max_length} tokens.")
+        out.print(f"{e.split}: {'cache hit' if e.hit else 'tokenized'} ({e.key})")
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("tokenize")(handle_errors(tokenize))

@@ -1,0 +1,126 @@
+"""`lora-cli train`: reads the cache (tokenizing first if needed), trains, writes ./adapters."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cli.options import (TRAIN, AlphaOpt, CacheOpt, ConfigOpt, DropOpt, EosOpt, MaxLenOpt, ModelOpt, PromptOpt,
+                              QuantOpt, RankOpt, SetOpt, SkipOpt, TargetsOpt, TemplateOpt, TrainFileOpt, TrustOpt,
+                              UpcastOpt, ValFileOpt, data_flags, lora_flags)
+
+Opt = typer.Option
+
+
+def oom_message(exc: BaseException) -> str:
+    used = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            used = f" The run had allocated up to {peak:.1f} GiB of the GPU's {total:.1f} GiB."
+    except Exception:
+        pass
+    return ("Out of memory." + used + " Lower it with: --max-tokens (packed tokens per micro-batch), "
+            "--batch-size (padded batches), --max-length, or --set train.gradient_checkpointing=on.")
+
+
+def train(
+    model: ModelOpt = None,
+    train_file: TrainFileOpt = None,
+    val: ValFileOpt = None,
+    output: Annotated[Optional[Path], Opt("--output", "-o", help="Adapter folder. [default: adapters]")] = None,
+    epochs: Annotated[Optional[int], Opt("--epochs", "-e", rich_help_panel=TRAIN, help="[default: 3]")] = None,
+    max_steps: Annotated[Optional[int], Opt("--max-steps", rich_help_panel=TRAIN,
+                                            help="Stop after this many optimizer steps (0: all epochs).")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", "-b", rich_help_panel=TRAIN,
+                                             help="Examples per micro-batch when padded. [default: 2]")] = None,
+    eval_batch_size: Annotated[Optional[int], Opt("--eval-batch-size", rich_help_panel=TRAIN, help="[default: 2]")] = None,
+    grad_accum: Annotated[Optional[int], Opt("--grad-accum", rich_help_panel=TRAIN,
+                                             help="Micro-batches per optimizer step. [default: 2]")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", rich_help_panel=TRAIN, help="[default: 2e-4]")] = None,
+    weight_decay: Annotated[Optional[float], Opt("--weight-decay", rich_help_panel=TRAIN, help="[default: 0]")] = None,
+    warmup_steps: Annotated[Optional[int], Opt("--warmup-steps", rich_help_panel=TRAIN, help="[default: 0]")] = None,
+    scheduler: Annotated[Optional[str], Opt("--scheduler", rich_help_panel=TRAIN,
+                                            help="linear, cosine or constant. [default: linear]")] = None,
+    precision: Annotated[Optional[str], Opt("--precision", rich_help_panel=TRAIN,
+                                            help="auto, bf16, fp16 or fp32. [default: auto: bf16 where supported]")] = None,
+    batching: Annotated[Optional[str], Opt("--batching", rich_help_panel=TRAIN,
+                                           help="packed (token budget, no padding), padded (the seed's), auto.")] = None,
+    max_tokens: Annotated[Optional[int], Opt("--max-tokens", rich_help_panel=TRAIN,
+                                             help="Tokens per packed micro-batch (0: automatic).")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", rich_help_panel=TRAIN, help="[default: 42]")] = None,
+    log_every: Annotated[Optional[int], Opt("--log-every", rich_help_panel=TRAIN, help="[default: 10]")] = None,
+    save_every_steps: Annotated[Optional[int], Opt("--save-every-steps", rich_help_panel=TRAIN,
+                                                   help="Also checkpoint every N steps (0: each epoch only).")] = None,
+    keep_checkpoints: Annotated[Optional[int], Opt("--keep-checkpoints", rich_help_panel=TRAIN, help="[default: 2]")] = None,
+    device: Annotated[Optional[str], Opt("--device", rich_help_panel=TRAIN, help="auto, cpu or cuda.")] = None,
+    lora_r: RankOpt = None,
+    lora_alpha: AlphaOpt = None,
+    lora_dropout: DropOpt = None,
+    target_modules: TargetsOpt = None,
+    quantization: QuantOpt = None,
+    upcast: UpcastOpt = None,
+    trust_remote_code: TrustOpt = None,
+    template: TemplateOpt = None,
+    max_length: MaxLenOpt = None,
+    train_on_prompt: PromptOpt = None,
+    add_eos: EosOpt = None,
+    skip_invalid: SkipOpt = None,
+    cache_dir: CacheOpt = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue from the latest checkpoint in the output folder.")] = False,
+    resume_from: Annotated[Optional[Path], Opt("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a different run's adapter folder.")] = False,
+    gpus: Annotated[Optional[int], Opt("--gpus", help="Run on N GPUs through accelerate's launcher.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a LoRA adapter (QLoRA by default) and write it with its config, metrics and parameter summary."""
+    if gpus and gpus > 1:
+        from lora_cli.launch import relaunch_with_accelerate
+
+        raise typer.Exit(relaunch_with_accelerate(gpus))
+    from lora_cli.config import build_config
+    from lora_cli.errors import TrainingInterrupted
+    from lora_cli.render import RichReporter, out
+    from lora_cli.training import train as run_training
+
+    flags = data_flags(model, quantization, trust_remote_code, train_file, val, template, max_length, train_on_prompt,
+                       add_eos, skip_invalid, cache_dir)
+    flags.update(lora_flags(lora_r, lora_alpha, lora_dropout, target_modules))
+    flags.update({
+        "output.dir": str(output) if output else None, "model.upcast": upcast,
+        "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
+        "train.eval_batch_size": eval_batch_size, "train.grad_accum": grad_accum, "train.lr": lr,
+        "train.weight_decay": weight_decay, "train.warmup_steps": warmup_steps, "train.scheduler": scheduler,
+        "train.precision": precision, "train.batching": batching, "train.max_tokens": max_tokens, "train.seed": seed,
+        "train.log_every": log_every, "train.save_every_steps": save_every_steps,
+        "train.keep_checkpoints": keep_checkpoints, "train.device": device,
+    })
+    cfg = build_config(str(config) if config else None, set_, flags)
+    reporter = RichReporter()
+    try:
+        result = run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
+                              reporter=reporter)
+    except TrainingInterrupted as exc:
+        argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+        exc.resume_command = shlex.join(["lora-cli", *argv, "--resume"])
+        raise
+    d = result.decisions
+    first = f"{result.first_loss:.4f}" if result.first_loss is not None else "-"
+    last = f"{result.last_loss:.4f}" if result.last_loss is not None else "-"
+    evals = " -> ".join(f"{x:.4f}" for x in result.eval_losses) or "-"
+    out.print(f"Trained {result.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
+              f"{result.tokens:,} tokens in {result.seconds:.1f} s.")
+    out.print(f"train loss {first} -> {last}; eval loss {evals}")
+    out.print(f"Adapter written to {result.output}")
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("train")(handle_errors(train))

@@ -1,0 +1,80 @@
+"""`lora-cli validate-data`: every defect of a data file, before any GPU time is spent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cli.options import MaxLenOpt, ModelOpt, TemplateOpt
+
+
+def print_issues(issues, console) -> None:
+    for issue in issues:
+        style = "yellow" if issue.severity == "warning" else "red"
+        console.print(f"[{style}]{issue.severity}[/] {issue}", markup=True, highlight=False)
+
+
+def _token_counter(model: str, template_name: str):
+    from lora_cli.modeling import load_tokenizer, quiet_libraries, resolve_model
+    from lora_cli.templates import get_template
+    from lora_cli.tokenization import token_lengths
+
+    quiet_libraries()
+    resolved = resolve_model(model, need_weights=False)
+    tokenizer = load_tokenizer(resolved.path)
+    template = get_template(template_name)
+    return lambda examples: token_lengths(examples, tokenizer, template)
+
+
+def validate_data(
+    files: Annotated[list[Path], typer.Argument(help="JSONL files to check.", show_default=False)],
+    model: ModelOpt = None,
+    template: TemplateOpt = None,
+    max_length: MaxLenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON report for machines.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings (duplicates) too.")] = False,
+) -> None:
+    """Report every defect (file, line, field, reason), duplicates, and length statistics.
+
+    With --model, also token lengths and how many examples --max-length would truncate.
+    Exit 0 when every file is clean, 1 when not.
+    """
+    from lora_cli.data_report import validate_file
+    from lora_cli.render import err, out, table
+
+    counter = _token_counter(model, template or "alpaca") if model else None
+    limit = max_length or 512
+    reports = []
+    for path in files:
+        stream = None if as_json else (lambda issue: print_issues([issue], out))
+        reports.append(validate_file(path, on_issue=stream, token_lengths=counter, max_length=limit if counter else None))
+    failed = any(not r.clean or r.records == 0 or (strict and r.warnings) for r in reports)
+    if as_json:
+        typer.echo(json.dumps({"ok": not failed, "files": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        with_tokens = any(r.tokens is not None for r in reports)
+        rows = []
+        for r in reports:
+            for stats in (r.chars, r.tokens):
+                if stats is None:
+                    continue
+                row = [r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}",
+                       f"{stats.p50:.0f}", f"{stats.p90:.0f}", stats.max]
+                rows.append(row + ([r.truncated if stats.unit == "tokens" else ""] if with_tokens else []))
+        columns = ["file", "records", "valid", "errors", "warnings", "length", "mean", "p50", "p90", "max"]
+        if with_tokens:
+            columns.append(f"> {limit} tokens")
+        out.print(table("validate-data", columns, rows, right=(1, 2, 3, 4, 6, 7, 8, 9, 10)))
+        for r in reports:
+            if r.records == 0:
+                err.print(f"[red]error[/] {r.file}: holds no records.", markup=True)
+        verdict = "[red]defects found[/]" if failed else "[green]clean[/]"
+        out.print(f"{len(reports)} file(s): {verdict}", markup=True)
+    raise typer.Exit(1 if failed else 0)
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("validate-data")(handle_errors(validate_data))

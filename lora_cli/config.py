@@ -1,0 +1,286 @@
+"""One dataclass tree describing a run; its defaults are the reference ("seed") recipe.
+
+Every command reads the part it needs. A run can come from a YAML file (`--config`), from
+flags, or from `--set section.key=value` overrides, in that order of precedence (flags win).
+The config a run actually used is saved beside its outputs, so it can be reproduced and so
+`generate`/`eval` can render prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from lora_cli.errors import LoraCliError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+QUANTIZATIONS = ("nf4", "none")
+BATCHINGS = ("auto", "packed", "padded")
+GC_MODES = ("auto", "on", "off")
+SCHEDULERS = ("linear", "cosine", "constant")
+UPCASTS = ("auto", "fp32", "none")
+
+
+def _bad(section: str, key: str, value: Any, why: str) -> LoraCliError:
+    return LoraCliError(f"Invalid config value {section}.{key}={value!r}: {why}.")
+
+
+def _check_choice(section: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _bad(section, key, value, f"choose one of {', '.join(choices)}")
+
+
+def _check_positive(section: str, key: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise _bad(section, key, value, "must be a number " + (">= 0" if allow_zero else "> 0"))
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    val: str | None = None
+    template: str = "alpaca"
+    max_length: int = 512
+    train_on_prompt: bool = False
+    add_eos: bool = True
+    skip_invalid: bool = False
+    cache_dir: str = ".lora-cache"
+
+    def __post_init__(self) -> None:
+        _check_positive("data", "max_length", self.max_length)
+        if not isinstance(self.max_length, int) or self.max_length < 8:
+            raise _bad("data", "max_length", self.max_length, "must be an integer of at least 8")
+        if not isinstance(self.template, str) or not self.template:
+            raise _bad("data", "template", self.template, "name a template or a template file")
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    quantization: str = "nf4"
+    trust_remote_code: bool = False
+    # Non-quantized weights (embeddings, lm_head, norms): fp32 as peft's
+    # prepare_model_for_kbit_training does, or left in the compute dtype (faster, less memory).
+    upcast: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("model", "upcast", self.upcast, UPCASTS)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if not self.target_modules:
+            raise _bad("lora", "target_modules", self.target_modules, "name at least one module")
+        _check_positive("lora", "r", self.r)
+        _check_positive("lora", "alpha", self.alpha)
+        if not (0 <= self.dropout < 1):
+            raise _bad("lora", "dropout", self.dropout, "must be in [0, 1)")
+        _check_choice("lora", "bias", self.bias, ("none", "all", "lora_only"))
+
+    def peft_targets(self) -> list[str] | str:
+        return "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 2
+    eval_batch_size: int = 2
+    grad_accum: int = 2
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    seed: int = 42
+    log_every: int = 10
+    max_steps: int = 0  # 0: run all epochs
+    save_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_checkpoints: int = 2
+    batching: str = "auto"  # packed: token-budget rows, per-example attention; padded: the seed's
+    max_tokens: int = 0  # token budget of one packed micro-batch; 0: automatic
+    gradient_checkpointing: str = "auto"
+    fused_loss: bool = True  # never materialise the full [tokens x vocab] logits
+    eval_at_start: bool = True  # a baseline eval loss before the first step
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
+            _check_positive("train", key, getattr(self, key))
+        for key in ("lr",):
+            _check_positive("train", key, getattr(self, key))
+        for key in ("weight_decay", "warmup_steps", "max_steps", "save_every_steps", "max_tokens", "max_grad_norm"):
+            _check_positive("train", key, getattr(self, key), allow_zero=True)
+        _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
+        _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_choice("train", "batching", self.batching, BATCHINGS)
+        _check_choice("train", "gradient_checkpointing", self.gradient_checkpointing, GC_MODES)
+        _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise _bad("train", "device", self.device, "choose auto, cpu or cuda")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "adapters"
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    # ---- conversion -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
+        if not isinstance(raw, dict):
+            raise LoraCliError(f"{source}: expected a mapping of sections (data, model, lora, train, output).")
+        sections = {f.name: f for f in fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise LoraCliError(
+                f"{source}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}."
+            )
+        built = {}
+        for name, f in sections.items():
+            section_cls = f.default_factory  # type: ignore[misc]
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise LoraCliError(f"{source}: section '{name}' must be a mapping.")
+            built[name] = _build_section(section_cls, values, f"{source}: {name}")
+        return cls(**built)
+
+    def replace(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted-key overrides applied (`{"train.lr": 1e-4}`), validated again."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if section not in raw or key not in raw[section]:
+                raise LoraCliError(f"Unknown setting '{dotted}'. Settings look like train.lr or lora.r.")
+            raw[section][key] = value
+        return RunConfig.from_dict(raw)
+
+    def fingerprint(self, sections: tuple[str, ...] = ("data", "model", "lora", "train")) -> str:
+        """Hash of what determines a run's result (the output folder is not part of it)."""
+        raw = self.to_dict()
+        blob = json.dumps({k: raw[k] for k in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn YAML or `--set` strings into the field's type, with a clear error when impossible."""
+    text = str(annotation)
+    if value is None:
+        return None
+    try:
+        if annotation is bool or text == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int or text == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if annotation is float or text == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if "list" in text:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
+        if "str" in text:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise LoraCliError(f"{where}: cannot use {value!r} here (expected {text.replace('typing.', '')}).") from None
+    return value
+
+
+def _build_section(section_cls, values: dict[str, Any], where: str):
+    hints = get_type_hints(section_cls)
+    names = {f.name for f in fields(section_cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise LoraCliError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}.")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return section_cls(**kwargs)
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoraCliError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoraCliError(f"Cannot read config file {path}: {exc}.") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LoraCliError(f"Config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, Any]:
+    """`--set train.lr=1e-4` strings into a dict of dotted keys; values parsed as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise LoraCliError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4.")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def build_config(config_file: str | None, sets: list[str] | None, flags: dict[str, Any]) -> RunConfig:
+    """Defaults < config file < --set < explicit flags (None means 'not given')."""
+    cfg = load_config_file(config_file) if config_file else RunConfig()
+    overrides = parse_set_options(sets)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return cfg.replace(overrides) if overrides else cfg

@@ -1,0 +1,167 @@
+"""The tokenized dataset, cached on disk and reused while nothing that changes it changed.
+
+The key hashes every input of tokenization: the data file's bytes, the tokenizer's files,
+the template, max length, label policy and this module's format version. One entry per
+split, so editing the validation file does not re-tokenize the training file. An entry is
+an Arrow dataset (datasets.save_to_disk) plus meta.json, built in a temporary folder and
+renamed into place: a killed run leaves nothing that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.atomic import atomic_dir, write_text
+from lora_cli.errors import DataError, LoraCliError
+from lora_cli.progress import NULL_REPORTER, Reporter
+from lora_cli.records import Issue, ScanStats, iter_examples
+from lora_cli.tokenization import LabelPolicy, encode_batch
+
+FORMAT_VERSION = 1
+BATCH = 1000
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 of the bytes, number of lines)."""
+    h, lines = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                lines += chunk.count(b"\n")
+    except FileNotFoundError:
+        raise LoraCliError(f"Data file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise LoraCliError(f"Data file {path} is a folder, not a JSONL file.") from None
+    except OSError as exc:
+        raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+    return h.hexdigest(), lines
+
+
+def tokenizer_digest(tokenizer_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class CacheEntry:
+    split: str
+    key: str
+    path: Path
+    hit: bool
+    meta: dict
+
+    def load(self):
+        from datasets import load_from_disk
+
+        return load_from_disk(str(self.path / "data"))
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bool, counters: dict, issues: list,
+          progress):
+    """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
+    stats = ScanStats(str(path))
+    pending = []
+
+    def on_issue(issue: Issue) -> None:
+        issues.append(issue)
+
+    def flush():
+        for enc in encode_batch(pending, tokenizer, template, policy):
+            counters["truncated"] += int(enc.truncated)
+            if enc.n_targets == 0:
+                counters["no_target"] += 1
+                continue
+            counters["examples"] += 1
+            counters["tokens"] += len(enc.input_ids)
+            counters["targets"] += enc.n_targets
+            yield {"input_ids": enc.input_ids, "labels": enc.labels, "line": enc.line,
+                   "length": len(enc.input_ids), "n_targets": enc.n_targets}
+        progress.update(len(pending))
+        pending.clear()
+
+    for example in iter_examples(path, on_issue=on_issue, stats=stats):
+        if issues and not skip_invalid:
+            continue  # the run will fail: find every defect, tokenize nothing more
+        pending.append(example)
+        if len(pending) >= BATCH:
+            yield from flush()
+    if not (issues and not skip_invalid):
+        yield from flush()
+    counters["records"], counters["invalid"] = stats.records, stats.invalid
+
+
+def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, template, policy: LabelPolicy,
+                  cache_dir: str | Path, skip_invalid: bool = False, force: bool = False,
+                  reporter: Reporter = NULL_REPORTER) -> CacheEntry:
+    """Return the cache entry for one split, tokenizing only when no valid entry exists."""
+    path = Path(path)
+    digest, n_lines = file_digest(path)
+    parts = {
+        "format": FORMAT_VERSION, "data_sha256": digest, "tokenizer": tokenizer_digest(tokenizer_dir),
+        "tokenizer_class": type(tokenizer).__name__, "template": template.identity(),
+        "max_length": policy.max_length, "train_on_prompt": policy.train_on_prompt, "add_eos": policy.add_eos,
+        "skip_invalid": skip_invalid,
+    }
+    key = _key(parts)
+    entry_dir = Path(cache_dir) / "tokenized" / key
+    meta_path = entry_dir / "meta.json"
+    if meta_path.is_file() and not force:
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key and (entry_dir / "data" / "dataset_info.json").is_file():
+                return CacheEntry(split, key, entry_dir, True, meta)
+        except (OSError, ValueError):
+            pass  # unreadable entry: rebuild it
+    return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
+
+
+def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter):
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0)
+    issues: list[Issue] = []
+    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                         "line": Value("int64"), "length": Value("int32"), "n_targets": Value("int32")})
+    t0 = time.time()
+    with reporter.stage(f"Tokenizing {path.name}", total=n_lines or None, unit="records") as progress:
+        with atomic_dir(entry_dir, replace=True) as tmp:
+            gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
+                              skip_invalid=skip_invalid, counters=counters, issues=issues, progress=progress)
+            ds = Dataset.from_generator(_rows, gen_kwargs=gen_kwargs, features=features, fingerprint=key,
+                                        cache_dir=str(tmp / "build"), keep_in_memory=False)
+            errors = [i for i in issues if i.severity == "error"]
+            if errors and not skip_invalid:
+                raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,
+                                hint="Fix them (lora-cli validate-data lists every one) or pass --skip-invalid.")
+            if counters["examples"] == 0:
+                raise DataError(f"{path} has no usable examples.", errors,
+                                hint="Every example needs a response that survives truncation at --max-length.")
+            ds.save_to_disk(str(tmp / "data"))
+            del ds
+            shutil.rmtree(tmp / "build", ignore_errors=True)
+            meta = {"key": key, "split": split, "source": str(path), "parts": parts, "counts": counters,
+                    "skipped_lines": [i.line for i in errors][:1000], "seconds": round(time.time() - t0, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+    return CacheEntry(split, key, entry_dir, False, meta)
+

@@ -1,0 +1,45 @@
+"""Errors the user can act on.
+
+The CLI prints a `LoraCliError` as one clear message (no traceback) and exits 1; anything
+else is a bug and is reported as such. Keeping the distinction in one place is what lets the
+core raise freely without knowing how it is rendered.
+"""
+
+from __future__ import annotations
+
+
+class LoraCliError(Exception):
+    """A problem with the user's input, files or setup, with an optional hint on what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class DataError(LoraCliError):
+    """The data file has defects; `issues` holds them (file, line, field, reason)."""
+
+    def __init__(self, message: str, issues=None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.issues = list(issues or [])
+
+
+class TrainingInterrupted(LoraCliError):
+    """Ctrl-C during training: a checkpoint was saved; exit 130 like any interrupted program."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, checkpoint: str | None, resume_command: str | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.resume_command = resume_command
+
+
+class NonFiniteLoss(LoraCliError):
+    """The loss became NaN or infinite; training stopped before the bad step was applied."""

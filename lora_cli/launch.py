@@ -1,0 +1,34 @@
+"""`lora-cli train --gpus N`: the same command, started by accelerate's launcher (torchrun underneath)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def strip_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--gpus":
+            skip = True
+            continue
+        if arg.startswith("--gpus="):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch_command(n: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli", *strip_gpus(argv)]
+
+
+def relaunch_with_accelerate(n: int) -> int:
+    env = dict(os.environ)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    return subprocess.call(launch_command(n, sys.argv[1:]), env=env)

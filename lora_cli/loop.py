@@ -1,0 +1,258 @@
+"""One optimizer step at a time: accumulation, normalisation, reduction, checkpoints.
+
+Loss normalisation: every optimizer step divides the summed token losses of all its
+micro-batches (on all processes) by their total number of target tokens, known in advance
+from the plan. Each token weighs the same whatever the packing, the accumulation or the
+number of GPUs, so changing those levers does not change what is optimised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict
+
+from lora_cli.checkpoint import LoopState, load_checkpoint, restore_rng, save_checkpoint
+from lora_cli.errors import LoraCliError, NonFiniteLoss, TrainingInterrupted
+
+
+def make_optimizer(model, t, rt):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
+    return torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay,
+                             fused=rt.on_cuda or None)
+
+
+def make_scheduler(optimizer, t, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
+                         num_warmup_steps=t.warmup_steps, num_training_steps=max(total_steps, 1))
+
+
+class InterruptFlag:
+    """First Ctrl-C: finish the step, checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, reporter):
+        self.reporter = reporter
+        self.set = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        self.reporter.message("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort).")
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class TrainingLoop:
+    def __init__(self, cfg, rt, model, batcher, val_batcher, out, reporter):
+        self.cfg, self.t, self.rt = cfg, cfg.train, rt
+        self.model, self.batcher, self.val_batcher = model, batcher, val_batcher
+        self.out, self.reporter = out, reporter
+        self.state = LoopState(fingerprint=out.fingerprint, world_size=rt.world_size)
+        self.group = self.t.grad_accum * rt.world_size  # micro-batches per optimizer step
+        self._plans: dict[int, list] = {}
+        self.steps_per_epoch = self._groups_in(0)
+        self.total_steps = self.t.max_steps or sum(self._groups_in(e) for e in range(self.t.epochs))
+        self.state.total_steps = self.total_steps
+        self.eval_losses: list[float] = []
+        self.first_loss = self.last_loss = None
+
+    # ---- planning ---------------------------------------------------------------------
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: self.batcher.plan(epoch)}
+        return self._plans[epoch]
+
+    def _groups_in(self, epoch: int) -> int:
+        return math.ceil(len(self.plan(epoch)) / self.group)
+
+    # ---- setup ------------------------------------------------------------------------
+    def bind(self, optimizer, scheduler) -> None:
+        from lora_cli.loss import make_loss_module
+
+        self.optimizer, self.scheduler = optimizer, scheduler
+        module = make_loss_module(self.model, self.t.fused_loss)
+        self.module, self.optimizer = self.rt.accelerator.prepare(module, optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def restore(self, checkpoint) -> None:
+        from peft import set_peft_model_state_dict
+
+        state, adapter, optim, sched, rng = load_checkpoint(checkpoint)
+        if state.world_size != self.rt.world_size:
+            raise LoraCliError(f"Checkpoint {checkpoint} was made with {state.world_size} process(es); "
+                               f"resume with the same number (now {self.rt.world_size}).")
+        set_peft_model_state_dict(self.model, {k: v.to(self.rt.device) for k, v in adapter.items()})
+        self.optimizer.load_state_dict(optim)
+        self.scheduler.load_state_dict(sched)
+        restore_rng(rng)
+        self.state = state
+        self.out.truncate_metrics(state.metrics_lines)
+
+    # ---- the loop ---------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        st = self.state
+        if self.t.eval_at_start and st.step == 0 and self.val_batcher is not None:
+            self._log_eval(self.evaluate())
+        self._last_log = time.time()
+        with InterruptFlag(self.reporter) as flag, \
+                self.reporter.stage("Training", total=self.total_steps, unit="steps") as bar:
+            bar.update(st.step)
+            while st.step < self.total_steps:
+                groups = self.plan(st.epoch)
+                n_groups = math.ceil(len(groups) / self.group)
+                while st.step_in_epoch < n_groups and st.step < self.total_steps:
+                    g = st.step_in_epoch
+                    self._step(groups[g * self.group:(g + 1) * self.group], flag)
+                    bar.update(1, loss=self.last_loss, tok_s=self._tok_s)
+                    if flag.set:
+                        self._interrupt()
+                    if self.t.save_every_steps and st.step % self.t.save_every_steps == 0 \
+                            and st.step_in_epoch < n_groups:
+                        self._checkpoint(f"step-{st.step}")
+                self._end_epoch(partial=st.step_in_epoch < n_groups)
+        return {"first_loss": self.first_loss, "last_loss": self.last_loss, "eval_losses": self.eval_losses,
+                "steps": st.step, "tokens": st.tokens_seen, "seconds": round(time.time() - t0, 3)}
+
+    def _step(self, group: list[list[int]], flag) -> None:
+        import torch
+
+        acc, rt, st = self.rt.accelerator, self.rt, self.state
+        n_global = max(1, sum(self.batcher.n_targets(mb) for mb in group))
+        mine = group[rt.rank::rt.world_size]
+        slots = math.ceil(len(group) / rt.world_size)
+        loss_sum = torch.zeros((), device=rt.device)
+        real = 0
+        for i in range(slots):
+            live = i < len(mine)
+            mb = self.batcher.collate(mine[i] if live else group[0]).to(rt.device)
+            sync = i == slots - 1 or rt.world_size == 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.module):
+                loss, _ = self.module(mb.input_ids, mb.targets, mb.attention_mask, mb.position_ids)
+                acc.backward(loss * ((1.0 if live else 0.0) * rt.world_size / n_global))
+            if live:
+                loss_sum += loss.detach().float()
+                real += mb.n_real
+        stats = torch.stack([loss_sum, torch.tensor(float(real), device=rt.device),
+                             torch.tensor(float(flag.set), device=rt.device)])
+        if rt.world_size > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        loss_total, real_total, interrupted = stats.tolist()
+        flag.set = flag.set or interrupted > 0
+        if not math.isfinite(loss_total):
+            raise NonFiniteLoss(self._nonfinite_message(st.step + 1))
+        grad_norm = acc.clip_grad_norm_(self.trainable, self.t.max_grad_norm) if self.t.max_grad_norm else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        st.step_in_epoch += 1
+        st.tokens_seen += int(real_total)
+        st.window_loss += loss_total
+        st.window_targets += n_global
+        st.window_tokens += int(real_total)
+        st.window_steps += 1
+        if st.step % self.t.log_every == 0 or st.step == self.total_steps:
+            self._log_train(lr, grad_norm)
+
+    @property
+    def _tok_s(self) -> float | None:
+        return getattr(self, "_last_tok_s", None)
+
+    def _log_train(self, lr, grad_norm) -> None:
+        st = self.state
+        now = time.time()
+        loss = st.window_loss / max(st.window_targets, 1)
+        self._last_tok_s = st.window_tokens / max(now - self._last_log, 1e-9)
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        self._write({"type": "train", "step": st.step, "epoch": st.epoch + st.step_in_epoch / max(self._groups_in(st.epoch), 1),
+                     "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                     "tokens": st.tokens_seen, "tokens_per_s": round(self._last_tok_s, 2)})
+        st.window_loss, st.window_targets, st.window_tokens, st.window_steps = 0.0, 0, 0, 0
+        self._last_log = now
+
+    def _log_eval(self, value: float | None) -> None:
+        if value is None:
+            return
+        self.eval_losses.append(value)
+        self._write({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "eval_loss": value})
+        self.reporter.message(f"eval loss at step {self.state.step}: {value:.4f}")
+
+    def _write(self, row: dict) -> None:
+        self.out.append_metrics(row)
+        self.state.metrics_lines += 1
+
+    def _end_epoch(self, partial: bool = False) -> None:
+        st = self.state
+        if not partial:
+            st.epoch += 1
+            st.step_in_epoch = 0
+        if self.val_batcher is not None:
+            self._log_eval(self.evaluate())
+        self._checkpoint(f"step-{st.step}" if partial else f"epoch-{st.epoch}")
+
+    def _checkpoint(self, name: str):
+        from peft import get_peft_model_state_dict
+
+        self.rt.accelerator.wait_for_everyone()
+        path = None
+        if self.rt.is_main:
+            path = save_checkpoint(self.out.path, name, self.state, get_peft_model_state_dict(self.model),
+                                   self.optimizer, self.scheduler, self.t.keep_checkpoints)
+        self.last_checkpoint = path or (self.out.path / "checkpoints" / name)
+        self.rt.accelerator.wait_for_everyone()
+        return self.last_checkpoint
+
+    def _interrupt(self) -> None:
+        path = self._checkpoint(f"step-{self.state.step}")
+        raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
+                                  str(path), None)
+
+    def _nonfinite_message(self, step: int) -> str:
+        last = getattr(self, "last_checkpoint", None)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        return (f"The loss became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
+                f"Try a lower --lr, or --precision bf16/fp32 instead of fp16.")
+
+    # ---- evaluation -------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        import torch
+
+        if self.val_batcher is None:
+            return None
+        rt = self.rt
+        self.module.eval()
+        total = torch.zeros((), device=rt.device)
+        count = 0
+        with torch.no_grad(), self.reporter.stage("Evaluating", total=None, unit="batches") as bar:
+            for idx in self.val_batcher.plan(0, shuffle=False)[rt.rank::rt.world_size]:
+                mb = self.val_batcher.collate(idx).to(rt.device)
+                loss, n = self.module(mb.input_ids, mb.targets, mb.attention_mask, mb.position_ids)
+                total += loss.float()
+                count += n
+                bar.update(1)
+        self.module.train()
+        stats = torch.stack([total, torch.tensor(float(count), device=rt.device)])
+        if rt.world_size > 1:
+            stats = rt.accelerator.reduce(stats, reduction="sum")
+        loss, n = stats.tolist()
+        return loss / n if n else None

@@ -1,0 +1,118 @@
+"""The training loss: summed cross-entropy over target tokens, without full-vocabulary logits.
+
+A 1.5B Qwen has a 152k vocabulary: the logits of an 8k-token micro-batch are 5 GB in fp32,
+most of the memory of a QLoRA step and a slow fp32 matmul besides. `linear_cross_entropy`
+keeps only the hidden states of tokens that have a target (prompt and padding need none),
+and computes logits chunk by chunk, deriving the gradient for the hidden states in the same
+pass (the lm_head weight is frozen), so no logits are kept for the backward.
+"""
+
+from __future__ import annotations
+
+IGNORE = -100
+
+
+def _chunk_rows(vocab: int, budget_bytes: int = 1 << 30) -> int:
+    return max(128, budget_bytes // (4 * max(vocab, 1)))
+
+
+def _make_function():
+    import torch
+
+    class _LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            need_grad = hidden.requires_grad
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if need_grad else None
+            w = weight
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s:s + chunk].to(w.dtype)
+                t = targets[s:s + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if need_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    grad[s:s + chunk] = (probs.to(w.dtype) @ w).to(hidden.dtype)
+                del logits
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_total.to(grad.dtype), None, None, None
+
+    return _LinearCrossEntropy
+
+
+_FN = None
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None):
+    """Sum of CE(hidden @ weight.T, targets) over targets != -100, and their count.
+
+    hidden: [..., D]; weight: [V, D] (frozen); targets: [...] already aligned (no shift).
+    """
+    global _FN
+    if _FN is None:
+        _FN = _make_function()
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1)
+    keep = (flat_t != IGNORE).nonzero().squeeze(1)
+    n = int(keep.numel())
+    if n == 0:
+        return (flat_h[:0].sum() * 0.0).float(), 0
+    h = flat_h.index_select(0, keep)
+    t = flat_t.index_select(0, keep)
+    if weight.requires_grad:  # lm_head is being trained: plain autograd path
+        import torch.nn.functional as F
+
+        return F.cross_entropy((h @ weight.t()).float(), t, reduction="sum"), n
+    return _FN.apply(h, weight, t, chunk or _chunk_rows(weight.shape[0])), n
+
+
+def plain_cross_entropy(logits, targets):
+    import torch.nn.functional as F
+
+    flat_t = targets.reshape(-1)
+    n = int((flat_t != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t, ignore_index=IGNORE, reduction="sum")
+    return loss, n
+
+
+def supports_fused(model) -> bool:
+    """The fused path skips the model's own head; only use it where the head is a plain Linear."""
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return False
+    head = model.get_output_embeddings()
+    return head is not None and getattr(head, "bias", None) is None and hasattr(head, "weight")
+
+
+def make_loss_module(peft_model, fused: bool):
+    """An nn.Module computing (summed loss, n_targets): the unit DDP wraps."""
+    import torch
+
+    base = peft_model.get_base_model()
+    fused = fused and supports_fused(base)
+
+    class CausalLMLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = peft_model
+            self.fused = fused
+
+        def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
+            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+            if self.fused:
+                hidden = base.get_decoder()(**kwargs).last_hidden_state
+                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets)
+            logits = self.model(**kwargs).logits
+            return plain_cross_entropy(logits, targets)
+
+    return CausalLMLoss()

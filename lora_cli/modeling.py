@@ -1,0 +1,197 @@
+"""Find, load and adapt the base model.
+
+`resolve_model` turns what the user typed (a hub id, a local folder, or an embedded short
+name) into a local folder, or a clear error naming the alternatives. `load_model` loads it
+in 4-bit NF4 or unquantized, from safetensors only, and `attach_lora` puts peft's LoRA on
+top. Imports of torch/transformers/peft happen inside functions so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.config import LoraSettings
+from lora_cli.embedded import EMBEDDED, ensure_converted
+from lora_cli.errors import LoraCliError
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+@dataclass
+class ResolvedModel:
+    name: str  # as the user gave it
+    path: Path  # local folder with config.json
+    source: str  # embedded | local | hub
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and chatter of the libraries; lora-cli reports progress itself."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "bitsandbytes", "peft", "accelerate", "datasets", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|bitsandbytes|accelerate)")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _looks_like_path(name: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else with a slash is meant as a folder
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def resolve_model(name: str, reporter=None, need_weights: bool = True) -> ResolvedModel:
+    if name in EMBEDDED:
+        return ResolvedModel(name, ensure_converted(name, reporter), "embedded")
+    path = Path(name).expanduser()
+    if path.is_file() and path.name == "config.json":
+        return ResolvedModel(name, path.parent, "local")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraCliError(f"Model folder {path} has no config.json; it does not look like a transformers model.")
+        if need_weights and not any(path.glob("*.safetensors")):
+            raise LoraCliError(
+                f"Model folder {path} has no .safetensors weights.",
+                "lora-cli loads weights from safetensors only (pickled .bin files can run code); convert them first.",
+            )
+        return ResolvedModel(name, path, "local")
+    if _looks_like_path(name):
+        raise LoraCliError(f"Model folder {name} does not exist.")
+    return ResolvedModel(name, _from_hub(name, need_weights), "hub")
+
+
+def _from_hub(repo_id: str, need_weights: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    patterns = HUB_PATTERNS if need_weights else ["config.json"]
+    alternatives = ("Pass --model with a local folder that holds the model (config.json, *.safetensors, "
+                    "tokenizer files), or --model smollm2-135m for the embedded model that works offline.")
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns)
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403, 404):
+            raise LoraCliError(f"Model '{repo_id}' was not found on the Hugging Face Hub (or needs a login).",
+                               alternatives) from None
+        raise LoraCliError(f"Could not download model '{repo_id}' from the Hugging Face Hub: {exc}.", alternatives) from None
+    except Exception as exc:  # offline, DNS failure, not in cache, bad repo id: all end the same way for a user
+        raise LoraCliError(
+            f"Model '{repo_id}' is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"(no network and no copy in the local Hub cache: {type(exc).__name__}).",
+            alternatives,
+        ) from None
+    folder = Path(folder)
+    if need_weights and not any(folder.glob("*.safetensors")):
+        raise LoraCliError(f"Model '{repo_id}' has no safetensors weights on the Hub; lora-cli loads safetensors only.")
+    return folder
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LoraCliError(f"Cannot load the tokenizer from {path}: {exc}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoraCliError(f"The tokenizer in {path} is not a fast tokenizer; lora-cli needs one (tokenizer.json).")
+    if tokenizer.eos_token_id is None:
+        raise LoraCliError(f"The tokenizer in {path} has no eos token; the model could never learn to stop.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by attention and labels, never by id
+    return tokenizer
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def guard_cpu_4bit(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see PLATFORM.md).
+
+    On CPUs with avx512_bf16 the first eval()+no_grad forward repacks every Linear4bit into
+    an inference layout without an autograd path; training then silently stops learning.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_model(path: Path, quantization: str, precision: str, device, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa"):
+    """The base model on `device`, 4-bit NF4 (compute dtype = precision) or unquantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(precision)
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if quantization == "nf4":
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise LoraCliError("4-bit loading needs bitsandbytes, which is not installed.",
+                               "pip install bitsandbytes, or pass --quantization none.") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": torch.device(device)}
+        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
+    else:
+        kwargs["dtype"] = dtype if precision != "fp32" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoraCliError(f"Cannot load the model from {path}: {exc}") from None
+    if quantization != "nf4":
+        model.to(device)
+    model.config.use_cache = False
+    guard_cpu_4bit(model)
+    return model
+
+
+def prepare_for_training(model, quantized: bool, upcast: bool, gradient_checkpointing: bool) -> None:
+    """Freeze the base; optionally upcast non-quantized weights to fp32 (peft's way) and enable GC."""
+    gc_kwargs = {"use_reentrant": False}
+    if quantized and upcast:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=gc_kwargs)
+        return
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+
+
+def attach_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                        target_modules=lora.peft_targets(), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise LoraCliError(f"Cannot attach LoRA: {exc}",
+                           "Check --target-modules against the model's module names (e.g. q_proj,v_proj, or all-linear).") from None

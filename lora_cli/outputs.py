@@ -1,0 +1,187 @@
+"""The adapter folder: who may write into it, and how the final adapter lands there.
+
+Rules (nothing a user had is lost):
+- a missing or empty folder: a fresh run;
+- `--resume`: continue the run whose checkpoints are there (same settings required);
+- a folder holding another lora-cli run (different settings) or an unfinished run: refused
+  without `--overwrite` (or `--resume`);
+- a folder lora-cli did not write: refused, even with `--overwrite`.
+The final files are written to a staging folder first and renamed into place only once all
+of them are complete, so a crash or a full disk leaves the previous adapter intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from lora_cli import __version__
+from lora_cli.atomic import TMP_PREFIX, umask, disk_error, fsync_dir, write_text
+from lora_cli.checkpoint import list_checkpoints
+from lora_cli.config import RunConfig
+from lora_cli.errors import LoraCliError
+
+RUN_CONFIG = "run_config.yaml"
+METRICS = "metrics.jsonl"
+PARAM_SUMMARY = "param_summary.json"
+# Settings that may change between a run and its resume without changing its result.
+RESUME_FREE = ("log_every", "save_every_steps", "keep_checkpoints", "device")
+
+
+def run_fingerprint(cfg: RunConfig) -> str:
+    """Hash of the settings that decide a run's result (output folder and logging excluded)."""
+    import hashlib
+
+    raw = cfg.to_dict()
+    for key in RESUME_FREE:
+        raw["train"].pop(key, None)
+    blob = json.dumps({k: raw[k] for k in ("data", "model", "lora", "train")}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_run_config(folder: Path) -> dict | None:
+    path = Path(folder) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class OutputFolder:
+    def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True):
+        self.path = Path(path)
+        self.cfg = cfg
+        self.is_main = is_main
+        self.fingerprint = run_fingerprint(cfg)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    def _describe_difference(self, saved: dict) -> str:
+        mine = self.cfg.to_dict()
+        diffs = []
+        for section in ("data", "model", "lora", "train"):
+            for key, value in (saved.get(section) or {}).items():
+                if key in RESUME_FREE:
+                    continue
+                if mine.get(section, {}).get(key) != value:
+                    diffs.append(f"{section}.{key}: {value!r} there, {mine.get(section, {}).get(key)!r} now")
+        return "; ".join(diffs[:4]) or "settings differ"
+
+    def prepare(self, resume: bool | str, overwrite: bool) -> Path | None:
+        """Apply the folder rules; return the checkpoint to resume from, if any."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise LoraCliError(f"Output {path} exists and is a file, not a folder.")
+        entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
+        saved = read_run_config(path)
+        if resume:
+            return self._resume_point(resume, saved)
+        if not entries:
+            return None
+        if saved is None:
+            raise LoraCliError(
+                f"Output folder {path} is not empty and was not written by lora-cli; refusing to write into it.",
+                "Choose another --output folder.")
+        same = saved.get("run", {}).get("fingerprint") == self.fingerprint
+        unfinished = bool(list_checkpoints(path)) and not saved.get("run", {}).get("finished")
+        if overwrite:
+            if self.is_main:
+                self._clear()
+            return None
+        if not same:
+            raise LoraCliError(
+                f"Output folder {path} holds a different run ({self._describe_difference(saved)}).",
+                "Pass --overwrite to replace it, or choose another --output folder.")
+        if unfinished:
+            raise LoraCliError(
+                f"Output folder {path} holds an unfinished run of these settings.",
+                "Pass --resume to continue it, or --overwrite to start over.")
+        return None  # the same finished run again: its result is replaced by an identical run
+
+    def _resume_point(self, resume: bool | str, saved: dict | None) -> Path:
+        if isinstance(resume, str) and resume not in ("", "latest"):
+            ckpt = Path(resume)
+            if not (ckpt / "trainer_state.json").is_file():
+                raise LoraCliError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json).")
+        else:
+            found = list_checkpoints(self.path)
+            if not found:
+                raise LoraCliError(f"--resume: no checkpoint in {self.path / 'checkpoints'}.",
+                                   "Start the run without --resume.")
+            ckpt = found[-1]
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            detail = self._describe_difference(saved) if saved else "settings differ"
+            raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings ({detail}).",
+                               "Resume with the same settings, or start a new run with --overwrite.")
+        return ckpt
+
+    def _clear(self) -> None:
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def start(self, decisions: dict, resuming: bool) -> None:
+        """Record the run's settings before any work, so a crashed run is recognised later."""
+        if not self.is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_run_config(decisions, finished=False)
+        if not resuming:
+            write_text(self.metrics_path, "")
+
+    def write_run_config(self, decisions: dict, finished: bool, extra: dict | None = None, folder: Path | None = None):
+        data = self.cfg.to_dict()
+        data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
+                       **decisions, **(extra or {})}
+        write_text((folder or self.path) / RUN_CONFIG, yaml.safe_dump(data, sort_keys=False))
+
+    def truncate_metrics(self, lines: int) -> None:
+        if not self.is_main:
+            return
+        kept = []
+        if self.metrics_path.is_file():
+            kept = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        write_text(self.metrics_path, "".join(kept))
+
+    def append_metrics(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict) -> None:
+        """Stage every final file, then rename them into the folder (the old adapter stays until then)."""
+        if not self.is_main:
+            return
+        peft_model.peft_config["default"].base_model_name_or_path = self.cfg.model.name
+        staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}final.", dir=self.path))
+        try:
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+            (staging / "README.md").unlink(missing_ok=True)
+            write_text(staging / PARAM_SUMMARY, json.dumps(param_summary, indent=2))
+            self.write_run_config(decisions, finished=True, extra={"summary": summary}, folder=staging)
+            mode = 0o666 & ~umask()
+            for item in sorted(staging.iterdir()):
+                if item.is_file():
+                    os.chmod(item, mode)  # safetensors and mkstemp write 0600
+                os.replace(item, self.path / item.name)
+            fsync_dir(self.path)
+        except OSError as exc:
+            raise disk_error(exc, self.path) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""Count parameters truthfully: total, trainable, and where they are.
+
+4-bit weights are stored packed (two values a byte), so `numel()` of a bitsandbytes
+Params4bit is half the real count; we read the logical shape from its quant state. A model
+can also be built from its config alone on the meta device, so the numbers are known before
+any weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class ModuleRow:
+    module: str  # name pattern, layer index replaced by *
+    count: int  # how many tensors match the pattern
+    params: int
+    trainable: int
+
+
+@dataclass
+class ParamSummary:
+    total: int
+    trainable: int
+    modules: list[ModuleRow] = field(default_factory=list)
+    base_model: str = ""
+    lora: dict = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["percent"] = round(self.percent, 6)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParamSummary":
+        return cls(total=d["total"], trainable=d["trainable"], modules=[ModuleRow(**m) for m in d.get("modules", [])],
+                   base_model=d.get("base_model", ""), lora=d.get("lora", {}))
+
+
+def true_numel(param) -> int:
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        n = 1
+        for s in state.shape:
+            n *= int(s)
+        return n
+    return param.numel()
+
+
+def count_parameters(model, base_model: str = "", lora: dict | None = None) -> ParamSummary:
+    rows: dict[str, ModuleRow] = {}
+    total = trainable = 0
+    for name, param in model.named_parameters():  # tied weights are yielded once
+        n = true_numel(param)
+        total += n
+        t = n if param.requires_grad else 0
+        trainable += t
+        module = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        module = _LAYER_INDEX.sub(".*.", module)
+        row = rows.setdefault(module, ModuleRow(module, 0, 0, 0))
+        row.count += 1
+        row.params += n
+        row.trainable += t
+    return ParamSummary(total, trainable, list(rows.values()), base_model, lora or {})
+
+
+def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_remote_code: bool = False) -> ParamSummary:
+    """Build the model on the meta device from config.json alone, attach LoRA, count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_cli.modeling import attach_lora
+
+    config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = attach_lora(model, lora_settings)
+    return count_parameters(model, base_model, lora_dict(lora_settings))
+
+
+def lora_dict(lora_settings) -> dict:
+    return {"r": lora_settings.r, "alpha": lora_settings.alpha, "dropout": lora_settings.dropout,
+            "target_modules": list(lora_settings.target_modules)}

@@ -1,0 +1,53 @@
+"""How the core reports progress without printing: a reporter the caller supplies.
+
+The CLI passes a rich-backed reporter (progress bars, messages); tests and library users get
+the null one. The core only ever calls `stage(...)` and `message(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Protocol
+
+
+class Stage(Protocol):
+    def update(self, advance: float = 1, **fields) -> None: ...
+
+
+class Reporter(Protocol):
+    def stage(self, name: str, total: float | None = None, unit: str = "") -> contextlib.AbstractContextManager[Stage]: ...
+
+    def message(self, text: str) -> None: ...
+
+
+class _NullStage:
+    def update(self, advance: float = 1, **fields) -> None:
+        pass
+
+
+class NullReporter:
+    @contextlib.contextmanager
+    def stage(self, name: str, total: float | None = None, unit: str = "") -> Iterator[Stage]:
+        yield _NullStage()
+
+    def message(self, text: str) -> None:
+        pass
+
+
+class RecordingReporter(NullReporter):
+    """Keeps messages and stage names: what tests assert on."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.stages: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: float | None = None, unit: str = "") -> Iterator[Stage]:
+        self.stages.append(name)
+        yield _NullStage()
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+NULL_REPORTER = NullReporter()

@@ -1,0 +1,225 @@
+"""Read instruction data as a stream and say exactly what is wrong with it.
+
+Two record shapes are accepted, one JSON object per line:
+  {"instruction": str, "input": str (optional, null = ""), "output": str}
+  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+Every defect becomes an `Issue` naming file, line, field and reason, so that a user fixes
+the whole file in one pass instead of one error per run. Lines are read as bytes one at a
+time: memory does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lora_cli.errors import LoraCliError
+
+ROLES = ("system", "user", "assistant")
+FIELDS = ("instruction", "input", "output")
+# Keys that people often use instead of ours; named in the error to save a round trip.
+ALIASES = {"output": ("response", "answer", "completion", "target"), "instruction": ("prompt", "question", "query")}
+
+
+@dataclass(frozen=True)
+class Issue:
+    file: str
+    line: int
+    field: str
+    reason: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        what = f" [{self.field}]" if self.field else ""
+        return f"{where}{what}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason, "severity": self.severity}
+
+
+@dataclass
+class Example:
+    """One valid record. `messages` is set for chat records, the three fields otherwise."""
+
+    line: int
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    messages: list[dict] | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def identity(self) -> str:
+        """Text that equal records share: what duplicate detection compares."""
+        if self.messages is not None:
+            return json.dumps(self.messages, ensure_ascii=False, sort_keys=True)
+        return json.dumps([self.instruction, self.input, self.output], ensure_ascii=False)
+
+    def char_length(self) -> int:
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
+        return len(self.instruction) + len(self.input) + len(self.output)
+
+
+def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise LoraCliError(f"Data file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise LoraCliError(f"Data file {path} is a folder, not a JSONL file.") from None
+    except OSError as exc:
+        raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield number, raw.rstrip(b"\r\n")
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _string_field(obj: dict, key: str, issue, *, optional: bool) -> str | None:
+    if key not in obj:
+        if optional:
+            return ""
+        alias = next((a for a in ALIASES.get(key, ()) if a in obj), None)
+        hint = f" (found '{alias}': rename it to '{key}')" if alias else ""
+        issue(key, f"missing field '{key}'{hint}")
+        return None
+    value = obj[key]
+    if value is None:
+        if optional:
+            return ""
+        issue(key, f"'{key}' is null; it must be a non-empty string")
+        return None
+    if not isinstance(value, str):
+        issue(key, f"'{key}' must be a string, not {type(value).__name__}")
+        return None
+    if not _is_encodable(value):
+        issue(key, f"'{key}' holds an invalid unicode escape (a lone surrogate)")
+        return None
+    if not optional and not value.strip():
+        issue(key, f"'{key}' is blank")
+        return None
+    return value
+
+
+def _parse_messages(value, issue) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        issue("messages", "'messages' must be a non-empty list of {role, content} objects")
+        return None
+    ok = True
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            issue(where, f"each message must be an object, not {type(msg).__name__}")
+            ok = False
+            continue
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            issue(f"{where}.role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
+            ok = False
+        if not isinstance(content, str):
+            issue(f"{where}.content", "content must be a string" + (" (missing)" if "content" not in msg else ""))
+            ok = False
+        elif not _is_encodable(content):
+            issue(f"{where}.content", "content holds an invalid unicode escape (a lone surrogate)")
+            ok = False
+        elif role == "assistant" and not content.strip():
+            issue(f"{where}.content", "assistant content is blank")
+            ok = False
+        if ok:
+            out.append({"role": role, "content": content})
+    if ok and not any(m["role"] == "assistant" for m in out):
+        issue("messages", "no assistant message: there is nothing to learn from this record")
+        ok = False
+    if ok and out[-1]["role"] != "assistant":
+        issue("messages", "the last message must be the assistant's")
+        ok = False
+    return out if ok else None
+
+
+def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
+    """Parse one raw line into an Example, or None with the reasons it is invalid."""
+    issues: list[Issue] = []
+
+    def issue(fld: str, reason: str) -> None:
+        issues.append(Issue(file, number, fld, reason))
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issue("", f"invalid UTF-8 at byte {exc.start + 1} of the line")
+        return None, issues
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        issue("", f"invalid JSON: {exc.msg} (column {exc.colno})")
+        return None, issues
+    except RecursionError:
+        issue("", "invalid JSON: nested too deeply")
+        return None, issues
+    if not isinstance(obj, dict):
+        issue("", f"expected a JSON object, got {type(obj).__name__}")
+        return None, issues
+    if "messages" in obj:
+        messages = _parse_messages(obj["messages"], issue)
+        return (Example(number, messages=messages) if messages is not None else None), issues
+    values = {k: _string_field(obj, k, issue, optional=(k == "input")) for k in FIELDS}
+    if issues:
+        return None, issues
+    return Example(number, **values), issues
+
+
+@dataclass
+class ScanStats:
+    """Counts and lengths gathered while streaming, kept compact (a few bytes per record)."""
+
+    file: str
+    lines: int = 0
+    records: int = 0
+    valid: int = 0
+    invalid: int = 0
+    chat: int = 0
+    errors: int = 0
+    warnings: int = 0
+
+
+def iter_examples(path: str | Path, on_issue=None, stats: ScanStats | None = None) -> Iterator[Example]:
+    """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped."""
+    path = Path(path)
+    name = str(path)
+    for number, raw in open_lines(path):
+        if stats is not None:
+            stats.lines = number
+        if not raw.strip():
+            continue
+        example, issues = parse_line(raw, number, name)
+        if stats is not None:
+            stats.records += 1
+            if example is None:
+                stats.invalid += 1
+                stats.errors += len(issues)
+            else:
+                stats.valid += 1
+                stats.chat += int(example.is_chat)
+        if on_issue is not None:
+            for item in issues:
+                on_issue(item)
+        if example is not None:
+            yield example

@@ -1,0 +1,87 @@
+"""Examples -> input_ids and labels, in batches through the fast tokenizer.
+
+Each template segment is tokenized on its own and the pieces are concatenated: the prompt
+the model sees at generation time is then token-for-token the prompt it was trained on.
+Labels are -100 on prompt segments unless `train_on_prompt`; an eos id closes every trained
+segment (unless it already ends with one), decided by our own mask and never by comparing
+with the pad id, since pad == eos on Qwen and SmolLM2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_cli.records import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    max_length: int = 512
+    train_on_prompt: bool = False
+    add_eos: bool = True
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    line: int
+    truncated: bool
+
+    @property
+    def n_targets(self) -> int:
+        # label[0] is never predicted (no token before it), as in the shifted loss
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer adds in front of a text (a BOS for Llama-style tokenizers, none for Qwen)."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
+
+
+def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPolicy) -> list[Encoded]:
+    """Encode many examples with one tokenizer call over all of their segments."""
+    per_example = [template.segments(ex, tokenizer) for ex in examples]
+    texts = [text for segs in per_example for text, _ in segs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prefix = special_prefix(tokenizer)
+    eos = tokenizer.eos_token_id
+    out, k = [], 0
+    for example, segs in zip(examples, per_example):
+        input_ids, labels = list(prefix), [IGNORE] * len(prefix)
+        for _, trainable in segs:
+            piece = list(ids[k])
+            k += 1
+            if trainable and policy.add_eos and eos is not None and (not piece or piece[-1] != eos):
+                piece.append(eos)
+            input_ids.extend(piece)
+            labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
+        truncated = len(input_ids) > policy.max_length
+        out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
+    return out
+
+
+def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = True) -> list[int]:
+    """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
+    history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
+    segs = template.segments(history, tokenizer)[:-1]
+    texts = [text for text, _ in segs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    out = special_prefix(tokenizer)
+    for (_, trainable), piece in zip(segs, ids):
+        piece = list(piece)
+        if trainable and add_eos and eos is not None and (not piece or piece[-1] != eos):
+            piece.append(eos)
+        out.extend(piece)
+    return out
+
+
+def token_lengths(examples: list[Example], tokenizer, template) -> list[int]:
+    """Untruncated token counts (prompt + response + eos), for validate-data's statistics."""
+    policy = LabelPolicy(max_length=2**31 - 1)
+    return [len(e.input_ids) for e in encode_batch(examples, tokenizer, template, policy)]
