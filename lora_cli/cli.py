@@ -38,9 +38,11 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except LoraCliError as exc:
-            err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+            from rich.markup import escape
+
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
             if exc.hint:
-                err.print(exc.hint)
+                err.print(exc.hint, markup=False, soft_wrap=True)
             issues = getattr(exc, "issues", None)
             if issues:
                 from lora_cli.commands.validate import print_issues
@@ -62,7 +64,9 @@ def handle_errors(fn):
 
                 err.print(f"[bold red]error:[/] {oom_message(exc)}")
                 raise typer.Exit(1) from None
-            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            from rich.markup import escape
+
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                       "This is a bug in lora-cli; set LORA_CLI_DEBUG=1 to see the traceback.")
             raise typer.Exit(2) from None
 

@@ -147,8 +147,13 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
         with atomic_dir(entry_dir, replace=True) as tmp:
             gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
                               skip_invalid=skip_invalid, counters=counters, issues=issues, progress=progress)
-            ds = Dataset.from_generator(_rows, gen_kwargs=gen_kwargs, features=features, fingerprint=key,
-                                        cache_dir=str(tmp / "build"), keep_in_memory=False)
+            try:
+                ds = Dataset.from_generator(_rows, gen_kwargs=gen_kwargs, features=features, fingerprint=key,
+                                            cache_dir=str(tmp / "build"), keep_in_memory=False)
+            except ValueError:
+                if counters["examples"]:  # not the "generator yielded nothing" case
+                    raise
+                ds = None
             errors = [i for i in issues if i.severity == "error"]
             if errors and not skip_invalid:
                 raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,

@@ -12,6 +12,12 @@ from __future__ import annotations
 IGNORE = -100
 
 
+def _at_least_fp32(x):
+    import torch
+
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _chunk_rows(vocab: int, budget_bytes: int = 1 << 30) -> int:
     return max(128, budget_bytes // (4 * max(vocab, 1)))
 
@@ -23,13 +29,13 @@ def _make_function():
         @staticmethod
         def forward(ctx, hidden, weight, targets, chunk):
             need_grad = hidden.requires_grad
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
             grad = torch.empty_like(hidden) if need_grad else None
             w = weight
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].to(w.dtype)
                 t = targets[s:s + chunk]
-                logits = (h @ w.t()).float()
+                logits = _at_least_fp32(h @ w.t())
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 if need_grad:
@@ -64,13 +70,13 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None):
     keep = (flat_t != IGNORE).nonzero().squeeze(1)
     n = int(keep.numel())
     if n == 0:
-        return (flat_h[:0].sum() * 0.0).float(), 0
+        return _at_least_fp32(flat_h[:0].sum() * 0.0), 0
     h = flat_h.index_select(0, keep)
     t = flat_t.index_select(0, keep)
     if weight.requires_grad:  # lm_head is being trained: plain autograd path
         import torch.nn.functional as F
 
-        return F.cross_entropy((h @ weight.t()).float(), t, reduction="sum"), n
+        return F.cross_entropy(_at_least_fp32(h @ weight.t()), t, reduction="sum"), n
     return _FN.apply(h, weight, t, chunk or _chunk_rows(weight.shape[0])), n
 
 
@@ -79,7 +85,8 @@ def plain_cross_entropy(logits, targets):
 
     flat_t = targets.reshape(-1)
     n = int((flat_t != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t, ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])), flat_t, ignore_index=IGNORE,
+                           reduction="sum")
     return loss, n
 
 

@@ -69,15 +69,15 @@ class RichReporter:
                 task = progress.add_task(name, total=total, info="")
                 yield _BarStage(progress, task, {})
             return
-        self.console.print(f"{name} ...")
+        self.console.print(f"{name} ...", markup=False)
         stage = _LineStage(name)
         yield stage
         unit_text = f", {stage.done:,.0f} {unit}" if unit and stage.done else ""
         info = f"  {stage.info}" if stage.info else ""
-        self.console.print(f"{name}: done in {time.time() - t0:.1f} s{unit_text}{info}")
+        self.console.print(f"{name}: done in {time.time() - t0:.1f} s{unit_text}{info}", markup=False)
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, markup=False, soft_wrap=True)
 
 
 def table(title: str, columns: list[str], rows: list[list], right: tuple[int, ...] = ()) -> Table:

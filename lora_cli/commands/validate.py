@@ -12,9 +12,12 @@ from lora_cli.options import MaxLenOpt, ModelOpt, TemplateOpt
 
 
 def print_issues(issues, console) -> None:
+    from rich.markup import escape
+
     for issue in issues:
         style = "yellow" if issue.severity == "warning" else "red"
-        console.print(f"[{style}]{issue.severity}[/] {issue}", markup=True, highlight=False)
+        console.print(f"[{style}]{issue.severity}[/] {escape(str(issue))}", markup=True, highlight=False,
+                      soft_wrap=True)
 
 
 def _token_counter(model: str, template_name: str):

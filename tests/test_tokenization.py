@@ -1,0 +1,95 @@
+"""Templates and labels: response-only by default, eos appended (pad == eos), truncation."""
+
+import pytest
+
+from lora_cli.errors import LoraCliError
+from lora_cli.records import Example
+from lora_cli.templates import get_template
+from lora_cli.tokenization import IGNORE, LabelPolicy, encode_batch, encode_prompt
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def text(segs):
+    return "".join(t for t, _ in segs)
+
+
+def test_alpaca_leaves_out_an_empty_input_block_and_seed_keeps_it():
+    ex = Example(1, "Name a color.", "", "Red.")
+    assert text(get_template("alpaca").segments(ex)) == "### Instruction:\nName a color.\n\n### Response:\nRed."
+    assert text(get_template("alpaca-seed").segments(ex)) == (
+        "### Instruction:\nName a color.\n\n### Input:\n\n\n### Response:\nRed.")
+    with_input = Example(1, "Add.", "1 and 2", "3")
+    assert text(get_template("alpaca").segments(with_input)) == (
+        "### Instruction:\nAdd.\n\n### Input:\n1 and 2\n\n### Response:\n3")
+
+
+def test_braces_in_data_are_not_template_placeholders():
+    ex = Example(1, "Echo {input} and {output}", "{instruction}", "ok")
+    assert "Echo {input} and {output}" in text(get_template("alpaca").segments(ex))
+
+
+def test_response_only_labels_with_eos_even_though_pad_is_eos(tok):
+    assert tok.pad_token_id == tok.eos_token_id  # the trap this guards against
+    ex = Example(1, "say hello", "", "hello world")
+    enc = encode_batch([ex], tok, get_template("alpaca"), LabelPolicy())[0]
+    assert enc.input_ids[-1] == tok.eos_token_id and enc.labels[-1] == tok.eos_token_id
+    trained = [t for t in enc.labels if t != IGNORE]
+    assert tok.decode(trained) == "hello world<|im_end|>"
+    prompt_len = enc.labels.index(trained[0])
+    assert all(t == IGNORE for t in enc.labels[:prompt_len])
+    assert tok.decode(enc.input_ids[:prompt_len]).endswith("### Response:\n")
+
+
+def test_seed_behaviour_flags(tok):
+    ex = Example(1, "say hello", "", "hello world")
+    enc = encode_batch([ex], tok, get_template("alpaca"), LabelPolicy(train_on_prompt=True, add_eos=False))[0]
+    assert enc.labels == enc.input_ids and enc.input_ids[-1] != tok.eos_token_id
+
+
+def test_truncation_at_max_length(tok):
+    ex = Example(1, "say " * 50, "", "word " * 50)
+    enc = encode_batch([ex], tok, get_template("alpaca"), LabelPolicy(max_length=40))[0]
+    assert len(enc.input_ids) == 40 and enc.truncated
+
+
+def test_generation_prompt_is_the_training_prompt(tok):
+    ex = Example(1, "say hello", "x", "hello world")
+    template = get_template("alpaca")
+    enc = encode_batch([ex], tok, template, LabelPolicy())[0]
+    first_label = next(i for i, t in enumerate(enc.labels) if t != IGNORE)
+    user = "say hello\n\nx"
+    assert encode_prompt([{"role": "user", "content": user}], tok, get_template("alpaca")) != []
+    chat = get_template("chat")
+    enc_chat = encode_batch([ex], tok, chat, LabelPolicy())[0]
+    start = next(i for i, t in enumerate(enc_chat.labels) if t != IGNORE)
+    assert encode_prompt([{"role": "user", "content": user}], tok, chat) == enc_chat.input_ids[:start]
+    assert first_label > 0
+
+
+def test_chat_template_trains_on_every_assistant_turn(tok):
+    ex = Example(1, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+                              {"role": "assistant", "content": "see you"}])
+    enc = encode_batch([ex], tok, get_template("chat"), LabelPolicy())[0]
+    trained = tok.decode([t for t in enc.labels if t != IGNORE])
+    assert trained == "hello<|im_end|>see you<|im_end|>"
+    assert tok.decode(enc.input_ids).startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi")
+
+
+def test_template_file_and_bad_template(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("Q: {instruction} {input}\nA: {output}</s>")
+    segs = get_template(str(path)).segments(Example(1, "why", "", "because"))
+    assert segs == [("Q: why \nA: ", False), ("because</s>", True)]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no placeholders")
+    with pytest.raises(LoraCliError, match="exactly one"):
+        get_template(str(bad))
+    with pytest.raises(LoraCliError, match="Unknown template"):
+        get_template("nonesuch")
