@@ -54,23 +54,46 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
-def plan_packed(order: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Greedy, order-preserving packing into rows of at most max_tokens tokens.
+def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int):
+    """Yield (micro-batch, its rows): examples placed in the first row they fit, in order.
 
-    An example longer than the budget gets a row of its own (it is never cut here: the
-    tokenizer already truncated it at --max-length).
+    A micro-batch is at most `rows` rows of at most `row_tokens` tokens. Deterministic, so
+    collate can rebuild the rows of a planned micro-batch exactly.
     """
-    rows, row, used = [], [], 0
+    batch, placed = [], []  # placed: [[indices], used]
     for i in order:
         n = lengths[i]
-        if row and used + n > max_tokens:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
-        used += n
-    if row:
-        rows.append(row)
-    return rows
+        target = next((r for r in placed if r[1] + n <= row_tokens), None)
+        if target is None and len(placed) >= rows and batch:
+            yield batch, [r[0] for r in placed]
+            batch, placed = [], []
+        if target is None:
+            target = [[], 0]
+            placed.append(target)
+        target[0].append(i)
+        target[1] += n
+        batch.append(i)
+    if batch:
+        yield batch, [r[0] for r in placed]
+
+
+def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
+    """Micro-batches of about max_tokens tokens, in rows of row_tokens (default: one row).
+
+    An example longer than a row gets a row of its own (it is never cut here: the tokenizer
+    already truncated it at --max-length).
+    """
+    row_tokens = row_tokens or max_tokens
+    rows = max(1, max_tokens // row_tokens)
+    return [batch for batch, _ in _first_fit(lengths, order, row_tokens, rows)]
+
+
+def pack_rows(indices: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
+    """The rows of one planned micro-batch (same first-fit as the planner)."""
+    row_tokens = row_tokens or max_tokens
+    rows = max(1, max_tokens // row_tokens)
+    (_, placed), = list(_first_fit(lengths, indices, row_tokens, rows)) or [([], [])]
+    return placed
 
 
 def plan_padded(order: list[int], batch_size: int) -> list[list[int]]:
@@ -81,25 +104,33 @@ def _shifted(labels: list[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE]
 
 
-def collate_packed(rows: list[dict], pad_id: int, max_tokens: int) -> MicroBatch:
+def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens: int) -> MicroBatch:
+    """One micro-batch of packed rows; `rows` is a list of examples (one row) or a list of rows."""
     import torch
 
-    ids, tgt, pos = [], [], []
-    for r in rows:
-        x = list(r["input_ids"])
-        ids.extend(x)
-        tgt.extend(_shifted(list(r["labels"])))
-        pos.extend(range(len(x)))
-    n_real = len(ids)
-    padded = max(min(-(-n_real // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), n_real)
-    extra = padded - n_real
-    if extra:
-        ids.extend([pad_id] * extra)
-        tgt.extend([IGNORE] * extra)
-        pos.extend(range(extra))  # a separate "sequence" of padding: attends only to itself
-    n_targets = sum(1 for t in tgt if t != IGNORE)
-    as_t = lambda v: torch.tensor(v, dtype=torch.long).unsqueeze(0)  # noqa: E731
-    return MicroBatch(as_t(ids), as_t(tgt), None, as_t(pos), n_targets, n_real, padded)
+    packed_rows = rows if rows and isinstance(rows[0], list) else [rows]
+    built = []
+    for row in packed_rows:
+        ids, tgt, pos = [], [], []
+        for r in row:
+            x = list(r["input_ids"])
+            ids.extend(x)
+            tgt.extend(_shifted(list(r["labels"])))
+            pos.extend(range(len(x)))
+        built.append((ids, tgt, pos))
+    longest = max(len(b[0]) for b in built)
+    width = max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
+    n_real = sum(len(b[0]) for b in built)
+    out_ids, out_tgt, out_pos = [], [], []
+    for ids, tgt, pos in built:
+        extra = width - len(ids)
+        # padding is a separate "sequence" with its own positions: it attends only to itself
+        out_ids.append(ids + [pad_id] * extra)
+        out_tgt.append(tgt + [IGNORE] * extra)
+        out_pos.append(pos + list(range(extra)))
+    as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    ids_t, tgt_t = as_t(out_ids), as_t(out_tgt)
+    return MicroBatch(ids_t, tgt_t, None, as_t(out_pos), int((tgt_t != IGNORE).sum()), n_real, width * len(built))
 
 
 def collate_padded(rows: list[dict], pad_id: int) -> MicroBatch:
@@ -124,12 +155,13 @@ def collate_padded(rows: list[dict], pad_id: int) -> MicroBatch:
 class Batcher:
     """Plans and collates micro-batches for one dataset split."""
 
-    dataset: object  # datasets.Dataset with input_ids, labels
+    dataset: object  # datasets.Dataset with input_ids, labels, length, n_targets
     packed: bool
     batch_size: int
     max_tokens: int
     pad_id: int
     seed: int = 0
+    row_tokens: int = 0  # packed row length; 0: one row of max_tokens
 
     def __post_init__(self) -> None:
         self.lengths = list(self.dataset["length"])
@@ -141,12 +173,14 @@ class Batcher:
     def plan(self, epoch: int, shuffle: bool = True) -> list[list[int]]:
         order = epoch_order(len(self.lengths), self.seed, epoch, shuffle)
         if self.packed:
-            return plan_packed(order, self.lengths, self.max_tokens)
+            return plan_packed(order, self.lengths, self.max_tokens, self.row_tokens or None)
         return plan_padded(order, self.batch_size)
 
     def collate(self, indices: list[int]) -> MicroBatch:
-        rows = self.dataset[indices]
-        rows = [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"])]
+        data = self.dataset[indices]
+        by_index = {i: {"input_ids": a, "labels": b} for i, a, b in zip(indices, data["input_ids"], data["labels"])}
         if self.packed:
-            return collate_packed(rows, self.pad_id, self.max_tokens)
-        return collate_padded(rows, self.pad_id)
+            row_len = self.row_tokens or self.max_tokens
+            rows = pack_rows(indices, self.lengths, self.max_tokens, row_len)
+            return collate_packed([[by_index[i] for i in row] for row in rows], self.pad_id, row_len)
+        return collate_padded([by_index[i] for i in indices], self.pad_id)

@@ -69,10 +69,12 @@ class ModelConfig:
     # Non-quantized weights (embeddings, lm_head, norms): fp32 as peft's
     # prepare_model_for_kbit_training does, or left in the compute dtype (faster, less memory).
     upcast: str = "auto"
+    attn_implementation: str = "sdpa"  # sdpa | flex_attention | eager
 
     def __post_init__(self) -> None:
         _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
         _check_choice("model", "upcast", self.upcast, UPCASTS)
+        _check_choice("model", "attn_implementation", self.attn_implementation, ("sdpa", "flex_attention", "eager"))
 
 
 @dataclass
@@ -117,7 +119,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     batching: str = "auto"  # packed: token-budget rows, per-example attention; padded: the seed's
     max_tokens: int = 0  # token budget of one packed micro-batch; 0: automatic
-    gradient_checkpointing: str = "auto"
+    pack_length: int = 0  # tokens per packed row (a micro-batch is max_tokens/pack_length rows); 0: automatic
+    gradient_checkpointing: str = "auto"  # auto | on | off | N (checkpoint the first N decoder layers)
+    memory_budget_gib: float = 0.0  # what "auto" may plan for on a GPU; 0: min(24 GiB, 90% of the GPU)
+    compile: bool = False  # torch.compile each decoder layer
     fused_loss: bool = True  # never materialise the full [tokens x vocab] logits
     eval_at_start: bool = True  # a baseline eval loss before the first step
     device: str = "auto"
@@ -132,7 +137,14 @@ class TrainConfig:
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "batching", self.batching, BATCHINGS)
-        _check_choice("train", "gradient_checkpointing", self.gradient_checkpointing, GC_MODES)
+        gc = self.gradient_checkpointing  # YAML reads a bare on/off as a boolean
+        self.gradient_checkpointing = {True: "on", False: "off", "True": "on", "False": "off"}.get(gc, gc)
+        if not (str(self.gradient_checkpointing).isdigit() or self.gradient_checkpointing in GC_MODES):
+            raise _bad("train", "gradient_checkpointing", self.gradient_checkpointing,
+                       "choose auto, on, off, or a number of layers")
+        self.gradient_checkpointing = str(self.gradient_checkpointing)
+        _check_positive("train", "pack_length", self.pack_length, allow_zero=True)
+        _check_positive("train", "memory_budget_gib", self.memory_budget_gib, allow_zero=True)
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise _bad("train", "device", self.device, "choose auto, cpu or cuda")

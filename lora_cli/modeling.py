@@ -169,20 +169,41 @@ def load_model(path: Path, quantization: str, precision: str, device, trust_remo
     return model
 
 
-def prepare_for_training(model, quantized: bool, upcast: bool, gradient_checkpointing: bool) -> None:
-    """Freeze the base; optionally upcast non-quantized weights to fp32 (peft's way) and enable GC."""
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers: int) -> None:
+    """Freeze the base; optionally upcast non-quantized weights to fp32 (peft's way); checkpointing.
+
+    checkpoint_layers: 0 = none, -1 = every decoder layer, N = the first N decoder layers (the
+    memory/speed dial: each checkpointed layer keeps only its input and is recomputed in the
+    backward pass).
+    """
     gc_kwargs = {"use_reentrant": False}
     if quantized and upcast:
         from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                        gradient_checkpointing_kwargs=gc_kwargs)
-        return
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if gradient_checkpointing:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if checkpoint_layers:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
+        if checkpoint_layers > 0:
+            for layer in decoder_layers(model)[checkpoint_layers:]:
+                layer.gradient_checkpointing = False
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer (fuses norms, activations, rotary embedding and LoRA glue)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)
 
 
 def attach_lora(model, lora: LoraSettings):

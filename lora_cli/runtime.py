@@ -12,6 +12,7 @@ from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 
 GPU_MAX_TOKENS = 16384  # packed tokens per micro-batch on a GPU (see docs/PERFORMANCE.md)
+GPU_PACK_LENGTH = 2048  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
 
 
 @dataclass
@@ -21,10 +22,12 @@ class Runtime:
     precision: str  # bf16 | fp16 | fp32 (resolved)
     packed: bool
     max_tokens: int
-    gradient_checkpointing: bool
+    pack_length: int
+    checkpoint_layers: int  # 0 none, -1 all, N the first N decoder layers
     upcast: bool
     world_size: int
     rank: int
+    auto_checkpointing: bool = False  # decide checkpoint_layers from the memory budget once the model is known
 
     @property
     def is_main(self) -> bool:
@@ -36,8 +39,9 @@ class Runtime:
 
     def decisions(self) -> dict:
         return {"device": str(self.device), "precision": self.precision, "batching": "packed" if self.packed else "padded",
-                "max_tokens": self.max_tokens, "gradient_checkpointing": self.gradient_checkpointing,
-                "upcast": "fp32" if self.upcast else "none", "world_size": self.world_size}
+                "max_tokens": self.max_tokens, "pack_length": self.pack_length,
+                "checkpoint_layers": self.checkpoint_layers, "upcast": "fp32" if self.upcast else "none",
+                "world_size": self.world_size}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -83,10 +87,13 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     packed = t.batching != "padded"
     # 0 = decided from the data (see resolve_max_tokens); a GPU wants large micro-batches
     max_tokens = t.max_tokens or (0 if cpu else GPU_MAX_TOKENS)
-    gc = {"on": True, "off": False}.get(t.gradient_checkpointing, not cpu)
+    pack_length = t.pack_length or (0 if cpu else min(GPU_PACK_LENGTH, max_tokens))
+    gc = t.gradient_checkpointing
+    layers = {"on": -1, "off": 0}.get(gc, int(gc) if gc.isdigit() else (0 if cpu else None))
     upcast = {"fp32": True, "none": False}.get(cfg.model.upcast, precision == "fp16")
-    return Runtime(accelerator, accelerator.device, precision, packed, max_tokens, gc, upcast,
-                   accelerator.num_processes, accelerator.process_index)
+    return Runtime(accelerator, accelerator.device, precision, packed, max_tokens, pack_length,
+                   -1 if layers is None else layers, upcast, accelerator.num_processes, accelerator.process_index,
+                   auto_checkpointing=layers is None)
 
 
 def resolve_max_tokens(rt: Runtime, lengths: list[int], batch_size: int) -> int:
@@ -100,3 +107,22 @@ def resolve_max_tokens(rt: Runtime, lengths: list[int], batch_size: int) -> int:
         return rt.max_tokens or 1
     rt.max_tokens = max(1, round(batch_size * sum(lengths) / len(lengths)))
     return rt.max_tokens
+
+
+def resolve_checkpointing(rt: Runtime, model_path, budget_gib: float, reporter=None) -> None:
+    """Auto gradient checkpointing on a GPU: checkpoint only as many layers as the budget needs."""
+    if not rt.auto_checkpointing:
+        return
+    from transformers import AutoConfig
+
+    from lora_cli.memory import default_budget_bytes, plan_checkpointing
+
+    config = AutoConfig.from_pretrained(str(model_path))
+    import torch
+
+    weights = torch.cuda.memory_allocated(rt.device)
+    plan = plan_checkpointing(config, rt.max_tokens, default_budget_bytes(budget_gib), weights)
+    rt.checkpoint_layers = plan.checkpoint_layers
+    if reporter is not None:
+        reporter.message(f"Memory plan: {plan.checkpoint_layers} checkpointed layer(s), ~{plan.estimated_peak_gib:.1f} GiB "
+                         f"of a {plan.budget_gib:.1f} GiB budget" + ("" if plan.fits else " (may not fit: lower --max-tokens)"))

@@ -29,62 +29,87 @@ class TrainResult:
     param_summary: dict
 
 
+@dataclass
+class TrainingData:
+    """What the loop trains on: tokenized splits plus the tokenizer saved beside the adapter."""
+
+    train: object  # datasets.Dataset with input_ids, labels, length, n_targets
+    val: object | None
+    tokenizer: object
+    model_path: object
+    cache_keys: dict
+
+
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
           force_tokenize: bool = False) -> TrainResult:
+    """Tokenize (or reuse the cache), then train."""
     import torch
 
-    from lora_cli.batching import Batcher
-    from lora_cli.loop import TrainingLoop, make_optimizer, make_scheduler
-    from lora_cli.modeling import attach_lora, load_model, prepare_for_training, quiet_libraries
-    from lora_cli.outputs import OutputFolder
-    from lora_cli.params import count_parameters, lora_dict
+    from lora_cli.modeling import quiet_libraries
     from lora_cli.prepare import prepare_data
-    from lora_cli.runtime import make_runtime, resolve_max_tokens
+    from lora_cli.runtime import make_runtime
 
     quiet_libraries()
     rt = make_runtime(cfg)
-    acc = rt.accelerator
     torch.manual_seed(cfg.train.seed)
+    # Tokenized once (main process), read from the cache by everyone.
+    data = prepare_data(cfg, reporter, force_tokenize, rt.is_main, rt.accelerator.wait_for_everyone)
+    prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
+                            {"train": data.train.key, "val": data.val.key if data.val else None})
+    return train_on(cfg, rt, prepared, resume, overwrite, reporter)
 
-    # 1. Data: tokenized once (main process), read from the cache by everyone.
-    data = prepare_data(cfg, reporter, force_tokenize, rt.is_main, acc.wait_for_everyone)
-    train_ds, val_ds = data.train.load(), (data.val.load() if data.val else None)
 
-    # 2. Output folder rules, before any expensive work.
+def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False, overwrite: bool = False,
+             reporter=NULL_REPORTER) -> TrainResult:
+    """The recipe proper, from tokenized data to the adapter folder (benchmarks call it directly)."""
+    from lora_cli.batching import Batcher
+    from lora_cli.loop import TrainingLoop, make_optimizer, make_scheduler
+    from lora_cli.modeling import attach_lora, compile_layers, load_model, prepare_for_training
+    from lora_cli.outputs import OutputFolder
+    from lora_cli.params import count_parameters, lora_dict
+    from lora_cli.runtime import resolve_checkpointing, resolve_max_tokens
+
+    acc = rt.accelerator
+
+    # 1. Output folder rules, before any expensive work.
     out = OutputFolder(cfg.output.dir, cfg, rt.is_main)
     checkpoint = out.prepare(resume, overwrite)
     acc.wait_for_everyone()
 
-    # 3. Model: base (4-bit or not) + LoRA.
-    with reporter.stage(f"Loading {cfg.model.name} ({'4-bit NF4' if cfg.model.quantization == 'nf4' else rt.precision})"):
-        model = load_model(data.model.path, cfg.model.quantization, rt.precision, rt.device,
-                           cfg.model.trust_remote_code)
-        prepare_for_training(model, cfg.model.quantization == "nf4", rt.upcast, rt.gradient_checkpointing)
+    # 2. Model: base (4-bit or not) + LoRA, checkpointing only as many layers as memory needs.
+    quant = "4-bit NF4" if cfg.model.quantization == "nf4" else rt.precision
+    with reporter.stage(f"Loading {cfg.model.name} ({quant})"):
+        model = load_model(data.model_path, cfg.model.quantization, rt.precision, rt.device,
+                           cfg.model.trust_remote_code, cfg.model.attn_implementation)
+        resolve_checkpointing(rt, data.model_path, cfg.train.memory_budget_gib, reporter)
+        prepare_for_training(model, cfg.model.quantization == "nf4", rt.upcast, rt.checkpoint_layers)
         model = attach_lora(model, cfg.lora)
+        if cfg.train.compile:
+            compile_layers(model)
     params = count_parameters(model, cfg.model.name, lora_dict(cfg.lora))
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
 
-    # 4. Batches, optimizer, schedule.
+    # 3. Batches, optimizer, schedule.
     pad_id = data.tokenizer.pad_token_id
-    batcher = Batcher(train_ds, rt.packed, cfg.train.batch_size, rt.max_tokens, pad_id, cfg.train.seed)
+    batcher = Batcher(data.train, rt.packed, cfg.train.batch_size, rt.max_tokens, pad_id, cfg.train.seed,
+                      rt.pack_length)
     batcher.max_tokens = resolve_max_tokens(rt, batcher.lengths, cfg.train.batch_size)
     eval_tokens = max(rt.max_tokens, cfg.train.eval_batch_size * cfg.data.max_length)
-    val_batcher = (Batcher(val_ds, rt.packed, cfg.train.eval_batch_size, eval_tokens, pad_id, cfg.train.seed)
-                   if val_ds is not None else None)
+    val_batcher = (Batcher(data.val, rt.packed, cfg.train.eval_batch_size, eval_tokens, pad_id, cfg.train.seed,
+                           rt.pack_length) if data.val is not None else None)
     out.start(rt.decisions(), resuming=checkpoint is not None)
     loop = TrainingLoop(cfg, rt, model, batcher, val_batcher, out, reporter)
-    optimizer = make_optimizer(model, cfg.train, rt)
-    scheduler = make_scheduler(optimizer, cfg.train, loop.total_steps)
-    loop.bind(optimizer, scheduler)
     if loop.total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
+    optimizer = make_optimizer(model, cfg.train, rt)
+    loop.bind(optimizer, make_scheduler(optimizer, cfg.train, loop.total_steps))
 
-    # 5. Resume, train, save.
+    # 4. Resume, train, save.
     if checkpoint is not None:
         loop.restore(checkpoint)
         reporter.message(f"Resuming from {checkpoint} (step {loop.state.step} of {loop.total_steps}).")
     summary = loop.run()
-    summary["tokenize_cache"] = {"train": data.train.key, "val": data.val.key if data.val else None}
+    summary["tokenize_cache"] = data.cache_keys
     out.finish(model, data.tokenizer, rt.decisions(), summary, params.to_dict())
     acc.wait_for_everyone()
     return TrainResult(str(out.path), loop.state.step, summary.get("first_loss"), summary.get("last_loss"),

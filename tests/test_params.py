@@ -47,7 +47,7 @@ def test_4bit_counts_are_not_halved(tiny_model_dir):
     lora = LoraSettings()
     meta = summary_from_config(tiny_model_dir, lora)
     model = load_model(tiny_model_dir, "nf4", "fp32", "cpu")
-    prepare_for_training(model, True, False, False)
+    prepare_for_training(model, True, False, 0)
     model = attach_lora(model, lora)
     loaded = count_parameters(model)
     assert (loaded.total, loaded.trainable) == (meta.total, meta.trainable)
