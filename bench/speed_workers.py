@@ -1,0 +1,186 @@
+"""One benchmark variant per process: the reference recipe (HF Trainer) or lora-cli's own loop.
+
+Each worker loads the random-weight model from the folder the orchestrator built, trains
+`warmup + steps` optimizer steps on the same examples, and appends one JSON line: step times
+(taken after a CUDA synchronize at each step end), real and padded tokens per step, peak
+memory, first and last loss.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+PAD_ID = 151643
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class _PadCollator:
+    """The recipe's collator: right-pad to the batch max, labels = input_ids with pad -> -100."""
+
+    def __init__(self):
+        self.log = []
+
+    def __call__(self, feats):
+        import torch
+
+        lens = [len(f["input_ids"]) for f in feats]
+        width = max(lens)
+        ids = torch.full((len(feats), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(feats), width), dtype=torch.long)
+        for i, f in enumerate(feats):
+            ids[i, : lens[i]] = torch.as_tensor(f["input_ids"])
+            mask[i, : lens[i]] = 1
+        self.log.append((sum(lens), len(feats) * width))
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def run_reference(model_dir: str, examples: list[dict], warmup: int, steps: int) -> dict:
+    """The seed recipe: nf4 + fp16 compute, prepare_model_for_kbit_training (GC), 2 x accum 2, Trainer."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16))
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
+                                             task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
+    collator = _PadCollator()
+    times, losses = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            _sync()
+            times.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(examples)
+
+        def __getitem__(self, i):
+            return {"input_ids": examples[i]["input_ids"]}
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             learning_rate=2e-4, fp16=True, logging_steps=1, max_steps=warmup + steps,
+                             save_strategy="no", report_to=[], optim="adamw_torch", remove_unused_columns=False,
+                             dataloader_num_workers=0, seed=42, logging_nan_inf_filter=False, disable_tqdm=True)
+    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    t0 = time.perf_counter()
+    Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, callbacks=[Timer()]).train()
+    per_step = [(sum(r for r, _ in collator.log[2 * k: 2 * k + 2]), sum(p for _, p in collator.log[2 * k: 2 * k + 2]))
+                for k in range(len(times))]
+    return _result([t0, *times], per_step, warmup, losses)
+
+
+def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, overrides: dict) -> dict:
+    """lora-cli's real training path (training.train_on) on in-memory tokenized examples."""
+    import torch
+    from datasets import Dataset
+
+    from lora_cli.config import RunConfig
+    from lora_cli.modeling import quiet_libraries
+    from lora_cli.runtime import make_runtime
+    from lora_cli.training import TrainingData, train_on
+
+    quiet_libraries()
+    overrides = dict(overrides)
+    on_prompt = overrides.pop("data.train_on_prompt", False)
+    if not torch.cuda.is_available():  # CPU dry run of the harness
+        overrides["train.precision"] = "fp32"
+    cfg = RunConfig().replace({"model.name": model_dir, "train.max_steps": warmup + steps, "train.log_every": 1,
+                               "train.eval_at_start": False, "train.keep_checkpoints": 1,
+                               "output.dir": tempfile.mkdtemp() + "/adapters", **overrides})
+    labels = [[-100] * e["prompt_len"] + e["input_ids"][e["prompt_len"]:] if not on_prompt else e["input_ids"]
+              for e in examples]
+    ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": labels,
+                            "length": [len(e["input_ids"]) for e in examples],
+                            "n_targets": [sum(1 for x in lab[1:] if x != -100) for lab in labels]})
+    rt = make_runtime(cfg)
+    log, times = [], []
+
+    from lora_cli.batching import Batcher
+
+    original = Batcher.collate
+
+    def counting_collate(self, indices):
+        mb = original(self, indices)
+        log.append((mb.n_real, mb.n_padded))
+        return mb
+
+    Batcher.collate = counting_collate
+    reporter = _TimingReporter(times, log)
+
+    class _Tok:
+        pad_token_id = PAD_ID
+
+        def save_pretrained(self, folder):
+            pass
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train_on(cfg, rt, TrainingData(ds, None, _Tok(), model_dir, {}), reporter=reporter)
+    losses = [json.loads(line)["loss"] for line in open(f"{cfg.output.dir}/metrics.jsonl")
+              if '"train"' in line]
+    out = _result(times, reporter.per_step, warmup, losses)
+    out["decisions"] = result.decisions
+    out["memory_plan"] = reporter.messages
+    return out
+
+
+class _TimingReporter:
+    def __init__(self, times, log):
+        self.times, self.log, self.per_step, self.messages, self._seen = times, log, [], [], 0
+
+    def stage(self, name, total=None, unit=""):
+        import contextlib
+
+        reporter = self
+
+        class Stage:
+            def update(self, advance=1, **fields):
+                if name != "Training":
+                    return
+                _sync()
+                reporter.times.append(time.perf_counter())
+                if advance and len(reporter.times) > 1:
+                    new = reporter.log[reporter._seen:]
+                    reporter._seen = len(reporter.log)
+                    reporter.per_step.append((sum(r for r, _ in new), sum(p for _, p in new)))
+
+        return contextlib.nullcontext(Stage())
+
+    def message(self, text):
+        self.messages.append(text)
+
+
+def _result(times: list[float], per_step: list[tuple[int, int]], warmup: int, losses: list[float]) -> dict:
+    """Throughput over the steps after warm-up; times[0] is the start of step 1."""
+    import torch
+
+    durations = [b - a for a, b in zip(times, times[1:])]
+    timed = slice(warmup, len(durations))
+    seconds = sum(durations[timed])
+    real = sum(r for r, _ in per_step[timed])
+    padded = sum(p for _, p in per_step[timed])
+    return {"steps_timed": len(durations[timed]), "seconds": seconds, "real_tokens": real, "padded_tokens": padded,
+            "real_tok_s": real / seconds if seconds else 0.0, "padded_tok_s": padded / seconds if seconds else 0.0,
+            "median_step_s": sorted(durations[timed])[len(durations[timed]) // 2] if durations[timed] else 0.0,
+            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "losses": losses}

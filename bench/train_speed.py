@@ -1,0 +1,192 @@
+"""Training throughput: the reference recipe vs lora-cli's training path, in one command.
+
+Builds a random-weight model of a given architecture from its config (default: the
+Qwen2.5-1.5B-Instruct shape, bench/configs/), on the GPU, so no weights or hub access are
+needed; then runs each variant in its own process on the same examples and prints a table:
+real (non-pad) tokens/s, padded tokens/s, peak allocated memory, MFU, first/last loss.
+
+    python bench/train_speed.py                          # reference + lora-cli defaults
+    python bench/train_speed.py --variants ref,default,gc-all,upcast --steps 20
+    python bench/train_speed.py --data ../shared/data/gpteacher_codegen.jsonl
+
+MFU counts 4N FLOP per real token for the frozen Linear weights (N, lm_head included) plus
+6 per LoRA parameter, plus causal attention 6*D*layers*sum(L^2) over examples, at 790 TFLOP/s
+(bf16 dense, measured on an H200); recomputation and padding are not counted. The same
+definition as ../shared/bench-anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+PEAK_FLOPS = 790e12
+# name: lora-cli config overrides (dotted keys); "ref" is the reference recipe through HF Trainer
+VARIANTS = {
+    "ref": None,
+    "default": {},
+    "upcast": {"model.upcast": "fp32"},
+    "unfused": {"train.fused_loss": False},
+    "gc-all": {"train.gradient_checkpointing": "on"},
+    "gc-off-6k": {"train.gradient_checkpointing": "off", "train.max_tokens": 6144},
+    "gc-off-8k": {"train.gradient_checkpointing": "off", "train.max_tokens": 8192},
+    "row1024": {"train.pack_length": 1024},
+    "row4096": {"train.pack_length": 4096},
+    "32k": {"train.max_tokens": 32768},
+    "8k": {"train.max_tokens": 8192},
+    "compile": {"train.compile": True},
+    "flex": {"model.attn_implementation": "flex_attention", "train.pack_length": 16384},
+    "lean-8g": {"train.memory_budget_gib": 8, "train.max_tokens": 8192},
+    "all-labels": {"data.train_on_prompt": True},
+    "seed-like": {"train.batching": "padded", "train.precision": "fp16", "model.upcast": "fp32",
+                  "train.gradient_checkpointing": "on", "train.fused_loss": False},
+}
+
+
+def build_model(config_path: Path, out: Path, tiny: bool) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out / "config.json").is_file():
+        return
+    raw = json.loads(config_path.read_text())
+    if tiny:  # CPU dry run of the harness
+        raw.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_window_layers": 2})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(raw))
+    config = AutoConfig.from_pretrained(str(out))
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    torch.set_default_dtype(torch.float32)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(str(out))
+
+
+def mfu(r: dict, arch: dict, data_stats: dict) -> float:
+    d, layers, inter, vocab = arch["hidden_size"], arch["num_hidden_layers"], arch["intermediate_size"], arch["vocab_size"]
+    heads, kv = arch["num_attention_heads"], arch["num_key_value_heads"]
+    head_dim = d // heads
+    per_layer = d * d + 2 * d * kv * head_dim + d * d + 3 * d * inter  # q, k, v, o, gate, up, down
+    n = layers * per_layer + vocab * d
+    n_lora = layers * 16 * (d + d) + layers * 16 * (d + kv * head_dim)
+    flops = (4 * n + 6 * n_lora) * r["real_tokens"] + 6 * d * layers * data_stats["sum_sq_per_token"] * r["real_tokens"]
+    return flops / r["seconds"] / PEAK_FLOPS if r["seconds"] else 0.0
+
+
+def table(results: list[dict], arch: dict, data_stats: dict) -> str:
+    head = f"{'variant':<12} {'real tok/s':>11} {'padded tok/s':>13} {'peak GiB':>9} {'MFU':>7} {'step s':>7} " \
+           f"{'first loss':>10} {'last loss':>10} {'x ref':>6}"
+    lines = [head, "-" * len(head)]
+    ref = next((r["real_tok_s"] for r in results if r["variant"] == "ref" and "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['variant']:<12} FAILED: {r['error'][:90]}")
+            continue
+        fl = "-" if r["first_loss"] is None else f"{r['first_loss']:.4f}"
+        ll = "-" if r["last_loss"] is None else f"{r['last_loss']:.4f}"
+        x = f"{r['real_tok_s'] / ref:.1f}" if ref else "-"
+        lines.append(f"{r['variant']:<12} {r['real_tok_s']:>11,.0f} {r['padded_tok_s']:>13,.0f} "
+                     f"{r['peak_alloc_gib']:>9.2f} {100 * mfu(r, arch, data_stats):>6.1f}% {r['median_step_s']:>7.3f} "
+                     f"{fl:>10} {ll:>10} {x:>6}")
+    return "\n".join(lines)
+
+
+def worker(args) -> None:
+    import torch
+
+    from speed_workers import run_loracli, run_reference
+
+    examples = torch.load(args.data_file, weights_only=True) if args.data_file.endswith(".pt") else \
+        json.load(open(args.data_file))
+    t0 = time.time()
+    try:
+        if args.worker == "ref":
+            res = run_reference(args.model_dir, examples, args.warmup, args.steps)
+        else:
+            res = run_loracli(args.model_dir, examples, args.warmup, args.steps, VARIANTS[args.worker])
+    except Exception as exc:  # a variant failing must not hide the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        res = {"error": f"{type(exc).__name__}: {exc}"}
+    res.update(variant=args.worker, wall_s=round(time.time() - t0, 1))
+    with open(args.out, "a") as fh:
+        fh.write(json.dumps(res) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(HERE / "configs" / "qwen2.5-1.5b-instruct.json"))
+    ap.add_argument("--data", default="synthetic", help="'synthetic' or a JSONL file")
+    ap.add_argument("--n", type=int, default=6000, help="synthetic examples")
+    ap.add_argument("--variants", default="ref,default")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--timeout", type=int, default=150, help="seconds per variant")
+    ap.add_argument("--budget", type=int, default=0, help="start no variant after this many seconds (0: no limit)")
+    ap.add_argument("--work", default="/tmp/lora-cli-bench")
+    ap.add_argument("--out", default=None, help="results JSONL (default: WORK/results.jsonl)")
+    ap.add_argument("--tiny", action="store_true", help="2-layer model: a CPU dry run of the harness")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--data-file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import speed_data
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or work / "results.jsonl")
+    model_dir = work / ("model-tiny" if args.tiny else "model")
+    t0 = time.time()
+    build_model(Path(args.config), model_dir, args.tiny)
+    print(f"model ready in {time.time() - t0:.1f} s: {model_dir}", flush=True)
+    examples = speed_data.synthetic(args.n) if args.data == "synthetic" else speed_data.from_jsonl(args.data)
+    data_file = work / "examples.json"
+    data_file.write_text(json.dumps(examples))
+    data_stats = speed_data.stats(examples)
+    print("data:", json.dumps(data_stats), flush=True)
+    arch = json.loads((model_dir / "config.json").read_text())
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    results = []
+    for name in names:
+        t = time.time()
+        if args.budget and t - t0 > args.budget:
+            results.append({"variant": name, "error": "skipped: time budget spent"})
+            continue
+        cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
+        before = out.read_text().count("\n") if out.exists() else 0
+        try:
+            subprocess.run(cmd, timeout=args.timeout, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            pass
+        lines = out.read_text().splitlines()[before:] if out.exists() else []
+        res = json.loads(lines[-1]) if lines else {"variant": name, "error": f"no result (timeout {args.timeout}s?)"}
+        results.append(res)
+        summary = "error" if "error" in res else f"{res['real_tok_s']:,.0f} real tok/s, {res['peak_alloc_gib']:.2f} GiB"
+        print(f"[{name}] {summary} ({time.time() - t:.0f} s)", flush=True)
+    print()
+    print(table(results, arch, data_stats))
+
+
+if __name__ == "__main__":
+    main()
