@@ -29,11 +29,27 @@ class MicroBatch:
     n_targets: int
     n_real: int  # tokens that belong to examples
     n_padded: int  # tokens processed, padding included
+    target_index: object = None  # flat positions with a target: the loss needs no device sync to find them
+
+    def __post_init__(self) -> None:
+        if self.target_index is None:
+            self.target_index = (self.targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
 
     def to(self, device) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask),
-                          move(self.position_ids), self.n_targets, self.n_real, self.n_padded)
+        cuda = getattr(device, "type", str(device)).startswith("cuda")
+
+        def move(t):
+            if t is None:
+                return None
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids),
+                          self.n_targets, self.n_real, self.n_padded, move(self.target_index))
+
+    def loss_args(self) -> tuple:
+        """Arguments of the loss module (see loss.make_loss_module)."""
+        return (self.input_ids, self.targets, self.attention_mask, self.position_ids, self.target_index,
+                self.n_targets)
 
     def model_inputs(self) -> dict:
         out = {"input_ids": self.input_ids}

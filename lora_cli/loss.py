@@ -57,18 +57,21 @@ def _make_function():
 _FN = None
 
 
-def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None):
+def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None, keep=None, n: int | None = None):
     """Sum of CE(hidden @ weight.T, targets) over targets != -100, and their count.
 
     hidden: [..., D]; weight: [V, D] (frozen); targets: [...] already aligned (no shift).
+    keep/n: the flat positions with a target and their number, when the caller knows them
+    (finding them on the GPU would stall the CPU until the forward pass has finished).
     """
     global _FN
     if _FN is None:
         _FN = _make_function()
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)
-    keep = (flat_t != IGNORE).nonzero().squeeze(1)
-    n = int(keep.numel())
+    if keep is None:
+        keep = (flat_t != IGNORE).nonzero().squeeze(1)
+        n = int(keep.numel())
     if n == 0:
         return _at_least_fp32(flat_h[:0].sum() * 0.0), 0
     h = flat_h.index_select(0, keep)
@@ -88,6 +91,20 @@ def plain_cross_entropy(logits, targets):
     loss = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])), flat_t, ignore_index=IGNORE,
                            reduction="sum")
     return loss, n
+
+
+def block_causal_mask(position_ids):
+    """[rows, 1, L, L] boolean mask: causal within each packed example, nothing across them.
+
+    transformers derives the same mask from position_ids, but checks it with a host sync on
+    every forward; building it here keeps the GPU queue full. Examples start at position 0.
+    """
+    import torch
+
+    seq = (position_ids == 0).cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
+    return ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]
 
 
 def supports_fused(model) -> bool:
@@ -112,13 +129,18 @@ def make_loss_module(peft_model, fused: bool):
             super().__init__()
             self.model = peft_model
             self.fused = fused
+            self.own_mask = getattr(base.config, "_attn_implementation", "sdpa") == "sdpa"
 
-        def forward(self, input_ids, targets, attention_mask=None, position_ids=None):
+        def forward(self, input_ids, targets, attention_mask=None, position_ids=None, target_index=None,
+                    n_targets=None):
+            if attention_mask is None and position_ids is not None and self.own_mask:
+                attention_mask = block_causal_mask(position_ids)
             kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False)
             if self.fused:
                 hidden = base.get_decoder()(**kwargs).last_hidden_state
-                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets)
+                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
+                                            keep=target_index, n=n_targets)
             logits = self.model(**kwargs).logits
             return plain_cross_entropy(logits, targets)
 

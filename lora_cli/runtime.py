@@ -12,7 +12,7 @@ from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 
 GPU_MAX_TOKENS = 16384  # packed tokens per micro-batch on a GPU (see docs/PERFORMANCE.md)
-GPU_PACK_LENGTH = 2048  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
+GPU_PACK_LENGTH = 1024  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
 
 
 @dataclass

@@ -87,3 +87,36 @@ def test_fused_loss_and_gradient_match_plain_cross_entropy():
     assert n == n_ref == 53
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     assert torch.allclose(g_fused, hidden.grad, atol=1e-12)
+
+
+def test_loss_module_on_a_packed_batch_equals_the_sum_over_examples(tiny_model_dir):
+    """The training module (own block mask, precomputed target positions) against examples alone."""
+    from lora_cli.config import LoraSettings
+    from lora_cli.loss import make_loss_module
+    from lora_cli.modeling import attach_lora, load_model, prepare_for_training
+
+    model = load_model(tiny_model_dir, "none", "fp32", "cpu")
+    prepare_for_training(model, False, False, 0)
+    module = make_loss_module(attach_lora(model, LoraSettings(dropout=0.0)), fused=True).eval()
+    rows = _rows(5, model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        packed = collate_packed([rows[:3], rows[3:]], pad_id=2, max_tokens=128)  # two packed rows
+        total, n = module(*packed.loss_args())
+        alone = [module(*collate_padded([r], pad_id=2).loss_args()) for r in rows]
+    assert n == sum(k for _, k in alone) == packed.n_targets
+    assert total.item() == pytest.approx(sum(loss.item() for loss, _ in alone), rel=1e-5)
+
+
+def test_memory_plan_checkpoints_only_what_the_budget_needs():
+    from transformers import Qwen2Config
+
+    from lora_cli.memory import GIB, plan_checkpointing
+
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                      num_attention_heads=12, num_key_value_heads=2)
+    roomy = plan_checkpointing(cfg, 8192, 80 * GIB, int(1.6 * GIB))
+    tight = plan_checkpointing(cfg, 16384, 24 * GIB, int(1.6 * GIB))
+    lean = plan_checkpointing(cfg, 8192, 8 * GIB, int(1.6 * GIB))
+    assert roomy.checkpoint_layers == 0 and roomy.fits
+    assert 0 < tight.checkpoint_layers < 28 and tight.fits and tight.estimated_peak_gib <= 24
+    assert lean.checkpoint_layers > tight.checkpoint_layers
