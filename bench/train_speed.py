@@ -37,6 +37,8 @@ VARIANTS = {
     "upcast": {"model.upcast": "fp32"},
     "unfused": {"train.fused_loss": False},
     "gc-all": {"train.gradient_checkpointing": "on"},
+    "gc-off": {"train.gradient_checkpointing": "off"},
+    "row2048": {"train.pack_length": 2048},
     "gc-off-6k": {"train.gradient_checkpointing": "off", "train.max_tokens": 6144},
     "gc-off-8k": {"train.gradient_checkpointing": "off", "train.max_tokens": 8192},
     "row1024": {"train.pack_length": 1024},
