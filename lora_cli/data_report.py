@@ -1,19 +1,21 @@
 """The validate-data report: defects, duplicates and length statistics of one file.
 
-Duplicates and percentiles need something per record; we keep 8-byte digests, 4-byte line
-numbers and 4-byte lengths in flat arrays (16 bytes a record, ~16 MB per million lines)
-rather than Python objects, so a multi-million-line file validates in a small, near-constant
-footprint. Token lengths (with --model) are computed in batches through the fast tokenizer.
+Memory does not grow with the file. Lengths are counted in a histogram (one entry per
+distinct length, not per record; percentiles from it are exact), and duplicates are found by
+`DuplicateFinder`, which keeps a fixed number of 8-byte digests in memory and spills the rest
+to disk. Token lengths (with --model) are computed in batches through the fast tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
-from array import array
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from lora_cli.duplicates import DuplicateFinder
 from lora_cli.records import Example, Issue, ScanStats, iter_examples
 
 MAX_KEPT_ISSUES = 1000  # kept for --json; the terminal stream shows every one
@@ -29,14 +31,31 @@ class LengthStats:
     max: int = 0
 
     @classmethod
-    def from_array(cls, values: array, unit: str) -> "LengthStats":
-        import numpy as np
-
-        if len(values) == 0:
+    def from_counts(cls, counts: Counter, unit: str) -> "LengthStats":
+        """Exact statistics from a histogram {length: records}; percentiles as numpy's default
+        (linear interpolation between the two nearest ranks)."""
+        n = sum(counts.values())
+        if n == 0:
             return cls(unit)
-        arr = np.frombuffer(values, dtype=np.uint32)
-        return cls(unit, int(arr.size), float(arr.mean()), float(np.percentile(arr, 50)),
-                   float(np.percentile(arr, 90)), int(arr.max()))
+        values = sorted(counts)
+        cumulative, total = [], 0
+        for v in values:
+            total += counts[v]
+            cumulative.append(total)
+        mean = sum(v * c for v, c in counts.items()) / n
+        return cls(unit, n, mean, _percentile(values, cumulative, n, 50), _percentile(values, cumulative, n, 90),
+                   int(values[-1]))
+
+
+def _percentile(values: list[int], cumulative: list[int], n: int, q: float) -> float:
+    import bisect
+
+    pos = (n - 1) * (q / 100)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    at = lambda rank: values[bisect.bisect_right(cumulative, rank)]  # noqa: E731  (rank is 0-based)
+    v_lo, v_hi, t = float(at(lo)), float(at(hi)), pos - lo
+    # numpy's lerp, so the numbers match np.percentile's to the last bit
+    return v_hi - (v_hi - v_lo) * (1 - t) if t >= 0.5 else v_lo + (v_hi - v_lo) * t
 
 
 @dataclass
@@ -75,22 +94,9 @@ def _digest(example: Example) -> int:
     return int.from_bytes(hashlib.blake2b(example.identity().encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _duplicate_issues(file: str, digests: array, lines: array) -> list[Issue]:
-    import numpy as np
-
-    if len(digests) < 2:
-        return []
-    d = np.frombuffer(digests, dtype=np.uint64)
-    ln = np.frombuffer(lines, dtype=np.uint32)
-    order = np.lexsort((ln, d))  # by digest, then by line
-    sd, sl = d[order], ln[order]
-    starts = np.ones(len(sd), dtype=bool)
-    starts[1:] = sd[1:] != sd[:-1]
-    group_first = np.maximum.accumulate(np.where(starts, np.arange(len(sd)), 0))
-    dup = np.flatnonzero(~starts)
-    found = list(zip(sl[dup].tolist(), sl[group_first[dup]].tolist()))
-    found.sort()
-    return [Issue(file, line, "", f"duplicate of line {orig}", "warning") for line, orig in found]
+def _duplicate_issues(file: str, finder: DuplicateFinder) -> Iterator[Issue]:
+    for line, orig in finder.pairs():
+        yield Issue(file, line, "", f"duplicate of line {orig}", "warning")
 
 
 def validate_file(
@@ -104,7 +110,7 @@ def validate_file(
     path = Path(path)
     report = DataReport(str(path), max_length=max_length)
     stats = ScanStats(str(path))
-    digests, lines, chars, tokens = array("Q"), array("I"), array("I"), array("I")
+    finder, chars, tokens = DuplicateFinder(), Counter(), Counter()
     pending: list[Example] = []
 
     def keep(issue: Issue) -> None:
@@ -117,29 +123,29 @@ def validate_file(
 
     def flush() -> None:
         if pending and token_lengths is not None:
-            tokens.extend(min(n, 2**32 - 1) for n in token_lengths(pending))
+            tokens.update(token_lengths(pending))
         pending.clear()
 
-    for example in iter_examples(path, on_issue=keep, stats=stats):
-        digests.append(_digest(example))
-        lines.append(example.line)
-        chars.append(min(example.char_length(), 2**32 - 1))
-        if token_lengths is not None:
-            pending.append(example)
-            if len(pending) >= 512:
-                flush()
-        if on_progress is not None and stats.records % 10000 == 0:
-            on_progress(stats.records)
-    flush()
-    for dup in _duplicate_issues(str(path), digests, lines):
-        keep(dup)
-        report.warnings += 1
+    try:
+        for example in iter_examples(path, on_issue=keep, stats=stats):
+            finder.add(_digest(example), example.line)
+            chars[example.char_length()] += 1
+            if token_lengths is not None:
+                pending.append(example)
+                if len(pending) >= 512:
+                    flush()
+            if on_progress is not None and stats.records % 10000 == 0:
+                on_progress(stats.records)
+        flush()
+        for dup in _duplicate_issues(str(path), finder):
+            keep(dup)
+            report.warnings += 1
+    finally:
+        finder.close()
     report.records, report.valid, report.chat, report.errors = stats.records, stats.valid, stats.chat, stats.errors
-    report.chars = LengthStats.from_array(chars, "chars")
+    report.chars = LengthStats.from_counts(chars, "chars")
     if token_lengths is not None:
-        report.tokens = LengthStats.from_array(tokens, "tokens")
+        report.tokens = LengthStats.from_counts(tokens, "tokens")
         if max_length:
-            import numpy as np
-
-            report.truncated = int((np.frombuffer(tokens, dtype=np.uint32) > max_length).sum()) if len(tokens) else 0
+            report.truncated = sum(c for n, c in tokens.items() if n > max_length)
     return report
