@@ -88,9 +88,9 @@ def main_options(
 
 
 def _register() -> None:
-    from lora_cli.commands import package, param_report, tokenize, train, validate
+    from lora_cli.commands import chat, evaluate, generate, merge, package, param_report, tokenize, train, validate
 
-    for module in (validate, tokenize, train, param_report, package):
+    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge):
         module.register(app, handle_errors)
 
 

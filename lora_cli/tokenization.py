@@ -68,7 +68,26 @@ def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPoli
 def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
     history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
-    segs = template.segments(history, tokenizer)[:-1]
+    return _encode_prompt_segments(template.segments(history, tokenizer)[:-1], tokenizer, add_eos)
+
+
+def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool = True) -> list[int]:
+    """Token ids of the prompt for a record's last response: training's input_ids up to that response.
+
+    What generation and the stop rate start from; an instruction record keeps its Input block.
+    """
+    if example.is_chat:
+        return encode_prompt(list(example.messages or [])[:-1], tokenizer, template, add_eos)
+    blank = Example(example.line, example.instruction, example.input, "")
+    return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
+
+
+def reference_answer(example: Example) -> str:
+    """The record's own answer (its output, or its last assistant message)."""
+    return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
+
+
+def _encode_prompt_segments(segs, tokenizer, add_eos: bool) -> list[int]:
     texts = [text for text, _ in segs]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     eos = tokenizer.eos_token_id

@@ -1,0 +1,118 @@
+"""`lora-cli chat`: an interactive, multi-turn conversation with base model + adapter.
+
+Each turn is prompted through `encode_prompt` with the whole history, rendered as training
+renders multi-turn records, and streamed as it is produced. The oldest turns are dropped
+when the history no longer fits the model's context. `/exit` or Ctrl-D leaves, `/reset`
+starts over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cli.commands.inference_options import (AdapterOpt, BaseModelOpt, DeviceOpt, MaxNewOpt, PrecisionOpt,
+                                                 QuantOverrideOpt, SeedOpt, TemperatureOpt, TemplateOverrideOpt, TopKOpt,
+                                                 TopPOpt, loaded_model, sampling)
+
+EXIT = ("/exit", "/quit")
+RESET = "/reset"
+USER_PROMPT = "you> "
+
+
+def fit_history(loaded, history: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+    """Prompt ids for the next answer and how many old turns were dropped to fit the context.
+
+    System messages are kept; user/assistant exchanges go oldest first. The latest user
+    message always stays, even if it alone is too long (the model then sees it truncated).
+    """
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+    budget = max(limit - max_new_tokens, 1)
+    system = [m for m in history if m["role"] == "system"]
+    turns = [m for m in history if m["role"] != "system"]
+    dropped = 0
+    ids = loaded.chat_prompt(system + turns)
+    while len(ids) > budget and len(turns) > 1:
+        cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+        turns = turns[cut:]
+        dropped += 1
+        ids = loaded.chat_prompt(system + turns)
+    if len(ids) > budget:
+        ids = ids[-budget:]
+    return ids, dropped
+
+
+def _read_line() -> str | None:
+    """One line from the user, or None at end of input (Ctrl-D)."""
+    try:
+        return input(USER_PROMPT)
+    except EOFError:
+        return None
+
+
+def chat_loop(loaded, params, system: str | None) -> int:
+    """Run the conversation until /exit or end of input; return the number of answers given."""
+    from lora_cli.inference import generate
+    from lora_cli.render import err, out
+
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    answered = 0
+    while True:
+        line = _read_line()
+        if line is None:
+            out.print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in EXIT:
+            break
+        if text == RESET:
+            history = list(start)
+            err.print("(history cleared)", markup=False)
+            continue
+        history.append({"role": "user", "content": text})
+        ids, dropped = fit_history(loaded, history, params.max_new_tokens)
+        if dropped:
+            err.print(f"(dropped the {dropped} oldest exchange(s) to fit the context)", markup=False)
+        answer = generate(loaded, [ids], params,
+                          on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False, soft_wrap=True))[0]
+        out.print()
+        if not answer.stopped:
+            err.print(f"(cut at --max-new-tokens {params.max_new_tokens}: no eos)", markup=False)
+        history.append({"role": "assistant", "content": answer.text})
+        answered += 1
+    return answered
+
+
+def chat(
+    adapter: AdapterOpt = Path("adapters"),
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message to start the conversation.")] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Chat with the base model alone.")] = False,
+    max_new_tokens: MaxNewOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = None,
+    model: BaseModelOpt = None,
+    template: TemplateOverrideOpt = None,
+    quantization: QuantOverrideOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Talk to base model + adapter, turn by turn, with streamed answers. /exit or Ctrl-D leaves, /reset starts over."""
+    from lora_cli.render import err
+
+    params = sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
+        who = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
+        err.print(f"Chatting with {who} (template {loaded.info.template}). /exit or Ctrl-D to leave, "
+                  "/reset to start over.", markup=False, soft_wrap=True)
+        chat_loop(loaded, params, system)
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("chat")(handle_errors(chat))

@@ -1,0 +1,152 @@
+"""merge: the merged model is base + adapter (logits match), loads without peft, and lands atomically."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adapter_factory import make_adapter, peaked_model_dir
+from lora_cli.adapter_info import read_adapter
+from lora_cli.cli import app
+from lora_cli.errors import LoraCliError
+from lora_cli.inference import load_for_inference
+from lora_cli.merging import merge
+
+runner = CliRunner()
+IDS = torch.tensor([[5, 17, 42, 99, 150, 3, 77, 201, 8, 64, 33, 120]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_model_dir):
+    return peaked_model_dir(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def fp32_adapter(tmp_path_factory, model_dir):
+    return make_adapter(tmp_path_factory, model_dir, "stopper")
+
+
+@pytest.fixture(scope="module")
+def nf4_adapter(tmp_path_factory, model_dir):
+    return make_adapter(tmp_path_factory, model_dir, "nf4-stopper", epochs=3, **{"model.quantization": "nf4"})
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def peft_logits(adapter, use_adapter=True, quantization=None) -> torch.Tensor:
+    loaded = load_for_inference(read_adapter(adapter), quantization=quantization, precision="fp32", device="cpu")
+    if use_adapter:
+        return logits_of(loaded.model)
+    with loaded.model.disable_adapter():
+        return logits_of(loaded.model)
+
+
+def plain_load(folder):
+    """The merged folder through plain transformers: no peft, no lora-cli."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+    AutoTokenizer.from_pretrained(str(folder))
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert getattr(model.config, "quantization_config", None) is None
+    return model.float()
+
+
+def test_fp32_merge_reproduces_base_plus_adapter(fp32_adapter, tmp_path):
+    result = merge(read_adapter(fp32_adapter), tmp_path / "merged", dtype="fp32")
+    merged, reference = logits_of(plain_load(tmp_path / "merged")), peft_logits(fp32_adapter)
+    base = peft_logits(fp32_adapter, use_adapter=False)
+    assert (reference - base).abs().max() > 1.0  # the adapter matters, so a match means it was merged
+    assert torch.allclose(merged, reference, atol=1e-4, rtol=1e-4)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "merge_info.json"} <= set(result.files)
+    info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
+    assert info["dtype"] == "fp32" and info["base_weights"] == "original" and info["template"] == "alpaca"
+
+
+def test_bf16_merge_matches_within_bf16_rounding(fp32_adapter, tmp_path):
+    """bf16 weights = the fp32 merge rounded to bf16 (within an ulp), and logits as close as that rounding allows."""
+    from safetensors.torch import load_file
+
+    merge(read_adapter(fp32_adapter), tmp_path / "bf16", dtype="bf16")
+    merge(read_adapter(fp32_adapter), tmp_path / "fp32", dtype="fp32")
+    w16, w32 = load_file(str(tmp_path / "bf16" / "model.safetensors")), load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    assert w16.keys() == w32.keys() and {t.dtype for t in w16.values()} == {torch.bfloat16}
+    for name, t in w32.items():
+        assert torch.allclose(w16[name].float(), t, rtol=2**-7, atol=2**-8 * float(t.abs().max())), name
+    reference = peft_logits(fp32_adapter)
+    merged = logits_of(plain_load(tmp_path / "bf16"))
+    rounded = plain_load(tmp_path / "fp32")
+    rounded.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in w32.items()}, strict=False)
+    rounding = (logits_of(rounded) - reference).abs().max()
+    assert 0 < (merged - reference).abs().max() <= 2 * rounding + 1e-3
+    assert (merged.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+
+
+def test_nf4_base_weights_reproduce_the_qlora_model(nf4_adapter, tmp_path):
+    reference = peft_logits(nf4_adapter)  # loaded in 4-bit, as it was trained
+    merge(read_adapter(nf4_adapter), tmp_path / "from-nf4", dtype="fp32", base_weights="nf4")
+    merge(read_adapter(nf4_adapter), tmp_path / "original", dtype="fp32")
+    from_nf4 = logits_of(plain_load(tmp_path / "from-nf4"))
+    original = logits_of(plain_load(tmp_path / "original"))
+    assert torch.allclose(from_nf4, reference, atol=1e-3, rtol=1e-3)
+    assert (original - reference).abs().max() > 10 * (from_nf4 - reference).abs().max()  # 4-bit rounding differs
+    assert torch.allclose(original, peft_logits(nf4_adapter, quantization="none"), atol=1e-4, rtol=1e-4)
+
+
+def test_output_folder_rules(fp32_adapter, tmp_path):
+    info = read_adapter(fp32_adapter)
+    with pytest.raises(LoraCliError, match="into the adapter folder"):
+        merge(info, fp32_adapter / "merged")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LoraCliError, match="is a file"):
+        merge(info, tmp_path / "file")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(LoraCliError, match="even with --force"):
+        merge(info, mine, force=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    merge(info, tmp_path / "empty", dtype="fp32")  # an empty folder is fine
+    with pytest.raises(LoraCliError, match="already exists"):
+        merge(info, tmp_path / "empty")
+    merge(info, tmp_path / "empty", dtype="bf16", force=True)
+    assert json.loads((tmp_path / "empty" / "merge_info.json").read_text())["dtype"] == "bf16"
+
+
+def test_a_failed_merge_leaves_nothing_behind(fp32_adapter, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(LoraCliError, match="No space left"):
+        merge(read_adapter(fp32_adapter), tmp_path / "merged", dtype="fp32")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "-a", "{adapter}"], "No output folder given"),
+    (["merge", "-a", "{adapter}", "-o", "{tmp}/m", "--dtype", "int8"], "--dtype must be one of bf16, fp16, fp32"),
+    (["merge", "-a", "{adapter}", "-o", "{tmp}/m", "--base-weights", "gguf"], "--base-weights must be one of"),
+    (["merge", "-a", "{tmp}/nope", "-o", "{tmp}/m"], "does not exist"),
+    (["merge", "-a", "{tmp}", "-o", "{tmp}/m"], "is not an adapter folder"),
+])
+def test_cli_merge_bad_inputs(args, message, fp32_adapter, tmp_path):
+    fill = {"adapter": str(fp32_adapter), "tmp": str(tmp_path)}
+    res = runner.invoke(app, [a.format(**fill) for a in args])
+    assert res.exit_code == 1 and message.format(**fill) in res.output and "Traceback" not in res.output
+
+
+def test_cli_merge_writes_and_refuses_to_overwrite(fp32_adapter, tmp_path):
+    res = runner.invoke(app, ["merge", "-a", str(fp32_adapter), "-o", str(tmp_path / "m"), "--dtype", "fp16"])
+    assert res.exit_code == 0, res.output
+    assert "fp16" in res.output and "AutoModelForCausalLM.from_pretrained" in res.output
+    assert plain_load(tmp_path / "m") is not None
+    res = runner.invoke(app, ["merge", "-a", str(fp32_adapter), "-o", str(tmp_path / "m")])
+    assert res.exit_code == 1 and "--force" in res.output
