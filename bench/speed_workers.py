@@ -104,7 +104,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
         overrides["train.precision"] = "fp32"
     cfg = RunConfig().replace({"model.name": model_dir, "train.max_steps": warmup + steps, "train.log_every": 1,
                                "train.eval_at_start": False, "train.keep_checkpoints": 1,
-                               "output.dir": tempfile.mkdtemp() + "/adapters", **overrides})
+                               "output.dir": "/tmp/lora-cli-bench/run-adapters", **overrides})
     labels = [[-100] * e["prompt_len"] + e["input_ids"][e["prompt_len"]:] if not on_prompt else e["input_ids"]
               for e in examples]
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": labels,
@@ -133,9 +133,9 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = train_on(cfg, rt, TrainingData(ds, None, _Tok(), model_dir, {}), reporter=reporter)
-    losses = [json.loads(line)["loss"] for line in open(f"{cfg.output.dir}/metrics.jsonl")
-              if '"train"' in line]
+    result = train_on(cfg, rt, TrainingData(ds, None, _Tok(), model_dir, {}), overwrite=True, reporter=reporter)
+    metrics = f"{cfg.output.dir}/metrics.jsonl"
+    losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if rt.is_main else []
     out = _result(times, reporter.per_step, warmup, losses)
     out["decisions"] = result.decisions
     out["memory_plan"] = reporter.messages

@@ -45,10 +45,13 @@ VARIANTS = {
     "row4096": {"train.pack_length": 4096},
     "32k": {"train.max_tokens": 32768},
     "8k": {"train.max_tokens": 8192},
-    "compile": {"train.compile": True},
+    "compile": {"train.compile": "on"},
+    "no-compile": {"train.compile": "off"},
     "flex": {"model.attn_implementation": "flex_attention", "train.pack_length": 16384},
     "lean-8g": {"train.memory_budget_gib": 8, "train.max_tokens": 8192},
     "all-labels": {"data.train_on_prompt": True},
+    "dp": {"lora.dropout": 0.0},  # data-parallel scaling runs: name@N runs on N GPUs
+    "dp-accum4": {"lora.dropout": 0.0, "train.grad_accum": 4},  # 1 GPU with the global batch of dp@2
     "seed-like": {"train.batching": "padded", "train.precision": "fp16", "model.upcast": "fp32",
                   "train.gradient_checkpointing": "on", "train.fused_loss": False},
 }
@@ -106,6 +109,20 @@ def table(results: list[dict], arch: dict, data_stats: dict) -> str:
     return "\n".join(lines)
 
 
+def combine_ranks(lines: list[dict], spec: str) -> dict:
+    """One row for a multi-process run: tokens summed over ranks, time of the slowest, losses of rank 0."""
+    errors = [r for r in lines if "error" in r]
+    if errors:
+        return {**errors[0], "variant": spec}
+    first = min(lines, key=lambda r: r.get("rank", 0))
+    seconds = max(r["seconds"] for r in lines)
+    real, padded = sum(r["real_tokens"] for r in lines), sum(r["padded_tokens"] for r in lines)
+    return {**first, "variant": spec, "gpus": len(lines), "seconds": seconds, "real_tokens": real,
+            "padded_tokens": padded, "real_tok_s": real / seconds if seconds else 0.0,
+            "padded_tok_s": padded / seconds if seconds else 0.0,
+            "peak_alloc_gib": max(r["peak_alloc_gib"] for r in lines)}
+
+
 def worker(args) -> None:
     import torch
 
@@ -124,7 +141,7 @@ def worker(args) -> None:
 
         traceback.print_exc()
         res = {"error": f"{type(exc).__name__}: {exc}"}
-    res.update(variant=args.worker, wall_s=round(time.time() - t0, 1))
+    res.update(variant=args.worker, wall_s=round(time.time() - t0, 1), rank=int(os.environ.get("RANK", "0")))
     with open(args.out, "a") as fh:
         fh.write(json.dumps(res) + "\n")
 
@@ -165,27 +182,33 @@ def main() -> None:
     print("data:", json.dumps(data_stats), flush=True)
     arch = json.loads((model_dir / "config.json").read_text())
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v.partition("@")[0] not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     results = []
-    for name in names:
+    for spec in names:
+        name, _, gpus = spec.partition("@")
+        gpus = int(gpus or 1)
         t = time.time()
         if args.budget and t - t0 > args.budget:
-            results.append({"variant": name, "error": "skipped: time budget spent"})
+            results.append({"variant": spec, "error": "skipped: time budget spent"})
             continue
-        cmd = [sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
+        worker_args = [__file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
+                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
+        launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                                      "--num_processes", str(gpus), "--mixed_precision", "no",
+                                                      "--dynamo_backend", "no"]
         before = out.read_text().count("\n") if out.exists() else 0
         try:
-            subprocess.run(cmd, timeout=args.timeout, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            subprocess.run(launch + worker_args, timeout=args.timeout, check=False,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
         except subprocess.TimeoutExpired:
             pass
-        lines = out.read_text().splitlines()[before:] if out.exists() else []
-        res = json.loads(lines[-1]) if lines else {"variant": name, "error": f"no result (timeout {args.timeout}s?)"}
+        lines = [json.loads(x) for x in out.read_text().splitlines()[before:]] if out.exists() else []
+        res = combine_ranks(lines, spec) if lines else {"variant": spec, "error": f"no result (timeout {args.timeout}s?)"}
         results.append(res)
         summary = "error" if "error" in res else f"{res['real_tok_s']:,.0f} real tok/s, {res['peak_alloc_gib']:.2f} GiB"
-        print(f"[{name}] {summary} ({time.time() - t:.0f} s)", flush=True)
+        print(f"[{spec}] {summary} ({time.time() - t:.0f} s)", flush=True)
     print()
     print(table(results, arch, data_stats))
 

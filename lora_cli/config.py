@@ -122,7 +122,7 @@ class TrainConfig:
     pack_length: int = 0  # tokens per packed row (a micro-batch is max_tokens/pack_length rows); 0: automatic
     gradient_checkpointing: str = "auto"  # auto | on | off | N (checkpoint the first N decoder layers)
     memory_budget_gib: float = 0.0  # what "auto" may plan for on a GPU; 0: min(24 GiB, 90% of the GPU)
-    compile: bool = False  # torch.compile each decoder layer
+    compile: str = "auto"  # torch.compile each decoder layer: auto (on a CUDA GPU), on, off
     fused_loss: bool = True  # never materialise the full [tokens x vocab] logits
     eval_at_start: bool = True  # a baseline eval loss before the first step
     device: str = "auto"
@@ -137,7 +137,10 @@ class TrainConfig:
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "batching", self.batching, BATCHINGS)
-        gc = self.gradient_checkpointing  # YAML reads a bare on/off as a boolean
+        onoff = {True: "on", False: "off", "True": "on", "False": "off", "true": "on", "false": "off"}
+        self.compile = onoff.get(self.compile, self.compile)  # YAML reads a bare on/off as a boolean
+        _check_choice("train", "compile", self.compile, ("auto", "on", "off"))
+        gc = self.gradient_checkpointing
         self.gradient_checkpointing = {True: "on", False: "off", "True": "on", "False": "off"}.get(gc, gc)
         if not (str(self.gradient_checkpointing).isdigit() or self.gradient_checkpointing in GC_MODES):
             raise _bad("train", "gradient_checkpointing", self.gradient_checkpointing,

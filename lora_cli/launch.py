@@ -23,8 +23,11 @@ def strip_gpus(argv: list[str]) -> list[str]:
 
 
 def launch_command(n: int, argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli", *strip_gpus(argv)]
+    # --multi_gpu selects torchrun; on a machine without GPUs the processes fall back to the CPU
+    # with gloo (what the test suite uses). Precision stays lora-cli's own choice (--precision).
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli",
+            *strip_gpus(argv)]
 
 
 def relaunch_with_accelerate(n: int) -> int:

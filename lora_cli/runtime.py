@@ -27,7 +27,9 @@ class Runtime:
     upcast: bool
     world_size: int
     rank: int
+    grad_accum: int = 1
     auto_checkpointing: bool = False  # decide checkpoint_layers from the memory budget once the model is known
+    compile: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -41,7 +43,14 @@ class Runtime:
         return {"device": str(self.device), "precision": self.precision, "batching": "packed" if self.packed else "padded",
                 "max_tokens": self.max_tokens, "pack_length": self.pack_length,
                 "checkpoint_layers": self.checkpoint_layers, "upcast": "fp32" if self.upcast else "none",
-                "world_size": self.world_size}
+                "compile": self.compile, "world_size": self.world_size,
+                "micro_batches_per_step": self.grad_accum * self.world_size}
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -93,7 +102,8 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     upcast = {"fp32": True, "none": False}.get(cfg.model.upcast, precision == "fp16")
     return Runtime(accelerator, accelerator.device, precision, packed, max_tokens, pack_length,
                    -1 if layers is None else layers, upcast, accelerator.num_processes, accelerator.process_index,
-                   auto_checkpointing=layers is None)
+                   grad_accum=t.grad_accum, auto_checkpointing=layers is None,
+                   compile={"on": True, "off": False}.get(t.compile, not cpu and _has_triton()))
 
 
 def resolve_max_tokens(rt: Runtime, lengths: list[int], batch_size: int) -> int:

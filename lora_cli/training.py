@@ -51,6 +51,8 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
 
     quiet_libraries()
     rt = make_runtime(cfg)
+    if not rt.is_main:
+        reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
     # Tokenized once (main process), read from the cache by everyone.
     data = prepare_data(cfg, reporter, force_tokenize, rt.is_main, rt.accelerator.wait_for_everyone)
@@ -84,7 +86,7 @@ def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False,
         resolve_checkpointing(rt, data.model_path, cfg.train.memory_budget_gib, reporter)
         prepare_for_training(model, cfg.model.quantization == "nf4", rt.upcast, rt.checkpoint_layers)
         model = attach_lora(model, cfg.lora)
-        if cfg.train.compile:
+        if rt.compile:
             compile_layers(model)
     params = count_parameters(model, cfg.model.name, lora_dict(cfg.lora))
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")

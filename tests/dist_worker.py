@@ -1,0 +1,78 @@
+"""Run by tests/test_distributed.py under `accelerate launch` (one copy per process, gloo on the CPU).
+
+Trains the tiny model with lora-cli's recipe, records which process called the writers, and
+saves each process's LoRA weights, so the test can check that only rank 0 wrote and that all
+ranks hold the same adapter.
+usage: accelerate launch --cpu --num_processes 2 tests/dist_worker.py CONFIG.yaml REPORT_DIR
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from lora_cli import checkpoint, outputs, training
+    from lora_cli.config import load_config_file
+
+    config, report = sys.argv[1], Path(sys.argv[2])
+    rank = int(os.environ.get("RANK", "0"))
+    calls: list[str] = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            # record only calls that wrote something: the writers return early on other ranks
+            is_main = getattr(args[0], "is_main", True) if args else True
+            if name == "save_checkpoint" or is_main:
+                calls.append(name)
+            return result
+
+        setattr(owner, name, wrapper)
+
+    spy(outputs.OutputFolder, "append_metrics")
+    spy(outputs.OutputFolder, "finish")
+    spy(outputs.OutputFolder, "start")
+    original_save = checkpoint.save_checkpoint
+
+    def save_spy(*args, **kwargs):
+        calls.append("save_checkpoint")
+        return original_save(*args, **kwargs)
+
+    import lora_cli.loop as loop
+
+    loop.save_checkpoint = save_spy
+    captured = {}
+    original_finish = outputs.OutputFolder.finish
+
+    def finish_and_capture(self, peft_model, *args, **kwargs):
+        captured["weights"] = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        return original_finish(self, peft_model, *args, **kwargs)
+
+    outputs.OutputFolder.finish = finish_and_capture
+    from lora_cli import dataset_cache
+
+    original_build = dataset_cache._build
+
+    def build_spy(*args, **kwargs):
+        calls.append("tokenize")
+        return original_build(*args, **kwargs)
+
+    dataset_cache._build = build_spy
+    result = training.train(load_config_file(config), overwrite=True)
+    report.mkdir(parents=True, exist_ok=True)
+    save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
+    (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.steps,
+                                                          "decisions": result.decisions}))
+
+
+if __name__ == "__main__":
+    main()
