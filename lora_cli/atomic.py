@@ -2,16 +2,21 @@
 
 Everything is written under a temporary name beside its destination (same filesystem) and
 renamed into place only once complete and flushed. A reader therefore sees either the old
-version or the new one. A full disk (ENOSPC) is turned into a clear error and the temporary
-is removed, so the previous version stays intact.
+version or the new one. A full disk (ENOSPC), however the library doing the writing reports
+it, is turned into a clear error and the temporary is removed, so the previous version stays
+intact. Temporaries carry their writer's host and pid, so leftovers of killed writers can be
+told from those of writers still at work and cleaned up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import shutil
+import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,16 +24,75 @@ from typing import Iterator
 from lora_cli.errors import LoraCliError
 
 TMP_PREFIX = ".tmp-"
+KILL_ENV = "LORA_CLI_TEST_KILL_AT"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "storagefull")
+_kill_hits: dict[str, int] = {}
 
 
-def disk_error(exc: OSError, what: Path | str) -> LoraCliError:
-    """Translate an OSError raised while writing into a message a user can act on."""
-    if exc.errno == errno.ENOSPC:
+def kill_point(name: str) -> None:
+    """Test hook: die here, as `kill -9` or a power cut would, when the crash tests ask for it.
+
+    With LORA_CLI_TEST_KILL_AT=<pattern> (fnmatch, e.g. `dir:*`; `<pattern>#<n>`: the n-th time a
+    matching point is reached) the process sends itself SIGKILL at the first matching point, so
+    a test can stop a writer exactly between two of its steps. Unset, as in normal use, it does
+    nothing. Points: tokenize:rows, checkpoint:partial, train:step, adapter:staged,
+    adapter:renaming, zip:partial, file:<name> (before a rename), dir:<name> (before a rename),
+    dir-swap:<name> (old folder set aside, new one not yet in place).
+    """
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    pattern, _, nth = want.partition("#")
+    if not fnmatch.fnmatchcase(name, pattern):
+        return
+    _kill_hits[pattern] = _kill_hits.get(pattern, 0) + 1
+    if _kill_hits[pattern] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is a full disk or quota.
+
+    Libraries report it differently: Python and pyarrow raise OSError(ENOSPC), safetensors a
+    SafetensorError whose text says "os error 28", torch.save a RuntimeError whose context is
+    the OSError, datasets a DatasetGenerationError caused by it.
+    """
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(e).lower() for text in DISK_FULL_TEXT):
+            return True
+    return False
+
+
+def disk_error(exc: BaseException, what: Path | str, hint: str | None = None) -> LoraCliError:
+    """Translate an error raised while writing into a message a user can act on."""
+    if is_disk_full(exc):
         return LoraCliError(
             f"No space left on the device while writing {what}.",
-            "Nothing was replaced: the previous version (if any) is intact. Free some disk space and run the command again.",
+            hint or "Nothing was replaced: the previous version (if any) is intact. "
+                    "Free some disk space and run the command again.",
         )
-    return LoraCliError(f"Could not write {what}: {exc.strerror or exc}.")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return LoraCliError(f"Could not write {what}: {reason}.", hint)
+
+
+def write_failure(exc: BaseException, what: Path | str, hint: str | None = None) -> LoraCliError | None:
+    """A LoraCliError for a failed write that a user can act on (full disk, OS error); None for a bug."""
+    if isinstance(exc, LoraCliError):
+        return exc
+    if is_disk_full(exc) or isinstance(exc, OSError):
+        return disk_error(exc, what, hint)
+    return None
 
 
 def umask() -> int:
@@ -46,12 +110,24 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _owner() -> str:
+    return f"{socket.gethostname().replace('.', '_')}~{os.getpid()}"
+
+
+def tmp_prefix(name: str) -> str:
+    """Prefix of a temporary beside `name`: `.tmp-<name>.<host>~<pid>.` (mkstemp adds a random tail)."""
+    return f"{TMP_PREFIX}{name}.{_owner()}."
+
+
 @contextlib.contextmanager
-def atomic_path(dest: Path | str) -> Iterator[Path]:
-    """Yield a temporary file path beside `dest`; rename it onto `dest` if the block succeeds."""
+def atomic_path(dest: Path | str, hint: str | None = None) -> Iterator[Path]:
+    """Yield a temporary file path beside `dest`; rename it onto `dest` if the block succeeds.
+
+    `hint` replaces the generic advice in the message of a failed write (e.g. a full disk).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}.", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(dest.name), dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; a normal file respects the umask
@@ -59,14 +135,15 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        kill_point(f"file:{dest.name}")
         os.replace(tmp_path, dest)
         fsync_dir(dest.parent)
-    except OSError as exc:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        raise disk_error(exc, dest) from exc
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        failure = write_failure(exc, dest, hint) if isinstance(exc, Exception) else None
+        if failure is None or failure is exc:
+            raise
+        raise failure from exc
 
 
 def write_text(dest: Path | str, text: str) -> None:
@@ -80,47 +157,75 @@ def write_bytes(dest: Path | str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path | str, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(dest: Path | str, replace: bool = False, hint: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; rename it onto `dest` if the block succeeds.
 
     With `replace`, an existing `dest` is moved aside first and removed only after the new
-    folder is in place; without it, an existing `dest` is an error.
+    folder is in place; without it, an existing `dest` is an error. `hint` as for atomic_path.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}.", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(dest.name), dir=dest.parent))
     os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
-        old = None
-        if dest.exists():
-            if not replace:
-                raise FileExistsError(errno.EEXIST, "exists", str(dest))
-            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{dest.name}.", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+        kill_point(f"dir:{dest.name}")
+        _swap_in(tmp, dest, replace)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, FileExistsError):
+        failure = write_failure(exc, dest, hint) if isinstance(exc, Exception) else None
+        if failure is None or failure is exc or isinstance(exc, FileExistsError):
             raise
-        raise disk_error(exc, dest) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise failure from exc
+
+
+def _swap_in(tmp: Path, dest: Path, replace: bool) -> None:
+    """Rename the finished `tmp` onto `dest`; an old `dest` is set aside until the new one is in."""
+    old = None
+    if dest.exists():
+        if not replace:
+            raise FileExistsError(errno.EEXIST, "exists", str(dest))
+        old = Path(tempfile.mkdtemp(prefix=tmp_prefix(f"old-{dest.name}"), dir=dest.parent))
+        os.replace(dest, old / dest.name)
+        kill_point(f"dir-swap:{dest.name}")
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the writer that made temporary `name` may still be at work.
+
+    Names without an owner tag, or made on another host (a shared filesystem), count as alive:
+    only what is certainly abandoned is removed.
+    """
+    host, pid = _owner().split("~")[0], None
+    for part in name.split("."):
+        if "~" in part:
+            tag_host, _, tag_pid = part.partition("~")
+            if tag_host == host and tag_pid.isdigit():
+                pid = int(tag_pid)
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_stale_temporaries(folder: Path | str) -> int:
-    """Delete leftovers of killed writers in `folder` (names starting with TMP_PREFIX)."""
+    """Delete leftovers of killed writers in `folder`: temporaries whose writer process is gone."""
     folder = Path(folder)
     removed = 0
     if not folder.is_dir():
         return 0
     for entry in folder.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
-            if entry.is_dir():
+        if entry.name.startswith(TMP_PREFIX) and not _owner_alive(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)

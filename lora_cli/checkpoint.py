@@ -12,7 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lora_cli.atomic import TMP_PREFIX, atomic_dir
+from lora_cli.atomic import TMP_PREFIX, atomic_dir, kill_point
 from lora_cli.errors import LoraCliError
 
 STATE = "trainer_state.json"
@@ -55,29 +55,56 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name))]
 
 
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk then surfaces as OSError(ENOSPC) in the
+    exception chain (given a path, torch's own writer reports only "unexpected pos")."""
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer, scheduler, keep: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
     dest = checkpoint_dir(root) / name
-    with atomic_dir(dest, replace=True) as tmp:
+    hint = (f"Training stopped at step {state.step}; the checkpoints already in {checkpoint_dir(root)} are intact. "
+            "Free some disk space and run the same command with --resume.")
+    with atomic_dir(dest, replace=True, hint=hint) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        kill_point("checkpoint:partial")
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        _torch_save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-    prune(root, keep, protect=dest)
+    prune(root, keep, protect=dest, step=state.step)
     return dest
 
 
-def prune(root: Path, keep: int, protect: Path | None = None) -> None:
+def prune(root: Path, keep: int, protect: Path | None = None, step: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints. With `step` (the one just saved), also drop any made
+    at a later step: they belong to a timeline abandoned by --resume-from an older checkpoint,
+    and left in place a later --resume would pick them as the latest."""
     existing = list_checkpoints(root)
-    for old in existing[: max(0, len(existing) - keep)]:
+    if step is not None:
+        stale = [p for p in existing if _step_of(p) > step]
+        existing = [p for p in existing if p not in stale]
+    else:
+        stale = []
+    for old in stale + existing[: max(0, len(existing) - keep)]:
         if protect is None or old.resolve() != protect.resolve():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(json.loads((path / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def load_checkpoint(path: Path):

@@ -50,7 +50,7 @@ def handle_errors(fn):
                 print_issues(issues, err)
             extra = getattr(exc, "resume_command", None)
             if extra:
-                err.print(f"Resume with:\n  {extra}")
+                err.print(f"Resume with:\n  {extra}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
@@ -58,14 +58,13 @@ def handle_errors(fn):
         except Exception as exc:  # a bug: say so plainly
             if os.environ.get("LORA_CLI_DEBUG"):
                 raise
-            oom = type(exc).__name__ == "OutOfMemoryError"
-            if oom:
-                from lora_cli.commands.train import oom_message
-
-                err.print(f"[bold red]error:[/] {oom_message(exc)}")
-                raise typer.Exit(1) from None
             from rich.markup import escape
 
+            from lora_cli.oom import is_oom, oom_message
+
+            if is_oom(exc):  # outside the training loop (loading the model): no settings to quote
+                err.print(f"[bold red]error:[/] {escape(oom_message(exc))}", soft_wrap=True)
+                raise typer.Exit(1) from None
             err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                       "This is a bug in lora-cli; set LORA_CLI_DEBUG=1 to see the traceback.")
             raise typer.Exit(2) from None

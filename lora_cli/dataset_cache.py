@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.atomic import atomic_dir, write_text
+from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, write_text
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.records import Issue, ScanStats, iter_examples
@@ -67,7 +67,11 @@ class CacheEntry:
     def load(self):
         from datasets import load_from_disk
 
-        return load_from_disk(str(self.path / "data"))
+        try:
+            return load_from_disk(str(self.path / "data"))
+        except Exception as exc:  # damaged after it was written (disk error, a hand edit): say which entry
+            raise LoraCliError(f"The tokenize cache entry {self.path} cannot be read ({type(exc).__name__}: {exc}).",
+                               "Rebuild it with lora-cli tokenize --force (or delete the folder).") from None
 
 
 def _key(parts: dict) -> str:
@@ -103,6 +107,7 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
         pending.append(example)
         if len(pending) >= BATCH:
             yield from flush()
+            kill_point("tokenize:rows")
     if not (issues and not skip_invalid):
         yield from flush()
     counters["records"], counters["invalid"] = stats.records, stats.invalid
@@ -130,11 +135,32 @@ def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, 
                 return CacheEntry(split, key, entry_dir, True, meta)
         except (OSError, ValueError):
             pass  # unreadable entry: rebuild it
+    remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
     return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
 
 
+def _generate(gen_kwargs: dict, features, key: str, build_dir: Path):
+    """Dataset.from_generator over `_rows`, with the real error instead of datasets' wrapper.
+
+    datasets wraps whatever the generator (or its Arrow writer) raises in a
+    DatasetGenerationError; a message for the user (LoraCliError) or a full disk (OSError) must
+    come through as itself so that the CLI can say what happened.
+    """
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(_rows, gen_kwargs=gen_kwargs, features=features, fingerprint=key,
+                                      cache_dir=str(build_dir), keep_in_memory=False)
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (LoraCliError, OSError)) or (cause is not None and is_disk_full(cause)):
+            raise cause from None
+        raise
+
+
 def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter):
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Features, Sequence, Value
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
@@ -148,8 +174,7 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
             gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
                               skip_invalid=skip_invalid, counters=counters, issues=issues, progress=progress)
             try:
-                ds = Dataset.from_generator(_rows, gen_kwargs=gen_kwargs, features=features, fingerprint=key,
-                                            cache_dir=str(tmp / "build"), keep_in_memory=False)
+                ds = _generate(gen_kwargs, features, key, tmp / "build")
             except ValueError:
                 if counters["examples"]:  # not the "generator yielded nothing" case
                     raise

@@ -31,15 +31,21 @@ class DataError(LoraCliError):
 
 
 class TrainingInterrupted(LoraCliError):
-    """Ctrl-C during training: a checkpoint was saved; exit 130 like any interrupted program."""
+    """Ctrl-C (or SIGTERM) during training: a checkpoint was saved; exit 128 + the signal's number
+    (130 for Ctrl-C) like any program a signal stopped."""
 
     exit_code = 130
 
-    def __init__(self, message: str, checkpoint: str | None, resume_command: str | None):
+    def __init__(self, message: str, checkpoint: str | None, resume_command: str | None, exit_code: int = 130):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.resume_command = resume_command
+        self.exit_code = exit_code
 
 
 class NonFiniteLoss(LoraCliError):
     """The loss became NaN or infinite; training stopped before the bad step was applied."""
+
+
+class OutOfMemory(LoraCliError):
+    """The GPU ran out of memory; the message says how much was asked for and what lowers it."""

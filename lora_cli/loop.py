@@ -14,8 +14,10 @@ import signal
 import time
 from dataclasses import asdict
 
+from lora_cli.atomic import kill_point
 from lora_cli.checkpoint import LoopState, load_checkpoint, restore_rng, save_checkpoint
 from lora_cli.errors import LoraCliError, NonFiniteLoss, TrainingInterrupted
+from lora_cli.oom import out_of_memory_as_error
 
 
 def make_optimizer(model, t, rt):
@@ -36,27 +38,33 @@ def make_scheduler(optimizer, t, total_steps: int):
 
 
 class InterruptFlag:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM, as schedulers and spot instances send before a kill): finish the
+    step, checkpoint, stop. A second one: stop at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self, reporter):
         self.reporter = reporter
         self.set = False
-        self._old = None
+        self.signum = signal.SIGINT
+        self._old: dict = {}
 
     def _handler(self, signum, frame):
         if self.set:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signum = True, signum
         self.reporter.message("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort).")
 
     def __enter__(self):
-        with contextlib.suppress(ValueError):  # not the main thread: no handler
-            self._old = signal.signal(signal.SIGINT, self._handler)
+        for name in self.SIGNALS:
+            with contextlib.suppress(ValueError, AttributeError):  # not the main thread: no handler
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class TrainingLoop:
@@ -103,33 +111,52 @@ class TrainingLoop:
         self.scheduler.load_state_dict(sched)
         restore_rng(rng)
         self.state = state
+        summary = state.extra.get("summary", {})  # so a resumed run reports the whole run's losses
+        self.first_loss, self.last_loss = summary.get("first_loss"), summary.get("last_loss")
+        self.eval_losses = list(summary.get("eval_losses", []))
         self.out.truncate_metrics(state.metrics_lines)
 
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> dict:
         t0 = time.time()
         st = self.state
-        if self.t.eval_at_start and st.step == 0 and self.val_batcher is not None:
-            self._log_eval(self.evaluate())
-        self._last_log = time.time()
-        with InterruptFlag(self.reporter) as flag, \
-                self.reporter.stage("Training", total=self.total_steps, unit="steps") as bar:
-            bar.update(st.step)
-            while st.step < self.total_steps:
-                groups = self.plan(st.epoch)
-                n_groups = math.ceil(len(groups) / self.group)
-                while st.step_in_epoch < n_groups and st.step < self.total_steps:
-                    g = st.step_in_epoch
-                    self._step(groups[g * self.group:(g + 1) * self.group], flag)
-                    bar.update(1, loss=self.last_loss, tok_s=self._tok_s)
-                    if flag.set:
-                        self._interrupt()
-                    if self.t.save_every_steps and st.step % self.t.save_every_steps == 0 \
-                            and st.step_in_epoch < n_groups:
-                        self._checkpoint(f"step-{st.step}")
-                self._end_epoch(partial=st.step_in_epoch < n_groups)
+        with InterruptFlag(self.reporter) as flag, out_of_memory_as_error(self._memory_levers):
+            if self.t.eval_at_start and st.step == 0 and self.val_batcher is not None:
+                self._log_eval(self.evaluate())
+            self._last_log = time.time()
+            with self.reporter.stage("Training", total=self.total_steps, unit="steps") as bar:
+                bar.update(st.step)
+                while st.step < self.total_steps:
+                    self._run_epoch(flag, bar)
         return {"first_loss": self.first_loss, "last_loss": self.last_loss, "eval_losses": self.eval_losses,
                 "steps": st.step, "tokens": st.tokens_seen, "seconds": round(time.time() - t0, 3)}
+
+    def _run_epoch(self, flag, bar) -> None:
+        """The rest of the current epoch, its end, and a stop when a signal asked for one."""
+        st = self.state
+        groups = self.plan(st.epoch)
+        n_groups = math.ceil(len(groups) / self.group)
+        while st.step_in_epoch < n_groups and st.step < self.total_steps:
+            g = st.step_in_epoch
+            self._step(groups[g * self.group:(g + 1) * self.group], flag)
+            kill_point("train:step")
+            bar.update(1, loss=self.last_loss, tok_s=self._tok_s)
+            at_end = st.step_in_epoch >= n_groups or st.step >= self.total_steps
+            if flag.set and not at_end:
+                self._interrupt(flag)
+            if self.t.save_every_steps and st.step % self.t.save_every_steps == 0 and not at_end:
+                self._checkpoint(f"step-{st.step}")
+        self._end_epoch(partial=st.step_in_epoch < n_groups)
+        self._sync_flag(flag)  # a signal during the evaluation reached only some processes
+        if flag.set and st.step < self.total_steps:
+            self._interrupt(flag, saved=True)
+
+    def _sync_flag(self, flag) -> None:
+        if self.rt.world_size > 1:
+            import torch
+
+            raised = torch.tensor(float(flag.set), device=self.rt.device)
+            flag.set = self.rt.accelerator.reduce(raised, reduction="sum").item() > 0
 
     def _step(self, group: list[list[int]], flag) -> None:
         import torch
@@ -159,6 +186,9 @@ class TrainingLoop:
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(self._nonfinite_message(st.step + 1))
         grad_norm = acc.clip_grad_norm_(self.trainable, self.t.max_grad_norm) if self.t.max_grad_norm else None
+        # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
+        if grad_norm is not None and rt.precision != "fp16" and not math.isfinite(float(grad_norm)):
+            raise NonFiniteLoss(self._nonfinite_message(st.step + 1, "gradient norm"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -214,6 +244,8 @@ class TrainingLoop:
         from peft import get_peft_model_state_dict
 
         self.rt.accelerator.wait_for_everyone()
+        self.state.extra["summary"] = {"first_loss": self.first_loss, "last_loss": self.last_loss,
+                                       "eval_losses": self.eval_losses}
         path = None
         if self.rt.is_main:
             path = save_checkpoint(self.out.path, name, self.state, get_peft_model_state_dict(self.model),
@@ -222,16 +254,22 @@ class TrainingLoop:
         self.rt.accelerator.wait_for_everyone()
         return self.last_checkpoint
 
-    def _interrupt(self) -> None:
-        path = self._checkpoint(f"step-{self.state.step}")
+    def _interrupt(self, flag, saved: bool = False) -> None:
+        path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
         raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
-                                  str(path), None)
+                                  str(path), None, exit_code=128 + int(flag.signum))
 
-    def _nonfinite_message(self, step: int) -> str:
+    def _nonfinite_message(self, step: int, what: str = "loss") -> str:
         last = getattr(self, "last_checkpoint", None)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        return (f"The loss became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
+        return (f"The {what} became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
                 f"Try a lower --lr, or --precision bf16/fp32 instead of fp16.")
+
+    def _memory_levers(self) -> dict:
+        """The settings that decide a step's memory, for the out-of-memory message."""
+        return {"step": self.state.step + 1, "packed": self.rt.packed, "max_tokens": self.rt.max_tokens,
+                "batch_size": self.t.batch_size, "max_length": self.cfg.data.max_length,
+                "grad_accum": self.t.grad_accum, "checkpoint_layers": getattr(self.rt, "checkpoint_layers", None)}
 
     # ---- evaluation -------------------------------------------------------------------
     def evaluate(self) -> float | None:

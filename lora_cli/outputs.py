@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from lora_cli import __version__
-from lora_cli.atomic import TMP_PREFIX, umask, disk_error, fsync_dir, write_text
+from lora_cli.atomic import (TMP_PREFIX, fsync_dir, kill_point, remove_stale_temporaries, tmp_prefix, umask,
+                             write_failure, write_text)
 from lora_cli.checkpoint import list_checkpoints
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
@@ -82,6 +83,9 @@ class OutputFolder:
         path = self.path
         if path.exists() and not path.is_dir():
             raise LoraCliError(f"Output {path} exists and is a file, not a folder.")
+        if self.is_main and read_run_config(path) is not None:  # leftovers of a killed run of ours
+            remove_stale_temporaries(path)
+            remove_stale_temporaries(path / "checkpoints")
         entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
         saved = read_run_config(path)
         if resume:
@@ -127,7 +131,9 @@ class OutputFolder:
         return ckpt
 
     def _clear(self) -> None:
-        for entry in self.path.iterdir():
+        """Empty the folder for --overwrite; run_config.yaml goes last, so a clear cut short by a
+        kill leaves a folder still recognised as lora-cli's (and --overwrite works again)."""
+        for entry in sorted(self.path.iterdir(), key=lambda p: p.name == RUN_CONFIG):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -143,10 +149,13 @@ class OutputFolder:
             write_text(self.metrics_path, "")
 
     def write_run_config(self, decisions: dict, finished: bool, extra: dict | None = None, folder: Path | None = None):
+        write_text((folder or self.path) / RUN_CONFIG, self.run_config_text(decisions, finished, extra))
+
+    def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
         data = self.cfg.to_dict()
         data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
                        **decisions, **(extra or {})}
-        write_text((folder or self.path) / RUN_CONFIG, yaml.safe_dump(data, sort_keys=False))
+        return yaml.safe_dump(data, sort_keys=False)
 
     def truncate_metrics(self, lines: int) -> None:
         if not self.is_main:
@@ -164,24 +173,46 @@ class OutputFolder:
             fh.flush()
 
     def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict) -> None:
-        """Stage every final file, then rename them into the folder (the old adapter stays until then)."""
+        """Stage every final file, then rename them into the folder (the old adapter stays until then).
+
+        run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
+        files are renamed leaves the folder marked unfinished, so nothing trusts a mix of old
+        and new files; `--resume` then writes them again from the last checkpoint.
+        """
         if not self.is_main:
             return
         peft_model.peft_config["default"].base_model_name_or_path = self.cfg.model.name
-        staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}final.", dir=self.path))
+        staging = Path(tempfile.mkdtemp(prefix=tmp_prefix("final"), dir=self.path))
+        hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / 'checkpoints'}: "
+                "free some disk space and run the same command with --resume to write the adapter.")
         try:
-            peft_model.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-            (staging / "README.md").unlink(missing_ok=True)
-            write_text(staging / PARAM_SUMMARY, json.dumps(param_summary, indent=2))
-            self.write_run_config(decisions, finished=True, extra={"summary": summary}, folder=staging)
-            mode = 0o666 & ~umask()
-            for item in sorted(staging.iterdir()):
-                if item.is_file():
-                    os.chmod(item, mode)  # safetensors and mkstemp write 0600
-                os.replace(item, self.path / item.name)
-            fsync_dir(self.path)
-        except OSError as exc:
-            raise disk_error(exc, self.path) from exc
+            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary)
+            self._commit(staging)
+        except Exception as exc:
+            failure = write_failure(exc, self.path, hint)
+            if failure is None or failure is exc:
+                raise
+            raise failure from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary) -> None:
+        peft_model.save_pretrained(str(staging), safe_serialization=True)
+        kill_point("adapter:staged")
+        tokenizer.save_pretrained(str(staging))
+        (staging / "README.md").unlink(missing_ok=True)
+        (staging / PARAM_SUMMARY).write_text(json.dumps(param_summary, indent=2), encoding="utf-8")
+        text = self.run_config_text(decisions, finished=True, extra={"summary": summary})
+        (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
+
+    def _commit(self, staging: Path) -> None:
+        mode = 0o666 & ~umask()
+        for n, item in enumerate(sorted(staging.iterdir(), key=lambda p: (p.name == RUN_CONFIG, p.name))):
+            if item.is_file():
+                os.chmod(item, mode)  # safetensors and mkstemp write 0600
+                with open(item, "rb") as fh:  # on disk before its name is: a power cut leaves no empty file
+                    os.fsync(fh.fileno())
+            os.replace(item, self.path / item.name)
+            if n == 0:
+                kill_point("adapter:renaming")
+        fsync_dir(self.path)

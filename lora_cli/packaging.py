@@ -11,10 +11,13 @@ import json
 import time
 import zipfile
 from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
+import yaml
+
 from lora_cli import __version__
-from lora_cli.atomic import TMP_PREFIX, atomic_path
+from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries
 from lora_cli.errors import LoraCliError
 
 MANIFEST = "MANIFEST.json"
@@ -51,6 +54,7 @@ def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
     folder, dest = Path(folder), Path(dest)
     if not folder.is_dir():
         raise LoraCliError(f"Adapter folder {folder} does not exist.")
+    refuse_unfinished(folder)
     if not (folder / "adapter_config.json").is_file() or not any(folder.glob("adapter_model.*")):
         raise LoraCliError(f"{folder} is not a finished adapter folder (no adapter_config.json and adapter weights).",
                            "Train first: lora-cli train.")
@@ -58,18 +62,41 @@ def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
         raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
     if dest.resolve().is_relative_to(folder.resolve()):
         raise LoraCliError(f"The zip {dest} cannot be written inside the folder it packs ({folder}).")
+    remove_stale_temporaries(dest.resolve().parent)  # zips of killed runs
     files = adapter_files(folder)
     manifest = {
         "lora_cli_version": __version__, "base_model": base_model_of(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
     }
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, hint=f"Nothing was replaced{' (the previous ' + dest.name + ' is intact)' if dest.exists() else ''}. "
+                          "Free some disk space and run the command again.") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for p in files:
+            for n, p in enumerate(files):
                 zf.write(p, p.relative_to(folder).as_posix())
+                if n == 0:
+                    kill_point("zip:partial")
             zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def refuse_unfinished(folder: Path) -> None:
+    """An adapter folder whose training started but did not finish may hold a mix of files from
+    two runs (or none of the new one): lora-cli train marks it `finished: false` until its last
+    rename. A folder without run_config.yaml (a peft adapter from elsewhere) is taken as it is."""
+    path = folder / "run_config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        finished = saved["run"]["finished"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        finished = None
+    if finished is not True:
+        raise LoraCliError(
+            f"{folder} holds a training run that has not finished: its adapter files may be missing, partly "
+            "written by this run, or from an earlier one.",
+            "Finish it with the same lora-cli train command plus --resume, then package again.")
 
 
 @dataclass
@@ -112,6 +139,8 @@ def verify(path: str | Path) -> Verification:
         present = set(names) - {MANIFEST}
         result.missing = sorted(set(listed) - present)
         result.extra = sorted(present - set(listed))
+        # a name stored twice: only one copy was hashed, but an unpacker may write either
+        result.extra += sorted(f"{n} (stored {k} times)" for n, k in Counter(names).items() if k > 1)
         for name in sorted(present & set(listed)):
             h = hashlib.sha256()
             with zf.open(name) as fh:

@@ -14,21 +14,26 @@ from lora_cli.options import (TRAIN, AlphaOpt, CacheOpt, ConfigOpt, DropOpt, Eos
                               UpcastOpt, ValFileOpt, data_flags, lora_flags)
 
 Opt = typer.Option
+# Flags that say where a run starts; the resume command replaces them with --resume.
+START_FLAGS = ("--resume", "--overwrite")
+START_OPTIONS = ("--resume-from",)
 
 
-def oom_message(exc: BaseException) -> str:
-    used = ""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30
-            used = f" The run had allocated up to {peak:.1f} GiB of the GPU's {total:.1f} GiB."
-    except Exception:
-        pass
-    return ("Out of memory." + used + " Lower it with: --max-tokens (packed tokens per micro-batch), "
-            "--batch-size (padded batches), --max-length, or --set train.gradient_checkpointing=on.")
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run from its latest checkpoint: the same flags, with
+    --resume in place of --overwrite / --resume / --resume-from PATH (which would go back to the
+    older checkpoint)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in START_FLAGS or any(arg.startswith(o + "=") for o in START_OPTIONS):
+            continue
+        elif arg in START_OPTIONS:
+            skip = True
+        else:
+            kept.append(arg)
+    return shlex.join(["lora-cli", *kept, "--resume"])
 
 
 def train(
@@ -109,8 +114,7 @@ def train(
         result = run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
                               reporter=reporter)
     except TrainingInterrupted as exc:
-        argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-        exc.resume_command = shlex.join(["lora-cli", *argv, "--resume"])
+        exc.resume_command = resume_command(sys.argv[1:])
         raise
     d = result.decisions
     first = f"{result.first_loss:.4f}" if result.first_loss is not None else "-"
