@@ -52,6 +52,19 @@ def from_jsonl(path: str, max_length: int = 512, vocab: int = 32000) -> list[dic
     return out
 
 
+def from_jsonl_with_tokenizer(path: str, model_dir: str, max_length: int = 512) -> list[dict]:
+    """A real JSONL through the model's own tokenizer and lora-cli's template (for local models)."""
+    from lora_cli.records import iter_examples
+    from lora_cli.templates import get_template
+    from lora_cli.tokenization import LabelPolicy, encode_batch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = encode_batch(list(iter_examples(path)), tokenizer, get_template("alpaca"), LabelPolicy(max_length))
+    return [{"input_ids": e.input_ids, "prompt_len": next((i for i, t in enumerate(e.labels) if t != -100), 0)}
+            for e in encoded]
+
+
 def stats(examples: list[dict]) -> dict:
     lens = np.array([len(e["input_ids"]) for e in examples])
     return {"n": int(lens.size), "mean": float(lens.mean()), "p50": float(np.median(lens)),

@@ -25,15 +25,15 @@ def _sync():
 class _PadCollator:
     """The recipe's collator: right-pad to the batch max, labels = input_ids with pad -> -100."""
 
-    def __init__(self):
-        self.log = []
+    def __init__(self, pad_id: int = PAD_ID):
+        self.log, self.pad_id = [], pad_id
 
     def __call__(self, feats):
         import torch
 
         lens = [len(f["input_ids"]) for f in feats]
         width = max(lens)
-        ids = torch.full((len(feats), width), PAD_ID, dtype=torch.long)
+        ids = torch.full((len(feats), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(feats), width), dtype=torch.long)
         for i, f in enumerate(feats):
             ids[i, : lens[i]] = torch.as_tensor(f["input_ids"])
@@ -49,13 +49,15 @@ def run_reference(model_dir: str, examples: list[dict], warmup: int, steps: int)
     from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16))
+    cuda = torch.cuda.is_available()  # on a CPU, fp16 does not apply: the recipe runs in fp32 there
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": 0 if cuda else "cpu"},
+                                                 quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16 if cuda else torch.float32))
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
                                              task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
-    collator = _PadCollator()
+    collator = _PadCollator(model.config.pad_token_id if model.config.pad_token_id is not None else PAD_ID)
     times, losses = [], []
 
     class Timer(TrainerCallback):
@@ -75,10 +77,12 @@ def run_reference(model_dir: str, examples: list[dict], warmup: int, steps: int)
             return {"input_ids": examples[i]["input_ids"]}
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             learning_rate=2e-4, fp16=True, logging_steps=1, max_steps=warmup + steps,
+                             learning_rate=2e-4, fp16=cuda, use_cpu=not cuda, logging_steps=1,
+                             max_steps=warmup + steps,
                              save_strategy="no", report_to=[], optim="adamw_torch", remove_unused_columns=False,
                              dataloader_num_workers=0, seed=42, logging_nan_inf_filter=False, disable_tqdm=True)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     _sync()
     t0 = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collator, callbacks=[Timer()]).train()
@@ -125,8 +129,10 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     Batcher.collate = counting_collate
     reporter = _TimingReporter(times, log)
 
+    pad = json.load(open(f"{model_dir}/config.json")).get("pad_token_id")
+
     class _Tok:
-        pad_token_id = PAD_ID
+        pad_token_id = PAD_ID if pad is None else pad
 
         def save_pretrained(self, folder):
             pass

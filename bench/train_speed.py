@@ -88,7 +88,7 @@ def mfu(r: dict, arch: dict, data_stats: dict) -> float:
     n = layers * per_layer + vocab * d
     n_lora = layers * 16 * (d + d) + layers * 16 * (d + kv * head_dim)
     flops = (4 * n + 6 * n_lora) * r["real_tokens"] + 6 * d * layers * data_stats["sum_sq_per_token"] * r["real_tokens"]
-    return flops / r["seconds"] / PEAK_FLOPS if r["seconds"] else 0.0
+    return flops / r["seconds"] / (PEAK_FLOPS * r.get("gpus", 1)) if r["seconds"] else 0.0
 
 
 def table(results: list[dict], arch: dict, data_stats: dict) -> str:
@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/lora-cli-bench")
     ap.add_argument("--out", default=None, help="results JSONL (default: WORK/results.jsonl)")
     ap.add_argument("--tiny", action="store_true", help="2-layer model: a CPU dry run of the harness")
+    ap.add_argument("--model", help="an existing model folder (or 'smollm2-135m') instead of a random one; "
+                                    "with --data FILE its own tokenizer is used")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
@@ -173,9 +175,19 @@ def main() -> None:
     out = Path(args.out or work / "results.jsonl")
     model_dir = work / ("model-tiny" if args.tiny else "model")
     t0 = time.time()
-    build_model(Path(args.config), model_dir, args.tiny)
+    if args.model:
+        from lora_cli.modeling import resolve_model
+
+        model_dir = resolve_model(args.model).path
+    else:
+        build_model(Path(args.config), model_dir, args.tiny)
     print(f"model ready in {time.time() - t0:.1f} s: {model_dir}", flush=True)
-    examples = speed_data.synthetic(args.n) if args.data == "synthetic" else speed_data.from_jsonl(args.data)
+    if args.data == "synthetic":
+        examples = speed_data.synthetic(args.n)
+    elif args.model:
+        examples = speed_data.from_jsonl_with_tokenizer(args.data, str(model_dir))
+    else:
+        examples = speed_data.from_jsonl(args.data)
     data_file = work / "examples.json"
     data_file.write_text(json.dumps(examples))
     data_stats = speed_data.stats(examples)
