@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_cli.duplicates import DuplicateFinder
-from lora_cli.records import Example, Issue, ScanStats, iter_examples
+from lora_cli.records import Example, Issue, ScanStats, apply_or_reject, iter_examples
 
 MAX_KEPT_ISSUES = 1000  # kept for --json; the terminal stream shows every one
 
@@ -121,9 +121,16 @@ def validate_file(
         if on_issue is not None:
             on_issue(issue)
 
+    rejected = 0
+
     def flush() -> None:
+        nonlocal rejected
         if pending and token_lengths is not None:
-            tokens.update(token_lengths(pending))
+            lengths, refused = apply_or_reject(pending, token_lengths, str(path))
+            tokens.update(lengths)
+            for issue in refused:  # valid JSON the template cannot render: an error of that line
+                keep(issue)
+            rejected += len(refused)
         pending.clear()
 
     try:
@@ -142,7 +149,8 @@ def validate_file(
             report.warnings += 1
     finally:
         finder.close()
-    report.records, report.valid, report.chat, report.errors = stats.records, stats.valid, stats.chat, stats.errors
+    report.records, report.valid, report.chat = stats.records, stats.valid - rejected, stats.chat
+    report.errors = stats.errors + rejected
     report.chars = LengthStats.from_counts(chars, "chars")
     if token_lengths is not None:
         report.tokens = LengthStats.from_counts(tokens, "tokens")

@@ -19,7 +19,7 @@ from pathlib import Path
 from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, write_text
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.progress import NULL_REPORTER, Reporter
-from lora_cli.records import Issue, ScanStats, iter_examples
+from lora_cli.records import Issue, ScanStats, apply_or_reject, iter_examples
 from lora_cli.tokenization import LabelPolicy, encode_batch
 
 FORMAT_VERSION = 1
@@ -83,12 +83,17 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
+    rejected = []
 
     def on_issue(issue: Issue) -> None:
         issues.append(issue)
 
     def flush():
-        for enc in encode_batch(pending, tokenizer, template, policy):
+        encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
+                                           str(path))
+        issues.extend(refused)
+        rejected.extend(refused)
+        for enc in encoded:
             counters["truncated"] += int(enc.truncated)
             if enc.n_targets == 0:
                 counters["no_target"] += 1
@@ -110,7 +115,7 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
             kill_point("tokenize:rows")
     if not (issues and not skip_invalid):
         yield from flush()
-    counters["records"], counters["invalid"] = stats.records, stats.invalid
+    counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
 
 
 def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, template, policy: LabelPolicy,

@@ -174,6 +174,9 @@ def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list
     except RecursionError:
         issue("", "invalid JSON: nested too deeply")
         return None, issues
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
+        issue("", f"invalid JSON: {exc}")
+        return None, issues
     if not isinstance(obj, dict):
         issue("", f"expected a JSON object, got {type(obj).__name__}")
         return None, issues
@@ -223,3 +226,29 @@ def iter_examples(path: str | Path, on_issue=None, stats: ScanStats | None = Non
                 on_issue(item)
         if example is not None:
             yield example
+
+
+def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:
+    """`fn(examples)` for a batch; if it fails, retry one record at a time and turn each record it
+    fails on into an Issue, so one bad record never stops the batch with a traceback.
+
+    A model's chat template can refuse records that are valid JSON (many raise "roles must
+    alternate user/assistant"); that is a defect of the record under this template, reported on
+    its line. A LoraCliError is about the setup, not a record, and propagates as it is.
+    """
+    try:
+        return list(fn(examples)), []
+    except LoraCliError:
+        raise
+    except Exception:
+        pass
+    results, issues = [], []
+    for example in examples:
+        try:
+            results.extend(fn([example]))
+        except LoraCliError:
+            raise
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            issues.append(Issue(file, example.line, "", f"the template cannot render this record: {reason}"))
+    return results, issues
