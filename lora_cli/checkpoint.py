@@ -70,7 +70,9 @@ def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict
 
     dest = checkpoint_dir(root) / name
     hint = (f"Training stopped at step {state.step}; the checkpoints already in {checkpoint_dir(root)} are intact. "
-            "Free some disk space and run the same command with --resume.")
+            "Free some disk space and run the same command with --resume." if list_checkpoints(root) else
+            f"Training stopped at step {state.step}, before its first checkpoint. Free some disk space and run the "
+            "same command again.")
     with atomic_dir(dest, replace=True, hint=hint) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
         kill_point("checkpoint:partial")

@@ -26,7 +26,7 @@ def _usage(exc: BaseException) -> str:
     peak = _peak_allocated()
     parts = []
     if "tried" in found:
-        parts.append(f"it tried to allocate {found['tried']} more")
+        parts.append(f"tried to allocate {found['tried']} more")
     if "in_use" in found:
         parts.append(f"with {found['in_use']} already in use")
     elif peak:

@@ -125,7 +125,7 @@ def test_out_of_memory_in_a_step_names_the_memory_and_the_flags_that_lower_it(ti
     assert_message_not_traceback(res)
     text = " ".join(res.output.split())
     assert "Out of GPU memory at step 2" in text
-    assert "tried to allocate 3.50 GiB more, with 78.15 GiB already in use, on a GPU of 79.19 GiB" in text
+    assert "The run tried to allocate 3.50 GiB more, with 78.15 GiB already in use, on a GPU of 79.19 GiB." in text
     for lever in ("--max-tokens 64 (packing budget per micro-batch, now 128)", "--batch-size 2 (now 4)",
                   "--max-length 32 (now 64)", "--set train.gradient_checkpointing=on (gradient checkpointing, now off)",
                   "raise --grad-accum (now 2)"):

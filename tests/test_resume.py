@@ -174,3 +174,14 @@ def test_resume_needs_the_same_settings_except_logging(tiny_model_dir, data_file
     with pytest.raises(LoraCliError, match="not a checkpoint folder"):
         train(cfg, resume=str(tmp_path))
     assert train(cfg.replace({"train.log_every": 3, "train.keep_checkpoints": 1}), resume=True).steps > 2
+
+
+def test_the_printed_resume_command_continues_from_the_latest_checkpoint():
+    from lora_cli.commands.train import resume_command
+
+    argv = ["train", "--model", "my model", "--resume-from", "a/checkpoints/epoch-1", "--overwrite", "-e", "3"]
+    assert resume_command(argv, env={}) == "lora-cli train --model 'my model' -e 3 --resume"
+    assert resume_command(["train", "--resume-from=x", "--resume"], env={}) == "lora-cli train --resume"
+    two_gpus = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # started by --gpus 2, which the workers' argv lacks
+    assert resume_command(["train", "-e", "3"], env=two_gpus) == "lora-cli train -e 3 --gpus 2 --resume"
+    assert resume_command(["train"], env={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) == "lora-cli train --resume"

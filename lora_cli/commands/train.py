@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,10 +20,12 @@ START_FLAGS = ("--resume", "--overwrite")
 START_OPTIONS = ("--resume-from",)
 
 
-def resume_command(argv: list[str]) -> str:
+def resume_command(argv: list[str], env=None) -> str:
     """The command line that continues this run from its latest checkpoint: the same flags, with
     --resume in place of --overwrite / --resume / --resume-from PATH (which would go back to the
-    older checkpoint)."""
+    older checkpoint). A run started with --gpus N runs as N processes whose own argv lacks it
+    (launch.strip_gpus); it is put back, since a checkpoint resumes only on as many processes."""
+    env = os.environ if env is None else env
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -33,6 +36,9 @@ def resume_command(argv: list[str]) -> str:
             skip = True
         else:
             kept.append(arg)
+    world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "1")
+    if world == local and world.isdigit() and int(world) > 1 and not any(a.startswith("--gpus") for a in kept):
+        kept += ["--gpus", world]
     return shlex.join(["lora-cli", *kept, "--resume"])
 
 
