@@ -120,6 +120,7 @@ class TrainingLoop:
     def run(self) -> dict:
         t0 = time.time()
         st = self.state
+        self.module.train()  # from_pretrained leaves eval mode: no LoRA dropout, no checkpointing
         with InterruptFlag(self.reporter) as flag, out_of_memory_as_error(self._memory_levers):
             if self.t.eval_at_start and st.step == 0 and self.val_batcher is not None:
                 self._log_eval(self.evaluate())
@@ -172,7 +173,7 @@ class TrainingLoop:
             mb = self.batcher.collate(mine[i] if live else group[0]).to(rt.device)
             sync = i == slots - 1 or rt.world_size == 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.module):
-                loss, _ = self.module(mb.input_ids, mb.targets, mb.attention_mask, mb.position_ids)
+                loss, _ = self.module(*mb.loss_args())
                 acc.backward(loss * ((1.0 if live else 0.0) * rt.world_size / n_global))
             if live:
                 loss_sum += loss.detach().float()
@@ -284,7 +285,7 @@ class TrainingLoop:
         with torch.no_grad(), self.reporter.stage("Evaluating", total=None, unit="batches") as bar:
             for idx in self.val_batcher.plan(0, shuffle=False)[rt.rank::rt.world_size]:
                 mb = self.val_batcher.collate(idx).to(rt.device)
-                loss, n = self.module(mb.input_ids, mb.targets, mb.attention_mask, mb.position_ids)
+                loss, n = self.module(*mb.loss_args())
                 total += loss.float()
                 count += n
                 bar.update(1)
