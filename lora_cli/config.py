@@ -135,6 +135,11 @@ class TrainConfig:
         for key in ("weight_decay", "warmup_steps", "max_steps", "save_every_steps", "max_tokens", "max_grad_norm"):
             _check_positive("train", key, getattr(self, key), allow_zero=True)
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
+        if not (0 <= self.seed < 2**63):
+            raise _bad("train", "seed", self.seed, "must be an integer in [0, 2^63)")
+        for key, limit in (("epochs", 100_000), ("max_steps", 10**9), ("save_every_steps", 10**9)):
+            if getattr(self, key) > limit:
+                raise _bad("train", key, getattr(self, key), f"must be at most {limit:,}")
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "batching", self.batching, BATCHINGS)
         onoff = {True: "on", False: "off", "True": "on", "False": "off", "true": "on", "false": "off"}

@@ -31,7 +31,16 @@ def launch_command(n: int, argv: list[str]) -> list[str]:
 
 
 def relaunch_with_accelerate(n: int) -> int:
+    """Run the launcher and wait. Ctrl-C reaches the workers (same process group), which save a
+    checkpoint and exit; this parent must not die first and take the launcher down with it."""
+    import signal
+
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    return subprocess.call(launch_command(n, sys.argv[1:]), env=env)
+    proc = subprocess.Popen(launch_command(n, sys.argv[1:]), env=env)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)

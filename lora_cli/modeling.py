@@ -97,13 +97,20 @@ def _from_hub(repo_id: str, need_weights: bool) -> Path:
     return folder
 
 
+def _load_error(exc: Exception, what: str, path: Path) -> LoraCliError:
+    if "trust_remote_code" in str(exc):
+        return LoraCliError(f"The {what} in {path} needs code from its own repository to load, and lora-cli runs no "
+                            "remote code unless asked.", "Pass --trust-remote-code if you trust where the model comes from.")
+    return LoraCliError(f"Cannot load the {what} from {path}: {exc}")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise LoraCliError(f"Cannot load the tokenizer from {path}: {exc}") from None
+        raise _load_error(exc, "tokenizer", path) from None
     if not getattr(tokenizer, "is_fast", False):
         raise LoraCliError(f"The tokenizer in {path} is not a fast tokenizer; lora-cli needs one (tokenizer.json).")
     if tokenizer.eos_token_id is None:
@@ -161,7 +168,7 @@ def load_model(path: Path, quantization: str, precision: str, device, trust_remo
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise LoraCliError(f"Cannot load the model from {path}: {exc}") from None
+        raise _load_error(exc, "model", path) from None
     if quantization != "nf4":
         model.to(device)
     model.config.use_cache = False

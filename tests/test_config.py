@@ -64,3 +64,9 @@ def test_fingerprint_ignores_output_but_not_settings():
     a = RunConfig()
     assert a.fingerprint() == a.replace({"output.dir": "elsewhere"}).fingerprint()
     assert a.fingerprint() != a.replace({"train.lr": 1e-3}).fingerprint()
+
+
+@pytest.mark.parametrize("override", [{"train.seed": 2**70}, {"train.seed": -1}, {"train.epochs": 10**30}])
+def test_out_of_range_numbers_are_config_errors(override):
+    with pytest.raises(LoraCliError, match="must be"):
+        RunConfig().replace(override)

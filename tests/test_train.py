@@ -115,3 +115,27 @@ def test_cli_train_errors_are_messages(tiny_model_dir, data_files, tmp_path):
     res = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--train", str(train_f), "--target-modules",
                               "nonexistent_proj", "--precision", "fp32"])
     assert res.exit_code == 1 and "target" in res.output.lower() and "Traceback" not in res.output
+
+
+def test_training_steps_run_in_train_mode_even_without_an_evaluation(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    """from_pretrained leaves eval mode: without model.train() LoRA dropout and checkpointing silently stay off."""
+    from lora_cli import loss
+
+    seen = []
+    original = loss.make_loss_module
+
+    def spy(*args, **kwargs):
+        module = original(*args, **kwargs)
+        forward = module.forward
+
+        def recording(*a, **k):
+            seen.append(module.training and module.model.training)
+            return forward(*a, **k)
+
+        module.forward = recording
+        return module
+
+    monkeypatch.setattr(loss, "make_loss_module", spy)
+    train_f, _ = data_files
+    train(tiny_config(tiny_model_dir, train_f, None, tmp_path / "t", epochs=1, max_steps=2, max_tokens=128))
+    assert seen and all(seen)
