@@ -129,7 +129,7 @@ def test_training_steps_run_in_train_mode_even_without_an_evaluation(tiny_model_
         forward = module.forward
 
         def recording(*a, **k):
-            seen.append(module.training and module.model.training)
+            seen.append(all(m.training for m in module.modules()))
             return forward(*a, **k)
 
         module.forward = recording
