@@ -19,7 +19,7 @@ from pathlib import Path
 from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, write_text
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.progress import NULL_REPORTER, Reporter
-from lora_cli.records import Issue, ScanStats, apply_or_reject, iter_examples
+from lora_cli.records import open_data_file, Issue, ScanStats, apply_or_reject, iter_examples
 from lora_cli.tokenization import LabelPolicy, encode_batch
 
 FORMAT_VERSION = 1
@@ -33,17 +33,13 @@ TOKENIZER_FILES = (
 def file_digest(path: Path) -> tuple[str, int]:
     """(sha256 of the bytes, number of lines)."""
     h, lines = hashlib.sha256(), 0
-    try:
-        with open(path, "rb") as fh:
+    with open_data_file(path) as fh:
+        try:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
                 lines += chunk.count(b"\n")
-    except FileNotFoundError:
-        raise LoraCliError(f"Data file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise LoraCliError(f"Data file {path} is a folder, not a JSONL file.") from None
-    except OSError as exc:
-        raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+        except OSError as exc:
+            raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
     return h.hexdigest(), lines
 
 

@@ -66,18 +66,22 @@ class Example:
         return len(self.instruction) + len(self.input) + len(self.output)
 
 
-def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped."""
+def open_data_file(path: str | Path):
+    """The data file opened for binary reading, or a message saying why it cannot be."""
     path = Path(path)
     try:
-        fh = open(path, "rb")
+        return open(path, "rb")
     except FileNotFoundError:
         raise LoraCliError(f"Data file {path} does not exist.") from None
     except IsADirectoryError:
         raise LoraCliError(f"Data file {path} is a folder, not a JSONL file.") from None
     except OSError as exc:
         raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
-    with fh:
+
+
+def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped."""
+    with open_data_file(path) as fh:
         for number, raw in enumerate(fh, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]

@@ -113,6 +113,17 @@ def _isolated(tmp_path, monkeypatch, request):
         monkeypatch.setenv("LORA_CLI_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch: the same numbers on any machine, and no thread contention on 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded_home(tmp_path_factory) -> Path:
     """A lora-cli home where the embedded model is converted once per test session."""

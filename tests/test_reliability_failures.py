@@ -23,12 +23,7 @@ runner = CliRunner()
 NO_SPACE = "No space left on the device"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(model_dir, data_files, out, *extra):

@@ -22,12 +22,7 @@ from lora_cli.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Payload:
@@ -99,7 +94,7 @@ def test_remote_code_runs_only_with_trust_remote_code(tiny_model_dir, data_files
     marker = tmp_path / "ran"
     monkeypatch.setenv("EVIL_MARKER", str(marker))
     res = invoke(*train_args(model, data_files, tmp_path / "out"))
-    assert res.exit_code == 1 and "trust_remote_code" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "--trust-remote-code" in res.output and "Traceback" not in res.output
     assert not marker.exists()
     # the same folder with the flag: the code does run (so the refusal above was the default at work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),

@@ -20,13 +20,7 @@ from lora_cli.errors import LoraCliError, TrainingInterrupted
 from lora_cli.training import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch: the same numbers on any machine, and no thread contention on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Crash(Exception):
