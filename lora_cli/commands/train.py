@@ -66,6 +66,16 @@ def train(
                                            help="packed (token budget, no padding), padded (the seed's), auto.")] = None,
     max_tokens: Annotated[Optional[int], Opt("--max-tokens", rich_help_panel=TRAIN,
                                              help="Tokens per packed micro-batch (0: automatic).")] = None,
+    pack_length: Annotated[Optional[int], Opt("--pack-length", rich_help_panel=TRAIN,
+                                              help="Tokens per packed row (0: automatic, 1024 on a GPU).")] = None,
+    gradient_checkpointing: Annotated[Optional[str], Opt(
+        "--gradient-checkpointing", rich_help_panel=TRAIN,
+        help="auto (as many layers as the memory budget needs), on, off, or a number of layers.")] = None,
+    memory_budget_gib: Annotated[Optional[float], Opt(
+        "--memory-budget-gib", rich_help_panel=TRAIN,
+        help="GPU memory the automatic settings plan for (0: min(24 GiB, 90% of the GPU)).")] = None,
+    compile_layers: Annotated[Optional[str], Opt("--compile", rich_help_panel=TRAIN,
+                                                 help="torch.compile the decoder layers: auto (on a GPU), on, off.")] = None,
     seed: Annotated[Optional[int], Opt("--seed", rich_help_panel=TRAIN, help="[default: 42]")] = None,
     log_every: Annotated[Optional[int], Opt("--log-every", rich_help_panel=TRAIN, help="[default: 10]")] = None,
     save_every_steps: Annotated[Optional[int], Opt("--save-every-steps", rich_help_panel=TRAIN,
@@ -110,7 +120,9 @@ def train(
         "train.epochs": epochs, "train.max_steps": max_steps, "train.batch_size": batch_size,
         "train.eval_batch_size": eval_batch_size, "train.grad_accum": grad_accum, "train.lr": lr,
         "train.weight_decay": weight_decay, "train.warmup_steps": warmup_steps, "train.scheduler": scheduler,
-        "train.precision": precision, "train.batching": batching, "train.max_tokens": max_tokens, "train.seed": seed,
+        "train.precision": precision, "train.batching": batching, "train.max_tokens": max_tokens, "train.pack_length": pack_length,
+        "train.gradient_checkpointing": gradient_checkpointing, "train.memory_budget_gib": memory_budget_gib,
+        "train.compile": compile_layers, "train.seed": seed,
         "train.log_every": log_every, "train.save_every_steps": save_every_steps,
         "train.keep_checkpoints": keep_checkpoints, "train.device": device,
     })
