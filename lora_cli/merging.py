@@ -12,6 +12,7 @@ when complete, so an interrupted merge never leaves a half-written model that lo
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
 
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
-    from lora_cli.atomic import atomic_dir
+    from lora_cli.atomic import atomic_dir, umask
     from lora_cli.inference import attach_adapter
     from lora_cli.modeling import load_tokenizer, quiet_libraries, resolve_model
 
@@ -94,6 +95,9 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
             "lora": info.lora, "template": info.template, "lora_cli_version": __version__}, indent=2))
+        mode = 0o666 & ~umask()
+        for item in tmp.iterdir():
+            os.chmod(item, mode)  # safetensors writes 0600; a model folder is meant to be shared
     files = sorted(p.name for p in output.iterdir())
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
     return MergeResult(str(output), info.base_model, dtype, base_weights, files, size, round(time.time() - t0, 2))

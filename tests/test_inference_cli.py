@@ -148,3 +148,21 @@ def test_the_new_commands_have_help():
     for cmd in ("generate", "chat", "eval", "merge"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output and "--adapter" in res.output
+
+
+def test_ctrl_c_during_an_answer_drops_that_turn_only(adapter, monkeypatch):
+    import lora_cli.inference as inference
+
+    real, calls, prompts = inference.generate, [], []
+
+    def interrupted_once(loaded, batch, *a, **k):
+        calls.append(1)
+        prompts.append(loaded.tokenizer.decode(batch[0]))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(loaded, batch, *a, **k)
+
+    monkeypatch.setattr(inference, "generate", interrupted_once)
+    res = ok("chat", "-a", adapter, "-n", "8", input="red house\nblue city\n/exit\n")
+    assert "answer interrupted" in res.output and len(calls) == 2
+    assert "red house" not in prompts[1] and "blue city" in prompts[1]  # the interrupted turn left no trace

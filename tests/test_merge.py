@@ -63,6 +63,7 @@ def test_fp32_merge_reproduces_base_plus_adapter(fp32_adapter, tmp_path):
     assert (reference - base).abs().max() > 1.0  # the adapter matters, so a match means it was merged
     assert torch.allclose(merged, reference, atol=1e-4, rtol=1e-4)
     assert {"model.safetensors", "config.json", "tokenizer.json", "merge_info.json"} <= set(result.files)
+    assert (tmp_path / "merged" / "model.safetensors").stat().st_mode & 0o044  # readable by others, as any file
     info = json.loads((tmp_path / "merged" / "merge_info.json").read_text())
     assert info["dtype"] == "fp32" and info["base_weights"] == "original" and info["template"] == "alpaca"
 

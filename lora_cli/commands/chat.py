@@ -3,11 +3,13 @@
 Each turn is prompted through `encode_prompt` with the whole history, rendered as training
 renders multi-turn records, and streamed as it is produced. The oldest turns are dropped
 when the history no longer fits the model's context. `/exit` or Ctrl-D leaves, `/reset`
-starts over.
+starts over, Ctrl-C during an answer stops that answer only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,7 +47,11 @@ def fit_history(loaded, history: list[dict], max_new_tokens: int) -> tuple[list[
 
 
 def _read_line() -> str | None:
-    """One line from the user, or None at end of input (Ctrl-D)."""
+    """One line from the user, or None at end of input (Ctrl-D). In a terminal, readline gives
+    line editing and history; Ctrl-C at the prompt leaves like any interrupted program."""
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
     try:
         return input(USER_PROMPT)
     except EOFError:
@@ -78,8 +84,14 @@ def chat_loop(loaded, params, system: str | None) -> int:
         ids, dropped = fit_history(loaded, history, params.max_new_tokens)
         if dropped:
             err.print(f"(dropped the {dropped} oldest exchange(s) to fit the context)", markup=False)
-        answer = generate(loaded, [ids], params,
-                          on_text=lambda piece: out.print(piece, end="", markup=False, highlight=False, soft_wrap=True))[0]
+        try:
+            answer = generate(loaded, [ids], params, on_text=lambda piece: out.print(
+                piece, end="", markup=False, highlight=False, soft_wrap=True))[0]
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+            out.print()
+            err.print("(answer interrupted and left out of the history)", markup=False)
+            history.pop()
+            continue
         out.print()
         if not answer.stopped:
             err.print(f"(cut at --max-new-tokens {params.max_new_tokens}: no eos)", markup=False)

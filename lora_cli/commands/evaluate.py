@@ -16,6 +16,11 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _shorten(text: str, limit: int = 300) -> str:
+    """Long (often looping) answers are cut in the table; --json keeps every character."""
+    return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
+
+
 def print_result(result, show: int) -> None:
     from lora_cli.commands.inference_options import plain_table
     from lora_cli.render import out
@@ -30,7 +35,8 @@ def print_result(result, show: int) -> None:
         rows.append(["truncated at max length", result.truncated])
     out.print(plain_table(f"eval: {result.model} on {result.data}", ["metric", "value"], rows))
     if show and result.answers:
-        body = [[a["line"], a["prompt"], a["answer"], "yes" if a["stopped"] else "no"] for a in result.answers[:show]]
+        body = [[a["line"], a["prompt"], _shorten(a["answer"]), "yes" if a["stopped"] else "no"]
+                for a in result.answers[:show]]
         out.print(plain_table(f"First {min(show, len(result.answers))} answers (greedy)",
                               ["line", "prompt", "answer", "eos"], body))
 

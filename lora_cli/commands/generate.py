@@ -62,8 +62,10 @@ def _print_table(rows: list[dict], compare: bool, title: str) -> None:
     from lora_cli.render import out
 
     if compare:
-        body = [[r.get("line", ""), _prompt_text(r), r["base_answer"], r["answer"]] for r in rows]
-        out.print(plain_table(title, ["line", "prompt", "base model", "adapter"], body))
+        yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
+        body = [[r.get("line", ""), _prompt_text(r), r["base_answer"], r["answer"],
+                 f"{yes_no(r['base_stopped'])} / {yes_no(r['stopped'])}"] for r in rows]
+        out.print(plain_table(title, ["line", "prompt", "base model", "adapter", "eos (base / adapter)"], body))
         return
     body = [[r.get("line", ""), _prompt_text(r), r["answer"], "yes" if r["stopped"] else "no"] for r in rows]
     out.print(plain_table(title, ["line", "prompt", "answer", "eos"], body))
