@@ -189,4 +189,4 @@ def _result(times: list[float], per_step: list[tuple[int, int]], warmup: int, lo
             "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "losses": losses}
+            "losses": losses, "step_seconds": [round(d, 4) for d in durations]}

@@ -52,6 +52,7 @@ VARIANTS = {
     "all-labels": {"data.train_on_prompt": True},
     "dp": {"lora.dropout": 0.0},  # data-parallel scaling runs: name@N runs on N GPUs
     "dp-accum4": {"lora.dropout": 0.0, "train.grad_accum": 4},  # 1 GPU with the global batch of dp@2
+    "fsdp": {"lora.dropout": 0.0},  # fsdp@N: the 4-bit base sharded over N GPUs (QLoRA + FSDP, lora_cli/sharding.py)
     "seed-like": {"train.batching": "padded", "train.precision": "fp16", "model.upcast": "fp32",
                   "train.gradient_checkpointing": "on", "train.fused_loss": False},
 }
@@ -207,7 +208,10 @@ def main() -> None:
             continue
         worker_args = [__file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
                        "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
-        launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        from lora_cli.sharding import LAUNCH_FLAGS
+
+        mode = LAUNCH_FLAGS if name == "fsdp" else ["--multi_gpu"]
+        launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "accelerate.commands.launch", *mode,
                                                       "--num_processes", str(gpus), "--mixed_precision", "no",
                                                       "--dynamo_backend", "no"]
         before = out.read_text().count("\n") if out.exists() else 0

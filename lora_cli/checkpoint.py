@@ -64,7 +64,8 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, fh)
 
 
-def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer_state: dict, scheduler,
+                    keep: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -76,7 +77,7 @@ def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict
     with atomic_dir(dest, replace=True, hint=hint) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
         kill_point("checkpoint:partial")
-        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():

@@ -20,10 +20,10 @@ from lora_cli.errors import LoraCliError, NonFiniteLoss, TrainingInterrupted
 from lora_cli.oom import out_of_memory_as_error
 
 
-def make_optimizer(model, t, rt):
+def make_optimizer(params, t, rt):
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     if not params:
         raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
     return torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay,
@@ -91,23 +91,48 @@ class TrainingLoop:
         return math.ceil(len(self.plan(epoch)) / self.group)
 
     # ---- setup ------------------------------------------------------------------------
-    def bind(self, optimizer, scheduler) -> None:
+    def bind(self, make_optimizer, make_scheduler) -> None:
+        """Wrap the training module (DDP, FSDP or nothing), then build the optimizer over the
+        wrapped module's parameters: FSDP replaces them with flat shards."""
         from lora_cli.loss import make_loss_module
 
-        self.optimizer, self.scheduler = optimizer, scheduler
-        module = make_loss_module(self.model, self.t.fused_loss)
-        self.module, self.optimizer = self.rt.accelerator.prepare(module, optimizer)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        acc = self.rt.accelerator
+        if self.rt.fsdp:
+            from lora_cli import sharding
 
-    def restore(self, checkpoint) -> None:
+            sharding.configure(acc, self.model, self.rt.precision)
+            self._adapter_names = sharding.adapter_names(self.model)
+        self.module = acc.prepare(make_loss_module(self.model, self.t.fused_loss))
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(self.trainable)
+        self.scheduler = make_scheduler(optimizer)
+        self.optimizer = acc.prepare(optimizer)
+
+    def load(self, checkpoint) -> tuple:
+        """Read a checkpoint and put its adapter weights into the model (before bind: FSDP shards them)."""
         from peft import set_peft_model_state_dict
 
-        state, adapter, optim, sched, rng = load_checkpoint(checkpoint)
+        loaded = load_checkpoint(checkpoint)
+        state, adapter = loaded[0], loaded[1]
         if state.world_size != self.rt.world_size:
             raise LoraCliError(f"Checkpoint {checkpoint} was made with {state.world_size} process(es); "
                                f"resume with the same number (now {self.rt.world_size}).")
-        set_peft_model_state_dict(self.model, {k: v.to(self.rt.device) for k, v in adapter.items()})
-        self.optimizer.load_state_dict(optim)
+        if bool(state.extra.get("fsdp")) != self.rt.fsdp:
+            how = "with FSDP" if state.extra.get("fsdp") else "without FSDP"
+            raise LoraCliError(f"Checkpoint {checkpoint} was made {how}; resume it the same way.")
+        device = "cpu" if self.rt.fsdp else self.rt.device  # under FSDP the model waits on the CPU
+        set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in adapter.items()})
+        return loaded
+
+    def restore(self, loaded) -> None:
+        """Optimizer, schedule, RNG and loop position of a checkpoint read by `load` (after bind)."""
+        state, _, optim, sched, rng = loaded
+        if self.rt.fsdp:
+            from lora_cli import sharding
+
+            sharding.load_optimizer(self.module, self.optimizer, optim)
+        else:
+            self.optimizer.load_state_dict(optim)
         self.scheduler.load_state_dict(sched)
         restore_rng(rng)
         self.state = state
@@ -186,7 +211,7 @@ class TrainingLoop:
         flag.set = flag.set or interrupted > 0
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(self._nonfinite_message(st.step + 1))
-        grad_norm = acc.clip_grad_norm_(self.trainable, self.t.max_grad_norm) if self.t.max_grad_norm else None
+        grad_norm = self._clip() if self.t.max_grad_norm else None
         # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
         if grad_norm is not None and rt.precision != "fp16" and not math.isfinite(float(grad_norm)):
             raise NonFiniteLoss(self._nonfinite_message(st.step + 1, "gradient norm"))
@@ -203,6 +228,15 @@ class TrainingLoop:
         st.window_steps += 1
         if st.step % self.t.log_every == 0 or st.step == self.total_steps:
             self._log_train(lr, grad_norm)
+
+    def _clip(self):
+        """Clip by the global gradient norm; under FSDP each process holds a shard of the gradients,
+        and only FSDP's own clip_grad_norm_ sums the norm over all of them."""
+        acc = self.rt.accelerator
+        if self.rt.fsdp:
+            acc.unscale_gradients()  # fp16's loss scale (a no-op otherwise)
+            return self.module.clip_grad_norm_(self.t.max_grad_norm)
+        return acc.clip_grad_norm_(self.trainable, self.t.max_grad_norm)
 
     @property
     def _tok_s(self) -> float | None:
@@ -241,16 +275,29 @@ class TrainingLoop:
             self._log_eval(self.evaluate())
         self._checkpoint(f"step-{st.step}" if partial else f"epoch-{st.epoch}")
 
+    def adapter_state(self) -> tuple[dict | None, dict | None]:
+        """(LoRA tensors, optimizer state) to save. Under FSDP they are gathered from the shards
+        (every process must call this); otherwise (None, None): read them from the model."""
+        if not self.rt.fsdp:
+            return None, None
+        from lora_cli import sharding
+
+        return sharding.gather(self.module, self.optimizer, self._adapter_names)
+
     def _checkpoint(self, name: str):
         from peft import get_peft_model_state_dict
 
         self.rt.accelerator.wait_for_everyone()
         self.state.extra["summary"] = {"first_loss": self.first_loss, "last_loss": self.last_loss,
                                        "eval_losses": self.eval_losses}
+        self.state.extra["fsdp"] = self.rt.fsdp
+        lora, optim = self.adapter_state()
         path = None
         if self.rt.is_main:
-            path = save_checkpoint(self.out.path, name, self.state, get_peft_model_state_dict(self.model),
-                                   self.optimizer, self.scheduler, self.t.keep_checkpoints)
+            adapter = get_peft_model_state_dict(self.model) if lora is None else lora
+            path = save_checkpoint(self.out.path, name, self.state, adapter,
+                                   self.optimizer.state_dict() if optim is None else optim, self.scheduler,
+                                   self.t.keep_checkpoints)
         self.last_checkpoint = path or (self.out.path / "checkpoints" / name)
         self.rt.accelerator.wait_for_everyone()
         return self.last_checkpoint
@@ -282,12 +329,20 @@ class TrainingLoop:
         self.module.eval()
         total = torch.zeros((), device=rt.device)
         count = 0
+        plan = self.val_batcher.plan(0, shuffle=False)
+        mine = plan[rt.rank::rt.world_size]
+        # Every forward of a wrapped model is collective (DDP syncs buffers, FSDP gathers weights): all
+        # processes run as many forwards, the spare ones counting nothing. Otherwise a val set of fewer
+        # micro-batches than processes, or an uneven split, pairs mismatched collectives and hangs.
+        slots = math.ceil(len(plan) / rt.world_size)
         with torch.no_grad(), self.reporter.stage("Evaluating", total=None, unit="batches") as bar:
-            for idx in self.val_batcher.plan(0, shuffle=False)[rt.rank::rt.world_size]:
-                mb = self.val_batcher.collate(idx).to(rt.device)
+            for i in range(slots):
+                live = i < len(mine)
+                mb = self.val_batcher.collate(mine[i] if live else plan[0]).to(rt.device)
                 loss, n = self.module(*mb.loss_args())
-                total += loss.float()
-                count += n
+                if live:
+                    total += loss.float()
+                    count += n
                 bar.update(1)
         self.module.train()
         stats = torch.stack([total, torch.tensor(float(count), device=rt.device)])

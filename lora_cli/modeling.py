@@ -145,8 +145,12 @@ def guard_cpu_4bit(model) -> int:
 
 
 def load_model(path: Path, quantization: str, precision: str, device, trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa"):
-    """The base model on `device`, 4-bit NF4 (compute dtype = precision) or unquantized."""
+               attn_implementation: str = "sdpa", sharded: bool = False):
+    """The base model on `device`, 4-bit NF4 (compute dtype = precision) or unquantized.
+
+    sharded (FSDP): loaded on the CPU, 4-bit bytes stored as the compute dtype; FSDP moves it
+    to the GPU one unit at a time (see sharding.py).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -160,8 +164,9 @@ def load_model(path: Path, quantization: str, precision: str, device, trust_remo
             raise LoraCliError("4-bit loading needs bitsandbytes, which is not installed.",
                                "pip install bitsandbytes, or pass --quantization none.") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": torch.device(device)}
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
+        kwargs["device_map"] = {"": "cpu" if sharded else torch.device(device)}
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
     else:
         kwargs["dtype"] = dtype if precision != "fp32" else torch.float32
@@ -169,7 +174,7 @@ def load_model(path: Path, quantization: str, precision: str, device, trust_remo
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(exc, "model", path) from None
-    if quantization != "nf4":
+    if quantization != "nf4" and not sharded:
         model.to(device)
     model.config.use_cache = False
     guard_cpu_4bit(model)

@@ -56,6 +56,20 @@ def read_run_config(folder: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
+    """What peft's save_pretrained writes (adapter_config.json, adapter_model.safetensors), for
+    adapter tensors that were gathered rather than read from the model."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.copy(peft_model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
 class OutputFolder:
     def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True):
         self.path = Path(path)
@@ -172,7 +186,8 @@ class OutputFolder:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
 
-    def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict) -> None:
+    def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict,
+               adapter_state: dict | None = None) -> None:
         """Stage every final file, then rename them into the folder (the old adapter stays until then).
 
         run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
@@ -186,7 +201,7 @@ class OutputFolder:
         hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / 'checkpoints'}: "
                 "free some disk space and run the same command with --resume to write the adapter.")
         try:
-            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary)
+            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary, adapter_state)
             self._commit(staging)
         except Exception as exc:
             failure = write_failure(exc, self.path, hint)
@@ -196,8 +211,11 @@ class OutputFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary) -> None:
-        peft_model.save_pretrained(str(staging), safe_serialization=True)
+    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary, adapter_state) -> None:
+        if adapter_state is None:
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+        else:  # gathered from FSDP shards, already under the adapter file's names
+            write_adapter(peft_model, adapter_state, staging)
         kill_point("adapter:staged")
         tokenizer.save_pretrained(str(staging))
         (staging / "README.md").unlink(missing_ok=True)

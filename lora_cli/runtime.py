@@ -30,6 +30,7 @@ class Runtime:
     grad_accum: int = 1
     auto_checkpointing: bool = False  # decide checkpoint_layers from the memory budget once the model is known
     compile: bool = False
+    fsdp: bool = False  # base sharded over the processes (lora_cli/sharding.py) instead of copied
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +44,7 @@ class Runtime:
         return {"device": str(self.device), "precision": self.precision, "batching": "packed" if self.packed else "padded",
                 "max_tokens": self.max_tokens, "pack_length": self.pack_length,
                 "checkpoint_layers": self.checkpoint_layers, "upcast": "fp32" if self.upcast else "none",
-                "compile": self.compile, "world_size": self.world_size,
+                "compile": self.compile, "world_size": self.world_size, "fsdp": self.fsdp,
                 "micro_batches_per_step": self.grad_accum * self.world_size}
 
 
@@ -92,7 +93,14 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     cpu = want == "cpu" or not torch.cuda.is_available()
     device_type = "cpu" if cpu else "cuda"
     precision = resolve_precision(t.precision, device_type)
+    from lora_cli.sharding import check_fsdp_setup, fsdp_requested
+
+    fsdp = fsdp_requested()
+    if fsdp and cpu:
+        check_fsdp_setup(None, on_cuda=False)
     accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision))
+    if fsdp:
+        check_fsdp_setup(accelerator, on_cuda=True)
     packed = t.batching != "padded"
     # 0 = decided from the data (see resolve_max_tokens); a GPU wants large micro-batches
     max_tokens = t.max_tokens or (0 if cpu else GPU_MAX_TOKENS)
@@ -100,10 +108,15 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     gc = t.gradient_checkpointing
     layers = {"on": -1, "off": 0}.get(gc, int(gc) if gc.isdigit() else (0 if cpu else None))
     upcast = {"fp32": True, "none": False}.get(cfg.model.upcast, precision == "fp16")
+    if fsdp and upcast:  # an FSDP unit flattens one dtype: fp32 norms beside 16-bit weights cannot be sharded
+        raise LoraCliError("--upcast fp32 (or fp16, which upcasts by default) cannot be sharded with FSDP.",
+                           "Use --precision bf16 with FSDP, or pass --upcast none.")
+    # compiled layers under FSDP1 are untested here: off unless asked for
+    compile_default = not cpu and not fsdp and _has_triton()
     return Runtime(accelerator, accelerator.device, precision, packed, max_tokens, pack_length,
                    -1 if layers is None else layers, upcast, accelerator.num_processes, accelerator.process_index,
                    grad_accum=t.grad_accum, auto_checkpointing=layers is None,
-                   compile={"on": True, "off": False}.get(t.compile, not cpu and _has_triton()))
+                   compile={"on": True, "off": False}.get(t.compile, compile_default), fsdp=fsdp)
 
 
 def resolve_max_tokens(rt: Runtime, lengths: list[int], batch_size: int) -> int:

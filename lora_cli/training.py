@@ -82,7 +82,7 @@ def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False,
     quant = "4-bit NF4" if cfg.model.quantization == "nf4" else rt.precision
     with reporter.stage(f"Loading {cfg.model.name} ({quant})"):
         model = load_model(data.model_path, cfg.model.quantization, rt.precision, rt.device,
-                           cfg.model.trust_remote_code, cfg.model.attn_implementation)
+                           cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=rt.fsdp)
         resolve_checkpointing(rt, data.model_path, cfg.train.memory_budget_gib, reporter)
         prepare_for_training(model, cfg.model.quantization == "nf4", rt.upcast, rt.checkpoint_layers)
         model = attach_lora(model, cfg.lora)
@@ -103,16 +103,18 @@ def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False,
     loop = TrainingLoop(cfg, rt, model, batcher, val_batcher, out, reporter)
     if loop.total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
-    optimizer = make_optimizer(model, cfg.train, rt)
-    loop.bind(optimizer, make_scheduler(optimizer, cfg.train, loop.total_steps))
+    resumed = loop.load(checkpoint) if checkpoint is not None else None  # adapter weights in before wrapping
+    loop.bind(lambda params: make_optimizer(params, cfg.train, rt),
+              lambda optimizer: make_scheduler(optimizer, cfg.train, loop.total_steps))
 
     # 4. Resume, train, save.
-    if checkpoint is not None:
-        loop.restore(checkpoint)
+    if resumed is not None:
+        loop.restore(resumed)
         reporter.message(f"Resuming from {checkpoint} (step {loop.state.step} of {loop.total_steps}).")
     summary = loop.run()
     summary["tokenize_cache"] = data.cache_keys
-    out.finish(model, data.tokenizer, rt.decisions(), summary, params.to_dict())
+    lora, _ = loop.adapter_state()
+    out.finish(model, data.tokenizer, rt.decisions(), summary, params.to_dict(), adapter_state=lora)
     acc.wait_for_everyone()
     return TrainResult(str(out.path), loop.state.step, summary.get("first_loss"), summary.get("last_loss"),
                        summary.get("eval_losses", []), loop.state.tokens_seen, summary.get("seconds", 0.0),

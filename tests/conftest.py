@@ -22,54 +22,8 @@ os.environ.setdefault("COLUMNS", "160")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WORDS = ("the a capital of france paris japan tokyo add two numbers is and translate word into french house "
-         "water book cat dog red blue green list three colors answer question yes no write python function "
-         "return square number sum one two three four five six seven eight nine ten instruction input response "
-         "summarize text sentence hello world good bad happy sad river mountain city country").split()
 
-
-def _corpus(n: int = 400) -> list[str]:
-    rng = random.Random(0)
-    lines = []
-    for _ in range(n):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))))
-    lines.append("### Instruction:\n### Input:\n### Response:\n")
-    return lines
-
-
-def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   bos_token=None, unk_token=None)
-    fast.chat_template = CHATML
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build_model(folder: Path, vocab_size: int, seed: int = 0, layers: int = 2):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=None)
-    model = Qwen2ForCausalLM(cfg)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
-
+from tiny_models import CHATML, WORDS, build_model, build_tokenizer  # noqa: E402,F401  (used by the tests)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

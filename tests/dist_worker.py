@@ -3,7 +3,11 @@
 Trains the tiny model with lora-cli's recipe, records which process called the writers, and
 saves each process's LoRA weights, so the test can check that only rank 0 wrote and that all
 ranks hold the same adapter.
-usage: accelerate launch --cpu --num_processes 2 tests/dist_worker.py CONFIG.yaml REPORT_DIR
+usage: accelerate launch --cpu --num_processes 2 tests/dist_worker.py CONFIG.yaml REPORT_DIR [fsdp] [resume]
+
+With `fsdp`, the run goes through lora-cli's FSDP path (sharding.py) on the CPU. accelerate
+wraps FSDP only on GPUs, so here its prepare() is replaced by the same FSDP1 wrapping it does
+there (torch's FullyShardedDataParallel, peft's wrap policy, use_orig_params=False).
 """
 
 import json
@@ -14,6 +18,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def shard_on_cpu() -> None:
+    import torch
+    from accelerate import Accelerator
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lora_cli import runtime, sharding
+
+    make_runtime = runtime.make_runtime
+
+    def sharded_runtime(cfg):
+        rt = make_runtime(cfg)
+        rt.fsdp = True
+        return rt
+
+    runtime.make_runtime = sharded_runtime
+    sharding.configure = lambda accelerator, peft_model, precision: None
+    prepare = Accelerator.prepare
+
+    def fsdp_prepare(self, *objs):
+        if len(objs) == 1 and isinstance(objs[0], torch.nn.Module):
+            return FSDP(objs[0], auto_wrap_policy=fsdp_auto_wrap_policy(objs[0].model), device_id=torch.device("cpu"),
+                        use_orig_params=False)
+        return prepare(self, *objs)
+
+    Accelerator.prepare = fsdp_prepare
+
+
 def main() -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -22,6 +54,8 @@ def main() -> None:
     from lora_cli.config import load_config_file
 
     config, report = sys.argv[1], Path(sys.argv[2])
+    if "fsdp" in sys.argv[3:]:
+        shard_on_cpu()
     rank = int(os.environ.get("RANK", "0"))
     calls: list[str] = []
 
@@ -54,7 +88,9 @@ def main() -> None:
     original_finish = outputs.OutputFolder.finish
 
     def finish_and_capture(self, peft_model, *args, **kwargs):
-        captured["weights"] = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        state = kwargs.get("adapter_state")  # gathered from the FSDP shards (rank 0), or None: read the model
+        state = get_peft_model_state_dict(peft_model) if state is None else state
+        captured["weights"] = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         return original_finish(self, peft_model, *args, **kwargs)
 
     outputs.OutputFolder.finish = finish_and_capture
@@ -67,7 +103,8 @@ def main() -> None:
         return original_build(*args, **kwargs)
 
     dataset_cache._build = build_spy
-    result = training.train(load_config_file(config), overwrite=True)
+    resume = "resume" in sys.argv[3:]
+    result = training.train(load_config_file(config), resume=resume, overwrite=not resume)
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
     (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.steps,

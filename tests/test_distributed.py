@@ -44,7 +44,9 @@ def _launch(args: list[str], timeout: int = 240) -> None:
 @pytest.fixture
 def two_process_run(tiny_model_dir, data_files, tmp_path):
     train_f, val_f = data_files
-    cfg = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / "out", epochs=2, max_tokens=128, grad_accum=2)
+    # eval_batch_size 64: the whole val set is one micro-batch, evaluated by one process of two
+    cfg = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / "out", epochs=2, max_tokens=128, grad_accum=2,
+                      eval_batch_size=64)
     cfg = cfg.replace({"lora.dropout": 0.0})
     conf = tmp_path / "run.yaml"
     conf.write_text(cfg.to_yaml())
@@ -112,3 +114,49 @@ def test_gpus_flag_relaunches_through_accelerate(tiny_model_dir, data_files, tmp
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "g" / "run_config.yaml").read_text())
     assert saved["run"]["world_size"] == 2
+
+
+def test_fsdp_path_gives_the_same_adapter_and_resumes_exactly(tiny_model_dir, data_files, tmp_path):
+    """lora-cli's FSDP path (sharding.py), two processes on the CPU: LoRA and optimizer state
+    sharded, gathered to rank 0 for checkpoints and the adapter, scattered back on resume.
+    The adapter equals a single process's with the same global batch; a run killed after its
+    first epoch and resumed ends with the uninterrupted run's adapter."""
+    train_f, val_f = data_files
+    cfg = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / "out", epochs=2, max_tokens=128, grad_accum=2)
+    cfg = cfg.replace({"lora.dropout": 0.0, "model.quantization": "none"})
+    conf = tmp_path / "run.yaml"
+    conf.write_text(cfg.to_yaml())
+    args = ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()), str(WORKER), str(conf)]
+    _launch(args + [str(tmp_path / "report"), "fsdp"])
+    r0 = json.loads((tmp_path / "report" / "rank-0.json").read_text())
+    r1 = json.loads((tmp_path / "report" / "rank-1.json").read_text())
+    assert r1["calls"] == [] and "finish" in r0["calls"] and r0["decisions"]["fsdp"] is True
+    sharded = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+
+    single = train(cfg.replace({"train.grad_accum": 4, "output.dir": str(tmp_path / "single")}))
+    assert single.steps == r0["steps"]
+    alone = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    assert alone.keys() == sharded.keys()
+    assert all((alone[k] - sharded[k]).abs().max().item() < 1e-5 for k in alone)
+    config = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("out", "single")]
+    for c in config:  # peft keeps target_modules as a set: its order differs between processes
+        c["target_modules"] = sorted(c["target_modules"])
+    assert config[0] == config[1]
+
+    # killed (SIGKILL) right after the first step of epoch 2, then --resume from the epoch-1 checkpoint
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    first_epoch = next(r["step"] for r in rows if r["type"] == "eval" and r["step"] > 0)
+    conf2 = tmp_path / "run2.yaml"
+    conf2.write_text(cfg.replace({"output.dir": str(tmp_path / "out2")}).to_yaml())
+
+    def args2():
+        return ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()), str(WORKER), str(conf2)]
+
+    killed = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", *args2(), str(tmp_path / "r2"), "fsdp"],
+                            env=dict(_env(), LORA_CLI_TEST_KILL_AT=f"train:step#{first_epoch + 1}"),
+                            capture_output=True, text=True, timeout=240)
+    assert killed.returncode != 0 and not (tmp_path / "out2" / "adapter_model.safetensors").exists()
+    _launch(args2() + [str(tmp_path / "r3"), "fsdp", "resume"])
+    resumed = load_file(str(tmp_path / "out2" / "adapter_model.safetensors"))
+    assert all((resumed[k] - sharded[k]).abs().max().item() < 1e-6 for k in sharded)

@@ -178,4 +178,6 @@ def test_the_printed_resume_command_continues_from_the_latest_checkpoint():
     assert resume_command(["train", "--resume-from=x", "--resume"], env={}) == "lora-cli train --resume"
     two_gpus = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # started by --gpus 2, which the workers' argv lacks
     assert resume_command(["train", "-e", "3"], env=two_gpus) == "lora-cli train -e 3 --gpus 2 --resume"
+    sharded = dict(two_gpus, ACCELERATE_USE_FSDP="true")
+    assert resume_command(["train", "-e", "3"], env=sharded) == "lora-cli train -e 3 --gpus 2 --fsdp --resume"
     assert resume_command(["train"], env={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) == "lora-cli train --resume"

@@ -39,6 +39,8 @@ def resume_command(argv: list[str], env=None) -> str:
     world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "1")
     if world == local and world.isdigit() and int(world) > 1 and not any(a.startswith("--gpus") for a in kept):
         kept += ["--gpus", world]
+        if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "--fsdp" not in kept:
+            kept.append("--fsdp")
     return shlex.join(["lora-cli", *kept, "--resume"])
 
 
@@ -99,6 +101,8 @@ def train(
     resume_from: Annotated[Optional[Path], Opt("--resume-from", help="Continue from this checkpoint folder.")] = None,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace a different run's adapter folder.")] = False,
     gpus: Annotated[Optional[int], Opt("--gpus", help="Run on N GPUs through accelerate's launcher.")] = None,
+    fsdp: Annotated[bool, Opt("--fsdp", help="With --gpus: shard the 4-bit base over the GPUs (FSDP) instead of "
+                                             "copying it to each, for models too large for one GPU.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -106,7 +110,19 @@ def train(
     if gpus and gpus > 1:
         from lora_cli.launch import relaunch_with_accelerate
 
-        raise typer.Exit(relaunch_with_accelerate(gpus))
+        if fsdp:
+            import torch
+
+            from lora_cli.sharding import check_fsdp_setup
+
+            check_fsdp_setup(None, on_cuda=torch.cuda.is_available())  # before N processes fail the same way
+
+        raise typer.Exit(relaunch_with_accelerate(gpus, fsdp))
+    if fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        from lora_cli.errors import LoraCliError
+
+        raise LoraCliError("--fsdp shards the model over several processes: give it with --gpus N (N >= 2), "
+                           "or start lora-cli with accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml.")
     from lora_cli.config import build_config
     from lora_cli.errors import TrainingInterrupted
     from lora_cli.render import RichReporter, out

@@ -1,0 +1,58 @@
+"""Starting several processes: the launcher command, the FSDP settings, and what fails early."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO
+from lora_cli.cli import app
+from lora_cli.launch import launch_command
+from lora_cli.sharding import LAUNCH_FLAGS
+
+runner = CliRunner()
+
+
+def _pairs(flags: list[str]) -> dict:
+    it = iter(flags)
+    return {a.removeprefix("--"): (next(it) if a != "--use_fsdp" else "true") for a in it}
+
+
+def test_gpus_and_fsdp_become_accelerate_flags_and_leave_the_workers_argv():
+    argv = ["train", "--gpus", "2", "--fsdp", "--epochs", "1", "--gpus=2"]
+    cmd = launch_command(2, argv, fsdp=True)
+    assert cmd[cmd.index("-m", 3) + 1:] == ["lora_cli", "train", "--epochs", "1"]
+    assert "--multi_gpu" not in cmd and cmd[cmd.index("--use_fsdp"):][:len(LAUNCH_FLAGS)] == LAUNCH_FLAGS
+    plain = launch_command(4, ["train", "--gpus", "4"])
+    assert "--multi_gpu" in plain and "--use_fsdp" not in plain and plain[plain.index("--num_processes") + 1] == "4"
+
+
+def test_the_documented_accelerate_config_says_what_the_fsdp_flag_does():
+    conf = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp-qlora.yaml").read_text())
+    assert conf["distributed_type"] == "FSDP"
+    flags = _pairs(LAUNCH_FLAGS)
+    assert flags.pop("use_fsdp") == "true"
+    for key, value in flags.items():
+        assert str(conf["fsdp_config"][key]).lower() == value.lower(), key
+
+
+def test_two_host_config_names_the_main_host():
+    conf = yaml.safe_load((REPO / "configs" / "accelerate" / "two-hosts.yaml").read_text())
+    assert conf["num_machines"] == 2 and conf["machine_rank"] == 0 and conf["main_process_ip"]
+
+
+def test_fsdp_without_gpus_fails_early_and_clearly(tmp_path):
+    res = runner.invoke(app, ["train", "--gpus", "2", "--fsdp", "--train", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 1 and "needs CUDA GPUs" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "--fsdp", "--train", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 1 and "--gpus N" in res.output
+
+
+def test_fsdp_from_an_accelerate_config_on_a_cpu_machine_is_refused(tiny_model_dir, data_files, tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from lora_cli.errors import LoraCliError
+    from lora_cli.runtime import make_runtime
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = tiny_config(tiny_model_dir, *data_files, tmp_path / "out")
+    with pytest.raises(LoraCliError, match="needs CUDA GPUs"):
+        make_runtime(cfg)
