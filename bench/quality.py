@@ -8,7 +8,8 @@ every model), the loss without the eos, and the stop rate (greedy answers that e
 within --max-new-tokens). Every command it runs is printed as it runs; results go to
 <work>/results.json and a table.
 
-    python bench/quality.py                        # 105 steps each (the recipe's 3 epochs at 2 x 2), nf4, fp32
+    python bench/quality.py                        # 105 steps each (the recipe's 3 epochs at 2 x 2 examples;
+                                                   # lora-cli's CPU micro-batches average ~1.6, so ~2.4 passes), nf4, fp32
     python bench/quality.py --steps 35 --work .bench/q35
 
 Reference recipe behaviour: labels on the prompt, no eos, empty Input block kept (alpaca-seed).
