@@ -31,7 +31,7 @@ def launch_command(n: int, argv: list[str], fsdp: bool = False) -> list[str]:
     from lora_cli.sharding import LAUNCH_FLAGS
 
     mode = LAUNCH_FLAGS if fsdp else ["--multi_gpu"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(n),
+    return [sys.executable, "-m", "lora_cli.launch", *mode, "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli",
             *strip_gpus(argv)]
 
@@ -50,3 +50,30 @@ def relaunch_with_accelerate(n: int, fsdp: bool = False) -> int:
         return proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """accelerate's launcher, minus its traceback when a worker fails.
+
+    A worker that stops on bad input has printed its one-line error and exited 1 (130 after
+    Ctrl-C); the launcher would then add torch elastic's ChildFailedError traceback. Here it
+    exits with the worker's own code instead.
+    """
+    import logging
+
+    from accelerate.commands.launch import launch_command as run
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # "worker failed": it said why
+    try:
+        run(launch_command_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+        code = next((c for c in codes if c > 0), None)
+        return code if code is not None else 128 - codes[0]  # killed by a signal: 128 + its number
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(accelerate_launch(sys.argv[1:]))

@@ -33,7 +33,10 @@ def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is
     if not cfg.data.train:
         raise LoraCliError("No training data given.", "Pass --train FILE.jsonl (or data.train in --config).")
     if not is_main:
-        barrier()  # wait until the main process has built the cache; then every entry is a hit
+        try:
+            barrier()  # wait until the main process has built the cache; then every entry is a hit
+        except Exception:  # the main process stopped (bad data, say) and closed the connection
+            raise LoraCliError("Stopped: the main process ended while preparing the data (its message says why).") from None
     resolved = resolve_model(cfg.model.name, reporter)
     tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code)
     template = get_template(cfg.data.template)

@@ -160,3 +160,15 @@ def test_fsdp_path_gives_the_same_adapter_and_resumes_exactly(tiny_model_dir, da
     _launch(args2() + [str(tmp_path / "r3"), "fsdp", "resume"])
     resumed = load_file(str(tmp_path / "out2" / "adapter_model.safetensors"))
     assert all((resumed[k] - sharded[k]).abs().max().item() < 1e-6 for k in sharded)
+
+
+def test_bad_data_on_two_processes_is_one_message_and_no_traceback(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": 3}\n')
+    cmd = [sys.executable, "-m", "lora_cli", "train", "--gpus", "2", "--model", str(tiny_model_dir), "--train",
+           str(bad), "--precision", "fp32", "-o", str(tmp_path / "g"), "--cache-dir", str(tmp_path / "cache")]
+    env = dict(_env(), ACCELERATE_MAIN_PROCESS_PORT=str(_free_port()), LORA_CLI_HOME=str(tmp_path / "home"))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "bad.jsonl:2 [instruction]" in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr + res.stdout and not (tmp_path / "g").exists()
