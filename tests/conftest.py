@@ -23,7 +23,7 @@ os.environ.setdefault("COLUMNS", "160")
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-from tiny_models import CHATML, WORDS, build_model, build_tokenizer  # noqa: E402,F401  (used by the tests)
+from tiny_models import WORDS, build_model, build_tokenizer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
