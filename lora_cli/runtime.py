@@ -6,6 +6,8 @@ is recorded in the saved run config so a run can be reproduced on other hardware
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 from lora_cli.config import RunConfig
@@ -54,7 +56,16 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+CPU_BF16_ENV = "LORA_CLI_CPU_BF16"  # 1/0: take the CPU as having (or lacking) native bf16; unset: detect
+
+
 def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX), which makes bf16 the fastest
+    CPU precision. LORA_CLI_CPU_BF16=1/0 overrides the detection: how the suite runs both ways on
+    any machine."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -82,9 +93,32 @@ def resolve_precision(requested: str, device_type: str) -> str:
     return requested
 
 
-def make_runtime(cfg: RunConfig) -> Runtime:
+def fresh_accelerator(cpu: bool, mixed_precision: str):
+    """An Accelerator for this run, whatever an earlier run in the same process left behind.
+
+    accelerate keeps its state process-wide: a second `Accelerator(mixed_precision=...)` with
+    another precision (or `cpu=True` after a GPU run) raises "AcceleratorState has already been
+    initialized". A notebook, a sweep or the benchmark harness trains several times in one process,
+    so the precision state is cleared first, as transformers' Trainer does before each run
+    (`AcceleratorState._reset_state`). The process state (device, process group) is kept when
+    torch.distributed is running: a launched worker keeps its place in the group. torch.compile's
+    caches are cleared too, so earlier runs' compiled layers do not count against dynamo's
+    recompile limit (which would silently run this run's layers uncompiled).
+    """
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    GradientState._reset_state()
+    if "torch._dynamo" in sys.modules:  # only an earlier compile can have left anything
+        torch._dynamo.reset()
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def make_runtime(cfg: RunConfig) -> Runtime:
+    import torch
 
     t = cfg.train
     want = t.device
@@ -98,7 +132,7 @@ def make_runtime(cfg: RunConfig) -> Runtime:
     fsdp = fsdp_requested()
     if fsdp and cpu:
         check_fsdp_setup(None, on_cuda=False)
-    accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision))
+    accelerator = fresh_accelerator(cpu, {"fp32": "no"}.get(precision, precision))
     if fsdp:
         check_fsdp_setup(accelerator, on_cuda=True)
     packed = t.batching != "padded"
