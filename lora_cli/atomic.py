@@ -95,6 +95,19 @@ def write_failure(exc: BaseException, what: Path | str, hint: str | None = None)
     return None
 
 
+def sha256_of(fh, on_chunk=None) -> str:
+    """Hex sha256 of a binary file object, read in 1 MiB chunks (memory stays flat); `on_chunk(bytes)`
+    sees each chunk too (to count lines, say)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return h.hexdigest()
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -149,11 +162,6 @@ def atomic_path(dest: Path | str, hint: str | None = None) -> Iterator[Path]:
 def write_text(dest: Path | str, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def write_bytes(dest: Path | str, data: bytes) -> None:
-    with atomic_path(dest) as tmp:
-        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lora_cli.adapter_folder import ADAPTER_WEIGHTS, CHECKPOINTS
 from lora_cli.atomic import TMP_PREFIX, atomic_dir, kill_point
 from lora_cli.errors import LoraCliError
 
@@ -36,7 +37,7 @@ class LoopState:
 
 
 def checkpoint_dir(root: Path) -> Path:
-    return Path(root) / "checkpoints"
+    return Path(root) / CHECKPOINTS
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -75,7 +76,7 @@ def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict
             f"Training stopped at step {state.step}, before its first checkpoint. Free some disk space and run the "
             "same command again.")
     with atomic_dir(dest, replace=True, hint=hint) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / ADAPTER_WEIGHTS))
         kill_point("checkpoint:partial")
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -118,7 +119,7 @@ def load_checkpoint(path: Path):
     path = Path(path)
     try:
         state = LoopState(**json.loads((path / STATE).read_text()))
-        adapter = load_file(str(path / "adapter_model.safetensors"))
+        adapter = load_file(str(path / ADAPTER_WEIGHTS))
         optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
         rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")

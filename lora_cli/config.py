@@ -9,8 +9,6 @@ The config a run actually used is saved beside its outputs, so it can be reprodu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -203,12 +201,6 @@ class RunConfig:
                 raise LoraCliError(f"Unknown setting '{dotted}'. Settings look like train.lr or lora.r.")
             raw[section][key] = value
         return RunConfig.from_dict(raw)
-
-    def fingerprint(self, sections: tuple[str, ...] = ("data", "model", "lora", "train")) -> str:
-        """Hash of what determines a run's result (the output folder is not part of it)."""
-        raw = self.to_dict()
-        blob = json.dumps({k: raw[k] for k in sections}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         import yaml

@@ -104,7 +104,6 @@ def validate_file(
     on_issue: Callable[[Issue], None] | None = None,
     token_lengths: Callable[[list[Example]], list[int]] | None = None,
     max_length: int | None = None,
-    on_progress: Callable[[int], None] | None = None,
 ) -> DataReport:
     """Stream `path` once; report every defect through `on_issue` as it is found."""
     path = Path(path)
@@ -141,8 +140,6 @@ def validate_file(
                 pending.append(example)
                 if len(pending) >= 512:
                     flush()
-            if on_progress is not None and stats.records % 10000 == 0:
-                on_progress(stats.records)
         flush()
         for dup in _duplicate_issues(str(path), finder):
             keep(dup)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, write_text
+from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, sha256_of, write_text
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.records import open_data_file, Issue, ScanStats, apply_or_reject, iter_examples
@@ -32,15 +32,18 @@ TOKENIZER_FILES = (
 
 def file_digest(path: Path) -> tuple[str, int]:
     """(sha256 of the bytes, number of lines)."""
-    h, lines = hashlib.sha256(), 0
+    lines = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal lines
+        lines += chunk.count(b"\n")
+
     with open_data_file(path) as fh:
         try:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-                lines += chunk.count(b"\n")
+            digest = sha256_of(fh, count)
         except OSError as exc:
             raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
-    return h.hexdigest(), lines
+    return digest, lines
 
 
 def tokenizer_digest(tokenizer_dir: Path) -> str:

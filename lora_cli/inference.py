@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from lora_cli.adapter_info import AdapterInfo, load_template
+from lora_cli.adapter_folder import AdapterInfo, attach_adapter, load_template
 from lora_cli.config import PRECISIONS
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
@@ -123,16 +123,6 @@ def load_for_inference(info: AdapterInfo, quantization: str | None = None, preci
             model = attach_adapter(model, info)
     model.eval()
     return LoadedModel(model, tokenizer, template, info, dev, prec, with_adapter)
-
-
-def attach_adapter(model, info: AdapterInfo):
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise LoraCliError(f"The adapter in {info.path} does not fit the base model {info.base_model}: {exc}",
-                           "Pass --model with the base model the adapter was trained on.") from None
 
 
 def make_streamer(tokenizer, on_text: Callable[[str], None]):

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 
 from lora_cli.atomic import kill_point
-from lora_cli.checkpoint import LoopState, load_checkpoint, restore_rng, save_checkpoint
+from lora_cli.checkpoint import LoopState, checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint
 from lora_cli.errors import LoraCliError, NonFiniteLoss, TrainingInterrupted
 from lora_cli.oom import out_of_memory_as_error
 
@@ -298,7 +298,7 @@ class TrainingLoop:
             path = save_checkpoint(self.out.path, name, self.state, adapter,
                                    self.optimizer.state_dict() if optim is None else optim, self.scheduler,
                                    self.t.keep_checkpoints)
-        self.last_checkpoint = path or (self.out.path / "checkpoints" / name)
+        self.last_checkpoint = path or (checkpoint_dir(self.out.path) / name)
         self.rt.accelerator.wait_for_everyone()
         return self.last_checkpoint
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter_info import AdapterInfo
+from lora_cli.adapter_folder import AdapterInfo
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -71,7 +71,7 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
     from lora_cli.atomic import atomic_dir, umask
-    from lora_cli.inference import attach_adapter
+    from lora_cli.adapter_folder import attach_adapter
     from lora_cli.modeling import load_tokenizer, quiet_libraries, resolve_model
 
     if dtype not in DTYPES:
@@ -94,7 +94,7 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
-            "lora": info.lora, "template": info.template, "lora_cli_version": __version__}, indent=2))
+            "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
         mode = 0o666 & ~umask()
         for item in tmp.iterdir():
             os.chmod(item, mode)  # safetensors writes 0600; a model folder is meant to be shared

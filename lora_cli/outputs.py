@@ -1,4 +1,6 @@
-"""The adapter folder: who may write into it, and how the final adapter lands there.
+"""A training run's output folder: who may write into it, and how the final adapter lands there.
+
+File names and run-config reading belong to adapter_folder; this module applies the write rules.
 
 Rules (nothing a user had is lost):
 - a missing or empty folder: a fresh run;
@@ -21,39 +23,13 @@ from pathlib import Path
 import yaml
 
 from lora_cli import __version__
+from lora_cli.adapter_folder import (ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RESUME_FREE, RUN_CONFIG, read_run_config,
+                                     run_fingerprint, write_param_summary)
 from lora_cli.atomic import (TMP_PREFIX, fsync_dir, kill_point, remove_stale_temporaries, tmp_prefix, umask,
                              write_failure, write_text)
 from lora_cli.checkpoint import list_checkpoints
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
-
-RUN_CONFIG = "run_config.yaml"
-METRICS = "metrics.jsonl"
-PARAM_SUMMARY = "param_summary.json"
-# Settings that may change between a run and its resume without changing its result.
-RESUME_FREE = ("log_every", "save_every_steps", "keep_checkpoints", "device")
-
-
-def run_fingerprint(cfg: RunConfig) -> str:
-    """Hash of the settings that decide a run's result (output folder and logging excluded)."""
-    import hashlib
-
-    raw = cfg.to_dict()
-    for key in RESUME_FREE:
-        raw["train"].pop(key, None)
-    blob = json.dumps({k: raw[k] for k in ("data", "model", "lora", "train")}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_run_config(folder: Path) -> dict | None:
-    path = Path(folder) / RUN_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
@@ -66,7 +42,7 @@ def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
     config = copy.copy(peft_model.peft_config["default"])
     config.inference_mode = True
     config.save_pretrained(str(folder))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"),
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
 
 
@@ -99,7 +75,7 @@ class OutputFolder:
             raise LoraCliError(f"Output {path} exists and is a file, not a folder.")
         if self.is_main and read_run_config(path) is not None:  # leftovers of a killed run of ours
             remove_stale_temporaries(path)
-            remove_stale_temporaries(path / "checkpoints")
+            remove_stale_temporaries(path / CHECKPOINTS)
         entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
         saved = read_run_config(path)
         if resume:
@@ -134,7 +110,7 @@ class OutputFolder:
         else:
             found = list_checkpoints(self.path)
             if not found:
-                raise LoraCliError(f"--resume: no checkpoint in {self.path / 'checkpoints'}.",
+                raise LoraCliError(f"--resume: no checkpoint in {self.path / CHECKPOINTS}.",
                                    "Start the run without --resume.")
             ckpt = found[-1]
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -198,7 +174,7 @@ class OutputFolder:
             return
         peft_model.peft_config["default"].base_model_name_or_path = self.cfg.model.name
         staging = Path(tempfile.mkdtemp(prefix=tmp_prefix("final"), dir=self.path))
-        hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / 'checkpoints'}: "
+        hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / CHECKPOINTS}: "
                 "free some disk space and run the same command with --resume to write the adapter.")
         try:
             self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary, adapter_state)
@@ -219,7 +195,7 @@ class OutputFolder:
         kill_point("adapter:staged")
         tokenizer.save_pretrained(str(staging))
         (staging / "README.md").unlink(missing_ok=True)
-        (staging / PARAM_SUMMARY).write_text(json.dumps(param_summary, indent=2), encoding="utf-8")
+        write_param_summary(staging, param_summary)
         text = self.run_config_text(decisions, finished=True, extra={"summary": summary})
         (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
 

@@ -1,35 +1,29 @@
 """The adapter folder as one zip with a manifest (sha256 and size of every file), and its check.
 
 The zip is written under a temporary name and renamed into place. Unpacking refuses any
-member whose path would land outside the target folder (zip-slip).
+member whose path would land outside the target folder (zip-slip). `open_adapter` lets every
+command that reads an adapter take its zip as well as its folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-
-import yaml
+from typing import Iterator
 
 from lora_cli import __version__
-from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries
+from lora_cli.adapter_folder import CHECKPOINTS, AdapterInfo, base_model_of, check_loadable, read_adapter
+from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries, sha256_of
 from lora_cli.errors import LoraCliError
 
 MANIFEST = "MANIFEST.json"
-EXCLUDED_DIRS = ("checkpoints",)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+EXCLUDED_DIRS = (CHECKPOINTS,)
 
 
 def adapter_files(folder: Path) -> list[Path]:
@@ -43,21 +37,13 @@ def adapter_files(folder: Path) -> list[Path]:
     return files
 
 
-def base_model_of(folder: Path) -> str:
-    try:
-        return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
-    except (OSError, ValueError):
-        return ""
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return sha256_of(fh)
 
 
 def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
-    folder, dest = Path(folder), Path(dest)
-    if not folder.is_dir():
-        raise LoraCliError(f"Adapter folder {folder} does not exist.")
-    refuse_unfinished(folder)
-    if not (folder / "adapter_config.json").is_file() or not any(folder.glob("adapter_model.*")):
-        raise LoraCliError(f"{folder} is not a finished adapter folder (no adapter_config.json and adapter weights).",
-                           "Train first: lora-cli train.")
+    folder, dest = check_loadable(folder), Path(dest)
     if dest.exists() and not force:
         raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
     if dest.resolve().is_relative_to(folder.resolve()):
@@ -67,7 +53,8 @@ def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
     manifest = {
         "lora_cli_version": __version__, "base_model": base_model_of(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files},
+        "files": {p.relative_to(folder).as_posix(): {"sha256": _sha256_file(p), "size": p.stat().st_size}
+                  for p in files},
     }
     with atomic_path(dest, hint=f"Nothing was replaced{' (the previous ' + dest.name + ' is intact)' if dest.exists() else ''}. "
                           "Free some disk space and run the command again.") as tmp:
@@ -78,25 +65,6 @@ def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
                     kill_point("zip:partial")
             zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
     return manifest
-
-
-def refuse_unfinished(folder: Path) -> None:
-    """An adapter folder whose training started but did not finish may hold a mix of files from
-    two runs (or none of the new one): lora-cli train marks it `finished: false` until its last
-    rename. A folder without run_config.yaml (a peft adapter from elsewhere) is taken as it is."""
-    path = folder / "run_config.yaml"
-    if not path.is_file():
-        return
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-        finished = saved["run"]["finished"]
-    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
-        finished = None
-    if finished is not True:
-        raise LoraCliError(
-            f"{folder} holds a training run that has not finished: its adapter files may be missing, partly "
-            "written by this run, or from an earlier one.",
-            "Finish it with the same lora-cli train command plus --resume, then package again.")
 
 
 @dataclass
@@ -142,11 +110,9 @@ def verify(path: str | Path) -> Verification:
         # a name stored twice: only one copy was hashed, but an unpacker may write either
         result.extra += sorted(f"{n} (stored {k} times)" for n, k in Counter(names).items() if k > 1)
         for name in sorted(present & set(listed)):
-            h = hashlib.sha256()
             with zf.open(name) as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() != listed[name].get("sha256") or zf.getinfo(name).file_size != listed[name].get("size"):
+                digest = sha256_of(fh)
+            if digest != listed[name].get("sha256") or zf.getinfo(name).file_size != listed[name].get("size"):
                 result.changed.append(name)
     result.ok = not (result.changed or result.missing or result.extra or result.unsafe)
     return result
@@ -176,3 +142,14 @@ def extract(path: str | Path, target: str | Path) -> Path:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
     return target
+
+
+@contextlib.contextmanager
+def open_adapter(path: str | Path, model: str | None = None, template: str | None = None) -> Iterator[AdapterInfo]:
+    """`read_adapter` of a folder, or of an adapter zip (`lora-cli package`) unpacked for the block."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with tempfile.TemporaryDirectory(prefix="lora-cli-adapter-") as tmp:
+            yield read_adapter(extract(path, Path(tmp) / "adapter"), model, template)
+        return
+    yield read_adapter(path, model, template)

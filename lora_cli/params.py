@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from lora_cli.config import LoraSettings
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _PEFT_PREFIX = "base_model.model."
 
@@ -29,7 +31,7 @@ class ParamSummary:
     trainable: int
     modules: list[ModuleRow] = field(default_factory=list)
     base_model: str = ""
-    lora: dict = field(default_factory=dict)
+    lora: LoraSettings | None = None
 
     @property
     def percent(self) -> float:
@@ -42,8 +44,9 @@ class ParamSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParamSummary":
+        lora = d.get("lora") or None
         return cls(total=d["total"], trainable=d["trainable"], modules=[ModuleRow(**m) for m in d.get("modules", [])],
-                   base_model=d.get("base_model", ""), lora=d.get("lora", {}))
+                   base_model=d.get("base_model", ""), lora=LoraSettings(**lora) if lora else None)
 
 
 def true_numel(param) -> int:
@@ -56,7 +59,7 @@ def true_numel(param) -> int:
     return param.numel()
 
 
-def count_parameters(model, base_model: str = "", lora: dict | None = None) -> ParamSummary:
+def count_parameters(model, base_model: str = "", lora: LoraSettings | None = None) -> ParamSummary:
     rows: dict[str, ModuleRow] = {}
     total = trainable = 0
     for name, param in model.named_parameters():  # tied weights are yielded once
@@ -70,7 +73,16 @@ def count_parameters(model, base_model: str = "", lora: dict | None = None) -> P
         row.count += 1
         row.params += n
         row.trainable += t
-    return ParamSummary(total, trainable, list(rows.values()), base_model, lora or {})
+    return ParamSummary(total, trainable, list(rows.values()), base_model, lora)
+
+
+def summary_for_model(name: str, lora_settings: LoraSettings, trust_remote_code: bool = False) -> ParamSummary:
+    """Parameter counts of model `name` (hub id, folder, embedded name) with LoRA, from its config.json
+    alone: no weights are loaded or downloaded."""
+    from lora_cli.modeling import resolve_model
+
+    resolved = resolve_model(name, need_weights=False)
+    return summary_from_config(resolved.path, lora_settings, name, trust_remote_code)
 
 
 def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_remote_code: bool = False) -> ParamSummary:
@@ -84,9 +96,4 @@ def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_r
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model = attach_lora(model, lora_settings)
-    return count_parameters(model, base_model, lora_dict(lora_settings))
-
-
-def lora_dict(lora_settings) -> dict:
-    return {"r": lora_settings.r, "alpha": lora_settings.alpha, "dropout": lora_settings.dropout,
-            "target_modules": list(lora_settings.target_modules)}
+    return count_parameters(model, base_model, lora_settings)

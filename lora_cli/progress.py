@@ -34,20 +34,4 @@ class NullReporter:
         pass
 
 
-class RecordingReporter(NullReporter):
-    """Keeps messages and stage names: what tests assert on."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.stages: list[str] = []
-
-    @contextlib.contextmanager
-    def stage(self, name: str, total: float | None = None, unit: str = "") -> Iterator[Stage]:
-        self.stages.append(name)
-        yield _NullStage()
-
-    def message(self, text: str) -> None:
-        self.messages.append(text)
-
-
 NULL_REPORTER = NullReporter()

@@ -68,7 +68,7 @@ def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False,
     from lora_cli.loop import TrainingLoop, make_optimizer, make_scheduler
     from lora_cli.modeling import attach_lora, compile_layers, load_model, prepare_for_training
     from lora_cli.outputs import OutputFolder
-    from lora_cli.params import count_parameters, lora_dict
+    from lora_cli.params import count_parameters
     from lora_cli.runtime import resolve_checkpointing, resolve_max_tokens
 
     acc = rt.accelerator
@@ -88,7 +88,7 @@ def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False,
         model = attach_lora(model, cfg.lora)
         if rt.compile:
             compile_layers(model)
-    params = count_parameters(model, cfg.model.name, lora_dict(cfg.lora))
+    params = count_parameters(model, cfg.model.name, cfg.lora)
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
 
     # 3. Batches, optimizer, schedule.
@@ -114,7 +114,7 @@ def train_on(cfg: RunConfig, rt, data: TrainingData, resume: bool | str = False,
     summary = loop.run()
     summary["tokenize_cache"] = data.cache_keys
     lora, _ = loop.adapter_state()
-    out.finish(model, data.tokenizer, rt.decisions(), summary, params.to_dict(), adapter_state=lora)
+    out.finish(model, data.tokenizer, rt.decisions(), summary, params, adapter_state=lora)
     acc.wait_for_everyone()
     return TrainResult(str(out.path), loop.state.step, summary.get("first_loss"), summary.get("last_loss"),
                        summary.get("eval_losses", []), loop.state.tokens_seen, summary.get("seconds", 0.0),

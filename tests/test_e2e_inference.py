@@ -22,7 +22,7 @@ def test_generate_eval_merge_on_the_embedded_model(use_embedded, tmp_path):
     from conftest import REPO
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_cli.adapter_info import read_adapter
+    from lora_cli.adapter_folder import read_adapter
     from lora_cli.inference import load_for_inference
 
     train_f, val_f = REPO / "sample_data" / "train.jsonl", REPO / "sample_data" / "val.jsonl"

@@ -8,7 +8,8 @@ import yaml
 
 from adapter_factory import data_dir, make_adapter, peaked_model_dir
 from conftest import make_records, write_jsonl
-from lora_cli.adapter_info import load_template, open_adapter, read_adapter
+from lora_cli.adapter_folder import load_template, read_adapter
+from lora_cli.packaging import open_adapter
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import evaluate, read_examples
 from lora_cli.inference import Sampling, generate, load_for_inference

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from adapter_factory import make_adapter, peaked_model_dir
-from lora_cli.adapter_info import read_adapter
+from lora_cli.adapter_folder import read_adapter
 from lora_cli.cli import app
 from lora_cli.errors import LoraCliError
 from lora_cli.inference import load_for_inference

@@ -97,7 +97,7 @@ def test_bad_inputs(tmp_path):
     assert res.exit_code == 1 and "does not exist" in res.output
     (tmp_path / "empty").mkdir()
     res = runner.invoke(app, ["package", str(tmp_path / "empty")])
-    assert res.exit_code == 1 and "not a finished adapter folder" in res.output
+    assert res.exit_code == 1 and "is not an adapter folder" in res.output
     junk = tmp_path / "junk.zip"
     junk.write_bytes(b"not a zip")
     res = runner.invoke(app, ["package", "--verify", str(junk)])

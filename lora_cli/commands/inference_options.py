@@ -56,7 +56,7 @@ def print_notes(info) -> None:
 def loaded_model(adapter: Path, model: str | None, template: str | None, quantization: str | None,
                  precision: str, device: str, with_adapter: bool = True) -> Iterator:
     """The adapter (a folder, or a zip unpacked for the block) and its model, ready to generate."""
-    from lora_cli.adapter_info import open_adapter
+    from lora_cli.packaging import open_adapter
     from lora_cli.inference import load_for_inference
     from lora_cli.render import RichReporter
 

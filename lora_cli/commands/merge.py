@@ -24,7 +24,7 @@ def merge(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Merge the LoRA into its base model, saved as safetensors with the tokenizer (loads without peft)."""
-    from lora_cli.adapter_info import open_adapter
+    from lora_cli.packaging import open_adapter
     from lora_cli.errors import LoraCliError
     from lora_cli.merging import merge as run
     from lora_cli.render import RichReporter, out

@@ -10,14 +10,13 @@ import typer
 
 
 def _print_summary(folder: Path) -> None:
-    from lora_cli.params import ParamSummary
+    from lora_cli.adapter_folder import PARAM_SUMMARY, read_param_summary
     from lora_cli.render import out, param_table
 
-    path = folder / "param_summary.json"
-    if not path.is_file():
-        out.print("(no param_summary.json in the adapter folder)")
+    summary = read_param_summary(folder)
+    if summary is None:
+        out.print(f"(no {PARAM_SUMMARY} in the adapter folder)")
         return
-    summary = ParamSummary.from_dict(json.loads(path.read_text()))
     for t in param_table(summary):
         out.print(t)
 

@@ -14,32 +14,6 @@ import typer
 from lora_cli.options import AlphaOpt, DropOpt, ModelOpt, RankOpt, TargetsOpt, TrustOpt, lora_flags
 
 
-def param_summary(adapter_dir: Path | None, model: str | None, lora_overrides: dict, trust_remote_code: bool):
-    from lora_cli.config import LoraSettings, RunConfig
-    from lora_cli.errors import LoraCliError
-    from lora_cli.modeling import quiet_libraries, resolve_model
-    from lora_cli.params import summary_from_config
-
-    quiet_libraries()
-    if adapter_dir is not None:
-        cfg_path = Path(adapter_dir) / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise LoraCliError(f"{adapter_dir} is not an adapter folder (no adapter_config.json).")
-        try:
-            ac = json.loads(cfg_path.read_text())
-            lora = LoraSettings(r=ac["r"], alpha=ac["lora_alpha"], dropout=ac.get("lora_dropout", 0.0),
-                                target_modules=sorted(ac["target_modules"]) if isinstance(ac["target_modules"], list)
-                                else [ac["target_modules"]], bias=ac.get("bias", "none"))
-            base = model or ac["base_model_name_or_path"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LoraCliError(f"{cfg_path} is not a valid adapter config ({exc}).") from None
-    else:
-        base = model or RunConfig().model.name
-        lora = RunConfig().replace({k: v for k, v in lora_overrides.items() if v is not None}).lora
-    resolved = resolve_model(base, need_weights=False)
-    return summary_from_config(resolved.path, lora, base, trust_remote_code)
-
-
 def param_report(
     adapter_dir: Annotated[Optional[Path], typer.Argument(help="Adapter folder (its base model and LoRA settings).")] = None,
     model: ModelOpt = None,
@@ -51,14 +25,25 @@ def param_report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Total, trainable and percent of parameters, with a per-module breakdown."""
+    from lora_cli.adapter_folder import summary_for_adapter
+    from lora_cli.config import RunConfig
+    from lora_cli.modeling import quiet_libraries
+    from lora_cli.params import summary_for_model
     from lora_cli.render import out, param_table
 
-    summary = param_summary(adapter_dir, model, lora_flags(lora_r, lora_alpha, lora_dropout, target_modules),
-                            bool(trust_remote_code))
+    quiet_libraries()
+    if adapter_dir is not None:
+        summary = summary_for_adapter(adapter_dir, model, bool(trust_remote_code))
+    else:
+        overrides = {k: v for k, v in lora_flags(lora_r, lora_alpha, lora_dropout, target_modules).items() if v is not None}
+        summary = summary_for_model(model or RunConfig().model.name, RunConfig().replace(overrides).lora,
+                                    bool(trust_remote_code))
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
-    out.print(f"Base model: {summary.base_model}   LoRA: {summary.lora}")
+    lora = summary.lora
+    out.print(f"Base model: {summary.base_model}   LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+              f"target modules {','.join(lora.target_modules)}")
     for t in param_table(summary):
         out.print(t)
     out.print(f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || "
