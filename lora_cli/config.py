@@ -9,7 +9,7 @@ The config a run actually used is saved beside its outputs, so it can be reprodu
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -40,16 +40,30 @@ def _check_positive(section: str, key: str, value: Any, allow_zero: bool = False
         raise _bad(section, key, value, "must be a number " + (">= 0" if allow_zero else "> 0"))
 
 
+def setting(default: Any = MISSING, help: str = "", *, flag: str | None = None, short: str | None = None,
+            factory: Any = None, set_only: bool = False):
+    """A config field with what its command-line flag needs: help text, and a flag name where the
+    field's own name (`max_length` -> `--max-length`) would be unclear. A bool flag is written as
+    `--on/--off`. `set_only`: no flag of its own, reachable only through --set section.key=value."""
+    meta = {"help": help, "flag": flag, "short": short, "set_only": set_only}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    train: str | None = None
-    val: str | None = None
-    template: str = "alpaca"
-    max_length: int = 512
-    train_on_prompt: bool = False
-    add_eos: bool = True
-    skip_invalid: bool = False
-    cache_dir: str = ".lora-cache"
+    train: str | None = setting(None, "Training data (JSONL, or a JSON array of records).")
+    val: str | None = setting(None, "Validation data (same format); evaluated before training and after each epoch.")
+    template: str = setting("alpaca", "Prompt template: alpaca, alpaca-seed, chat, or a template file.", short="-t")
+    max_length: int = setting(512, "Truncate examples to this many tokens.")
+    train_on_prompt: bool = setting(False, "Put labels on the prompt too (the seed recipe's behaviour), or on the "
+                                           "response only.", flag="--train-on-prompt/--train-on-response")
+    add_eos: bool = setting(True, "Append eos after every response, so the model learns to stop.",
+                            flag="--add-eos/--no-eos")
+    skip_invalid: bool = setting(False, "Leave out invalid records instead of stopping.",
+                                 flag="--skip-invalid/--no-skip-invalid")
+    cache_dir: str = setting(".lora-cache", "Folder of the tokenized-data cache.")
 
     def __post_init__(self) -> None:
         _check_positive("data", "max_length", self.max_length)
@@ -61,13 +75,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = DEFAULT_MODEL
-    quantization: str = "nf4"
-    trust_remote_code: bool = False
+    name: str = setting(DEFAULT_MODEL, "Base model: hub id, local folder, or 'smollm2-135m' (embedded, offline).",
+                        flag="--model", short="-m")
+    quantization: str = setting("nf4", "nf4 (4-bit QLoRA) or none.", short="-q")
+    trust_remote_code: bool = setting(False, "Allow model code from the model's own repository.",
+                                      flag="--trust-remote-code/--no-trust-remote-code")
     # Non-quantized weights (embeddings, lm_head, norms): fp32 as peft's
     # prepare_model_for_kbit_training does, or left in the compute dtype (faster, less memory).
-    upcast: str = "auto"
-    attn_implementation: str = "sdpa"  # sdpa | flex_attention | eager
+    upcast: str = setting("auto", "Non-quantized weights (norms, embeddings): fp32 (as peft's "
+                                  "prepare_model_for_kbit_training), none, or auto (fp32 under fp16).")
+    attn_implementation: str = setting("sdpa", "Attention kernel: sdpa, flex_attention or eager.")
 
     def __post_init__(self) -> None:
         _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
@@ -77,11 +94,12 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = "none"
+    r: int = setting(16, "LoRA rank.", flag="--lora-r", short="-r")
+    alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / rank).", flag="--lora-alpha")
+    dropout: float = setting(0.05, "Dropout on the LoRA input.", flag="--lora-dropout")
+    target_modules: list[str] = setting(help="Comma-separated module names, or all-linear.",
+                                        factory=lambda: ["q_proj", "v_proj"])
+    bias: str = setting("none", "Biases trained too: none, all or lora_only.", flag="--lora-bias")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -100,30 +118,34 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 2
-    eval_batch_size: int = 2
-    grad_accum: int = 2
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    seed: int = 42
-    log_every: int = 10
-    max_steps: int = 0  # 0: run all epochs
-    save_every_steps: int = 0  # 0: only at the end of each epoch
-    keep_checkpoints: int = 2
-    batching: str = "auto"  # packed: token-budget rows, per-example attention; padded: the seed's
-    max_tokens: int = 0  # token budget of one packed micro-batch; 0: automatic
-    pack_length: int = 0  # tokens per packed row (a micro-batch is max_tokens/pack_length rows); 0: automatic
-    gradient_checkpointing: str = "auto"  # auto | on | off | N (checkpoint the first N decoder layers)
-    memory_budget_gib: float = 0.0  # what "auto" may plan for on a GPU; 0: min(24 GiB, 90% of the GPU)
-    compile: str = "auto"  # torch.compile each decoder layer: auto (on a CUDA GPU), on, off
-    fused_loss: bool = True  # never materialise the full [tokens x vocab] logits
-    eval_at_start: bool = True  # a baseline eval loss before the first step
-    device: str = "auto"
+    epochs: int = setting(3, "Passes over the training data.", short="-e")
+    batch_size: int = setting(2, "Examples per micro-batch (padded batching).", short="-b")
+    eval_batch_size: int = setting(2, "Examples per evaluation micro-batch (padded batching).")
+    grad_accum: int = setting(2, "Micro-batches per optimizer step.")
+    lr: float = setting(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_steps: int = setting(0, "Optimizer steps of linear warmup.")
+    scheduler: str = setting("linear", "Learning-rate schedule after warmup: linear, cosine or constant.")
+    max_grad_norm: float = setting(1.0, "Clip gradients to this global norm (0: no clipping).")
+    precision: str = setting("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.")
+    seed: int = setting(42, "Seed of the shuffling, LoRA initialisation and dropout.")
+    log_every: int = setting(10, "Log the train loss every N optimizer steps.")
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: all epochs).")
+    save_every_steps: int = setting(0, "Also checkpoint every N optimizer steps (0: at each epoch end only).")
+    keep_checkpoints: int = setting(2, "Checkpoints kept in the output folder.")
+    batching: str = setting("auto", "packed (token-budget rows, per-example attention), padded (the seed's), auto.")
+    max_tokens: int = setting(0, "Tokens per packed micro-batch (0: automatic).")
+    pack_length: int = setting(0, "Tokens per packed row (0: automatic, 1024 on a GPU).")
+    gradient_checkpointing: str = setting("auto", "auto (as many layers as the memory budget needs), on, off, or a "
+                                                  "number of layers.")
+    memory_budget_gib: float = setting(0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of "
+                                            "the GPU)).")
+    compile: str = setting("auto", "torch.compile each decoder layer: auto (on a CUDA GPU), on, off.")
+    fused_loss: bool = setting(True, "Compute the loss from hidden states chunk by chunk, never the full "
+                                     "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss")
+    eval_at_start: bool = setting(True, "Evaluate once before the first step (a baseline).",
+                                  flag="--eval-at-start/--no-eval-at-start")
+    device: str = setting("auto", "auto, cpu or cuda.")
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):
@@ -158,7 +180,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "adapters"
+    dir: str = setting("adapters", "Adapter folder to write.", flag="--output", short="-o")
 
 
 @dataclass

@@ -1,10 +1,58 @@
-"""`lora-cli train --gpus N`: the same command, started by accelerate's launcher (torchrun underneath)."""
+"""`lora-cli train --gpus N`: the same command, started by accelerate's launcher (torchrun underneath),
+and the command line that resumes a run."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
+
+from lora_cli.errors import LoraCliError
+from lora_cli.sharding import check_fsdp_setup, fsdp_requested
+
+# Flags that say where a run starts; the resume command replaces them with --resume.
+START_FLAGS = ("--resume", "--overwrite")
+START_OPTIONS = ("--resume-from",)
+
+
+def resume_command(argv: list[str], env=None) -> str:
+    """The command line that continues this run from its latest checkpoint: the same flags, with
+    --resume in place of --overwrite / --resume / --resume-from PATH (which would go back to the
+    older checkpoint). A run started with --gpus N runs as N processes whose own argv lacks it
+    (strip_gpus); it is put back, since a checkpoint resumes only on as many processes."""
+    env = os.environ if env is None else env
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in START_FLAGS or any(arg.startswith(o + "=") for o in START_OPTIONS):
+            continue
+        elif arg in START_OPTIONS:
+            skip = True
+        else:
+            kept.append(arg)
+    world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "1")
+    if world == local and world.isdigit() and int(world) > 1 and not any(a.startswith("--gpus") for a in kept):
+        kept += ["--gpus", world]
+        if fsdp_requested(env) and "--fsdp" not in kept:
+            kept.append("--fsdp")
+    return shlex.join(["lora-cli", *kept, "--resume"])
+
+
+def launch_if_asked(gpus: int | None, fsdp: bool) -> int | None:
+    """With --gpus N (N >= 2): run this command as N processes and return their exit code.
+    Otherwise None: this process trains. Refuses --fsdp where it cannot work, before any process starts."""
+    if gpus and gpus > 1:
+        if fsdp:
+            import torch
+
+            check_fsdp_setup(None, on_cuda=torch.cuda.is_available())  # before N processes fail the same way
+        return relaunch_with_accelerate(gpus, fsdp)
+    if fsdp and not fsdp_requested():
+        raise LoraCliError("--fsdp shards the model over several processes: give it with --gpus N (N >= 2), "
+                           "or start lora-cli with accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml.")
+    return None
 
 
 def strip_gpus(argv: list[str]) -> list[str]:

@@ -1,73 +1,113 @@
-"""Typer options shared by several commands, and their mapping onto config keys.
+"""Command-line flags generated from the config tree (config.py), one per field.
 
-Every option defaults to None, meaning "not given": the value then comes from --config,
---set, or the recipe default, in that order (see config.build_config).
+A field's flag is its name (`max_length` -> `--max-length`) unless its metadata names another,
+its help text is the field's, and --help shows the dataclass default. Only flags the user typed
+become settings (click's parameter source tells them apart); the others come from --config,
+--set, or the recipe default, in that order (config.build_config). A command declares which fields it takes with
+`@config_flags("train.*", "model.name", ...)` and receives the given ones as `settings`, a dict of
+dotted keys (`{"train.epochs": 5}`), built by field name.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from lora_cli.config import DEFAULT_MODEL
+from lora_cli.config import RunConfig
 
-DATA = "Data"
-MODEL = "Model"
-LORA = "LoRA"
-TRAIN = "Training"
-OUT = "Output"
+CONTEXT = "click_context"  # typer hands the command's context to the parameter of this name
+PANELS = {"data": "Data", "model": "Model", "lora": "LoRA", "train": "Training", "output": "Output"}
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config (YAML); flags override it.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any setting: section.key=value (repeatable).")]
-
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", rich_help_panel=MODEL,
-    help=f"Hub id, local folder, or 'smollm2-135m' (embedded, offline). [default: {DEFAULT_MODEL}]")]
-QuantOpt = Annotated[Optional[str], typer.Option("--quantization", "-q", rich_help_panel=MODEL,
-                                                 help="nf4 (4-bit QLoRA) or none. [default: nf4]")]
-TrustOpt = Annotated[Optional[bool], typer.Option("--trust-remote-code", rich_help_panel=MODEL,
-                                                  help="Allow model code from the hub (off by default).")]
-UpcastOpt = Annotated[Optional[str], typer.Option(
-    "--upcast", rich_help_panel=MODEL,
-    help="Non-quantized weights: fp32 (as peft's prepare_model_for_kbit_training) or none. [default: auto]")]
-
-TrainFileOpt = Annotated[Optional[Path], typer.Option("--train", rich_help_panel=DATA, help="Training data (JSONL).")]
-ValFileOpt = Annotated[Optional[Path], typer.Option("--val", rich_help_panel=DATA, help="Validation data (JSONL).")]
-TemplateOpt = Annotated[Optional[str], typer.Option(
-    "--template", "-t", rich_help_panel=DATA,
-    help="alpaca, alpaca-seed, chat, or a template file. [default: alpaca]")]
-MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", rich_help_panel=DATA,
-                                                  help="Truncate examples to this many tokens. [default: 512]")]
-PromptOpt = Annotated[Optional[bool], typer.Option(
-    "--train-on-prompt/--train-on-response", rich_help_panel=DATA,
-    help="Put labels on the prompt too (the seed recipe's behaviour). [default: response only]")]
-EosOpt = Annotated[Optional[bool], typer.Option("--add-eos/--no-eos", rich_help_panel=DATA,
-                                                help="Append eos after every response. [default: add]")]
-SkipOpt = Annotated[Optional[bool], typer.Option("--skip-invalid", rich_help_panel=DATA,
-                                                 help="Leave out invalid records instead of stopping.")]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", rich_help_panel=DATA,
-                                                  help="Tokenized-data cache. [default: .lora-cache]")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any setting: section.key=value "
+                                                                        "(repeatable).")]
 
 
-def data_flags(model=None, quantization=None, trust_remote_code=None, train=None, val=None, template=None,
-               max_length=None, train_on_prompt=None, add_eos=None, skip_invalid=None, cache_dir=None) -> dict:
-    return {
-        "model.name": model, "model.quantization": quantization, "model.trust_remote_code": trust_remote_code,
-        "data.train": str(train) if train else None, "data.val": str(val) if val else None,
-        "data.template": template, "data.max_length": max_length, "data.train_on_prompt": train_on_prompt,
-        "data.add_eos": add_eos, "data.skip_invalid": skip_invalid,
-        "data.cache_dir": str(cache_dir) if cache_dir else None,
-    }
+def config_fields() -> list[tuple[str, Field]]:
+    """(section, field) for every field of the run config, in declaration order."""
+    return [(section.name, f) for section in fields(RunConfig) for f in fields(section.default_factory())]
 
 
-RankOpt = Annotated[Optional[int], typer.Option("--lora-r", "-r", rich_help_panel=LORA, help="LoRA rank. [default: 16]")]
-AlphaOpt = Annotated[Optional[int], typer.Option("--lora-alpha", rich_help_panel=LORA, help="LoRA alpha. [default: 32]")]
-DropOpt = Annotated[Optional[float], typer.Option("--lora-dropout", rich_help_panel=LORA, help="LoRA dropout. [default: 0.05]")]
-TargetsOpt = Annotated[Optional[str], typer.Option(
-    "--target-modules", rich_help_panel=LORA, help="Comma-separated module names, or all-linear. [default: q_proj,v_proj]")]
+def flag_name(f: Field) -> str:
+    """The flag as typed, e.g. `--max-length`, or `--add-eos/--no-eos` for a bool."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def lora_flags(r=None, alpha=None, dropout=None, targets=None) -> dict:
-    return {"lora.r": r, "lora.alpha": alpha, "lora.dropout": dropout, "lora.target_modules": targets}
+def field_default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _shown(value: Any) -> Any:
+    """The default as --help should print it (the value itself is never used: see config_flags)."""
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        mantissa, _, exponent = f"{value:.0e}".partition("e")
+        return f"{mantissa}e{int(exponent)}"  # 2e-4, not 0.0002
+    return value
+
+
+def _flag_type(f: Field) -> type:
+    value = field_default(f)
+    for kind in (bool, int, float):
+        if isinstance(value, kind):
+            return kind
+    return str  # strings, paths, and lists given comma-separated
+
+
+def _parameter(section: str, f: Field) -> inspect.Parameter:
+    from rich.markup import escape
+
+    decls = [flag_name(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+    option = typer.Option(_shown(field_default(f)), *decls, help=escape(f.metadata.get("help", "")),
+                          rich_help_panel=PANELS[section])
+    return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=Optional[_flag_type(f)])
+
+
+def select(patterns: tuple[str, ...]) -> list[tuple[str, Field]]:
+    """The config fields named by `section.*` or `section.field` patterns, in declaration order."""
+    chosen = [(s, f) for s, f in config_fields()
+              if f"{s}.*" in patterns or f"{s}.{f.name}" in patterns or "*" in patterns]
+    unknown = set(patterns) - {"*"} - {f"{s}.*" for s, _ in chosen} - {f"{s}.{f.name}" for s, f in chosen}
+    if unknown:
+        raise ValueError(f"no such config field: {', '.join(sorted(unknown))}")
+    return [(s, f) for s, f in chosen if not f.metadata.get("set_only")]
+
+
+def config_flags(*patterns: str):
+    """Give a command one flag per selected config field; it receives the given ones as `settings`.
+
+    The command's own parameters come first in --help; the generated ones follow, grouped in
+    panels by section. `settings` holds only flags the user typed (dotted key -> value).
+    """
+    chosen = select(patterns)
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
+        generated = [_parameter(s, f) for s, f in chosen]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            ctx = kwargs.pop(CONTEXT)
+            settings = {}
+            for section, f in chosen:
+                name = f"{section}__{f.name}"
+                value = kwargs.pop(name)
+                # only what the user typed: a flag's default would hide the --config file's value
+                if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT":
+                    settings[f"{section}.{f.name}"] = value
+            return fn(settings=settings, **kwargs)
+
+        context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated + [context]
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

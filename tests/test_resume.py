@@ -171,7 +171,7 @@ def test_resume_needs_the_same_settings_except_logging(tiny_model_dir, data_file
 
 
 def test_the_printed_resume_command_continues_from_the_latest_checkpoint():
-    from lora_cli.commands.train import resume_command
+    from lora_cli.launch import resume_command
 
     argv = ["train", "--model", "my model", "--resume-from", "a/checkpoints/epoch-1", "--overwrite", "-e", "3"]
     assert resume_command(argv, env={}) == "lora-cli train --model 'my model' -e 3 --resume"

@@ -11,17 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from lora_cli.options import AlphaOpt, DropOpt, ModelOpt, RankOpt, TargetsOpt, TrustOpt, lora_flags
+from lora_cli.options import config_flags
 
 
+@config_flags("model.name", "model.trust_remote_code", "lora.*")
 def param_report(
+    settings: dict,
     adapter_dir: Annotated[Optional[Path], typer.Argument(help="Adapter folder (its base model and LoRA settings).")] = None,
-    model: ModelOpt = None,
-    lora_r: RankOpt = None,
-    lora_alpha: AlphaOpt = None,
-    lora_dropout: DropOpt = None,
-    target_modules: TargetsOpt = None,
-    trust_remote_code: TrustOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Total, trainable and percent of parameters, with a per-module breakdown."""
@@ -32,12 +28,11 @@ def param_report(
     from lora_cli.render import out, param_table
 
     quiet_libraries()
+    cfg = RunConfig().replace(settings)
     if adapter_dir is not None:
-        summary = summary_for_adapter(adapter_dir, model, bool(trust_remote_code))
+        summary = summary_for_adapter(adapter_dir, settings.get("model.name"), cfg.model.trust_remote_code)
     else:
-        overrides = {k: v for k, v in lora_flags(lora_r, lora_alpha, lora_dropout, target_modules).items() if v is not None}
-        summary = summary_for_model(model or RunConfig().model.name, RunConfig().replace(overrides).lora,
-                                    bool(trust_remote_code))
+        summary = summary_for_model(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return

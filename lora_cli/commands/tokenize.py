@@ -7,21 +7,12 @@ from typing import Annotated
 
 import typer
 
-from lora_cli.options import (CacheOpt, ConfigOpt, EosOpt, MaxLenOpt, ModelOpt, PromptOpt, SetOpt, SkipOpt,
-                              TemplateOpt, TrainFileOpt, TrustOpt, ValFileOpt, data_flags)
+from lora_cli.options import ConfigOpt, SetOpt, config_flags
 
 
+@config_flags("data.*", "model.name", "model.trust_remote_code")
 def tokenize(
-    model: ModelOpt = None,
-    train: TrainFileOpt = None,
-    val: ValFileOpt = None,
-    template: TemplateOpt = None,
-    max_length: MaxLenOpt = None,
-    train_on_prompt: PromptOpt = None,
-    add_eos: EosOpt = None,
-    skip_invalid: SkipOpt = None,
-    cache_dir: CacheOpt = None,
-    trust_remote_code: TrustOpt = None,
+    settings: dict,
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cache entries even if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the cache entries as JSON.")] = False,
     config: ConfigOpt = None,
@@ -34,9 +25,7 @@ def tokenize(
     from lora_cli.render import RichReporter, out, table
 
     quiet_libraries()
-    cfg = build_config(str(config) if config else None, set_, data_flags(
-        model, None, trust_remote_code, train, val, template, max_length, train_on_prompt, add_eos, skip_invalid,
-        cache_dir))
+    cfg = build_config(str(config) if config else None, set_, settings)
     data = prepare_data(cfg, RichReporter(), force=force)
     entries = [e for e in (data.train, data.val) if e is not None]
     if as_json:

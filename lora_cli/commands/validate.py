@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lora_cli.options import MaxLenOpt, ModelOpt, TemplateOpt
+from lora_cli.options import config_flags
 
 
 def print_issues(issues, console) -> None:
@@ -32,11 +32,10 @@ def _token_counter(model: str, template_name: str):
     return lambda examples: token_lengths(examples, tokenizer, template)
 
 
+@config_flags("model.name", "data.template", "data.max_length")
 def validate_data(
+    settings: dict,
     files: Annotated[list[Path], typer.Argument(help="JSONL files to check.", show_default=False)],
-    model: ModelOpt = None,
-    template: TemplateOpt = None,
-    max_length: MaxLenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON report for machines.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings (duplicates) too.")] = False,
 ) -> None:
@@ -48,8 +47,11 @@ def validate_data(
     from lora_cli.data_report import validate_file
     from lora_cli.render import err, out, table
 
-    counter = _token_counter(model, template or "alpaca") if model else None
-    limit = max_length or 512
+    from lora_cli.config import RunConfig
+
+    cfg = RunConfig().replace(settings)
+    counter = _token_counter(cfg.model.name, cfg.data.template) if "model.name" in settings else None
+    limit = cfg.data.max_length
     reports = []
     for path in files:
         stream = None if as_json else (lambda issue: print_issues([issue], out))
