@@ -98,7 +98,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
 
     from lora_cli.config import RunConfig
     from lora_cli.modeling import quiet_libraries
-    from lora_cli.runtime import make_runtime
+    from lora_cli.runtime import place
     from lora_cli.training import TrainingData, train_on
 
     quiet_libraries()
@@ -114,7 +114,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": labels,
                             "length": [len(e["input_ids"]) for e in examples],
                             "n_targets": [sum(1 for x in lab[1:] if x != -100) for lab in labels]})
-    rt = make_runtime(cfg)
+    placement = place(cfg)
     log, times = [], []
 
     from lora_cli.batching import Batcher
@@ -139,9 +139,9 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = train_on(cfg, rt, TrainingData(ds, None, _Tok(), model_dir, {}), overwrite=True, reporter=reporter)
+    result = train_on(cfg, placement, TrainingData(ds, None, _Tok(), model_dir, {}), overwrite=True, reporter=reporter)
     metrics = f"{cfg.output.dir}/metrics.jsonl"
-    losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if rt.is_main else []
+    losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if placement.is_main else []
     out = _result(times, reporter.per_step, warmup, losses)
     out["decisions"] = result.decisions
     out["memory_plan"] = reporter.messages

@@ -200,3 +200,29 @@ class Batcher:
             rows = pack_rows(indices, self.lengths, self.max_tokens, row_len)
             return collate_packed([[by_index[i] for i in row] for row in rows], self.pad_id, row_len)
         return collate_padded([by_index[i] for i in indices], self.pad_id)
+
+
+class StepPlan:
+    """A split's micro-batches per epoch, grouped into optimizer steps of `per_step` micro-batches.
+
+    Each epoch has its own shuffled (and so its own packed) plan; the latest one is kept.
+    """
+
+    def __init__(self, batcher: Batcher, per_step: int):
+        self.batcher, self.per_step = batcher, per_step
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self.batcher.plan(epoch))
+        return self._cached[1]
+
+    def steps_in(self, epoch: int) -> int:
+        return -(-len(self.micro_batches(epoch)) // self.per_step)
+
+    def step(self, epoch: int, index: int) -> list[list[int]]:
+        """The micro-batches of optimizer step `index` (0-based) of `epoch`, over all processes."""
+        return self.micro_batches(epoch)[index * self.per_step:(index + 1) * self.per_step]
+
+    def total_steps(self, epochs: int, max_steps: int = 0) -> int:
+        return max_steps or sum(self.steps_in(e) for e in range(epochs))

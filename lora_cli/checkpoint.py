@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lora_cli.adapter_folder import ADAPTER_WEIGHTS, CHECKPOINTS
@@ -21,19 +21,50 @@ STATE = "trainer_state.json"
 
 @dataclass
 class LoopState:
+    """Where the loop stands: saved in every checkpoint as trainer_state.json, restored on resume."""
+
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (0-based)
     step_in_epoch: int = 0  # optimizer steps done within `epoch`
     metrics_lines: int = 0  # lines of metrics.jsonl written so far
-    window_loss: float = 0.0  # summed loss since the last log line
-    window_targets: int = 0
-    window_tokens: int = 0
-    window_steps: int = 0
+    window_loss: float = 0.0  # summed token loss since the last log line
+    window_targets: int = 0  # target tokens since the last log line
+    window_tokens: int = 0  # real tokens since the last log line
     tokens_seen: int = 0
-    fingerprint: str = ""
+    fingerprint: str = ""  # adapter_folder.run_fingerprint of the run's settings
     total_steps: int = 0
-    world_size: int = 1
-    extra: dict = field(default_factory=dict)
+    world_size: int = 1  # processes: a checkpoint resumes only on as many
+    fsdp: bool = False  # made with the base sharded (FSDP): resumes only the same way
+    first_loss: float | None = None  # train loss of the first log window (the whole run's, across resumes)
+    last_loss: float | None = None
+    eval_losses: list = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LoopState":
+        """From trainer_state.json, also as written before the fields were named (an `extra` dict)."""
+        raw = dict(raw)
+        extra = raw.pop("extra", None) or {}
+        raw.pop("window_steps", None)
+        summary = extra.get("summary") or {}
+        for key in ("first_loss", "last_loss", "eval_losses"):
+            raw.setdefault(key, summary.get(key))
+        raw.setdefault("fsdp", bool(extra.get("fsdp", False)))
+        raw["eval_losses"] = list(raw.get("eval_losses") or [])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder read back: the loop state, LoRA tensors (adapter-file names), and the
+    optimizer, scheduler and RNG states."""
+
+    path: Path
+    state: LoopState
+    adapter: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
 
 
 def checkpoint_dir(root: Path) -> Path:
@@ -111,14 +142,24 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def load_checkpoint(path: Path):
-    """(LoopState, adapter tensors, optimizer state, scheduler state, rng) from a checkpoint folder."""
+def read_state(path: Path) -> LoopState:
+    """The loop state of a checkpoint folder (LoraCliError if it is not one)."""
+    try:
+        return LoopState.from_dict(json.loads((Path(path) / STATE).read_text()))
+    except FileNotFoundError:
+        raise LoraCliError(f"{path} is not a checkpoint folder (no {STATE}).") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Everything a checkpoint folder holds; tensors loaded with weights_only (no pickled code runs)."""
     import torch
     from safetensors.torch import load_file
 
     path = Path(path)
     try:
-        state = LoopState(**json.loads((path / STATE).read_text()))
+        state = LoopState.from_dict(json.loads((path / STATE).read_text()))
         adapter = load_file(str(path / ADAPTER_WEIGHTS))
         optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
@@ -127,7 +168,7 @@ def load_checkpoint(path: Path):
         raise LoraCliError(f"Checkpoint {path} is incomplete ({Path(exc.filename).name} is missing).") from None
     except Exception as exc:  # corrupt or foreign files: say which checkpoint, not a traceback
         raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
-    return state, adapter, optim, sched, rng
+    return Checkpoint(path, state, adapter, optim, sched, rng)
 
 
 def restore_rng(rng: dict) -> None:

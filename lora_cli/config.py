@@ -24,6 +24,12 @@ SCHEDULERS = ("linear", "cosine", "constant")
 UPCASTS = ("auto", "fp32", "none")
 
 
+def check_device_name(device: str) -> None:
+    """auto, cpu, cuda or cuda:N (whether that device exists is device.pick_device's question)."""
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise LoraCliError(f"--device must be auto, cpu or cuda (or cuda:N), not {device!r}.")
+
+
 def _bad(section: str, key: str, value: Any, why: str) -> LoraCliError:
     return LoraCliError(f"Invalid config value {section}.{key}={value!r}: {why}.")
 
@@ -174,8 +180,7 @@ class TrainConfig:
         _check_positive("train", "pack_length", self.pack_length, allow_zero=True)
         _check_positive("train", "memory_budget_gib", self.memory_budget_gib, allow_zero=True)
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise _bad("train", "device", self.device, "choose auto, cpu or cuda")
+        check_device_name(self.device)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lora_cli.adapter_folder import AdapterInfo, attach_adapter, load_template
-from lora_cli.config import PRECISIONS
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -86,30 +85,16 @@ class LoadedModel:
         return encode_prompt(messages, self.tokenizer, self.template, self.info.add_eos)
 
 
-def pick_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraCliError("--device cuda was asked for, but no CUDA GPU is visible to torch.")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LoraCliError(f"--device must be auto, cpu or cuda, not {device!r}.")
-    return torch.device(device)
-
-
 def load_for_inference(info: AdapterInfo, quantization: str | None = None, precision: str = "auto",
                        device: str = "auto", with_adapter: bool = True, reporter=NULL_REPORTER) -> LoadedModel:
     """Base model (as trained: 4-bit or not) with the adapter on top, in eval mode."""
     from lora_cli.modeling import load_model, load_tokenizer, quiet_libraries, resolve_model
-    from lora_cli.runtime import resolve_precision
+    from lora_cli.device import pick_device, resolve_precision
 
     quiet_libraries()
     quant = quantization or info.quantization
     if quant not in ("nf4", "none"):
         raise LoraCliError(f"--quantization must be nf4 or none, not {quant!r}.")
-    if precision not in PRECISIONS:
-        raise LoraCliError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
     template = load_template(info)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev.type)

@@ -59,7 +59,8 @@ def check_output(output: Path, adapter: Path, force: bool) -> bool:
 
 
 def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
-    from lora_cli.modeling import load_model, torch_dtype
+    from lora_cli.device import torch_dtype
+    from lora_cli.modeling import load_model
 
     if base_weights == "original":
         return load_model(path, "none", dtype, "cpu", trust_remote_code)

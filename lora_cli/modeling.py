@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.config import LoraSettings
+from lora_cli.device import torch_dtype
 from lora_cli.embedded import EMBEDDED, ensure_converted
 from lora_cli.errors import LoraCliError
 
@@ -120,12 +121,6 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def torch_dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 def guard_cpu_4bit(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see PLATFORM.md).
 
@@ -155,7 +150,8 @@ def load_model(path: Path, quantization: str, precision: str, device, trust_remo
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)
-    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                  dtype=dtype)
     if quantization == "nf4":
         try:
             from transformers import BitsAndBytesConfig
@@ -167,9 +163,6 @@ def load_model(path: Path, quantization: str, precision: str, device, trust_remo
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
         kwargs["device_map"] = {"": "cpu" if sharded else torch.device(device)}
-        kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
-    else:
-        kwargs["dtype"] = dtype if precision != "fp32" else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:

@@ -27,7 +27,7 @@ from lora_cli.adapter_folder import (ADAPTER_WEIGHTS, CHECKPOINTS, METRICS, RESU
                                      run_fingerprint, write_param_summary)
 from lora_cli.atomic import (TMP_PREFIX, fsync_dir, kill_point, remove_stale_temporaries, tmp_prefix, umask,
                              write_failure, write_text)
-from lora_cli.checkpoint import list_checkpoints
+from lora_cli.checkpoint import STATE, list_checkpoints, read_state
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 
@@ -105,16 +105,17 @@ class OutputFolder:
     def _resume_point(self, resume: bool | str, saved: dict | None) -> Path:
         if isinstance(resume, str) and resume not in ("", "latest"):
             ckpt = Path(resume)
-            if not (ckpt / "trainer_state.json").is_file():
-                raise LoraCliError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json).")
+            if not (ckpt / STATE).is_file():
+                raise LoraCliError(f"--resume-from {resume}: not a checkpoint folder (no {STATE}).",
+                                   f"Checkpoints are the folders under {self.path / CHECKPOINTS}; --resume takes "
+                                   "the latest.")
         else:
             found = list_checkpoints(self.path)
             if not found:
                 raise LoraCliError(f"--resume: no checkpoint in {self.path / CHECKPOINTS}.",
                                    "Start the run without --resume.")
             ckpt = found[-1]
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
+        if read_state(ckpt).fingerprint != self.fingerprint:
             detail = self._describe_difference(saved) if saved else "settings differ"
             raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings ({detail}).",
                                "Resume with the same settings, or start a new run with --overwrite.")

@@ -26,14 +26,14 @@ def shard_on_cpu() -> None:
 
     from lora_cli import runtime, sharding
 
-    make_runtime = runtime.make_runtime
+    import dataclasses
 
-    def sharded_runtime(cfg):
-        rt = make_runtime(cfg)
-        rt.fsdp = True
-        return rt
+    place = runtime.place
 
-    runtime.make_runtime = sharded_runtime
+    def sharded_placement(cfg):
+        return dataclasses.replace(place(cfg), fsdp=True)
+
+    runtime.place = sharded_placement
     sharding.configure = lambda accelerator, peft_model, precision: None
     prepare = Accelerator.prepare
 

@@ -116,9 +116,9 @@ def test_train_killed_in_a_checkpoint_then_in_the_final_save_resumes_to_the_same
     assert proc.returncode == KILLED, proc.stderr[-2000:]
     assert [p.name for p in list_checkpoints(out)] == ["epoch-1"]
     assert any(n.startswith(".tmp-epoch-2") for n in temporaries(out / "checkpoints"))
-    assert load_checkpoint(out / "checkpoints" / "epoch-1")[0].epoch == 1
+    assert load_checkpoint(out / "checkpoints" / "epoch-1").state.epoch == 1
     assert not (out / "adapter_model.safetensors").exists()
-    assert len(metrics(out)) > load_checkpoint(out / "checkpoints" / "epoch-1")[0].metrics_lines  # rows to drop
+    assert len(metrics(out)) > load_checkpoint(out / "checkpoints" / "epoch-1").state.metrics_lines  # rows to drop
     res = invoke(*args)  # the same command again: told to resume, nothing touched
     assert res.exit_code == 1 and "--resume" in res.output
 
@@ -190,7 +190,7 @@ def test_ctrl_c_saves_a_checkpoint_prints_the_resume_command_and_exits_130(tiny_
     command = lines[lines.index("Resume with:") + 1].strip()
     assert command == shlex.join(["lora-cli", *args, "--resume"])
     stopped = list_checkpoints(out)[-1]
-    step = load_checkpoint(stopped)[0].step
+    step = load_checkpoint(stopped).state.step
     assert step > 0 and not (out / "adapter_model.safetensors").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "lora_cli", *shlex.split(command)[1:]], cwd=tmp_path, env=env,

@@ -50,9 +50,9 @@ def test_fsdp_without_gpus_fails_early_and_clearly(tmp_path):
 def test_fsdp_from_an_accelerate_config_on_a_cpu_machine_is_refused(tiny_model_dir, data_files, tmp_path, monkeypatch):
     from conftest import tiny_config
     from lora_cli.errors import LoraCliError
-    from lora_cli.runtime import make_runtime
+    from lora_cli.runtime import place
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     cfg = tiny_config(tiny_model_dir, *data_files, tmp_path / "out")
     with pytest.raises(LoraCliError, match="needs CUDA GPUs"):
-        make_runtime(cfg)
+        place(cfg)

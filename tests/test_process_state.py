@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from lora_cli.cli import app
-from lora_cli.runtime import CPU_BF16_ENV, cpu_has_fast_bf16, resolve_precision
+from lora_cli.device import CPU_BF16_ENV, cpu_has_fast_bf16, resolve_precision
 from lora_cli.training import train
 
 runner = CliRunner()

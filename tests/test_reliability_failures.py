@@ -68,17 +68,17 @@ def poison_after_first_checkpoint(monkeypatch, how) -> dict:
         if seen or not list_checkpoints(self.out.path):
             return real_step(self, group, flag)
         seen["step"] = self.state.step + 1
-        real_module = self.module
+        real_module = self.trainable.module
 
         def module(*args):
             loss, n = real_module(*args)
             return how(loss), n
 
-        self.module = module
+        self.trainable.module = module
         try:
             return real_step(self, group, flag)
         finally:
-            self.module = real_module
+            self.trainable.module = real_module
 
     monkeypatch.setattr(loop.TrainingLoop, "_step", step)
     return seen
@@ -94,7 +94,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert_message_not_traceback(res)
     assert f"The {what} became NaN or infinite at step {seen['step']}" in res.output
     assert [p.name for p in list_checkpoints(out)] == ["epoch-1"] and "epoch-1" in res.output
-    state, adapter, optim, _, _ = load_checkpoint(out / "checkpoints" / "epoch-1")
+    ckpt = load_checkpoint(out / "checkpoints" / "epoch-1")
+    state, adapter, optim = ckpt.state, ckpt.adapter, ckpt.optimizer
     assert state.step == seen["step"] - 1
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert all(torch.isfinite(v).all() for s in optim["state"].values() for v in s.values() if torch.is_tensor(v))

@@ -109,7 +109,7 @@ def test_crash_mid_epoch_resumes_from_a_save_every_steps_checkpoint(tiny_model_d
     with at_step(stop_at, crash), pytest.raises(Crash):
         train(cfg)
     latest = list_checkpoints(out)[-1]
-    state = load_checkpoint(latest)[0]
+    state = load_checkpoint(latest).state
     assert latest.name == f"step-{stop_at - 1}" and state.epoch == 1 and state.step_in_epoch > 0  # mid-epoch 2
     assert train(cfg, resume=True).resumed_from == str(latest)
     assert_same_run(out, ref)
@@ -134,7 +134,7 @@ def test_keep_checkpoints_prunes_to_the_newest(tiny_model_dir, data_files, tmp_p
     out = tmp_path / "adapters"
     result = train(config(tiny_model_dir, data_files, out, save_every_steps=1, keep_checkpoints=3))
     kept = list_checkpoints(out)
-    assert [load_checkpoint(p)[0].step for p in kept] == [result.steps - 2, result.steps - 1, result.steps]
+    assert [load_checkpoint(p).state.step for p in kept] == [result.steps - 2, result.steps - 1, result.steps]
     assert kept[-1].name == "epoch-3"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(p.name for p in kept)
 
@@ -153,7 +153,7 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model_dir, data_files, tmp_path)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stop.value.exit_code == 143 and stop.value.checkpoint.endswith("step-2")
-    assert load_checkpoint(out / "checkpoints" / "step-2")[0].step == 2
+    assert load_checkpoint(out / "checkpoints" / "step-2").state.step == 2
 
 
 def test_resume_needs_the_same_settings_except_logging(tiny_model_dir, data_files, tmp_path):

@@ -1,0 +1,36 @@
+"""Ctrl-C and SIGTERM during training: finish the step, checkpoint, stop."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+
+class InterruptFlag:
+    """First Ctrl-C (or SIGTERM, as schedulers and spot instances send before a kill): finish the
+    step, checkpoint, stop. A second one: stop at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, reporter):
+        self.reporter = reporter
+        self.set = False
+        self.signum = signal.SIGINT
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set, self.signum = True, signum
+        self.reporter.message("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort).")
+
+    def __enter__(self):
+        for name in self.SIGNALS:
+            with contextlib.suppress(ValueError, AttributeError):  # not the main thread: no handler
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
