@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE = -100
+from lora_cli.loss import IGNORE
+
 PAD_MULTIPLE = 64  # packed rows are padded to a multiple of this: fewer distinct shapes for kernels
 
 

@@ -45,7 +45,7 @@ def handle_errors(fn):
                 err.print(exc.hint, markup=False, soft_wrap=True)
             issues = getattr(exc, "issues", None)
             if issues:
-                from lora_cli.commands.validate import print_issues
+                from lora_cli.render import print_issues
 
                 print_issues(issues, err)
             extra = getattr(exc, "resume_command", None)

@@ -78,27 +78,6 @@ def _batches(lengths: list[int], budget: int) -> list[list[int]]:
     return out + ([cur] if cur else [])
 
 
-def _token_losses(loaded: LoadedModel, mb):
-    """Per-target cross-entropy and the targets, computing logits only where there is a target."""
-    import torch
-    import torch.nn.functional as F
-
-    from lora_cli.loss import IGNORE, supports_fused
-
-    model = loaded.model.get_base_model() if loaded.has_adapter else loaded.model
-    keep = mb.targets != IGNORE
-    targets = mb.targets[keep]
-    if not supports_fused(model):
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        return F.cross_entropy(logits[keep].float(), targets, reduction="none"), targets
-    hidden = model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                 use_cache=False).last_hidden_state[keep]
-    weight = model.get_output_embeddings().weight
-    losses = [F.cross_entropy((h.to(weight.dtype) @ weight.t()).float(), t, reduction="none")
-              for h, t in zip(hidden.split(1024), targets.split(1024))]
-    return (torch.cat(losses) if losses else hidden.new_zeros(0)), targets
-
-
 def response_loss(loaded: LoadedModel, examples: list[Example], use_adapter: bool = True,
                   budget: int = TOKEN_BUDGET, on_batch=None) -> LossSums:
     """Summed loss over response tokens (+ eos), with the adapter on or switched off."""
@@ -107,9 +86,11 @@ def response_loss(loaded: LoadedModel, examples: list[Example], use_adapter: boo
     import torch
 
     from lora_cli.batching import collate_padded
+    from lora_cli.loss import token_losses
     from lora_cli.tokenization import LabelPolicy, encode_batch
 
     tok, info = loaded.tokenizer, loaded.info
+    base = loaded.model.get_base_model() if loaded.has_adapter else loaded.model
     encoded = encode_batch(examples, tok, loaded.template, LabelPolicy(info.max_length, False, True))
     sums = LossSums(truncated=sum(e.truncated for e in encoded))
     switch = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else contextlib.nullcontext()
@@ -117,7 +98,7 @@ def response_loss(loaded: LoadedModel, examples: list[Example], use_adapter: boo
         for idx in _batches([len(e.input_ids) for e in encoded], budget):
             rows = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in idx]
             mb = collate_padded(rows, tok.pad_token_id).to(loaded.device)
-            losses, targets = _token_losses(loaded, mb)
+            losses, targets = token_losses(base, mb.input_ids, mb.attention_mask, mb.targets)
             text = targets != tok.eos_token_id
             sums.total += float(losses.sum())
             sums.n += int(losses.numel())

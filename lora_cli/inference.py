@@ -110,6 +110,11 @@ def load_for_inference(info: AdapterInfo, quantization: str | None = None, preci
     return LoadedModel(model, tokenizer, template, info, dev, prec, with_adapter)
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LoraCliError(f"--batch-size must be at least 1, not {batch_size}.")
+
+
 def make_streamer(tokenizer, on_text: Callable[[str], None]):
     """transformers' TextStreamer (word-boundary buffering, prompt skipped), handing text to a callback."""
     from transformers import TextStreamer
@@ -155,8 +160,7 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
 
     if on_text is not None and len(prompts) != 1:
         raise ValueError("streaming needs exactly one prompt")
-    if batch_size < 1:
-        raise LoraCliError(f"--batch-size must be at least 1, not {batch_size}.")
+    check_batch_size(batch_size)
     model, tok = loaded.model, loaded.tokenizer
     stop, pad = loaded.stop_ids, tok.pad_token_id
     kwargs = sampling.generate_kwargs(stop, pad)
@@ -179,3 +183,25 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
             if on_batch is not None:
                 on_batch(len(idx))
     return answers  # type: ignore[return-value]
+
+
+def fit_history(loaded, history: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+    """Prompt ids for the next answer and how many old turns were dropped to fit the context.
+
+    System messages are kept; user/assistant exchanges go oldest first. The latest user
+    message always stays, even if it alone is too long (the model then sees it truncated).
+    """
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+    budget = max(limit - max_new_tokens, 1)
+    system = [m for m in history if m["role"] == "system"]
+    turns = [m for m in history if m["role"] != "system"]
+    dropped = 0
+    ids = loaded.chat_prompt(system + turns)
+    while len(ids) > budget and len(turns) > 1:
+        cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+        turns = turns[cut:]
+        dropped += 1
+        ids = loaded.chat_prompt(system + turns)
+    if len(ids) > budget:
+        ids = ids[-budget:]
+    return ids, dropped

@@ -9,7 +9,7 @@ pass (the lm_head weight is frozen), so no logits are kept for the backward.
 
 from __future__ import annotations
 
-IGNORE = -100
+IGNORE = -100  # label of a position without a target: torch's cross_entropy ignore_index, as in transformers
 
 
 def _at_least_fp32(x):
@@ -81,6 +81,31 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None, keep
 
         return F.cross_entropy(_at_least_fp32(h @ weight.t()), t, reduction="sum"), n
     return _FN.apply(h, weight, t, chunk or _chunk_rows(weight.shape[0])), n
+
+
+def token_losses(model, input_ids, attention_mask, targets):
+    """Cross-entropy of every target token, for evaluation (no gradient kept).
+
+    model: a transformers causal LM (not peft-wrapped); input_ids, attention_mask, targets:
+    [B, L], targets already shifted with -100 where there is none. Returns (losses [n] fp32,
+    targets [n]) over the n positions with a target, in row-major order. Logits are computed
+    only at those positions, in chunks, where the head is a plain Linear (supports_fused).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    keep = targets != IGNORE
+    wanted = targets[keep]
+    if not supports_fused(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return F.cross_entropy(_at_least_fp32(logits[keep]), wanted, reduction="none"), wanted
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state[keep]
+    weight = model.get_output_embeddings().weight
+    rows = _chunk_rows(weight.shape[0])
+    losses = [F.cross_entropy(_at_least_fp32(h.to(weight.dtype) @ weight.t()), t, reduction="none")
+              for h, t in zip(hidden.split(rows), wanted.split(rows))]
+    return (torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)), wanted
 
 
 def plain_cross_entropy(logits, targets):

@@ -8,14 +8,13 @@ can be piped.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from typing import Iterator
 
 from rich.console import Console
 from rich.table import Table
-
-import os
-import sys
 
 # Outside a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; give them room.
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
@@ -97,3 +96,13 @@ def param_table(summary) -> list[Table]:
     rows = [[m.module, m.count, f"{m.params:,}", f"{m.trainable:,}"] for m in summary.modules]
     detail = table("Per module (layer index as *)", ["module", "tensors", "params", "trainable"], rows, right=(1, 2, 3))
     return [head, detail]
+
+
+def print_issues(issues, console) -> None:
+    """Each data defect (records.Issue) on one line: severity, file:line [field]: reason."""
+    from rich.markup import escape
+
+    for issue in issues:
+        style = "yellow" if issue.severity == "warning" else "red"
+        console.print(f"[{style}]{issue.severity}[/] {escape(str(issue))}", markup=True, highlight=False,
+                      soft_wrap=True)

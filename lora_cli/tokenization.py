@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_cli.loss import IGNORE
 from lora_cli.records import Example
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_chat_is_multi_turn_and_leaves_on_exit_or_eof(adapter):
 
 def test_chat_history_is_rendered_and_trimmed_to_the_context(adapter):
     from lora_cli.adapter_folder import read_adapter
-    from lora_cli.commands.chat import fit_history
+    from lora_cli.inference import fit_history
     from lora_cli.inference import load_for_inference
 
     loaded = load_for_inference(read_adapter(adapter), precision="fp32", device="cpu")

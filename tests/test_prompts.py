@@ -10,7 +10,8 @@ from lora_cli.cli import app
 from lora_cli.data_report import validate_file
 from lora_cli.records import Example
 from lora_cli.templates import get_template
-from lora_cli.tokenization import IGNORE, LabelPolicy, encode_batch, encode_example_prompt, encode_prompt
+from lora_cli.loss import IGNORE
+from lora_cli.tokenization import LabelPolicy, encode_batch, encode_example_prompt, encode_prompt
 
 runner = CliRunner()
 CHAT = Example(7, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},

@@ -5,7 +5,8 @@ import pytest
 from lora_cli.errors import LoraCliError
 from lora_cli.records import Example
 from lora_cli.templates import get_template
-from lora_cli.tokenization import IGNORE, LabelPolicy, encode_batch, encode_prompt
+from lora_cli.loss import IGNORE
+from lora_cli.tokenization import LabelPolicy, encode_batch, encode_prompt
 
 
 @pytest.fixture(scope="module")

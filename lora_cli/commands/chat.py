@@ -24,28 +24,6 @@ RESET = "/reset"
 USER_PROMPT = "you> "
 
 
-def fit_history(loaded, history: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
-    """Prompt ids for the next answer and how many old turns were dropped to fit the context.
-
-    System messages are kept; user/assistant exchanges go oldest first. The latest user
-    message always stays, even if it alone is too long (the model then sees it truncated).
-    """
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
-    budget = max(limit - max_new_tokens, 1)
-    system = [m for m in history if m["role"] == "system"]
-    turns = [m for m in history if m["role"] != "system"]
-    dropped = 0
-    ids = loaded.chat_prompt(system + turns)
-    while len(ids) > budget and len(turns) > 1:
-        cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
-        turns = turns[cut:]
-        dropped += 1
-        ids = loaded.chat_prompt(system + turns)
-    if len(ids) > budget:
-        ids = ids[-budget:]
-    return ids, dropped
-
-
 def _read_line() -> str | None:
     """One line from the user, or None at end of input (Ctrl-D). In a terminal, readline gives
     line editing and history; Ctrl-C at the prompt leaves like any interrupted program."""
@@ -60,7 +38,7 @@ def _read_line() -> str | None:
 
 def chat_loop(loaded, params, system: str | None) -> int:
     """Run the conversation until /exit or end of input; return the number of answers given."""
-    from lora_cli.inference import generate
+    from lora_cli.inference import fit_history, generate
     from lora_cli.render import err, out
 
     start = [{"role": "system", "content": system}] if system else []

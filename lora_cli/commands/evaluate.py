@@ -62,14 +62,15 @@ def evaluate(
     from lora_cli.errors import LoraCliError
     from lora_cli.evaluation import evaluate as run
     from lora_cli.evaluation import read_examples
+    from lora_cli.inference import Sampling, check_batch_size
     from lora_cli.render import RichReporter
 
     if data is None:
         raise LoraCliError("No data to evaluate on.", "Pass --data val.jsonl (records in the training format).")
-    if max_new_tokens < 1:
-        raise LoraCliError(f"--max-new-tokens must be at least 1, not {max_new_tokens}.")
-    if batch_size < 1 or show < 0:
-        raise LoraCliError("--batch-size must be at least 1 and --show at least 0.")
+    if show < 0:
+        raise LoraCliError(f"--show must be at least 0, not {show}.")
+    Sampling(max_new_tokens=max_new_tokens)  # its checks, before the model loads
+    check_batch_size(batch_size)
     examples = read_examples(data)
     with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
         result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,

@@ -11,15 +11,6 @@ import typer
 from lora_cli.options import config_flags
 
 
-def print_issues(issues, console) -> None:
-    from rich.markup import escape
-
-    for issue in issues:
-        style = "yellow" if issue.severity == "warning" else "red"
-        console.print(f"[{style}]{issue.severity}[/] {escape(str(issue))}", markup=True, highlight=False,
-                      soft_wrap=True)
-
-
 def _token_counter(model: str, template_name: str):
     from lora_cli.modeling import load_tokenizer, quiet_libraries, resolve_model
     from lora_cli.templates import get_template
@@ -45,7 +36,7 @@ def validate_data(
     Exit 0 when every file is clean, 1 when not.
     """
     from lora_cli.data_report import validate_file
-    from lora_cli.render import err, out, table
+    from lora_cli.render import err, out, print_issues, table
 
     from lora_cli.config import RunConfig
 
