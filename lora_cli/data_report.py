@@ -4,6 +4,7 @@ Memory does not grow with the file. Lengths are counted in a histogram (one entr
 distinct length, not per record; percentiles from it are exact), and duplicates are found by
 `DuplicateFinder`, which keeps a fixed number of 8-byte digests in memory and spills the rest
 to disk. Token lengths (with --model) are computed in batches through the fast tokenizer.
+A file that is not JSON Lines at all (compressed, binary, another encoding) is one error.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_cli.duplicates import DuplicateFinder
+from lora_cli.file_kinds import NOT_JSONL, NotJsonLines
 from lora_cli.records import Example, Issue, ScanStats, apply_or_reject, iter_examples
 
 MAX_KEPT_ISSUES = 1000  # kept for --json; the terminal stream shows every one
@@ -147,6 +149,9 @@ def validate_file(
         for dup in _duplicate_issues(str(path), finder):
             keep(dup)
             report.warnings += 1
+    except NotJsonLines as exc:  # the whole file: one error, and the other files are still checked
+        keep(Issue(str(path), 0, "", f"this is {exc.what}, {NOT_JSONL}. {exc.hint}"))
+        stats.errors += 1
     finally:
         finder.close()
     report.records, report.valid, report.chat = stats.records, stats.valid - rejected, stats.chat

@@ -1,11 +1,12 @@
 """Read instruction data as a stream and say exactly what is wrong with it.
 
-Two record shapes are accepted, one JSON object per line:
+Two record shapes are accepted, one JSON object per line (or elements of one JSON array):
   {"instruction": str, "input": str (optional, null = ""), "output": str}
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 Every defect becomes an `Issue` naming file, line, field and reason, so that a user fixes
 the whole file in one pass instead of one error per run. Lines are read as bytes one at a
-time: memory does not grow with the file.
+time: memory does not grow with the file. What a file holds is decided first
+(`file_kinds.sniff`): a compressed, binary or differently encoded file is one message.
 """
 
 from __future__ import annotations
@@ -88,6 +89,37 @@ def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw.rstrip(b"\r\n")
 
 
+@dataclass(frozen=True)
+class Element:
+    """One element of a JSON array file, already parsed."""
+
+    value: object
+
+
+def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue"]]:
+    """What every reader of data files goes through: (line, unit) where a unit is a JSON Lines line
+    (bytes), an element of a JSON array file, or an Issue that ends the file (a JSON array that stops
+    being valid JSON). A file that is neither raises NotJsonLines, saying what it is."""
+    from lora_cli.file_kinds import JSON_ARRAY, SAMPLE, sniff
+    from lora_cli.json_array import ArrayReadError, iter_json_array
+
+    path = Path(path)
+    with open_data_file(path) as fh:
+        try:
+            kind = sniff(path, fh.read(SAMPLE))
+        except OSError as exc:
+            raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+        if kind == JSON_ARRAY:
+            fh.seek(0)
+            try:
+                for line, value in iter_json_array(fh):
+                    yield line, Element(value)
+            except ArrayReadError as exc:
+                yield exc.line, Issue(str(path), exc.line, "", exc.reason)
+            return
+    yield from open_lines(path)
+
+
 def _is_encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -160,27 +192,31 @@ def _parse_messages(value, issue) -> list[dict] | None:
 
 def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
     """Parse one raw line into an Example, or None with the reasons it is invalid."""
+    def invalid(reason: str) -> tuple[None, list[Issue]]:
+        return None, [Issue(file, number, "", reason)]
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return invalid(f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return invalid("invalid JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
+        return invalid(f"invalid JSON: {exc}")
+    return parse_value(obj, number, file)
+
+
+def parse_value(obj, number: int, file: str) -> tuple[Example | None, list[Issue]]:
+    """Validate one parsed record (a JSON Lines line or a JSON array's element)."""
     issues: list[Issue] = []
 
     def issue(fld: str, reason: str) -> None:
         issues.append(Issue(file, number, fld, reason))
 
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        issue("", f"invalid UTF-8 at byte {exc.start + 1} of the line")
-        return None, issues
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        issue("", f"invalid JSON: {exc.msg} (column {exc.colno})")
-        return None, issues
-    except RecursionError:
-        issue("", "invalid JSON: nested too deeply")
-        return None, issues
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
-        issue("", f"invalid JSON: {exc}")
-        return None, issues
     if not isinstance(obj, dict):
         issue("", f"expected a JSON object, got {type(obj).__name__}")
         return None, issues
@@ -211,25 +247,36 @@ def iter_examples(path: str | Path, on_issue=None, stats: ScanStats | None = Non
     """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped."""
     path = Path(path)
     name = str(path)
-    for number, raw in open_lines(path):
+    for number, unit in read_units(path):
         if stats is not None:
             stats.lines = number
-        if not raw.strip():
+        if isinstance(unit, Issue):
+            example, issues = None, [unit]
+        elif isinstance(unit, Element):
+            example, issues = parse_value(unit.value, number, name)
+        elif not unit.strip():
             continue
-        example, issues = parse_line(raw, number, name)
+        else:
+            example, issues = parse_line(unit, number, name)
         if stats is not None:
-            stats.records += 1
-            if example is None:
-                stats.invalid += 1
-                stats.errors += len(issues)
-            else:
-                stats.valid += 1
-                stats.chat += int(example.is_chat)
+            _count(stats, example, issues)
         if on_issue is not None:
             for item in issues:
                 on_issue(item)
         if example is not None:
             yield example
+
+
+def _count(stats: ScanStats, example: Example | None, issues: list[Issue]) -> None:
+    stats.records += 1
+    errors = sum(1 for i in issues if i.severity == "error")
+    stats.errors += errors
+    stats.warnings += len(issues) - errors
+    if example is None:
+        stats.invalid += 1
+    else:
+        stats.valid += 1
+        stats.chat += int(example.is_chat)
 
 
 def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:

@@ -43,7 +43,8 @@ def validate_data(
     """Report every defect (file, line, field, reason), duplicates, and length statistics.
 
     With --model, also token lengths and how many examples --max-length would truncate.
-    Exit 0 when every file is clean, 1 when not.
+    Reads JSON Lines and JSON arrays; a compressed, binary or non-UTF-8 file is one error saying
+    how to convert it. Exit 0 when every file is clean, 1 when not.
     """
     from lora_cli.data_report import validate_file
     from lora_cli.render import err, out, table
@@ -72,7 +73,7 @@ def validate_data(
             columns.append(f"> {limit} tokens")
         out.print(table("validate-data", columns, rows, right=(1, 2, 3, 4, 6, 7, 8, 9, 10)))
         for r in reports:
-            if r.records == 0:
+            if r.records == 0 and not r.errors:
                 err.print(f"[red]error[/] {r.file}: holds no records.", markup=True)
         verdict = "[red]defects found[/]" if failed else "[green]clean[/]"
         out.print(f"{len(reports)} file(s): {verdict}", markup=True)
