@@ -155,7 +155,7 @@ def validate_file(
     finally:
         finder.close()
     report.records, report.valid, report.chat = stats.records, stats.valid - rejected, stats.chat
-    report.errors = stats.errors + rejected
+    report.errors, report.warnings = stats.errors + rejected, report.warnings + stats.warnings
     report.chars = LengthStats.from_counts(chars, "chars")
     if token_lengths is not None:
         report.tokens = LengthStats.from_counts(tokens, "tokens")

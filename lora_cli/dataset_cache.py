@@ -4,7 +4,8 @@ The key hashes every input of tokenization: the data file's bytes, the tokenizer
 the template, max length, label policy and this module's format version. One entry per
 split, so editing the validation file does not re-tokenize the training file. An entry is
 an Arrow dataset (datasets.save_to_disk) plus meta.json, built in a temporary folder and
-renamed into place: a killed run leaves nothing that a later run would trust.
+renamed into place: a killed run leaves nothing that a later run would trust. meta.json also
+keeps what a later run that reuses the entry must say again: the data's warnings.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.records import open_data_file, Issue, ScanStats, apply_or_reject, iter_examples
 from lora_cli.tokenization import LabelPolicy, encode_batch
 
-FORMAT_VERSION = 1
+# 2: instruction records' system/history fields rendered; meta.json keeps the data's warnings
+FORMAT_VERSION = 2
 BATCH = 1000
+KEPT_WARNINGS = 20
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -60,6 +63,10 @@ class CacheEntry:
     hit: bool
     meta: dict
 
+    def notes(self) -> list[str]:
+        """What a run using this entry tells the user about its data, on a cache hit as when built."""
+        return [f"warning {w}" for w in self.meta.get("warnings", [])]
+
     def load(self):
         from datasets import load_from_disk
 
@@ -80,15 +87,18 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
     stats = ScanStats(str(path))
     pending = []
     rejected = []
+    errors = [0]
 
     def on_issue(issue: Issue) -> None:
         issues.append(issue)
+        errors[0] += issue.severity == "error"
 
     def flush():
         encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
                                            str(path))
         issues.extend(refused)
         rejected.extend(refused)
+        errors[0] += len(refused)
         for enc in encoded:
             counters["truncated"] += int(enc.truncated)
             if enc.n_targets == 0:
@@ -103,13 +113,13 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
         pending.clear()
 
     for example in iter_examples(path, on_issue=on_issue, stats=stats):
-        if issues and not skip_invalid:
+        if errors[0] and not skip_invalid:
             continue  # the run will fail: find every defect, tokenize nothing more
         pending.append(example)
         if len(pending) >= BATCH:
             yield from flush()
             kill_point("tokenize:rows")
-    if not (issues and not skip_invalid):
+    if not (errors[0] and not skip_invalid):
         yield from flush()
     counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
 
@@ -190,9 +200,10 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
             ds.save_to_disk(str(tmp / "data"))
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
+            warnings = [str(i) for i in issues if i.severity == "warning"]
             meta = {"key": key, "split": split, "source": str(path), "parts": parts, "counts": counters,
-                    "skipped_lines": [i.line for i in errors][:1000], "seconds": round(time.time() - t0, 3),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "skipped_lines": [i.line for i in errors][:1000], "warnings": warnings[:KEPT_WARNINGS],
+                    "seconds": round(time.time() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     return CacheEntry(split, key, entry_dir, False, meta)
 

@@ -9,7 +9,7 @@ with the pad id, since pad == eos on Qwen and SmolLM2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lora_cli.records import Example
 
@@ -74,11 +74,12 @@ def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = Tru
 def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for a record's last response: training's input_ids up to that response.
 
-    What generation and the stop rate start from; an instruction record keeps its Input block.
+    What generation and the stop rate start from; an instruction record keeps its Input block,
+    system prompt and history.
     """
     if example.is_chat:
         return encode_prompt(list(example.messages or [])[:-1], tokenizer, template, add_eos)
-    blank = Example(example.line, example.instruction, example.input, "")
+    blank = replace(example, output="")
     return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
 
 

@@ -38,7 +38,7 @@ def validate_data(
     template: TemplateOpt = None,
     max_length: MaxLenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON report for machines.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings (duplicates) too.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too (duplicates, look-alike field names).")] = False,
 ) -> None:
     """Report every defect (file, line, field, reason), duplicates, and length statistics.
 
@@ -75,7 +75,8 @@ def validate_data(
         for r in reports:
             if r.records == 0 and not r.errors:
                 err.print(f"[red]error[/] {r.file}: holds no records.", markup=True)
-        verdict = "[red]defects found[/]" if failed else "[green]clean[/]"
+        verdict = "[red]defects found[/]" if failed else "[green]clean[/]" + (
+            " [yellow](with warnings)[/]" if any(r.warnings for r in reports) else "")
         out.print(f"{len(reports)} file(s): {verdict}", markup=True)
     raise typer.Exit(1 if failed else 0)
 
