@@ -31,7 +31,7 @@ def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is
                  barrier=lambda: None) -> PreparedData:
     """Tokenize (or reuse) the splits. With several processes, only the main one tokenizes.
 
-    What the data's entries have to say (warnings, left-out examples) goes to `reporter`, on a
+    What the data's entries have to say (left-out examples, warnings) goes to `reporter`, on a
     cache hit as when the entry is built."""
     if not cfg.data.train:
         raise LoraCliError("No training data given.", "Pass --train FILE.jsonl (or data.train in --config).")
