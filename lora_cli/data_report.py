@@ -138,12 +138,7 @@ def validate_file(
         nonlocal rejected
         if pending and token_counts is not None:
             counts, refused = apply_or_reject(pending, token_counts, str(path))
-            for count in counts:
-                tokens[count.length] += 1
-                if max_length and count.left_out(max_length):
-                    report.left_out += 1
-                    if len(report.left_out_lines) < MAX_LEFT_OUT_LINES:
-                        report.left_out_lines.append(count.line)
+            _tally(report, tokens, counts)
             for issue in refused:  # valid JSON the template cannot render: an error of that line
                 keep(issue)
             rejected += len(refused)
@@ -172,16 +167,27 @@ def validate_file(
     report.errors, report.warnings = stats.errors + rejected, report.warnings + stats.warnings
     report.chars = LengthStats.from_counts(chars, "chars")
     if token_counts is not None:
-        report.tokens = LengthStats.from_counts(tokens, "tokens")
-        if max_length:
-            report.truncated = sum(c for n, c in tokens.items() if n > max_length)
-        _left_out_warning(report, keep)
+        _token_summary(report, tokens, keep)
     return report
 
 
-def _left_out_warning(report: DataReport, keep) -> None:
+def _tally(report: DataReport, tokens: Counter, counts: list) -> None:
+    """Token lengths into the histogram; the examples max_length would leave out into the report."""
+    for count in counts:
+        tokens[count.length] += 1
+        if report.max_length and count.left_out(report.max_length):
+            report.left_out += 1
+            if len(report.left_out_lines) < MAX_LEFT_OUT_LINES:
+                report.left_out_lines.append(count.line)
+
+
+def _token_summary(report: DataReport, tokens: Counter, keep) -> None:
+    """Token statistics, the examples max_length would truncate, and a warning naming those it would leave out."""
     from lora_cli.tokenization import left_out_note
 
+    report.tokens = LengthStats.from_counts(tokens, "tokens")
+    if report.max_length:
+        report.truncated = sum(c for n, c in tokens.items() if n > report.max_length)
     if report.left_out and report.max_length:
         keep(Issue(report.file, 0, "", left_out_note(report.left_out, report.left_out_lines, report.max_length),
                    "warning"))
