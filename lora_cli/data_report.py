@@ -3,7 +3,9 @@
 Memory does not grow with the file. Lengths are counted in a histogram (one entry per
 distinct length, not per record; percentiles from it are exact), and duplicates are found by
 `DuplicateFinder`, which keeps a fixed number of 8-byte digests in memory and spills the rest
-to disk. Token lengths (with --model) are computed in batches through the fast tokenizer.
+to disk. Token lengths (with --model) are computed in batches through the fast tokenizer, with
+the examples that --max-length would leave without a trained token (the first line numbers kept).
+A file that is not JSON Lines at all (compressed, binary, another encoding) is one error.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_cli.duplicates import DuplicateFinder
+from lora_cli.file_kinds import NOT_JSONL, NotJsonLines
 from lora_cli.records import Example, Issue, ScanStats, apply_or_reject, iter_examples
 
 MAX_KEPT_ISSUES = 1000  # kept for --json; the terminal stream shows every one
+MAX_LEFT_OUT_LINES = 100  # line numbers of left-out examples kept
 
 
 @dataclass
@@ -72,6 +76,8 @@ class DataReport:
     tokens: LengthStats | None = None
     max_length: int | None = None
     truncated: int = 0
+    left_out: int = 0
+    left_out_lines: list[int] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -87,6 +93,8 @@ class DataReport:
             "issues": [i.to_dict() for i in self.issues], "issues_not_listed": self.issues_dropped,
             "length_chars": stats(self.chars), "length_tokens": stats(self.tokens),
             "max_length": self.max_length, "would_truncate": self.truncated if self.tokens else None,
+            "would_leave_out": self.left_out if self.tokens else None,
+            "left_out_lines": self.left_out_lines if self.tokens else None,
         }
 
 
@@ -102,10 +110,13 @@ def _duplicate_issues(file: str, finder: DuplicateFinder) -> Iterator[Issue]:
 def validate_file(
     path: str | Path,
     on_issue: Callable[[Issue], None] | None = None,
-    token_lengths: Callable[[list[Example]], list[int]] | None = None,
+    token_counts: Callable[[list[Example]], list] | None = None,
     max_length: int | None = None,
 ) -> DataReport:
-    """Stream `path` once; report every defect through `on_issue` as it is found."""
+    """Stream `path` once; report every defect through `on_issue` as it is found.
+
+    `token_counts` (tokenization.token_counts bound to a tokenizer and template) adds token
+    statistics and the examples --max-length would leave out."""
     path = Path(path)
     report = DataReport(str(path), max_length=max_length)
     stats = ScanStats(str(path))
@@ -124,9 +135,9 @@ def validate_file(
 
     def flush() -> None:
         nonlocal rejected
-        if pending and token_lengths is not None:
-            lengths, refused = apply_or_reject(pending, token_lengths, str(path))
-            tokens.update(lengths)
+        if pending and token_counts is not None:
+            counts, refused = apply_or_reject(pending, token_counts, str(path))
+            _tally(report, tokens, counts)
             for issue in refused:  # valid JSON the template cannot render: an error of that line
                 keep(issue)
             rejected += len(refused)
@@ -136,7 +147,7 @@ def validate_file(
         for example in iter_examples(path, on_issue=keep, stats=stats):
             finder.add(_digest(example), example.line)
             chars[example.char_length()] += 1
-            if token_lengths is not None:
+            if token_counts is not None:
                 pending.append(example)
                 if len(pending) >= 512:
                     flush()
@@ -144,13 +155,37 @@ def validate_file(
         for dup in _duplicate_issues(str(path), finder):
             keep(dup)
             report.warnings += 1
+    except NotJsonLines as exc:  # the whole file: one error, and the other files are still checked
+        keep(Issue(str(path), 0, "", f"this is {exc.what}, {NOT_JSONL}. {exc.hint}"))
+        stats.errors += 1
     finally:
         finder.close()
     report.records, report.valid, report.chat = stats.records, stats.valid - rejected, stats.chat
-    report.errors = stats.errors + rejected
+    report.errors, report.warnings = stats.errors + rejected, report.warnings + stats.warnings
     report.chars = LengthStats.from_counts(chars, "chars")
-    if token_lengths is not None:
-        report.tokens = LengthStats.from_counts(tokens, "tokens")
-        if max_length:
-            report.truncated = sum(c for n, c in tokens.items() if n > max_length)
+    if token_counts is not None:
+        _token_summary(report, tokens, keep)
     return report
+
+
+def _tally(report: DataReport, tokens: Counter, counts: list) -> None:
+    """Token lengths into the histogram; the examples max_length would leave out into the report."""
+    for count in counts:
+        tokens[count.length] += 1
+        if report.max_length and count.left_out(report.max_length):
+            report.left_out += 1
+            if len(report.left_out_lines) < MAX_LEFT_OUT_LINES:
+                report.left_out_lines.append(count.line)
+
+
+def _token_summary(report: DataReport, tokens: Counter, keep) -> None:
+    """Token statistics, the examples max_length would truncate, and a warning naming those it would leave out."""
+    from lora_cli.tokenization import left_out_note
+
+    report.tokens = LengthStats.from_counts(tokens, "tokens")
+    if report.max_length:
+        report.truncated = sum(c for n, c in tokens.items() if n > report.max_length)
+    if report.left_out and report.max_length:
+        keep(Issue(report.file, 0, "", left_out_note(report.left_out, report.left_out_lines, report.max_length),
+                   "warning"))
+        report.warnings += 1

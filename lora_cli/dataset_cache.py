@@ -4,7 +4,9 @@ The key hashes every input of tokenization: the data file's bytes, the tokenizer
 the template, max length, label policy and this module's format version. One entry per
 split, so editing the validation file does not re-tokenize the training file. An entry is
 an Arrow dataset (datasets.save_to_disk) plus meta.json, built in a temporary folder and
-renamed into place: a killed run leaves nothing that a later run would trust.
+renamed into place: a killed run leaves nothing that a later run would trust. meta.json also
+keeps what a later run that reuses the entry must say again: the examples truncation left without
+a trained token (count and first line numbers) and the data's warnings.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_t
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.records import open_data_file, Issue, ScanStats, apply_or_reject, iter_examples
-from lora_cli.tokenization import LabelPolicy, encode_batch
+from lora_cli.tokenization import LabelPolicy, encode_batch, left_out_note
 
-FORMAT_VERSION = 1
+# 2: instruction records' system/history fields rendered; meta.json has left_out_lines and warnings
+FORMAT_VERSION = 2
 BATCH = 1000
+KEPT_LINES = 100  # left-out line numbers kept in meta.json
+KEPT_WARNINGS = 20
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -63,6 +68,15 @@ class CacheEntry:
     hit: bool
     meta: dict
 
+    def notes(self) -> list[str]:
+        """What a run using this entry tells the user about its data, on a cache hit as when built."""
+        out = [f"warning {w}" for w in self.meta.get("warnings", [])]
+        left_out = self.meta.get("counts", {}).get("no_target", 0)
+        if left_out:
+            max_length = self.meta.get("parts", {}).get("max_length", 0)
+            out.append(left_out_note(left_out, self.meta.get("left_out_lines", []), max_length, self.split))
+        return out
+
     def load(self):
         from datasets import load_from_disk
 
@@ -78,24 +92,29 @@ def _key(parts: dict) -> str:
 
 
 def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bool, counters: dict, issues: list,
-          progress):
+          left_out: list, progress):
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
     rejected = []
+    errors = [0]
 
     def on_issue(issue: Issue) -> None:
         issues.append(issue)
+        errors[0] += issue.severity == "error"
 
     def flush():
         encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
                                            str(path))
         issues.extend(refused)
         rejected.extend(refused)
+        errors[0] += len(refused)
         for enc in encoded:
             counters["truncated"] += int(enc.truncated)
             if enc.n_targets == 0:
                 counters["no_target"] += 1
+                if len(left_out) < KEPT_LINES:
+                    left_out.append(enc.line)
                 continue
             counters["examples"] += 1
             counters["tokens"] += len(enc.input_ids)
@@ -106,13 +125,13 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
         pending.clear()
 
     for example in iter_examples(path, on_issue=on_issue, stats=stats):
-        if issues and not skip_invalid:
+        if errors[0] and not skip_invalid:
             continue  # the run will fail: find every defect, tokenize nothing more
         pending.append(example)
         if len(pending) >= BATCH:
             yield from flush()
             kill_point("tokenize:rows")
-    if not (issues and not skip_invalid):
+    if not (errors[0] and not skip_invalid):
         yield from flush()
     counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
 
@@ -170,13 +189,15 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
     disable_progress_bar()
     counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0)
     issues: list[Issue] = []
+    left_out: list[int] = []
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                          "line": Value("int64"), "length": Value("int32"), "n_targets": Value("int32")})
     t0 = time.time()
     with reporter.stage(f"Tokenizing {path.name}", total=n_lines or None, unit="records") as progress:
         with atomic_dir(entry_dir, replace=True) as tmp:
             gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
-                              skip_invalid=skip_invalid, counters=counters, issues=issues, progress=progress)
+                              skip_invalid=skip_invalid, counters=counters, issues=issues, left_out=left_out,
+                              progress=progress)
             try:
                 ds = _generate(gen_kwargs, features, key, tmp / "build")
             except ValueError:
@@ -188,14 +209,23 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
                 raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,
                                 hint="Fix them (lora-cli validate-data lists every one) or pass --skip-invalid.")
             if counters["examples"] == 0:
-                raise DataError(f"{path} has no usable examples.", errors,
-                                hint="Every example needs a response that survives truncation at --max-length.")
+                raise _no_examples(path, counters, left_out, policy, errors)
             ds.save_to_disk(str(tmp / "data"))
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
+            warnings = [str(i) for i in issues if i.severity == "warning"]
             meta = {"key": key, "split": split, "source": str(path), "parts": parts, "counts": counters,
-                    "skipped_lines": [i.line for i in errors][:1000], "seconds": round(time.time() - t0, 3),
+                    "skipped_lines": [i.line for i in errors][:1000], "left_out_lines": left_out,
+                    "warnings": warnings[:KEPT_WARNINGS], "seconds": round(time.time() - t0, 3),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     return CacheEntry(split, key, entry_dir, False, meta)
 
+
+
+def _no_examples(path: Path, counters: dict, left_out: list[int], policy: LabelPolicy, errors: list) -> DataError:
+    if counters["no_target"]:
+        note = left_out_note(counters["no_target"], left_out, policy.max_length)
+        return DataError(f"{path} has no usable examples. {note}", errors)
+    return DataError(f"{path} has no usable examples.", errors,
+                     hint="Every example needs a response that survives truncation at --max-length.")

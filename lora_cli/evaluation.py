@@ -31,6 +31,7 @@ class LossSums:
     text_total: float = 0.0  # the same without the eos targets
     text_n: int = 0
     truncated: int = 0
+    left_out: list[int] = field(default_factory=list)  # lines of examples truncation leaves no target token
 
 
 @dataclass
@@ -48,6 +49,8 @@ class EvalResult:
     max_new_tokens: int
     seconds: float
     answers: list[dict] = field(default_factory=list)
+    left_out: int = 0  # examples not scored: the prompt fills max length
+    left_out_lines: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +95,7 @@ def response_loss(loaded: LoadedModel, examples: list[Example], use_adapter: boo
     tok, info = loaded.tokenizer, loaded.info
     base = loaded.model.get_base_model() if loaded.has_adapter else loaded.model
     encoded = encode_batch(examples, tok, loaded.template, LabelPolicy(info.max_length, False, True))
-    sums = LossSums(truncated=sum(e.truncated for e in encoded))
+    sums = LossSums(truncated=sum(e.truncated for e in encoded), left_out=[e.line for e in encoded if e.n_targets == 0])
     switch = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else contextlib.nullcontext()
     with switch, torch.inference_mode():
         for idx in _batches([len(e.input_ids) for e in encoded], budget):
@@ -129,6 +132,10 @@ def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_n
     label = str(loaded.info.path) if (use_adapter and loaded.has_adapter) else f"{loaded.info.base_model} (base)"
     with reporter.stage("Scoring responses", total=len(examples), unit="records") as bar:
         sums = response_loss(loaded, examples, use_adapter, on_batch=bar.update)
+    if sums.left_out:
+        from lora_cli.tokenization import left_out_note
+
+        reporter.message(left_out_note(len(sums.left_out), sums.left_out, loaded.info.max_length, purpose="score"))
     loss = sums.total / sums.n if sums.n else None
     answers, stopped = [], 0
     if stop_rate:
@@ -144,4 +151,5 @@ def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_n
         perplexity=math.exp(loss) if loss is not None and loss < 700 else None,
         loss_text=sums.text_total / sums.text_n if sums.text_n else None, truncated=sums.truncated,
         stop_rate=stopped / len(examples) if stop_rate else None, stopped=stopped, max_new_tokens=max_new_tokens,
-        seconds=round(time.time() - t0, 2), answers=answers)
+        seconds=round(time.time() - t0, 2), answers=answers, left_out=len(sums.left_out),
+        left_out_lines=sums.left_out[:100])

@@ -29,7 +29,10 @@ def label_policy(cfg: RunConfig) -> LabelPolicy:
 
 def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is_main: bool = True,
                  barrier=lambda: None) -> PreparedData:
-    """Tokenize (or reuse) the splits. With several processes, only the main one tokenizes."""
+    """Tokenize (or reuse) the splits. With several processes, only the main one tokenizes.
+
+    What the data's entries have to say (left-out examples, warnings) goes to `reporter`, on a
+    cache hit as when the entry is built."""
     if not cfg.data.train:
         raise LoraCliError("No training data given.", "Pass --train FILE.jsonl (or data.train in --config).")
     if not is_main:
@@ -47,6 +50,8 @@ def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is
         if path:
             entries[split] = build_or_load(split, path, tokenizer, resolved.path, template, policy,
                                            cfg.data.cache_dir, cfg.data.skip_invalid, force and is_main, reporter)
+            for note in entries[split].notes():
+                reporter.message(note)
     if is_main:
         barrier()
     return PreparedData(resolved, tokenizer, template, entries["train"], entries.get("val"))

@@ -1,17 +1,21 @@
 """Read instruction data as a stream and say exactly what is wrong with it.
 
-Two record shapes are accepted, one JSON object per line:
-  {"instruction": str, "input": str (optional, null = ""), "output": str}
-  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-Every defect becomes an `Issue` naming file, line, field and reason, so that a user fixes
-the whole file in one pass instead of one error per run. Lines are read as bytes one at a
-time: memory does not grow with the file.
+Two record shapes are accepted, one JSON object per line (or elements of one JSON array):
+  {"instruction": str, "input": str (optional, null = ""), "output": str,
+   "system": str (optional), "history": [[user, assistant], ...] (optional)}
+  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "system": str (optional)}
+`system` and `history` are LLaMA-Factory's extension of the Alpaca format: a system prompt and the
+earlier turns of the conversation. Every defect becomes an `Issue` naming file, line, field and
+reason, so that a user fixes the whole file in one pass instead of one error per run. Lines are
+read as bytes one at a time: memory does not grow with the file. What a file holds is decided
+first (`file_kinds.sniff`): a compressed, binary or differently encoded file is one message.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +24,10 @@ from lora_cli.errors import LoraCliError
 ROLES = ("system", "user", "assistant")
 FIELDS = ("instruction", "input", "output")
 # Keys that people often use instead of ours; named in the error to save a round trip.
-ALIASES = {"output": ("response", "answer", "completion", "target"), "instruction": ("prompt", "question", "query")}
+ALIASES = {"output": ("response", "answer", "completion", "target"), "instruction": ("prompt", "question", "query"),
+           "system": ("system_prompt", "system_message"), "history": ("chat_history", "conversation_history"),
+           "messages": ("conversations", "conversation", "dialog", "chat")}
+KNOWN = ("instruction", "input", "output", "messages", "system", "history")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class Example:
     input: str = ""
     output: str = ""
     messages: list[dict] | None = None
+    system: str = ""  # instruction records: the system prompt ("" for none)
+    history: list[tuple[str, str]] = field(default_factory=list)  # instruction records: earlier (user, assistant) turns
 
     @property
     def is_chat(self) -> bool:
@@ -58,12 +67,14 @@ class Example:
         """Text that equal records share: what duplicate detection compares."""
         if self.messages is not None:
             return json.dumps(self.messages, ensure_ascii=False, sort_keys=True)
-        return json.dumps([self.instruction, self.input, self.output], ensure_ascii=False)
+        extra = [self.system, [list(turn) for turn in self.history]] if (self.system or self.history) else []
+        return json.dumps([self.instruction, self.input, self.output, *extra], ensure_ascii=False)
 
     def char_length(self) -> int:
         if self.messages is not None:
             return sum(len(m["content"]) for m in self.messages)
-        return len(self.instruction) + len(self.input) + len(self.output)
+        earlier = len(self.system) + sum(len(u) + len(a) for u, a in self.history)
+        return len(self.instruction) + len(self.input) + len(self.output) + earlier
 
 
 def open_data_file(path: str | Path):
@@ -88,6 +99,37 @@ def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw.rstrip(b"\r\n")
 
 
+@dataclass(frozen=True)
+class Element:
+    """One element of a JSON array file, already parsed."""
+
+    value: object
+
+
+def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue"]]:
+    """What every reader of data files goes through: (line, unit) where a unit is a JSON Lines line
+    (bytes), an element of a JSON array file, or an Issue that ends the file (a JSON array that stops
+    being valid JSON). A file that is neither raises NotJsonLines, saying what it is."""
+    from lora_cli.file_kinds import JSON_ARRAY, SAMPLE, sniff
+    from lora_cli.json_array import ArrayReadError, iter_json_array
+
+    path = Path(path)
+    with open_data_file(path) as fh:
+        try:
+            kind = sniff(path, fh.read(SAMPLE))
+        except OSError as exc:
+            raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+        if kind == JSON_ARRAY:
+            fh.seek(0)
+            try:
+                for line, value in iter_json_array(fh):
+                    yield line, Element(value)
+            except ArrayReadError as exc:
+                yield exc.line, Issue(str(path), exc.line, "", exc.reason)
+            return
+    yield from open_lines(path)
+
+
 def _is_encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -100,7 +142,7 @@ def _string_field(obj: dict, key: str, issue, *, optional: bool) -> str | None:
     if key not in obj:
         if optional:
             return ""
-        alias = next((a for a in ALIASES.get(key, ()) if a in obj), None)
+        alias = _found_instead(obj, key)
         hint = f" (found '{alias}': rename it to '{key}')" if alias else ""
         issue(key, f"missing field '{key}'{hint}")
         return None
@@ -160,37 +202,122 @@ def _parse_messages(value, issue) -> list[dict] | None:
 
 def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
     """Parse one raw line into an Example, or None with the reasons it is invalid."""
+    def invalid(reason: str) -> tuple[None, list[Issue]]:
+        return None, [Issue(file, number, "", reason)]
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return invalid(f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return invalid("invalid JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
+        return invalid(f"invalid JSON: {exc}")
+    return parse_value(obj, number, file)
+
+
+def parse_value(obj, number: int, file: str) -> tuple[Example | None, list[Issue]]:
+    """Validate one parsed record (a JSON Lines line or a JSON array's element)."""
     issues: list[Issue] = []
 
     def issue(fld: str, reason: str) -> None:
         issues.append(Issue(file, number, fld, reason))
 
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        issue("", f"invalid UTF-8 at byte {exc.start + 1} of the line")
-        return None, issues
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        issue("", f"invalid JSON: {exc.msg} (column {exc.colno})")
-        return None, issues
-    except RecursionError:
-        issue("", "invalid JSON: nested too deeply")
-        return None, issues
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
-        issue("", f"invalid JSON: {exc}")
-        return None, issues
     if not isinstance(obj, dict):
         issue("", f"expected a JSON object, got {type(obj).__name__}")
         return None, issues
-    if "messages" in obj:
-        messages = _parse_messages(obj["messages"], issue)
-        return (Example(number, messages=messages) if messages is not None else None), issues
-    values = {k: _string_field(obj, k, issue, optional=(k == "input")) for k in FIELDS}
-    if issues:
-        return None, issues
-    return Example(number, **values), issues
+    if "messages" in obj or ("instruction" not in obj and _found_instead(obj, "messages")):
+        example = _chat_record(obj, number, issue)
+    else:
+        values = {k: _string_field(obj, k, issue, optional=(k == "input")) for k in FIELDS}
+        system = _string_field(obj, "system", issue, optional=True)
+        history = _parse_history(obj.get("history"), issue)
+        example = None if issues else Example(number, **values, system=system.strip() and system, history=history)
+    if example is not None:
+        issues.extend(_lookalike_warnings(obj, file, number))
+    return example, issues
+
+
+def _chat_record(obj: dict, number: int, issue) -> Example | None:
+    if "messages" not in obj:
+        found = _found_instead(obj, "messages")
+        issue("messages", f"missing field 'messages' (found '{found}': rename it to 'messages', with "
+                          "{role, content} objects) or fields 'instruction' and 'output'")
+        return None
+    messages = _parse_messages(obj["messages"], issue)
+    system = _string_field(obj, "system", issue, optional=True)
+    if obj.get("history") is not None:
+        issue("history", "'history' belongs to instruction records; a chat record holds its earlier turns in 'messages'")
+        return None
+    if messages is None or system is None:
+        return None
+    if system.strip():
+        if any(m["role"] == "system" for m in messages):
+            issue("system", "the record has both a 'system' field and a system message; keep one")
+            return None
+        messages = [{"role": "system", "content": system}, *messages]
+    return Example(number, messages=messages)
+
+
+def _parse_history(value, issue) -> list[tuple[str, str]]:
+    """LLaMA-Factory's `history`: earlier turns as [[user, assistant], ...]; null or absent: none."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        issue("history", f"'history' must be a list of [user, assistant] pairs, not {type(value).__name__}")
+        return []
+    ok = True
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            shown = f"a list of {len(pair)}" if isinstance(pair, list) else type(pair).__name__
+            issue(f"history[{i}]", f"each history turn must be a [user, assistant] pair of strings, not {shown}")
+            ok = False
+            continue
+        for j, (text, who) in enumerate(zip(pair, ("user", "assistant"))):
+            problem = (f"must be a string, not {type(text).__name__}" if not isinstance(text, str) else
+                       "holds an invalid unicode escape (a lone surrogate)" if not _is_encodable(text) else
+                       "is blank" if who == "assistant" and not text.strip() else None)
+            if problem:
+                issue(f"history[{i}][{j}]", f"the {who} text {problem}")
+                ok = False
+    return [(user, answer) for user, answer in value] if ok else []
+
+
+def _looks_like(key: str, name: str) -> float:
+    """How much `key` (not a field lora-cli reads) looks like field `name`: 1 for another case or
+    a common alias, difflib's similarity for a misspelling, 0 below 0.8."""
+    lowered = key.lower()
+    if lowered == name or key in ALIASES.get(name, ()):
+        return 1.0
+    ratio = difflib.SequenceMatcher(None, lowered, name).ratio()
+    return ratio if ratio >= 0.8 else 0.0
+
+
+def _found_instead(obj: dict, name: str) -> str | None:
+    """A key of the record that is probably `name` under another spelling."""
+    scored = [(_looks_like(k, name), k) for k in obj if isinstance(k, str) and k not in KNOWN]
+    best = max(scored, default=(0.0, None))
+    return best[1] if best[0] else None
+
+
+def _lookalike_warnings(obj: dict, file: str, number: int) -> list[Issue]:
+    """Unknown fields are ignored; one that looks like a field lora-cli reads gets a warning. (Beside
+    an instruction and an output, 'response' or 'prompt' is taken for metadata, not a misspelling.)"""
+    out = []
+    for key in obj:
+        if not isinstance(key, str) or key in KNOWN:
+            continue
+        scored = [(_looks_like(key, name), name) for name in KNOWN
+                  if not (name in ("instruction", "output") and key in ALIASES[name])]
+        score, name = max(scored)
+        if score:
+            out.append(Issue(file, number, key, f"field '{key}' is ignored: did you mean '{name}'? (later lines with "
+                                                f"'{key}' are not listed)", "warning"))
+    return out
 
 
 @dataclass
@@ -208,28 +335,44 @@ class ScanStats:
 
 
 def iter_examples(path: str | Path, on_issue=None, stats: ScanStats | None = None) -> Iterator[Example]:
-    """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped."""
+    """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
+
+    A warning about a look-alike field is reported for the first line that has it, not for every one."""
     path = Path(path)
     name = str(path)
-    for number, raw in open_lines(path):
+    warned: set[str] = set()
+    for number, unit in read_units(path):
         if stats is not None:
             stats.lines = number
-        if not raw.strip():
+        if isinstance(unit, Issue):
+            example, issues = None, [unit]
+        elif isinstance(unit, Element):
+            example, issues = parse_value(unit.value, number, name)
+        elif not unit.strip():
             continue
-        example, issues = parse_line(raw, number, name)
+        else:
+            example, issues = parse_line(unit, number, name)
+        issues = [i for i in issues if i.severity == "error" or i.field not in warned]
+        warned.update(i.field for i in issues if i.severity == "warning")
         if stats is not None:
-            stats.records += 1
-            if example is None:
-                stats.invalid += 1
-                stats.errors += len(issues)
-            else:
-                stats.valid += 1
-                stats.chat += int(example.is_chat)
+            _count(stats, example, issues)
         if on_issue is not None:
             for item in issues:
                 on_issue(item)
         if example is not None:
             yield example
+
+
+def _count(stats: ScanStats, example: Example | None, issues: list[Issue]) -> None:
+    stats.records += 1
+    errors = sum(1 for i in issues if i.severity == "error")
+    stats.errors += errors
+    stats.warnings += len(issues) - errors
+    if example is None:
+        stats.invalid += 1
+    else:
+        stats.valid += 1
+        stats.chat += int(example.is_chat)
 
 
 def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:

@@ -34,9 +34,11 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 def _turns(example: Example) -> tuple[str, list[tuple[str, str]]]:
-    """(system text, [(user, assistant), ...]) for either record shape."""
+    """(system text, [(user, assistant), ...]) for either record shape. An instruction record's
+    `history` turns come first, as a chat record's earlier turns would."""
     if not example.is_chat:
-        return "", [((example.instruction, example.input), example.output)]
+        earlier = [((user, ""), answer) for user, answer in example.history]
+        return example.system, [*earlier, ((example.instruction, example.input), example.output)]
     system, turns, pending = [], [], []
     for msg in example.messages or []:
         if msg["role"] == "system":
@@ -95,10 +97,14 @@ class ChatTemplate:
 
     @staticmethod
     def _messages(example: Example) -> list[dict]:
+        """A chat record's messages; for an instruction record, the conversation it stands for."""
         if example.is_chat:
             return list(example.messages or [])
+        messages = [{"role": "system", "content": example.system}] if example.system else []
+        for user, answer in example.history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         user = example.instruction + (TURN_SEPARATOR + example.input if example.input.strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": example.output}]
+        return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": example.output}]
 
     def segments(self, example: Example, tokenizer=None) -> Segments:
         """Split the rendered conversation at each assistant turn by rendering its prefixes."""

@@ -9,7 +9,7 @@ with the pad id, since pad == eos on Qwen and SmolLM2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lora_cli.loss import IGNORE
 from lora_cli.records import Example
@@ -73,11 +73,12 @@ def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = Tru
 def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for a record's last response: training's input_ids up to that response.
 
-    What generation and the stop rate start from; an instruction record keeps its Input block.
+    What generation and the stop rate start from; an instruction record keeps its Input block,
+    system prompt and history.
     """
     if example.is_chat:
         return encode_prompt(list(example.messages or [])[:-1], tokenizer, template, add_eos)
-    blank = Example(example.line, example.instruction, example.input, "")
+    blank = replace(example, output="")
     return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
 
 
@@ -103,3 +104,36 @@ def token_lengths(examples: list[Example], tokenizer, template) -> list[int]:
     """Untruncated token counts (prompt + response + eos), for validate-data's statistics."""
     policy = LabelPolicy(max_length=2**31 - 1)
     return [len(e.input_ids) for e in encode_batch(examples, tokenizer, template, policy)]
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """One example's untruncated token count and where its first trained token sits."""
+
+    line: int
+    length: int
+    first_target: int  # index of the first labelled token that is predicted (len(input_ids) if none)
+
+    def left_out(self, max_length: int) -> bool:
+        """True when truncation at max_length keeps no trained token: the example is left out."""
+        return self.first_target >= max_length
+
+
+def token_counts(examples: list[Example], tokenizer, template, policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
+    """TokenCount per example under `policy`'s labels, for validate-data's statistics."""
+    untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
+    out = []
+    for enc in encode_batch(examples, tokenizer, template, untruncated):
+        first = next((i for i in range(1, len(enc.labels)) if enc.labels[i] != IGNORE), len(enc.labels))
+        out.append(TokenCount(enc.line, len(enc.input_ids), first))
+    return out
+
+
+def left_out_note(count: int, lines: list[int], max_length: int, split: str = "", purpose: str = "train on") -> str:
+    """The one sentence every command that tokenizes says about examples truncation leaves empty."""
+    shown = ", ".join(str(n) for n in lines[:10])
+    more = f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else ""
+    where = f" (line{'s' if count > 1 else ''} {shown}{more})" if lines else ""
+    return (f"{count:,} {split + ' ' if split else ''}example(s) left out: the prompt fills --max-length "
+            f"({max_length} tokens), so no response token is left to {purpose}{where}. "
+            "Raise --max-length or shorten those prompts.")

@@ -33,6 +33,8 @@ def print_result(result, show: int) -> None:
                                   f"within {result.max_new_tokens} new tokens)"])
     if result.truncated:
         rows.append(["truncated at max length", result.truncated])
+    if result.left_out:
+        rows.append(["left out (prompt fills max length)", result.left_out])
     out.print(plain_table(f"eval: {result.model} on {result.data}", ["metric", "value"], rows))
     if show and result.answers:
         body = [[a["line"], a["prompt"], _shorten(a["answer"]), "yes" if a["stopped"] else "no"]

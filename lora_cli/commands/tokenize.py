@@ -30,21 +30,18 @@ def tokenize(
     entries = [e for e in (data.train, data.val) if e is not None]
     if as_json:
         typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
-                                "counts": e.meta.get("counts")} for e in entries], indent=2))
+                                "counts": e.meta.get("counts"), "left_out_lines": e.meta.get("left_out_lines", [])}
+                               for e in entries], indent=2))
         return
     rows = []
     for e in entries:
         c = e.meta.get("counts", {})
         rows.append([e.split, "cache hit" if e.hit else "built", c.get("examples"), c.get("tokens"),
-                     c.get("targets"), c.get("truncated"), c.get("invalid"), str(e.path)])
+                     c.get("targets"), c.get("truncated"), c.get("no_target"), c.get("invalid"), str(e.path)])
     out.print(table(f"tokenize ({cfg.model.name}, template {cfg.data.template}, max length {cfg.data.max_length})",
-                    ["split", "status", "examples", "tokens", "target tokens", "truncated", "skipped", "cache entry"],
-                    rows, right=(2, 3, 4, 5, 6)))
-    for e in entries:
-        c = e.meta.get("counts", {})
-        if c.get("no_target"):
-            out.print(f"note: {c['no_target']} {e.split} example(s) left out: no response token survives "
-                      f"truncation at {cfg.data.max_length} tokens.")
+                    ["split", "status", "examples", "tokens", "target tokens", "truncated", "left out", "skipped",
+                     "cache entry"], rows, right=(2, 3, 4, 5, 6, 7)))
+    for e in entries:  # left-out examples and warnings: prepare_data told the reporter
         out.print(f"{e.split}: {'cache hit' if e.hit else 'tokenized'} ({e.key})")
 
 
