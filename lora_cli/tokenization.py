@@ -42,6 +42,14 @@ def special_prefix(tokenizer) -> list[int]:
     return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
 
 
+def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -> list[int]:
+    """A segment's ids, with eos appended after a trained segment (a response) unless it ends
+    with one already: the one rule for training and for the prompts of generation."""
+    if trainable and add_eos and eos is not None and (not piece or piece[-1] != eos):
+        return [*piece, eos]
+    return list(piece)
+
+
 def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPolicy) -> list[Encoded]:
     """Encode many examples with one tokenizer call over all of their segments."""
     per_example = [template.segments(ex, tokenizer) for ex in examples]
@@ -53,10 +61,8 @@ def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPoli
     for example, segs in zip(examples, per_example):
         input_ids, labels = list(prefix), [IGNORE] * len(prefix)
         for _, trainable in segs:
-            piece = list(ids[k])
+            piece = _closed(ids[k], trainable, policy.add_eos, eos)
             k += 1
-            if trainable and policy.add_eos and eos is not None and (not piece or piece[-1] != eos):
-                piece.append(eos)
             input_ids.extend(piece)
             labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
         truncated = len(input_ids) > policy.max_length
@@ -93,10 +99,7 @@ def _encode_prompt_segments(segs, tokenizer, add_eos: bool) -> list[int]:
     eos = tokenizer.eos_token_id
     out = special_prefix(tokenizer)
     for (_, trainable), piece in zip(segs, ids):
-        piece = list(piece)
-        if trainable and add_eos and eos is not None and (not piece or piece[-1] != eos):
-            piece.append(eos)
-        out.extend(piece)
+        out.extend(_closed(piece, trainable, add_eos, eos))
     return out
 
 

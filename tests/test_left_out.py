@@ -12,12 +12,22 @@ from conftest import make_records, tiny_config, write_jsonl
 from lora_cli.cli import app
 from lora_cli.errors import DataError
 from lora_cli.prepare import prepare_data
-from lora_cli.progress import RecordingReporter
+from lora_cli.progress import NullReporter
 from lora_cli.records import Example
 from lora_cli.templates import get_template
 from lora_cli.tokenization import LabelPolicy, encode_batch, token_counts
 
 runner = CliRunner()
+
+
+class RecordingReporter(NullReporter):
+    """Keeps the messages the core reports."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
 LONG = {"instruction": "read the text about the river and the stone garden " * 12, "input": "", "output": "blue"}
 MAX = 48
 
