@@ -54,10 +54,11 @@ def from_jsonl(path: str, max_length: int = 512, vocab: int = 32000) -> list[dic
 
 def from_jsonl_with_tokenizer(path: str, model_dir: str, max_length: int = 512) -> list[dict]:
     """A real JSONL through the model's own tokenizer and lora-cli's template (for local models)."""
-    from lora_cli.records import iter_examples
-    from lora_cli.templates import get_template
-    from lora_cli.tokenization import LabelPolicy, encode_batch
     from transformers import AutoTokenizer
+
+    from lora_cli.data.records import iter_examples
+    from lora_cli.data.templates import get_template
+    from lora_cli.data.tokenization import LabelPolicy, encode_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = encode_batch(list(iter_examples(path)), tokenizer, get_template("alpaca"), LabelPolicy(max_length))

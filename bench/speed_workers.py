@@ -46,8 +46,7 @@ def run_reference(model_dir: str, examples: list[dict], warmup: int, steps: int)
     """The seed recipe: nf4 + fp16 compute, prepare_model_for_kbit_training (GC), 2 x accum 2, Trainer."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available()  # on a CPU, fp16 does not apply: the recipe runs in fp32 there
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": 0 if cuda else "cpu"},
@@ -97,9 +96,9 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     from datasets import Dataset
 
     from lora_cli.config import RunConfig
-    from lora_cli.modeling import quiet_libraries
-    from lora_cli.runtime import place
-    from lora_cli.training import TrainingData, train_on
+    from lora_cli.model.load import quiet_libraries
+    from lora_cli.train.recipe import TrainingData, train_on
+    from lora_cli.train.runtime import place
 
     quiet_libraries()
     overrides = dict(overrides)
@@ -117,7 +116,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     placement = place(cfg)
     log, times = [], []
 
-    from lora_cli.batching import Batcher
+    from lora_cli.data.batching import Batcher
 
     original = Batcher.collate
 

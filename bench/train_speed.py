@@ -52,7 +52,7 @@ VARIANTS = {
     "all-labels": {"data.train_on_prompt": True},
     "dp": {"lora.dropout": 0.0},  # data-parallel scaling runs: name@N runs on N GPUs
     "dp-accum4": {"lora.dropout": 0.0, "train.grad_accum": 4},  # 1 GPU with the global batch of dp@2
-    "fsdp": {"lora.dropout": 0.0},  # fsdp@N: the 4-bit base sharded over N GPUs (QLoRA + FSDP, lora_cli/sharding.py)
+    "fsdp": {"lora.dropout": 0.0},  # fsdp@N: the 4-bit base sharded over N GPUs (QLoRA + FSDP, lora_cli/train/sharding.py)
     "seed-like": {"train.batching": "padded", "train.precision": "fp16", "model.upcast": "fp32",
                   "train.gradient_checkpointing": "on", "train.fused_loss": False},
 }
@@ -126,7 +126,6 @@ def combine_ranks(lines: list[dict], spec: str) -> dict:
 
 def worker(args) -> None:
     import torch
-
     from speed_workers import run_loracli, run_reference
 
     examples = torch.load(args.data_file, weights_only=True) if args.data_file.endswith(".pt") else \
@@ -177,7 +176,7 @@ def main() -> None:
     model_dir = work / ("model-tiny" if args.tiny else "model")
     t0 = time.time()
     if args.model:
-        from lora_cli.modeling import resolve_model
+        from lora_cli.model.resolve import resolve_model
 
         model_dir = resolve_model(args.model).path
     else:
@@ -208,7 +207,7 @@ def main() -> None:
             continue
         worker_args = [__file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
                        "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
-        from lora_cli.sharding import LAUNCH_FLAGS
+        from lora_cli.train.sharding import LAUNCH_FLAGS
 
         mode = LAUNCH_FLAGS if name == "fsdp" else ["--multi_gpu"]
         launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "accelerate.commands.launch", *mode,

@@ -55,7 +55,7 @@ def make_adapter(factory, model_dir: Path, name: str, train: Path | None = None,
     """Train (once per session) an adapter of the tiny model; `overrides` are dotted config keys."""
     if name in _MEMO:
         return _MEMO[name]
-    from lora_cli.training import train as run
+    from lora_cli.train.recipe import train as run
 
     default_train, default_val = data_dir(factory)
     out = factory.mktemp("adapters") / name

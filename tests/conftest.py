@@ -25,6 +25,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 from tiny_models import WORDS, build_model, build_tokenizer  # noqa: E402
 
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Qwen2 with a ChatML BPE tokenizer (eos == pad, as on Qwen and SmolLM2)."""

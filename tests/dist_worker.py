@@ -19,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def shard_on_cpu() -> None:
+    import dataclasses
+
     import torch
     from accelerate import Accelerator
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from lora_cli import runtime, sharding
-
-    import dataclasses
+    from lora_cli.train import runtime, sharding
 
     place = runtime.place
 
@@ -50,8 +50,8 @@ def main() -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from lora_cli import checkpoint, outputs, training
     from lora_cli.config import load_config_file
+    from lora_cli.train import checkpoint, recipe, run_folder
 
     config, report = sys.argv[1], Path(sys.argv[2])
     if "fsdp" in sys.argv[3:]:
@@ -72,20 +72,20 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    spy(outputs.OutputFolder, "append_metrics")
-    spy(outputs.OutputFolder, "finish")
-    spy(outputs.OutputFolder, "start")
+    spy(run_folder.OutputFolder, "append_metrics")
+    spy(run_folder.OutputFolder, "finish")
+    spy(run_folder.OutputFolder, "start")
     original_save = checkpoint.save_checkpoint
 
     def save_spy(*args, **kwargs):
         calls.append("save_checkpoint")
         return original_save(*args, **kwargs)
 
-    import lora_cli.loop as loop
+    import lora_cli.train.loop as loop
 
     loop.save_checkpoint = save_spy
     captured = {}
-    original_finish = outputs.OutputFolder.finish
+    original_finish = run_folder.OutputFolder.finish
 
     def finish_and_capture(self, peft_model, *args, **kwargs):
         state = kwargs.get("adapter_state")  # gathered from the FSDP shards (rank 0), or None: read the model
@@ -93,8 +93,8 @@ def main() -> None:
         captured["weights"] = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         return original_finish(self, peft_model, *args, **kwargs)
 
-    outputs.OutputFolder.finish = finish_and_capture
-    from lora_cli import dataset_cache
+    run_folder.OutputFolder.finish = finish_and_capture
+    from lora_cli.data import cache as dataset_cache
 
     original_build = dataset_cache._build
 
@@ -104,7 +104,7 @@ def main() -> None:
 
     dataset_cache._build = build_spy
     resume = "resume" in sys.argv[3:]
-    result = training.train(load_config_file(config), resume=resume, overwrite=not resume)
+    result = recipe.train(load_config_file(config), resume=resume, overwrite=not resume)
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
     (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.steps,

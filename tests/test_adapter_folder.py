@@ -3,12 +3,18 @@
 import json
 
 import pytest
+from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
-from lora_cli.adapter_folder import (ADAPTER_CONFIG, PICKLED_WEIGHTS, RUN_CONFIG, check_loadable, is_finished,
-                                     lora_settings)
-from lora_cli.cli import app
+from lora_cli.adapter.folder import (
+    ADAPTER_CONFIG,
+    PICKLED_WEIGHTS,
+    RUN_CONFIG,
+    check_loadable,
+    is_finished,
+    lora_settings,
+)
+from lora_cli.cli.app import app
 from lora_cli.config import LoraSettings
 from lora_cli.errors import LoraCliError
 

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from conftest import make_records, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import make_records, write_jsonl
-from lora_cli import dataset_cache
-from lora_cli.cli import app
+from lora_cli.cli.app import app
+from lora_cli.data import cache as dataset_cache
 
 runner = CliRunner()
 

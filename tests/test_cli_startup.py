@@ -5,11 +5,11 @@ import sys
 
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 
 
 def test_help_does_not_import_heavy_libraries():
-    code = ("import sys; from typer.testing import CliRunner; from lora_cli.cli import app; "
+    code = ("import sys; from typer.testing import CliRunner; from lora_cli.cli.app import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes', 'accelerate') "
             "if m in sys.modules]; print(heavy)")

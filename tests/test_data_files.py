@@ -11,16 +11,16 @@ import tracemalloc
 import zipfile
 
 import pytest
+from conftest import make_records, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import make_records, write_jsonl
-from lora_cli import json_array
-from lora_cli.cli import app
-from lora_cli.data_report import validate_file
-from lora_cli.evaluation import read_examples
-from lora_cli.file_kinds import NotJsonLines
+from lora_cli.cli.app import app
+from lora_cli.data import json_array
+from lora_cli.data.file_kinds import NotJsonLines
+from lora_cli.data.report import validate_file
+from lora_cli.infer.evaluation import read_examples
 
 runner = CliRunner()
 RECORDS = [{"instruction": "Name a primary colour.", "input": "", "output": "Red."},
@@ -220,7 +220,7 @@ def test_whatever_a_file_holds_reading_it_ends_in_a_report_not_an_exception(pref
 
 
 def test_a_first_line_longer_than_the_sample_is_judged_by_how_it_starts(tmp_path):
-    from lora_cli.file_kinds import JSON_ARRAY, JSONL, SAMPLE, sniff
+    from lora_cli.data.file_kinds import JSON_ARRAY, JSONL, SAMPLE, sniff
 
     big = {"instruction": "x" * SAMPLE, "input": "", "output": "y"}
     one_line_array = json.dumps([big, RECORDS[0]]).encode()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_config
-from lora_cli.training import train
+from lora_cli.train.recipe import train
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"

@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()

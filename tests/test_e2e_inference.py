@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()
@@ -22,8 +22,8 @@ def test_generate_eval_merge_on_the_embedded_model(use_embedded, tmp_path):
     from conftest import REPO
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_cli.adapter_folder import read_adapter
-    from lora_cli.inference import load_for_inference
+    from lora_cli.adapter.folder import read_adapter
+    from lora_cli.infer.generation import load_for_inference
 
     train_f, val_f = REPO / "sample_data" / "train.jsonl", REPO / "sample_data" / "val.jsonl"
     run("train", "--model", "smollm2-135m", "--train", train_f, "--epochs", "1", "--max-steps", "3",

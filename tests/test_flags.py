@@ -3,10 +3,10 @@
 import re
 
 import pytest
+from lora_cli.cli.options import config_fields, field_default, flag_name, select
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
-from lora_cli.options import config_fields, field_default, flag_name, select
+from lora_cli.cli.app import app
 
 runner = CliRunner()
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 
 runner = CliRunner()
 

@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import yaml
-
 from adapter_factory import data_dir, make_adapter, peaked_model_dir
 from conftest import make_records, write_jsonl
-from lora_cli.adapter_folder import load_template, read_adapter
-from lora_cli.packaging import open_adapter
+
+from lora_cli.adapter.folder import load_template, read_adapter
+from lora_cli.adapter.packaging import open_adapter
+from lora_cli.data.tokenization import LabelPolicy, encode_batch
 from lora_cli.errors import LoraCliError
-from lora_cli.evaluation import evaluate, read_examples
-from lora_cli.inference import Sampling, generate, load_for_inference
-from lora_cli.tokenization import LabelPolicy, encode_batch
+from lora_cli.infer.evaluation import evaluate, read_examples
+from lora_cli.infer.generation import Sampling, generate, load_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_run_config_decides_the_template_and_its_absence_is_noted(tmp_path, stop
 
 
 def test_a_packaged_zip_works_as_the_adapter(tmp_path, stopper):
-    from lora_cli.packaging import package
+    from lora_cli.adapter.packaging import package
 
     package(stopper, tmp_path / "a.zip")
     with open_adapter(tmp_path / "a.zip") as info:

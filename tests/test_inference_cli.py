@@ -4,11 +4,11 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
-
 from adapter_factory import data_dir, make_adapter, peaked_model_dir
 from conftest import make_records, write_jsonl
-from lora_cli.cli import app
+from typer.testing import CliRunner
+
+from lora_cli.cli.app import app
 
 runner = CliRunner()
 
@@ -73,9 +73,8 @@ def test_chat_is_multi_turn_and_leaves_on_exit_or_eof(adapter):
 
 
 def test_chat_history_is_rendered_and_trimmed_to_the_context(adapter):
-    from lora_cli.adapter_folder import read_adapter
-    from lora_cli.inference import fit_history
-    from lora_cli.inference import load_for_inference
+    from lora_cli.adapter.folder import read_adapter
+    from lora_cli.infer.generation import fit_history, load_for_inference
 
     loaded = load_for_inference(read_adapter(adapter), precision="fp32", device="cpu")
     history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "red house"},
@@ -132,12 +131,12 @@ def test_bad_inputs_are_messages_with_exit_1(args, message, adapter, val, tmp_pa
 
 
 def test_bad_jsonl_lines_are_named_before_any_model_loads(adapter, tmp_path, monkeypatch):
-    import lora_cli.inference as inference
+    import lora_cli.infer.generation as generation
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded for a bad data file")
 
-    monkeypatch.setattr(inference, "load_for_inference", boom)
+    monkeypatch.setattr(generation, "load_for_inference", boom)
     bad = write_jsonl(tmp_path / "bad.jsonl", [*make_records(2), "{oops", {"instruction": "x", "input": ""}])
     for cmd in (["eval", "-a", adapter, "--data", bad], ["generate", "-a", adapter, "--input", bad]):
         output = fails(*cmd)
@@ -151,9 +150,9 @@ def test_the_new_commands_have_help():
 
 
 def test_ctrl_c_during_an_answer_drops_that_turn_only(adapter, monkeypatch):
-    import lora_cli.inference as inference
+    import lora_cli.infer.generation as generation
 
-    real, calls, prompts = inference.generate, [], []
+    real, calls, prompts = generation.generate, [], []
 
     def interrupted_once(loaded, batch, *a, **k):
         calls.append(1)
@@ -162,7 +161,7 @@ def test_ctrl_c_during_an_answer_drops_that_turn_only(adapter, monkeypatch):
             raise KeyboardInterrupt
         return real(loaded, batch, *a, **k)
 
-    monkeypatch.setattr(inference, "generate", interrupted_once)
+    monkeypatch.setattr(generation, "generate", interrupted_once)
     res = ok("chat", "-a", adapter, "-n", "8", input="red house\nblue city\n/exit\n")
     assert "answer interrupted" in res.output and len(calls) == 2
     assert "red house" not in prompts[1] and "blue city" in prompts[1]  # the interrupted turn left no trace

@@ -15,13 +15,13 @@ import zipfile
 
 import pytest
 import torch
+from conftest import make_records, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import make_records, write_jsonl
 from lora_cli.atomic import KILL_ENV, TMP_PREFIX
-from lora_cli.checkpoint import list_checkpoints, load_checkpoint
-from lora_cli.cli import app
+from lora_cli.cli.app import app
+from lora_cli.train.checkpoint import list_checkpoints, load_checkpoint
 
 runner = CliRunner()
 KILLED = -signal.SIGKILL

@@ -2,12 +2,12 @@
 
 import pytest
 import yaml
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
-from lora_cli.cli import app
-from lora_cli.launch import launch_command
-from lora_cli.sharding import LAUNCH_FLAGS
+from lora_cli.cli.app import app
+from lora_cli.train.launch import launch_command
+from lora_cli.train.sharding import LAUNCH_FLAGS
 
 runner = CliRunner()
 
@@ -49,8 +49,9 @@ def test_fsdp_without_gpus_fails_early_and_clearly(tmp_path):
 
 def test_fsdp_from_an_accelerate_config_on_a_cpu_machine_is_refused(tiny_model_dir, data_files, tmp_path, monkeypatch):
     from conftest import tiny_config
+
     from lora_cli.errors import LoraCliError
-    from lora_cli.runtime import place
+    from lora_cli.train.runtime import place
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     cfg = tiny_config(tiny_model_dir, *data_files, tmp_path / "out")

@@ -6,16 +6,16 @@ import json
 import random
 
 import pytest
+from conftest import make_records, tiny_config, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import make_records, tiny_config, write_jsonl
-from lora_cli.cli import app
+from lora_cli.cli.app import app
+from lora_cli.data.prepare import prepare_data
+from lora_cli.data.records import Example
+from lora_cli.data.templates import get_template
+from lora_cli.data.tokenization import LabelPolicy, encode_batch, token_counts
 from lora_cli.errors import DataError
-from lora_cli.prepare import prepare_data
 from lora_cli.progress import NullReporter
-from lora_cli.records import Example
-from lora_cli.templates import get_template
-from lora_cli.tokenization import LabelPolicy, encode_batch, token_counts
 
 runner = CliRunner()
 
@@ -94,7 +94,7 @@ def test_a_split_whose_every_example_is_left_out_stops_with_their_lines(tiny_mod
 
 
 def test_the_left_out_note_lists_ten_lines_and_counts_the_rest():
-    from lora_cli.tokenization import left_out_note
+    from lora_cli.data.tokenization import left_out_note
 
     note = left_out_note(1234, list(range(1, 101)), 512, "train")
     assert note.startswith("1,234 train example(s) left out") and "(lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 1,224 more)" in note
@@ -123,8 +123,9 @@ def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out(tiny_mo
 def test_eval_says_which_examples_it_could_not_score(tmp_path_factory, tiny_model_dir, tmp_path):
     from adapter_factory import make_adapter, peaked_model_dir
     from lora_cli.adapter_info import read_adapter
-    from lora_cli.evaluation import evaluate, read_examples
-    from lora_cli.inference import load_for_inference
+
+    from lora_cli.infer.evaluation import evaluate, read_examples
+    from lora_cli.infer.generation import load_for_inference
 
     adapter = make_adapter(tmp_path_factory, peaked_model_dir(tmp_path_factory, tiny_model_dir), "stopper")
     loaded = load_for_inference(read_adapter(adapter), precision="fp32", device="cpu")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lora_cli.batching import collate_packed, collate_padded
-from lora_cli.loss import linear_cross_entropy, plain_cross_entropy
+from lora_cli.data.batching import collate_packed, collate_padded
+from lora_cli.model.loss import linear_cross_entropy, plain_cross_entropy
 
 
 def _model(tiny_model_dir):
@@ -92,8 +92,8 @@ def test_fused_loss_and_gradient_match_plain_cross_entropy():
 def test_loss_module_on_a_packed_batch_equals_the_sum_over_examples(tiny_model_dir):
     """The training module (own block mask, precomputed target positions) against examples alone."""
     from lora_cli.config import LoraSettings
-    from lora_cli.loss import make_loss_module
-    from lora_cli.modeling import attach_lora, load_model, prepare_for_training
+    from lora_cli.model.load import attach_lora, load_model, prepare_for_training
+    from lora_cli.model.loss import make_loss_module
 
     model = load_model(tiny_model_dir, "none", "fp32", "cpu")
     prepare_for_training(model, False, False, 0)
@@ -110,7 +110,7 @@ def test_loss_module_on_a_packed_batch_equals_the_sum_over_examples(tiny_model_d
 def test_memory_plan_checkpoints_only_what_the_budget_needs():
     from transformers import Qwen2Config
 
-    from lora_cli.memory import GIB, plan_checkpointing
+    from lora_cli.model.memory import GIB, plan_checkpointing
 
     cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                       num_attention_heads=12, num_key_value_heads=2)

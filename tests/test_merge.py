@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from adapter_factory import make_adapter, peaked_model_dir
 from typer.testing import CliRunner
 
-from adapter_factory import make_adapter, peaked_model_dir
-from lora_cli.adapter_folder import read_adapter
-from lora_cli.cli import app
+from lora_cli.adapter.folder import read_adapter
+from lora_cli.adapter.merging import merge
+from lora_cli.cli.app import app
 from lora_cli.errors import LoraCliError
-from lora_cli.inference import load_for_inference
-from lora_cli.merging import merge
+from lora_cli.infer.generation import load_for_inference
 
 runner = CliRunner()
 IDS = torch.tensor([[5, 17, 42, 99, 150, 3, 77, 201, 8, 64, 33, 120]])

@@ -7,8 +7,8 @@ import zipfile
 import pytest
 from typer.testing import CliRunner
 
-from lora_cli import packaging
-from lora_cli.cli import app
+from lora_cli.adapter import packaging
+from lora_cli.cli.app import app
 from lora_cli.errors import LoraCliError
 
 runner = CliRunner()

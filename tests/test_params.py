@@ -5,9 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 from lora_cli.config import LoraSettings
-from lora_cli.params import count_parameters, summary_from_config
+from lora_cli.model.params import count_parameters, summary_from_config
 
 runner = CliRunner()
 
@@ -42,7 +42,7 @@ def test_lora_flags_change_the_count(qwen15_config_dir):
 
 
 def test_4bit_counts_are_not_halved(tiny_model_dir):
-    from lora_cli.modeling import attach_lora, load_model, prepare_for_training
+    from lora_cli.model.load import attach_lora, load_model, prepare_for_training
 
     lora = LoraSettings()
     meta = summary_from_config(tiny_model_dir, lora)

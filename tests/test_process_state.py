@@ -7,12 +7,12 @@ LORA_CLI_CPU_BF16 and the tests mean the same on every machine.
 """
 
 import pytest
+from conftest import tiny_config
 from typer.testing import CliRunner
 
-from conftest import tiny_config
-from lora_cli.cli import app
-from lora_cli.device import CPU_BF16_ENV, cpu_has_fast_bf16, resolve_precision
-from lora_cli.training import train
+from lora_cli.cli.app import app
+from lora_cli.model.device import CPU_BF16_ENV, cpu_has_fast_bf16, resolve_precision
+from lora_cli.train.recipe import train
 
 runner = CliRunner()
 

@@ -3,15 +3,15 @@
 import json
 
 import pytest
+from conftest import make_records, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import make_records, write_jsonl
-from lora_cli.cli import app
-from lora_cli.data_report import validate_file
-from lora_cli.records import Example
-from lora_cli.templates import get_template
-from lora_cli.loss import IGNORE
-from lora_cli.tokenization import LabelPolicy, encode_batch, encode_example_prompt, encode_prompt
+from lora_cli.cli.app import app
+from lora_cli.data.records import Example
+from lora_cli.data.report import validate_file
+from lora_cli.data.templates import get_template
+from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt, encode_prompt
+from lora_cli.model.loss import IGNORE
 
 runner = CliRunner()
 CHAT = Example(7, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},

@@ -15,9 +15,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_cli import loop
-from lora_cli.checkpoint import list_checkpoints, load_checkpoint
-from lora_cli.cli import app
+from lora_cli.cli.app import app
+from lora_cli.train import loop
+from lora_cli.train.checkpoint import list_checkpoints, load_checkpoint
 
 runner = CliRunner()
 NO_SPACE = "No space left on the device"
@@ -129,12 +129,12 @@ def test_out_of_memory_in_a_step_names_the_memory_and_the_flags_that_lower_it(ti
 
 
 def test_out_of_memory_while_loading_the_model_is_a_message_too(tiny_model_dir, data_files, tmp_path, monkeypatch):
-    from lora_cli import modeling
+    from lora_cli.model import load as model_load
 
     def load_model(*args, **kwargs):
         raise torch.OutOfMemoryError(TORCH_OOM)
 
-    monkeypatch.setattr(modeling, "load_model", load_model)
+    monkeypatch.setattr(model_load, "load_model", load_model)
     res = invoke(*train_args(tiny_model_dir, data_files, tmp_path / "a"))
     assert_message_not_traceback(res)
     text = " ".join(res.output.split())
@@ -185,7 +185,7 @@ def test_full_disk_while_saving_the_adapter_keeps_the_previous_one(tiny_model_di
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_dir, data_files, tmp_path,
                                                                     monkeypatch):
-    from lora_cli import checkpoint
+    from lora_cli.train import checkpoint
 
     out = tmp_path / "adapters"
     real_save = checkpoint._torch_save

@@ -13,8 +13,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_cli.data_report import LengthStats, validate_file
-from lora_cli.duplicates import DuplicateFinder
+from lora_cli.data.duplicates import DuplicateFinder
+from lora_cli.data.report import LengthStats, validate_file
 
 FAST = settings(max_examples=60, deadline=None, database=None)
 
@@ -62,7 +62,7 @@ def test_length_statistics_from_a_histogram_equal_numpys(values):
 
 
 def test_duplicates_in_a_spilled_file_are_reported_by_line(tmp_path, monkeypatch):
-    from lora_cli import duplicates
+    from lora_cli.data import duplicates
 
     monkeypatch.setattr(duplicates, "BUDGET", 16)
     rows = [{"instruction": f"q{i % 7}", "output": "a"} for i in range(100)]
@@ -76,7 +76,7 @@ def test_duplicates_in_a_spilled_file_are_reported_by_line(tmp_path, monkeypatch
 
 RSS_PROBE = """
 import resource, sys
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 try:
     app(["validate-data", "--json", sys.argv[1]], prog_name="lora-cli")
 except SystemExit:

@@ -17,7 +17,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 
 runner = CliRunner()
 
@@ -84,7 +84,7 @@ def evil_model(src, dest):
 
 LOAD_WITH_TRUST = """
 import sys
-from lora_cli.modeling import load_model
+from lora_cli.model.load import load_model
 load_model(sys.argv[1], "none", "fp32", "cpu", trust_remote_code=True)
 """
 

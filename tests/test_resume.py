@@ -11,14 +11,13 @@ import signal
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from lora_cli import loop
-from lora_cli.checkpoint import list_checkpoints, load_checkpoint
 from lora_cli.errors import LoraCliError, TrainingInterrupted
-from lora_cli.training import train
-
+from lora_cli.train import loop
+from lora_cli.train.checkpoint import list_checkpoints, load_checkpoint
+from lora_cli.train.recipe import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +170,7 @@ def test_resume_needs_the_same_settings_except_logging(tiny_model_dir, data_file
 
 
 def test_the_printed_resume_command_continues_from_the_latest_checkpoint():
-    from lora_cli.launch import resume_command
+    from lora_cli.train.launch import resume_command
 
     argv = ["train", "--model", "my model", "--resume-from", "a/checkpoints/epoch-1", "--overwrite", "-e", "3"]
     assert resume_command(argv, env={}) == "lora-cli train --model 'my model' -e 3 --resume"

@@ -5,14 +5,14 @@ of ours (another case, a misspelling, a common alias) gets a warning instead of 
 import json
 
 import pytest
+from conftest import write_jsonl
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
-from lora_cli.cli import app
-from lora_cli.data_report import validate_file
-from lora_cli.records import Example, parse_value
-from lora_cli.templates import get_template
-from lora_cli.tokenization import IGNORE, LabelPolicy, encode_batch, encode_example_prompt
+from lora_cli.cli.app import app
+from lora_cli.data.records import Example, parse_value
+from lora_cli.data.report import validate_file
+from lora_cli.data.templates import get_template
+from lora_cli.data.tokenization import IGNORE, LabelPolicy, encode_batch, encode_example_prompt
 
 runner = CliRunner()
 RECORD = {"instruction": "And the weather?", "input": "", "output": "Sunny.", "system": "Answer in one word.",

@@ -2,11 +2,11 @@
 
 import pytest
 
+from lora_cli.data.records import Example
+from lora_cli.data.templates import get_template
+from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_prompt
 from lora_cli.errors import LoraCliError
-from lora_cli.records import Example
-from lora_cli.templates import get_template
-from lora_cli.loss import IGNORE
-from lora_cli.tokenization import LabelPolicy, encode_batch, encode_prompt
+from lora_cli.model.loss import IGNORE
 
 
 @pytest.fixture(scope="module")

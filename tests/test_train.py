@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_config
-from lora_cli.cli import app
+from lora_cli.cli.app import app
 from lora_cli.errors import LoraCliError
-from lora_cli.training import train
+from lora_cli.train.recipe import train
 
 runner = CliRunner()
 
@@ -53,7 +53,7 @@ def test_4bit_lora_still_learns_after_an_evaluation(tiny_model_dir, data_files, 
     train(cfg)
     import bitsandbytes as bnb
 
-    from lora_cli.modeling import load_model
+    from lora_cli.model.load import load_model
 
     model = load_model(tiny_model_dir, "nf4", "fp32", "cpu")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -119,7 +119,7 @@ def test_cli_train_errors_are_messages(tiny_model_dir, data_files, tmp_path):
 
 def test_training_steps_run_in_train_mode_even_without_an_evaluation(tiny_model_dir, data_files, tmp_path, monkeypatch):
     """from_pretrained leaves eval mode: without model.train() LoRA dropout and checkpointing silently stay off."""
-    from lora_cli import loss
+    from lora_cli.model import loss
 
     seen = []
     original = loss.make_loss_module

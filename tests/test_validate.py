@@ -2,11 +2,11 @@
 
 import json
 
+from conftest import make_records, write_jsonl
 from typer.testing import CliRunner
 
-from conftest import make_records, write_jsonl
-from lora_cli.cli import app
-from lora_cli.data_report import validate_file
+from lora_cli.cli.app import app
+from lora_cli.data.report import validate_file
 
 runner = CliRunner()
 

@@ -1,0 +1,226 @@
+"""The adapter folder: its file names and every question asked of it, in one place.
+
+`lora-cli train` writes the folder; package, param-report, generate, chat, eval and merge read
+it. They all ask the same few things, answered only here:
+- which files it holds (the names below);
+- is it finished (`run_config.yaml` says `finished: true` once the last file is in place);
+- is it loadable (adapter config + safetensors weights, from a finished run): `check_loadable`;
+- how it was trained: the run config (`read_run_config`), its LoRA settings as the config's own
+  `LoraSettings`, its parameter summary, and the run fingerprint that tells two runs apart.
+An adapter made by plain peft (no run_config.yaml) is loadable too, with lora-cli's defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lora_cli.config import DataConfig, LoraSettings, ModelConfig, RunConfig
+from lora_cli.errors import LoraCliError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"  # what older peft writes: a pickle, never loaded
+RUN_CONFIG = "run_config.yaml"
+METRICS = "metrics.jsonl"
+PARAM_SUMMARY = "param_summary.json"
+CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
+TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
+RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
+# Settings that may change between a run and its resume without changing its result.
+RESUME_FREE = ("log_every", "save_every_steps", "keep_checkpoints", "device")
+
+
+def run_fingerprint(cfg: RunConfig) -> str:
+    """Hash (16 hex digits) of the settings that decide a run's result: data, model, LoRA and
+    training settings, without the output folder and the settings in RESUME_FREE."""
+    raw = cfg.to_dict()
+    for key in RESUME_FREE:
+        raw["train"].pop(key, None)
+    blob = json.dumps({k: raw[k] for k in ("data", "model", "lora", "train")}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_run_config(folder: str | Path) -> dict | None:
+    """The folder's run_config.yaml as a dict; None when there is none or it cannot be read."""
+    path = Path(folder) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_finished(folder: str | Path) -> bool | None:
+    """True/False for a lora-cli run folder; None for a folder without a run config (peft's own)."""
+    saved = read_run_config(folder)
+    if saved is None:
+        return None if not (Path(folder) / RUN_CONFIG).exists() else False
+    run = saved.get("run")
+    return isinstance(run, dict) and run.get("finished") is True
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LoraCliError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged.") from None
+    if not isinstance(data, dict):
+        raise LoraCliError(f"{path} does not hold a JSON object; the adapter folder is damaged.")
+    return data
+
+
+def check_loadable(path: str | Path) -> Path:
+    """Refuse, with one message, a folder that is not a finished adapter with safetensors weights.
+
+    The one definition used by package, generate, chat, eval and merge. Errors: LoraCliError for a
+    missing folder, a file, no adapter config, weights missing or pickled (adapter_model.bin is
+    never loaded: unpickling can run code), or a lora-cli run that has not finished (its files may
+    be missing, partly written, or from an earlier run).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
+    if not path.is_dir():
+        raise LoraCliError(f"{path} is a file, but neither an adapter folder nor an adapter zip.", TRAIN_HINT)
+    finished = is_finished(path)
+    if finished is False:
+        raise LoraCliError(f"{path} holds a training run that has not finished: its adapter files may be missing, "
+                           "partly written by this run, or from an earlier one.", RESUME_HINT)
+    if not (path / ADAPTER_CONFIG).is_file():
+        hint = RESUME_HINT if (path / CHECKPOINTS).is_dir() else TRAIN_HINT
+        raise LoraCliError(f"{path} is not an adapter folder (no {ADAPTER_CONFIG}).", hint)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        why = (f"{PICKLED_WEIGHTS} (a pickle) is refused: lora-cli loads safetensors only"
+               if (path / PICKLED_WEIGHTS).is_file() else "missing")
+        raise LoraCliError(f"{path} has no {ADAPTER_WEIGHTS} ({why}).", TRAIN_HINT)
+    return path
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    """peft's adapter_config.json of a folder, as a dict (LoraCliError if absent or damaged)."""
+    file = Path(path) / ADAPTER_CONFIG
+    if not file.is_file():
+        raise LoraCliError(f"{path} is not an adapter folder (no {ADAPTER_CONFIG}).", TRAIN_HINT)
+    return _read_json(file)
+
+
+def lora_settings(path: str | Path) -> LoraSettings:
+    """The folder's LoRA settings (rank, alpha, dropout, target modules, bias) from adapter_config.json."""
+    raw = read_adapter_config(path)
+    try:
+        targets = raw["target_modules"]
+        return LoraSettings(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                            target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                            bias=raw.get("bias", "none"))
+    except (KeyError, TypeError, LoraCliError) as exc:
+        raise LoraCliError(f"{Path(path) / ADAPTER_CONFIG} is not a valid adapter config ({exc}).") from None
+
+
+def base_model_of(path: str | Path) -> str:
+    """The base model the folder names: its run config's model.name, else peft's base_model_name_or_path."""
+    saved = read_run_config(path) or {}
+    name = (saved.get("model") or {}).get("name") if isinstance(saved.get("model"), dict) else None
+    if name:
+        return str(name)
+    try:
+        return str(read_adapter_config(path).get("base_model_name_or_path") or "")
+    except LoraCliError:
+        return ""
+
+
+def read_param_summary(path: str | Path):
+    """The ParamSummary saved by training, or None when the folder has none."""
+    from lora_cli.model.params import ParamSummary
+
+    file = Path(path) / PARAM_SUMMARY
+    if not file.is_file():
+        return None
+    return ParamSummary.from_dict(_read_json(file))
+
+
+def summary_for_adapter(path: str | Path, model: str | None = None, trust_remote_code: bool = False):
+    """Parameter counts of a folder's base model (or `model`) with the folder's LoRA settings,
+    built on the meta device from the base's config.json (works for peft adapters from elsewhere)."""
+    from lora_cli.model.params import summary_for_model
+
+    lora = lora_settings(path)
+    base = model or base_model_of(path)
+    if not base:
+        raise LoraCliError(f"{path} does not name its base model.", "Pass --model with the base model it was trained on.")
+    return summary_for_model(base, lora, trust_remote_code)
+
+
+def write_param_summary(folder: str | Path, summary) -> None:
+    (Path(folder) / PARAM_SUMMARY).write_text(json.dumps(summary.to_dict(), indent=2), encoding="utf-8")
+
+
+@dataclass
+class AdapterInfo:
+    """How an adapter was trained, as generate, chat, eval, merge and export need it."""
+
+    path: Path
+    base_model: str  # what to load: --model, else the run config's model.name, else adapter_config's
+    template: str
+    add_eos: bool
+    max_length: int
+    quantization: str  # nf4 | none: how the base was loaded for training
+    trust_remote_code: bool
+    lora: LoraSettings
+    notes: list[str] = field(default_factory=list)
+
+
+def read_adapter(path: str | Path, model: str | None = None, template: str | None = None) -> AdapterInfo:
+    """A loadable adapter's settings (see check_loadable); `model` and `template` override the folder's."""
+    path = check_loadable(path)
+    if template is not None:
+        from lora_cli.data.templates import get_template
+
+        get_template(template)  # a bad --template is named as such, before anything loads
+    lora = lora_settings(path)
+    run = read_run_config(path)
+    notes = []
+    if run is None:
+        run = {}
+        notes.append(f"{path} has no {RUN_CONFIG} (not trained by lora-cli): using the alpaca template, "
+                     "eos after responses and a 4-bit base; override with --template / --quantization.")
+    data, mdl = run.get("data") or {}, run.get("model") or {}
+    base = model or base_model_of(path)
+    if not base:
+        raise LoraCliError(f"{path} does not name its base model.", "Pass --model with the base model it was trained on.")
+    return AdapterInfo(
+        path=path, base_model=str(base),
+        template=template or data.get("template") or DataConfig.template,
+        add_eos=bool(data.get("add_eos", DataConfig.add_eos)),
+        max_length=int(data.get("max_length") or DataConfig.max_length),
+        quantization=mdl.get("quantization") or ModelConfig.quantization,
+        trust_remote_code=bool(mdl.get("trust_remote_code", False)), lora=lora, notes=notes)
+
+
+def load_template(info: AdapterInfo):
+    """The template the adapter was trained with, or a clear error if its file is not here."""
+    from lora_cli.data.templates import BUILTIN, get_template
+
+    if info.template not in BUILTIN and not Path(info.template).is_file():
+        raise LoraCliError(
+            f"The adapter was trained with the template file {info.template}, which does not exist here.",
+            "Pass --template with that file (or alpaca, alpaca-seed, chat).")
+    return get_template(info.template)
+
+
+
+def attach_adapter(model, info: AdapterInfo):
+    """The adapter of `info` on top of `model` (a transformers model), for inference (peft PeftModel)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LoraCliError(f"The adapter in {info.path} does not fit the base model {info.base_model}: {exc}",
+                           "Pass --model with the base model the adapter was trained on.") from None

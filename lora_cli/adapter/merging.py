@@ -1,0 +1,105 @@
+"""Merge the LoRA into its base: one plain transformers model folder that loads without peft.
+
+Two sources for the base weights:
+- `original` (default): the base model's own weights, loaded unquantized in the target dtype.
+  The usual choice: no 4-bit rounding is baked into the merged model.
+- `nf4`: the 4-bit NF4 weights a QLoRA adapter was trained against, de-quantized. The merged
+  model then reproduces base+adapter exactly as `generate` and `eval` run it (up to the dtype).
+The folder is written beside its destination under a temporary name and renamed into place
+when complete, so an interrupted merge never leaves a half-written model that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lora_cli import __version__
+from lora_cli.adapter.folder import AdapterInfo
+from lora_cli.errors import LoraCliError
+from lora_cli.progress import NULL_REPORTER
+
+DTYPES = ("bf16", "fp16", "fp32")
+BASE_WEIGHTS = ("original", "nf4")
+MERGE_INFO = "merge_info.json"
+
+
+@dataclass
+class MergeResult:
+    output: str
+    base_model: str
+    dtype: str
+    base_weights: str
+    files: list[str]
+    size_bytes: int
+    seconds: float
+
+
+def check_output(output: Path, adapter: Path, force: bool) -> bool:
+    """Whether an existing `output` will be replaced; refuse anything that would lose a user's files."""
+    if output.resolve() == adapter.resolve() or output.resolve().is_relative_to(adapter.resolve()):
+        raise LoraCliError(f"The merged model cannot be written into the adapter folder {adapter}.",
+                           "Choose another -o folder, e.g. -o merged.")
+    if not output.exists():
+        return False
+    if not output.is_dir():
+        raise LoraCliError(f"{output} exists and is a file, not a folder.")
+    entries = list(output.iterdir())
+    if not entries:
+        return True
+    if not force:
+        raise LoraCliError(f"{output} already exists.", "Pass --force to replace it, or choose another -o folder.")
+    if not (output / "config.json").is_file():
+        raise LoraCliError(f"{output} is not empty and does not hold a model; refusing to replace it, even with --force.",
+                           "Choose another -o folder.")
+    return True
+
+
+def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
+    from lora_cli.model.device import torch_dtype
+    from lora_cli.model.load import load_model
+
+    if base_weights == "original":
+        return load_model(path, "none", dtype, "cpu", trust_remote_code)
+    model = load_model(path, "nf4", "fp32", "cpu", trust_remote_code)
+    model = model.dequantize()  # every Linear4bit becomes a Linear holding exactly the NF4 values
+    return model.to(torch_dtype(dtype))
+
+
+def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
+          force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
+    from lora_cli.adapter.folder import attach_adapter
+    from lora_cli.atomic import atomic_dir, umask
+    from lora_cli.model.load import load_tokenizer, quiet_libraries
+    from lora_cli.model.resolve import resolve_model
+
+    if dtype not in DTYPES:
+        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    if base_weights not in BASE_WEIGHTS:
+        raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
+    output = Path(output)
+    replace = check_output(output, info.path, force)
+    quiet_libraries()
+    t0 = time.time()
+    resolved = resolve_model(info.base_model, reporter)
+    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else resolved.path,
+                               info.trust_remote_code)
+    with reporter.stage(f"Merging the adapter into {info.base_model} ({base_weights} weights, {dtype})"):
+        model = attach_adapter(_load_base(resolved.path, dtype, base_weights, info.trust_remote_code), info)
+        merged = model.merge_and_unload()
+        merged.config.use_cache = True
+    with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / MERGE_INFO).write_text(json.dumps({
+            "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
+            "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
+        mode = 0o666 & ~umask()
+        for item in tmp.iterdir():
+            os.chmod(item, mode)  # safetensors writes 0600; a model folder is meant to be shared
+    files = sorted(p.name for p in output.iterdir())
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    return MergeResult(str(output), info.base_model, dtype, base_weights, files, size, round(time.time() - t0, 2))

@@ -1,0 +1,155 @@
+"""The adapter folder as one zip with a manifest (sha256 and size of every file), and its check.
+
+The zip is written under a temporary name and renamed into place. Unpacking refuses any
+member whose path would land outside the target folder (zip-slip). `open_adapter` lets every
+command that reads an adapter take its zip as well as its folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from lora_cli import __version__
+from lora_cli.adapter.folder import CHECKPOINTS, AdapterInfo, base_model_of, check_loadable, read_adapter
+from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries, sha256_of
+from lora_cli.errors import LoraCliError
+
+MANIFEST = "MANIFEST.json"
+EXCLUDED_DIRS = (CHECKPOINTS,)
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts[0] in EXCLUDED_DIRS or any(p.startswith(TMP_PREFIX) for p in rel.parts):
+            continue
+        if path.is_file() and not path.is_symlink():
+            files.append(path)
+    return files
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return sha256_of(fh)
+
+
+def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
+    folder, dest = check_loadable(folder), Path(dest)
+    if dest.exists() and not force:
+        raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
+    if dest.resolve().is_relative_to(folder.resolve()):
+        raise LoraCliError(f"The zip {dest} cannot be written inside the folder it packs ({folder}).")
+    remove_stale_temporaries(dest.resolve().parent)  # zips of killed runs
+    files = adapter_files(folder)
+    manifest = {
+        "lora_cli_version": __version__, "base_model": base_model_of(folder),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {p.relative_to(folder).as_posix(): {"sha256": _sha256_file(p), "size": p.stat().st_size}
+                  for p in files},
+    }
+    with atomic_path(dest, hint=f"Nothing was replaced{' (the previous ' + dest.name + ' is intact)' if dest.exists() else ''}. "
+                          "Free some disk space and run the command again.") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for n, p in enumerate(files):
+                zf.write(p, p.relative_to(folder).as_posix())
+                if n == 0:
+                    kill_point("zip:partial")
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+@dataclass
+class Verification:
+    ok: bool
+    changed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+
+def safe_member(name: str) -> bool:
+    p = PurePosixPath(name.replace("\\", "/"))
+    return not (p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]))
+
+
+def _open(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise LoraCliError(f"{path} does not exist.") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise LoraCliError(f"{path} is not a readable zip file ({exc}).") from None
+
+
+def verify(path: str | Path) -> Verification:
+    path = Path(path)
+    with _open(path) as zf:
+        names = [i.filename for i in zf.infolist() if not i.is_dir()]
+        if MANIFEST not in names:
+            raise LoraCliError(f"{path} has no {MANIFEST}; it was not made by lora-cli package.")
+        try:
+            manifest = json.loads(zf.read(MANIFEST))
+            listed = manifest["files"]
+        except (ValueError, KeyError, TypeError):
+            raise LoraCliError(f"{path}: {MANIFEST} is not valid.") from None
+        result = Verification(True, manifest=manifest)
+        result.unsafe = [n for n in names if not safe_member(n)]
+        present = set(names) - {MANIFEST}
+        result.missing = sorted(set(listed) - present)
+        result.extra = sorted(present - set(listed))
+        # a name stored twice: only one copy was hashed, but an unpacker may write either
+        result.extra += sorted(f"{n} (stored {k} times)" for n, k in Counter(names).items() if k > 1)
+        for name in sorted(present & set(listed)):
+            with zf.open(name) as fh:
+                digest = sha256_of(fh)
+            if digest != listed[name].get("sha256") or zf.getinfo(name).file_size != listed[name].get("size"):
+                result.changed.append(name)
+    result.ok = not (result.changed or result.missing or result.extra or result.unsafe)
+    return result
+
+
+def extract(path: str | Path, target: str | Path) -> Path:
+    """Unpack a verified adapter zip; refuse members that would escape `target`."""
+    path, target = Path(path), Path(target)
+    check = verify(path)
+    if check.unsafe:
+        raise LoraCliError(f"{path} holds paths that escape the target folder: {', '.join(check.unsafe[:3])}.")
+    if not check.ok:
+        raise LoraCliError(f"{path} does not match its manifest; run lora-cli package --verify {path}.")
+    root = target.resolve()
+    with _open(path) as zf:
+        for info in zf.infolist():
+            dest = (root / info.filename).resolve()
+            if not dest.is_relative_to(root):
+                raise LoraCliError(f"{path}: member {info.filename} would be written outside {target}.")
+        target.mkdir(parents=True, exist_ok=True)
+        for info in zf.infolist():
+            if info.filename == MANIFEST or info.is_dir():
+                continue
+            dest = root / info.filename
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest) as tmp, zf.open(info) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    return target
+
+
+@contextlib.contextmanager
+def open_adapter(path: str | Path, model: str | None = None, template: str | None = None) -> Iterator[AdapterInfo]:
+    """`read_adapter` of a folder, or of an adapter zip (`lora-cli package`) unpacked for the block."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with tempfile.TemporaryDirectory(prefix="lora-cli-adapter-") as tmp:
+            yield read_adapter(extract(path, Path(tmp) / "adapter"), model, template)
+        return
+    yield read_adapter(path, model, template)

@@ -1,0 +1,114 @@
+"""The `lora-cli` command line: one Typer app, one small module per command.
+
+This module imports neither torch nor transformers: `lora-cli --help` stays instant. Errors
+the user can act on (`LoraCliError`) are printed as one message and exit 1 (130 for an
+interrupted run); anything else is reported as an internal error, with the traceback only
+when LORA_CLI_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import typer
+
+from lora_cli import __version__
+from lora_cli.errors import LoraCliError
+
+app = typer.Typer(
+    name="lora-cli",
+    help="QLoRA fine-tuning from instruction data: validate, tokenize, train, report, package.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def handle_errors(fn):
+    """Turn the core's exceptions into messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from lora_cli.cli.render import err
+
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LoraCliError as exc:
+            from rich.markup import escape
+
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
+            if exc.hint:
+                err.print(exc.hint, markup=False, soft_wrap=True)
+            issues = getattr(exc, "issues", None)
+            if issues:
+                from lora_cli.cli.render import print_issues
+
+                print_issues(issues, err)
+            extra = getattr(exc, "resume_command", None)
+            if extra:
+                err.print(f"Resume with:\n  {extra}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug: say so plainly
+            if os.environ.get("LORA_CLI_DEBUG"):
+                raise
+            from rich.markup import escape
+
+            from lora_cli.train.oom import is_oom, oom_message
+
+            if is_oom(exc):  # outside the training loop (loading the model): no settings to quote
+                err.print(f"[bold red]error:[/] {escape(oom_message(exc))}", soft_wrap=True)
+                raise typer.Exit(1) from None
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
+                      "This is a bug in lora-cli; set LORA_CLI_DEBUG=1 to see the traceback.")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"lora-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """QLoRA fine-tuning from instruction data."""
+
+
+def _register() -> None:
+    from lora_cli.cli.commands import (
+        chat,
+        evaluate,
+        generate,
+        merge,
+        package,
+        param_report,
+        tokenize,
+        train,
+        validate,
+    )
+
+    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge):
+        module.register(app, handle_errors)
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="lora-cli")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`lora-cli eval`: response loss, perplexity and stop rate of an adapter (or its base) on held-out data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cli.cli.commands.inference_options import (
+    AdapterOpt,
+    BaseModelOpt,
+    BatchOpt,
+    DeviceOpt,
+    PrecisionOpt,
+    QuantOverrideOpt,
+    TemplateOverrideOpt,
+    loaded_model,
+)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    """Long (often looping) answers are cut in the table; --json keeps every character."""
+    return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
+
+
+def print_result(result, show: int) -> None:
+    from lora_cli.cli.commands.inference_options import plain_table
+    from lora_cli.cli.render import out
+
+    rows = [["records", result.examples], ["response tokens scored", f"{result.response_tokens:,}"],
+            ["response loss (with eos)", _fmt(result.loss, ".4f")], ["perplexity", _fmt(result.perplexity, ".2f")],
+            ["response loss (text only)", _fmt(result.loss_text, ".4f")]]
+    if result.stop_rate is not None:
+        rows.append(["stop rate", f"{result.stop_rate:.1%} ({result.stopped}/{result.examples} end with eos "
+                                  f"within {result.max_new_tokens} new tokens)"])
+    if result.truncated:
+        rows.append(["truncated at max length", result.truncated])
+    if result.left_out:
+        rows.append(["left out (prompt fills max length)", result.left_out])
+    out.print(plain_table(f"eval: {result.model} on {result.data}", ["metric", "value"], rows))
+    if show and result.answers:
+        body = [[a["line"], a["prompt"], _shorten(a["answer"]), "yes" if a["stopped"] else "no"]
+                for a in result.answers[:show]]
+        out.print(plain_table(f"First {min(show, len(result.answers))} answers (greedy)",
+                              ["line", "prompt", "answer", "eos"], body))
+
+
+def evaluate(
+    adapter: AdapterOpt = Path("adapters"),
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Held-out records (JSONL, training format).",
+                                                 show_default=False)] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Measure the base model alone (the 'before').")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result (with every answer) as JSON.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n",
+                                                help="Generation cap for the stop rate.")] = 128,
+    loss_only: Annotated[bool, typer.Option("--loss-only", help="Skip generation (no stop rate).")] = False,
+    show: Annotated[int, typer.Option("--show", help="Print this many answers under the table.")] = 3,
+    batch_size: BatchOpt = 8,
+    model: BaseModelOpt = None,
+    template: TemplateOverrideOpt = None,
+    quantization: QuantOverrideOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Mean loss and perplexity on response tokens, and the share of greedy answers that stop (eos) in time."""
+    from lora_cli.cli.render import RichReporter
+    from lora_cli.errors import LoraCliError
+    from lora_cli.infer.evaluation import evaluate as run
+    from lora_cli.infer.evaluation import read_examples
+    from lora_cli.infer.generation import Sampling, check_batch_size
+
+    if data is None:
+        raise LoraCliError("No data to evaluate on.", "Pass --data val.jsonl (records in the training format).")
+    if show < 0:
+        raise LoraCliError(f"--show must be at least 0, not {show}.")
+    Sampling(max_new_tokens=max_new_tokens)  # its checks, before the model loads
+    check_batch_size(batch_size)
+    examples = read_examples(data)
+    with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
+        result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,
+                     reporter=RichReporter())
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print_result(result, show)
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("eval")(handle_errors(evaluate))

@@ -1,0 +1,74 @@
+"""Options and loading shared by generate, chat, eval and merge (not a command itself).
+
+Flags default to the adapter's own settings (template, 4-bit or not), so `--adapter DIR`
+alone reproduces how it was trained; each can be overridden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+LOAD = "Loading"
+SAMPLE = "Sampling"
+
+AdapterOpt = Annotated[Path, typer.Option(
+    "--adapter", "-a", help="Adapter folder written by `lora-cli train` (or its zip from `lora-cli package`).")]
+BaseModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", rich_help_panel=LOAD,
+    help="Base model to load instead of the one the adapter names (hub id, folder, smollm2-135m).")]
+TemplateOverrideOpt = Annotated[Optional[str], typer.Option(
+    "--template", "-t", rich_help_panel=LOAD,
+    help="Prompt template instead of the adapter's own (alpaca, alpaca-seed, chat, or a file).")]
+QuantOverrideOpt = Annotated[Optional[str], typer.Option(
+    "--quantization", "-q", rich_help_panel=LOAD, help="nf4 or none. [default: as the adapter was trained]")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", rich_help_panel=LOAD, help="auto, bf16, fp16 or fp32 (auto: fp32 on CPUs without fast bf16).")]
+DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=LOAD, help="auto, cpu or cuda.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together (left-padded).")]
+
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", rich_help_panel=SAMPLE,
+                                        help="Stop after this many new tokens if no eos came.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", rich_help_panel=SAMPLE,
+                                               help="0 = greedy (the default); > 0 samples.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", rich_help_panel=SAMPLE, help="Nucleus sampling (with --temperature).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", rich_help_panel=SAMPLE, help="Top-k sampling; 0 = off.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLE, help="Seed for sampling.")]
+
+
+def sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None):
+    from lora_cli.infer.generation import Sampling
+
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def print_notes(info) -> None:
+    from lora_cli.cli.render import err
+
+    for note in info.notes:
+        err.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def loaded_model(adapter: Path, model: str | None, template: str | None, quantization: str | None,
+                 precision: str, device: str, with_adapter: bool = True) -> Iterator:
+    """The adapter (a folder, or a zip unpacked for the block) and its model, ready to generate."""
+    from lora_cli.adapter.packaging import open_adapter
+    from lora_cli.cli.render import RichReporter
+    from lora_cli.infer.generation import load_for_inference
+
+    with open_adapter(adapter, model, template) as info:
+        print_notes(info)
+        yield load_for_inference(info, quantization, precision, device, with_adapter, RichReporter())
+
+
+def plain_table(title: str, columns: list[str], rows: list[list]):
+    """A rich table whose cells are shown as written: model output like "[INST]" is not markup."""
+    from rich.markup import escape
+
+    from lora_cli.cli.render import table
+
+    return table(escape(title), columns, [[escape(str(c)) for c in row] for row in rows])

@@ -1,0 +1,61 @@
+"""`lora-cli package`: the adapter folder zipped with a manifest; `--verify` checks a zip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _print_summary(folder: Path) -> None:
+    from lora_cli.adapter.folder import PARAM_SUMMARY, read_param_summary
+    from lora_cli.cli.render import out, param_table
+
+    summary = read_param_summary(folder)
+    if summary is None:
+        out.print(f"(no {PARAM_SUMMARY} in the adapter folder)")
+        return
+    for t in param_table(summary):
+        out.print(t)
+
+
+def package(
+    target: Annotated[Path, typer.Argument(help="Adapter folder to zip (or, with --verify, a zip to check).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Zip to write. [default: adaptermodel.zip]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing zip.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check a zip against its manifest (exit 1 if not intact).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest or check result as JSON.")] = False,
+) -> None:
+    """Zip the adapter folder (without checkpoints) with MANIFEST.json, and show its parameter summary."""
+    from lora_cli.adapter import packaging
+    from lora_cli.cli.render import out
+
+    if verify:
+        result = packaging.verify(target)
+        if as_json:
+            typer.echo(json.dumps({"ok": result.ok, "changed": result.changed, "missing": result.missing,
+                                   "extra": result.extra, "unsafe": result.unsafe}, indent=2))
+        else:
+            for label, names in (("changed", result.changed), ("missing", result.missing), ("extra", result.extra),
+                                 ("unsafe path", result.unsafe)):
+                for name in names:
+                    out.print(f"[red]{label}[/]: {name}", markup=True)
+            n = len(result.manifest.get("files", {}))
+            out.print(f"{target}: " + (f"[green]intact[/] ({n} files match the manifest)" if result.ok
+                                       else "[red]does not match its manifest[/]"), markup=True)
+        raise typer.Exit(0 if result.ok else 1)
+    dest = output or Path("adaptermodel.zip")
+    manifest = packaging.package(target, dest, force)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    _print_summary(Path(target))
+    total = sum(f["size"] for f in manifest["files"].values())
+    out.print(f"{len(manifest['files'])} files ({total / 1e6:.1f} MB before compression) + {packaging.MANIFEST}")
+    out.print(f"Wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("package")(handle_errors(package))

@@ -1,0 +1,61 @@
+"""`lora-cli train`: reads the cache (tokenizing first if needed), trains, writes ./adapters.
+
+Every setting of the run config is a flag (options.config_flags); the ones below are about
+where the run starts and how many processes run it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cli.cli.options import ConfigOpt, SetOpt, config_flags
+
+Opt = typer.Option
+
+
+@config_flags("*")
+def train(
+    settings: dict,
+    resume: Annotated[bool, Opt("--resume", help="Continue from the latest checkpoint in the output folder.")] = False,
+    resume_from: Annotated[Optional[Path], Opt("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a different run's adapter folder.")] = False,
+    gpus: Annotated[Optional[int], Opt("--gpus", help="Run on N GPUs through accelerate's launcher.")] = None,
+    fsdp: Annotated[bool, Opt("--fsdp", help="With --gpus: shard the 4-bit base over the GPUs (FSDP) instead of "
+                                             "copying it to each, for models too large for one GPU.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a LoRA adapter (QLoRA by default) and write it with its config, metrics and parameter summary."""
+    from lora_cli.train.launch import launch_if_asked, resume_command
+
+    code = launch_if_asked(gpus, fsdp)
+    if code is not None:
+        raise typer.Exit(code)
+    from lora_cli.cli.render import RichReporter, out
+    from lora_cli.config import build_config
+    from lora_cli.errors import TrainingInterrupted
+    from lora_cli.train.recipe import train as run_training
+
+    cfg = build_config(str(config) if config else None, set_, settings)
+    try:
+        result = run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
+                              reporter=RichReporter())
+    except TrainingInterrupted as exc:
+        exc.resume_command = resume_command(sys.argv[1:])
+        raise
+    d = result.decisions
+    first = f"{result.first_loss:.4f}" if result.first_loss is not None else "-"
+    last = f"{result.last_loss:.4f}" if result.last_loss is not None else "-"
+    evals = " -> ".join(f"{x:.4f}" for x in result.eval_losses) or "-"
+    out.print(f"Trained {result.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
+              f"{result.tokens:,} tokens in {result.seconds:.1f} s.")
+    out.print(f"train loss {first} -> {last}; eval loss {evals}")
+    out.print(f"Adapter written to {result.output}")
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("train")(handle_errors(train))

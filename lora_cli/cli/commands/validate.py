@@ -1,0 +1,80 @@
+"""`lora-cli validate-data`: every defect of a data file, before any GPU time is spent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cli.cli.options import config_flags
+
+
+def _token_counter(model: str, template_name: str):
+    from lora_cli.data.templates import get_template
+    from lora_cli.data.tokenization import token_counts
+    from lora_cli.model.load import load_tokenizer, quiet_libraries
+    from lora_cli.model.resolve import resolve_model
+
+    quiet_libraries()
+    resolved = resolve_model(model, need_weights=False)
+    tokenizer = load_tokenizer(resolved.path)
+    template = get_template(template_name)
+    return lambda examples: token_counts(examples, tokenizer, template)
+
+
+@config_flags("model.name", "data.template", "data.max_length")
+def validate_data(
+    settings: dict,
+    files: Annotated[list[Path], typer.Argument(help="JSONL files to check.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON report for machines.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too (duplicates, look-alike field names, left-out examples).")] = False,
+) -> None:
+    """Report every defect (file, line, field, reason), duplicates, and length statistics.
+
+    With --model, also token lengths, how many examples --max-length would truncate, and which it
+    would leave out (a prompt that fills it leaves no response token: a warning). Reads JSON Lines
+    and JSON arrays; a compressed, binary or non-UTF-8 file is one error saying how to convert it.
+    Exit 0 when every file is clean, 1 when not.
+    """
+    from lora_cli.cli.render import err, out, print_issues, table
+    from lora_cli.config import RunConfig
+    from lora_cli.data.report import validate_file
+
+    cfg = RunConfig().replace(settings)
+    counter = _token_counter(cfg.model.name, cfg.data.template) if "model.name" in settings else None
+    limit = cfg.data.max_length
+    reports = []
+    for path in files:
+        stream = None if as_json else (lambda issue: print_issues([issue], out))
+        reports.append(validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None))
+    failed = any(not r.clean or r.records == 0 or (strict and r.warnings) for r in reports)
+    if as_json:
+        typer.echo(json.dumps({"ok": not failed, "files": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        with_tokens = any(r.tokens is not None for r in reports)
+        rows = []
+        for r in reports:
+            for stats in (r.chars, r.tokens):
+                if stats is None:
+                    continue
+                row = [r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}",
+                       f"{stats.p50:.0f}", f"{stats.p90:.0f}", stats.max]
+                tokens = stats.unit == "tokens"
+                rows.append(row + ([r.truncated if tokens else "", r.left_out if tokens else ""] if with_tokens else []))
+        columns = ["file", "records", "valid", "errors", "warnings", "length", "mean", "p50", "p90", "max"]
+        if with_tokens:
+            columns += [f"> {limit} tokens", "left out"]
+        out.print(table("validate-data", columns, rows, right=(1, 2, 3, 4, 6, 7, 8, 9, 10, 11)))
+        for r in reports:
+            if r.records == 0 and not r.errors:
+                err.print(f"[red]error[/] {r.file}: holds no records.", markup=True)
+        verdict = "[red]defects found[/]" if failed else "[green]clean[/]" + (
+            " [yellow](with warnings)[/]" if any(r.warnings for r in reports) else "")
+        out.print(f"{len(reports)} file(s): {verdict}", markup=True)
+    raise typer.Exit(1 if failed else 0)
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command("validate-data")(handle_errors(validate_data))

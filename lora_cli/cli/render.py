@@ -1,0 +1,115 @@
+"""Everything the terminal shows: rich progress bars, messages and tables.
+
+The core reports through `RichReporter`; commands render results with the table helpers.
+Progress and messages go to stderr, results (tables, JSON) to stdout, so `--json` output
+can be piped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from typing import Iterator
+
+from rich.console import Console
+from rich.table import Table
+
+# Outside a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; give them room.
+_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
+out = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _WIDTH)
+
+
+class _BarStage:
+    def __init__(self, progress, task, fields):
+        self.progress, self.task, self.fields = progress, task, fields
+
+    def update(self, advance: float = 1, **fields) -> None:
+        shown = {k: v for k, v in fields.items() if v is not None}
+        text = "  ".join(_fmt(k, v) for k, v in shown.items())
+        self.progress.update(self.task, advance=advance, info=text)
+
+
+class _LineStage:
+    """Non-terminal output (CI logs, pipes): a line at start and end, no animation."""
+
+    def __init__(self, name: str):
+        self.name, self.done, self.info = name, 0.0, ""
+
+    def update(self, advance: float = 1, **fields) -> None:
+        self.done += advance
+        shown = {k: v for k, v in fields.items() if v is not None}
+        if shown:
+            self.info = "  ".join(_fmt(k, v) for k, v in shown.items())
+
+
+def _fmt(key: str, value) -> str:
+    if isinstance(value, float):
+        return f"{key} {value:,.0f}" if key.endswith("_s") or value >= 1000 else f"{key} {value:.4f}"
+    return f"{key} {value}"
+
+
+class RichReporter:
+    def __init__(self, console: Console = err):
+        self.console = console
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: float | None = None, unit: str = "") -> Iterator:
+        t0 = time.time()
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                       MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+            with Progress(*columns, console=self.console, transient=False) as progress:
+                task = progress.add_task(name, total=total, info="")
+                yield _BarStage(progress, task, {})
+            return
+        self.console.print(f"{name} ...", markup=False)
+        stage = _LineStage(name)
+        yield stage
+        unit_text = f", {stage.done:,.0f} {unit}" if unit and stage.done else ""
+        info = f"  {stage.info}" if stage.info else ""
+        self.console.print(f"{name}: done in {time.time() - t0:.1f} s{unit_text}{info}", markup=False)
+
+    def message(self, text: str) -> None:
+        self.console.print(text, markup=False, soft_wrap=True)
+
+
+def table(title: str, columns: list[str], rows: list[list], right: tuple[int, ...] = ()) -> Table:
+    t = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="right" if i in right else "left")
+    for row in rows:
+        t.add_row(*[str(c) for c in row])
+    return t
+
+
+def param_table(summary) -> list[Table]:
+    """The headline numbers and the per-module breakdown of a ParamSummary."""
+    head = table("Parameters", ["", "count"], [
+        ["total", f"{summary.total:,}"], ["trainable", f"{summary.trainable:,}"],
+        ["trainable %", f"{summary.percent:.4f}%"]], right=(1,))
+    rows = [[m.module, m.count, f"{m.params:,}", f"{m.trainable:,}"] for m in summary.modules]
+    detail = table("Per module (layer index as *)", ["module", "tensors", "params", "trainable"], rows, right=(1, 2, 3))
+    return [head, detail]
+
+
+def print_issues(issues, console) -> None:
+    """Each data defect (records.Issue) on one line: severity, file:line [field]: reason."""
+    from rich.markup import escape
+
+    for issue in issues:
+        style = "yellow" if issue.severity == "warning" else "red"
+        console.print(f"[{style}]{issue.severity}[/] {escape(str(issue))}", markup=True, highlight=False,
+                      soft_wrap=True)

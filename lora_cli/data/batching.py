@@ -1,0 +1,229 @@
+"""Turn tokenized examples into micro-batches: packed (the fast default) or padded (the seed's).
+
+Packed: examples in shuffled order are laid end to end in one row of at most `max_tokens`
+tokens, each with its own position_ids starting at 0. With no attention mask, transformers
+builds a block-causal mask from those position_ids, so every example attends only to itself
+and sees the same loss it would alone; no compute is spent on padding.
+Padded: `batch_size` examples per micro-batch, right-padded to the longest, as the reference
+recipe's collator does.
+
+Targets are shifted per example here (targets[t] = labels[t+1], -100 at each example's last
+token), so the loss needs no shift and never predicts one example's first token from the
+previous example's last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_cli.model.loss import IGNORE
+
+PAD_MULTIPLE = 64  # packed rows are padded to a multiple of this: fewer distinct shapes for kernels
+
+
+@dataclass
+class MicroBatch:
+    input_ids: object  # LongTensor [B, L]
+    targets: object  # LongTensor [B, L], -100 where no loss
+    attention_mask: object | None
+    position_ids: object | None
+    n_targets: int
+    n_real: int  # tokens that belong to examples
+    n_padded: int  # tokens processed, padding included
+    target_index: object = None  # flat positions with a target: the loss needs no device sync to find them
+
+    def __post_init__(self) -> None:
+        if self.target_index is None:
+            self.target_index = (self.targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+    def to(self, device) -> "MicroBatch":
+        cuda = getattr(device, "type", str(device)).startswith("cuda")
+
+        def move(t):
+            if t is None:
+                return None
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids),
+                          self.n_targets, self.n_real, self.n_padded, move(self.target_index))
+
+    def loss_args(self) -> tuple:
+        """Arguments of the loss module (see loss.make_loss_module)."""
+        return (self.input_ids, self.targets, self.attention_mask, self.position_ids, self.target_index,
+                self.n_targets)
+
+    def model_inputs(self) -> dict:
+        out = {"input_ids": self.input_ids}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """A permutation that depends only on (seed, epoch): resuming reproduces it exactly."""
+    import torch
+
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int):
+    """Yield (micro-batch, its rows): examples placed in the first row they fit, in order.
+
+    A micro-batch is at most `rows` rows of at most `row_tokens` tokens. Deterministic, so
+    collate can rebuild the rows of a planned micro-batch exactly.
+    """
+    batch, placed = [], []  # placed: [[indices], used]
+    for i in order:
+        n = lengths[i]
+        target = next((r for r in placed if r[1] + n <= row_tokens), None)
+        if target is None and len(placed) >= rows and batch:
+            yield batch, [r[0] for r in placed]
+            batch, placed = [], []
+        if target is None:
+            target = [[], 0]
+            placed.append(target)
+        target[0].append(i)
+        target[1] += n
+        batch.append(i)
+    if batch:
+        yield batch, [r[0] for r in placed]
+
+
+def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
+    """Micro-batches of about max_tokens tokens, in rows of row_tokens (default: one row).
+
+    An example longer than a row gets a row of its own (it is never cut here: the tokenizer
+    already truncated it at --max-length).
+    """
+    row_tokens = row_tokens or max_tokens
+    rows = max(1, max_tokens // row_tokens)
+    return [batch for batch, _ in _first_fit(lengths, order, row_tokens, rows)]
+
+
+def pack_rows(indices: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
+    """The rows of one planned micro-batch (same first-fit as the planner)."""
+    row_tokens = row_tokens or max_tokens
+    rows = max(1, max_tokens // row_tokens)
+    (_, placed), = list(_first_fit(lengths, indices, row_tokens, rows)) or [([], [])]
+    return placed
+
+
+def plan_padded(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _shifted(labels: list[int]) -> list[int]:
+    return list(labels[1:]) + [IGNORE]
+
+
+def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens: int) -> MicroBatch:
+    """One micro-batch of packed rows; `rows` is a list of examples (one row) or a list of rows."""
+    import torch
+
+    packed_rows = rows if rows and isinstance(rows[0], list) else [rows]
+    built = []
+    for row in packed_rows:
+        ids, tgt, pos = [], [], []
+        for r in row:
+            x = list(r["input_ids"])
+            ids.extend(x)
+            tgt.extend(_shifted(list(r["labels"])))
+            pos.extend(range(len(x)))
+        built.append((ids, tgt, pos))
+    longest = max(len(b[0]) for b in built)
+    width = max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
+    n_real = sum(len(b[0]) for b in built)
+    out_ids, out_tgt, out_pos = [], [], []
+    for ids, tgt, pos in built:
+        extra = width - len(ids)
+        # padding is a separate "sequence" with its own positions: it attends only to itself
+        out_ids.append(ids + [pad_id] * extra)
+        out_tgt.append(tgt + [IGNORE] * extra)
+        out_pos.append(pos + list(range(extra)))
+    as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    ids_t, tgt_t = as_t(out_ids), as_t(out_tgt)
+    return MicroBatch(ids_t, tgt_t, None, as_t(out_pos), int((tgt_t != IGNORE).sum()), n_real, width * len(built))
+
+
+def collate_padded(rows: list[dict], pad_id: int) -> MicroBatch:
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    n_real = 0
+    for b, r in enumerate(rows):
+        x = list(r["input_ids"])
+        ids[b, : len(x)] = torch.tensor(x)
+        tgt[b, : len(x)] = torch.tensor(_shifted(list(r["labels"])))
+        mask[b, : len(x)] = 1
+        n_real += len(x)
+    n_targets = int((tgt != IGNORE).sum())
+    return MicroBatch(ids, tgt, mask, None, n_targets, n_real, len(rows) * width)
+
+
+@dataclass
+class Batcher:
+    """Plans and collates micro-batches for one dataset split."""
+
+    dataset: object  # datasets.Dataset with input_ids, labels, length, n_targets
+    packed: bool
+    batch_size: int
+    max_tokens: int
+    pad_id: int
+    seed: int = 0
+    row_tokens: int = 0  # packed row length; 0: one row of max_tokens
+
+    def __post_init__(self) -> None:
+        self.lengths = list(self.dataset["length"])
+        self.targets = list(self.dataset["n_targets"])
+
+    def n_targets(self, indices: list[int]) -> int:
+        return sum(self.targets[i] for i in indices)
+
+    def plan(self, epoch: int, shuffle: bool = True) -> list[list[int]]:
+        order = epoch_order(len(self.lengths), self.seed, epoch, shuffle)
+        if self.packed:
+            return plan_packed(order, self.lengths, self.max_tokens, self.row_tokens or None)
+        return plan_padded(order, self.batch_size)
+
+    def collate(self, indices: list[int]) -> MicroBatch:
+        data = self.dataset[indices]
+        by_index = {i: {"input_ids": a, "labels": b} for i, a, b in zip(indices, data["input_ids"], data["labels"])}
+        if self.packed:
+            row_len = self.row_tokens or self.max_tokens
+            rows = pack_rows(indices, self.lengths, self.max_tokens, row_len)
+            return collate_packed([[by_index[i] for i in row] for row in rows], self.pad_id, row_len)
+        return collate_padded([by_index[i] for i in indices], self.pad_id)
+
+
+class StepPlan:
+    """A split's micro-batches per epoch, grouped into optimizer steps of `per_step` micro-batches.
+
+    Each epoch has its own shuffled (and so its own packed) plan; the latest one is kept.
+    """
+
+    def __init__(self, batcher: Batcher, per_step: int):
+        self.batcher, self.per_step = batcher, per_step
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self.batcher.plan(epoch))
+        return self._cached[1]
+
+    def steps_in(self, epoch: int) -> int:
+        return -(-len(self.micro_batches(epoch)) // self.per_step)
+
+    def step(self, epoch: int, index: int) -> list[list[int]]:
+        """The micro-batches of optimizer step `index` (0-based) of `epoch`, over all processes."""
+        return self.micro_batches(epoch)[index * self.per_step:(index + 1) * self.per_step]
+
+    def total_steps(self, epochs: int, max_steps: int = 0) -> int:
+        return max_steps or sum(self.steps_in(e) for e in range(epochs))

@@ -1,0 +1,231 @@
+"""The tokenized dataset, cached on disk and reused while nothing that changes it changed.
+
+The key hashes every input of tokenization: the data file's bytes, the tokenizer's files,
+the template, max length, label policy and this module's format version. One entry per
+split, so editing the validation file does not re-tokenize the training file. An entry is
+an Arrow dataset (datasets.save_to_disk) plus meta.json, built in a temporary folder and
+renamed into place: a killed run leaves nothing that a later run would trust. meta.json also
+keeps what a later run that reuses the entry must say again: the examples truncation left without
+a trained token (count and first line numbers) and the data's warnings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, sha256_of, write_text
+from lora_cli.data.records import Issue, ScanStats, iter_examples, open_data_file
+from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note
+from lora_cli.errors import DataError, LoraCliError
+from lora_cli.progress import NULL_REPORTER, Reporter
+
+# 2: instruction records' system/history fields rendered; meta.json has left_out_lines and warnings
+FORMAT_VERSION = 2
+BATCH = 1000
+KEPT_LINES = 100  # left-out line numbers kept in meta.json
+KEPT_WARNINGS = 20
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256 of the bytes, number of lines)."""
+    lines = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal lines
+        lines += chunk.count(b"\n")
+
+    with open_data_file(path) as fh:
+        try:
+            digest = sha256_of(fh, count)
+        except OSError as exc:
+            raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+    return digest, lines
+
+
+def tokenizer_digest(tokenizer_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class CacheEntry:
+    split: str
+    key: str
+    path: Path
+    hit: bool
+    meta: dict
+
+    def notes(self) -> list[str]:
+        """What a run using this entry tells the user about its data, on a cache hit as when built."""
+        out = [f"warning {w}" for w in self.meta.get("warnings", [])]
+        left_out = self.meta.get("counts", {}).get("no_target", 0)
+        if left_out:
+            max_length = self.meta.get("parts", {}).get("max_length", 0)
+            out.append(left_out_note(left_out, self.meta.get("left_out_lines", []), max_length, self.split))
+        return out
+
+    def load(self):
+        from datasets import load_from_disk
+
+        try:
+            return load_from_disk(str(self.path / "data"))
+        except Exception as exc:  # damaged after it was written (disk error, a hand edit): say which entry
+            raise LoraCliError(f"The tokenize cache entry {self.path} cannot be read ({type(exc).__name__}: {exc}).",
+                               "Rebuild it with lora-cli tokenize --force (or delete the folder).") from None
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bool, counters: dict, issues: list,
+          left_out: list, progress):
+    """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
+    stats = ScanStats(str(path))
+    pending = []
+    rejected = []
+    errors = [0]
+
+    def on_issue(issue: Issue) -> None:
+        issues.append(issue)
+        errors[0] += issue.severity == "error"
+
+    def flush():
+        encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
+                                           str(path))
+        issues.extend(refused)
+        rejected.extend(refused)
+        errors[0] += len(refused)
+        for enc in encoded:
+            counters["truncated"] += int(enc.truncated)
+            if enc.n_targets == 0:
+                counters["no_target"] += 1
+                if len(left_out) < KEPT_LINES:
+                    left_out.append(enc.line)
+                continue
+            counters["examples"] += 1
+            counters["tokens"] += len(enc.input_ids)
+            counters["targets"] += enc.n_targets
+            yield {"input_ids": enc.input_ids, "labels": enc.labels, "line": enc.line,
+                   "length": len(enc.input_ids), "n_targets": enc.n_targets}
+        progress.update(len(pending))
+        pending.clear()
+
+    for example in iter_examples(path, on_issue=on_issue, stats=stats):
+        if errors[0] and not skip_invalid:
+            continue  # the run will fail: find every defect, tokenize nothing more
+        pending.append(example)
+        if len(pending) >= BATCH:
+            yield from flush()
+            kill_point("tokenize:rows")
+    if not (errors[0] and not skip_invalid):
+        yield from flush()
+    counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
+
+
+def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, template, policy: LabelPolicy,
+                  cache_dir: str | Path, skip_invalid: bool = False, force: bool = False,
+                  reporter: Reporter = NULL_REPORTER) -> CacheEntry:
+    """Return the cache entry for one split, tokenizing only when no valid entry exists."""
+    path = Path(path)
+    digest, n_lines = file_digest(path)
+    parts = {
+        "format": FORMAT_VERSION, "data_sha256": digest, "tokenizer": tokenizer_digest(tokenizer_dir),
+        "tokenizer_class": type(tokenizer).__name__, "template": template.identity(),
+        "max_length": policy.max_length, "train_on_prompt": policy.train_on_prompt, "add_eos": policy.add_eos,
+        "skip_invalid": skip_invalid,
+    }
+    key = _key(parts)
+    entry_dir = Path(cache_dir) / "tokenized" / key
+    meta_path = entry_dir / "meta.json"
+    if meta_path.is_file() and not force:
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key and (entry_dir / "data" / "dataset_info.json").is_file():
+                return CacheEntry(split, key, entry_dir, True, meta)
+        except (OSError, ValueError):
+            pass  # unreadable entry: rebuild it
+    remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
+    return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
+
+
+def _generate(gen_kwargs: dict, features, key: str, build_dir: Path):
+    """Dataset.from_generator over `_rows`, with the real error instead of datasets' wrapper.
+
+    datasets wraps whatever the generator (or its Arrow writer) raises in a
+    DatasetGenerationError; a message for the user (LoraCliError) or a full disk (OSError) must
+    come through as itself so that the CLI can say what happened.
+    """
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(_rows, gen_kwargs=gen_kwargs, features=features, fingerprint=key,
+                                      cache_dir=str(build_dir), keep_in_memory=False)
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (LoraCliError, OSError)) or (cause is not None and is_disk_full(cause)):
+            raise cause from None
+        raise
+
+
+def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter):
+    from datasets import Features, Sequence, Value
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0)
+    issues: list[Issue] = []
+    left_out: list[int] = []
+    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                         "line": Value("int64"), "length": Value("int32"), "n_targets": Value("int32")})
+    t0 = time.time()
+    with reporter.stage(f"Tokenizing {path.name}", total=n_lines or None, unit="records") as progress:
+        with atomic_dir(entry_dir, replace=True) as tmp:
+            gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
+                              skip_invalid=skip_invalid, counters=counters, issues=issues, left_out=left_out,
+                              progress=progress)
+            try:
+                ds = _generate(gen_kwargs, features, key, tmp / "build")
+            except ValueError:
+                if counters["examples"]:  # not the "generator yielded nothing" case
+                    raise
+                ds = None
+            errors = [i for i in issues if i.severity == "error"]
+            if errors and not skip_invalid:
+                raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,
+                                hint="Fix them (lora-cli validate-data lists every one) or pass --skip-invalid.")
+            if counters["examples"] == 0:
+                raise _no_examples(path, counters, left_out, policy, errors)
+            ds.save_to_disk(str(tmp / "data"))
+            del ds
+            shutil.rmtree(tmp / "build", ignore_errors=True)
+            warnings = [str(i) for i in issues if i.severity == "warning"]
+            meta = {"key": key, "split": split, "source": str(path), "parts": parts, "counts": counters,
+                    "skipped_lines": [i.line for i in errors][:1000], "left_out_lines": left_out,
+                    "warnings": warnings[:KEPT_WARNINGS], "seconds": round(time.time() - t0, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+    return CacheEntry(split, key, entry_dir, False, meta)
+
+
+
+def _no_examples(path: Path, counters: dict, left_out: list[int], policy: LabelPolicy, errors: list) -> DataError:
+    if counters["no_target"]:
+        note = left_out_note(counters["no_target"], left_out, policy.max_length)
+        return DataError(f"{path} has no usable examples. {note}", errors)
+    return DataError(f"{path} has no usable examples.", errors,
+                     hint="Every example needs a response that survives truncation at --max-length.")

@@ -1,0 +1,375 @@
+"""Read instruction data as a stream and say exactly what is wrong with it.
+
+Two record shapes are accepted, one JSON object per line (or elements of one JSON array):
+  {"instruction": str, "input": str (optional, null = ""), "output": str,
+   "system": str (optional), "history": [[user, assistant], ...] (optional)}
+  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "system": str (optional)}
+`system` and `history` are LLaMA-Factory's extension of the Alpaca format: a system prompt and the
+earlier turns of the conversation. Every defect becomes an `Issue` naming file, line, field and
+reason, so that a user fixes the whole file in one pass instead of one error per run. Lines are
+read as bytes one at a time: memory does not grow with the file. What a file holds is decided
+first (`file_kinds.sniff`): a compressed, binary or differently encoded file is one message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from lora_cli.errors import LoraCliError
+
+ROLES = ("system", "user", "assistant")
+FIELDS = ("instruction", "input", "output")
+# Keys that people often use instead of ours; named in the error to save a round trip.
+ALIASES = {"output": ("response", "answer", "completion", "target"), "instruction": ("prompt", "question", "query"),
+           "system": ("system_prompt", "system_message"), "history": ("chat_history", "conversation_history"),
+           "messages": ("conversations", "conversation", "dialog", "chat")}
+KNOWN = ("instruction", "input", "output", "messages", "system", "history")
+
+
+@dataclass(frozen=True)
+class Issue:
+    file: str
+    line: int
+    field: str
+    reason: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        what = f" [{self.field}]" if self.field else ""
+        return f"{where}{what}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason, "severity": self.severity}
+
+
+@dataclass
+class Example:
+    """One valid record. `messages` is set for chat records, the three fields otherwise."""
+
+    line: int
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    messages: list[dict] | None = None
+    system: str = ""  # instruction records: the system prompt ("" for none)
+    history: list[tuple[str, str]] = field(default_factory=list)  # instruction records: earlier (user, assistant) turns
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def identity(self) -> str:
+        """Text that equal records share: what duplicate detection compares."""
+        if self.messages is not None:
+            return json.dumps(self.messages, ensure_ascii=False, sort_keys=True)
+        extra = [self.system, [list(turn) for turn in self.history]] if (self.system or self.history) else []
+        return json.dumps([self.instruction, self.input, self.output, *extra], ensure_ascii=False)
+
+    def char_length(self) -> int:
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
+        earlier = len(self.system) + sum(len(u) + len(a) for u, a in self.history)
+        return len(self.instruction) + len(self.input) + len(self.output) + earlier
+
+
+def open_data_file(path: str | Path):
+    """The data file opened for binary reading, or a message saying why it cannot be."""
+    path = Path(path)
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise LoraCliError(f"Data file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise LoraCliError(f"Data file {path} is a folder, not a JSONL file.") from None
+    except OSError as exc:
+        raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+
+
+def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped."""
+    with open_data_file(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield number, raw.rstrip(b"\r\n")
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element of a JSON array file, already parsed."""
+
+    value: object
+
+
+def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue"]]:
+    """What every reader of data files goes through: (line, unit) where a unit is a JSON Lines line
+    (bytes), an element of a JSON array file, or an Issue that ends the file (a JSON array that stops
+    being valid JSON). A file that is neither raises NotJsonLines, saying what it is."""
+    from lora_cli.data.file_kinds import JSON_ARRAY, SAMPLE, sniff
+    from lora_cli.data.json_array import ArrayReadError, iter_json_array
+
+    path = Path(path)
+    with open_data_file(path) as fh:
+        try:
+            kind = sniff(path, fh.read(SAMPLE))
+        except OSError as exc:
+            raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
+        if kind == JSON_ARRAY:
+            fh.seek(0)
+            try:
+                for line, value in iter_json_array(fh):
+                    yield line, Element(value)
+            except ArrayReadError as exc:
+                yield exc.line, Issue(str(path), exc.line, "", exc.reason)
+            return
+    yield from open_lines(path)
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _string_field(obj: dict, key: str, issue, *, optional: bool) -> str | None:
+    if key not in obj:
+        if optional:
+            return ""
+        alias = _found_instead(obj, key)
+        hint = f" (found '{alias}': rename it to '{key}')" if alias else ""
+        issue(key, f"missing field '{key}'{hint}")
+        return None
+    value = obj[key]
+    if value is None:
+        if optional:
+            return ""
+        issue(key, f"'{key}' is null; it must be a non-empty string")
+        return None
+    if not isinstance(value, str):
+        issue(key, f"'{key}' must be a string, not {type(value).__name__}")
+        return None
+    if not _is_encodable(value):
+        issue(key, f"'{key}' holds an invalid unicode escape (a lone surrogate)")
+        return None
+    if not optional and not value.strip():
+        issue(key, f"'{key}' is blank")
+        return None
+    return value
+
+
+def _parse_messages(value, issue) -> list[dict] | None:
+    if not isinstance(value, list) or not value:
+        issue("messages", "'messages' must be a non-empty list of {role, content} objects")
+        return None
+    ok = True
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            issue(where, f"each message must be an object, not {type(msg).__name__}")
+            ok = False
+            continue
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            issue(f"{where}.role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
+            ok = False
+        if not isinstance(content, str):
+            issue(f"{where}.content", "content must be a string" + (" (missing)" if "content" not in msg else ""))
+            ok = False
+        elif not _is_encodable(content):
+            issue(f"{where}.content", "content holds an invalid unicode escape (a lone surrogate)")
+            ok = False
+        elif role == "assistant" and not content.strip():
+            issue(f"{where}.content", "assistant content is blank")
+            ok = False
+        if ok:
+            out.append({"role": role, "content": content})
+    if ok and not any(m["role"] == "assistant" for m in out):
+        issue("messages", "no assistant message: there is nothing to learn from this record")
+        ok = False
+    if ok and out[-1]["role"] != "assistant":
+        issue("messages", "the last message must be the assistant's")
+        ok = False
+    return out if ok else None
+
+
+def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
+    """Parse one raw line into an Example, or None with the reasons it is invalid."""
+    def invalid(reason: str) -> tuple[None, list[Issue]]:
+        return None, [Issue(file, number, "", reason)]
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return invalid(f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return invalid("invalid JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
+        return invalid(f"invalid JSON: {exc}")
+    return parse_value(obj, number, file)
+
+
+def parse_value(obj, number: int, file: str) -> tuple[Example | None, list[Issue]]:
+    """Validate one parsed record (a JSON Lines line or a JSON array's element)."""
+    issues: list[Issue] = []
+
+    def issue(fld: str, reason: str) -> None:
+        issues.append(Issue(file, number, fld, reason))
+
+    if not isinstance(obj, dict):
+        issue("", f"expected a JSON object, got {type(obj).__name__}")
+        return None, issues
+    if "messages" in obj or ("instruction" not in obj and _found_instead(obj, "messages")):
+        example = _chat_record(obj, number, issue)
+    else:
+        values = {k: _string_field(obj, k, issue, optional=(k == "input")) for k in FIELDS}
+        system = _string_field(obj, "system", issue, optional=True)
+        history = _parse_history(obj.get("history"), issue)
+        example = None if issues else Example(number, **values, system=system.strip() and system, history=history)
+    if example is not None:
+        issues.extend(_lookalike_warnings(obj, file, number))
+    return example, issues
+
+
+def _chat_record(obj: dict, number: int, issue) -> Example | None:
+    if "messages" not in obj:
+        found = _found_instead(obj, "messages")
+        issue("messages", f"missing field 'messages' (found '{found}': rename it to 'messages', with "
+                          "{role, content} objects) or fields 'instruction' and 'output'")
+        return None
+    messages = _parse_messages(obj["messages"], issue)
+    system = _string_field(obj, "system", issue, optional=True)
+    if obj.get("history") is not None:
+        issue("history", "'history' belongs to instruction records; a chat record holds its earlier turns in 'messages'")
+        return None
+    if messages is None or system is None:
+        return None
+    if system.strip():
+        if any(m["role"] == "system" for m in messages):
+            issue("system", "the record has both a 'system' field and a system message; keep one")
+            return None
+        messages = [{"role": "system", "content": system}, *messages]
+    return Example(number, messages=messages)
+
+
+def _parse_history(value, issue) -> list[tuple[str, str]]:
+    """LLaMA-Factory's `history`: earlier turns as [[user, assistant], ...]; null or absent: none."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        issue("history", f"'history' must be a list of [user, assistant] pairs, not {type(value).__name__}")
+        return []
+    ok = True
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            shown = f"a list of {len(pair)}" if isinstance(pair, list) else type(pair).__name__
+            issue(f"history[{i}]", f"each history turn must be a [user, assistant] pair of strings, not {shown}")
+            ok = False
+            continue
+        for j, (text, who) in enumerate(zip(pair, ("user", "assistant"))):
+            problem = (f"must be a string, not {type(text).__name__}" if not isinstance(text, str) else
+                       "holds an invalid unicode escape (a lone surrogate)" if not _is_encodable(text) else
+                       "is blank" if who == "assistant" and not text.strip() else None)
+            if problem:
+                issue(f"history[{i}][{j}]", f"the {who} text {problem}")
+                ok = False
+    return [(user, answer) for user, answer in value] if ok else []
+
+
+def _looks_like(key: str, name: str) -> float:
+    """How much `key` (not a field lora-cli reads) looks like field `name`: 1 for another case or
+    a common alias, difflib's similarity for a misspelling, 0 below 0.8."""
+    lowered = key.lower()
+    if lowered == name or key in ALIASES.get(name, ()):
+        return 1.0
+    ratio = difflib.SequenceMatcher(None, lowered, name).ratio()
+    return ratio if ratio >= 0.8 else 0.0
+
+
+def _found_instead(obj: dict, name: str) -> str | None:
+    """A key of the record that is probably `name` under another spelling."""
+    scored = [(_looks_like(k, name), k) for k in obj if isinstance(k, str) and k not in KNOWN]
+    best = max(scored, default=(0.0, None))
+    return best[1] if best[0] else None
+
+
+def _lookalike_warnings(obj: dict, file: str, number: int) -> list[Issue]:
+    """Unknown fields are ignored; one that looks like a field lora-cli reads gets a warning. (Beside
+    an instruction and an output, 'response' or 'prompt' is taken for metadata, not a misspelling.)"""
+    out = []
+    for key in obj:
+        if not isinstance(key, str) or key in KNOWN:
+            continue
+        scored = [(_looks_like(key, name), name) for name in KNOWN
+                  if not (name in ("instruction", "output") and key in ALIASES[name])]
+        score, name = max(scored)
+        if score:
+            out.append(Issue(file, number, key, f"field '{key}' is ignored: did you mean '{name}'? (later lines with "
+                                                f"'{key}' are not listed)", "warning"))
+    return out
+
+
+@dataclass
+class ScanStats:
+    """Counts and lengths gathered while streaming, kept compact (a few bytes per record)."""
+
+    file: str
+    lines: int = 0
+    records: int = 0
+    valid: int = 0
+    invalid: int = 0
+    chat: int = 0
+    errors: int = 0
+    warnings: int = 0
+
+
+def iter_examples(path: str | Path, on_issue=None, stats: ScanStats | None = None) -> Iterator[Example]:
+    """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
+
+    A warning about a look-alike field is reported for the first line that has it, not for every one."""
+    path = Path(path)
+    name = str(path)
+    warned: set[str] = set()
+    for number, unit in read_units(path):
+        if stats is not None:
+            stats.lines = number
+        if isinstance(unit, Issue):
+            example, issues = None, [unit]
+        elif isinstance(unit, Element):
+            example, issues = parse_value(unit.value, number, name)
+        elif not unit.strip():
+            continue
+        else:
+            example, issues = parse_line(unit, number, name)
+        issues = [i for i in issues if i.severity == "error" or i.field not in warned]
+        warned.update(i.field for i in issues if i.severity == "warning")
+        if stats is not None:
+            _count(stats, example, issues)
+        if on_issue is not None:
+            for item in issues:
+                on_issue(item)
+        if example is not None:
+            yield example
+
+
+def _count(stats: ScanStats, example: Example | None, issues: list[Issue]) -> None:
+    stats.records += 1
+    errors = sum(1 for i in issues if i.severity == "error")
+    stats.errors += errors
+    stats.warnings += len(issues) - errors
+    if example is None:
+        stats.invalid += 1
+    else:
+        stats.valid += 1
+        stats.chat += int(example.is_chat)

@@ -1,0 +1,165 @@
+"""Prompt templates: how a record becomes text, and which parts of it the loss sees.
+
+A template turns an example into *segments*, `(text, trainable)` pairs. Tokenization
+tokenizes each segment and masks the labels of non-trainable ones, so "loss on the response
+only" is a property of the segments, not of string offsets. Generation renders the same
+prompt text, so an adapter is always prompted exactly as it was trained.
+
+Built in: `alpaca` (the reference template; the Input block left out when the input is
+empty, as the original Alpaca release does), `alpaca-seed` (the reference recipe verbatim,
+empty Input block kept), `chat` (the tokenizer's own chat template). Anything else is read as
+a template file with {instruction}, {input} and {output} placeholders.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.data.records import Example
+from lora_cli.errors import LoraCliError
+
+ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+TURN_SEPARATOR = "\n\n"
+_PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
+
+Segments = list[tuple[str, bool]]
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """Substitute placeholders in one pass, so braces inside the data are never re-expanded."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)
+
+
+def _turns(example: Example) -> tuple[str, list[tuple[str, str]]]:
+    """(system text, [(user, assistant), ...]) for either record shape. An instruction record's
+    `history` turns come first, as a chat record's earlier turns would."""
+    if not example.is_chat:
+        earlier = [((user, ""), answer) for user, answer in example.history]
+        return example.system, [*earlier, ((example.instruction, example.input), example.output)]
+    system, turns, pending = [], [], []
+    for msg in example.messages or []:
+        if msg["role"] == "system":
+            system.append(msg["content"])
+        elif msg["role"] == "user":
+            pending.append(msg["content"])
+        else:
+            turns.append(((TURN_SEPARATOR.join(pending), ""), msg["content"]))
+            pending = []
+    return TURN_SEPARATOR.join(system), turns
+
+
+@dataclass
+class TextTemplate:
+    """An instruction template given as text: alpaca, alpaca-seed or a user's file."""
+
+    name: str
+    with_input: str
+    without_input: str | None  # None: always use `with_input`, even for an empty input
+    suffix: str = ""  # text after {output} (trained on, like the response)
+
+    def identity(self) -> str:
+        return f"text:{self.name}\n{self.with_input}\n--\n{self.without_input}\n--\n{self.suffix}"
+
+    def prompt_text(self, instruction: str, input: str = "") -> str:
+        use = self.with_input if (input.strip() or self.without_input is None) else self.without_input
+        return _fill(use, {"instruction": instruction, "input": input})
+
+    def segments(self, example: Example, tokenizer=None) -> Segments:
+        system, turns = _turns(example)
+        out: Segments = []
+        prefix = system + TURN_SEPARATOR if system else ""
+        for i, ((instruction, input), answer) in enumerate(turns):
+            sep = TURN_SEPARATOR if i else ""
+            out.append((prefix + sep + self.prompt_text(instruction, input), False))
+            out.append((answer + self.suffix, True))
+            prefix = ""
+        return out
+
+
+class ChatTemplate:
+    """The tokenizer's own chat template; the loss sees assistant turns only."""
+
+    name = "chat"
+
+    def identity(self) -> str:
+        return "chat"  # the template text itself is part of the tokenizer files' hash
+
+    @staticmethod
+    def _check(tokenizer) -> None:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise LoraCliError(
+                "--template chat needs a tokenizer with a chat template, and this model's tokenizer has none.",
+                "Use --template alpaca instead, or a template file.",
+            )
+
+    @staticmethod
+    def _messages(example: Example) -> list[dict]:
+        """A chat record's messages; for an instruction record, the conversation it stands for."""
+        if example.is_chat:
+            return list(example.messages or [])
+        messages = [{"role": "system", "content": example.system}] if example.system else []
+        for user, answer in example.history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        user = example.instruction + (TURN_SEPARATOR + example.input if example.input.strip() else "")
+        return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": example.output}]
+
+    def segments(self, example: Example, tokenizer=None) -> Segments:
+        """Split the rendered conversation at each assistant turn by rendering its prefixes."""
+        self._check(tokenizer)
+        messages = self._messages(example)
+        out: Segments = []
+        done = ""
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise LoraCliError(
+                    "This tokenizer's chat template does not render conversations incrementally, so assistant "
+                    "turns cannot be located for response-only labels.",
+                    "Use --template alpaca, or --train-on-prompt.",
+                )
+            answer = full[len(prompt):]
+            trailing = answer[len(answer.rstrip()):]  # newline after the end-of-turn token: not learned
+            out.append((prompt[len(done):], False))
+            out.append((answer[: len(answer) - len(trailing)], True))
+            done = full[: len(full) - len(trailing)]
+        return out
+
+
+def _load_file_template(path: Path) -> TextTemplate:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoraCliError(f"Cannot read template file {path}: {exc}.") from None
+    found = _PLACEHOLDER.findall(text)
+    if found.count("output") != 1 or "instruction" not in found:
+        raise LoraCliError(
+            f"Template file {path} must contain {{instruction}} and exactly one {{output}} "
+            "(and may contain {input}); the prompt is the text before {output}."
+        )
+    head, _, tail = text.partition("{output}")
+    return TextTemplate(name=str(path), with_input=head, without_input=None, suffix=tail)
+
+
+BUILTIN = {
+    "alpaca": lambda: TextTemplate("alpaca", ALPACA_WITH_INPUT, ALPACA_NO_INPUT),
+    "alpaca-seed": lambda: TextTemplate("alpaca-seed", ALPACA_WITH_INPUT, None),
+    "chat": ChatTemplate,
+}
+
+
+def get_template(name: str):
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    path = Path(name)
+    if path.is_file():
+        return _load_file_template(path)
+    raise LoraCliError(
+        f"Unknown template '{name}': not one of {', '.join(BUILTIN)} and not a file.",
+        "A template file holds the prompt text with {instruction}, {input} and {output} placeholders.",
+    )

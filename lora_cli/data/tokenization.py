@@ -1,0 +1,169 @@
+"""Examples -> input_ids and labels, in batches through the fast tokenizer.
+
+Each template segment is tokenized on its own and the pieces are concatenated: the prompt
+the model sees at generation time is then token-for-token the prompt it was trained on.
+Labels are -100 on prompt segments unless `train_on_prompt`; an eos id closes every trained
+segment (unless it already ends with one), decided by our own mask and never by comparing
+with the pad id, since pad == eos on Qwen and SmolLM2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lora_cli.data.records import Example, Issue
+from lora_cli.errors import LoraCliError
+from lora_cli.model.loss import IGNORE
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    max_length: int = 512
+    train_on_prompt: bool = False
+    add_eos: bool = True
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    line: int
+    truncated: bool
+
+    @property
+    def n_targets(self) -> int:
+        # label[0] is never predicted (no token before it), as in the shifted loss
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer adds in front of a text (a BOS for Llama-style tokenizers, none for Qwen)."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
+
+
+def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -> list[int]:
+    """A segment's ids, with eos appended after a trained segment (a response) unless it ends
+    with one already: the one rule for training and for the prompts of generation."""
+    if trainable and add_eos and eos is not None and (not piece or piece[-1] != eos):
+        return [*piece, eos]
+    return list(piece)
+
+
+def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPolicy) -> list[Encoded]:
+    """Encode many examples with one tokenizer call over all of their segments."""
+    per_example = [template.segments(ex, tokenizer) for ex in examples]
+    texts = [text for segs in per_example for text, _ in segs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prefix = special_prefix(tokenizer)
+    eos = tokenizer.eos_token_id
+    out, k = [], 0
+    for example, segs in zip(examples, per_example):
+        input_ids, labels = list(prefix), [IGNORE] * len(prefix)
+        for _, trainable in segs:
+            piece = _closed(ids[k], trainable, policy.add_eos, eos)
+            k += 1
+            input_ids.extend(piece)
+            labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
+        truncated = len(input_ids) > policy.max_length
+        out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
+    return out
+
+
+def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = True) -> list[int]:
+    """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
+    history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
+    return _encode_prompt_segments(template.segments(history, tokenizer)[:-1], tokenizer, add_eos)
+
+
+def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool = True) -> list[int]:
+    """Token ids of the prompt for a record's last response: training's input_ids up to that response.
+
+    What generation and the stop rate start from; an instruction record keeps its Input block,
+    system prompt and history.
+    """
+    if example.is_chat:
+        return encode_prompt(list(example.messages or [])[:-1], tokenizer, template, add_eos)
+    blank = replace(example, output="")
+    return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
+
+
+def reference_answer(example: Example) -> str:
+    """The record's own answer (its output, or its last assistant message)."""
+    return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
+
+
+def _encode_prompt_segments(segs, tokenizer, add_eos: bool) -> list[int]:
+    texts = [text for text, _ in segs]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    eos = tokenizer.eos_token_id
+    out = special_prefix(tokenizer)
+    for (_, trainable), piece in zip(segs, ids):
+        out.extend(_closed(piece, trainable, add_eos, eos))
+    return out
+
+
+def token_lengths(examples: list[Example], tokenizer, template) -> list[int]:
+    """Untruncated token counts (prompt + response + eos), for validate-data's statistics."""
+    policy = LabelPolicy(max_length=2**31 - 1)
+    return [len(e.input_ids) for e in encode_batch(examples, tokenizer, template, policy)]
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """One example's untruncated token count and where its first trained token sits."""
+
+    line: int
+    length: int
+    first_target: int  # index of the first labelled token that is predicted (len(input_ids) if none)
+
+    def left_out(self, max_length: int) -> bool:
+        """True when truncation at max_length keeps no trained token: the example is left out."""
+        return self.first_target >= max_length
+
+
+def token_counts(examples: list[Example], tokenizer, template, policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
+    """TokenCount per example under `policy`'s labels, for validate-data's statistics."""
+    untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
+    out = []
+    for enc in encode_batch(examples, tokenizer, template, untruncated):
+        first = next((i for i in range(1, len(enc.labels)) if enc.labels[i] != IGNORE), len(enc.labels))
+        out.append(TokenCount(enc.line, len(enc.input_ids), first))
+    return out
+
+
+def left_out_note(count: int, lines: list[int], max_length: int, split: str = "", purpose: str = "train on") -> str:
+    """The one sentence every command that tokenizes says about examples truncation leaves empty."""
+    shown = ", ".join(str(n) for n in lines[:10])
+    more = f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else ""
+    where = f" (line{'s' if count > 1 else ''} {shown}{more})" if lines else ""
+    return (f"{count:,} {split + ' ' if split else ''}example(s) left out: the prompt fills --max-length "
+            f"({max_length} tokens), so no response token is left to {purpose}{where}. "
+            "Raise --max-length or shorten those prompts.")
+
+
+def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:
+    """`fn(examples)` for a batch; if it fails, retry one record at a time and turn each record it
+    fails on into an Issue, so one bad record never stops the batch with a traceback.
+
+    A model's chat template can refuse records that are valid JSON (many raise "roles must
+    alternate user/assistant"); that is a defect of the record under this template, reported on
+    its line. A LoraCliError is about the setup, not a record, and propagates as it is.
+    """
+    try:
+        return list(fn(examples)), []
+    except LoraCliError:
+        raise
+    except Exception:
+        pass
+    results, issues = [], []
+    for example in examples:
+        try:
+            results.extend(fn([example]))
+        except LoraCliError:
+            raise
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            issues.append(Issue(file, example.line, "", f"the template cannot render this record: {reason}"))
+    return results, issues

@@ -1,0 +1,208 @@
+"""Load base + adapter for inference, and generate: greedy or sampled, streamed or batched.
+
+The base is loaded as training loaded it (4-bit NF4 or not, from the adapter's run config)
+unless the caller overrides it, so generate and eval see the model that was trained. Prompts
+are built by `encode_example_prompt`/`encode_prompt`, token-for-token as in training.
+Only lora-cli's own flags decide how tokens are picked: a model's generation_config sampling
+defaults (Qwen's temperature 0.7, top_k 20, ...) are overridden, so greedy means greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lora_cli.adapter.folder import AdapterInfo, attach_adapter, load_template
+from lora_cli.errors import LoraCliError
+from lora_cli.progress import NULL_REPORTER
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise LoraCliError(f"--max-new-tokens must be at least 1, not {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise LoraCliError(f"--temperature must be >= 0 (0 = greedy), not {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise LoraCliError(f"--top-p must be in (0, 1], not {self.top_p}.")
+        if self.top_k < 0:
+            raise LoraCliError(f"--top-k must be >= 0 (0 = off), not {self.top_k}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self, stop_ids: list[int], pad_id: int) -> dict:
+        """Every knob explicit, so nothing is filled in from the model's generation_config."""
+        return dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=not self.greedy,
+                    temperature=self.temperature if not self.greedy else 1.0, top_p=self.top_p, top_k=self.top_k,
+                    typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+                    eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]  # generated ids, up to and without the stop token
+    stopped: bool  # a stop token (eos) came within max_new_tokens
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a peft PeftModel (with an adapter) or the plain base model
+    tokenizer: object
+    template: object
+    info: AdapterInfo
+    device: object
+    precision: str
+    has_adapter: bool
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The eos training appends, plus any other end token the model's generation config names."""
+        ids = [self.tokenizer.eos_token_id]
+        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for i in (extra if isinstance(extra, (list, tuple)) else [extra]):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+        return ids
+
+    def example_prompt(self, example) -> list[int]:
+        from lora_cli.data.tokenization import encode_example_prompt
+
+        return encode_example_prompt(example, self.tokenizer, self.template, self.info.add_eos)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        from lora_cli.data.tokenization import encode_prompt
+
+        return encode_prompt(messages, self.tokenizer, self.template, self.info.add_eos)
+
+
+def load_for_inference(info: AdapterInfo, quantization: str | None = None, precision: str = "auto",
+                       device: str = "auto", with_adapter: bool = True, reporter=NULL_REPORTER) -> LoadedModel:
+    """Base model (as trained: 4-bit or not) with the adapter on top, in eval mode."""
+    from lora_cli.model.device import pick_device, resolve_precision
+    from lora_cli.model.load import load_model, load_tokenizer, quiet_libraries
+    from lora_cli.model.resolve import resolve_model
+
+    quiet_libraries()
+    quant = quantization or info.quantization
+    if quant not in ("nf4", "none"):
+        raise LoraCliError(f"--quantization must be nf4 or none, not {quant!r}.")
+    template = load_template(info)
+    dev = pick_device(device)
+    prec = resolve_precision(precision, dev.type)
+    resolved = resolve_model(info.base_model, reporter)
+    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else resolved.path,
+                               info.trust_remote_code)
+    what = "4-bit NF4" if quant == "nf4" else prec
+    with reporter.stage(f"Loading {info.base_model} ({what})" + (" + adapter" if with_adapter else "")):
+        model = load_model(resolved.path, quant, prec, dev, info.trust_remote_code)
+        if with_adapter:
+            model = attach_adapter(model, info)
+    model.eval()
+    return LoadedModel(model, tokenizer, template, info, dev, prec, with_adapter)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LoraCliError(f"--batch-size must be at least 1, not {batch_size}.")
+
+
+def make_streamer(tokenizer, on_text: Callable[[str], None]):
+    """transformers' TextStreamer (word-boundary buffering, prompt skipped), handing text to a callback."""
+    from transformers import TextStreamer
+
+    class CallbackStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _left_padded(batch: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cut(ids: list[int], stop_ids: list[int], tokenizer) -> Answer:
+    """Generated ids up to the first stop token; padding after it (pad == eos) goes with it."""
+    end = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+    kept = ids if end is None else ids[:end]
+    return Answer(tokenizer.decode(kept, skip_special_tokens=True), kept, end is not None)
+
+
+def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
+             on_text: Callable[[str], None] | None = None, use_adapter: bool = True,
+             on_batch: Callable[[int], None] | None = None) -> list[Answer]:
+    """Answers in the order of `prompts`, generated in left-padded batches of similar length.
+
+    `on_text` streams a single prompt's text as it is produced; `use_adapter=False` answers
+    with the base model alone (the adapter switched off, not unloaded).
+    """
+    import contextlib
+
+    import torch
+
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError("streaming needs exactly one prompt")
+    check_batch_size(batch_size)
+    model, tok = loaded.model, loaded.tokenizer
+    stop, pad = loaded.stop_ids, tok.pad_token_id
+    kwargs = sampling.generate_kwargs(stop, pad)
+    if on_text is not None:
+        kwargs["streamer"] = make_streamer(tok, on_text)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    switch = contextlib.nullcontext()
+    if not use_adapter and loaded.has_adapter:
+        switch = model.disable_adapter()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[Answer | None] = [None] * len(prompts)
+    with switch, torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = _left_padded([prompts[i] for i in idx], pad, loaded.device)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            for row, i in enumerate(idx):
+                answers[i] = _cut(out[row, ids.shape[1]:].tolist(), stop, tok)
+            if on_batch is not None:
+                on_batch(len(idx))
+    return answers  # type: ignore[return-value]
+
+
+def fit_history(loaded, history: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+    """Prompt ids for the next answer and how many old turns were dropped to fit the context.
+
+    System messages are kept; user/assistant exchanges go oldest first. The latest user
+    message always stays, even if it alone is too long (the model then sees it truncated).
+    """
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+    budget = max(limit - max_new_tokens, 1)
+    system = [m for m in history if m["role"] == "system"]
+    turns = [m for m in history if m["role"] != "system"]
+    dropped = 0
+    ids = loaded.chat_prompt(system + turns)
+    while len(ids) > budget and len(turns) > 1:
+        cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+        turns = turns[cut:]
+        dropped += 1
+        ids = loaded.chat_prompt(system + turns)
+    if len(ids) > budget:
+        ids = ids[-budget:]
+    return ids, dropped

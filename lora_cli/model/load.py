@@ -1,0 +1,159 @@
+"""Load and adapt the base model (found by resolve.py).
+
+`load_model` loads it in 4-bit NF4 or unquantized, from safetensors only;
+`prepare_for_training` freezes, upcasts and checkpoints it; `attach_lora` puts peft's LoRA on
+top. Imports of torch/transformers/peft happen inside functions so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from lora_cli.config import LoraSettings
+from lora_cli.errors import LoraCliError
+from lora_cli.model.device import torch_dtype
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and chatter of the libraries; lora-cli reports progress itself."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "bitsandbytes", "peft", "accelerate", "datasets", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|bitsandbytes|accelerate)")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _load_error(exc: Exception, what: str, path: Path) -> LoraCliError:
+    if "trust_remote_code" in str(exc):
+        return LoraCliError(f"The {what} in {path} needs code from its own repository to load, and lora-cli runs no "
+                            "remote code unless asked.", "Pass --trust-remote-code if you trust where the model comes from.")
+    return LoraCliError(f"Cannot load the {what} from {path}: {exc}")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(exc, "tokenizer", path) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise LoraCliError(f"The tokenizer in {path} is not a fast tokenizer; lora-cli needs one (tokenizer.json).")
+    if tokenizer.eos_token_id is None:
+        raise LoraCliError(f"The tokenizer in {path} has no eos token; the model could never learn to stop.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by attention and labels, never by id
+    return tokenizer
+
+
+def guard_cpu_4bit(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see PLATFORM.md).
+
+    On CPUs with avx512_bf16 the first eval()+no_grad forward repacks every Linear4bit into
+    an inference layout without an autograd path; training then silently stops learning.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_model(path: Path, quantization: str, precision: str, device, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa", sharded: bool = False):
+    """The base model on `device`, 4-bit NF4 (compute dtype = precision) or unquantized.
+
+    sharded (FSDP): loaded on the CPU, 4-bit bytes stored as the compute dtype; FSDP moves it
+    to the GPU one unit at a time (see sharding.py).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(precision)
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                  dtype=dtype)
+    if quantization == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise LoraCliError("4-bit loading needs bitsandbytes, which is not installed.",
+                               "pip install bitsandbytes, or pass --quantization none.") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
+        kwargs["device_map"] = {"": "cpu" if sharded else torch.device(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(exc, "model", path) from None
+    if quantization != "nf4" and not sharded:
+        model.to(device)
+    model.config.use_cache = False
+    guard_cpu_4bit(model)
+    return model
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers: int) -> None:
+    """Freeze the base; optionally upcast non-quantized weights to fp32 (peft's way); checkpointing.
+
+    checkpoint_layers: 0 = none, -1 = every decoder layer, N = the first N decoder layers (the
+    memory/speed dial: each checkpointed layer keeps only its input and is recomputed in the
+    backward pass).
+    """
+    gc_kwargs = {"use_reentrant": False}
+    if quantized and upcast:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if checkpoint_layers:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+        if checkpoint_layers > 0:
+            for layer in decoder_layers(model)[checkpoint_layers:]:
+                layer.gradient_checkpointing = False
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer (fuses norms, activations, rotary embedding and LoRA glue)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)
+
+
+def attach_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                        target_modules=lora.peft_targets(), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise LoraCliError(f"Cannot attach LoRA: {exc}",
+                           "Check --target-modules against the model's module names (e.g. q_proj,v_proj, or all-linear).") from None

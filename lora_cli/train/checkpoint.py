@@ -1,0 +1,181 @@
+"""Resumable training state: adapter weights, optimizer, scheduler, RNG and loop position.
+
+A checkpoint folder is written whole under a temporary name and renamed into place, so a
+folder named `epoch-N` or `step-N` is always complete. Tensors are loaded back with
+`weights_only=True`; loop state is plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lora_cli.adapter.folder import ADAPTER_WEIGHTS, CHECKPOINTS
+from lora_cli.atomic import TMP_PREFIX, atomic_dir, kill_point
+from lora_cli.errors import LoraCliError
+
+STATE = "trainer_state.json"
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands: saved in every checkpoint as trainer_state.json, restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps done within `epoch`
+    metrics_lines: int = 0  # lines of metrics.jsonl written so far
+    window_loss: float = 0.0  # summed token loss since the last log line
+    window_targets: int = 0  # target tokens since the last log line
+    window_tokens: int = 0  # real tokens since the last log line
+    tokens_seen: int = 0
+    fingerprint: str = ""  # adapter_folder.run_fingerprint of the run's settings
+    total_steps: int = 0
+    world_size: int = 1  # processes: a checkpoint resumes only on as many
+    fsdp: bool = False  # made with the base sharded (FSDP): resumes only the same way
+    first_loss: float | None = None  # train loss of the first log window (the whole run's, across resumes)
+    last_loss: float | None = None
+    eval_losses: list = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LoopState":
+        """From trainer_state.json, also as written before the fields were named (an `extra` dict)."""
+        raw = dict(raw)
+        extra = raw.pop("extra", None) or {}
+        raw.pop("window_steps", None)
+        summary = extra.get("summary") or {}
+        for key in ("first_loss", "last_loss", "eval_losses"):
+            raw.setdefault(key, summary.get(key))
+        raw.setdefault("fsdp", bool(extra.get("fsdp", False)))
+        raw["eval_losses"] = list(raw.get("eval_losses") or [])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder read back: the loop state, LoRA tensors (adapter-file names), and the
+    optimizer, scheduler and RNG states."""
+
+    path: Path
+    state: LoopState
+    adapter: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+
+
+def checkpoint_dir(root: Path) -> Path:
+    return Path(root) / CHECKPOINTS
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by optimizer step)."""
+    folder = checkpoint_dir(root)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.name.startswith(TMP_PREFIX) or not (p / STATE).is_file():
+            continue
+        try:
+            found.append((json.loads((p / STATE).read_text())["step"], p))
+        except (OSError, ValueError, KeyError):
+            continue
+    return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name))]
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk then surfaces as OSError(ENOSPC) in the
+    exception chain (given a path, torch's own writer reports only "unexpected pos")."""
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer_state: dict, scheduler,
+                    keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    dest = checkpoint_dir(root) / name
+    hint = (f"Training stopped at step {state.step}; the checkpoints already in {checkpoint_dir(root)} are intact. "
+            "Free some disk space and run the same command with --resume." if list_checkpoints(root) else
+            f"Training stopped at step {state.step}, before its first checkpoint. Free some disk space and run the "
+            "same command again.")
+    with atomic_dir(dest, replace=True, hint=hint) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / ADAPTER_WEIGHTS))
+        kill_point("checkpoint:partial")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        _torch_save(rng, tmp / "rng.pt")
+        (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
+    prune(root, keep, protect=dest, step=state.step)
+    return dest
+
+
+def prune(root: Path, keep: int, protect: Path | None = None, step: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints. With `step` (the one just saved), also drop any made
+    at a later step: they belong to a timeline abandoned by --resume-from an older checkpoint,
+    and left in place a later --resume would pick them as the latest."""
+    existing = list_checkpoints(root)
+    if step is not None:
+        stale = [p for p in existing if _step_of(p) > step]
+        existing = [p for p in existing if p not in stale]
+    else:
+        stale = []
+    for old in stale + existing[: max(0, len(existing) - keep)]:
+        if protect is None or old.resolve() != protect.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(json.loads((path / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def read_state(path: Path) -> LoopState:
+    """The loop state of a checkpoint folder (LoraCliError if it is not one)."""
+    try:
+        return LoopState.from_dict(json.loads((Path(path) / STATE).read_text()))
+    except FileNotFoundError:
+        raise LoraCliError(f"{path} is not a checkpoint folder (no {STATE}).") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Everything a checkpoint folder holds; tensors loaded with weights_only (no pickled code runs)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = LoopState.from_dict(json.loads((path / STATE).read_text()))
+        adapter = load_file(str(path / ADAPTER_WEIGHTS))
+        optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+        rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+    except FileNotFoundError as exc:
+        raise LoraCliError(f"Checkpoint {path} is incomplete ({Path(exc.filename).name} is missing).") from None
+    except Exception as exc:  # corrupt or foreign files: say which checkpoint, not a traceback
+        raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    return Checkpoint(path, state, adapter, optim, sched, rng)
+
+
+def restore_rng(rng: dict) -> None:
+    import torch
+
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        states = rng["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)

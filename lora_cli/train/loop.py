@@ -1,0 +1,250 @@
+"""One optimizer step at a time: accumulation, normalisation, reduction, checkpoints.
+
+Loss normalisation: every optimizer step divides the summed token losses of all its
+micro-batches (on all processes) by their total number of target tokens, known in advance
+from the plan. Each token weighs the same whatever the packing, the accumulation or the
+number of GPUs, so changing those levers does not change what is optimised.
+
+The loop is built ready: the recipe hands it the wrapped module, optimizer and schedule
+(optim.prepare_trainable) and the loop state (fresh, or a checkpoint's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+from lora_cli.atomic import kill_point
+from lora_cli.data.batching import StepPlan
+from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
+from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
+from lora_cli.train.interrupt import InterruptFlag
+from lora_cli.train.oom import out_of_memory_as_error
+
+
+class TrainingLoop:
+    def __init__(self, cfg, placement, plan, peft_model, trainable, steps: StepPlan, val_batcher, out, reporter,
+                 state: LoopState):
+        self.cfg, self.train_cfg = cfg, cfg.train
+        self.placement, self.plan = placement, plan
+        self.model, self.trainable = peft_model, trainable
+        self.steps, self.val_batcher = steps, val_batcher
+        self.out, self.reporter, self.state = out, reporter, state
+        self.last_checkpoint = None
+        self._last_log, self._last_tok_s = time.time(), None
+
+    @property
+    def total_steps(self) -> int:
+        return self.state.total_steps
+
+    # ---- the loop ---------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        state = self.state
+        self.trainable.module.train()  # from_pretrained leaves eval mode: no LoRA dropout, no checkpointing
+        with InterruptFlag(self.reporter) as flag, out_of_memory_as_error(self._memory_levers):
+            if self.train_cfg.eval_at_start and state.step == 0 and self.val_batcher is not None:
+                self._log_eval(self.evaluate())
+            self._last_log = time.time()
+            with self.reporter.stage("Training", total=self.total_steps, unit="steps") as bar:
+                bar.update(state.step)
+                while state.step < self.total_steps:
+                    self._run_epoch(flag, bar)
+        return {"first_loss": state.first_loss, "last_loss": state.last_loss, "eval_losses": state.eval_losses,
+                "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
+
+    def _run_epoch(self, flag, bar) -> None:
+        """The rest of the current epoch, its end, and a stop when a signal asked for one."""
+        state = self.state
+        n_steps = self.steps.steps_in(state.epoch)
+        while state.step_in_epoch < n_steps and state.step < self.total_steps:
+            self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
+            kill_point("train:step")
+            bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
+            at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
+            if flag.set and not at_end:
+                self._interrupt(flag)
+            every = self.train_cfg.save_every_steps
+            if every and state.step % every == 0 and not at_end:
+                self._checkpoint(f"step-{state.step}")
+        self._end_epoch(partial=state.step_in_epoch < n_steps)
+        self._sync_flag(flag)  # a signal during the evaluation reached only some processes
+        if flag.set and state.step < self.total_steps:
+            self._interrupt(flag, saved=True)
+
+    def _sync_flag(self, flag) -> None:
+        if self.placement.world_size > 1:
+            import torch
+
+            raised = torch.tensor(float(flag.set), device=self.placement.device)
+            flag.set = self.placement.accelerator.reduce(raised, reduction="sum").item() > 0
+
+    def _step(self, step_batches: list[list[int]], flag) -> None:
+        """One optimizer step over `step_batches` (all processes' micro-batches; this one takes its share)."""
+        import torch
+
+        where, state, batcher = self.placement, self.state, self.steps.batcher
+        acc, module = where.accelerator, self.trainable.module
+        n_global = max(1, sum(batcher.n_targets(mb) for mb in step_batches))
+        mine = step_batches[where.rank::where.world_size]
+        slots = math.ceil(len(step_batches) / where.world_size)
+        loss_sum = torch.zeros((), device=where.device)
+        real = 0
+        for i in range(slots):
+            live = i < len(mine)
+            mb = batcher.collate(mine[i] if live else step_batches[0]).to(where.device)
+            sync = i == slots - 1 or where.world_size == 1
+            with contextlib.nullcontext() if sync else acc.no_sync(module):
+                loss, _ = module(*mb.loss_args())
+                acc.backward(loss * ((1.0 if live else 0.0) * where.world_size / n_global))
+            if live:
+                loss_sum += loss.detach().float()
+                real += mb.n_real
+        stats = torch.stack([loss_sum, torch.tensor(float(real), device=where.device),
+                             torch.tensor(float(flag.set), device=where.device)])
+        if where.world_size > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        loss_total, real_total, interrupted = stats.tolist()
+        flag.set = flag.set or interrupted > 0
+        if not math.isfinite(loss_total):
+            raise NonFiniteLoss(self._nonfinite_message(state.step + 1))
+        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
+        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(float(grad_norm)):
+            raise NonFiniteLoss(self._nonfinite_message(state.step + 1, "gradient norm"))
+        self._apply(loss_total, n_global, int(real_total), grad_norm)
+
+    def _apply(self, loss_total: float, n_targets: int, real_tokens: int, grad_norm) -> None:
+        """Optimizer and schedule step, then the loop's counters and, when due, a log line."""
+        state, trainable = self.state, self.trainable
+        lr = trainable.scheduler.get_last_lr()[0]
+        trainable.optimizer.step()
+        trainable.scheduler.step()
+        trainable.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.step_in_epoch += 1
+        state.tokens_seen += real_tokens
+        state.window_loss += loss_total
+        state.window_targets += n_targets
+        state.window_tokens += real_tokens
+        if state.step % self.train_cfg.log_every == 0 or state.step == self.total_steps:
+            self._log_train(lr, grad_norm)
+
+    def _clip(self):
+        """Clip by the global gradient norm; under FSDP each process holds a shard of the gradients,
+        and only FSDP's own clip_grad_norm_ sums the norm over all of them."""
+        acc, max_norm = self.placement.accelerator, self.train_cfg.max_grad_norm
+        if self.placement.fsdp:
+            acc.unscale_gradients()  # fp16's loss scale (a no-op otherwise)
+            return self.trainable.module.clip_grad_norm_(max_norm)
+        return acc.clip_grad_norm_(self.trainable.params, max_norm)
+
+    def _log_train(self, lr, grad_norm) -> None:
+        state = self.state
+        now = time.time()
+        loss = state.window_loss / max(state.window_targets, 1)
+        self._last_tok_s = state.window_tokens / max(now - self._last_log, 1e-9)
+        state.first_loss = loss if state.first_loss is None else state.first_loss
+        state.last_loss = loss
+        epoch = state.epoch + state.step_in_epoch / max(self.steps.steps_in(state.epoch), 1)
+        self._write({"type": "train", "step": state.step, "epoch": epoch, "loss": loss, "lr": lr,
+                     "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": state.tokens_seen,
+                     "tokens_per_s": round(self._last_tok_s, 2)})
+        state.window_loss, state.window_targets, state.window_tokens = 0.0, 0, 0
+        self._last_log = now
+
+    def _log_eval(self, value: float | None) -> None:
+        if value is None:
+            return
+        self.state.eval_losses.append(value)
+        self._write({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "eval_loss": value})
+        self.reporter.message(f"eval loss at step {self.state.step}: {value:.4f}")
+
+    def _write(self, row: dict) -> None:
+        self.out.append_metrics(row)
+        self.state.metrics_lines += 1
+
+    def _end_epoch(self, partial: bool = False) -> None:
+        state = self.state
+        if not partial:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        if self.val_batcher is not None:
+            self._log_eval(self.evaluate())
+        self._checkpoint(f"step-{state.step}" if partial else f"epoch-{state.epoch}")
+
+    def adapter_state(self) -> tuple[dict | None, dict | None]:
+        """(LoRA tensors, optimizer state) to save. Under FSDP they are gathered from the shards
+        (every process must call this); otherwise (None, None): read them from the model."""
+        if not self.placement.fsdp:
+            return None, None
+        from lora_cli.train import sharding
+
+        trainable = self.trainable
+        return sharding.gather(trainable.module, trainable.optimizer, trainable.adapter_names)
+
+    def _checkpoint(self, name: str):
+        from peft import get_peft_model_state_dict
+
+        acc = self.placement.accelerator
+        acc.wait_for_everyone()
+        lora, optim = self.adapter_state()
+        path = None
+        if self.placement.is_main:
+            adapter = get_peft_model_state_dict(self.model) if lora is None else lora
+            optimizer_state = self.trainable.optimizer.state_dict() if optim is None else optim
+            path = save_checkpoint(self.out.path, name, self.state, adapter, optimizer_state,
+                                   self.trainable.scheduler, self.train_cfg.keep_checkpoints)
+        self.last_checkpoint = path or (checkpoint_dir(self.out.path) / name)
+        acc.wait_for_everyone()
+        return self.last_checkpoint
+
+    def _interrupt(self, flag, saved: bool = False) -> None:
+        path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
+        raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
+                                  str(path), None, exit_code=128 + int(flag.signum))
+
+    def _nonfinite_message(self, step: int, what: str = "loss") -> str:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was saved before it")
+        return (f"The {what} became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
+                f"Try a lower --lr, or --precision bf16/fp32 instead of fp16.")
+
+    def _memory_levers(self) -> dict:
+        """The settings that decide a step's memory, for the out-of-memory message."""
+        return {"step": self.state.step + 1, "packed": self.plan.packed, "max_tokens": self.plan.max_tokens,
+                "batch_size": self.train_cfg.batch_size, "max_length": self.cfg.data.max_length,
+                "grad_accum": self.train_cfg.grad_accum, "checkpoint_layers": self.plan.checkpoint_layers}
+
+    # ---- evaluation -------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        import torch
+
+        if self.val_batcher is None:
+            return None
+        where, module = self.placement, self.trainable.module
+        module.eval()
+        total = torch.zeros((), device=where.device)
+        count = 0
+        plan = self.val_batcher.plan(0, shuffle=False)
+        mine = plan[where.rank::where.world_size]
+        # Every forward of a wrapped model is collective (DDP syncs buffers, FSDP gathers weights): all
+        # processes run as many forwards, the spare ones counting nothing. Otherwise a val set of fewer
+        # micro-batches than processes, or an uneven split, pairs mismatched collectives and hangs.
+        slots = math.ceil(len(plan) / where.world_size)
+        with torch.no_grad(), self.reporter.stage("Evaluating", total=None, unit="batches") as bar:
+            for i in range(slots):
+                live = i < len(mine)
+                mb = self.val_batcher.collate(mine[i] if live else plan[0]).to(where.device)
+                loss, n = module(*mb.loss_args())
+                if live:
+                    total += loss.float()
+                    count += n
+                bar.update(1)
+        module.train()
+        stats = torch.stack([total, torch.tensor(float(count), device=where.device)])
+        if where.world_size > 1:
+            stats = where.accelerator.reduce(stats, reduction="sum")
+        loss, n = stats.tolist()
+        return loss / n if n else None

@@ -1,0 +1,91 @@
+"""What the loop steps: the wrapped loss module, its optimizer and schedule, ready (and restored).
+
+`prepare_trainable` is the one setup call between a model with LoRA attached and the training
+loop: it puts a checkpoint's adapter weights in (before wrapping: FSDP shards them), wraps the
+loss module for the processes (DDP, FSDP or nothing), builds AdamW and the schedule over the
+wrapped module's parameters (FSDP replaces them with flat shards), then restores the
+optimizer, schedule and RNG of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_cli.config import RunConfig, TrainConfig
+from lora_cli.errors import LoraCliError
+from lora_cli.train.checkpoint import Checkpoint, restore_rng
+from lora_cli.train.runtime import Placement
+
+
+@dataclass
+class Trainable:
+    module: object  # loss module (loss.make_loss_module) as accelerate prepared it
+    optimizer: object  # accelerate's AcceleratedOptimizer over AdamW
+    scheduler: object
+    params: list  # trainable parameters of `module`
+    adapter_names: dict | None = None  # FSDP: state-dict name -> adapter-file name (sharding.adapter_names)
+
+
+def make_optimizer(params, train: TrainConfig, on_cuda: bool):
+    """AdamW (torch; fused on CUDA) over the parameters that require a gradient."""
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
+    return torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay,
+                             fused=on_cuda or None)
+
+
+def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
+    """transformers' schedule of train.scheduler with train.warmup_steps, over `total_steps` optimizer steps."""
+    from transformers import get_scheduler
+
+    name = train.scheduler if train.scheduler != "constant" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps,
+                         num_training_steps=max(total_steps, 1))
+
+
+def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
+    """A checkpoint resumes only on as many processes, sharded the same way."""
+    state = checkpoint.state
+    if state.world_size != placement.world_size:
+        raise LoraCliError(f"Checkpoint {checkpoint.path} was made with {state.world_size} process(es); "
+                           f"resume with the same number (now {placement.world_size}).")
+    if state.fsdp != placement.fsdp:
+        how = "with FSDP" if state.fsdp else "without FSDP"
+        raise LoraCliError(f"Checkpoint {checkpoint.path} was made {how}; resume it the same way.")
+
+
+def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_steps: int,
+                      checkpoint: Checkpoint | None = None) -> Trainable:
+    from peft import set_peft_model_state_dict
+
+    from lora_cli.model.loss import make_loss_module
+
+    acc = placement.accelerator
+    if checkpoint is not None:
+        check_resumable(checkpoint, placement)
+        device = "cpu" if placement.fsdp else placement.device  # under FSDP the model waits on the CPU
+        set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in checkpoint.adapter.items()})
+    names = None
+    if placement.fsdp:
+        from lora_cli.train import sharding
+
+        sharding.configure(acc, peft_model, placement.precision)
+        names = sharding.adapter_names(peft_model)
+    module = acc.prepare(make_loss_module(peft_model, cfg.train.fused_loss))
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.train, placement.on_cuda)
+    scheduler = make_scheduler(optimizer, cfg.train, total_steps)
+    optimizer = acc.prepare(optimizer)
+    if checkpoint is not None:
+        if placement.fsdp:
+            from lora_cli.train import sharding
+
+            sharding.load_optimizer(module, optimizer, checkpoint.optimizer)
+        else:
+            optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        restore_rng(checkpoint.rng)
+    return Trainable(module, optimizer, scheduler, params, names)

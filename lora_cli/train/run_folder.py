@@ -1,0 +1,229 @@
+"""A training run's output folder: who may write into it, and how the final adapter lands there.
+
+File names and run-config reading belong to adapter_folder; this module applies the write rules.
+
+Rules (nothing a user had is lost):
+- a missing or empty folder: a fresh run;
+- `--resume`: continue the run whose checkpoints are there (same settings required);
+- a folder holding another lora-cli run (different settings) or an unfinished run: refused
+  without `--overwrite` (or `--resume`);
+- a folder lora-cli did not write: refused, even with `--overwrite`.
+The final files are written to a staging folder first and renamed into place only once all
+of them are complete, so a crash or a full disk leaves the previous adapter intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from lora_cli import __version__
+from lora_cli.adapter.folder import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINTS,
+    METRICS,
+    RESUME_FREE,
+    RUN_CONFIG,
+    read_run_config,
+    run_fingerprint,
+    write_param_summary,
+)
+from lora_cli.atomic import (
+    TMP_PREFIX,
+    fsync_dir,
+    kill_point,
+    remove_stale_temporaries,
+    tmp_prefix,
+    umask,
+    write_failure,
+    write_text,
+)
+from lora_cli.config import RunConfig
+from lora_cli.errors import LoraCliError
+from lora_cli.train.checkpoint import STATE, list_checkpoints, read_state
+
+
+def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
+    """What peft's save_pretrained writes (adapter_config.json, adapter_model.safetensors), for
+    adapter tensors that were gathered rather than read from the model."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = copy.copy(peft_model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+class OutputFolder:
+    def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True):
+        self.path = Path(path)
+        self.cfg = cfg
+        self.is_main = is_main
+        self.fingerprint = run_fingerprint(cfg)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    def _describe_difference(self, saved: dict) -> str:
+        mine = self.cfg.to_dict()
+        diffs = []
+        for section in ("data", "model", "lora", "train"):
+            for key, value in (saved.get(section) or {}).items():
+                if key in RESUME_FREE:
+                    continue
+                if mine.get(section, {}).get(key) != value:
+                    diffs.append(f"{section}.{key}: {value!r} there, {mine.get(section, {}).get(key)!r} now")
+        return "; ".join(diffs[:4]) or "settings differ"
+
+    def prepare(self, resume: bool | str, overwrite: bool) -> Path | None:
+        """Apply the folder rules; return the checkpoint to resume from, if any."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise LoraCliError(f"Output {path} exists and is a file, not a folder.")
+        if self.is_main and read_run_config(path) is not None:  # leftovers of a killed run of ours
+            remove_stale_temporaries(path)
+            remove_stale_temporaries(path / CHECKPOINTS)
+        entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
+        saved = read_run_config(path)
+        if resume:
+            return self._resume_point(resume, saved)
+        if not entries:
+            return None
+        if saved is None:
+            raise LoraCliError(
+                f"Output folder {path} is not empty and was not written by lora-cli; refusing to write into it.",
+                "Choose another --output folder.")
+        same = saved.get("run", {}).get("fingerprint") == self.fingerprint
+        unfinished = bool(list_checkpoints(path)) and not saved.get("run", {}).get("finished")
+        if overwrite:
+            if self.is_main:
+                self._clear()
+            return None
+        if not same:
+            raise LoraCliError(
+                f"Output folder {path} holds a different run ({self._describe_difference(saved)}).",
+                "Pass --overwrite to replace it, or choose another --output folder.")
+        if unfinished:
+            raise LoraCliError(
+                f"Output folder {path} holds an unfinished run of these settings.",
+                "Pass --resume to continue it, or --overwrite to start over.")
+        return None  # the same finished run again: its result is replaced by an identical run
+
+    def _resume_point(self, resume: bool | str, saved: dict | None) -> Path:
+        if isinstance(resume, str) and resume not in ("", "latest"):
+            ckpt = Path(resume)
+            if not (ckpt / STATE).is_file():
+                raise LoraCliError(f"--resume-from {resume}: not a checkpoint folder (no {STATE}).",
+                                   f"Checkpoints are the folders under {self.path / CHECKPOINTS}; --resume takes "
+                                   "the latest.")
+        else:
+            found = list_checkpoints(self.path)
+            if not found:
+                raise LoraCliError(f"--resume: no checkpoint in {self.path / CHECKPOINTS}.",
+                                   "Start the run without --resume.")
+            ckpt = found[-1]
+        if read_state(ckpt).fingerprint != self.fingerprint:
+            detail = self._describe_difference(saved) if saved else "settings differ"
+            raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings ({detail}).",
+                               "Resume with the same settings, or start a new run with --overwrite.")
+        return ckpt
+
+    def _clear(self) -> None:
+        """Empty the folder for --overwrite; run_config.yaml goes last, so a clear cut short by a
+        kill leaves a folder still recognised as lora-cli's (and --overwrite works again)."""
+        for entry in sorted(self.path.iterdir(), key=lambda p: p.name == RUN_CONFIG):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def start(self, decisions: dict, resuming: bool) -> None:
+        """Record the run's settings before any work, so a crashed run is recognised later."""
+        if not self.is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_run_config(decisions, finished=False)
+        if not resuming:
+            write_text(self.metrics_path, "")
+
+    def write_run_config(self, decisions: dict, finished: bool, extra: dict | None = None, folder: Path | None = None):
+        write_text((folder or self.path) / RUN_CONFIG, self.run_config_text(decisions, finished, extra))
+
+    def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
+        data = self.cfg.to_dict()
+        data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
+                       **decisions, **(extra or {})}
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def truncate_metrics(self, lines: int) -> None:
+        if not self.is_main:
+            return
+        kept = []
+        if self.metrics_path.is_file():
+            kept = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
+        write_text(self.metrics_path, "".join(kept))
+
+    def append_metrics(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict,
+               adapter_state: dict | None = None) -> None:
+        """Stage every final file, then rename them into the folder (the old adapter stays until then).
+
+        run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
+        files are renamed leaves the folder marked unfinished, so nothing trusts a mix of old
+        and new files; `--resume` then writes them again from the last checkpoint.
+        """
+        if not self.is_main:
+            return
+        peft_model.peft_config["default"].base_model_name_or_path = self.cfg.model.name
+        staging = Path(tempfile.mkdtemp(prefix=tmp_prefix("final"), dir=self.path))
+        hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / CHECKPOINTS}: "
+                "free some disk space and run the same command with --resume to write the adapter.")
+        try:
+            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary, adapter_state)
+            self._commit(staging)
+        except Exception as exc:
+            failure = write_failure(exc, self.path, hint)
+            if failure is None or failure is exc:
+                raise
+            raise failure from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary, adapter_state) -> None:
+        if adapter_state is None:
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+        else:  # gathered from FSDP shards, already under the adapter file's names
+            write_adapter(peft_model, adapter_state, staging)
+        kill_point("adapter:staged")
+        tokenizer.save_pretrained(str(staging))
+        (staging / "README.md").unlink(missing_ok=True)
+        write_param_summary(staging, param_summary)
+        text = self.run_config_text(decisions, finished=True, extra={"summary": summary})
+        (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
+
+    def _commit(self, staging: Path) -> None:
+        mode = 0o666 & ~umask()
+        for n, item in enumerate(sorted(staging.iterdir(), key=lambda p: (p.name == RUN_CONFIG, p.name))):
+            if item.is_file():
+                os.chmod(item, mode)  # safetensors and mkstemp write 0600
+                with open(item, "rb") as fh:  # on disk before its name is: a power cut leaves no empty file
+                    os.fsync(fh.fileno())
+            os.replace(item, self.path / item.name)
+            if n == 0:
+                kill_point("adapter:renaming")
+        fsync_dir(self.path)

@@ -1,0 +1,86 @@
+"""Where a run executes: device, precision and processes, decided once from the hardware.
+
+These come first because loading the model and starting the process group need them; the
+settings that also depend on the model and the data are decided by plan.decide. Both results
+are frozen and recorded in the saved run config, so a run can be reproduced on other hardware.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from lora_cli.config import RunConfig
+from lora_cli.errors import LoraCliError
+
+
+@dataclass(frozen=True)
+class Placement:
+    accelerator: object  # accelerate.Accelerator: processes, DDP/FSDP wrapping, mixed precision
+    device: object  # torch.device of this process
+    precision: str  # bf16 | fp16 | fp32 (resolved)
+    world_size: int  # processes
+    rank: int
+    fsdp: bool = False  # base sharded over the processes (lora_cli/train/sharding.py) instead of copied
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cuda(self) -> bool:
+        return getattr(self.device, "type", str(self.device)) == "cuda"
+
+
+def fresh_accelerator(cpu: bool, mixed_precision: str):
+    """An Accelerator for this run, whatever an earlier run in the same process left behind.
+
+    accelerate keeps its state process-wide: a second `Accelerator(mixed_precision=...)` with
+    another precision (or `cpu=True` after a GPU run) raises "AcceleratorState has already been
+    initialized". A notebook, a sweep or the benchmark harness trains several times in one process,
+    so the precision state is cleared first, as transformers' Trainer does before each run
+    (`AcceleratorState._reset_state`). The process state (device, process group) is kept when
+    torch.distributed is running: a launched worker keeps its place in the group. torch.compile's
+    caches are cleared too, so earlier runs' compiled layers do not count against dynamo's
+    recompile limit (which would silently run this run's layers uncompiled).
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    GradientState._reset_state()
+    if "torch._dynamo" in sys.modules:  # only an earlier compile can have left anything
+        torch._dynamo.reset()
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def wants_upcast(cfg: RunConfig, precision: str) -> bool:
+    """Non-quantized weights in fp32: as --upcast says; automatic: only under fp16, whose range is
+    too narrow for the norms (bf16 and fp32 need no upcast)."""
+    return {"fp32": True, "none": False}.get(cfg.model.upcast, precision == "fp16")
+
+
+def place(cfg: RunConfig) -> Placement:
+    """Device (train.device), precision (train.precision) and processes for this run.
+
+    Errors: LoraCliError for a device that is not there, a precision the device cannot do, or
+    FSDP without CUDA GPUs (before any model is loaded).
+    """
+    from lora_cli.model.device import pick_device, resolve_precision
+    from lora_cli.train.sharding import check_fsdp_setup, fsdp_requested
+
+    device_type = pick_device(cfg.train.device).type
+    precision = resolve_precision(cfg.train.precision, device_type)
+    fsdp = fsdp_requested()
+    if fsdp and device_type == "cpu":
+        check_fsdp_setup(None, on_cuda=False)
+    if fsdp and wants_upcast(cfg, precision):  # an FSDP unit flattens one dtype: fp32 norms beside 16-bit weights
+        raise LoraCliError("--upcast fp32 (or fp16, which upcasts by default) cannot be sharded with FSDP.",
+                           "Use --precision bf16 with FSDP, or pass --upcast none.")
+    accelerator = fresh_accelerator(device_type == "cpu", {"fp32": "no"}.get(precision, precision))
+    if fsdp:
+        check_fsdp_setup(accelerator, on_cuda=True)
+    return Placement(accelerator, accelerator.device, precision, accelerator.num_processes,
+                     accelerator.process_index, fsdp)
