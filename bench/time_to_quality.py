@@ -225,7 +225,9 @@ def run_loracli(args, name: str, flags: list[str], model: str, quant: str, train
     if cfg.is_file():
         import yaml
 
-        res["decisions"] = (yaml.safe_load(cfg.read_text()) or {}).get("decisions")
+        run = (yaml.safe_load(cfg.read_text()) or {}).get("run") or {}
+        res["decisions"] = {k: run.get(k) for k in ("device", "precision", "batching", "max_tokens", "pack_length",
+                                                    "checkpoint_layers", "compile", "micro_batches_per_step")}
     log = (run_dir / "log.txt").read_text(errors="replace")
     res["stages"] = [ln.strip() for ln in log.replace("\r", "\n").splitlines() if ": done in" in ln][:40]
     return res
