@@ -105,6 +105,8 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     on_prompt = overrides.pop("data.train_on_prompt", False)
     if not torch.cuda.is_available():  # CPU dry run of the harness
         overrides["train.precision"] = "fp32"
+    elif "train.compile" not in overrides:  # a short bench run stands for a long one: compiled, as auto would
+        overrides["train.compile"] = "on"
     cfg = RunConfig().replace({"model.name": model_dir, "train.max_steps": warmup + steps, "train.log_every": 1,
                                "train.eval_at_start": False, "train.keep_checkpoints": 1,
                                "output.dir": "/tmp/lora-cli-bench/run-adapters", **overrides})

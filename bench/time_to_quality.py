@@ -15,7 +15,7 @@ command does, training and its per-epoch checkpoints are all inside the time.
   NAME       each --candidate NAME="FLAGS": `lora-cli train` with those flags added.
 
 Every run's per-epoch adapters are then scored in ONE separate pass (its time is charged to no
-run): lora-cli eval's response loss (lora_cli.evaluation.response_loss: response tokens + the
+run): lora-cli eval's response loss (lora_cli.infer.evaluation.response_loss: response tokens + the
 closing eos, under the alpaca template by default, --score-template own for each adapter's own) on
 the same val records, plus the base model's, and at the end the stop rate of each final adapter
 (greedy, --stop-prompts val prompts, --max-new-tokens). The scorer loads the base once per
@@ -128,7 +128,7 @@ def build_qwen_shape(work: Path, tokenizer: str, data_files: list[Path], tiny: b
 
 
 def _embedded_path() -> Path:
-    from lora_cli.modeling import resolve_model
+    from lora_cli.model.resolve import resolve_model
 
     return resolve_model("smollm2-135m").path
 
@@ -240,8 +240,8 @@ def recipe_worker(args) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from lora_cli.records import iter_examples
-    from lora_cli.templates import get_template
+    from lora_cli.data.records import iter_examples
+    from lora_cli.data.templates import get_template
 
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -344,10 +344,11 @@ def score_worker(args) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from lora_cli.adapter_info import AdapterInfo
-    from lora_cli.evaluation import read_examples, response_loss
-    from lora_cli.inference import Sampling, generate, load_for_inference
-    from lora_cli.templates import get_template
+    from lora_cli.adapter.folder import AdapterInfo
+    from lora_cli.config import LoraSettings
+    from lora_cli.infer.evaluation import read_examples, response_loss
+    from lora_cli.infer.generation import Sampling, generate, load_for_inference
+    from lora_cli.data.templates import get_template
 
     job = json.loads(Path(args.job).read_text())
     examples = read_examples(job["val"])
@@ -358,7 +359,7 @@ def score_worker(args) -> None:
         t0 = time.time()
         first = Path(items[0]["adapter"]).parent
         info = AdapterInfo(path=first, base_model=job["model"], template="alpaca", add_eos=True, max_length=512,
-                           quantization=quant, trust_remote_code=False)
+                           quantization=quant, trust_remote_code=False, lora=LoraSettings())
         # the LoRA config (r 16, alpha 32, q/v) is the same for every run; the folder's adapter_config.json
         # comes from the final adapter (lora-cli) or the checkpoint itself (Trainer)
         loaded = load_for_inference(info, quantization=quant, precision=job["precision"], with_adapter=True)
@@ -594,7 +595,7 @@ def main() -> None:
         model = str(build_tiny(work))
     else:
         # the embedded model is converted from its GGUF once per machine, before any timed command
-        from lora_cli.modeling import resolve_model
+        from lora_cli.model.resolve import resolve_model
 
         resolved = resolve_model(args.model)
         model = str(resolved.path) if resolved.source != "embedded" else args.model

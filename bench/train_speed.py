@@ -53,6 +53,15 @@ VARIANTS = {
     "dp": {"lora.dropout": 0.0},  # data-parallel scaling runs: name@N runs on N GPUs
     "dp-accum4": {"lora.dropout": 0.0, "train.grad_accum": 4},  # 1 GPU with the global batch of dp@2
     "fsdp": {"lora.dropout": 0.0},  # fsdp@N: the 4-bit base sharded over N GPUs (QLoRA + FSDP, lora_cli/train/sharding.py)
+    # time-to-quality work (issue 16): the default is now the recipe's 4 examples per step in one micro-batch
+    "2k": {"train.max_tokens": 2048, "train.grad_accum": 1},
+    "4k": {"train.max_tokens": 4096, "train.grad_accum": 1},
+    "16k": {"train.max_tokens": 16384, "train.grad_accum": 1},
+    "old-default": {"train.max_tokens": 16384, "train.grad_accum": 2, "train.pack_length": 1024},
+    "graphs": {"train.compile": "graphs"},
+    "graphs-4k": {"train.compile": "graphs", "train.max_tokens": 4096, "train.grad_accum": 1},
+    "nf4-kept": {"model.dequantize": "off"},
+    "padded": {"train.batching": "padded"},
     "seed-like": {"train.batching": "padded", "train.precision": "fp16", "model.upcast": "fp32",
                   "train.gradient_checkpointing": "on", "train.fused_loss": False},
 }

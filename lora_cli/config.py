@@ -24,6 +24,9 @@ SCHEDULERS = ("linear", "cosine", "constant")
 UPCASTS = ("auto", "fp32", "none")
 
 
+_ONOFF = {True: "on", False: "off", "True": "on", "False": "off", "true": "on", "false": "off"}
+
+
 def check_device_name(device: str) -> None:
     """auto, cpu, cuda or cuda:N (whether that device exists is device.pick_device's question)."""
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
@@ -91,11 +94,16 @@ class ModelConfig:
     upcast: str = setting("auto", "Non-quantized weights (norms, embeddings): fp32 (as peft's "
                                   "prepare_model_for_kbit_training), none, or auto (fp32 under fp16).")
     attn_implementation: str = setting("sdpa", "Attention kernel: sdpa, flex_attention or eager.")
+    dequantize: str = setting("auto", "Keep the NF4 base dequantized in the compute dtype during training: the same "
+                                      "values, faster steps, more memory. auto: on a GPU when it fits the memory "
+                                      "budget; on; off.")
 
     def __post_init__(self) -> None:
         _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
         _check_choice("model", "upcast", self.upcast, UPCASTS)
         _check_choice("model", "attn_implementation", self.attn_implementation, ("sdpa", "flex_attention", "eager"))
+        self.dequantize = _ONOFF.get(self.dequantize, self.dequantize)
+        _check_choice("model", "dequantize", self.dequantize, ("auto", "on", "off"))
 
 
 @dataclass
@@ -146,7 +154,8 @@ class TrainConfig:
                                                   "number of layers.")
     memory_budget_gib: float = setting(0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of "
                                             "the GPU)).")
-    compile: str = setting("auto", "torch.compile each decoder layer: auto (on a CUDA GPU), on, off.")
+    compile: str = setting("auto", "torch.compile each decoder layer: auto (on a CUDA GPU, for runs long enough to "
+                                   "repay it), on, graphs (compiled and replayed as CUDA graphs: static shapes), off.")
     fused_loss: bool = setting(True, "Compute the loss from hidden states chunk by chunk, never the full "
                                      "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss")
     eval_at_start: bool = setting(True, "Evaluate once before the first step (a baseline).",
@@ -168,9 +177,8 @@ class TrainConfig:
                 raise _bad("train", key, getattr(self, key), f"must be at most {limit:,}")
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "batching", self.batching, BATCHINGS)
-        onoff = {True: "on", False: "off", "True": "on", "False": "off", "true": "on", "false": "off"}
-        self.compile = onoff.get(self.compile, self.compile)  # YAML reads a bare on/off as a boolean
-        _check_choice("train", "compile", self.compile, ("auto", "on", "off"))
+        self.compile = _ONOFF.get(self.compile, self.compile)  # YAML reads a bare on/off as a boolean
+        _check_choice("train", "compile", self.compile, ("auto", "on", "graphs", "off"))
         gc = self.gradient_checkpointing
         self.gradient_checkpointing = {True: "on", False: "off", "True": "on", "False": "off"}.get(gc, gc)
         if not (str(self.gradient_checkpointing).isdigit() or self.gradient_checkpointing in GC_MODES):

@@ -107,6 +107,10 @@ _register()
 
 
 def main() -> None:
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU shared with
+    # other work, spinning threads wait for a descheduled partner at every parallel region: an
+    # evaluation measured 52-58 s spinning, 16-19 s sleeping, the same losses (docs/PERFORMANCE.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="lora-cli")
 
 

@@ -71,24 +71,28 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
-def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int):
+def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int, budget: int):
     """Yield (micro-batch, its rows): examples placed in the first row they fit, in order.
 
-    A micro-batch is at most `rows` rows of at most `row_tokens` tokens. Deterministic, so
-    collate can rebuild the rows of a planned micro-batch exactly.
+    A micro-batch is at most `rows` rows of at most `row_tokens` tokens, and at most `budget`
+    tokens in all (rows may be longer than the budget when an example is: a micro-batch of ~4
+    examples in one row as long as the longest example). Deterministic, so collate can rebuild
+    the rows of a planned micro-batch exactly.
     """
-    batch, placed = [], []  # placed: [[indices], used]
+    batch, placed, total = [], [], 0  # placed: [[indices], used]
     for i in order:
         n = lengths[i]
         target = next((r for r in placed if r[1] + n <= row_tokens), None)
-        if target is None and len(placed) >= rows and batch:
+        if batch and ((target is None and len(placed) >= rows) or total + n > budget):
             yield batch, [r[0] for r in placed]
-            batch, placed = [], []
+            batch, placed, total = [], [], 0
+            target = None
         if target is None:
             target = [[], 0]
             placed.append(target)
         target[0].append(i)
         target[1] += n
+        total += n
         batch.append(i)
     if batch:
         yield batch, [r[0] for r in placed]
@@ -102,14 +106,14 @@ def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_token
     """
     row_tokens = row_tokens or max_tokens
     rows = max(1, max_tokens // row_tokens)
-    return [batch for batch, _ in _first_fit(lengths, order, row_tokens, rows)]
+    return [batch for batch, _ in _first_fit(lengths, order, row_tokens, rows, max_tokens)]
 
 
 def pack_rows(indices: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
     """The rows of one planned micro-batch (same first-fit as the planner)."""
     row_tokens = row_tokens or max_tokens
     rows = max(1, max_tokens // row_tokens)
-    (_, placed), = list(_first_fit(lengths, indices, row_tokens, rows)) or [([], [])]
+    (_, placed), = list(_first_fit(lengths, indices, row_tokens, rows, max_tokens)) or [([], [])]
     return placed
 
 
@@ -121,8 +125,12 @@ def _shifted(labels: list[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE]
 
 
-def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens: int) -> MicroBatch:
-    """One micro-batch of packed rows; `rows` is a list of examples (one row) or a list of rows."""
+def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens: int, static_rows: int = 0) -> MicroBatch:
+    """One micro-batch of packed rows; `rows` is a list of examples (one row) or a list of rows.
+
+    static_rows > 0: always that many rows of exactly max_tokens tokens (empty rows are padding),
+    so a compiled model sees one shape for the whole run and never recompiles.
+    """
     import torch
 
     packed_rows = rows if rows and isinstance(rows[0], list) else [rows]
@@ -135,8 +143,11 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
             tgt.extend(_shifted(list(r["labels"])))
             pos.extend(range(len(x)))
         built.append((ids, tgt, pos))
+    built += [([], [], [])] * max(0, static_rows - len(built))
     longest = max(len(b[0]) for b in built)
     width = max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
+    if static_rows:
+        width = max(max_tokens, longest)
     n_real = sum(len(b[0]) for b in built)
     out_ids, out_tgt, out_pos = [], [], []
     for ids, tgt, pos in built:
@@ -150,13 +161,21 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
     return MicroBatch(ids_t, tgt_t, None, as_t(out_pos), int((tgt_t != IGNORE).sum()), n_real, width * len(built))
 
 
-def collate_padded(rows: list[dict], pad_id: int) -> MicroBatch:
+def collate_padded(rows: list[dict], pad_id: int, static_rows: int = 0) -> MicroBatch:
+    """Right-padded rows and an attention mask, as the reference recipe's collator makes them.
+
+    static_rows > 0: that many rows (the last micro-batch filled with padding rows) and a width
+    rounded up to a multiple of PAD_MULTIPLE, so a compiled model sees a few shapes only.
+    """
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    tgt = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    n_rows = max(len(rows), static_rows)
+    if static_rows:
+        width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    tgt = torch.full((n_rows, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n_rows, width), dtype=torch.long)
     n_real = 0
     for b, r in enumerate(rows):
         x = list(r["input_ids"])
@@ -165,7 +184,7 @@ def collate_padded(rows: list[dict], pad_id: int) -> MicroBatch:
         mask[b, : len(x)] = 1
         n_real += len(x)
     n_targets = int((tgt != IGNORE).sum())
-    return MicroBatch(ids, tgt, mask, None, n_targets, n_real, len(rows) * width)
+    return MicroBatch(ids, tgt, mask, None, n_targets, n_real, n_rows * width)
 
 
 @dataclass
@@ -179,6 +198,7 @@ class Batcher:
     pad_id: int
     seed: int = 0
     row_tokens: int = 0  # packed row length; 0: one row of max_tokens
+    static: bool = False  # every micro-batch of one shape (compiled models): see collate_packed / collate_padded
 
     def __post_init__(self) -> None:
         self.lengths = list(self.dataset["length"])
@@ -199,27 +219,44 @@ class Batcher:
         if self.packed:
             row_len = self.row_tokens or self.max_tokens
             rows = pack_rows(indices, self.lengths, self.max_tokens, row_len)
-            return collate_packed([[by_index[i] for i in row] for row in rows], self.pad_id, row_len)
-        return collate_padded([by_index[i] for i in indices], self.pad_id)
+            static_rows = max(1, self.max_tokens // row_len) if self.static else 0
+            return collate_packed([[by_index[i] for i in row] for row in rows], self.pad_id, row_len, static_rows)
+        return collate_padded([by_index[i] for i in indices], self.pad_id, self.batch_size if self.static else 0)
 
 
 class StepPlan:
     """A split's micro-batches per epoch, grouped into optimizer steps of `per_step` micro-batches.
 
-    Each epoch has its own shuffled (and so its own packed) plan; the latest one is kept.
+    Each epoch has its own shuffled (and so its own packed) plan. Counting the run's steps plans
+    every epoch once and keeps the first two; training walks the epochs in order and drops the
+    plans behind it, so memory does not grow with the number of epochs.
     """
+
+    KEEP = 2
 
     def __init__(self, batcher: Batcher, per_step: int):
         self.batcher, self.per_step = batcher, per_step
-        self._cached: tuple[int, list[list[int]]] | None = None
+        self._plans: dict[int, list[list[int]]] = {}
+        self._counts: dict[int, int] = {}
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        plan = self.batcher.plan(epoch)
+        self._counts[epoch] = len(plan)
+        return plan
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, self.batcher.plan(epoch))
-        return self._cached[1]
+        if epoch not in self._plans:
+            self._plans[epoch] = self._plan(epoch)
+        for old in [e for e in self._plans if e < epoch]:
+            del self._plans[old]
+        return self._plans[epoch]
 
     def steps_in(self, epoch: int) -> int:
-        return -(-len(self.micro_batches(epoch)) // self.per_step)
+        if epoch not in self._counts:
+            plan = self._plan(epoch)
+            if len(self._plans) < self.KEEP:
+                self._plans[epoch] = plan
+        return -(-self._counts[epoch] // self.per_step)
 
     def step(self, epoch: int, index: int) -> list[list[int]]:
         """The micro-batches of optimizer step `index` (0-based) of `epoch`, over all processes."""

@@ -116,12 +116,15 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers: int) -> None:
+def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers: int,
+                         input_grads: bool = False) -> None:
     """Freeze the base; optionally upcast non-quantized weights to fp32 (peft's way); checkpointing.
 
     checkpoint_layers: 0 = none, -1 = every decoder layer, N = the first N decoder layers (the
     memory/speed dial: each checkpointed layer keeps only its input and is recomputed in the
-    backward pass).
+    backward pass). input_grads: the embeddings' output requires grad, so every decoder layer
+    sees an input that does (compiled layers then share one graph instead of two: layer 0's
+    input would otherwise be the only one without).
     """
     gc_kwargs = {"use_reentrant": False}
     if quantized and upcast:
@@ -131,6 +134,8 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
     else:
         for param in model.parameters():
             param.requires_grad_(False)
+    if input_grads and not checkpoint_layers:
+        model.enable_input_require_grads()
     if checkpoint_layers:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
@@ -139,12 +144,30 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
                 layer.gradient_checkpointing = False
 
 
-def compile_layers(model) -> int:
-    """torch.compile each decoder layer (fuses norms, activations, rotary embedding and LoRA glue)."""
+def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> int:
+    """torch.compile each decoder layer (fuses norms, activations, rotary embedding and LoRA glue).
+
+    mode "graphs": inductor's reduce-overhead mode, each layer replayed as a CUDA graph (one
+    launch instead of dozens; needs static shapes). static_shapes: compile for the one shape
+    every micro-batch has (dynamic=False); otherwise a shape seen twice becomes dynamic.
+    """
     layers = decoder_layers(model)
+    options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
     for layer in layers:
-        layer.compile(dynamic=None)
+        layer.compile(dynamic=False if static_shapes else None, **options)
     return len(layers)
+
+
+def dequantized_bytes(model, precision: str) -> int:
+    """Bytes that keeping the 4-bit weights dequantized (in the compute dtype) would add; 0 if none."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    per = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
+    # a Linear4bit's weight holds two values a byte; its logical shape is out_features x in_features
+    return int(sum(m.out_features * m.in_features * (per - 0.5) for m in model.modules()
+                   if isinstance(m, bnb.nn.Linear4bit)))
 
 
 def attach_lora(model, lora: LoraSettings):

@@ -33,6 +33,7 @@ class TrainingLoop:
         self.out, self.reporter, self.state = out, reporter, state
         self.last_checkpoint = None
         self._last_log, self._last_tok_s = time.time(), None
+        self._compile_reported = False
 
     @property
     def total_steps(self) -> int:
@@ -59,7 +60,12 @@ class TrainingLoop:
         state = self.state
         n_steps = self.steps.steps_in(state.epoch)
         while state.step_in_epoch < n_steps and state.step < self.total_steps:
+            started = time.perf_counter()
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
+            if not self._compile_reported and self.plan.compile != "off":
+                self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
+                self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
+                                      "decoder layers, paid once)")
             kill_point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps

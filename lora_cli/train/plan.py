@@ -1,7 +1,8 @@
 """A run's automatic settings, decided once from the hardware, the model and the data.
 
-`decide` turns every "auto" of the training config into a value: batching, micro-batch token
-budgets, packed row length, gradient checkpointing, the fp32 upcast, torch.compile. It runs once
+`decide` turns every "auto" of the training config into a value: the step's token budget and its
+micro-batches, packed row length and static shapes, gradient checkpointing, the fp32 upcast,
+keeping the NF4 base dequantized, torch.compile. It runs once
 the base model is loaded (the memory plan needs its size on the GPU) and the tokenized lengths
 are known; the result is frozen and saved in run_config.yaml, so what a run printed is what it did.
 """
@@ -9,13 +10,17 @@ are known; the result is frozen and saved in run_config.yaml, so what a run prin
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 from lora_cli.config import RunConfig
 from lora_cli.train.runtime import Placement, wants_upcast
 
-GPU_MAX_TOKENS = 16384  # packed tokens per micro-batch on a GPU (see docs/PERFORMANCE.md)
+GPU_MAX_TOKENS = 16384  # the most packed tokens per micro-batch the automatic step puts on a GPU (PERFORMANCE.md)
+CPU_MAX_TOKENS = 8192  # and on a CPU (activations in RAM)
 GPU_PACK_LENGTH = 1024  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
+ROW_MULTIPLE = 64  # packed rows are a multiple of this many tokens
+MIN_COMPILE_STEPS = 200  # compiling costs ~20-40 s once: auto compiles only runs of at least this many steps
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,10 @@ class RunPlan:
     pack_length: int  # tokens per packed row (0: one row of max_tokens)
     checkpoint_layers: int  # 0 none, -1 all, N the first N decoder layers
     upcast: bool  # non-quantized weights in fp32 (peft's prepare_model_for_kbit_training)
-    compile: bool  # torch.compile each decoder layer
-    micro_batches_per_step: int  # grad_accum x processes
+    compile: str  # "off", "on" (torch.compile each decoder layer) or "graphs" (and replay as CUDA graphs)
+    micro_batches_per_step: int  # micro-batches of one optimizer step, all processes together
+    static_shapes: bool = False  # every micro-batch padded to one shape: a compiled model never recompiles
+    dequantize: bool = False  # the NF4 base dequantized once into the compute dtype (same values)
     memory_note: str = ""  # how the checkpointing was chosen (GPU), for the user
 
     def record(self, placement: Placement) -> dict:
@@ -36,46 +43,99 @@ class RunPlan:
                 "batching": "packed" if self.packed else "padded", "max_tokens": self.max_tokens,
                 "pack_length": self.pack_length, "checkpoint_layers": self.checkpoint_layers,
                 "upcast": "fp32" if self.upcast else "none", "compile": self.compile,
+                "static_shapes": self.static_shapes, "dequantized_base": self.dequantize,
                 "world_size": placement.world_size, "fsdp": placement.fsdp,
                 "micro_batches_per_step": self.micro_batches_per_step}
 
 
-def _cpu_max_tokens(lengths: list[int], batch_size: int) -> int:
-    """A CPU gains nothing from large micro-batches: keep the recipe's average of `batch_size`
-    examples per micro-batch (and so its number of optimizer steps), minus the padding. An
-    example longer than the budget still gets a micro-batch of its own."""
-    return max(1, round(batch_size * sum(lengths) / len(lengths))) if lengths else 1
+def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int, int]:
+    """(tokens per packed micro-batch, micro-batches per optimizer step on one process).
+
+    Automatic (train.max_tokens 0): an optimizer step holds the recipe's examples, batch_size x
+    grad_accum of the data's mean length, in as few micro-batches as the memory cap allows (on a
+    GPU every micro-batch pays a fixed cost, so 2 x 2 examples cost twice 1 x 4; packing makes the
+    two the same step). Learning per epoch then matches the recipe's (docs/PERFORMANCE.md, time to
+    quality). An explicit --max-tokens keeps its meaning: grad_accum micro-batches of that budget.
+    """
+    t = cfg.train
+    if t.max_tokens:
+        return t.max_tokens, t.grad_accum
+    if not lengths:
+        return 1, t.grad_accum
+    step_tokens = math.ceil(t.batch_size * t.grad_accum * sum(lengths) / len(lengths))
+    n = math.ceil(step_tokens / (GPU_MAX_TOKENS if on_cuda else CPU_MAX_TOKENS))
+    return math.ceil(step_tokens / n), n
+
+
+def _round_up(n: int, multiple: int = ROW_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _checkpointing(cfg: RunConfig, placement: Placement, model_config, max_tokens: int,
-                   weights_bytes: int) -> tuple[int, str]:
-    """(checkpointed layers, note): auto on a GPU checkpoints only as many layers as the budget needs."""
+                   weights_bytes: int) -> tuple[int, str, bool]:
+    """(checkpointed layers, note, fits): auto on a GPU checkpoints only as many layers as the budget needs."""
     gc = cfg.train.gradient_checkpointing
     if gc in ("on", "off") or gc.isdigit():
-        return {"on": -1, "off": 0}.get(gc, int(gc) if gc.isdigit() else 0), ""
+        return {"on": -1, "off": 0}.get(gc, int(gc) if gc.isdigit() else 0), "", True
     if not placement.on_cuda:
-        return 0, ""
+        return 0, "", True
     from lora_cli.model.memory import default_budget_bytes, plan_checkpointing
 
     plan = plan_checkpointing(model_config, max_tokens, default_budget_bytes(cfg.train.memory_budget_gib),
                               weights_bytes)
     note = (f"Memory plan: {plan.checkpoint_layers} checkpointed layer(s), ~{plan.estimated_peak_gib:.1f} GiB of a "
             f"{plan.budget_gib:.1f} GiB budget" + ("" if plan.fits else " (may not fit: lower --max-tokens)"))
-    return plan.checkpoint_layers, note
+    return plan.checkpoint_layers, note, plan.fits
 
 
-def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int], weights_bytes: int = 0) -> RunPlan:
-    """Every automatic training setting, from the config, the placement, the model's config and
-    the tokenized training lengths. weights_bytes: GPU memory the loaded base holds (bytes)."""
-    t, cpu = cfg.train, not placement.on_cuda
-    max_tokens = t.max_tokens or (_cpu_max_tokens(lengths, t.batch_size) if cpu else GPU_MAX_TOKENS)
-    pack_length = t.pack_length or (0 if cpu else min(GPU_PACK_LENGTH, max_tokens))
-    upcast = wants_upcast(cfg, placement.precision)
-    layers, note = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes)
+def _compile_mode(cfg: RunConfig, placement: Placement, estimated_steps: int) -> str:
+    if cfg.train.compile != "auto":
+        return cfg.train.compile
     # compiled layers under FSDP1 are untested here: off unless asked for
-    compile_default = not cpu and not placement.fsdp and importlib.util.find_spec("triton") is not None
-    return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens,
-                   eval_max_tokens=max(max_tokens, t.eval_batch_size * cfg.data.max_length),
-                   pack_length=pack_length, checkpoint_layers=layers, upcast=upcast,
-                   compile={"on": True, "off": False}.get(t.compile, compile_default),
-                   micro_batches_per_step=t.grad_accum * placement.world_size, memory_note=note)
+    usable = placement.on_cuda and not placement.fsdp and importlib.util.find_spec("triton") is not None
+    return "on" if usable and estimated_steps >= MIN_COMPILE_STEPS else "off"
+
+
+def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int], weights_bytes: int = 0,
+           dequantize_bytes: int = 0) -> RunPlan:
+    """Every automatic training setting, from the config, the placement, the model's config and
+    the tokenized training lengths (tokens per example).
+
+    weights_bytes: GPU memory the loaded base holds; dequantize_bytes: what keeping its NF4
+    weights dequantized would add (0 when the base is not quantized), both in bytes.
+    """
+    t, cuda = cfg.train, placement.on_cuda
+    max_tokens, per_process = step_budget(cfg, lengths, cuda)
+    longest = max(lengths, default=1)
+    estimated = t.max_steps or t.epochs * math.ceil(sum(lengths) / max(max_tokens * per_process, 1))
+    compile_mode = _compile_mode(cfg, placement, estimated)
+    static = cuda and compile_mode != "off" and not t.pack_length
+    if t.pack_length:
+        pack_length = t.pack_length
+    elif cuda:
+        pack_length = _round_up(max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0))
+    else:
+        pack_length = 0
+    layers, note, fits = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes)
+    dequantize = _wants_dequantized(cfg, dequantize_bytes) and not wants_upcast(cfg, placement.precision)
+    if dequantize:
+        more = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes + dequantize_bytes)
+        # auto: only where it costs no checkpointed layer (that memory is worth more as activations)
+        if cfg.model.dequantize == "on" or (more[2] and more[0] == layers):
+            layers, note, fits = more
+        else:
+            dequantize = False
+    eval_tokens = max(max_tokens, t.eval_batch_size * cfg.data.max_length) if cuda else max(max_tokens, longest)
+    return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens, eval_max_tokens=eval_tokens,
+                   pack_length=pack_length, checkpoint_layers=layers, upcast=wants_upcast(cfg, placement.precision),
+                   compile=compile_mode, micro_batches_per_step=per_process * placement.world_size,
+                   static_shapes=static, dequantize=dequantize, memory_note=note)
+
+
+def _wants_dequantized(cfg: RunConfig, dequantize_bytes: int) -> bool:
+    """on / off as asked; auto: where there is a 4-bit base to dequantize (the memory check follows)."""
+    if cfg.model.quantization != "nf4" or cfg.model.dequantize == "off":
+        return False
+    if cfg.model.dequantize == "auto" and cfg.model.upcast == "fp32":
+        return False  # peft's upcast would make the dequantized weights fp32 as well
+    return cfg.model.dequantize == "on" or dequantize_bytes > 0

@@ -72,20 +72,28 @@ def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
 
 
 def _attach(cfg: RunConfig, model, plan):
-    """Freeze the base, upcast and checkpoint as planned, put LoRA on top, compile the layers."""
+    """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top, compile the layers."""
     from lora_cli.model.load import attach_lora, compile_layers, prepare_for_training
 
-    prepare_for_training(model, cfg.model.quantization == "nf4", plan.upcast, plan.checkpoint_layers)
+    if plan.dequantize:
+        model = model.dequantize()  # transformers: every Linear4bit becomes a Linear of the very same values
+    quantized = cfg.model.quantization == "nf4" and not plan.dequantize
+    prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=plan.compile != "off")
     model = attach_lora(model, cfg.lora)
-    if plan.compile:
-        compile_layers(model)
+    if plan.compile != "off":
+        compile_layers(model, plan.compile, plan.static_shapes and plan.packed)
     return model
 
 
-def _weights_bytes(placement) -> int:
+def _memory(placement, model) -> tuple[int, int]:
+    """(bytes the loaded base holds on the GPU, bytes its dequantized 4-bit weights would add); CPU: (0, 0)."""
     import torch
 
-    return torch.cuda.memory_allocated(placement.device) if placement.on_cuda else 0
+    from lora_cli.model.load import dequantized_bytes
+
+    if not placement.on_cuda:
+        return 0, 0
+    return torch.cuda.memory_allocated(placement.device), dequantized_bytes(model, placement.precision)
 
 
 def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str = False, overwrite: bool = False,
@@ -106,7 +114,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
 
     # 2. Model, and every automatic setting decided once its inputs are known.
     model = _load_model(cfg, placement, data, reporter)
-    plan = decide(cfg, placement, model.config, list(data.train["length"]), _weights_bytes(placement))
+    plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model))
     if plan.memory_note:
         reporter.message(plan.memory_note)
     model = _attach(cfg, model, plan)
@@ -116,9 +124,9 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     # 3. Batches, optimizer, schedule: ready (and restored) before the loop starts.
     pad_id, train_cfg = data.tokenizer.pad_token_id, cfg.train
     steps = StepPlan(Batcher(data.train, plan.packed, train_cfg.batch_size, plan.max_tokens, pad_id, train_cfg.seed,
-                             plan.pack_length), plan.micro_batches_per_step)
+                             plan.pack_length, plan.static_shapes), plan.micro_batches_per_step)
     val = (Batcher(data.val, plan.packed, train_cfg.eval_batch_size, plan.eval_max_tokens, pad_id, train_cfg.seed,
-                   plan.pack_length) if data.val is not None else None)
+                   plan.pack_length, plan.static_shapes) if data.val is not None else None)
     total_steps = steps.total_steps(train_cfg.epochs, train_cfg.max_steps)
     if total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
