@@ -100,6 +100,8 @@ class TrainingLoop:
         for i in range(slots):
             live = i < len(mine)
             mb = batcher.collate(mine[i] if live else step_batches[0]).to(where.device)
+            if self.plan.compile == "graphs":
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: graph outputs of the last are done with
             sync = i == slots - 1 or where.world_size == 1
             with contextlib.nullcontext() if sync else acc.no_sync(module):
                 loss, _ = module(*mb.loss_args())
@@ -239,7 +241,10 @@ class TrainingLoop:
         # processes run as many forwards, the spare ones counting nothing. Otherwise a val set of fewer
         # micro-batches than processes, or an uneven split, pairs mismatched collectives and hangs.
         slots = math.ceil(len(plan) / where.world_size)
-        with torch.no_grad(), self.reporter.stage("Evaluating", total=None, unit="batches") as bar:
+        # CUDA graphs replay one buffer per layer graph; without autograd keeping each layer's output
+        # alive, the next layer's replay overwrites it (seen on an H200): evaluate uncompiled there
+        eager = torch.compiler.set_stance("force_eager") if self.plan.compile == "graphs" else contextlib.nullcontext()
+        with eager, torch.no_grad(), self.reporter.stage("Evaluating", total=None, unit="batches") as bar:
             for i in range(slots):
                 live = i < len(mine)
                 mb = self.val_batcher.collate(mine[i] if live else plan[0]).to(where.device)
