@@ -91,6 +91,9 @@ def _register() -> None:
 
     for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge):
         module.register(app, handle_errors)
+    from lora_cli.commands import export
+
+    export.register(app, handle_errors)
 
 
 _register()
