@@ -68,7 +68,7 @@ LLAMA3_CHAT = (
 )
 
 
-def build_llama_tokenizer(folder: Path):
+def build_llama_tokenizer(folder: Path, split: str = LLAMA3_SPLIT):
     """A Llama 3 style byte-level BPE: regex split, a BOS added in front of every text, eos <|eot_id|>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -76,7 +76,7 @@ def build_llama_tokenizer(folder: Path):
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials,

@@ -14,8 +14,9 @@ TEMPLATE alike): a record becomes ONE user message, whose content is
 Conversations render as lora-cli renders `messages` records (TextTemplate.segments): system
 messages joined by "\\n\\n" before the first prompt, consecutive user messages joined by
 "\\n\\n", turns separated by "\\n\\n", every answer followed by the template's suffix and the eos.
-The tokenizer's BOS (tokenization.special_prefix) opens the text: llama.cpp strips it from a
-rendered template before tokenizing with add_bos, transformers tokenizes it as the special token.
+The tokenizer's BOS (tokenization.special_prefix) opens the text, as it opens every training
+example: llama.cpp strips one leading BOS text from a rendered template before tokenizing with
+add_bos (common/chat.cpp), transformers tokenizes it as the special token.
 """
 
 from __future__ import annotations
@@ -125,8 +126,12 @@ def text_chat_template(shape: PromptShape, prefix: str, eos: str) -> str:
 
 
 def gguf_chat_template(template, tokenizer, prefix: str, eos: str) -> str:
-    """The chat template for the GGUF metadata: the tokenizer's own for `chat`, else the text template's."""
+    """The chat template for the GGUF metadata: the tokenizer's own for `chat`, else the text template's.
+
+    For `chat`, the tokens training puts in front (a BOS) open the template, since training put them
+    before the template's text: llama.cpp strips one leading BOS text and adds the BOS token itself.
+    """
     if isinstance(template, ChatTemplate):
         ChatTemplate._check(tokenizer)
-        return tokenizer.chat_template
+        return (f"{{{{ {jinja_string(prefix)} }}}}" if prefix else "") + tokenizer.chat_template
     return text_chat_template(prompt_shape(template), prefix, eos)

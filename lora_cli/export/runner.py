@@ -165,11 +165,13 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     """Chat template, Ollama shape and stops, from the tokenizer alone: template refusals come before the merge."""
     from lora_cli.export import chat_template as ct
     from lora_cli.export import modelfile as mf
+    from lora_cli.export.vocab import check_tokenizer
     from lora_cli.modeling import load_tokenizer
     from lora_cli.tokenization import special_prefix
 
     tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else model_dir,
                                info.trust_remote_code)
+    check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""
     prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
     plan = {"jinja": ct.gguf_chat_template(template, tokenizer, prefix, eos), "prompt": ct.describe_mapping(template),

@@ -69,10 +69,8 @@ def _merges(model: dict) -> list[str]:
     return list(merges)
 
 
-def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
-    """Write the tokenizer's tokenizer.ggml.* keys; `vocab_size` is the model's embedding rows."""
-    from gguf import TokenType
-
+def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
+    """(tokenizer.json as a dict, llama.cpp pre-tokenizer name, whether a BOS is added); LoraCliError if unmappable."""
     from lora_cli.tokenization import special_prefix
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -80,8 +78,20 @@ def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
     decoder = (backend.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
             or model.get("end_of_word_suffix") or decoder != "ByteLevel":
-        raise _refuse(f"it is a {model.get('type')} tokenizer, not a byte-level BPE (GPT-2 style) one")
+        raise _refuse(f"it is a {model.get('type')} tokenizer with a {decoder} decoder, not a byte-level BPE "
+                      "(GPT-2 style) one")
     pre = pre_tokenizer_name(backend)
+    prefix = special_prefix(tokenizer)
+    if prefix not in ([], [tokenizer.bos_token_id]):
+        raise _refuse(f"it puts {tokenizer.convert_ids_to_tokens(prefix)} before every text, not just its BOS")
+    return backend, pre, bool(prefix)
+
+
+def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
+    """Write the tokenizer's tokenizer.ggml.* keys; `vocab_size` is the model's embedding rows."""
+    from gguf import TokenType
+
+    backend, pre, add_bos = check_tokenizer(tokenizer)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise _refuse(f"it has token ids up to {max(vocab.values())}, beyond the model's {vocab_size} embedding rows")
@@ -100,14 +110,11 @@ def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(_merges(model))
+    writer.add_token_merges(_merges(backend.get("model") or {}))
     special = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
     special = {k: v for k, v in special.items() if isinstance(v, int)}
     for kind, token_id in special.items():
         getattr(writer, f"add_{kind}_token_id")(token_id)
-    prefix = special_prefix(tokenizer)
-    if prefix not in ([], [special.get("bos")]):
-        raise _refuse(f"it puts {tokenizer.convert_ids_to_tokens(prefix)} before every text, not just its BOS")
-    writer.add_add_bos_token(bool(prefix))
+    writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)  # training appends the eos itself, after the response only
-    return VocabInfo("gpt2", pre, vocab_size, bool(prefix), special)
+    return VocabInfo("gpt2", pre, vocab_size, add_bos, special)
