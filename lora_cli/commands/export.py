@@ -17,7 +17,8 @@ def export(
                                                            "ollama: a folder with the GGUF and a Modelfile.")] = "gguf",
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="The .gguf file to write (a folder for --format ollama).", show_default=False)] = None,
-    outtype: Annotated[str, typer.Option("--outtype", help="f16, bf16, q8_0, q4_0 or f32 (gguf-lora: not q4_0).")] = "f16",
+    outtype: Annotated[str, typer.Option(
+        "--outtype", help="f16, bf16, q8_0, q4_0 or f32 (gguf-lora: not q4_0).")] = "f16",
     base_weights: Annotated[str, typer.Option(
         "--base-weights", help="auto: the NF4 weights a QLoRA adapter was trained against (de-quantized), else the "
                                "original ones; original; nf4.")] = "auto",
