@@ -53,10 +53,11 @@ def val_file(folder: Path) -> Path:
 
 
 def template_file(folder: Path) -> Path:
-    """A template file with braces, quotes and a suffix: what escaping in Jinja and Go must survive."""
+    """A template file with braces, quotes, a backslash, an unprintable character (a zero-width joiner) and a
+    suffix: what escaping in Jinja, Go and the Modelfile must carry through."""
     path = folder / "template.txt"
-    path.write_text('<task> {{not a "placeholder"}} """\n{instruction}\n-- context --\n{input}\n<answer>\n{output}</answer>\n',
-                    encoding="utf-8")
+    path.write_text('<task> {{not a "placeholder"}} """ \u200d\\n\n{instruction}\n-- context --\n{input}\n<answer>\n'
+                    '{output}</answer>\n', encoding="utf-8")
     return path
 
 
@@ -73,3 +74,40 @@ def training_text(template, tokenizer, example, add_eos: bool = True) -> str:
         if trainable and add_eos and not text.endswith(tokenizer.eos_token):
             out.append(tokenizer.eos_token)
     return "".join(out)
+
+
+def conversation_prompt(template, tokenizer, messages: list[dict], add_eos: bool = True) -> str:
+    """lora-cli's training text of a conversation up to its last answer (the prompt for that answer)."""
+    from lora_cli.records import Example
+
+    segments = template.segments(Example(0, messages=messages), tokenizer)[:-1]
+    out = []
+    for text, trainable in segments:
+        out.append(text)
+        if trainable and add_eos and not text.endswith(tokenizer.eos_token):
+            out.append(tokenizer.eos_token)
+    return "".join(out)
+
+
+def mapped_conversation(template, messages: list[dict]) -> list[dict]:
+    """`messages` as sent to an exported template: each turn's user messages joined (as lora-cli and Ollama
+    join them) and mapped like an instruction with an empty input (chat_template.user_content)."""
+    from lora_cli.export.chat_template import user_content
+
+    out: list[dict] = []
+    for msg in messages:
+        if msg["role"] == "user" and out and out[-1]["role"] == "user":
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + msg["content"]}
+        else:
+            out.append(dict(msg))
+    return [dict(m, content=user_content(template, m["content"], "")) if m["role"] == "user" else m for m in out]
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "Name a color."},
+    {"role": "assistant", "content": "Red."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "user", "content": "Not red."},
+    {"role": "assistant", "content": "Blue."},
+]

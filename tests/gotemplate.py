@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
 _STRING = re.compile(r'^"((?:[^"\\]|\\.)*)"$', re.S)
 
 
@@ -44,17 +43,33 @@ def _go_unquote(body: str) -> str:
     return "".join(out)
 
 
+def _action_end(template: str, start: int) -> int:
+    """Index of the "}}" closing the action opened at `start`; string literals may hold braces (Go's lexer)."""
+    i = start + 2
+    while i < len(template):
+        if template[i] == '"':
+            i += 1
+            while template[i] != '"':
+                i += 2 if template[i] == "\\" else 1
+        elif template.startswith("}}", i):
+            return i
+        i += 1
+    raise ValueError("unclosed action")
+
+
 def tokenize(template: str) -> list[tuple[str, str]]:
     """[("text", s) | ("action", s)], with trim markers applied to the neighbouring text."""
     items, pos = [], 0
-    for m in _ACTION.finditer(template):
-        text = template[pos:m.start()]
-        if m.group(1):
+    while (start := template.find("{{", pos)) >= 0:
+        end = _action_end(template, start)
+        body, text = template[start + 2:end], template[pos:start]
+        trim_left, trim_right = body.startswith("- "), body.endswith(" -")
+        if trim_left:
             text = text.rstrip(" \t\r\n")
         items.append(("text", text))
-        items.append(("action", m.group(2).strip()))
-        pos = m.end()
-        if m.group(3):
+        items.append(("action", body[2 if trim_left else 0: len(body) - (2 if trim_right else 0)].strip()))
+        pos = end + 2
+        if trim_right:
             rest = template[pos:]
             pos += len(rest) - len(rest.lstrip(" \t\r\n"))
     items.append(("text", template[pos:]))

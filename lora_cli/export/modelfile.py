@@ -128,10 +128,10 @@ def stop_strings(template, shape: OllamaShape, eos_texts: list[str]) -> list[str
     markers = [shape.after.strip(), shape.user_open.strip()]
     if not isinstance(template, ChatTemplate):
         markers = [shape.user_open.strip()]  # e.g. "### Instruction:": the model starting a new turn
-    stops = []
-    for text in [*eos_texts, *(m.splitlines()[0] for m in markers if m)]:
-        if text and text not in stops:
-            stops.append(text)
+    stops = [text for i, text in enumerate(eos_texts) if text and text not in eos_texts[:i]]
+    for text in (m.splitlines()[0].strip() for m in markers if m):
+        if text and text not in stops and '"""' not in text and all(_printable(c) for c in text):
+            stops.append(text)  # a marker a Modelfile cannot quote is left out: the eos is what matters
     return stops
 
 
@@ -148,7 +148,7 @@ def go_string(text: str) -> str:
             out.append("\\" + ch)
         elif ch in "\n\t\r":
             out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
-        elif not _printable(ch):
+        elif not _printable(ch) or ch in "{}":  # braces too: no "{{" or "}}" even inside the literal
             out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
         else:
             out.append(ch)
