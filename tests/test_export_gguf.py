@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from export_helpers import IDS, adapter, model_dir, prompt_text, template_file, training_text, val_records
+from export_helpers import (CONVERSATION, IDS, adapter, conversation_prompt, mapped_conversation, model_dir, prompt_text,
+                            template_file, training_text, val_records)
 from lora_cli.adapter_info import read_adapter
 from lora_cli.errors import LoraCliError
 from lora_cli.export.chat_template import user_content
@@ -103,7 +104,8 @@ def test_the_gguf_tokenizer_encodes_and_decodes_the_val_records_like_the_trainin
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_chat_template_in_the_metadata_renders_lora_clis_prompt(arch, kind, adapters, tmp_path):
     """For every val record: the metadata's Jinja template, given the record as one user message (see
-    chat_template.py), renders the training prompt's text and tokens; text templates also the whole example."""
+    chat_template.py), renders the training prompt's text and tokens; text templates also the whole example;
+    and a conversation renders as training rendered it."""
     from lora_cli.modeling import load_tokenizer
 
     name = str(template_file(tmp_path)) if kind == "file" else kind
@@ -124,6 +126,11 @@ def test_the_chat_template_in_the_metadata_renders_lora_clis_prompt(arch, kind, 
             assert full == bos + training_text(template, tok, example)
             assert gguf_tok(full, add_special_tokens=False)["input_ids"] == \
                 encode_batch([example], tok, template, LabelPolicy(max_length=4096))[0].input_ids
+    # a conversation (system, two turns, two user messages in a row), up to its last answer, as training rendered it
+    messages = CONVERSATION if kind != "chat" else CONVERSATION[:3] + CONVERSATION[4:]
+    rendered = gguf_tok.apply_chat_template(mapped_conversation(template, messages[:-1]), tokenize=False,
+                                            add_generation_prompt=True)
+    assert rendered == bos + conversation_prompt(template, tok, messages)
 
 
 def test_a_qlora_adapter_is_exported_on_the_nf4_weights_it_was_trained_against(tmp_path_factory, tiny_model_dir,
