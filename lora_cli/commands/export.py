@@ -20,8 +20,8 @@ def export(
     outtype: Annotated[str, typer.Option(
         "--outtype", help="f16, bf16, q8_0, q4_0 or f32 (gguf-lora: not q4_0).")] = "f16",
     base_weights: Annotated[str, typer.Option(
-        "--base-weights", help="auto: the NF4 weights a QLoRA adapter was trained against (de-quantized), else the "
-                               "original ones; original; nf4.")] = "auto",
+        "--base-weights", help="auto: the NF4 weights a QLoRA adapter was trained against (de-quantized; for q4_0 "
+                               "the original ones), else the original ones; original; nf4.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing GGUF file (or exported folder).")] = False,
     model: BaseModelOpt = None,
     template: TemplateOverrideOpt = None,
@@ -46,9 +46,13 @@ def export(
     weights = f", {result.base_weights} base weights" if result.base_weights else ""
     out.print(f"Exported {adapter} ({result.base_model}, {result.architecture}{weights}, template {result.template}) "
               f"as {result.format} {result.outtype} in {result.seconds:.1f} s.", markup=False)
-    out.print(f"Wrote {result.output}: {', '.join(result.files)} ({result.size_bytes / 1e6:.1f} MB; "
-              f"tensors: {types})", markup=False)
-    out.print(f"Prompt (the user message): {result.prompt}", markup=False)
+    listing = f": {', '.join(result.files)}" if result.format == "ollama" else ""
+    out.print(f"Wrote {result.output}{listing} ({result.size_bytes / 1e6:.1f} MB; tensors: {types})", markup=False)
+    if result.format == "gguf-lora":
+        out.print(f"The adapter carries no chat template: prompt the base GGUF with the {result.template} template "
+                  f"(the user message: {result.prompt}).", markup=False)
+    else:
+        out.print(f"Prompt (the user message): {result.prompt}", markup=False)
     if result.stops:
         out.print(f"Stops: {', '.join(json.dumps(s) for s in result.stops)}; greedy (temperature 0)", markup=False)
     if result.ollama_create:
