@@ -134,8 +134,8 @@ def test_the_chat_template_in_the_metadata_renders_lora_clis_prompt(arch, kind, 
     assert rendered == bos + conversation_prompt(template, tok, messages)
 
 
-def test_a_qlora_adapter_is_exported_on_the_nf4_weights_it_was_trained_against_except_under_q4_0(tmp_path_factory, tiny_model_dir,
-                                                                               tmp_path):
+def test_a_qlora_adapter_is_exported_on_the_nf4_weights_it_was_trained_against_except_under_q4_0(
+        tmp_path_factory, tiny_model_dir, tmp_path):
     from gguf import GGUFReader
 
     from lora_cli.inference import load_for_inference

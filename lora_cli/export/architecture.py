@@ -1,7 +1,8 @@
 """Which models map onto a GGUF architecture, their hyperparameters, and their tensor names.
 
-Mapped: `llama` (LlamaForCausalLM: SmolLM2, Llama 2/3 without rope scaling, TinyLlama) and `qwen2`
-(Qwen2ForCausalLM: Qwen2, Qwen2.5), as llama.cpp's convert_hf_to_gguf.py writes them: the same
+Mapped: `llama` (LlamaForCausalLM: SmolLM2, Llama 3.0; not Llama 3.1+, whose rope scaling is refused, and
+not models with a SentencePiece tokenizer, refused by vocab.py) and `qwen2` (Qwen2ForCausalLM: Qwen2,
+Qwen2.5), as llama.cpp's convert_hf_to_gguf.py writes them: the same
 metadata keys, tensor names from gguf's own map (`gguf.get_tensor_name_map`), and for llama the
 rows of attn_q / attn_k permuted for llama.cpp's rotary layout (LlamaModel.permute there; the
 transformers GGUF loader undoes it). Anything else is refused before a byte is written, and the
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from lora_cli.errors import LoraCliError
 
 SUPPORTED = {"llama": "LLAMA", "qwen2": "QWEN2"}
-HINT = ("lora-cli exports llama (SmolLM2, Llama 2/3, TinyLlama) and qwen2 (Qwen2, Qwen2.5) models. For others: "
-        "`lora-cli merge`, then llama.cpp's convert_hf_to_gguf.py on the merged folder.")
+HINT = ("lora-cli exports llama (SmolLM2, Llama 3) and qwen2 (Qwen2, Qwen2.5) models with byte-level BPE tokenizers. "
+        "For others: `lora-cli merge`, then llama.cpp's convert_hf_to_gguf.py on the merged folder.")
 _BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 

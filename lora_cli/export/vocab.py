@@ -22,7 +22,8 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLITS = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
-HINT = "Use --format gguf-lora with a base GGUF made by llama.cpp, or `lora-cli merge` and llama.cpp's converter."
+HINT = ("Use --format gguf-lora with a base GGUF made by llama.cpp, or `lora-cli merge` and llama.cpp's "
+        "convert_hf_to_gguf.py (which also writes SentencePiece vocabularies).")
 
 
 @dataclass
