@@ -77,16 +77,18 @@ def stream(writer, path, plan: list[tuple[str, object, object]], reporter=NULL_R
     `producer()` returns the float32 numpy array, called only when that tensor is written.
     Returns {GGML type name: count}.
     """
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
     counts: dict[str, int] = {}
-    with reporter.stage(label or f"Writing {path}", total=len(plan), unit="tensors") as stage:
-        for _, produce, qtype in plan:
-            writer.write_tensor_data(encode(produce(), qtype))
-            counts[qtype.name] = counts.get(qtype.name, 0) + 1
-            stage.update(1)
-    writer.close()
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with reporter.stage(label or f"Writing {path}", total=len(plan), unit="tensors") as stage:
+            for _, produce, qtype in plan:
+                writer.write_tensor_data(encode(produce(), qtype))
+                counts[qtype.name] = counts.get(qtype.name, 0) + 1
+                stage.update(1)
+    finally:
+        writer.close()
     return counts
 
 
@@ -98,11 +100,11 @@ def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: 
     from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
     from lora_cli.export.vocab import add_vocab
 
+    metadata = dict(metadata)
     state = model.state_dict()
     names = tensor_names(list(state), spec)
-    if spec.tied and "lm_head.weight" in state and state["lm_head.weight"].data_ptr() != \
-            state["model.embed_tokens.weight"].data_ptr() and not state["lm_head.weight"].equal(
-                state["model.embed_tokens.weight"]):
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if spec.tied and head is not None and embed is not None and not head.equal(embed):
         from lora_cli.errors import LoraCliError
 
         raise LoraCliError("The merged model's lm_head differs from its tied token embedding (an adapter on "

@@ -218,8 +218,11 @@ def _export_lora(info, output: Path, outtype: str, spec, template, t0: float, re
     from lora_cli.export.chat_template import describe_mapping
     from lora_cli.export.gguf_lora import write_lora_gguf
 
+    try:
+        prompt = describe_mapping(template)
+    except LoraCliError:  # the adapter carries no template, so one no message can express is no obstacle here
+        prompt = f"the prompt of the template {info.template}"
     with atomic_path(output) as tmp:
         counts = write_lora_gguf(tmp, info, spec, outtype, reporter)
     return ExportResult("gguf-lora", outtype, str(output), [output.name], output.stat().st_size,
-                        round(time.time() - t0, 2), info.base_model, spec.arch_name, "", info.template,
-                        describe_mapping(template), counts)
+                        round(time.time() - t0, 2), info.base_model, spec.arch_name, "", info.template, prompt, counts)
