@@ -90,7 +90,10 @@ def chat_shape(tokenizer, eos: str, add_eos: bool) -> OllamaShape:
     ChatTemplate._check(tokenizer)
 
     def render(messages, gen):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        except Exception as exc:  # e.g. a template that raises on a system message
+            raise _unfit(f"rendering {[m['role'] for m in messages]} failed ({type(exc).__name__}: {exc})") from None
 
     user1, user2 = {"role": "user", "content": _U1}, {"role": "user", "content": _U2}
     answer, system = {"role": "assistant", "content": _R1}, {"role": "system", "content": _SYS}
