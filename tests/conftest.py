@@ -7,6 +7,7 @@ which is converted once per session and reused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -34,6 +35,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok = build_tokenizer(folder)
     build_model(folder, len(tok))
     return folder
+
+
+class RecordingReporter:
+    """A reporter (lora_cli.progress) that keeps messages and stage names: what tests assert on."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.stages: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total=None, unit: str = ""):
+        from lora_cli.progress import NULL_REPORTER
+
+        self.stages.append(name)
+        with NULL_REPORTER.stage(name, total, unit) as stage:
+            yield stage
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
 
 
 def write_jsonl(path: Path, rows) -> Path:

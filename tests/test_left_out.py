@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import make_records, tiny_config, write_jsonl
+from conftest import RecordingReporter, make_records, tiny_config, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
@@ -15,19 +15,8 @@ from lora_cli.data.records import Example
 from lora_cli.data.templates import get_template
 from lora_cli.data.tokenization import LabelPolicy, encode_batch, token_counts
 from lora_cli.errors import DataError
-from lora_cli.progress import NullReporter
 
 runner = CliRunner()
-
-
-class RecordingReporter(NullReporter):
-    """Keeps the messages the core reports."""
-
-    def __init__(self):
-        self.messages: list[str] = []
-
-    def message(self, text: str) -> None:
-        self.messages.append(text)
 LONG = {"instruction": "read the text about the river and the stone garden " * 12, "input": "", "output": "blue"}
 MAX = 48
 
@@ -122,8 +111,8 @@ def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out(tiny_mo
 
 def test_eval_says_which_examples_it_could_not_score(tmp_path_factory, tiny_model_dir, tmp_path):
     from adapter_factory import make_adapter, peaked_model_dir
-    from lora_cli.adapter.folder import read_adapter
 
+    from lora_cli.adapter.folder import read_adapter
     from lora_cli.infer.evaluation import evaluate, read_examples
     from lora_cli.infer.generation import load_for_inference
 

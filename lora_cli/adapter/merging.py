@@ -69,21 +69,18 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
     return model.to(torch_dtype(dtype))
 
 
-def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
-          force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
+def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "original", reporter=NULL_REPORTER):
+    """Base + adapter merged in memory: `(model, tokenizer)`, a plain transformers model (no peft) on the CPU.
+
+    `dtype` (bf16 | fp16 | fp32) is the dtype the base is loaded and merged in; `base_weights` as in
+    the module docstring. The tokenizer is the adapter folder's (saved by training), else the base's.
+    Errors: LoraCliError when the base model cannot be found or the adapter does not fit it.
+    """
     from lora_cli.adapter.folder import attach_adapter
-    from lora_cli.atomic import atomic_dir, umask
     from lora_cli.model.load import load_tokenizer, quiet_libraries
     from lora_cli.model.resolve import resolve_model
 
-    if dtype not in DTYPES:
-        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    if base_weights not in BASE_WEIGHTS:
-        raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
-    output = Path(output)
-    replace = check_output(output, info.path, force)
     quiet_libraries()
-    t0 = time.time()
     resolved = resolve_model(info.base_model, reporter)
     tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else resolved.path,
                                info.trust_remote_code)
@@ -91,6 +88,21 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         model = attach_adapter(_load_base(resolved.path, dtype, base_weights, info.trust_remote_code), info)
         merged = model.merge_and_unload()
         merged.config.use_cache = True
+    return merged, tokenizer
+
+
+def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
+          force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
+    from lora_cli.atomic import atomic_dir, umask
+
+    if dtype not in DTYPES:
+        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    if base_weights not in BASE_WEIGHTS:
+        raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
+    output = Path(output)
+    replace = check_output(output, info.path, force)
+    t0 = time.time()
+    merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
     with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

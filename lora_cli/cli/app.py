@@ -87,19 +87,10 @@ def main_options(
 
 
 def _register() -> None:
-    from lora_cli.cli.commands import (
-        chat,
-        evaluate,
-        generate,
-        merge,
-        package,
-        param_report,
-        tokenize,
-        train,
-        validate,
-    )
+    from lora_cli.cli.commands import (chat, evaluate, export, generate, merge, package, param_report, tokenize, train,
+                                       validate)
 
-    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge):
+    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge, export):
         module.register(app, handle_errors)
 
 

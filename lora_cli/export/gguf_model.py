@@ -1,0 +1,137 @@
+"""The merged model as one GGUF file, written with the `gguf` package (writer, name map, quantizers).
+
+Tensor types per --outtype (what llama.cpp's converter and quantizer do):
+- f32 / f16 / bf16: every matrix in that type;
+- q8_0: every matrix in Q8_0 (blocks of 32 weights, one f16 scale: ~8.5 bits a weight);
+- q4_0: every matrix in Q4_0 (blocks of 32, 4 bits + one f16 scale), except token_embd and
+  output, kept in Q8_0 (llama-quantize also keeps the output matrix above 4 bits; the gguf package
+  has no K-quant quantizer, so Q8_0 it is).
+Vectors (norms, biases) stay F32, and a matrix whose rows are not a multiple of the block size
+falls back to F16, both as in convert_hf_to_gguf.py. Quantizing starts from the fp32 merge, so
+nothing is rounded twice. The header is written first, then each tensor is converted and
+streamed to the file one at a time: memory holds the fp32 model plus one converted tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lora_cli.progress import NULL_REPORTER
+
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0"}
+_MATRIX = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+_KEEP_8BIT = ("token_embd.weight", "output.weight")
+
+
+@dataclass
+class WrittenModel:
+    tensors: int
+    types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
+    vocab: object = None  # vocab.VocabInfo
+
+
+def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
+    """The GGML type a tensor is stored in (see the module docstring)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    if len(shape) == 1:
+        return Q.F32
+    qtype = Q[_MATRIX[outtype]]
+    if outtype == "q4_0" and name in _KEEP_8BIT:
+        qtype = Q.Q8_0
+    block = GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else Q.F16
+
+
+def encode(array, qtype):
+    """`array` (float32, numpy) in `qtype`: float arrays for F32/F16, gguf's quantizer's bytes otherwise."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if qtype == Q.F32:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(array, dtype=np.float16)
+    return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+
+
+def declare(writer, name: str, shape: tuple[int, ...], qtype) -> None:
+    """The tensor's entry in the header, before its data exists (shape and byte count from the type)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if qtype in (Q.F32, Q.F16):
+        dtype = np.float32 if qtype == Q.F32 else np.float16
+        writer.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        return
+    byte_shape = quant_shape_to_byte_shape(shape, qtype)
+    writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+
+
+def stream(writer, path, plan: list[tuple[str, object, object]], reporter=NULL_REPORTER, label: str = "") -> dict:
+    """Header, metadata and tensor infos, then each tensor: `plan` is [(gguf name, producer(), qtype)].
+
+    `producer()` returns the float32 numpy array, called only when that tensor is written.
+    Returns {GGML type name: count}.
+    """
+    counts: dict[str, int] = {}
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with reporter.stage(label or f"Writing {path}", total=len(plan), unit="tensors") as stage:
+            for _, produce, qtype in plan:
+                writer.write_tensor_data(encode(produce(), qtype))
+                counts[qtype.name] = counts.get(qtype.name, 0) + 1
+                stage.update(1)
+    finally:
+        writer.close()
+    return counts
+
+
+def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: str, metadata: dict,
+                     reporter=NULL_REPORTER) -> WrittenModel:
+    """Write `model` (a merged transformers model, fp32) with its tokenizer and chat template to `path`."""
+    import gguf
+
+    from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
+    from lora_cli.export.vocab import add_vocab
+
+    metadata = dict(metadata)
+    state = model.state_dict()
+    names = tensor_names(list(state), spec)
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if spec.tied and head is not None and embed is not None and not head.equal(embed):
+        from lora_cli.errors import LoraCliError
+
+        raise LoraCliError("The merged model's lm_head differs from its tied token embedding (an adapter on "
+                           "lm_head?); a GGUF with tied embeddings cannot hold both.", "Use --format gguf-lora.")
+    writer = gguf.GGUFWriter(None, spec.arch_name)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(metadata.pop("name"))
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_hparams(writer, model.config, spec)
+    vocab = add_vocab(writer, tokenizer, model.config.vocab_size)
+    writer.add_chat_template(chat_template)
+    for key, value in metadata.items():
+        writer.add_string(f"lora_cli.{key}", str(value))
+    plan = []
+    for hf_name, target in names.items():
+        shape = tuple(state[hf_name].shape)
+        qtype = tensor_type(outtype, target, shape)
+        declare(writer, target, shape, qtype)
+        plan.append((target, _producer(state[hf_name], target, spec, to_gguf_layout), qtype))
+    counts = stream(writer, path, plan, reporter, f"Writing {outtype} GGUF")
+    return WrittenModel(len(plan), counts, vocab)
+
+
+def _producer(tensor, target: str, spec, layout):
+    def produce():
+        return layout(target, tensor.detach().float().cpu().numpy(), spec)
+
+    return produce
