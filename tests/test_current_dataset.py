@@ -178,3 +178,15 @@ def test_a_damaged_record_or_a_vanished_file_is_one_message(tokenized, tmp_path)
     assert "current.json (the current dataset) cannot be read" in res.output and "Traceback" not in res.output
     with pytest.raises(LoraCliError, match="is damaged"):
         current_dataset._parse({"version": 1, "files": {}}, tmp_path / "x.json")
+
+
+def test_recorded_paths_belong_to_the_folder_or_to_where_tokenize_ran(tokenized, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "data", copy / "data")
+    shutil.copytree(tmp_path / ".lora-cache", copy / ".lora-cache")
+    monkeypatch.chdir(copy)  # a copy of the folder: its own files, not the original's
+    assert current_dataset.read(".lora-cache").config_settings()["data.train"] == "data/train.jsonl"
+    shared = current_dataset.read(tmp_path / ".lora-cache")  # a cache named by its absolute path: where tokenize ran
+    assert shared.config_settings()["data.train"] == str(tmp_path / "data" / "train.jsonl")

@@ -72,9 +72,11 @@ class CurrentDataset:
     cwd: str  # where tokenize ran
 
     def located(self, path: str) -> str:
-        """A recorded path as this process must open it: relative paths are relative to where tokenize
-        ran (the cache may be shared by several folders); as given when that folder is gone."""
-        if Path(path).is_absolute() or not Path(self.cwd).is_dir() or Path(self.cwd) == Path.cwd():
+        """A recorded path as this process must open it. A cache folder named relative to the working
+        directory (the default .lora-cache) is that folder's own: its paths are as given, also in a
+        copy of the folder. A cache at an absolute path may be shared by several folders: a relative
+        path is taken from the folder tokenize ran in (as given when that folder is gone)."""
+        if Path(path).is_absolute() or not self.file.is_absolute() or not Path(self.cwd).is_dir():
             return path
         return str(Path(self.cwd) / path)
 
