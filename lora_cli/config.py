@@ -1,7 +1,8 @@
 """One dataclass tree describing a run; its defaults are the reference ("seed") recipe.
 
 Every command reads the part it needs. A run can come from a YAML file (`--config`), from
-flags, or from `--set section.key=value` overrides, in that order of precedence (flags win).
+flags, or from `--set section.key=value` overrides, in that order of precedence (flags win);
+under all of them, `train` without --train puts the current dataset's settings (build_config).
 The config a run actually used is saved beside its outputs, so it can be reproduced and so
 `generate`/`eval` can render prompts exactly as training did.
 """
@@ -290,10 +291,10 @@ def _build_section(section_cls, values: dict[str, Any], where: str):
     return section_cls(**kwargs)
 
 
-def load_config_file(path: str | Path) -> RunConfig:
+def _read_config_file(path: Path) -> Any:
+    """The YAML of a config file as read (not yet validated); LoraCliError naming the file and line."""
     import yaml
 
-    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -301,12 +302,15 @@ def load_config_file(path: str | Path) -> RunConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise LoraCliError(f"Cannot read config file {path}: {exc}.") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise LoraCliError(f"Config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
-    return RunConfig.from_dict(raw, source=str(path))
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    return RunConfig.from_dict(_read_config_file(Path(path)), source=str(path))
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, Any]:
@@ -325,9 +329,19 @@ def parse_set_options(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def build_config(config_file: str | None, sets: list[str] | None, flags: dict[str, Any]) -> RunConfig:
-    """Defaults < config file < --set < explicit flags (None means 'not given')."""
-    cfg = load_config_file(config_file) if config_file else RunConfig()
-    overrides = parse_set_options(sets)
+def build_config(config_file: str | None, sets: list[str] | None, flags: dict[str, Any],
+                 base: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < base < config file < --set < explicit flags (None means 'not given').
+
+    `base`: dotted settings under everything the user wrote (the current dataset's data and model
+    settings, data/current.py); a key the config file sets, --set or a typed flag wins over it.
+    """
+    cfg, in_file = RunConfig(), set()
+    if config_file:
+        raw = _read_config_file(Path(config_file))
+        cfg = RunConfig.from_dict(raw, source=str(config_file))
+        in_file = {f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values}
+    overrides = {k: v for k, v in (base or {}).items() if k not in in_file}
+    overrides.update(parse_set_options(sets))
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return cfg.replace(overrides) if overrides else cfg

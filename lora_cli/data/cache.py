@@ -138,8 +138,11 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
 
 def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, template, policy: LabelPolicy,
                   cache_dir: str | Path, skip_invalid: bool = False, force: bool = False,
-                  reporter: Reporter = NULL_REPORTER) -> CacheEntry:
-    """Return the cache entry for one split, tokenizing only when no valid entry exists."""
+                  reporter: Reporter = NULL_REPORTER, reason: str | None = None) -> CacheEntry:
+    """Return the cache entry for one split, tokenizing only when no valid entry exists.
+
+    `reason`: why this split might need tokenizing again (a changed file), told to `reporter` only
+    when the entry is in fact built."""
     path = Path(path)
     digest, n_lines = file_digest(path)
     parts = {
@@ -159,6 +162,8 @@ def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, 
         except (OSError, ValueError):
             pass  # unreadable entry: rebuild it
     remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
+    if reason:
+        reporter.message(reason)
     return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
 
 

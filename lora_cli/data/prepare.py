@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_cli.config import RunConfig
+from lora_cli.data import current as current_dataset
 from lora_cli.data.cache import CacheEntry, build_or_load
 from lora_cli.data.templates import get_template
 from lora_cli.data.tokenization import LabelPolicy
@@ -21,6 +22,7 @@ class PreparedData:
     template: object
     train: CacheEntry
     val: CacheEntry | None
+    current: current_dataset.CurrentDataset | None = None  # as recorded by this call, if it recorded one
 
 
 def label_policy(cfg: RunConfig) -> LabelPolicy:
@@ -29,11 +31,15 @@ def label_policy(cfg: RunConfig) -> LabelPolicy:
 
 
 def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is_main: bool = True,
-                 barrier=lambda: None) -> PreparedData:
+                 barrier=lambda: None, record: bool = False,
+                 current: current_dataset.CurrentDataset | None = None) -> PreparedData:
     """Tokenize (or reuse) the splits. With several processes, only the main one tokenizes.
 
     What the data's entries have to say (left-out examples, warnings) goes to `reporter`, on a
-    cache hit as when the entry is built."""
+    cache hit as when the entry is built. `record`: make the result the working directory's current
+    dataset (tokenize does). `current`: the current dataset this run's data came from (train without
+    --train): a file that changed since it was tokenized is named when it is tokenized again, and the
+    record follows the new content when the run's settings are the recorded ones."""
     if not cfg.data.train:
         raise LoraCliError("No training data given.", "Pass --train FILE.jsonl (or data.train in --config).")
     if not is_main:
@@ -49,10 +55,21 @@ def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is
     for split in ("train", "val"):
         path = getattr(cfg.data, split)
         if path:
+            why = current.change_note(split, path) if current is not None and is_main else None
             entries[split] = build_or_load(split, path, tokenizer, resolved.path, template, policy,
-                                           cfg.data.cache_dir, cfg.data.skip_invalid, force and is_main, reporter)
+                                           cfg.data.cache_dir, cfg.data.skip_invalid, force and is_main, reporter, why)
             for note in entries[split].notes():
                 reporter.message(note)
+    recorded = None
+    if is_main and (record or _moved_on(current, cfg, entries)):
+        recorded = current_dataset.record(cfg, entries, tokenizer.eos_token)
     if is_main:
         barrier()
-    return PreparedData(resolved, tokenizer, template, entries["train"], entries.get("val"))
+    return PreparedData(resolved, tokenizer, template, entries["train"], entries.get("val"), recorded)
+
+
+def _moved_on(current, cfg: RunConfig, entries: dict) -> bool:
+    """The current dataset's files changed and this run tokenized them with its settings: record the new content."""
+    if current is None or not current.same_settings(cfg):
+        return False
+    return {s: e.key for s, e in entries.items()} != {s: f.cache_key for s, f in current.files.items()}

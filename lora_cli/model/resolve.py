@@ -27,7 +27,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def resolve_model(name: str, reporter=None, need_weights: bool = True) -> ResolvedModel:
+def resolve_model(name: str, reporter=None, need_weights: bool = True, local_only: bool = False) -> ResolvedModel:
+    """The local folder of model `name` (hub id, folder or embedded name); LoraCliError when there is none.
+    `local_only`: a hub model only from the local Hub cache, never downloaded."""
     if name in EMBEDDED:
         return ResolvedModel(name, ensure_converted(name, reporter), "embedded")
     path = Path(name).expanduser()
@@ -44,10 +46,10 @@ def resolve_model(name: str, reporter=None, need_weights: bool = True) -> Resolv
         return ResolvedModel(name, path, "local")
     if _looks_like_path(name):
         raise LoraCliError(f"Model folder {name} does not exist.")
-    return ResolvedModel(name, _from_hub(name, need_weights), "hub")
+    return ResolvedModel(name, _from_hub(name, need_weights, local_only), "hub")
 
 
-def _from_hub(repo_id: str, need_weights: bool) -> Path:
+def _from_hub(repo_id: str, need_weights: bool, local_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HfHubHTTPError
 
@@ -55,7 +57,7 @@ def _from_hub(repo_id: str, need_weights: bool) -> Path:
     alternatives = ("Pass --model with a local folder that holds the model (config.json, *.safetensors, "
                     "tokenizer files), or --model smollm2-135m for the embedded model that works offline.")
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns)
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only)
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403, 404):

@@ -41,8 +41,9 @@ class TrainingData:
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
-          force_tokenize: bool = False) -> TrainResult:
-    """Tokenize (or reuse the cache), then train."""
+          force_tokenize: bool = False, current=None) -> TrainResult:
+    """Tokenize (or reuse the cache), then train. `current`: the current dataset (data/current.py) the
+    data came from, said in one line before anything loads."""
     import torch
 
     from lora_cli.data.prepare import prepare_data
@@ -54,8 +55,11 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     if not placement.is_main:
         reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
+    if current is not None:
+        reporter.message(f"Training on {current.describe(cfg)}")
     # Tokenized once (main process), read from the cache by everyone.
-    data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone)
+    data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone,
+                        current=current)
     prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
                             {"train": data.train.key, "val": data.val.key if data.val else None})
     return train_on(cfg, placement, prepared, resume, overwrite, reporter)

@@ -18,7 +18,11 @@ def tokenize(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Tokenize the data (template, response-only labels, eos, truncation) into the on-disk cache."""
+    """Tokenize the data (template, response-only labels, eos, truncation) into the on-disk cache.
+
+    What it tokenized becomes the current dataset (.lora-cache/current.json): train, validate-data
+    and param-report use it when given no data.
+    """
     from lora_cli.cli.render import RichReporter, out, table
     from lora_cli.config import build_config
     from lora_cli.data.prepare import prepare_data
@@ -26,7 +30,7 @@ def tokenize(
 
     quiet_libraries()
     cfg = build_config(str(config) if config else None, set_, settings)
-    data = prepare_data(cfg, RichReporter(), force=force)
+    data = prepare_data(cfg, RichReporter(), force=force, record=True)
     entries = [e for e in (data.train, data.val) if e is not None]
     if as_json:
         typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
@@ -43,6 +47,8 @@ def tokenize(
                      "cache entry"], rows, right=(2, 3, 4, 5, 6, 7)))
     for e in entries:  # left-out examples and warnings: prepare_data told the reporter
         out.print(f"{e.split}: {'cache hit' if e.hit else 'tokenized'} ({e.key})")
+    out.print(f"Recorded as the current dataset ({data.current.file}): lora-cli train, validate-data and "
+              "param-report use it when given no data.")
 
 
 def register(app: typer.Typer, handle_errors) -> None:

@@ -1,5 +1,8 @@
 """`lora-cli train`: reads the cache (tokenizing first if needed), trains, writes ./adapters.
 
+Without --train (and no data.train in --config) it trains on the current dataset, the one
+`lora-cli tokenize` recorded last (data/current.py), with its data and model settings.
+
 Every setting of the run config is a flag (options.config_flags); the ones below are about
 where the run starts and how many processes run it.
 """
@@ -29,21 +32,25 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Train a LoRA adapter (QLoRA by default) and write it with its config, metrics and parameter summary."""
+    """Train a LoRA adapter (QLoRA by default) and write it with its config, metrics and parameter summary.
+
+    Without --train: the current dataset (what lora-cli tokenize tokenized last), with its model and
+    data settings; flags and --config still override them.
+    """
     from lora_cli.train.launch import launch_if_asked, resume_command
 
     code = launch_if_asked(gpus, fsdp)
     if code is not None:
         raise typer.Exit(code)
     from lora_cli.cli.render import RichReporter, out
-    from lora_cli.config import build_config
+    from lora_cli.data.current import build_run_config
     from lora_cli.errors import TrainingInterrupted
     from lora_cli.train.recipe import train as run_training
 
-    cfg = build_config(str(config) if config else None, set_, settings)
+    cfg, current = build_run_config(str(config) if config else None, set_, settings)  # no --train: the current dataset
     try:
         result = run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
-                              reporter=RichReporter())
+                              reporter=RichReporter(), current=current)
     except TrainingInterrupted as exc:
         exc.resume_command = resume_command(sys.argv[1:])
         raise

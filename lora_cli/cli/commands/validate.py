@@ -11,23 +11,80 @@ import typer
 from lora_cli.cli.options import config_flags
 
 
-def _token_counter(model: str, template_name: str):
+def _token_counter(model: str, template_name: str, local_only: bool = False):
     from lora_cli.data.templates import get_template
     from lora_cli.data.tokenization import token_counts
     from lora_cli.model.load import load_tokenizer, quiet_libraries
     from lora_cli.model.resolve import resolve_model
 
     quiet_libraries()
-    resolved = resolve_model(model, need_weights=False)
+    resolved = resolve_model(model, need_weights=False, local_only=local_only)
     tokenizer = load_tokenizer(resolved.path)
     template = get_template(template_name)
     return lambda examples: token_counts(examples, tokenizer, template)
 
 
-@config_flags("model.name", "data.template", "data.max_length")
+def _current_files(settings: dict) -> tuple[list[Path], dict]:
+    """No file given: the current dataset's files, and its model, template and max length under the typed flags."""
+    from lora_cli.cli.render import err
+    from lora_cli.config import DataConfig, RunConfig
+    from lora_cli.data.current import none_here, read
+
+    cache_dir = settings.get("data.cache_dir") or DataConfig.cache_dir
+    current = read(cache_dir)
+    if current is None:
+        raise none_here(cache_dir, "validate-data")
+    base = current.config_settings()
+    cfg = RunConfig().replace({**base, **settings})
+    err.print(f"Validating {current.describe(cfg)}", markup=False, soft_wrap=True)
+    files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
+    return files, {**{k: base[k] for k in ("model.name", "data.template", "data.max_length")}, **settings}
+
+
+def _counter_at_hand(model: str, template: str):
+    """The current dataset's model's token counts when it is on this machine (nothing is downloaded)."""
+    from lora_cli.cli.render import err
+    from lora_cli.errors import LoraCliError
+
+    try:
+        return _token_counter(model, template, local_only=True)
+    except LoraCliError as exc:
+        err.print(f"Token statistics left out: {exc.message}", markup=False, soft_wrap=True)
+        return None
+
+
+def _print_reports(reports: list, limit: int, failed: bool) -> None:
+    """The table (character and, with a model, token lengths per file) and the verdict."""
+    from lora_cli.cli.render import err, out, table
+
+    with_tokens = any(r.tokens is not None for r in reports)
+    rows = []
+    for r in reports:
+        for stats in (r.chars, r.tokens):
+            if stats is None:
+                continue
+            row = [r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}",
+                   f"{stats.p50:.0f}", f"{stats.p90:.0f}", stats.max]
+            tokens = stats.unit == "tokens"
+            rows.append(row + ([r.truncated if tokens else "", r.left_out if tokens else ""] if with_tokens else []))
+    columns = ["file", "records", "valid", "errors", "warnings", "length", "mean", "p50", "p90", "max"]
+    if with_tokens:
+        columns += [f"> {limit} tokens", "left out"]
+    out.print(table("validate-data", columns, rows, right=(1, 2, 3, 4, 6, 7, 8, 9, 10, 11)))
+    for r in reports:
+        if r.records == 0 and not r.errors:
+            err.print(f"[red]error[/] {r.file}: holds no records.", markup=True)
+    verdict = "[red]defects found[/]" if failed else "[green]clean[/]" + (
+        " [yellow](with warnings)[/]" if any(r.warnings for r in reports) else "")
+    out.print(f"{len(reports)} file(s): {verdict}", markup=True)
+
+
+@config_flags("model.name", "data.template", "data.max_length", "data.cache_dir")
 def validate_data(
     settings: dict,
-    files: Annotated[list[Path], typer.Argument(help="JSONL files to check.", show_default=False)],
+    files: Annotated[Optional[list[Path]], typer.Argument(help="JSONL files to check [default: the current dataset's "
+                                                               "files, as lora-cli tokenize recorded them].",
+                                                          show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON report for machines.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too (duplicates, look-alike field names, left-out examples).")] = False,
 ) -> None:
@@ -36,14 +93,22 @@ def validate_data(
     With --model, also token lengths, how many examples --max-length would truncate, and which it
     would leave out (a prompt that fills it leaves no response token: a warning). Reads JSON Lines
     and JSON arrays; a compressed, binary or non-UTF-8 file is one error saying how to convert it.
-    Exit 0 when every file is clean, 1 when not.
+    With no file: the current dataset's files (what lora-cli tokenize tokenized last), with its
+    model's token lengths when the model is on this machine. Exit 0 when every file is clean, 1 when not.
     """
-    from lora_cli.cli.render import err, out, print_issues, table
+    from lora_cli.cli.render import out, print_issues
     from lora_cli.config import RunConfig
     from lora_cli.data.report import validate_file
 
+    typed_model = "model.name" in settings
+    if not files:
+        files, settings = _current_files(settings)
     cfg = RunConfig().replace(settings)
-    counter = _token_counter(cfg.model.name, cfg.data.template) if "model.name" in settings else None
+    counter = None
+    if typed_model:
+        counter = _token_counter(cfg.model.name, cfg.data.template)
+    elif "model.name" in settings:
+        counter = _counter_at_hand(cfg.model.name, cfg.data.template)
     limit = cfg.data.max_length
     reports = []
     for path in files:
@@ -53,26 +118,7 @@ def validate_data(
     if as_json:
         typer.echo(json.dumps({"ok": not failed, "files": [r.to_dict() for r in reports]}, indent=2))
     else:
-        with_tokens = any(r.tokens is not None for r in reports)
-        rows = []
-        for r in reports:
-            for stats in (r.chars, r.tokens):
-                if stats is None:
-                    continue
-                row = [r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}",
-                       f"{stats.p50:.0f}", f"{stats.p90:.0f}", stats.max]
-                tokens = stats.unit == "tokens"
-                rows.append(row + ([r.truncated if tokens else "", r.left_out if tokens else ""] if with_tokens else []))
-        columns = ["file", "records", "valid", "errors", "warnings", "length", "mean", "p50", "p90", "max"]
-        if with_tokens:
-            columns += [f"> {limit} tokens", "left out"]
-        out.print(table("validate-data", columns, rows, right=(1, 2, 3, 4, 6, 7, 8, 9, 10, 11)))
-        for r in reports:
-            if r.records == 0 and not r.errors:
-                err.print(f"[red]error[/] {r.file}: holds no records.", markup=True)
-        verdict = "[red]defects found[/]" if failed else "[green]clean[/]" + (
-            " [yellow](with warnings)[/]" if any(r.warnings for r in reports) else "")
-        out.print(f"{len(reports)} file(s): {verdict}", markup=True)
+        _print_reports(reports, limit, failed)
     raise typer.Exit(1 if failed else 0)
 
 
