@@ -58,7 +58,8 @@ def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
 
 
 def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_steps: int,
-                      checkpoint: Checkpoint | None = None) -> Trainable:
+                      checkpoint: Checkpoint | None = None, fused_loss: bool | None = None) -> Trainable:
+    """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks)."""
     from peft import set_peft_model_state_dict
 
     from lora_cli.model.loss import make_loss_module
@@ -74,7 +75,8 @@ def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_st
 
         sharding.configure(acc, peft_model, placement.precision)
         names = sharding.adapter_names(peft_model)
-    module = acc.prepare(make_loss_module(peft_model, cfg.train.fused_loss))
+    fused = cfg.train.fused_loss if fused_loss is None else fused_loss
+    module = acc.prepare(make_loss_module(peft_model, fused))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train, placement.on_cuda)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)

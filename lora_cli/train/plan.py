@@ -29,6 +29,8 @@ class RunPlan:
     compile: bool  # torch.compile each decoder layer
     micro_batches_per_step: int  # grad_accum x processes
     memory_note: str = ""  # how the checkpointing was chosen (GPU), for the user
+    fused_loss: bool = True  # loss from hidden states chunk by chunk (model/loss.py), or from full logits
+    loss_note: str = ""  # why the plain loss replaces the fused one asked for, for the user
 
     def record(self, placement: Placement) -> dict:
         """What run_config.yaml records under `run`: every decision, as plain values."""
@@ -37,7 +39,7 @@ class RunPlan:
                 "pack_length": self.pack_length, "checkpoint_layers": self.checkpoint_layers,
                 "upcast": "fp32" if self.upcast else "none", "compile": self.compile,
                 "world_size": placement.world_size, "fsdp": placement.fsdp,
-                "micro_batches_per_step": self.micro_batches_per_step}
+                "micro_batches_per_step": self.micro_batches_per_step, "fused_loss": self.fused_loss}
 
 
 def _cpu_max_tokens(lengths: list[int], batch_size: int) -> int:
@@ -64,9 +66,12 @@ def _checkpointing(cfg: RunConfig, placement: Placement, model_config, max_token
     return plan.checkpoint_layers, note
 
 
-def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int], weights_bytes: int = 0) -> RunPlan:
+def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int], weights_bytes: int = 0,
+           loss_blocker: str | None = None) -> RunPlan:
     """Every automatic training setting, from the config, the placement, the model's config and
-    the tokenized training lengths. weights_bytes: GPU memory the loaded base holds (bytes)."""
+    the tokenized training lengths. weights_bytes: GPU memory the loaded base holds (bytes);
+    loss_blocker: why the fused loss cannot compute this model's logits (model/loss.py
+    fused_blocker, asked before LoRA is attached), None where it can."""
     t, cpu = cfg.train, not placement.on_cuda
     max_tokens = t.max_tokens or (_cpu_max_tokens(lengths, t.batch_size) if cpu else GPU_MAX_TOKENS)
     pack_length = t.pack_length or (0 if cpu else min(GPU_PACK_LENGTH, max_tokens))
@@ -74,8 +79,11 @@ def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int
     layers, note = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes)
     # compiled layers under FSDP1 are untested here: off unless asked for
     compile_default = not cpu and not placement.fsdp and importlib.util.find_spec("triton") is not None
+    fused = t.fused_loss and loss_blocker is None
+    loss_note = "" if fused or not t.fused_loss else f"Loss from full logits, not the fused loss: {loss_blocker}."
     return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens,
                    eval_max_tokens=max(max_tokens, t.eval_batch_size * cfg.data.max_length),
                    pack_length=pack_length, checkpoint_layers=layers, upcast=upcast,
                    compile={"on": True, "off": False}.get(t.compile, compile_default),
-                   micro_batches_per_step=t.grad_accum * placement.world_size, memory_note=note)
+                   micro_batches_per_step=t.grad_accum * placement.world_size, memory_note=note,
+                   fused_loss=fused, loss_note=loss_note)

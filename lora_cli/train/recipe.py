@@ -46,11 +46,12 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     import torch
 
     from lora_cli.data.prepare import prepare_data
-    from lora_cli.model.load import quiet_libraries
+    from lora_cli.model.load import check_targets, quiet_libraries
     from lora_cli.train.runtime import place
 
     quiet_libraries()
     placement = place(cfg)
+    check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
     if not placement.is_main:
         reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
@@ -71,12 +72,20 @@ def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
                           cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=placement.fsdp)
 
 
+def _loss_blocker(cfg: RunConfig, model) -> str | None:
+    """Why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None."""
+    from lora_cli.model.loss import fused_blocker
+    from lora_cli.model.targets import resolve_targets
+
+    return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
+
+
 def _attach(cfg: RunConfig, model, plan):
     """Freeze the base, upcast and checkpoint as planned, put LoRA on top, compile the layers."""
     from lora_cli.model.load import attach_lora, compile_layers, prepare_for_training
 
     prepare_for_training(model, cfg.model.quantization == "nf4", plan.upcast, plan.checkpoint_layers)
-    model = attach_lora(model, cfg.lora)
+    model = attach_lora(model, cfg.lora, cfg.model.name)
     if plan.compile:
         compile_layers(model)
     return model
@@ -106,9 +115,11 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
 
     # 2. Model, and every automatic setting decided once its inputs are known.
     model = _load_model(cfg, placement, data, reporter)
-    plan = decide(cfg, placement, model.config, list(data.train["length"]), _weights_bytes(placement))
-    if plan.memory_note:
-        reporter.message(plan.memory_note)
+    plan = decide(cfg, placement, model.config, list(data.train["length"]), _weights_bytes(placement),
+                  _loss_blocker(cfg, model))
+    for note in (plan.memory_note, plan.loss_note):
+        if note:
+            reporter.message(note)
     model = _attach(cfg, model, plan)
     params = count_parameters(model, cfg.model.name, cfg.lora)
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
@@ -123,7 +134,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     if total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
-    trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint)
+    trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint, plan.fused_loss)
     state = checkpoint.state if checkpoint else LoopState(fingerprint=out.fingerprint, world_size=placement.world_size,
                                                           fsdp=placement.fsdp)
     state.total_steps = total_steps
