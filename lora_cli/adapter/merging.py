@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import AdapterInfo
+from lora_cli.adapter.folder import TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -85,8 +85,7 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     quiet_libraries()
     t0 = time.time()
     resolved = resolve_model(info.base_model, reporter)
-    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else resolved.path,
-                               info.trust_remote_code)
+    tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
     with reporter.stage(f"Merging the adapter into {info.base_model} ({base_weights} weights, {dtype})"):
         model = attach_adapter(_load_base(resolved.path, dtype, base_weights, info.trust_remote_code), info)
         merged = model.merge_and_unload()
@@ -97,6 +96,8 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
             "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
+        if info.template_text is not None:  # the prompt format the merged weights expect, as trained
+            (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()
         for item in tmp.iterdir():
             os.chmod(item, mode)  # safetensors writes 0600; a model folder is meant to be shared

@@ -46,6 +46,14 @@ def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
                          num_training_steps=max(total_steps, 1))
 
 
+def restart_schedule(scheduler) -> None:
+    """The learning rate of the current step from the schedule as it now is (its length changed):
+    the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
+    one), which the next step would use. Stepping back and forth sets it from the new schedule."""
+    scheduler.last_epoch -= 1
+    scheduler.step()
+
+
 def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
     """A checkpoint resumes only on as many processes, sharded the same way."""
     state = checkpoint.state
@@ -89,5 +97,7 @@ def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_st
         else:
             optimizer.load_state_dict(checkpoint.optimizer)
         scheduler.load_state_dict(checkpoint.scheduler)
+        if checkpoint.state.total_steps not in (0, total_steps):  # a run continued to a new length
+            restart_schedule(scheduler)
         restore_rng(checkpoint.rng)
     return Trainable(module, optimizer, scheduler, params, names)

@@ -8,7 +8,7 @@ handling) live in `loop.py`; the automatic settings are decided once, in `plan.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
@@ -37,7 +37,9 @@ class TrainingData:
     val: object | None
     tokenizer: object
     model_path: object
-    cache_keys: dict
+    cache_keys: dict  # split -> tokenize cache key (part of the run's fingerprint)
+    data_sha256: dict = field(default_factory=dict)  # split -> sha256 of the data file
+    template_text: str | None = None  # a template file's text, saved with the adapter
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
@@ -57,8 +59,11 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     torch.manual_seed(cfg.train.seed)
     # Tokenized once (main process), read from the cache by everyone.
     data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone)
+    entries = {"train": data.train, "val": data.val}
     prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
-                            {"train": data.train.key, "val": data.val.key if data.val else None})
+                            {k: e.key if e else None for k, e in entries.items()},
+                            {k: e.meta.get("parts", {}).get("data_sha256") if e else None for k, e in entries.items()},
+                            getattr(data.template, "source", None))
     return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
@@ -109,7 +114,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     from lora_cli.train.run_folder import OutputFolder
 
     # 1. Output folder rules, before any expensive work.
-    out = OutputFolder(cfg.output.dir, cfg, placement.is_main)
+    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text)
     checkpoint_path = out.prepare(resume, overwrite)
     placement.accelerator.wait_for_everyone()
 
@@ -134,6 +139,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     if total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    extended = out.continuation(checkpoint, total_steps) if checkpoint is not None else ""
     trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint, plan.fused_loss)
     state = checkpoint.state if checkpoint else LoopState(fingerprint=out.fingerprint, world_size=placement.world_size,
                                                           fsdp=placement.fsdp)
@@ -142,6 +148,8 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     if checkpoint is not None:
         out.truncate_metrics(state.metrics_lines)
         reporter.message(f"Resuming from {checkpoint.path} (step {state.step} of {total_steps}).")
+        if extended:
+            reporter.message(extended)
 
     # 4. Train, save.
     loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state)
