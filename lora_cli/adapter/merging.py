@@ -69,6 +69,26 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
     return model.to(torch_dtype(dtype))
 
 
+def untie_adapted_head(peft_model) -> bool:
+    """Give a LoRA'd output head its own weight where it shares the input embedding's (tied).
+
+    Merging adds the head's LoRA update to its weight; tied, that is the embedding's weight too,
+    so the merged model would also see the update at its input (and be saved tied): not base +
+    adapter. The head gets a copy and the model is saved untied. True when it untied.
+    """
+    import torch
+
+    base = peft_model.get_base_model()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    inner = getattr(head, "base_layer", None)  # a LoRA layer wraps the head
+    if inner is None or embedding is None or inner.weight.data_ptr() != embedding.weight.data_ptr():
+        return False
+    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
     from lora_cli.adapter.folder import attach_adapter
@@ -88,6 +108,7 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
     with reporter.stage(f"Merging the adapter into {info.base_model} ({base_weights} weights, {dtype})"):
         model = attach_adapter(_load_base(resolved.path, dtype, base_weights, info.trust_remote_code), info)
+        untie_adapted_head(model)
         merged = model.merge_and_unload()
         merged.config.use_cache = True
     with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:
