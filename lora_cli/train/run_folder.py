@@ -190,8 +190,8 @@ class OutputFolder:
         return ckpt
 
     def _nothing_to_continue(self, step: int):
-        raise LoraCliError(f"{self.path} holds a finished run: its last checkpoint is at step {step}, the end of this "
-                           "run; there is nothing to continue.",
+        raise LoraCliError(f"Output folder {self.path} holds a finished run: its last checkpoint is at step {step}, "
+                           "the end of this run; there is nothing to continue.",
                            "To train it further, raise --epochs or --max-steps (with --resume); --overwrite instead "
                            "of --resume trains it again from scratch.")
 
