@@ -226,3 +226,20 @@ def test_a_finished_run_continues_to_a_larger_max_steps_with_its_schedule_stretc
     assert any(not torch.equal(three[k], six[k]) for k in three)
     with pytest.raises(LoraCliError, match="past the end of this run"):
         train(cfg.replace({"train.max_steps": 2}), resume=True)
+
+
+def test_a_checkpoint_from_before_the_fingerprint_held_the_data_still_resumes(tiny_model_dir, data_files, tmp_path):
+    from lora_cli.adapter.folder import legacy_fingerprint
+    from lora_cli.train.checkpoint import STATE
+
+    out = tmp_path / "adapters"
+    cfg = config(tiny_model_dir, data_files, out, save_every_steps=1)
+    with at_step(2, crash), pytest.raises(Crash):
+        train(cfg)
+    state_file = list_checkpoints(out)[-1] / STATE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps(dict(state, fingerprint=legacy_fingerprint(cfg.replace({"train.lr": 1e-3})))))
+    with pytest.raises(LoraCliError, match="other settings or data"):
+        train(cfg, resume=True)
+    state_file.write_text(json.dumps(dict(state, fingerprint=legacy_fingerprint(cfg))))  # settings only, as then
+    assert train(cfg, resume=True).resumed_from == str(state_file.parent)
