@@ -122,8 +122,8 @@ def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out(tiny_mo
 
 def test_eval_says_which_examples_it_could_not_score(tmp_path_factory, tiny_model_dir, tmp_path):
     from adapter_factory import make_adapter, peaked_model_dir
-    from lora_cli.adapter_info import read_adapter
 
+    from lora_cli.adapter.folder import read_adapter
     from lora_cli.infer.evaluation import evaluate, read_examples
     from lora_cli.infer.generation import load_for_inference
 

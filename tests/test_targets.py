@@ -84,6 +84,7 @@ def test_every_trainable_tensor_changes_after_a_few_steps(tiny_model_dir, untied
         assert linear <= {n.rsplit(".", 1)[-1] for n in names}
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft: about merging, not scoring
 def test_evaluation_scores_through_lora_on_the_head(tiny_model_dir):
     """token_losses follows the training rule: a LoRA'd head gets full logits, not its base weight."""
     import torch.nn.functional as F

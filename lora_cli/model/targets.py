@@ -79,7 +79,7 @@ def all_linear(model) -> list[str]:
 
         chosen = set(_maybe_include_all_linear_layers(LoraConfig(target_modules=ALL_LINEAR, task_type="CAUSAL_LM"),
                                                       model).target_modules)
-    except ImportError:  # a private helper of peft: fall back to its rule
+    except (ImportError, AttributeError, TypeError):  # a private helper of peft: fall back to its rule
         linear, head = _linear_types(), _head_name(model)
         chosen = {k for k, m in model.named_modules() if isinstance(m, linear) and k != head}
     others = {_short(k) for k, m in model.named_modules() if k and k not in chosen and isinstance(m, _linear_types())}
