@@ -127,9 +127,6 @@ class LoraSettings:
             raise _bad("lora", "dropout", self.dropout, "must be in [0, 1)")
         _check_choice("lora", "bias", self.bias, ("none", "all", "lora_only"))
 
-    def peft_targets(self) -> list[str] | str:
-        return "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
-
 
 @dataclass
 class TrainConfig:

@@ -88,3 +88,11 @@ def test_missing_model_is_one_clear_sentence(data_files):
     assert "could not be fetched" in res.output and "smollm2-135m" in res.output and "--model" in res.output
     res = runner.invoke(app, ["tokenize", "--model", "./not/here", "--train", str(train)])
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_an_empty_training_file_says_so_without_a_truncation_hint(tiny_model_dir, tmp_path):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        (tmp_path / name).write_text(text)
+        res = runner.invoke(app, ["tokenize", "--model", str(tiny_model_dir), "--train", str(tmp_path / name)])
+        assert res.exit_code == 1 and f"{tmp_path / name} holds no records" in " ".join(res.output.split())
+        assert "truncat" not in res.output and "max-length" not in res.output

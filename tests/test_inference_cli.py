@@ -165,3 +165,34 @@ def test_ctrl_c_during_an_answer_drops_that_turn_only(adapter, monkeypatch):
     res = ok("chat", "-a", adapter, "-n", "8", input="red house\nblue city\n/exit\n")
     assert "answer interrupted" in res.output and len(calls) == 2
     assert "red house" not in prompts[1] and "blue city" in prompts[1]  # the interrupted turn left no trace
+
+
+def test_base_only_needs_no_adapter_folder_only_the_base_model(tiny_model_dir, val, tmp_path):
+    res = ok("generate", "--base-only", "--model", tiny_model_dir, "red house", "-n", "3", "--precision", "fp32",
+             "-q", "none")  # no ./adapters here
+    assert re.search(r"\((eos after|no eos within) \d+ tokens\)", res.output)
+    res = ok("eval", "--base-only", "-a", tmp_path / "nothing", "--model", tiny_model_dir, "--data", val,
+             "--loss-only", "--json", "--precision", "fp32")
+    assert json.loads(res.stdout)["model"] == f"{tiny_model_dir} (base)"
+    output = " ".join(fails("generate", "--base-only", "red house").split())
+    assert "there is no adapter folder adapters" in output and "--model" in output
+
+
+def test_a_missing_chat_template_is_named_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from lora_cli.model import load
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the template was checked")
+
+    monkeypatch.setattr(load, "load_model", boom)
+    for cmd in (["generate", "--base-only", "--model", plain, "-t", "chat", "hi"],
+                ["chat", "--base-only", "--model", plain, "-t", "chat"]):
+        assert "needs a tokenizer with a chat template" in fails(*cmd, input="hi\n")

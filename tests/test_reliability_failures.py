@@ -166,6 +166,7 @@ def test_full_disk_while_saving_the_adapter_keeps_the_previous_one(tiny_model_di
     args = train_args(tiny_model_dir, data_files, out)
     assert invoke(*args).exit_code == 0
     before = digests(out, ADAPTER_FILES)
+    longer = [*args, "--epochs", "4", "--resume"]
 
     def half_then_full(tensors, filename, metadata=None):
         data = save(tensors, metadata)
@@ -175,12 +176,13 @@ def test_full_disk_while_saving_the_adapter_keeps_the_previous_one(tiny_model_di
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(peft.peft_model, "safe_save_file", half_then_full)
-        res = invoke(*args, "--save-every-steps", "2")  # the same run again (checkpoint settings may differ)
+        res = invoke(*longer, "--save-every-steps", "2")  # the run continued by an epoch, into the same folder
     assert_message_not_traceback(res)
     assert f"{NO_SPACE} while writing {out}" in res.output and "--resume" in " ".join(res.output.split())
     assert digests(out, ADAPTER_FILES) == before  # byte for byte
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
-    assert invoke(*args, "--resume").exit_code == 0  # space freed: the adapter is written from the last checkpoint
+    assert invoke(*longer).exit_code == 0  # space freed: the adapter is written from the last checkpoint
+    assert digests(out, ADAPTER_FILES) != before
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_dir, data_files, tmp_path,
@@ -289,3 +291,16 @@ def test_full_disk_inside_datasets_arrow_writer_is_a_message(tiny_model_dir, dat
     res = invoke(*tokenize_args(tiny_model_dir, data_files[0]))
     assert_message_not_traceback(res)
     assert NO_SPACE in res.output and not [p for p in (tmp_path / "cache" / "tokenized").iterdir()]
+
+
+@pytest.mark.parametrize("precision, hint", [
+    ("fp16", "Try a lower --lr, or --precision bf16 (or fp32) instead of fp16."),
+    ("bf16", "Try a lower --lr, or --precision fp32."),
+    ("fp32", "Try a lower --lr."),
+])
+def test_the_non_finite_hint_fits_the_runs_precision(precision, hint):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(placement=SimpleNamespace(precision=precision), last_checkpoint=None)
+    message = loop.TrainingLoop._nonfinite_message(run, 7)
+    assert message.startswith("The loss became NaN or infinite at step 7") and message.endswith(hint)

@@ -118,7 +118,8 @@ def test_optimizer_state_is_loaded_with_weights_only(tiny_model_dir, data_files,
         assert res.exit_code == 1 and "cannot be read" in res.output and "Traceback" not in res.output, name
         assert not marker.exists(), name
         (checkpoint / name).write_bytes(original)
-    assert invoke(*args, "--resume-from", checkpoint).exit_code == 0
+    # the real files load: the finished run continued from that checkpoint by one more epoch
+    assert invoke(*args, "--epochs", "3", "--resume-from", checkpoint).exit_code == 0
 
 
 def test_no_token_or_secret_is_written_anywhere(tiny_model_dir, data_files, tmp_path, monkeypatch):

@@ -164,7 +164,7 @@ def test_resume_needs_the_same_settings_except_logging(tiny_model_dir, data_file
         train(cfg.replace({"train.lr": 1e-3}), resume=True)
     with pytest.raises(LoraCliError, match="no checkpoint"):
         train(cfg.replace({"output.dir": str(tmp_path / "empty")}), resume=True)
-    with pytest.raises(LoraCliError, match="not a checkpoint folder"):
+    with pytest.raises(LoraCliError, match="^--resume-from .*: not a checkpoint folder"):  # the flag given
         train(cfg, resume=str(tmp_path))
     assert train(cfg.replace({"train.log_every": 3, "train.keep_checkpoints": 1}), resume=True).steps > 2
 
@@ -180,3 +180,66 @@ def test_the_printed_resume_command_continues_from_the_latest_checkpoint():
     sharded = dict(two_gpus, ACCELERATE_USE_FSDP="true")
     assert resume_command(["train", "-e", "3"], env=sharded) == "lora-cli train -e 3 --gpus 2 --fsdp --resume"
     assert resume_command(["train"], env={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}) == "lora-cli train --resume"
+
+
+def test_resuming_after_the_data_file_changed_in_place_is_refused_naming_the_file(tiny_model_dir, data_files, tmp_path):
+    out = tmp_path / "adapters"
+    cfg = config(tiny_model_dir, data_files, out, save_every_steps=1)
+    with at_step(2, crash), pytest.raises(Crash):
+        train(cfg)
+    train_f = data_files[0]
+    rows = train_f.read_text().splitlines()
+    train_f.write_text("\n".join(rows[:-1] + [rows[-1].replace('"output": "', '"output": "changed ')]) + "\n")
+    with pytest.raises(LoraCliError) as refused:
+        train(cfg, resume=True)
+    assert f"belongs to a run with other settings or data (data.train {train_f}: its content changed (sha256 " \
+        in refused.value.message  # the one difference, named: the file, not a setting
+    with pytest.raises(LoraCliError, match=f"holds a different run .*data.train {train_f}: its content changed"):
+        train(cfg)  # nor is the folder taken over by a fresh run on the new data without --overwrite
+
+
+def test_a_finished_run_continues_to_a_larger_max_steps_with_its_schedule_stretched(tiny_model_dir, data_files,
+                                                                                   tmp_path):
+    out = tmp_path / "adapters"
+    cfg = config(tiny_model_dir, data_files, out, max_steps=3, warmup_steps=0, scheduler="linear")
+    train(cfg)
+    three = load_file(str(out / "adapter_model.safetensors"))
+    from lora_cli.model import load
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(LoraCliError, match="nothing to continue") as done:
+        mp.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model loaded for nothing to do"))
+        train(cfg, resume=True)
+    assert "raise --epochs or --max-steps" in done.value.hint
+    longer = cfg.replace({"train.max_steps": 6})
+    with pytest.raises(LoraCliError, match=r"already holds this run, finished after 3 steps \(train.max_steps: 3 "
+                                           r"there, 6 now\)") as plain:
+        train(longer)  # without --resume: the way forward is named, the adapter is kept
+    assert "Add --resume to continue it" in plain.value.hint
+    result = train(longer, resume=True)
+    assert result.steps == 6 and result.resumed_from.endswith("step-3")
+    rows = [r for r in metrics(out) if r["type"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    lr = cfg.train.lr
+    # steps 1-3 kept the 3-step schedule; from step 4 on, the 6-step one (linear: lr x (6 - done) / 6)
+    assert [r["lr"] for r in rows] == pytest.approx([lr, lr * 2 / 3, lr / 3, lr / 2, lr / 3, lr / 6])
+    six = load_file(str(out / "adapter_model.safetensors"))
+    assert any(not torch.equal(three[k], six[k]) for k in three)
+    with pytest.raises(LoraCliError, match="past the end of this run"):
+        train(cfg.replace({"train.max_steps": 2}), resume=True)
+
+
+def test_a_checkpoint_from_before_the_fingerprint_held_the_data_still_resumes(tiny_model_dir, data_files, tmp_path):
+    from lora_cli.adapter.folder import legacy_fingerprint
+    from lora_cli.train.checkpoint import STATE
+
+    out = tmp_path / "adapters"
+    cfg = config(tiny_model_dir, data_files, out, save_every_steps=1)
+    with at_step(2, crash), pytest.raises(Crash):
+        train(cfg)
+    state_file = list_checkpoints(out)[-1] / STATE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps(dict(state, fingerprint=legacy_fingerprint(cfg.replace({"train.lr": 1e-3})))))
+    with pytest.raises(LoraCliError, match="other settings or data"):
+        train(cfg, resume=True)
+    state_file.write_text(json.dumps(dict(state, fingerprint=legacy_fingerprint(cfg))))  # settings only, as then
+    assert train(cfg, resume=True).resumed_from == str(state_file.parent)

@@ -75,7 +75,13 @@ def test_output_folder_rules(tiny_model_dir, data_files, tmp_path):
     out = tmp_path / "adapters"
     cfg = tiny_config(tiny_model_dir, train_f, None, out, epochs=1, max_steps=1)
     train(cfg)
-    train(cfg)  # the same finished run again: allowed
+    weights = lora_tensors(out)
+    with pytest.raises(LoraCliError, match="already holds this run, finished after 1 steps") as again:
+        train(cfg)  # the same finished run again: not retrained and replaced behind the user's back
+    assert "--overwrite" in again.value.hint and "--resume" in again.value.hint
+    assert lora_tensors(out).keys() == weights.keys() and all(torch.equal(lora_tensors(out)[k], weights[k])
+                                                              for k in weights)
+    train(cfg, overwrite=True)  # asked for
     other = cfg.replace({"train.lr": 1e-3})
     with pytest.raises(LoraCliError, match="different run"):
         train(other)

@@ -45,14 +45,14 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_model(folder: Path, vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64):
+def build_model(folder: Path, vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64, tied: bool = True):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=None)
+                      tie_word_embeddings=tied, eos_token_id=2, pad_token_id=2, bos_token_id=None)
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(folder, safe_serialization=True)
     return model

@@ -6,7 +6,9 @@ it. They all ask the same few things, answered only here:
 - is it finished (`run_config.yaml` says `finished: true` once the last file is in place);
 - is it loadable (adapter config + safetensors weights, from a finished run): `check_loadable`;
 - how it was trained: the run config (`read_run_config`), its LoRA settings as the config's own
-  `LoraSettings`, its parameter summary, and the run fingerprint that tells two runs apart.
+  `LoraSettings`, its parameter summary, the prompt template file's text (TEMPLATE_FILE: the
+  template is used as trained even after its file was edited or deleted), and the run
+  fingerprint that tells two runs apart.
 An adapter made by plain peft (no run_config.yaml) is loadable too, with lora-cli's defaults.
 """
 
@@ -28,20 +30,37 @@ PICKLED_WEIGHTS = "adapter_model.bin"  # what older peft writes: a pickle, never
 RUN_CONFIG = "run_config.yaml"
 METRICS = "metrics.jsonl"
 PARAM_SUMMARY = "param_summary.json"
+TEMPLATE_FILE = "prompt_template.txt"  # the text of a --template file, as training read it
 CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
 TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
 RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
 # Settings that may change between a run and its resume without changing its result.
 RESUME_FREE = ("log_every", "save_every_steps", "keep_checkpoints", "device")
+# The run's length: --resume with a larger value continues a run (finished or not) to the new end.
+EXTENDABLE = ("epochs", "max_steps")
 
 
-def run_fingerprint(cfg: RunConfig) -> str:
-    """Hash (16 hex digits) of the settings that decide a run's result: data, model, LoRA and
-    training settings, without the output folder and the settings in RESUME_FREE."""
+def _settings_blob(cfg: RunConfig, leave_out: tuple[str, ...]) -> dict:
     raw = cfg.to_dict()
-    for key in RESUME_FREE:
+    for key in leave_out:
         raw["train"].pop(key, None)
-    blob = json.dumps({k: raw[k] for k in ("data", "model", "lora", "train")}, sort_keys=True, default=str)
+    return {k: raw[k] for k in ("data", "model", "lora", "train")}
+
+
+def run_fingerprint(cfg: RunConfig, content: dict | None = None) -> str:
+    """Hash (16 hex digits) of what decides a run's result but its length: the data, model, LoRA and
+    training settings (without the output folder, RESUME_FREE and EXTENDABLE), and `content`, the
+    cache keys of the tokenized splits ({"train": key, "val": key}), which hash the data files'
+    bytes, the tokenizer and the template text: a file edited in place changes the fingerprint."""
+    blob = json.dumps({"settings": _settings_blob(cfg, RESUME_FREE + EXTENDABLE), "content": content or {}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def legacy_fingerprint(cfg: RunConfig) -> str:
+    """The fingerprint of lora-cli before it held the content (settings only, length included):
+    what the checkpoints and run configs of runs started before then carry."""
+    blob = json.dumps(_settings_blob(cfg, RESUME_FREE), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -165,7 +184,7 @@ def write_param_summary(folder: str | Path, summary) -> None:
 class AdapterInfo:
     """How an adapter was trained, as generate, chat, eval, merge and export need it."""
 
-    path: Path
+    path: Path | None  # None: the base model alone (--base-only without an adapter folder)
     base_model: str  # what to load: --model, else the run config's model.name, else adapter_config's
     template: str
     add_eos: bool
@@ -174,6 +193,28 @@ class AdapterInfo:
     trust_remote_code: bool
     lora: LoraSettings
     notes: list[str] = field(default_factory=list)
+    template_text: str | None = None  # the template file's text saved at training (TEMPLATE_FILE)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The adapter's own copy of the tokenizer, if it has one (else the base model's is used)."""
+        return self.path if self.path is not None and (self.path / "tokenizer_config.json").is_file() else None
+
+
+def _saved_template(path: Path, override: str | None, warnings: list[str]) -> str | None:
+    """The template text saved with the adapter (None if none, or if `override` replaces it);
+    a warning when the override differs from it."""
+    saved_file = path / TEMPLATE_FILE
+    saved = saved_file.read_text(encoding="utf-8") if saved_file.is_file() else None
+    if saved is None or override is None:
+        return saved
+    from lora_cli.data.templates import BUILTIN
+
+    if override in BUILTIN or Path(override).read_text(encoding="utf-8") != saved:
+        warnings.append(f"--template {override} differs from the template this adapter was trained with (saved as "
+                        f"{saved_file}); the prompts follow {override}, not training.")
+    return None
 
 
 def read_adapter(path: str | Path, model: str | None = None, template: str | None = None) -> AdapterInfo:
@@ -185,7 +226,8 @@ def read_adapter(path: str | Path, model: str | None = None, template: str | Non
         get_template(template)  # a bad --template is named as such, before anything loads
     lora = lora_settings(path)
     run = read_run_config(path)
-    notes = []
+    notes: list[str] = []
+    warnings: list[str] = []
     if run is None:
         run = {}
         notes.append(f"{path} has no {RUN_CONFIG} (not trained by lora-cli): using the alpaca template, "
@@ -200,19 +242,37 @@ def read_adapter(path: str | Path, model: str | None = None, template: str | Non
         add_eos=bool(data.get("add_eos", DataConfig.add_eos)),
         max_length=int(data.get("max_length") or DataConfig.max_length),
         quantization=mdl.get("quantization") or ModelConfig.quantization,
-        trust_remote_code=bool(mdl.get("trust_remote_code", False)), lora=lora, notes=notes)
+        trust_remote_code=bool(mdl.get("trust_remote_code", False)), lora=lora, notes=notes,
+        template_text=_saved_template(path, template, warnings), warnings=warnings)
+
+
+def base_model_info(model: str | None, template: str | None = None, adapter: str | Path = "") -> AdapterInfo:
+    """How to prompt the base model alone (--base-only where there is no adapter folder): lora-cli's
+    defaults (alpaca, eos, 4-bit), `template` overriding the template. LoraCliError without `model`."""
+    if not model:
+        raise LoraCliError(f"--base-only: there is no adapter folder {adapter} to name the base model.",
+                           "Pass --model with the base model to answer with (hub id, folder, smollm2-135m).")
+    if template is not None:
+        from lora_cli.data.templates import get_template
+
+        get_template(template)
+    return AdapterInfo(path=None, base_model=model, template=template or DataConfig.template, add_eos=DataConfig.add_eos,
+                       max_length=DataConfig.max_length, quantization=ModelConfig.quantization, trust_remote_code=False,
+                       lora=LoraSettings())
 
 
 def load_template(info: AdapterInfo):
-    """The template the adapter was trained with, or a clear error if its file is not here."""
-    from lora_cli.data.templates import BUILTIN, get_template
+    """The template the adapter was trained with (the text saved with it, for a template file), or
+    a clear error if an older adapter's template file is not here."""
+    from lora_cli.data.templates import BUILTIN, get_template, template_from_text
 
+    if info.template_text is not None:
+        return template_from_text(info.template_text, info.template)
     if info.template not in BUILTIN and not Path(info.template).is_file():
         raise LoraCliError(
             f"The adapter was trained with the template file {info.template}, which does not exist here.",
             "Pass --template with that file (or alpaca, alpaca-seed, chat).")
     return get_template(info.template)
-
 
 
 def attach_adapter(model, info: AdapterInfo):

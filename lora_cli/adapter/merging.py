@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import AdapterInfo
+from lora_cli.adapter.folder import TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -69,6 +69,26 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
     return model.to(torch_dtype(dtype))
 
 
+def untie_adapted_head(peft_model) -> bool:
+    """Give a LoRA'd output head its own weight where it shares the input embedding's (tied).
+
+    Merging adds the head's LoRA update to its weight; tied, that is the embedding's weight too,
+    so the merged model would also see the update at its input (and be saved tied): not base +
+    adapter. The head gets a copy and the model is saved untied. True when it untied.
+    """
+    import torch
+
+    base = peft_model.get_base_model()
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    inner = getattr(head, "base_layer", None)  # a LoRA layer wraps the head
+    if inner is None or embedding is None or inner.weight.data_ptr() != embedding.weight.data_ptr():
+        return False
+    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
 def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "original", reporter=NULL_REPORTER):
     """Base + adapter merged in memory: `(model, tokenizer)`, a plain transformers model (no peft) on the CPU.
 
@@ -82,10 +102,10 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
 
     quiet_libraries()
     resolved = resolve_model(info.base_model, reporter)
-    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else resolved.path,
-                               info.trust_remote_code)
+    tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
     with reporter.stage(f"Merging the adapter into {info.base_model} ({base_weights} weights, {dtype})"):
         model = attach_adapter(_load_base(resolved.path, dtype, base_weights, info.trust_remote_code), info)
+        untie_adapted_head(model)
         merged = model.merge_and_unload()
         merged.config.use_cache = True
     return merged, tokenizer
@@ -109,6 +129,8 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
             "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
+        if info.template_text is not None:  # the prompt format the merged weights expect, as trained
+            (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()
         for item in tmp.iterdir():
             os.chmod(item, mode)  # safetensors writes 0600; a model folder is meant to be shared

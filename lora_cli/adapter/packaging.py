@@ -18,7 +18,14 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import CHECKPOINTS, AdapterInfo, base_model_of, check_loadable, read_adapter
+from lora_cli.adapter.folder import (
+    CHECKPOINTS,
+    AdapterInfo,
+    base_model_info,
+    base_model_of,
+    check_loadable,
+    read_adapter,
+)
 from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries, sha256_of
 from lora_cli.errors import LoraCliError
 
@@ -145,9 +152,14 @@ def extract(path: str | Path, target: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def open_adapter(path: str | Path, model: str | None = None, template: str | None = None) -> Iterator[AdapterInfo]:
-    """`read_adapter` of a folder, or of an adapter zip (`lora-cli package`) unpacked for the block."""
+def open_adapter(path: str | Path, model: str | None = None, template: str | None = None,
+                 base_only: bool = False) -> Iterator[AdapterInfo]:
+    """`read_adapter` of a folder, or of an adapter zip (`lora-cli package`) unpacked for the block.
+    base_only: where `path` does not exist, the base model `model` alone (folder.base_model_info)."""
     path = Path(path)
+    if base_only and not path.exists():
+        yield base_model_info(model, template, path)
+        return
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="lora-cli-adapter-") as tmp:
             yield read_adapter(extract(path, Path(tmp) / "adapter"), model, template)

@@ -229,8 +229,16 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
 
 
 def _no_examples(path: Path, counters: dict, left_out: list[int], policy: LabelPolicy, errors: list) -> DataError:
+    """Why a file gave no example to train on: no records at all, only invalid ones, or truncation."""
     if counters["no_target"]:
         note = left_out_note(counters["no_target"], left_out, policy.max_length)
         return DataError(f"{path} has no usable examples. {note}", errors)
+    if not counters["records"]:
+        return DataError(f"{path} holds no records.", errors,
+                         hint="It needs one JSON object a line, e.g. {\"instruction\": ..., \"input\": ..., "
+                              "\"output\": ...} (or a JSON array of them).")
+    if counters["invalid"] >= counters["records"]:
+        return DataError(f"{path} has no usable examples: all {counters['records']} record(s) are invalid.", errors,
+                         hint="Fix them (lora-cli validate-data lists every one).")
     return DataError(f"{path} has no usable examples.", errors,
                      hint="Every example needs a response that survives truncation at --max-length.")

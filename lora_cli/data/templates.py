@@ -59,9 +59,13 @@ class TextTemplate:
     with_input: str
     without_input: str | None  # None: always use `with_input`, even for an empty input
     suffix: str = ""  # text after {output} (trained on, like the response)
+    source: str | None = None  # a template file's whole text, as read (saved with the adapter)
 
     def identity(self) -> str:
         return f"text:{self.name}\n{self.with_input}\n--\n{self.without_input}\n--\n{self.suffix}"
+
+    def check(self, tokenizer) -> None:
+        """Whether this template can render with `tokenizer` (a text template always can)."""
 
     def prompt_text(self, instruction: str, input: str = "") -> str:
         use = self.with_input if (input.strip() or self.without_input is None) else self.without_input
@@ -88,7 +92,8 @@ class ChatTemplate:
         return "chat"  # the template text itself is part of the tokenizer files' hash
 
     @staticmethod
-    def _check(tokenizer) -> None:
+    def check(tokenizer) -> None:
+        """LoraCliError when `tokenizer` has no chat template (asked before any model loads)."""
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise LoraCliError(
                 "--template chat needs a tokenizer with a chat template, and this model's tokenizer has none.",
@@ -108,7 +113,7 @@ class ChatTemplate:
 
     def segments(self, example: Example, tokenizer=None) -> Segments:
         """Split the rendered conversation at each assistant turn by rendering its prefixes."""
-        self._check(tokenizer)
+        self.check(tokenizer)
         messages = self._messages(example)
         out: Segments = []
         done = ""
@@ -131,19 +136,24 @@ class ChatTemplate:
         return out
 
 
+def template_from_text(text: str, name: str) -> TextTemplate:
+    """A template file's text as a template; `name` (its path) names it in messages and the cache key."""
+    found = _PLACEHOLDER.findall(text)
+    if found.count("output") != 1 or "instruction" not in found:
+        raise LoraCliError(
+            f"Template file {name} must contain {{instruction}} and exactly one {{output}} "
+            "(and may contain {input}); the prompt is the text before {output}."
+        )
+    head, _, tail = text.partition("{output}")
+    return TextTemplate(name=name, with_input=head, without_input=None, suffix=tail, source=text)
+
+
 def _load_file_template(path: Path) -> TextTemplate:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LoraCliError(f"Cannot read template file {path}: {exc}.") from None
-    found = _PLACEHOLDER.findall(text)
-    if found.count("output") != 1 or "instruction" not in found:
-        raise LoraCliError(
-            f"Template file {path} must contain {{instruction}} and exactly one {{output}} "
-            "(and may contain {input}); the prompt is the text before {output}."
-        )
-    head, _, tail = text.partition("{output}")
-    return TextTemplate(name=str(path), with_input=head, without_input=None, suffix=tail)
+    return template_from_text(text, str(path))
 
 
 BUILTIN = {

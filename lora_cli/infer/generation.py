@@ -99,9 +99,10 @@ def load_for_inference(info: AdapterInfo, quantization: str | None = None, preci
     template = load_template(info)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev.type)
-    resolved = resolve_model(info.base_model, reporter)
-    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else resolved.path,
-                               info.trust_remote_code)
+    resolved = None if info.tokenizer_dir else resolve_model(info.base_model, reporter)
+    tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
+    template.check(tokenizer)  # e.g. --template chat with a tokenizer that has none: before the model loads
+    resolved = resolved or resolve_model(info.base_model, reporter)
     what = "4-bit NF4" if quant == "nf4" else prec
     with reporter.stage(f"Loading {info.base_model} ({what})" + (" + adapter" if with_adapter else "")):
         model = load_model(resolved.path, quant, prec, dev, info.trust_remote_code)

@@ -15,6 +15,7 @@ from pathlib import Path
 from lora_cli.config import LoraSettings
 from lora_cli.errors import LoraCliError
 from lora_cli.model.device import torch_dtype
+from lora_cli.model.targets import Targets, resolve_targets
 
 
 def quiet_libraries() -> None:
@@ -170,11 +171,37 @@ def dequantized_bytes(model, precision: str) -> int:
                    if isinstance(m, bnb.nn.Linear4bit)))
 
 
-def attach_lora(model, lora: LoraSettings):
+def meta_model(config_dir, trust_remote_code: bool = False):
+    """The model of config_dir/config.json built on the meta device: its modules and shapes,
+    no weights (instant even for a large model; nothing is loaded or downloaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(exc, "model config", Path(config_dir)) from None
+
+
+def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False) -> Targets:
+    """LoRA's target modules checked against model `name` (hub id, folder, embedded name) before
+    any weight loads: from its config.json on the meta device. LoraCliError names every name
+    that is not a module LoRA can adapt (see targets.resolve_targets)."""
+    from lora_cli.model.resolve import resolve_model
+
+    resolved = resolve_model(name, need_weights=False)
+    return resolve_targets(meta_model(resolved.path, trust_remote_code), lora.target_modules, name)
+
+
+def attach_lora(model, lora: LoraSettings, model_name: str = "the model"):
+    """peft's LoRA on `model`, on the modules targets.resolve_targets finds (every name checked)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = resolve_targets(model, lora.target_modules, model_name)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                        target_modules=lora.peft_targets(), task_type="CAUSAL_LM")
+                        target_modules=targets.peft_value, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

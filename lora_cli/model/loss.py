@@ -132,18 +132,46 @@ def block_causal_mask(position_ids):
     return ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]
 
 
-def supports_fused(model) -> bool:
-    """The fused path skips the model's own head; only use it where the head is a plain Linear."""
+def fused_blocker(model, adapted=()) -> str | None:
+    """Why the fused loss cannot stand in for this model's output head, or None where it can.
+
+    The fused loss computes logits as hidden @ head.weight.T, skipping the head module itself:
+    right only for a plain bias-free torch Linear with no logit scaling, nothing wrapped around
+    it (a LoRA on the head would never train, and evaluation would score without it) and no
+    hook on it. model: a transformers causal LM (peft's base model after LoRA is attached);
+    adapted: full names of the modules LoRA is about to wrap, to decide before it is attached.
+    """
+    import torch
+
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            return False
+            return f"the model scales its logits ({attr})"
     head = model.get_output_embeddings()
-    return head is not None and getattr(head, "bias", None) is None and hasattr(head, "weight")
+    if head is None:
+        return "the model has no output head"
+    name = next((k for k, m in model.named_modules() if m is head), "lm_head")
+    if name in adapted or hasattr(head, "base_layer"):
+        return f"LoRA on the output head {name}, which the fused loss would bypass"
+    if type(head) is not torch.nn.Linear:
+        return f"the output head {name} is a {type(head).__name__}, not a plain Linear"
+    if head.bias is not None:
+        return f"the output head {name} has a bias"
+    if head._forward_hooks or head._forward_pre_hooks:
+        return f"the output head {name} has hooks"
+    return None
+
+
+def supports_fused(model) -> bool:
+    """The fused path skips the model's own head; only use it where the head is a plain Linear."""
+    return fused_blocker(model) is None
 
 
 def make_loss_module(peft_model, fused: bool):
-    """An nn.Module computing (summed loss, n_targets): the unit DDP wraps."""
+    """An nn.Module computing (summed loss, n_targets): the unit DDP wraps.
+
+    fused: the run's decision (train/plan.py); checked again here on the model as it now is,
+    so a head the fused path would bypass always gets the plain loss (full logits)."""
     import torch
 
     base = peft_model.get_base_model()

@@ -86,14 +86,9 @@ def summary_for_model(name: str, lora_settings: LoraSettings, trust_remote_code:
 
 
 def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_remote_code: bool = False) -> ParamSummary:
-    """Build the model on the meta device from config.json alone, attach LoRA, count."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Build the model on the meta device from config.json alone, attach LoRA (every target
+    name checked: model/targets.py), count."""
+    from lora_cli.model.load import attach_lora, meta_model
 
-    from lora_cli.model.load import attach_lora
-
-    config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model = attach_lora(model, lora_settings)
+    model = attach_lora(meta_model(config_dir, trust_remote_code), lora_settings, base_model or str(config_dir))
     return count_parameters(model, base_model, lora_settings)

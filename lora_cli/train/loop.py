@@ -216,8 +216,10 @@ class TrainingLoop:
     def _nonfinite_message(self, step: int, what: str = "loss") -> str:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                  else "no checkpoint was saved before it")
+        levers = {"fp16": "a lower --lr, or --precision bf16 (or fp32) instead of fp16",
+                  "bf16": "a lower --lr, or --precision fp32"}.get(self.placement.precision, "a lower --lr")
         return (f"The {what} became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
-                f"Try a lower --lr, or --precision bf16/fp32 instead of fp16.")
+                f"Try {levers}.")
 
     def _memory_levers(self) -> dict:
         """The settings that decide a step's memory, for the out-of-memory message."""

@@ -46,6 +46,14 @@ def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
                          num_training_steps=max(total_steps, 1))
 
 
+def restart_schedule(scheduler) -> None:
+    """The learning rate of the current step from the schedule as it now is (its length changed):
+    the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
+    one), which the next step would use. Stepping back and forth sets it from the new schedule."""
+    scheduler.last_epoch -= 1
+    scheduler.step()
+
+
 def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
     """A checkpoint resumes only on as many processes, sharded the same way."""
     state = checkpoint.state
@@ -58,7 +66,8 @@ def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
 
 
 def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_steps: int,
-                      checkpoint: Checkpoint | None = None) -> Trainable:
+                      checkpoint: Checkpoint | None = None, fused_loss: bool | None = None) -> Trainable:
+    """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks)."""
     from peft import set_peft_model_state_dict
 
     from lora_cli.model.loss import make_loss_module
@@ -74,7 +83,8 @@ def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_st
 
         sharding.configure(acc, peft_model, placement.precision)
         names = sharding.adapter_names(peft_model)
-    module = acc.prepare(make_loss_module(peft_model, cfg.train.fused_loss))
+    fused = cfg.train.fused_loss if fused_loss is None else fused_loss
+    module = acc.prepare(make_loss_module(peft_model, fused))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train, placement.on_cuda)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
@@ -87,5 +97,7 @@ def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_st
         else:
             optimizer.load_state_dict(checkpoint.optimizer)
         scheduler.load_state_dict(checkpoint.scheduler)
+        if checkpoint.state.total_steps not in (0, total_steps):  # a run continued to a new length
+            restart_schedule(scheduler)
         restore_rng(checkpoint.rng)
     return Trainable(module, optimizer, scheduler, params, names)

@@ -36,6 +36,8 @@ class RunPlan:
     static_shapes: bool = False  # every micro-batch padded to one shape: a compiled model never recompiles
     dequantize: bool = False  # the NF4 base dequantized once into the compute dtype (same values)
     memory_note: str = ""  # how the checkpointing was chosen (GPU), for the user
+    fused_loss: bool = True  # loss from hidden states chunk by chunk (model/loss.py), or from full logits
+    loss_note: str = ""  # why the plain loss replaces the fused one asked for, for the user
 
     def record(self, placement: Placement) -> dict:
         """What run_config.yaml records under `run`: every decision, as plain values."""
@@ -45,7 +47,7 @@ class RunPlan:
                 "upcast": "fp32" if self.upcast else "none", "compile": self.compile,
                 "static_shapes": self.static_shapes, "dequantized_base": self.dequantize,
                 "world_size": placement.world_size, "fsdp": placement.fsdp,
-                "micro_batches_per_step": self.micro_batches_per_step}
+                "micro_batches_per_step": self.micro_batches_per_step, "fused_loss": self.fused_loss}
 
 
 def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int, int]:
@@ -97,12 +99,14 @@ def _compile_mode(cfg: RunConfig, placement: Placement, estimated_steps: int) ->
 
 
 def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int], weights_bytes: int = 0,
-           dequantize_bytes: int = 0) -> RunPlan:
+           dequantize_bytes: int = 0, loss_blocker: str | None = None) -> RunPlan:
     """Every automatic training setting, from the config, the placement, the model's config and
     the tokenized training lengths (tokens per example).
 
     weights_bytes: GPU memory the loaded base holds; dequantize_bytes: what keeping its NF4
-    weights dequantized would add (0 when the base is not quantized), both in bytes.
+    weights dequantized would add (0 when the base is not quantized), both in bytes;
+    loss_blocker: why the fused loss cannot compute this model's logits (model/loss.py
+    fused_blocker, asked before LoRA is attached), None where it can.
     """
     t, cuda = cfg.train, placement.on_cuda
     max_tokens, per_process = step_budget(cfg, lengths, cuda)
@@ -126,10 +130,13 @@ def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int
         else:
             dequantize = False
     eval_tokens = max(max_tokens, t.eval_batch_size * cfg.data.max_length) if cuda else max(max_tokens, longest)
+    fused = t.fused_loss and loss_blocker is None
+    loss_note = "" if fused or not t.fused_loss else f"Loss from full logits, not the fused loss: {loss_blocker}."
     return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens, eval_max_tokens=eval_tokens,
                    pack_length=pack_length, checkpoint_layers=layers, upcast=wants_upcast(cfg, placement.precision),
                    compile=compile_mode, micro_batches_per_step=per_process * placement.world_size,
-                   static_shapes=static, dequantize=dequantize, memory_note=note)
+                   static_shapes=static, dequantize=dequantize, memory_note=note, fused_loss=fused,
+                   loss_note=loss_note)
 
 
 def _wants_dequantized(cfg: RunConfig, dequantize_bytes: int) -> bool:

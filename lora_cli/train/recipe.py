@@ -8,7 +8,7 @@ handling) live in `loop.py`; the automatic settings are decided once, in `plan.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
@@ -37,7 +37,9 @@ class TrainingData:
     val: object | None
     tokenizer: object
     model_path: object
-    cache_keys: dict
+    cache_keys: dict  # split -> tokenize cache key (part of the run's fingerprint)
+    data_sha256: dict = field(default_factory=dict)  # split -> sha256 of the data file
+    template_text: str | None = None  # a template file's text, saved with the adapter
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
@@ -47,11 +49,12 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     import torch
 
     from lora_cli.data.prepare import prepare_data
-    from lora_cli.model.load import quiet_libraries
+    from lora_cli.model.load import check_targets, quiet_libraries
     from lora_cli.train.runtime import place
 
     quiet_libraries()
     placement = place(cfg)
+    check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
     if not placement.is_main:
         reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
@@ -60,8 +63,11 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     # Tokenized once (main process), read from the cache by everyone.
     data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone,
                         current=current)
+    entries = {"train": data.train, "val": data.val}
     prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
-                            {"train": data.train.key, "val": data.val.key if data.val else None})
+                            {k: e.key if e else None for k, e in entries.items()},
+                            {k: e.meta.get("parts", {}).get("data_sha256") if e else None for k, e in entries.items()},
+                            getattr(data.template, "source", None))
     return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
@@ -75,6 +81,14 @@ def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
                           cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=placement.fsdp)
 
 
+def _loss_blocker(cfg: RunConfig, model) -> str | None:
+    """Why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None."""
+    from lora_cli.model.loss import fused_blocker
+    from lora_cli.model.targets import resolve_targets
+
+    return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
+
+
 def _attach(cfg: RunConfig, model, plan):
     """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top, compile the layers."""
     from lora_cli.model.load import attach_lora, compile_layers, prepare_for_training
@@ -83,7 +97,7 @@ def _attach(cfg: RunConfig, model, plan):
         model = model.dequantize()  # transformers: every Linear4bit becomes a Linear of the very same values
     quantized = cfg.model.quantization == "nf4" and not plan.dequantize
     prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=plan.compile != "off")
-    model = attach_lora(model, cfg.lora)
+    model = attach_lora(model, cfg.lora, cfg.model.name)
     if plan.compile != "off":
         compile_layers(model, plan.compile, plan.static_shapes and plan.packed)
     return model
@@ -112,15 +126,17 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     from lora_cli.train.run_folder import OutputFolder
 
     # 1. Output folder rules, before any expensive work.
-    out = OutputFolder(cfg.output.dir, cfg, placement.is_main)
+    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text)
     checkpoint_path = out.prepare(resume, overwrite)
     placement.accelerator.wait_for_everyone()
 
     # 2. Model, and every automatic setting decided once its inputs are known.
     model = _load_model(cfg, placement, data, reporter)
-    plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model))
-    if plan.memory_note:
-        reporter.message(plan.memory_note)
+    plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model),
+                  loss_blocker=_loss_blocker(cfg, model))
+    for note in (plan.memory_note, plan.loss_note):
+        if note:
+            reporter.message(note)
     model = _attach(cfg, model, plan)
     params = count_parameters(model, cfg.model.name, cfg.lora)
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
@@ -135,7 +151,8 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     if total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
-    trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint)
+    extended = out.continuation(checkpoint, total_steps) if checkpoint is not None else ""
+    trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint, plan.fused_loss)
     state = checkpoint.state if checkpoint else LoopState(fingerprint=out.fingerprint, world_size=placement.world_size,
                                                           fsdp=placement.fsdp)
     state.total_steps = total_steps
@@ -143,6 +160,8 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     if checkpoint is not None:
         out.truncate_metrics(state.metrics_lines)
         reporter.message(f"Resuming from {checkpoint.path} (step {state.step} of {total_steps}).")
+        if extended:
+            reporter.message(extended)
 
     # 4. Train, save.
     loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state)

@@ -4,9 +4,11 @@ File names and run-config reading belong to adapter_folder; this module applies 
 
 Rules (nothing a user had is lost):
 - a missing or empty folder: a fresh run;
-- `--resume`: continue the run whose checkpoints are there (same settings required);
-- a folder holding another lora-cli run (different settings) or an unfinished run: refused
-  without `--overwrite` (or `--resume`);
+- `--resume`: continue the run whose checkpoints are there: the same settings and the same data
+  (the fingerprint holds the tokenized content), except its length: a larger --epochs or
+  --max-steps continues it, finished or not, to the new end;
+- a folder holding another lora-cli run (different settings or data), an unfinished run, or this
+  very run finished: refused without `--overwrite` (or `--resume`), with the way forward;
 - a folder lora-cli did not write: refused, even with `--overwrite`.
 The final files are written to a staging folder first and renamed into place only once all
 of them are complete, so a crash or a full disk leaves the previous adapter intact.
@@ -26,9 +28,12 @@ from lora_cli import __version__
 from lora_cli.adapter.folder import (
     ADAPTER_WEIGHTS,
     CHECKPOINTS,
+    EXTENDABLE,
     METRICS,
     RESUME_FREE,
     RUN_CONFIG,
+    TEMPLATE_FILE,
+    legacy_fingerprint,
     read_run_config,
     run_fingerprint,
     write_param_summary,
@@ -63,26 +68,56 @@ def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
 
 
 class OutputFolder:
-    def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True):
+    """cache_keys / data_sha256: split -> tokenize cache key / sha256 of the data file (what the run
+    trains on, beyond its settings); template_text: a template file's text, saved with the adapter."""
+
+    def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True, cache_keys: dict | None = None,
+                 data_sha256: dict | None = None, template_text: str | None = None):
         self.path = Path(path)
         self.cfg = cfg
         self.is_main = is_main
-        self.fingerprint = run_fingerprint(cfg)
+        self.cache_keys = {k: v for k, v in (cache_keys or {}).items() if v}
+        self.data_sha256 = {k: v for k, v in (data_sha256 or {}).items() if v}
+        self.template_text = template_text
+        self.fingerprint = run_fingerprint(cfg, self.cache_keys)
+        self.saved_run: dict = {}  # the `run` section of the folder's run config, as prepare() found it
 
     @property
     def metrics_path(self) -> Path:
         return self.path / METRICS
 
-    def _describe_difference(self, saved: dict) -> str:
+    def _same_run(self, fingerprint: str | None) -> bool:
+        return fingerprint in (self.fingerprint, legacy_fingerprint(self.cfg))
+
+    def _describe_difference(self, saved: dict, skip: tuple[str, ...] = RESUME_FREE) -> str:
         mine = self.cfg.to_dict()
         diffs = []
         for section in ("data", "model", "lora", "train"):
             for key, value in (saved.get(section) or {}).items():
-                if key in RESUME_FREE:
+                if key in skip:
                     continue
                 if mine.get(section, {}).get(key) != value:
                     diffs.append(f"{section}.{key}: {value!r} there, {mine.get(section, {}).get(key)!r} now")
+        diffs += self._content_difference(saved.get("run") or {})
         return "; ".join(diffs[:4]) or "settings differ"
+
+    def _content_difference(self, run: dict) -> list[str]:
+        """What changed in the data since the run of `run` (a saved run section) started."""
+        out = []
+        for split in ("train", "val"):
+            then_sha, now_sha = (run.get("data_sha256") or {}).get(split), self.data_sha256.get(split)
+            then_key, now_key = (run.get("tokenize_cache") or {}).get(split), self.cache_keys.get(split)
+            if then_sha and now_sha and then_sha != now_sha:
+                out.append(f"data.{split} {getattr(self.cfg.data, split)}: its content changed (sha256 "
+                           f"{then_sha[:12]}... there, {now_sha[:12]}... now)")
+            elif then_key and now_key and then_key != now_key:
+                out.append(f"data.{split}: its tokens changed (the tokenizer or the template file is not the same)")
+        return out
+
+    def _length_change(self, saved: dict) -> str:
+        then, now = saved.get("train") or {}, self.cfg.to_dict()["train"]
+        return "; ".join(f"train.{k}: {then.get(k)!r} there, {now[k]!r} now" for k in EXTENDABLE
+                         if k in then and then[k] != now[k])
 
     def prepare(self, resume: bool | str, overwrite: bool) -> Path | None:
         """Apply the folder rules; return the checkpoint to resume from, if any."""
@@ -94,6 +129,7 @@ class OutputFolder:
             remove_stale_temporaries(path / CHECKPOINTS)
         entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
         saved = read_run_config(path)
+        self.saved_run = dict((saved or {}).get("run") or {})
         if resume:
             return self._resume_point(resume, saved)
         if not entries:
@@ -102,24 +138,36 @@ class OutputFolder:
             raise LoraCliError(
                 f"Output folder {path} is not empty and was not written by lora-cli; refusing to write into it.",
                 "Choose another --output folder.")
-        same = saved.get("run", {}).get("fingerprint") == self.fingerprint
-        unfinished = bool(list_checkpoints(path)) and not saved.get("run", {}).get("finished")
         if overwrite:
             if self.is_main:
                 self._clear()
             return None
-        if not same:
-            raise LoraCliError(
-                f"Output folder {path} holds a different run ({self._describe_difference(saved)}).",
-                "Pass --overwrite to replace it, or choose another --output folder.")
-        if unfinished:
-            raise LoraCliError(
-                f"Output folder {path} holds an unfinished run of these settings.",
-                "Pass --resume to continue it, or --overwrite to start over.")
-        return None  # the same finished run again: its result is replaced by an identical run
+        self._refuse_unless_new(saved)
+        return None  # this run, started but killed before its first checkpoint: start it again
+
+    def _refuse_unless_new(self, saved: dict) -> None:
+        """Without --overwrite or --resume: refuse another run, this run unfinished, and this run finished."""
+        run, path = self.saved_run, self.path
+        if not self._same_run(run.get("fingerprint")):
+            raise LoraCliError(f"Output folder {path} holds a different run ({self._describe_difference(saved)}).",
+                               "Pass --overwrite to replace it, or choose another --output folder.")
+        length = self._length_change(saved)
+        to_length = f" ({length})" if length else ""
+        if list_checkpoints(path) and not run.get("finished"):
+            raise LoraCliError(f"Output folder {path} holds an unfinished run of these settings{to_length}.",
+                               "Pass --resume to continue it" + (" to the new length" if length else "") +
+                               ", or --overwrite to start over.")
+        if run.get("finished"):
+            steps = (run.get("summary") or {}).get("steps")
+            done = f", finished after {steps} steps" if steps is not None else ", finished"
+            more = ("Add --resume to continue it from its last checkpoint to the new length" if length else
+                    "To train it further, raise --epochs or --max-steps and add --resume")
+            raise LoraCliError(f"Output folder {path} already holds this run{done}{to_length}; training it again "
+                               "would replace its adapter.", f"{more}; --overwrite trains it again from scratch.")
 
     def _resume_point(self, resume: bool | str, saved: dict | None) -> Path:
-        if isinstance(resume, str) and resume not in ("", "latest"):
+        explicit = isinstance(resume, str) and resume not in ("", "latest")
+        if explicit:
             ckpt = Path(resume)
             if not (ckpt / STATE).is_file():
                 raise LoraCliError(f"--resume-from {resume}: not a checkpoint folder (no {STATE}).",
@@ -131,11 +179,35 @@ class OutputFolder:
                 raise LoraCliError(f"--resume: no checkpoint in {self.path / CHECKPOINTS}.",
                                    "Start the run without --resume.")
             ckpt = found[-1]
-        if read_state(ckpt).fingerprint != self.fingerprint:
-            detail = self._describe_difference(saved) if saved else "settings differ"
-            raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings ({detail}).",
-                               "Resume with the same settings, or start a new run with --overwrite.")
+        if not self._same_run(read_state(ckpt).fingerprint):
+            origin = read_run_config(ckpt.parent.parent) or saved
+            detail = self._describe_difference(origin, RESUME_FREE + EXTENDABLE) if origin else "settings differ"
+            raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings or data ({detail}).",
+                               "Resume with the same settings and data (only --epochs and --max-steps may grow), "
+                               "or start a new run with --overwrite.")
+        if self.saved_run.get("finished") is True and not explicit and not self._length_change(saved or {}):
+            self._nothing_to_continue(read_state(ckpt).step)  # said before the model loads
         return ckpt
+
+    def _nothing_to_continue(self, step: int):
+        raise LoraCliError(f"Output folder {self.path} holds a finished run: its last checkpoint is at step {step}, "
+                           "the end of this run; there is nothing to continue.",
+                           "To train it further, raise --epochs or --max-steps (with --resume); --overwrite instead "
+                           "of --resume trains it again from scratch.")
+
+    def continuation(self, checkpoint, total_steps: int) -> str:
+        """On resume: a note when the run's length changed (its schedule is stretched to the new
+        end), or LoraCliError when nothing is left to do (a finished run, or a checkpoint past the end)."""
+        step, planned = checkpoint.state.step, checkpoint.state.total_steps
+        if total_steps == step and self.saved_run.get("finished") is True:
+            self._nothing_to_continue(step)
+        if total_steps < step:
+            raise LoraCliError(f"Checkpoint {checkpoint.path} is at step {step}, past the end of this run "
+                               f"({total_steps} steps).", "Raise --epochs or --max-steps, or start over with --overwrite.")
+        if planned and total_steps != planned:
+            return (f"Continuing to step {total_steps} (the run was planned for {planned}): the learning-rate "
+                    f"schedule is recomputed for {total_steps} steps and goes on from step {step}.")
+        return ""
 
     def _clear(self) -> None:
         """Empty the folder for --overwrite; run_config.yaml goes last, so a clear cut short by a
@@ -161,7 +233,7 @@ class OutputFolder:
     def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
         data = self.cfg.to_dict()
         data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
-                       **decisions, **(extra or {})}
+                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256, **decisions, **(extra or {})}
         return yaml.safe_dump(data, sort_keys=False)
 
     def truncate_metrics(self, lines: int) -> None:
@@ -213,6 +285,8 @@ class OutputFolder:
         tokenizer.save_pretrained(str(staging))
         (staging / "README.md").unlink(missing_ok=True)
         write_param_summary(staging, param_summary)
+        if self.template_text is not None:  # generate/eval/merge prompt as trained, even if the file changes
+            (staging / TEMPLATE_FILE).write_text(self.template_text, encoding="utf-8")
         text = self.run_config_text(decisions, finished=True, extra={"summary": summary})
         (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
 

@@ -134,7 +134,7 @@ def generate(
     output_file: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the answers as JSONL.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answers as JSONL on stdout.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Show the base model's answers beside the adapter's.")] = False,
-    base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base model alone.")] = False,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base model alone (without an adapter folder: name it with --model).")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Stream a single answer as it is produced.")] = True,
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,

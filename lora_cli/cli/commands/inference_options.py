@@ -50,6 +50,8 @@ def print_notes(info) -> None:
 
     for note in info.notes:
         err.print(f"note: {note}", markup=False, soft_wrap=True)
+    for warning in info.warnings:
+        err.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -60,7 +62,7 @@ def loaded_model(adapter: Path, model: str | None, template: str | None, quantiz
     from lora_cli.cli.render import RichReporter
     from lora_cli.infer.generation import load_for_inference
 
-    with open_adapter(adapter, model, template) as info:
+    with open_adapter(adapter, model, template, base_only=not with_adapter) as info:
         print_notes(info)
         yield load_for_inference(info, quantization, precision, device, with_adapter, RichReporter())
 

@@ -23,9 +23,11 @@ Opt = typer.Option
 @config_flags("*")
 def train(
     settings: dict,
-    resume: Annotated[bool, Opt("--resume", help="Continue from the latest checkpoint in the output folder.")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue from the latest checkpoint in the output folder; with a "
+                                                 "larger --epochs or --max-steps, also a finished run.")] = False,
     resume_from: Annotated[Optional[Path], Opt("--resume-from", help="Continue from this checkpoint folder.")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Replace a different run's adapter folder.")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace the run in the output folder (another run, or this "
+                                                       "one to train it again from scratch).")] = False,
     gpus: Annotated[Optional[int], Opt("--gpus", help="Run on N GPUs through accelerate's launcher.")] = None,
     fsdp: Annotated[bool, Opt("--fsdp", help="With --gpus: shard the 4-bit base over the GPUs (FSDP) instead of "
                                              "copying it to each, for models too large for one GPU.")] = False,
