@@ -132,6 +132,6 @@ def gguf_chat_template(template, tokenizer, prefix: str, eos: str) -> str:
     before the template's text: llama.cpp strips one leading BOS text and adds the BOS token itself.
     """
     if isinstance(template, ChatTemplate):
-        ChatTemplate._check(tokenizer)
+        ChatTemplate.check(tokenizer)
         return (f"{{{{ {jinja_string(prefix)} }}}}" if prefix else "") + tokenizer.chat_template
     return text_chat_template(prompt_shape(template), prefix, eos)

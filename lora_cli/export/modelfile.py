@@ -87,7 +87,7 @@ def _unfit(why: str) -> LoraCliError:
 
 def chat_shape(tokenizer, eos: str, add_eos: bool) -> OllamaShape:
     """The shape of the tokenizer's Jinja chat template, found with marker strings and checked."""
-    ChatTemplate._check(tokenizer)
+    ChatTemplate.check(tokenizer)
 
     def render(messages, gen):
         try:
