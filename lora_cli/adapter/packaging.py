@@ -18,12 +18,12 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import CHECKPOINTS, AdapterInfo, base_model_of, check_loadable, read_adapter
+from lora_cli.adapter.folder import CHECKPOINTS, LOGS, AdapterInfo, base_model_of, check_loadable, read_adapter
 from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries, sha256_of
 from lora_cli.errors import LoraCliError
 
 MANIFEST = "MANIFEST.json"
-EXCLUDED_DIRS = (CHECKPOINTS,)
+EXCLUDED_DIRS = (CHECKPOINTS, LOGS)
 
 
 def adapter_files(folder: Path) -> list[Path]:

@@ -147,13 +147,34 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def attach_lora(model, lora: LoraSettings):
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: LoraSettings, inference: bool = False):
+    """peft's LoraConfig for our LoRA settings. init `default` is peft's True (kaiming A, zero B); loftq starts
+    as default and is replaced by attach_lora (peft's replace_lora_weights_loftq, for a 4-bit base)."""
+    from peft import LoraConfig
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                        target_modules=lora.peft_targets(), task_type="CAUSAL_LM")
+    init = {"default": True, "loftq": True}.get(lora.init_lora_weights, lora.init_lora_weights)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                      target_modules=lora.peft_targets(), task_type="CAUSAL_LM", use_dora=lora.use_dora,
+                      use_rslora=lora.use_rslora, init_lora_weights=init, inference_mode=inference)
+
+
+def attach_lora(model, lora: LoraSettings, model_path: Path | None = None):
+    """peft's LoRA (DoRA, rsLoRA, and the initialisation chosen) on top of `model`.
+
+    model_path: the base's folder, whose safetensors LoftQ reads the unquantized weights from.
+    Errors: LoraCliError when the settings do not fit the model (no target module, an init that
+    the base's dtype does not allow).
+    """
+    from peft import get_peft_model
+
     try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
+        peft_model = get_peft_model(model, lora_config(lora))
+        if lora.init_lora_weights == "loftq":
+            from peft import replace_lora_weights_loftq
+
+            replace_lora_weights_loftq(peft_model, model_path=str(model_path) if model_path else None)
+        return peft_model
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise LoraCliError(f"Cannot attach LoRA: {exc}",
-                           "Check --target-modules against the model's module names (e.g. q_proj,v_proj, or all-linear).") from None
+                           "Check --target-modules against the model's module names (e.g. q_proj,v_proj, or "
+                           "all-linear), and --init-lora-weights against --quantization.") from None

@@ -8,6 +8,8 @@ any weights are downloaded.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -95,5 +97,6 @@ def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_r
     config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model = attach_lora(model, lora_settings)
+    # counts do not depend on the initialisation, and pissa/olora/loftq would compute on meta tensors
+    model = attach_lora(model, dataclasses.replace(lora_settings, init_lora_weights="default"))
     return count_parameters(model, base_model, lora_settings)

@@ -27,6 +27,7 @@ class TrainResult:
     resumed_from: str | None
     decisions: dict
     param_summary: dict
+    best: dict | None = None  # early stopping: the evaluation whose adapter is the result
 
 
 @dataclass
@@ -71,15 +72,28 @@ def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
                           cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=placement.fsdp)
 
 
-def _attach(cfg: RunConfig, model, plan):
-    """Freeze the base, upcast and checkpoint as planned, put LoRA on top, compile the layers."""
+def _attach(cfg: RunConfig, model, plan, model_path):
+    """Freeze the base, upcast and checkpoint as planned, put LoRA on top (NEFTune's hook on its
+    input embeddings), compile the layers. Returns (model, the initial LoRA tensors for a pissa or
+    olora run, whose saved adapter is expressed against the original base; else None)."""
     from lora_cli.model.load import attach_lora, compile_layers, prepare_for_training
 
     prepare_for_training(model, cfg.model.quantization == "nf4", plan.upcast, plan.checkpoint_layers)
-    model = attach_lora(model, cfg.lora)
+    model = attach_lora(model, cfg.lora, model_path)
+    initial = None
+    if cfg.lora.init_lora_weights in ("pissa", "olora"):
+        from peft import get_peft_model_state_dict
+
+        initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    if cfg.train.neftune_alpha:
+        from transformers.integrations.neftune import neftune_post_forward_hook
+
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = cfg.train.neftune_alpha  # the hook adds noise only in training mode
+        embeddings.register_forward_hook(neftune_post_forward_hook)
     if plan.compile:
         compile_layers(model)
-    return model
+    return model, initial
 
 
 def _weights_bytes(placement) -> int:
@@ -95,9 +109,12 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     from lora_cli.model.params import count_parameters
     from lora_cli.train.checkpoint import LoopState, load_checkpoint
     from lora_cli.train.loop import TrainingLoop
-    from lora_cli.train.optim import prepare_trainable
+    from lora_cli.train import trackers
+    from lora_cli.train.optim import prepare_trainable, warmup_steps
     from lora_cli.train.plan import decide
+    from lora_cli.train.probe import StopProbe
     from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.watch import RunWatch
 
     # 1. Output folder rules, before any expensive work.
     out = OutputFolder(cfg.output.dir, cfg, placement.is_main)
@@ -109,7 +126,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     plan = decide(cfg, placement, model.config, list(data.train["length"]), _weights_bytes(placement))
     if plan.memory_note:
         reporter.message(plan.memory_note)
-    model = _attach(cfg, model, plan)
+    model, initial = _attach(cfg, model, plan, data.model_path)
     params = count_parameters(model, cfg.model.name, cfg.lora)
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
 
@@ -127,18 +144,56 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     state = checkpoint.state if checkpoint else LoopState(fingerprint=out.fingerprint, world_size=placement.world_size,
                                                           fsdp=placement.fsdp)
     state.total_steps = total_steps
-    out.start(plan.record(placement), resuming=checkpoint is not None)
+    probe = StopProbe.build(cfg, data.tokenizer, placement.fsdp, reporter)
+    decisions = plan.record(placement) | {"warmup_steps": warmup_steps(train_cfg, total_steps),
+                                          "eval_generate_max_new_tokens": probe.max_new_tokens if probe else 0}
+    out.start(decisions, resuming=checkpoint is not None)
     if checkpoint is not None:
         out.truncate_metrics(state.metrics_lines)
         reporter.message(f"Resuming from {checkpoint.path} (step {state.step} of {total_steps}).")
+    tracking = trackers.start(placement.accelerator, cfg, decisions, state.step if checkpoint else None)
+    watch = RunWatch(placement, out.path, probe, tracking)
 
     # 4. Train, save.
-    loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state)
-    summary = loop.run()
-    summary["tokenize_cache"] = data.cache_keys
-    lora, _ = loop.adapter_state()
-    out.finish(model, data.tokenizer, plan.record(placement), summary, params, adapter_state=lora)
+    try:
+        loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
+        summary = loop.run()
+        summary["tokenize_cache"] = data.cache_keys
+        lora, _ = loop.adapter_state()
+        best = _best_result(cfg, placement, model, out, state)
+        if best is not None:
+            summary["best"] = best
+            lora = best.pop("tensors", None) if placement.fsdp else lora
+        out.finish(model, data.tokenizer, decisions, summary, params, adapter_state=lora, initial_adapter=initial)
+        watch.close(state.metrics_lines)
+    finally:
+        watch.close()
     placement.accelerator.wait_for_everyone()
     return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
                        state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
-                       plan.record(placement), params.to_dict())
+                       decisions, params.to_dict(), summary.get("best"))
+
+
+def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
+    """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.
+
+    Returns what the run says about it (step, eval loss, checkpoint, whether it stopped early), with
+    the tensors under "tensors" for FSDP runs (the adapter is then written from them); None without
+    early stopping."""
+    if not cfg.train.early_stopping_patience or not state.best_checkpoint:
+        return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lora_cli.adapter.folder import ADAPTER_WEIGHTS
+    from lora_cli.train.checkpoint import checkpoint_dir
+
+    best = {"step": state.best_step, "eval_loss": state.best_eval_loss, "checkpoint": state.best_checkpoint,
+            "stopped_early": state.stopped_early, "last_step": state.step}
+    if placement.is_main:
+        tensors = load_file(str(checkpoint_dir(out.path) / state.best_checkpoint / ADAPTER_WEIGHTS))
+        if placement.fsdp:
+            best["tensors"] = tensors
+        else:
+            set_peft_model_state_dict(model, {k: v.to(placement.device) for k, v in tensors.items()})
+    return best
