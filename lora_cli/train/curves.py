@@ -75,7 +75,7 @@ def draw(runs: list[tuple[str, list[dict]]], dest: str | Path, title: str | None
         # one run: a colour per curve; several: a colour per run, the curves told apart by their style
         train_c, eval_c, stop_c = colors[:3] if len(runs) == 1 else [colors[i % len(colors)]] * 3
         name = f"{label}: " if len(runs) > 1 else ""
-        ax.plot(*_series(rows, "train", "loss"), color=train_c, linewidth=1.2, alpha=0.75, label=f"{name}train loss")
+        ax.plot(*_series(rows, "train", "loss"), color=train_c, linewidth=1.2, label=f"{name}train loss")
         ax.plot(*_series(rows, "eval", "eval_loss"), color=eval_c, marker="o", linewidth=2, label=f"{name}eval loss")
         steps, rates = _series(rows, "eval", "stop_rate")
         if steps:

@@ -155,8 +155,18 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     watch = RunWatch(placement, out.path, probe, tracking)
 
     # 4. Train, save.
+    loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
+    summary = _train_and_save(loop, data, decisions, params, initial)
+    placement.accelerator.wait_for_everyone()
+    return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
+                       state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
+                       decisions, params.to_dict(), summary.get("best"))
+
+
+def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: dict | None) -> dict:
+    """Run the loop, put the best adapter in place under early stopping, write the folder; the run's summary."""
+    cfg, placement, model, out, state, watch = loop.cfg, loop.placement, loop.model, loop.out, loop.state, loop.watch
     try:
-        loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
         summary = loop.run()
         summary["tokenize_cache"] = data.cache_keys
         lora, _ = loop.adapter_state()
@@ -168,10 +178,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
         watch.close(state.metrics_lines)
     finally:
         watch.close()
-    placement.accelerator.wait_for_everyone()
-    return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
-                       state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
-                       decisions, params.to_dict(), summary.get("best"))
+    return summary
 
 
 def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
