@@ -38,6 +38,7 @@ class LoopState:
     first_loss: float | None = None  # train loss of the first log window (the whole run's, across resumes)
     last_loss: float | None = None
     eval_losses: list = field(default_factory=list)
+    stop_rates: list = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
     # early stopping (--early-stopping-patience): the best evaluation after training began, and since when
     best_eval_loss: float | None = None
     best_step: int = 0
@@ -56,6 +57,7 @@ class LoopState:
             raw.setdefault(key, summary.get(key))
         raw.setdefault("fsdp", bool(extra.get("fsdp", False)))
         raw["eval_losses"] = list(raw.get("eval_losses") or [])
+        raw["stop_rates"] = list(raw.get("stop_rates") or [])
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 

@@ -53,7 +53,7 @@ class TrainingLoop:
                 while state.step < self.total_steps and not state.stopped_early:
                     self._run_epoch(flag, bar)
         return {"first_loss": state.first_loss, "last_loss": state.last_loss, "eval_losses": state.eval_losses,
-                "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
+                "stop_rates": state.stop_rates, "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
 
     def _run_epoch(self, flag, bar) -> None:
         """The rest of the current epoch, its end, and a stop when a signal asked for one."""
@@ -163,6 +163,8 @@ class TrainingLoop:
         state.eval_losses.append(value)
         row = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": value}
         extra, line = self.watch.probe_row(self.model) if self.watch else ({}, None)
+        if extra:
+            state.stop_rates.append([extra["stopped"], extra["generated"]])
         self._write(row | extra)
         self.reporter.message(f"eval loss at step {state.step}: {value:.4f}")
         if line:

@@ -8,7 +8,7 @@ handling) live in `loop.py`; the automatic settings are decided once, in `plan.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
@@ -28,6 +28,7 @@ class TrainResult:
     decisions: dict
     param_summary: dict
     best: dict | None = None  # early stopping: the evaluation whose adapter is the result
+    summary: dict = field(default_factory=dict)  # what run_config.yaml records under run.summary
 
 
 @dataclass
@@ -160,7 +161,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     placement.accelerator.wait_for_everyone()
     return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
                        state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
-                       decisions, params.to_dict(), summary.get("best"))
+                       decisions, params.to_dict(), summary.get("best"), summary)
 
 
 def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: dict | None) -> dict:

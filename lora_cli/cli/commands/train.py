@@ -55,6 +55,10 @@ def train(
     out.print(f"Trained {result.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
               f"{result.tokens:,} tokens in {result.seconds:.1f} s.")
     out.print(f"train loss {first} -> {last}; eval loss {evals}")
+    stops = result.summary.get("stop_rates") or []
+    if stops:
+        out.print(f"stop rate (greedy answers to the first {stops[0][1]} val prompts): "
+                  + " -> ".join(f"{stopped}/{n}" for stopped, n in stops))
     if result.best:
         best = result.best
         how = f"stopped early at step {best['last_step']}" if best["stopped_early"] else "ran every step"
