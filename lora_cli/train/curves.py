@@ -85,8 +85,8 @@ def draw(runs: list[tuple[str, list[dict]]], dest: str | Path, title: str | None
         if len(runs) == 1:
             for step, epoch in _epoch_ends(rows):
                 ax.axvline(step, color="grey", linestyle=":", linewidth=1)
-                ax.annotate(f"epoch {epoch}", (step, 1), xycoords=("data", "axes fraction"), ha="right", va="top",
-                            fontsize=8, color="grey", rotation=90)
+                ax.annotate(f"epoch {epoch}", (step, 0.02), xycoords=("data", "axes fraction"), ha="right",
+                            va="bottom", fontsize=8, color="grey", rotation=90)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per target token)")
     handles, labels = ax.get_legend_handles_labels()
@@ -95,7 +95,7 @@ def draw(runs: list[tuple[str, list[dict]]], dest: str | Path, title: str | None
         stops.set_ylim(-5, 105)
         more = stops.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, fontsize=8, loc="upper right" if stops is None else "center right")
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
     ax.set_title(title or ", ".join(label for label, _ in runs), fontsize=10)
     ax.grid(alpha=0.3)
     dest = Path(dest)
