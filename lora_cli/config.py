@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from typing import Any, get_type_hints
 
 from lora_cli.errors import LoraCliError
@@ -23,6 +22,8 @@ BATCHINGS = ("auto", "packed", "padded")
 GC_MODES = ("auto", "on", "off")
 SCHEDULERS = ("linear", "cosine", "constant")
 UPCASTS = ("auto", "fp32", "none")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 _ONOFF = {True: "on", False: "off", "True": "on", "False": "off", "true": "on", "false": "off"}
@@ -115,6 +116,12 @@ class LoraSettings:
     target_modules: list[str] = setting(help="Comma-separated module names, or all-linear.",
                                         factory=lambda: ["q_proj", "v_proj"])
     bias: str = setting("none", "Biases trained too: none, all or lora_only.", flag="--lora-bias")
+    use_dora: bool = setting(False, "DoRA: a trained magnitude per output feature on top of the LoRA direction "
+                                    "(peft's use_dora).", flag="--use-dora/--no-dora")
+    use_rslora: bool = setting(False, "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank "
+                                      "(peft's use_rslora).", flag="--use-rslora/--no-rslora")
+    init_lora_weights: str = setting("default", "LoRA initialisation: default (B = 0), gaussian, pissa or olora "
+                                                "(unquantized base only), loftq (4-bit base only).")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -126,6 +133,7 @@ class LoraSettings:
         if not (0 <= self.dropout < 1):
             raise _bad("lora", "dropout", self.dropout, "must be in [0, 1)")
         _check_choice("lora", "bias", self.bias, ("none", "all", "lora_only"))
+        _check_choice("lora", "init_lora_weights", self.init_lora_weights, LORA_INITS)
 
 
 @dataclass
@@ -137,7 +145,21 @@ class TrainConfig:
     lr: float = setting(2e-4, "Peak learning rate (AdamW).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     warmup_steps: int = setting(0, "Optimizer steps of linear warmup.")
+    warmup_ratio: float = setting(0.0, "Linear warmup over this share of the optimizer steps (instead of "
+                                       "--warmup-steps).")
     scheduler: str = setting("linear", "Learning-rate schedule after warmup: linear, cosine or constant.")
+    min_lr_ratio: float = setting(0.0, "With --scheduler cosine: decay to this share of --lr instead of 0 "
+                                       "(transformers' cosine_with_min_lr).")
+    loraplus_lr_ratio: float = setting(0.0, "LoRA+: lora_B learns this many times faster than lora_A (peft's "
+                                            "create_loraplus_optimizer; 16 in the paper); 0 = off.")
+    neftune_alpha: float = setting(0.0, "NEFTune: uniform noise of this scale on the input embeddings, in training "
+                                        "steps only (5 in the paper); 0 = off.")
+    early_stopping_patience: int = setting(0, "Stop once the eval loss has not improved for N evaluations and keep "
+                                              "the best adapter as the result (needs --val); 0 = off.")
+    eval_generate: int = setting(8, "At each evaluation, greedy answers for the first K val prompts: stop rate and "
+                                    "a sample answer; 0 = off.")
+    report_to: str = setting("none", "Experiment trackers, offline, logs in OUTPUT/logs: none, or a comma list of "
+                                     "tensorboard, wandb, mlflow.")
     max_grad_norm: float = setting(1.0, "Clip gradients to this global norm (0: no clipping).")
     precision: str = setting("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.")
     seed: int = setting(42, "Seed of the shuffling, LoRA initialisation and dropout.")
@@ -165,7 +187,8 @@ class TrainConfig:
             _check_positive("train", key, getattr(self, key))
         for key in ("lr",):
             _check_positive("train", key, getattr(self, key))
-        for key in ("weight_decay", "warmup_steps", "max_steps", "save_every_steps", "max_tokens", "max_grad_norm"):
+        for key in ("weight_decay", "warmup_steps", "max_steps", "save_every_steps", "max_tokens", "max_grad_norm",
+                    "loraplus_lr_ratio", "neftune_alpha", "early_stopping_patience", "eval_generate"):
             _check_positive("train", key, getattr(self, key), allow_zero=True)
         _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
         if not (0 <= self.seed < 2**63):
@@ -187,6 +210,26 @@ class TrainConfig:
         _check_positive("train", "memory_budget_gib", self.memory_budget_gib, allow_zero=True)
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
         check_device_name(self.device)
+        self._check_schedule_and_trackers()
+
+    def _check_schedule_and_trackers(self) -> None:
+        for key in ("warmup_ratio", "min_lr_ratio"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise _bad("train", key, value, "must be a share in [0, 1)")
+        if self.warmup_ratio and self.warmup_steps:
+            raise _bad("train", "warmup_ratio", self.warmup_ratio, "give --warmup-steps or --warmup-ratio, not both")
+        if self.min_lr_ratio and self.scheduler != "cosine":
+            raise _bad("train", "min_lr_ratio", self.min_lr_ratio, "a floor applies to --scheduler cosine only")
+        names = self.trackers()
+        for name in names:
+            _check_choice("train", "report_to", name, ("none", *TRACKERS))
+        self.report_to = ",".join(names) or "none"
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers asked for, in order, without duplicates ([] for none)."""
+        names = [n.strip().lower() for n in str(self.report_to).split(",") if n.strip()]
+        return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 @dataclass
@@ -201,6 +244,28 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across sections: a LoRA initialisation that needs a (non-)quantized base, early stopping."""
+        init, quant = self.lora.init_lora_weights, self.model.quantization
+        if init in ("pissa", "olora") and quant == "nf4":
+            raise LoraCliError(f"--init-lora-weights {init} rewrites the base weights it starts from; on a 4-bit base "
+                               "they would be quantized again, and the adapter would no longer fit the base that "
+                               "generate and merge load.",
+                               "Pass --quantization none with it, or use default, gaussian or loftq on a 4-bit base.")
+        if init in ("pissa", "olora") and self.lora.use_dora:
+            raise LoraCliError(f"--init-lora-weights {init} and --use-dora do not go together: peft turns a {init} "
+                               "adapter into a plain LoRA of the original base when it is saved, and DoRA's "
+                               "magnitudes have no such form.", "Choose one of them.")
+        if init == "loftq" and quant != "nf4":
+            raise LoraCliError("--init-lora-weights loftq offsets the error of the 4-bit quantization, and "
+                               "--quantization none has none.", "Use it with --quantization nf4 (the default).")
+        if init == "loftq" and self.model.dequantize == "on":
+            raise LoraCliError("--init-lora-weights loftq computes its start from the 4-bit weights, and --dequantize "
+                               "on replaces them before LoRA is attached.", "Leave --dequantize at auto (or off).")
+        if self.train.early_stopping_patience and not self.data.val:
+            raise LoraCliError("--early-stopping-patience watches the eval loss, and there is no --val data.",
+                               "Pass --val FILE.jsonl, or leave --early-stopping-patience at 0.")
 
     # ---- conversion -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -286,59 +351,3 @@ def _build_section(section_cls, values: dict[str, Any], where: str):
         raise LoraCliError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}.")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     return section_cls(**kwargs)
-
-
-def _read_config_file(path: Path) -> Any:
-    """The YAML of a config file as read (not yet validated); LoraCliError naming the file and line."""
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LoraCliError(f"Config file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LoraCliError(f"Cannot read config file {path}: {exc}.") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LoraCliError(f"Config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
-
-
-def load_config_file(path: str | Path) -> RunConfig:
-    return RunConfig.from_dict(_read_config_file(Path(path)), source=str(path))
-
-
-def parse_set_options(items: list[str] | None) -> dict[str, Any]:
-    """`--set train.lr=1e-4` strings into a dict of dotted keys; values parsed as YAML scalars."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise LoraCliError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4.")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
-
-
-def build_config(config_file: str | None, sets: list[str] | None, flags: dict[str, Any],
-                 base: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults < base < config file < --set < explicit flags (None means 'not given').
-
-    `base`: dotted settings under everything the user wrote (the current dataset's data and model
-    settings, data/current.py); a key the config file sets, --set or a typed flag wins over it.
-    """
-    cfg, in_file = RunConfig(), set()
-    if config_file:
-        raw = _read_config_file(Path(config_file))
-        cfg = RunConfig.from_dict(raw, source=str(config_file))
-        in_file = {f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values}
-    overrides = {k: v for k, v in (base or {}).items() if k not in in_file}
-    overrides.update(parse_set_options(sets))
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    return cfg.replace(overrides) if overrides else cfg

@@ -124,7 +124,8 @@ def tiny_config(model_dir: Path, train: Path, val: Path | None, out: Path, **tra
     raw = RunConfig().to_dict()
     raw["model"]["name"] = str(model_dir)
     raw["data"].update(train=str(train), val=str(val) if val else None, max_length=64, cache_dir=str(out.parent / "cache"))
-    raw["train"].update(epochs=2, precision="fp32", device="cpu", log_every=1, eval_at_start=True)
+    # eval_generate=0: the stop-rate probe generates at each evaluation; the tests that need it turn it on
+    raw["train"].update(epochs=2, precision="fp32", device="cpu", log_every=1, eval_at_start=True, eval_generate=0)
     raw["train"].update(train_overrides)
     raw["output"]["dir"] = str(out)
     return RunConfig.from_dict(raw)

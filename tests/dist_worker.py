@@ -50,7 +50,7 @@ def main() -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from lora_cli.config import load_config_file
+    from lora_cli.config_files import load_config_file
     from lora_cli.train import checkpoint, recipe, run_folder
 
     config, report = sys.argv[1], Path(sys.argv[2])

@@ -3,7 +3,8 @@
 import pytest
 
 from lora_cli.adapter.folder import run_fingerprint
-from lora_cli.config import RunConfig, build_config, load_config_file
+from lora_cli.config import RunConfig
+from lora_cli.config_files import build_config, load_config_file
 from lora_cli.errors import LoraCliError
 
 

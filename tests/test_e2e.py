@@ -33,10 +33,13 @@ def test_pipeline_on_the_embedded_model(use_embedded, tmp_path):
     assert [e["key"] for e in first] == [e["key"] for e in second]
 
     res = run("train", "--model", "smollm2-135m", "--train", str(train_f), "--val", str(val_f), "--epochs", "1",
-              "--max-steps", "4", "--log-every", "1", "--lr", "1e-3", "--precision", "fp32")
+              "--max-steps", "4", "--log-every", "1", "--lr", "1e-3", "--precision", "fp32", "--eval-generate", "1")
     metrics = [json.loads(x) for x in (tmp_path / "adapters" / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in metrics if m["type"] == "eval"]
     assert evals[-1] < evals[0], metrics  # evaluated first, trained, evaluated again: the loss fell
+    # the stop-rate probe generated from the 4-bit model being trained, and training still learned after it
+    assert all(m["generated"] == 1 and 0 <= m["stop_rate"] <= 1 for m in metrics if m["type"] == "eval")
+    assert "stop rate" in res.output and (tmp_path / "adapters" / "loss_curve.png").is_file()
     weights = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # moved after an evaluation
     assert "Adapter written to adapters" in res.output

@@ -11,6 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -196,3 +197,30 @@ def test_a_template_error_inside_the_tokenize_generator_is_a_message(tiny_model_
     path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     res = invoke("tokenize", "--model", model, "--train", path, "--template", "chat", "--cache-dir", tmp_path / "c")
     assert res.exit_code == 1 and "needs a tokenizer with a chat template" in res.output
+
+
+ASSISTANT_FIRST = '{"messages": [{"role": "assistant", "content": "x"}]}'  # chat templates refuse an empty prompt
+
+
+def test_a_record_the_template_refuses_is_left_out_of_the_stop_rate_probe_too(tiny_model_dir, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(ASSISTANT_FIRST + '\n{"instruction": "say ", "input": "", "output": "ok "}\n')
+    res = invoke("train", "--model", tiny_model_dir, "--train", path, "--val", path, "-o", tmp_path / "out",
+                 "--cache-dir", tmp_path / "cache", "--epochs", "1", "--max-steps", "2", "--max-length", "64",
+                 "--precision", "fp32", "--device", "cpu", "--quantization", "none", "--template", "chat",
+                 "--skip-invalid")
+    assert res.exit_code == 0
+    evals = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    generated = [r["generated"] for r in evals if r.get("type") == "eval"]
+    assert generated and set(generated) == {1}  # the one record it can render
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_eval_and_generate_name_the_records_the_template_refuses(tiny_model_dir, tmp_path, command):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "say ", "input": "", "output": "ok "}\n' + ASSISTANT_FIRST + "\n")
+    data = ["--data", path] if command == "eval" else ["--input", path]
+    res = invoke(command, "--base-only", "--model", tiny_model_dir, "--template", "chat", "--device", "cpu", *data)
+    assert res.exit_code == 1
+    text = " ".join(res.output.split())
+    assert "1 record(s) that the template cannot render" in text and f"{path}:2" in text

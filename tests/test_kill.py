@@ -78,6 +78,7 @@ def metrics(folder):
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         row.pop("tokens_per_s", None)  # wall-clock
+        row.pop("generate_s", None)  # wall-clock too: the stop-rate probe's time
     return rows
 
 

@@ -34,8 +34,10 @@ TEMPLATE_FILE = "prompt_template.txt"  # the text of a --template file, as train
 CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
 TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
 RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
-# Settings that may change between a run and its resume without changing its result.
-RESUME_FREE = ("log_every", "save_every_steps", "keep_checkpoints", "device")
+LOSS_CURVE = "loss_curve.png"  # metrics.jsonl drawn: train and eval loss, stop rate, epochs
+LOGS = "logs"  # experiment trackers' files (TensorBoard, W&B offline, MLflow); left out of the zip
+# Settings that may change between a run and its resume without changing its result (the trained weights).
+RESUME_FREE = ("log_every", "save_every_steps", "keep_checkpoints", "device", "report_to", "eval_generate")
 # The run's length: --resume with a larger value continues a run (finished or not) to the new end.
 EXTENDABLE = ("epochs", "max_steps")
 
@@ -137,7 +139,8 @@ def lora_settings(path: str | Path) -> LoraSettings:
         targets = raw["target_modules"]
         return LoraSettings(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                             target_modules=sorted(targets) if isinstance(targets, list) else [targets],
-                            bias=raw.get("bias", "none"))
+                            bias=raw.get("bias", "none"), use_dora=bool(raw.get("use_dora", False)),
+                            use_rslora=bool(raw.get("use_rslora", False)))
     except (KeyError, TypeError, LoraCliError) as exc:
         raise LoraCliError(f"{Path(path) / ADAPTER_CONFIG} is not a valid adapter config ({exc}).") from None
 

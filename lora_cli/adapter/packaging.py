@@ -20,6 +20,7 @@ from typing import Iterator
 from lora_cli import __version__
 from lora_cli.adapter.folder import (
     CHECKPOINTS,
+    LOGS,
     AdapterInfo,
     base_model_info,
     base_model_of,
@@ -30,7 +31,7 @@ from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_te
 from lora_cli.errors import LoraCliError
 
 MANIFEST = "MANIFEST.json"
-EXCLUDED_DIRS = (CHECKPOINTS,)
+EXCLUDED_DIRS = (CHECKPOINTS, LOGS)
 
 
 def adapter_files(folder: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from lora_cli.errors import LoraCliError
 
 app = typer.Typer(
     name="lora-cli",
-    help="QLoRA fine-tuning from instruction data: validate, tokenize, train, report, package.",
+    help="QLoRA fine-tuning from instruction data: validate, tokenize, train, report, package, plot.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -87,10 +87,21 @@ def main_options(
 
 
 def _register() -> None:
-    from lora_cli.cli.commands import (chat, evaluate, export, generate, merge, package, param_report, tokenize, train,
-                                       validate)
+    from lora_cli.cli.commands import (
+        chat,
+        evaluate,
+        export,
+        generate,
+        merge,
+        package,
+        param_report,
+        plot,
+        tokenize,
+        train,
+        validate,
+    )
 
-    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge, export):
+    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge, export, plot):
         module.register(app, handle_errors)
 
 

@@ -3,7 +3,7 @@
 A field's flag is its name (`max_length` -> `--max-length`) unless its metadata names another,
 its help text is the field's, and --help shows the dataclass default. Only flags the user typed
 become settings (click's parameter source tells them apart); the others come from --config,
---set, or the recipe default, in that order (config.build_config). A command declares which fields it takes with
+--set, or the recipe default, in that order (config_files.build_config). A command declares which fields it takes with
 `@config_flags("train.*", "model.name", ...)` and receives the given ones as `settings`, a dict of
 dotted keys (`{"train.epochs": 5}`), built by field name.
 """

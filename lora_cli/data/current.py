@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.atomic import write_text
-from lora_cli.config import RunConfig, build_config
+from lora_cli.config import RunConfig
+from lora_cli.config_files import build_config
 from lora_cli.data.cache import file_digest
 from lora_cli.errors import LoraCliError
 
@@ -81,7 +82,7 @@ class CurrentDataset:
         return str(Path(self.cwd) / path)
 
     def config_settings(self) -> dict:
-        """The run config layer of a command that works on it (config.build_config's `base`)."""
+        """The run config layer of a command that works on it (config_files.build_config's `base`)."""
         out = dict(self.settings)
         for split in SPLITS:
             out[f"data.{split}"] = self.located(self.files[split].path) if split in self.files else None

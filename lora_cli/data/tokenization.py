@@ -89,6 +89,17 @@ def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool =
     return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
 
 
+def template_issues(examples: list[Example], tokenizer, template, file: str) -> list[Issue]:
+    """An Issue for each record the template cannot render, as training and as a prompt (a model's
+    chat template refuses a conversation that opens with the assistant, say); [] when all render.
+
+    What generation and scoring check before they use records that training never filtered."""
+    def render(batch: list[Example]) -> list:
+        return [(template.segments(ex, tokenizer), encode_example_prompt(ex, tokenizer, template)) for ex in batch]
+
+    return apply_or_reject(examples, render, file)[1]
+
+
 def reference_answer(example: Example) -> str:
     """The record's own answer (its output, or its last assistant message)."""
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output

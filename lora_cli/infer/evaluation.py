@@ -49,6 +49,7 @@ class EvalResult:
     max_new_tokens: int
     seconds: float
     answers: list[dict] = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)  # how the answers were picked (Sampling.to_dict); not the loss
     left_out: int = 0  # examples not scored: the prompt fills max length
     left_out_lines: list[int] = field(default_factory=list)
 
@@ -126,9 +127,13 @@ def _answer_rows(examples: list[Example], answers) -> list[dict]:
 
 def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_new_tokens: int = 128,
              batch_size: int = 8, use_adapter: bool = True, stop_rate: bool = True,
-             reporter=NULL_REPORTER) -> EvalResult:
-    """Loss and perplexity on response tokens, then (unless `stop_rate=False`) greedy answers."""
+             reporter=NULL_REPORTER, sampling: Sampling | None = None) -> EvalResult:
+    """Loss and perplexity on response tokens, then (unless `stop_rate=False`) answers: greedy, or as
+    `sampling` says (its max_new_tokens wins). The loss is teacher-forced: no sampling option changes it."""
     t0 = time.time()
+    loaded.check_records(examples, data_name)
+    sampling = sampling or Sampling(max_new_tokens=max_new_tokens)
+    max_new_tokens = sampling.max_new_tokens
     label = str(loaded.info.path) if (use_adapter and loaded.has_adapter) else f"{loaded.info.base_model} (base)"
     with reporter.stage("Scoring responses", total=len(examples), unit="records") as bar:
         sums = response_loss(loaded, examples, use_adapter, on_batch=bar.update)
@@ -140,10 +145,10 @@ def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_n
     answers, stopped = [], 0
     if stop_rate:
         prompts = [loaded.example_prompt(ex) for ex in examples]
-        with reporter.stage(f"Generating (greedy, up to {max_new_tokens} tokens)", total=len(examples),
+        how = "greedy" if sampling.greedy else "sampled"
+        with reporter.stage(f"Generating ({how}, up to {max_new_tokens} tokens)", total=len(examples),
                             unit="answers") as bar:
-            gen = generate(loaded, prompts, Sampling(max_new_tokens=max_new_tokens), batch_size,
-                           use_adapter=use_adapter, on_batch=bar.update)
+            gen = generate(loaded, prompts, sampling, batch_size, use_adapter=use_adapter, on_batch=bar.update)
         stopped = sum(a.stopped for a in gen)
         answers = _answer_rows(examples, gen)
     return EvalResult(
@@ -151,5 +156,6 @@ def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_n
         perplexity=math.exp(loss) if loss is not None and loss < 700 else None,
         loss_text=sums.text_total / sums.text_n if sums.text_n else None, truncated=sums.truncated,
         stop_rate=stopped / len(examples) if stop_rate else None, stopped=stopped, max_new_tokens=max_new_tokens,
-        seconds=round(time.time() - t0, 2), answers=answers, left_out=len(sums.left_out),
+        seconds=round(time.time() - t0, 2), answers=answers, sampling=sampling.to_dict() if stop_rate else {},
+        left_out=len(sums.left_out),
         left_out_lines=sums.left_out[:100])

@@ -24,6 +24,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the prompt or answer less likely; 1 = off
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this many tokens; 0 = off
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -34,6 +36,10 @@ class Sampling:
             raise LoraCliError(f"--top-p must be in (0, 1], not {self.top_p}.")
         if self.top_k < 0:
             raise LoraCliError(f"--top-k must be >= 0 (0 = off), not {self.top_k}.")
+        if not self.repetition_penalty > 0:
+            raise LoraCliError(f"--repetition-penalty must be > 0 (1 = off), not {self.repetition_penalty}.")
+        if self.no_repeat_ngram_size < 0:
+            raise LoraCliError(f"--no-repeat-ngram-size must be >= 0 (0 = off), not {self.no_repeat_ngram_size}.")
 
     @property
     def greedy(self) -> bool:
@@ -43,8 +49,15 @@ class Sampling:
         """Every knob explicit, so nothing is filled in from the model's generation_config."""
         return dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, do_sample=not self.greedy,
                     temperature=self.temperature if not self.greedy else 1.0, top_p=self.top_p, top_k=self.top_k,
-                    typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+                    typical_p=1.0, repetition_penalty=self.repetition_penalty,
+                    no_repeat_ngram_size=self.no_repeat_ngram_size, num_beams=1,
                     eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+
+    def to_dict(self) -> dict:
+        """What eval records of how the answers were picked."""
+        return {"greedy": self.greedy, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "seed": self.seed, "repetition_penalty": self.repetition_penalty,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -52,6 +65,16 @@ class Answer:
     text: str
     token_ids: list[int]  # generated ids, up to and without the stop token
     stopped: bool  # a stop token (eos) came within max_new_tokens
+
+
+def stop_ids_of(model, tokenizer) -> list[int]:
+    """The eos training appends, plus any other end token the model's generation config names."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in (extra if isinstance(extra, (list, tuple)) else [extra]):
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids
 
 
 @dataclass
@@ -66,13 +89,18 @@ class LoadedModel:
 
     @property
     def stop_ids(self) -> list[int]:
-        """The eos training appends, plus any other end token the model's generation config names."""
-        ids = [self.tokenizer.eos_token_id]
-        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for i in (extra if isinstance(extra, (list, tuple)) else [extra]):
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-        return ids
+        return stop_ids_of(self.model, self.tokenizer)
+
+    def check_records(self, examples: list, file: str) -> None:
+        """DataError listing each record of `file` the template cannot render (a chat template that
+        refuses a conversation opening with the assistant, say): one message, not a traceback."""
+        from lora_cli.data.tokenization import template_issues
+        from lora_cli.errors import DataError
+
+        refused = template_issues(examples, self.tokenizer, self.template, file)
+        if refused:
+            raise DataError(f"{file} has {len(refused)} record(s) that the template cannot render; fix or remove "
+                            "them.", refused)
 
     def example_prompt(self, example) -> list[int]:
         from lora_cli.data.tokenization import encode_example_prompt
@@ -158,30 +186,42 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
     """
     import contextlib
 
+    switch = contextlib.nullcontext()
+    if not use_adapter and loaded.has_adapter:
+        switch = loaded.model.disable_adapter()
+    with switch:
+        return generate_with(loaded.model, loaded.tokenizer, loaded.device, prompts, sampling, batch_size,
+                             on_text=on_text, on_batch=on_batch)
+
+
+def generate_with(model, tokenizer, device, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
+                  on_text: Callable[[str], None] | None = None, on_batch: Callable[[int], None] | None = None,
+                  inference_mode: bool = True) -> list[Answer]:
+    """`generate` for any causal LM (a loaded adapter, or the model being trained), in the order of `prompts`.
+
+    inference_mode=False runs under no_grad instead: a model that trains afterwards must not meet
+    tensors created in inference mode.
+    """
     import torch
 
     if on_text is not None and len(prompts) != 1:
         raise ValueError("streaming needs exactly one prompt")
     check_batch_size(batch_size)
-    model, tok = loaded.model, loaded.tokenizer
-    stop, pad = loaded.stop_ids, tok.pad_token_id
+    stop, pad = stop_ids_of(model, tokenizer), tokenizer.pad_token_id
     kwargs = sampling.generate_kwargs(stop, pad)
     if on_text is not None:
-        kwargs["streamer"] = make_streamer(tok, on_text)
+        kwargs["streamer"] = make_streamer(tokenizer, on_text)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    switch = contextlib.nullcontext()
-    if not use_adapter and loaded.has_adapter:
-        switch = model.disable_adapter()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[Answer | None] = [None] * len(prompts)
-    with switch, torch.inference_mode():
+    with torch.inference_mode() if inference_mode else torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask = _left_padded([prompts[i] for i in idx], pad, loaded.device)
+            ids, mask = _left_padded([prompts[i] for i in idx], pad, device)
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             for row, i in enumerate(idx):
-                answers[i] = _cut(out[row, ids.shape[1]:].tolist(), stop, tok)
+                answers[i] = _cut(out[row, ids.shape[1]:].tolist(), stop, tokenizer)
             if on_batch is not None:
                 on_batch(len(idx))
     return answers  # type: ignore[return-value]

@@ -195,15 +195,37 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     return resolve_targets(meta_model(resolved.path, trust_remote_code), lora.target_modules, name)
 
 
-def attach_lora(model, lora: LoraSettings, model_name: str = "the model"):
-    """peft's LoRA on `model`, on the modules targets.resolve_targets finds (every name checked)."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: LoraSettings, target_modules: list[str] | str, inference: bool = False):
+    """peft's LoraConfig for our LoRA settings on `target_modules` (targets.resolve_targets' peft_value).
+    init `default` is peft's True (kaiming A, zero B); loftq starts as default and is replaced by
+    attach_lora (peft's replace_lora_weights_loftq, for a 4-bit base)."""
+    from peft import LoraConfig
+
+    init = {"default": True, "loftq": True}.get(lora.init_lora_weights, lora.init_lora_weights)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                      target_modules=target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
+                      use_rslora=lora.use_rslora, init_lora_weights=init, inference_mode=inference)
+
+
+def attach_lora(model, lora: LoraSettings, model_name: str = "the model", model_path: Path | None = None):
+    """peft's LoRA (DoRA, rsLoRA, and the initialisation chosen) on `model`, on the modules
+    targets.resolve_targets finds (every name checked).
+
+    model_path: the base's folder, whose safetensors LoftQ reads the unquantized weights from.
+    Errors: LoraCliError when the settings do not fit the model (no target module, an init that
+    the base's dtype does not allow).
+    """
+    from peft import get_peft_model
 
     targets = resolve_targets(model, lora.target_modules, model_name)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                        target_modules=targets.peft_value, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
+        peft_model = get_peft_model(model, lora_config(lora, targets.peft_value))
+        if lora.init_lora_weights == "loftq":
+            from peft import replace_lora_weights_loftq
+
+            replace_lora_weights_loftq(peft_model, model_path=str(model_path) if model_path else None)
+        return peft_model
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise LoraCliError(f"Cannot attach LoRA: {exc}",
-                           "Check --target-modules against the model's module names (e.g. q_proj,v_proj, or all-linear).") from None
+                           "Check --target-modules against the model's module names (e.g. q_proj,v_proj, or "
+                           "all-linear), and --init-lora-weights against --quantization.") from None

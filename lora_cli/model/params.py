@@ -8,6 +8,8 @@ any weights are downloaded.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -90,5 +92,7 @@ def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_r
     name checked: model/targets.py), count."""
     from lora_cli.model.load import attach_lora, meta_model
 
-    model = attach_lora(meta_model(config_dir, trust_remote_code), lora_settings, base_model or str(config_dir))
+    # counts do not depend on the initialisation, and pissa/olora/loftq would compute on meta tensors
+    model = attach_lora(meta_model(config_dir, trust_remote_code),
+                        dataclasses.replace(lora_settings, init_lora_weights="default"), base_model or str(config_dir))
     return count_parameters(model, base_model, lora_settings)

@@ -38,6 +38,13 @@ class LoopState:
     first_loss: float | None = None  # train loss of the first log window (the whole run's, across resumes)
     last_loss: float | None = None
     eval_losses: list = field(default_factory=list)
+    stop_rates: list = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
+    # early stopping (--early-stopping-patience): the best evaluation after training began, and since when
+    best_eval_loss: float | None = None
+    best_step: int = 0
+    best_checkpoint: str = ""  # the checkpoint saved right after that evaluation (kept from pruning)
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LoopState":
@@ -50,6 +57,7 @@ class LoopState:
             raw.setdefault(key, summary.get(key))
         raw.setdefault("fsdp", bool(extra.get("fsdp", False)))
         raw["eval_losses"] = list(raw.get("eval_losses") or [])
+        raw["stop_rates"] = list(raw.get("stop_rates") or [])
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -98,6 +106,7 @@ def _torch_save(obj, path: Path) -> None:
 
 def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer_state: dict, scheduler,
                     keep: int) -> Path:
+    """Write checkpoint `name` whole, then prune to the newest `keep` (the best one, for early stopping, stays)."""
     import torch
     from safetensors.torch import save_file
 
@@ -116,22 +125,25 @@ def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict
             rng["cuda"] = torch.cuda.get_rng_state_all()
         _torch_save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-    prune(root, keep, protect=dest, step=state.step)
+    best = checkpoint_dir(root) / state.best_checkpoint if state.best_checkpoint else None
+    prune(root, keep, protect=dest, step=state.step, also_keep=best)
     return dest
 
 
-def prune(root: Path, keep: int, protect: Path | None = None, step: int | None = None) -> None:
-    """Keep the newest `keep` checkpoints. With `step` (the one just saved), also drop any made
-    at a later step: they belong to a timeline abandoned by --resume-from an older checkpoint,
-    and left in place a later --resume would pick them as the latest."""
+def prune(root: Path, keep: int, protect: Path | None = None, step: int | None = None,
+          also_keep: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints (and `also_keep`). With `step` (the one just saved), also
+    drop any made at a later step: they belong to a timeline abandoned by --resume-from an older
+    checkpoint, and left in place a later --resume would pick them as the latest."""
     existing = list_checkpoints(root)
     if step is not None:
         stale = [p for p in existing if _step_of(p) > step]
         existing = [p for p in existing if p not in stale]
     else:
         stale = []
+    kept = {p.resolve() for p in (protect, also_keep) if p is not None}
     for old in stale + existing[: max(0, len(existing) - keep)]:
-        if protect is None or old.resolve() != protect.resolve():
+        if old.resolve() not in kept:
             shutil.rmtree(old, ignore_errors=True)
 
 

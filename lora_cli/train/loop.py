@@ -25,8 +25,9 @@ from lora_cli.train.oom import out_of_memory_as_error
 
 class TrainingLoop:
     def __init__(self, cfg, placement, plan, peft_model, trainable, steps: StepPlan, val_batcher, out, reporter,
-                 state: LoopState):
+                 state: LoopState, watch=None):
         self.cfg, self.train_cfg = cfg, cfg.train
+        self.watch = watch  # watch.RunWatch: stop-rate probe, trackers, loss-curve picture
         self.placement, self.plan = placement, plan
         self.model, self.trainable = peft_model, trainable
         self.steps, self.val_batcher = steps, val_batcher
@@ -50,10 +51,10 @@ class TrainingLoop:
             self._last_log = time.time()
             with self.reporter.stage("Training", total=self.total_steps, unit="steps") as bar:
                 bar.update(state.step)
-                while state.step < self.total_steps:
+                while state.step < self.total_steps and not state.stopped_early:
                     self._run_epoch(flag, bar)
         return {"first_loss": state.first_loss, "last_loss": state.last_loss, "eval_losses": state.eval_losses,
-                "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
+                "stop_rates": state.stop_rates, "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
 
     def _run_epoch(self, flag, bar) -> None:
         """The rest of the current epoch, its end, and a stop when a signal asked for one."""
@@ -76,7 +77,7 @@ class TrainingLoop:
                 self._checkpoint(f"step-{state.step}")
         self._end_epoch(partial=state.step_in_epoch < n_steps)
         self._sync_flag(flag)  # a signal during the evaluation reached only some processes
-        if flag.set and state.step < self.total_steps:
+        if flag.set and state.step < self.total_steps and not state.stopped_early:
             self._interrupt(flag, saved=True)
 
     def _sync_flag(self, flag) -> None:
@@ -162,25 +163,53 @@ class TrainingLoop:
         state.window_loss, state.window_targets, state.window_tokens = 0.0, 0, 0
         self._last_log = now
 
-    def _log_eval(self, value: float | None) -> None:
+    def _log_eval(self, value: float | None, checkpoint: str = "") -> None:
+        """The evaluation's row (with the probe's stop rate), its line, early stopping, the picture."""
         if value is None:
             return
-        self.state.eval_losses.append(value)
-        self._write({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "eval_loss": value})
-        self.reporter.message(f"eval loss at step {self.state.step}: {value:.4f}")
+        state = self.state
+        state.eval_losses.append(value)
+        row = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": value}
+        extra, line = self.watch.probe_row(self.model) if self.watch else ({}, None)
+        if extra:
+            state.stop_rates.append([extra["stopped"], extra["generated"]])
+        self._write(row | extra)
+        self.reporter.message(f"eval loss at step {state.step}: {value:.4f}")
+        if line:
+            self.reporter.message(line)
+        if checkpoint and self.train_cfg.early_stopping_patience:
+            self._early_stopping(value, checkpoint)
+        if self.watch:
+            self.watch.draw(state.metrics_lines)
+
+    def _early_stopping(self, value: float, checkpoint: str) -> None:
+        """Track the best evaluation since training began; stop after `patience` evaluations without a better one."""
+        state, patience = self.state, self.train_cfg.early_stopping_patience
+        if state.best_eval_loss is None or value < state.best_eval_loss:
+            state.best_eval_loss, state.best_step, state.best_checkpoint = value, state.step, checkpoint
+            state.evals_since_best = 0
+            return
+        state.evals_since_best += 1
+        if state.evals_since_best >= patience and state.step < self.total_steps:
+            state.stopped_early = True
+            self.reporter.message(f"Early stopping: no better eval loss in {patience} evaluation(s) since step "
+                                  f"{state.best_step} ({state.best_eval_loss:.4f}).")
 
     def _write(self, row: dict) -> None:
         self.out.append_metrics(row)
         self.state.metrics_lines += 1
+        if self.watch:
+            self.watch.record(row)
 
     def _end_epoch(self, partial: bool = False) -> None:
         state = self.state
         if not partial:
             state.epoch += 1
             state.step_in_epoch = 0
+        name = f"step-{state.step}" if partial else f"epoch-{state.epoch}"
         if self.val_batcher is not None:
-            self._log_eval(self.evaluate())
-        self._checkpoint(f"step-{state.step}" if partial else f"epoch-{state.epoch}")
+            self._log_eval(self.evaluate(), checkpoint=name)
+        self._checkpoint(name)
 
     def adapter_state(self) -> tuple[dict | None, dict | None]:
         """(LoRA tensors, optimizer state) to save. Under FSDP they are gathered from the shards

@@ -26,24 +26,45 @@ class Trainable:
     adapter_names: dict | None = None  # FSDP: state-dict name -> adapter-file name (sharding.adapter_names)
 
 
-def make_optimizer(params, train: TrainConfig, on_cuda: bool):
-    """AdamW (torch; fused on CUDA) over the parameters that require a gradient."""
+def make_optimizer(params, train: TrainConfig, on_cuda: bool, peft_model=None):
+    """AdamW (torch; fused on CUDA) over the parameters that require a gradient.
+
+    With train.loraplus_lr_ratio (LoRA+), peft's create_loraplus_optimizer builds it from
+    `peft_model` instead: lora_B (and DoRA's magnitudes) at lr x ratio, lora_A at lr.
+    """
     import torch
 
     params = [p for p in params if p.requires_grad]
     if not params:
         raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
-    return torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay,
-                             fused=on_cuda or None)
+    kwargs = dict(betas=(0.9, 0.999), eps=1e-8, fused=on_cuda or None)
+    if train.loraplus_lr_ratio and peft_model is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=train.lr,
+                                         loraplus_lr_ratio=train.loraplus_lr_ratio,
+                                         loraplus_weight_decay=train.weight_decay, **kwargs)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, **kwargs)
+
+
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    """Optimizer steps of warmup: --warmup-steps, or --warmup-ratio of the run's steps rounded up (as transformers)."""
+    import math
+
+    return train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
 
 
 def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
-    """transformers' schedule of train.scheduler with train.warmup_steps, over `total_steps` optimizer steps."""
+    """transformers' schedule of train.scheduler after the warmup, over `total_steps` optimizer steps;
+    cosine with --min-lr-ratio is transformers' cosine_with_min_lr (it ends at lr x ratio)."""
     from transformers import get_scheduler
 
     name = train.scheduler if train.scheduler != "constant" else "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps,
-                         num_training_steps=max(total_steps, 1))
+    extra = {}
+    if train.scheduler == "cosine" and train.min_lr_ratio:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": train.min_lr_ratio}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(train, total_steps),
+                         num_training_steps=max(total_steps, 1), scheduler_specific_kwargs=extra)
 
 
 def restart_schedule(scheduler) -> None:
@@ -86,7 +107,7 @@ def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_st
     fused = cfg.train.fused_loss if fused_loss is None else fused_loss
     module = acc.prepare(make_loss_module(peft_model, fused))
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.train, placement.on_cuda)
+    optimizer = make_optimizer(params, cfg.train, placement.on_cuda, peft_model)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     optimizer = acc.prepare(optimizer)
     if checkpoint is not None:

@@ -145,4 +145,6 @@ def _wants_dequantized(cfg: RunConfig, dequantize_bytes: int) -> bool:
         return False
     if cfg.model.dequantize == "auto" and cfg.model.upcast == "fp32":
         return False  # peft's upcast would make the dequantized weights fp32 as well
+    if cfg.lora.init_lora_weights == "loftq":
+        return False  # peft's LoftQ reads the 4-bit weights (Linear4bit modules) to start from
     return cfg.model.dequantize == "on" or dequantize_bytes > 0

@@ -27,6 +27,8 @@ class TrainResult:
     resumed_from: str | None
     decisions: dict
     param_summary: dict
+    best: dict | None = None  # early stopping: the evaluation whose adapter is the result
+    summary: dict = field(default_factory=dict)  # what run_config.yaml records under run.summary
 
 
 @dataclass
@@ -89,18 +91,46 @@ def _loss_blocker(cfg: RunConfig, model) -> str | None:
     return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
 
 
-def _attach(cfg: RunConfig, model, plan):
-    """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top, compile the layers."""
+def _attach(cfg: RunConfig, model, plan, model_path):
+    """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top (NEFTune's hook
+    on its input embeddings), compile the layers. Returns (model, the initial LoRA tensors for a
+    pissa or olora run, whose saved adapter is expressed against the original base; else None)."""
     from lora_cli.model.load import attach_lora, compile_layers, prepare_for_training
 
     if plan.dequantize:
         model = model.dequantize()  # transformers: every Linear4bit becomes a Linear of the very same values
     quantized = cfg.model.quantization == "nf4" and not plan.dequantize
     prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=plan.compile != "off")
-    model = attach_lora(model, cfg.lora, cfg.model.name)
+    model = attach_lora(model, cfg.lora, cfg.model.name, model_path)
+    initial = None
+    if cfg.lora.init_lora_weights in ("pissa", "olora"):
+        from peft import get_peft_model_state_dict
+
+        initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    if cfg.train.neftune_alpha:
+        from transformers.integrations.neftune import neftune_post_forward_hook
+
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = cfg.train.neftune_alpha  # the hook adds noise only in training mode
+        embeddings.register_forward_hook(neftune_post_forward_hook)
     if plan.compile != "off":
         compile_layers(model, plan.compile, plan.static_shapes and plan.packed)
-    return model
+    return model, initial
+
+
+def _model_and_plan(cfg: RunConfig, placement, data: TrainingData, reporter):
+    """(the model ready to train, its RunPlan, pissa/olora's initial LoRA tensors or None): the base
+    loaded, every automatic setting decided once (plan.decide), then applied."""
+    from lora_cli.train.plan import decide
+
+    model = _load_model(cfg, placement, data, reporter)
+    plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model),
+                  loss_blocker=_loss_blocker(cfg, model))
+    for note in (plan.memory_note, plan.loss_note):
+        if note:
+            reporter.message(note)
+    model, initial = _attach(cfg, model, plan, data.model_path)
+    return model, plan, initial
 
 
 def _memory(placement, model) -> tuple[int, int]:
@@ -121,9 +151,11 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     from lora_cli.model.params import count_parameters
     from lora_cli.train.checkpoint import LoopState, load_checkpoint
     from lora_cli.train.loop import TrainingLoop
-    from lora_cli.train.optim import prepare_trainable
-    from lora_cli.train.plan import decide
+    from lora_cli.train import trackers
+    from lora_cli.train.optim import prepare_trainable, warmup_steps
+    from lora_cli.train.probe import StopProbe
     from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.watch import RunWatch
 
     # 1. Output folder rules, before any expensive work.
     out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text)
@@ -131,13 +163,7 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     placement.accelerator.wait_for_everyone()
 
     # 2. Model, and every automatic setting decided once its inputs are known.
-    model = _load_model(cfg, placement, data, reporter)
-    plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model),
-                  loss_blocker=_loss_blocker(cfg, model))
-    for note in (plan.memory_note, plan.loss_note):
-        if note:
-            reporter.message(note)
-    model = _attach(cfg, model, plan)
+    model, plan, initial = _model_and_plan(cfg, placement, data, reporter)
     params = count_parameters(model, cfg.model.name, cfg.lora)
     reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
 
@@ -156,20 +182,65 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     state = checkpoint.state if checkpoint else LoopState(fingerprint=out.fingerprint, world_size=placement.world_size,
                                                           fsdp=placement.fsdp)
     state.total_steps = total_steps
-    out.start(plan.record(placement), resuming=checkpoint is not None)
+    probe = StopProbe.build(cfg, data.tokenizer, placement.fsdp, reporter)
+    decisions = plan.record(placement) | {"warmup_steps": warmup_steps(train_cfg, total_steps),
+                                          "eval_generate_max_new_tokens": probe.max_new_tokens if probe else 0}
+    out.start(decisions, resuming=checkpoint is not None)
     if checkpoint is not None:
         out.truncate_metrics(state.metrics_lines)
         reporter.message(f"Resuming from {checkpoint.path} (step {state.step} of {total_steps}).")
         if extended:
             reporter.message(extended)
+    tracking = trackers.start(placement.accelerator, cfg, decisions, state.step if checkpoint else None)
+    watch = RunWatch(placement, out.path, probe, tracking)
 
     # 4. Train, save.
-    loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state)
-    summary = loop.run()
-    summary["tokenize_cache"] = data.cache_keys
-    lora, _ = loop.adapter_state()
-    out.finish(model, data.tokenizer, plan.record(placement), summary, params, adapter_state=lora)
+    loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
+    summary = _train_and_save(loop, data, decisions, params, initial)
     placement.accelerator.wait_for_everyone()
     return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
                        state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
-                       plan.record(placement), params.to_dict())
+                       decisions, params.to_dict(), summary.get("best"), summary)
+
+
+def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: dict | None) -> dict:
+    """Run the loop, put the best adapter in place under early stopping, write the folder; the run's summary."""
+    cfg, placement, model, out, state, watch = loop.cfg, loop.placement, loop.model, loop.out, loop.state, loop.watch
+    try:
+        summary = loop.run()
+        summary["tokenize_cache"] = data.cache_keys
+        lora, _ = loop.adapter_state()
+        best = _best_result(cfg, placement, model, out, state)
+        if best is not None:
+            summary["best"] = best
+            lora = best.pop("tensors", None) if placement.fsdp else lora
+        out.finish(model, data.tokenizer, decisions, summary, params, adapter_state=lora, initial_adapter=initial)
+        watch.close(state.metrics_lines)
+    finally:
+        watch.close()
+    return summary
+
+
+def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
+    """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.
+
+    Returns what the run says about it (step, eval loss, checkpoint, whether it stopped early), with
+    the tensors under "tensors" for FSDP runs (the adapter is then written from them); None without
+    early stopping."""
+    if not cfg.train.early_stopping_patience or not state.best_checkpoint:
+        return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lora_cli.adapter.folder import ADAPTER_WEIGHTS
+    from lora_cli.train.checkpoint import checkpoint_dir
+
+    best = {"step": state.best_step, "eval_loss": state.best_eval_loss, "checkpoint": state.best_checkpoint,
+            "stopped_early": state.stopped_early, "last_step": state.step}
+    if placement.is_main:
+        tensors = load_file(str(checkpoint_dir(out.path) / state.best_checkpoint / ADAPTER_WEIGHTS))
+        if placement.fsdp:
+            best["tensors"] = tensors
+        else:
+            set_peft_model_state_dict(model, {k: v.to(placement.device) for k, v in tensors.items()})
+    return best

@@ -67,6 +67,29 @@ def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
               metadata={"format": "pt"})
 
 
+def save_converted(peft_model, initial: dict, folder: Path) -> None:
+    """A pissa/olora adapter as peft saves it for the original base: a plain LoRA of twice the rank.
+
+    Those initialisations move part of the base weights into the adapter (W_res = W - B0 A0); peft
+    turns the trained adapter into the update of the original W (B A - B0 A0, as [B | -B0] [A ; A0])
+    given the initial adapter, written here for it in a folder of its own and removed after.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    initial_dir = folder / "initial_adapter"
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.init_lora_weights = True  # so that loading it does not decompose the base a second time
+    config.save_pretrained(str(initial_dir))
+    save_file({k: v.contiguous() for k, v in initial.items()}, str(initial_dir / ADAPTER_WEIGHTS))
+    try:
+        peft_model.save_pretrained(str(folder), safe_serialization=True,
+                                   path_initial_model_for_weight_conversion=str(initial_dir))
+    finally:
+        shutil.rmtree(initial_dir, ignore_errors=True)
+
+
 class OutputFolder:
     """cache_keys / data_sha256: split -> tokenize cache key / sha256 of the data file (what the run
     trains on, beyond its settings); template_text: a template file's text, saved with the adapter."""
@@ -252,7 +275,7 @@ class OutputFolder:
             fh.flush()
 
     def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict,
-               adapter_state: dict | None = None) -> None:
+               adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
         """Stage every final file, then rename them into the folder (the old adapter stays until then).
 
         run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
@@ -266,7 +289,8 @@ class OutputFolder:
         hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / CHECKPOINTS}: "
                 "free some disk space and run the same command with --resume to write the adapter.")
         try:
-            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary, adapter_state)
+            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary, adapter_state,
+                        initial_adapter)
             self._commit(staging)
         except Exception as exc:
             failure = write_failure(exc, self.path, hint)
@@ -276,8 +300,11 @@ class OutputFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary, adapter_state) -> None:
-        if adapter_state is None:
+    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary, adapter_state,
+               initial_adapter=None) -> None:
+        if initial_adapter is not None:
+            save_converted(peft_model, initial_adapter, staging)
+        elif adapter_state is None:
             peft_model.save_pretrained(str(staging), safe_serialization=True)
         else:  # gathered from FSDP shards, already under the adapter file's names
             write_adapter(peft_model, adapter_state, staging)

@@ -32,7 +32,7 @@ class Placement:
         return getattr(self.device, "type", str(self.device)) == "cuda"
 
 
-def fresh_accelerator(cpu: bool, mixed_precision: str):
+def fresh_accelerator(cpu: bool, mixed_precision: str, **tracking):
     """An Accelerator for this run, whatever an earlier run in the same process left behind.
 
     accelerate keeps its state process-wide: a second `Accelerator(mixed_precision=...)` with
@@ -42,7 +42,8 @@ def fresh_accelerator(cpu: bool, mixed_precision: str):
     (`AcceleratorState._reset_state`). The process state (device, process group) is kept when
     torch.distributed is running: a launched worker keeps its place in the group. torch.compile's
     caches are cleared too, so earlier runs' compiled layers do not count against dynamo's
-    recompile limit (which would silently run this run's layers uncompiled).
+    recompile limit (which would silently run this run's layers uncompiled). `tracking`:
+    log_with and project_dir for the experiment trackers (trackers.accelerator_kwargs).
     """
     import torch
     from accelerate import Accelerator
@@ -53,7 +54,7 @@ def fresh_accelerator(cpu: bool, mixed_precision: str):
     GradientState._reset_state()
     if "torch._dynamo" in sys.modules:  # only an earlier compile can have left anything
         torch._dynamo.reset()
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, **tracking)
 
 
 def wants_upcast(cfg: RunConfig, precision: str) -> bool:
@@ -65,13 +66,19 @@ def wants_upcast(cfg: RunConfig, precision: str) -> bool:
 def place(cfg: RunConfig) -> Placement:
     """Device (train.device), precision (train.precision) and processes for this run.
 
-    Errors: LoraCliError for a device that is not there, a precision the device cannot do, or
-    FSDP without CUDA GPUs (before any model is loaded).
+    Errors: LoraCliError for a device that is not there, a precision the device cannot do, FSDP
+    without CUDA GPUs, a tracker whose package is missing, or an option this placement cannot run
+    (before any model is loaded).
     """
     from lora_cli.model.device import pick_device, resolve_precision
+    from lora_cli.train import trackers
     from lora_cli.train.sharding import check_fsdp_setup, fsdp_requested
 
+    trackers.check_installed(cfg.train.trackers())
     device_type = pick_device(cfg.train.device).type
+    if cfg.lora.init_lora_weights == "loftq" and device_type != "cuda":
+        raise LoraCliError("--init-lora-weights loftq needs a CUDA GPU: peft computes it there "
+                           "(replace_lora_weights_loftq).", "Use default or gaussian on the CPU.")
     precision = resolve_precision(cfg.train.precision, device_type)
     fsdp = fsdp_requested()
     if fsdp and device_type == "cpu":
@@ -79,7 +86,11 @@ def place(cfg: RunConfig) -> Placement:
     if fsdp and wants_upcast(cfg, precision):  # an FSDP unit flattens one dtype: fp32 norms beside 16-bit weights
         raise LoraCliError("--upcast fp32 (or fp16, which upcasts by default) cannot be sharded with FSDP.",
                            "Use --precision bf16 with FSDP, or pass --upcast none.")
-    accelerator = fresh_accelerator(device_type == "cpu", {"fp32": "no"}.get(precision, precision))
+    if fsdp and (cfg.train.loraplus_lr_ratio or cfg.lora.init_lora_weights in ("pissa", "olora")):
+        raise LoraCliError("--loraplus-lr-ratio, and --init-lora-weights pissa or olora, do not run under --fsdp "
+                           "(FSDP flattens the LoRA weights they tell apart by name).")
+    accelerator = fresh_accelerator(device_type == "cpu", {"fp32": "no"}.get(precision, precision),
+                                    **trackers.accelerator_kwargs(cfg))
     if fsdp:
         check_fsdp_setup(accelerator, on_cuda=True)
     return Placement(accelerator, accelerator.device, precision, accelerator.num_processes,

@@ -20,8 +20,10 @@ from lora_cli.cli.commands.inference_options import (
     BaseModelOpt,
     DeviceOpt,
     MaxNewOpt,
+    NoRepeatNgramOpt,
     PrecisionOpt,
     QuantOverrideOpt,
+    RepetitionPenaltyOpt,
     SeedOpt,
     TemperatureOpt,
     TemplateOverrideOpt,
@@ -99,6 +101,8 @@ def chat(
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
     model: BaseModelOpt = None,
     template: TemplateOverrideOpt = None,
     quantization: QuantOverrideOpt = None,
@@ -108,7 +112,7 @@ def chat(
     """Talk to base model + adapter, turn by turn, with streamed answers. /exit or Ctrl-D leaves, /reset starts over."""
     from lora_cli.cli.render import err
 
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram_size)
     with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
         who = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
         err.print(f"Chatting with {who} (template {loaded.info.template}). /exit or Ctrl-D to leave, "

@@ -13,8 +13,10 @@ from lora_cli.cli.commands.inference_options import (
     BaseModelOpt,
     BatchOpt,
     DeviceOpt,
+    NoRepeatNgramOpt,
     PrecisionOpt,
     QuantOverrideOpt,
+    RepetitionPenaltyOpt,
     TemplateOverrideOpt,
     loaded_model,
 )
@@ -29,6 +31,16 @@ def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
 
 
+def _how(sampling: dict) -> str:
+    """How the answers were picked: greedy, plus any repetition option (they change answers, not the loss)."""
+    parts = ["greedy" if sampling.get("greedy", True) else f"sampled (temperature {sampling.get('temperature')})"]
+    if sampling.get("repetition_penalty", 1.0) != 1.0:
+        parts.append(f"repetition penalty {sampling['repetition_penalty']:g}")
+    if sampling.get("no_repeat_ngram_size", 0):
+        parts.append(f"no repeated {sampling['no_repeat_ngram_size']}-grams")
+    return ", ".join(parts)
+
+
 def print_result(result, show: int) -> None:
     from lora_cli.cli.commands.inference_options import plain_table
     from lora_cli.cli.render import out
@@ -39,6 +51,7 @@ def print_result(result, show: int) -> None:
     if result.stop_rate is not None:
         rows.append(["stop rate", f"{result.stop_rate:.1%} ({result.stopped}/{result.examples} end with eos "
                                   f"within {result.max_new_tokens} new tokens)"])
+        rows.append(["generation", _how(result.sampling)])
     if result.truncated:
         rows.append(["truncated at max length", result.truncated])
     if result.left_out:
@@ -47,7 +60,7 @@ def print_result(result, show: int) -> None:
     if show and result.answers:
         body = [[a["line"], a["prompt"], _shorten(a["answer"]), "yes" if a["stopped"] else "no"]
                 for a in result.answers[:show]]
-        out.print(plain_table(f"First {min(show, len(result.answers))} answers (greedy)",
+        out.print(plain_table(f"First {min(show, len(result.answers))} answers ({_how(result.sampling)})",
                               ["line", "prompt", "answer", "eos"], body))
 
 
@@ -61,6 +74,8 @@ def evaluate(
                                                 help="Generation cap for the stop rate.")] = 128,
     loss_only: Annotated[bool, typer.Option("--loss-only", help="Skip generation (no stop rate).")] = False,
     show: Annotated[int, typer.Option("--show", help="Print this many answers under the table.")] = 3,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
     batch_size: BatchOpt = 8,
     model: BaseModelOpt = None,
     template: TemplateOverrideOpt = None,
@@ -79,12 +94,13 @@ def evaluate(
         raise LoraCliError("No data to evaluate on.", "Pass --data val.jsonl (records in the training format).")
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
-    Sampling(max_new_tokens=max_new_tokens)  # its checks, before the model loads
+    params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                      no_repeat_ngram_size=no_repeat_ngram_size)  # its checks, before the model loads
     check_batch_size(batch_size)
     examples = read_examples(data)
     with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
         result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,
-                     reporter=RichReporter())
+                     reporter=RichReporter(), sampling=params)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:

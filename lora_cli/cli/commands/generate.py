@@ -19,8 +19,10 @@ from lora_cli.cli.commands.inference_options import (
     BatchOpt,
     DeviceOpt,
     MaxNewOpt,
+    NoRepeatNgramOpt,
     PrecisionOpt,
     QuantOverrideOpt,
+    RepetitionPenaltyOpt,
     SeedOpt,
     TemperatureOpt,
     TemplateOverrideOpt,
@@ -141,6 +143,8 @@ def generate(
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
     batch_size: BatchOpt = 8,
     model: BaseModelOpt = None,
     template: TemplateOverrideOpt = None,
@@ -153,10 +157,12 @@ def generate(
     from lora_cli.infer.evaluation import read_examples
 
     _check_args(prompt, input_file, compare, base_only)
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
     with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
+        if input_file is not None:
+            loaded.check_records(examples, str(input_file))
         prompts = [loaded.example_prompt(ex) for ex in examples]
         if single and stream and not (compare or as_json or output_file):
             _stream_one(loaded, prompts[0], params)

@@ -37,12 +37,20 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", rich_help_panel=
 TopPOpt = Annotated[float, typer.Option("--top-p", rich_help_panel=SAMPLE, help="Nucleus sampling (with --temperature).")]
 TopKOpt = Annotated[int, typer.Option("--top-k", rich_help_panel=SAMPLE, help="Top-k sampling; 0 = off.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", rich_help_panel=SAMPLE, help="Seed for sampling.")]
+RepetitionPenaltyOpt = Annotated[float, typer.Option(
+    "--repetition-penalty", rich_help_panel=SAMPLE,
+    help="> 1 makes tokens already in the prompt or answer less likely (transformers' generate); 1 = off.")]
+NoRepeatNgramOpt = Annotated[int, typer.Option(
+    "--no-repeat-ngram-size", rich_help_panel=SAMPLE,
+    help="Never repeat a sequence of this many tokens (transformers' generate); 0 = off.")]
 
 
-def sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None):
+def sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
     from lora_cli.infer.generation import Sampling
 
-    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 def print_notes(info) -> None:

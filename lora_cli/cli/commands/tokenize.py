@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -15,6 +16,8 @@ def tokenize(
     settings: dict,
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cache entries even if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the cache entries as JSON.")] = False,
+    show: Annotated[int, typer.Option("--show", help="Print the first N training examples as the model sees them: "
+                                                     "trained tokens highlighted, eos marked, the prompt dim.")] = 0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -24,17 +27,23 @@ def tokenize(
     and param-report use it when given no data.
     """
     from lora_cli.cli.render import RichReporter, out, table
-    from lora_cli.config import build_config
+    from lora_cli.config_files import build_config
     from lora_cli.data.prepare import prepare_data
     from lora_cli.model.load import quiet_libraries
 
+    from lora_cli.errors import LoraCliError
+
+    if show < 0:
+        raise LoraCliError(f"--show must be at least 0, not {show}.")
     quiet_libraries()
     cfg = build_config(str(config) if config else None, set_, settings)
     data = prepare_data(cfg, RichReporter(), force=force, record=True)
     entries = [e for e in (data.train, data.val) if e is not None]
+    shown = _shown(data, show)
     if as_json:
         typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
-                                "counts": e.meta.get("counts"), "left_out_lines": e.meta.get("left_out_lines", [])}
+                                "counts": e.meta.get("counts"), "left_out_lines": e.meta.get("left_out_lines", []),
+                                **({"shown": [asdict(x) for x in shown]} if e.split == "train" and show else {})}
                                for e in entries], indent=2))
         return
     rows = []
@@ -49,6 +58,53 @@ def tokenize(
         out.print(f"{e.split}: {'cache hit' if e.hit else 'tokenized'} ({e.key})")
     out.print(f"Recorded as the current dataset ({data.current.file}): lora-cli train, validate-data and "
               "param-report use it when given no data.")
+    print_shown(shown)
+
+
+def _shown(data, n: int) -> list:
+    from lora_cli.data.show import show_examples
+
+    return show_examples(data.train.load(), data.tokenizer, n) if n else []
+
+
+def print_shown(shown: list) -> None:
+    """Examples as spans: in a terminal, styles (prompt dim, trained tokens green, eos magenta); elsewhere
+    a bracketed plain form, [prompt]...[/prompt] [trained]...[/trained] with each eos written <eos>."""
+    from rich.text import Text
+
+    from lora_cli.cli.render import out
+
+    if not shown:
+        return
+    if out.is_terminal:
+        out.print(Text.assemble("Legend: ", ("prompt (no loss)", "dim"), ", ", ("trained tokens", "bold green"),
+                                ", ", ("<eos>", "bold magenta"), " the eos token"))
+    for example in shown:
+        out.print(f"example from line {example.line}: {example.tokens} tokens, {example.trained_tokens} trained",
+                  markup=False, highlight=False)
+        if out.is_terminal:
+            text = Text()
+            for span in example.spans:
+                style = "bold magenta" if span.eos else "bold green" if span.trained else "dim"
+                text.append("<eos>" if span.eos else span.text, style=style + (" underline" if span.eos and
+                                                                                 span.trained else ""))
+            out.print(text)
+        else:
+            out.print(_plain(example.spans), markup=False, highlight=False, soft_wrap=True)
+
+
+def _plain(spans: list) -> str:
+    """Runs of spans with the same trained state in one bracket: [trained]Paris.<eos>[/trained]."""
+    parts, current = [], None
+    for span in spans:
+        tag = "trained" if span.trained else "prompt"
+        if tag != current:
+            if current:
+                parts.append(f"[/{current}]")
+            parts.append(f"[{tag}]")
+            current = tag
+        parts.append("<eos>" if span.eos else span.text)
+    return "".join(parts) + (f"[/{current}]" if current else "")
 
 
 def register(app: typer.Typer, handle_errors) -> None:

@@ -1,0 +1,108 @@
+"""Experiment trackers (--report-to) through accelerate's tracker API, each working offline.
+
+- tensorboard: event files in OUTPUT/logs/tensorboard/lora-cli/ (`tensorboard --logdir OUTPUT/logs/tensorboard`);
+- wandb: offline mode, files in OUTPUT/logs/wandb/ (`wandb sync` uploads them later);
+- mlflow: a local file store, OUTPUT/logs/mlruns (`mlflow ui --backend-store-uri file://...`), unless
+  MLFLOW_TRACKING_URI names another store.
+
+Each tracker is an optional extra (pip install 'lora-cli[tensorboard]', ...); a missing one is a
+message before any model loads. What is logged is what metrics.jsonl gets: every train row
+(train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/epoch) and every evaluation
+(eval/loss, eval/stop_rate, eval/generate_s, and the first answer as text where the tracker
+takes text), at the row's optimizer step, plus the run's settings as hyperparameters. On a
+resumed run TensorBoard drops the events past the checkpoint (purge_step), so the steps that
+are done again are not shown twice; W&B and MLflow start a new run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lora_cli.adapter.folder import LOGS
+from lora_cli.config import RunConfig
+from lora_cli.errors import LoraCliError
+
+PROJECT = "lora-cli"
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
+TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+              "tokens_per_s": "train/tokens_per_s", "epoch": "train/epoch"}
+EVAL_KEYS = {"eval_loss": "eval/loss", "stop_rate": "eval/stop_rate", "generate_s": "eval/generate_s",
+             "sample": "eval/sample"}
+
+
+def _available(name: str) -> bool:
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
+            "mlflow": is_mlflow_available}[name]()
+
+
+def check_installed(names: list[str]) -> None:
+    """LoraCliError naming the pip command for the first tracker whose package is missing."""
+    for name in names:
+        if not _available(name):
+            raise LoraCliError(f"--report-to {name} needs the {PACKAGES[name]} package, which is not installed.",
+                               f"pip install 'lora-cli[{name}]' (or pip install {PACKAGES[name]}), or leave "
+                               f"{name} out of --report-to.")
+
+
+def logs_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output.dir) / LOGS
+
+
+def accelerator_kwargs(cfg: RunConfig) -> dict:
+    """What Accelerator(...) needs for the run's trackers: log_with and the TensorBoard folder."""
+    names = cfg.train.trackers()
+    if not names:
+        return {}
+    return {"log_with": names, "project_dir": str(logs_dir(cfg) / "tensorboard")}
+
+
+def _hyperparameters(cfg: RunConfig, decisions: dict) -> dict:
+    """The run's settings as flat scalars (trackers take no lists or None)."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    flat.update({f"run.{key}": value for key, value in decisions.items()})
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for k, v in flat.items()}
+
+
+def start(accelerator, cfg: RunConfig, decisions: dict, resumed_step: int | None) -> bool:
+    """init_trackers for the main process; False when no tracker was asked for."""
+    names = cfg.train.trackers()
+    if not names:
+        return False
+    logs = logs_dir(cfg)
+    kwargs: dict = {"mlflow": {"run_name": Path(cfg.output.dir).name, "logging_dir": str(logs / "mlruns-artifacts")},
+                    "wandb": {"mode": "offline", "dir": str(logs), "name": Path(cfg.output.dir).name}}
+    if resumed_step is not None:
+        kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
+    if accelerator.is_main_process:
+        logs.mkdir(parents=True, exist_ok=True)
+        if "mlflow" in names:
+            import mlflow
+
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for this to use a plain folder
+            mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (logs / "mlruns").resolve().as_uri())
+        if "wandb" in names:
+            os.environ.setdefault("WANDB_SILENT", "true")
+    accelerator.init_trackers(PROJECT, config=_hyperparameters(cfg, decisions), init_kwargs=kwargs)
+    return True
+
+
+def log(accelerator, row: dict) -> None:
+    """One metrics.jsonl row to every tracker, at its optimizer step."""
+    keys = TRAIN_KEYS if row.get("type") == "train" else EVAL_KEYS if row.get("type") == "eval" else {}
+    values = {name: row[key] for key, name in keys.items() if row.get(key) is not None}
+    if values:
+        accelerator.log(values, step=int(row["step"]))
+
+
+def finish(accelerator) -> None:
+    """Close every tracker (flush TensorBoard, end the MLflow run). Not accelerator.end_training(),
+    which also tears down the process group that the run's last barrier still needs."""
+    for tracker in getattr(accelerator, "trackers", []):
+        tracker.finish()
+    accelerator.trackers = []
