@@ -302,7 +302,7 @@ def table(rows: list[dict], shape_only: bool) -> str:
             shown = f"{wall:.1f}" + (f" (ran {ex['steps_run']} steps; 3 epochs extrapolated: {ex['wall_full_s']:.0f})"
                                      if ex else "")
             rw = ref.get(r["quant"])
-            rw_s = (rw.get("extrapolated") or {}).get("wall_full_s") or (rw["wall_s"] if rw else None)
+            rw_s = ((rw.get("extrapolated") or {}).get("wall_full_s") or rw["wall_s"]) if rw else None  # no recipe run: -
             ratio = f"{rw_s / wall:.1f}x" if rw_s and wall and r["kind"] != "recipe" else "-"
             ends = ", ".join(f"{e['t']:.0f}" for e in r["epochs"]) or "-"
             lines.append(f"| {r['run']} | {r['quant']} | {r['steps'] or '-'} | {shown} | {ratio} | "
