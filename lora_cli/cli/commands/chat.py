@@ -17,20 +17,15 @@ import typer
 
 from lora_cli.cli.commands.inference_options import (
     AdapterOpt,
-    BaseModelOpt,
-    DeviceOpt,
+    LoadChoice,
     MaxNewOpt,
-    NoRepeatNgramOpt,
-    PrecisionOpt,
-    QuantOverrideOpt,
-    RepetitionPenaltyOpt,
     SeedOpt,
     TemperatureOpt,
-    TemplateOverrideOpt,
     TopKOpt,
     TopPOpt,
     loaded_model,
     sampling,
+    with_load_options,
 )
 
 EXIT = ("/exit", "/quit")
@@ -92,6 +87,7 @@ def chat_loop(loaded, params, system: str | None) -> int:
     return answered
 
 
+@with_load_options
 def chat(
     adapter: AdapterOpt = Path("adapters"),
     system: Annotated[Optional[str], typer.Option("--system", help="A system message to start the conversation.")] = None,
@@ -101,19 +97,13 @@ def chat(
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
-    model: BaseModelOpt = None,
-    template: TemplateOverrideOpt = None,
-    quantization: QuantOverrideOpt = None,
-    precision: PrecisionOpt = "auto",
-    device: DeviceOpt = "auto",
+    load: LoadChoice = LoadChoice(),
 ) -> None:
     """Talk to base model + adapter, turn by turn, with streamed answers. /exit or Ctrl-D leaves, /reset starts over."""
     from lora_cli.cli.render import err
 
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram_size)
-    with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
+    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
+    with loaded_model(adapter, load, not base_only) as loaded:
         who = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
         err.print(f"Chatting with {who} (template {loaded.info.template}). /exit or Ctrl-D to leave, "
                   "/reset to start over.", markup=False, soft_wrap=True)

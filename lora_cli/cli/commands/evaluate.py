@@ -10,15 +10,10 @@ import typer
 
 from lora_cli.cli.commands.inference_options import (
     AdapterOpt,
-    BaseModelOpt,
     BatchOpt,
-    DeviceOpt,
-    NoRepeatNgramOpt,
-    PrecisionOpt,
-    QuantOverrideOpt,
-    RepetitionPenaltyOpt,
-    TemplateOverrideOpt,
+    LoadChoice,
     loaded_model,
+    with_load_options,
 )
 
 
@@ -64,6 +59,7 @@ def print_result(result, show: int) -> None:
                               ["line", "prompt", "answer", "eos"], body))
 
 
+@with_load_options
 def evaluate(
     adapter: AdapterOpt = Path("adapters"),
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Held-out records (JSONL, training format).",
@@ -74,14 +70,8 @@ def evaluate(
                                                 help="Generation cap for the stop rate.")] = 128,
     loss_only: Annotated[bool, typer.Option("--loss-only", help="Skip generation (no stop rate).")] = False,
     show: Annotated[int, typer.Option("--show", help="Print this many answers under the table.")] = 3,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
     batch_size: BatchOpt = 8,
-    model: BaseModelOpt = None,
-    template: TemplateOverrideOpt = None,
-    quantization: QuantOverrideOpt = None,
-    precision: PrecisionOpt = "auto",
-    device: DeviceOpt = "auto",
+    load: LoadChoice = LoadChoice(),
 ) -> None:
     """Mean loss and perplexity on response tokens, and the share of greedy answers that stop (eos) in time."""
     from lora_cli.cli.render import RichReporter
@@ -94,11 +84,11 @@ def evaluate(
         raise LoraCliError("No data to evaluate on.", "Pass --data val.jsonl (records in the training format).")
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
-    params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                      no_repeat_ngram_size=no_repeat_ngram_size)  # its checks, before the model loads
+    params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=load.repetition_penalty,
+                      no_repeat_ngram_size=load.no_repeat_ngram_size)  # its checks, before the model loads
     check_batch_size(batch_size)
     examples = read_examples(data)
-    with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
+    with loaded_model(adapter, load, not base_only) as loaded:
         result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,
                      reporter=RichReporter(), sampling=params)
     if as_json:

@@ -15,21 +15,16 @@ import typer
 
 from lora_cli.cli.commands.inference_options import (
     AdapterOpt,
-    BaseModelOpt,
     BatchOpt,
-    DeviceOpt,
+    LoadChoice,
     MaxNewOpt,
-    NoRepeatNgramOpt,
-    PrecisionOpt,
-    QuantOverrideOpt,
-    RepetitionPenaltyOpt,
     SeedOpt,
     TemperatureOpt,
-    TemplateOverrideOpt,
     TopKOpt,
     TopPOpt,
     loaded_model,
     sampling,
+    with_load_options,
 )
 
 
@@ -128,6 +123,7 @@ def _emit(rows: list[dict], single: bool, compare: bool, as_json: bool, output_f
         _print_table(rows, compare, title)
 
 
+@with_load_options
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The instruction to answer.", show_default=False)] = None,
     adapter: AdapterOpt = Path("adapters"),
@@ -143,24 +139,18 @@ def generate(
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    no_repeat_ngram_size: NoRepeatNgramOpt = 0,
     batch_size: BatchOpt = 8,
-    model: BaseModelOpt = None,
-    template: TemplateOverrideOpt = None,
-    quantization: QuantOverrideOpt = None,
-    precision: PrecisionOpt = "auto",
-    device: DeviceOpt = "auto",
+    load: LoadChoice = LoadChoice(),
 ) -> None:
     """Answer a prompt (or every record of --input) with base model + adapter; greedy unless --temperature."""
     from lora_cli.data.records import Example
     from lora_cli.infer.evaluation import read_examples
 
     _check_args(prompt, input_file, compare, base_only)
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, repetition_penalty, no_repeat_ngram_size)
+    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
-    with loaded_model(adapter, model, template, quantization, precision, device, not base_only) as loaded:
+    with loaded_model(adapter, load, not base_only) as loaded:
         if input_file is not None:
             loaded.check_records(examples, str(input_file))
         prompts = [loaded.example_prompt(ex) for ex in examples]

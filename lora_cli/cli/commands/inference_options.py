@@ -7,6 +7,9 @@ alone reproduces how it was trained; each can be overridden.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -24,7 +27,7 @@ TemplateOverrideOpt = Annotated[Optional[str], typer.Option(
     "--template", "-t", rich_help_panel=LOAD,
     help="Prompt template instead of the adapter's own (alpaca, alpaca-seed, chat, or a file).")]
 QuantOverrideOpt = Annotated[Optional[str], typer.Option(
-    "--quantization", "-q", rich_help_panel=LOAD, help="nf4 or none. [default: as the adapter was trained]")]
+    "--quantization", "-q", rich_help_panel=LOAD, help="nf4 or none (default: as the adapter was trained).")]
 PrecisionOpt = Annotated[str, typer.Option(
     "--precision", rich_help_panel=LOAD, help="auto, bf16, fp16 or fp32 (auto: fp32 on CPUs without fast bf16).")]
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=LOAD, help="auto, cpu or cuda.")]
@@ -45,6 +48,43 @@ NoRepeatNgramOpt = Annotated[int, typer.Option(
     help="Never repeat a sequence of this many tokens (transformers' generate); 0 = off.")]
 
 
+@dataclass(frozen=True)
+class LoadChoice:
+    """How generate, chat and eval load base + adapter, and the repetition options of their decoding:
+    the flags every one of them takes (added by `with_load_options`)."""
+
+    model: str | None = None
+    template: str | None = None
+    quantization: str | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+_LOAD_PARAMS = [("repetition_penalty", RepetitionPenaltyOpt, 1.0), ("no_repeat_ngram_size", NoRepeatNgramOpt, 0),
+                ("model", BaseModelOpt, None), ("template", TemplateOverrideOpt, None),
+                ("quantization", QuantOverrideOpt, None), ("precision", PrecisionOpt, "auto"),
+                ("device", DeviceOpt, "auto")]
+
+
+def with_load_options(fn):
+    """Add the LoadChoice flags after a command's own parameters; the command receives them as `load`."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "load"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in _LOAD_PARAMS]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        load = LoadChoice(**{name: kwargs.pop(name) for name, _, _ in _LOAD_PARAMS})
+        return fn(load=load, **kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
 def sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
     from lora_cli.infer.generation import Sampling
@@ -63,16 +103,15 @@ def print_notes(info) -> None:
 
 
 @contextlib.contextmanager
-def loaded_model(adapter: Path, model: str | None, template: str | None, quantization: str | None,
-                 precision: str, device: str, with_adapter: bool = True) -> Iterator:
+def loaded_model(adapter: Path, load: LoadChoice, with_adapter: bool = True) -> Iterator:
     """The adapter (a folder, or a zip unpacked for the block) and its model, ready to generate."""
     from lora_cli.adapter.packaging import open_adapter
     from lora_cli.cli.render import RichReporter
     from lora_cli.infer.generation import load_for_inference
 
-    with open_adapter(adapter, model, template, base_only=not with_adapter) as info:
+    with open_adapter(adapter, load.model, load.template, base_only=not with_adapter) as info:
         print_notes(info)
-        yield load_for_inference(info, quantization, precision, device, with_adapter, RichReporter())
+        yield load_for_inference(info, load.quantization, load.precision, load.device, with_adapter, RichReporter())
 
 
 def plain_table(title: str, columns: list[str], rows: list[list]):
