@@ -64,6 +64,8 @@ def test_the_nf4_base_is_kept_dequantized_only_where_it_fits_and_costs_no_checkp
     assert not fp16.dequantize  # peft's fp32 upcast would upcast the dequantized weights too
     off = decide(cfg(**{"model.dequantize": "off"}), placement(), TinyConfig(), LENGTHS, 1 << 20, 4 << 20)
     assert not off.dequantize and "dequantized_base" in off.record(placement())
+    loftq = decide(cfg(**{"lora.init_lora_weights": "loftq"}), placement(), TinyConfig(), LENGTHS, 1 << 20, 4 << 20)
+    assert not loftq.dequantize  # peft's LoftQ starts from the 4-bit weights: they must stay Linear4bit
 
 
 def test_static_micro_batches_have_one_shape_and_the_same_targets_as_dynamic_ones(tiny_model_dir, tmp_path):

@@ -175,6 +175,7 @@ def test_neftune_noise_is_added_in_training_mode_only(tiny_model_dir):
     (["--init-lora-weights", "olora", "--quantization", "nf4"], "rewrites the base weights"),
     (["--init-lora-weights", "loftq", "--quantization", "none"], "offsets the error of the 4-bit"),
     (["--init-lora-weights", "loftq"], "loftq needs a CUDA GPU"),
+    (["--init-lora-weights", "loftq", "--dequantize", "on"], "replaces them before LoRA is attached"),
     (["--init-lora-weights", "pissa", "--quantization", "none", "--use-dora"], "do not go together"),
     (["--min-lr-ratio", "0.1"], "a floor applies to --scheduler cosine only"),
     (["--warmup-ratio", "0.1", "--warmup-steps", "3"], "not both"),
