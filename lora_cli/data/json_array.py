@@ -97,7 +97,7 @@ def iter_json_array(fh: BinaryIO) -> Iterator[tuple[int, object]]:
     if text.peek() != "[":
         raise ArrayReadError(text.line, "expected a JSON array")
     text.advance(1)
-    first = True
+    first, after_comma = True, False  # after_comma is read only once an element was seen
     while True:
         ch = text.peek()
         if ch is None:
