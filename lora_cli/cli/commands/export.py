@@ -167,9 +167,10 @@ def run_check(info, artifact_path: Path, data: Path, base_gguf: Path | None, run
     artifact = open_artifact(artifact_path, base_gguf)
     examples = read_examples(data)
     reporter = RichReporter()
-    loaded = load_for_inference(info, reporter=reporter)
+    # fp32 arithmetic: bf16's rounding (eval's choice on CPUs with fast bf16) would be counted against the export
+    loaded = load_for_inference(info, precision="fp32", reporter=reporter)
     loaded.check_records(examples, str(data))
-    weights = "4-bit NF4" if info.quantization == "nf4" else loaded.precision
+    weights = "4-bit NF4, fp32 arithmetic" if info.quantization == "nf4" else "fp32"
     reference = TransformersRuntime(loaded.model, loaded.tokenizer, loaded.stop_ids,
                                     f"transformers: {info.base_model} ({weights}) + {info.path.name}")
     n_ctx = max(token_lengths(examples, loaded.tokenizer, loaded.template)) + max_new_tokens + 8
