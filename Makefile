@@ -24,7 +24,7 @@ define demo_line
 	@echo '$$ $(1)'; cd $(DEMO_DIR) && PATH="$(abspath $(BIN)):$$PATH" $(1)
 endef
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-runtime clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,12 @@ demo: install
 
 test: install
 	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest
+
+# The export check in llama.cpp: installs the runtime extra (llama-cpp-python compiles llama.cpp the first time:
+# 10-20 minutes on 2 cores; pip caches the wheel) and runs the tests that `make test` skips without it.
+test-runtime: install
+	$(BIN)/pip install -q -e ".[runtime]"
+	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest tests/test_export_check_llama.py
 
 clean:
 	rm -rf adapters adaptermodel.zip .lora-cache .pytest_cache $(DEMO_DIR)

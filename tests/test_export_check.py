@@ -189,3 +189,14 @@ def test_check_export_prints_the_table_and_verdict_and_writes_the_json_report_be
                               "transformers", "-n", "8"])
     assert res.exit_code == 1 and "FAIL" in res.output and "fail (template)" in res.output
     assert json.loads((tmp_path / "broken.check.json").read_text(encoding="utf-8"))["verdict"] == "fail"
+
+
+def test_export_check_without_llama_cpp_refuses_before_writing_anything(exports, monkeypatch, tmp_path):
+    import lora_cli.export.check_runtimes as runtimes
+    from lora_cli.cli.app import app
+
+    monkeypatch.setattr(runtimes, "llama_cpp_available", lambda: False)
+    adapter_folder, _ = exports["qwen2"]
+    res = runner.invoke(app, ["export", "--adapter", str(adapter_folder), "-o", str(tmp_path / "m.gguf"), "--check"])
+    assert res.exit_code == 1 and "needs llama-cpp-python" in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []
