@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from export_helpers import adapter, val_records
+from helpers.export import adapter, val_records
 from typer.testing import CliRunner
 
 from lora_cli.adapter.folder import read_adapter
@@ -150,7 +150,7 @@ def test_prompt_faults_are_told_apart_bos_then_tokenizer_then_template():
 
 
 def test_the_check_renders_a_modelfile_template_as_ollama_does(exports):
-    from gotemplate import ollama_render as reference_render
+    from helpers.gotemplate import ollama_render as reference_render
 
     _, folder = exports["llama"]
     values = dict(parse_modelfile((folder / "Modelfile").read_text(encoding="utf-8")))

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the runtime extra; make test-runtime)")
 
-from export_helpers import adapter, model_dir  # noqa: E402
+from helpers.export import adapter, model_dir  # noqa: E402
 from test_export_check import examples, run_check, trained_side  # noqa: E402
 
 from lora_cli.adapter.folder import read_adapter  # noqa: E402
@@ -17,6 +17,7 @@ from lora_cli.export.check_runtimes import LlamaCppRuntime  # noqa: E402
 from lora_cli.export.runner import export  # noqa: E402
 
 ARCHS = ["llama", "qwen2"]
+pytestmark = pytest.mark.slow  # the export matrix in llama.cpp (make test-runtime runs it)
 
 
 @pytest.fixture(scope="module")
