@@ -198,7 +198,7 @@ def check_export(artifact, runtime: Runtime, reference: Runtime, tokenizer, temp
             mine = reference.greedy(trained, max_new_tokens, [])
             theirs = runtime.greedy(exported, max_new_tokens, artifact.stop_texts)
             report.rows.append(RecordResult(example.line, not fault, fault, agree, len(encoded.input_ids), mine.text,
-                                            theirs.text, mine.stopped, theirs.stopped, mine.ids == theirs.ids,
+                                            theirs.text, mine.stopped, theirs.stopped, mine.text == theirs.text,
                                             _shared_prefix(mine.text, theirs.text)))
             report.max_logit_diff = max(report.max_logit_diff, diff)
             bar.update(1)
