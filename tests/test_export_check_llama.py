@@ -44,10 +44,11 @@ def test_a_gguf_in_llama_cpp_gets_the_training_prompt_tokens_and_agrees_as_its_w
     assert report.prompts_identical == report.records, report.reasons  # the template, the BOS, the tokenizer
     assert not [r for r in report.reasons if r.kind in ("template", "BOS", "tokenizer", "eos")], report.reasons
     # A tiny random model has many near-tied logits: 16-bit and 8-bit rounding flips some argmaxes (as in
-    # transformers, test_export_gguf). f32 is the merge itself.
+    # transformers, test_export_gguf). f32 is the merge itself; llama.cpp keeps its KV cache in f16 (measured
+    # 0.35% of the largest logit on the tiny llama).
     assert report.agreement >= (0.99 if outtype == "f32" else 0.75), report.agreement
     if outtype == "f32":
-        assert report.verdict == "pass" and report.max_logit_diff < 1e-3, (report.reasons, report.max_logit_diff)
+        assert report.verdict == "pass" and report.max_logit_diff < 0.01, (report.reasons, report.max_logit_diff)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
