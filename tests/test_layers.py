@@ -1,7 +1,7 @@
 """The package's shape: imports point down the layers and never in a circle; files and functions stay small.
 
 Layers, lowest first (a module may import its own layer and the ones below):
-  foundation (config, config_files, errors, progress, atomic) < model < data < adapter < infer, export < train < cli
+  foundation (config, config_files, errors, progress, atomic, lock, writable) < model < data < adapter < infer, export < train < cli
 Checked on the source (every import statement, those inside functions too), so a lazy import
 that points up is caught as well.
 """
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_cli"
-LAYERS = [("config", "config_files", "errors", "progress", "atomic"), ("model",), ("data",), ("adapter",), ("infer", "export"),
+LAYERS = [("config", "config_files", "errors", "progress", "atomic", "lock", "writable"), ("model",), ("data",), ("adapter",), ("infer", "export"),
           ("train",), ("cli",)]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60  # the body, not the signature: a Typer command's signature is its list of flags

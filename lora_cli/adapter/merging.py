@@ -20,7 +20,9 @@ from pathlib import Path
 from lora_cli import __version__
 from lora_cli.adapter.folder import TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.writable import check_writable
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("original", "nf4")
@@ -113,14 +115,37 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
 
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
-    from lora_cli.atomic import atomic_dir, umask
+    """Merge the adapter `info` into its base and write the model folder `output` (see the module).
 
+    Errors (LoraCliError, before the base loads): a bad dtype or base-weights choice; an output that
+    exists (without `force`), cannot be written or has no room for the model; another process writes it.
+    """
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
     if base_weights not in BASE_WEIGHTS:
         raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
     output = Path(output)
-    replace = check_output(output, info.path, force)
+    check_writable(output, "folder", "-o", _merged_bytes(info, dtype), f"the merged model in {dtype}")
+    with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o folder."):
+        return _merge_into(info, output, dtype, base_weights, check_output(output, info.path, force), reporter)
+
+
+def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
+    """The merged model's size in `dtype` (bytes), from the base's config on the meta device; 0 when
+    the config cannot be read here (loading the base says why)."""
+    from lora_cli.model.load import meta_model
+    from lora_cli.model.resolve import resolve_model
+
+    try:
+        model = meta_model(resolve_model(info.base_model, need_weights=False).path, info.trust_remote_code)
+    except LoraCliError:
+        return 0
+    return sum(p.numel() for p in model.parameters()) * (4 if dtype == "fp32" else 2)
+
+
+def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool, reporter) -> MergeResult:
+    from lora_cli.atomic import atomic_dir, umask
+
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
     with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:

@@ -52,25 +52,28 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
 
     from lora_cli.data.prepare import prepare_data
     from lora_cli.model.load import check_targets, quiet_libraries
+    from lora_cli.train.output_check import check_output, output_lock
     from lora_cli.train.runtime import place
 
     quiet_libraries()
     placement = place(cfg)
-    check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
+    targets = check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
+    check_output(cfg, targets.lora_parameters, placement.is_main)
     if not placement.is_main:
         reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
     if current is not None:
         reporter.message(f"Training on {current.describe(cfg)}")
-    # Tokenized once (main process), read from the cache by everyone.
-    data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone,
-                        current=current)
-    entries = {"train": data.train, "val": data.val}
-    prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
-                            {k: e.key if e else None for k, e in entries.items()},
-                            {k: e.meta.get("parts", {}).get("data_sha256") if e else None for k, e in entries.items()},
-                            getattr(data.template, "source", None))
-    return train_on(cfg, placement, prepared, resume, overwrite, reporter)
+    with output_lock(cfg, placement, reporter):  # one run writes this output folder, from here to its end
+        # Tokenized once (main process), read from the cache by everyone.
+        data = prepare_data(cfg, reporter, force_tokenize, placement.is_main,
+                            placement.accelerator.wait_for_everyone, current=current)
+        entries = {"train": data.train, "val": data.val}
+        prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
+                                data.model.path, {k: e.key if e else None for k, e in entries.items()},
+                                {k: e.meta.get("parts", {}).get("data_sha256") if e else None
+                                 for k, e in entries.items()}, getattr(data.template, "source", None))
+        return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
 def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
