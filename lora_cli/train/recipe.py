@@ -42,6 +42,7 @@ class TrainingData:
     cache_keys: dict  # split -> tokenize cache key (part of the run's fingerprint)
     data_sha256: dict = field(default_factory=dict)  # split -> sha256 of the data file
     template_text: str | None = None  # a template file's text, saved with the adapter
+    base_identity: dict = field(default_factory=dict)  # model/identity.py: part of the run's fingerprint
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
@@ -51,6 +52,7 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     import torch
 
     from lora_cli.data.prepare import prepare_data
+    from lora_cli.model.identity import base_identity
     from lora_cli.model.load import check_targets, quiet_libraries
     from lora_cli.train.output_check import check_output, output_lock
     from lora_cli.train.runtime import place
@@ -72,7 +74,8 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
         prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
                                 data.model.path, {k: e.key if e else None for k, e in entries.items()},
                                 {k: e.meta.get("parts", {}).get("data_sha256") if e else None
-                                 for k, e in entries.items()}, getattr(data.template, "source", None))
+                                 for k, e in entries.items()}, getattr(data.template, "source", None),
+                                base_identity(data.model))
         return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
@@ -161,7 +164,8 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     from lora_cli.train.watch import RunWatch
 
     # 1. Output folder rules, before any expensive work.
-    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text)
+    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text,
+                       data.base_identity)
     checkpoint_path = out.prepare(resume, overwrite)
     placement.accelerator.wait_for_everyone()
 
