@@ -29,6 +29,9 @@ KILL_ENV = "LORA_CLI_TEST_KILL_AT"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "storagefull")
 OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+SHORT_WRITE = re.compile(r"(\d+) requested and \d+ written")
+SHORT_WRITE_HINT = ("The device may be full, or the file larger than its file system or the file size limit "
+                    "(ulimit -f) allows: free some space, or write to another file system.")
 WRITE_HINTS = {  # what to do about a write error, by its OS error number
     errno.EROFS: "The file system is read-only: choose a folder on a writable one.",
     errno.EACCES: "No permission to write there: choose another folder, or change its permissions.",
@@ -115,6 +118,10 @@ def disk_error(exc: BaseException, what: Path | str, hint: str | None = None) ->
                     "Free some disk space and run the command again.",
         )
     number = os_errno(exc)
+    short = SHORT_WRITE.search(str(exc))
+    if number is None and short:  # numpy's tofile (the GGUF writer): a write cut short, its errno lost
+        return LoraCliError(f"Could not write {what}: the write was cut short ({short.group(0)}).",
+                            " ".join(filter(None, (SHORT_WRITE_HINT, _without_disk_advice(hint)))))
     reason = os.strerror(number) if number else exc
     advice = " ".join(filter(None, (WRITE_HINTS.get(number, ""), _without_disk_advice(hint))))
     return LoraCliError(f"Could not write {what}: {reason}.", advice or None)
@@ -125,7 +132,7 @@ def write_failure(exc: BaseException, what: Path | str, hint: str | None = None)
     error carrying an OS error number); None for a bug."""
     if isinstance(exc, LoraCliError):
         return exc
-    if is_disk_full(exc) or isinstance(exc, OSError) or os_errno(exc) in WRITE_HINTS:
+    if is_disk_full(exc) or isinstance(exc, OSError) or os_errno(exc) in WRITE_HINTS or SHORT_WRITE.search(str(exc)):
         return disk_error(exc, what, hint)
     return None
 
