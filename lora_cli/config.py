@@ -24,6 +24,9 @@ SCHEDULERS = ("linear", "cosine", "constant")
 UPCASTS = ("auto", "fp32", "none")
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+# --help panels of train's flags, in the order shown (a field's panel: its `panel`, else its section)
+HELP_PANELS = {"data": "Data", "model": "Model", "lora": "LoRA", "optimisation": "Optimisation", "schedule": "Schedule",
+               "evaluation": "Evaluation", "output": "Output", "speed": "Speed"}
 
 
 _ONOFF = {True: "on", False: "off", "True": "on", "False": "off", "true": "on", "false": "off"}
@@ -52,11 +55,12 @@ def _check_positive(section: str, key: str, value: Any, allow_zero: bool = False
 
 
 def setting(default: Any = MISSING, help: str = "", *, flag: str | None = None, short: str | None = None,
-            factory: Any = None, set_only: bool = False):
+            factory: Any = None, set_only: bool = False, panel: str | None = None):
     """A config field with what its command-line flag needs: help text, and a flag name where the
     field's own name (`max_length` -> `--max-length`) would be unclear. A bool flag is written as
-    `--on/--off`. `set_only`: no flag of its own, reachable only through --set section.key=value."""
-    meta = {"help": help, "flag": flag, "short": short, "set_only": set_only}
+    `--on/--off`. `set_only`: no flag of its own, reachable only through --set section.key=value.
+    `panel`: the --help panel it is listed in (one of HELP_PANELS; its section's by default)."""
+    meta = {"help": help, "flag": flag, "short": short, "set_only": set_only, "panel": panel}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,10 +99,10 @@ class ModelConfig:
     # prepare_model_for_kbit_training does, or left in the compute dtype (faster, less memory).
     upcast: str = setting("auto", "Non-quantized weights (norms, embeddings): fp32 (as peft's "
                                   "prepare_model_for_kbit_training), none, or auto (fp32 under fp16).")
-    attn_implementation: str = setting("sdpa", "Attention kernel: sdpa, flex_attention or eager.")
+    attn_implementation: str = setting("sdpa", "Attention kernel: sdpa, flex_attention or eager.", panel="speed")
     dequantize: str = setting("auto", "Keep the NF4 base dequantized in the compute dtype during training: the same "
                                       "values, faster steps, more memory. auto: on a GPU when it fits the memory "
-                                      "budget; on; off.")
+                                      "budget; on; off.", panel="speed")
 
     def __post_init__(self) -> None:
         _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
@@ -138,49 +142,49 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(3, "Passes over the training data.", short="-e")
-    batch_size: int = setting(2, "Examples per micro-batch (padded batching).", short="-b")
-    eval_batch_size: int = setting(2, "Examples per evaluation micro-batch (padded batching).")
-    grad_accum: int = setting(2, "Micro-batches per optimizer step.")
-    lr: float = setting(2e-4, "Peak learning rate (AdamW).")
-    weight_decay: float = setting(0.0, "AdamW weight decay.")
-    warmup_steps: int = setting(0, "Optimizer steps of linear warmup.")
+    epochs: int = setting(3, "Passes over the training data.", short="-e", panel="schedule")
+    batch_size: int = setting(2, "Examples per micro-batch (padded batching).", short="-b", panel="optimisation")
+    eval_batch_size: int = setting(2, "Examples per evaluation micro-batch (padded batching).", panel="evaluation")
+    grad_accum: int = setting(2, "Micro-batches per optimizer step.", panel="optimisation")
+    lr: float = setting(2e-4, "Peak learning rate (AdamW).", panel="optimisation")
+    weight_decay: float = setting(0.0, "AdamW weight decay.", panel="optimisation")
+    warmup_steps: int = setting(0, "Optimizer steps of linear warmup.", panel="schedule")
     warmup_ratio: float = setting(0.0, "Linear warmup over this share of the optimizer steps (instead of "
-                                       "--warmup-steps).")
-    scheduler: str = setting("linear", "Learning-rate schedule after warmup: linear, cosine or constant.")
+                                       "--warmup-steps).", panel="schedule")
+    scheduler: str = setting("linear", "Learning-rate schedule after warmup: linear, cosine or constant.", panel="schedule")
     min_lr_ratio: float = setting(0.0, "With --scheduler cosine: decay to this share of --lr instead of 0 "
-                                       "(transformers' cosine_with_min_lr).")
+                                       "(transformers' cosine_with_min_lr).", panel="schedule")
     loraplus_lr_ratio: float = setting(0.0, "LoRA+: lora_B learns this many times faster than lora_A (peft's "
-                                            "create_loraplus_optimizer; 16 in the paper); 0 = off.")
+                                            "create_loraplus_optimizer; 16 in the paper); 0 = off.", panel="optimisation")
     neftune_alpha: float = setting(0.0, "NEFTune: uniform noise of this scale on the input embeddings, in training "
-                                        "steps only (5 in the paper); 0 = off.")
+                                        "steps only (5 in the paper); 0 = off.", panel="optimisation")
     early_stopping_patience: int = setting(0, "Stop once the eval loss has not improved for N evaluations and keep "
-                                              "the best adapter as the result (needs --val); 0 = off.")
+                                              "the best adapter as the result (needs --val); 0 = off.", panel="evaluation")
     eval_generate: int = setting(8, "At each evaluation, greedy answers for the first K val prompts: stop rate and "
-                                    "a sample answer; 0 = off.")
+                                    "a sample answer; 0 = off.", panel="evaluation")
     report_to: str = setting("none", "Experiment trackers, offline, logs in OUTPUT/logs: none, or a comma list of "
-                                     "tensorboard, wandb, mlflow.")
-    max_grad_norm: float = setting(1.0, "Clip gradients to this global norm (0: no clipping).")
-    precision: str = setting("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.")
-    seed: int = setting(42, "Seed of the shuffling, LoRA initialisation and dropout.")
-    log_every: int = setting(10, "Log the train loss every N optimizer steps.")
-    max_steps: int = setting(0, "Stop after this many optimizer steps (0: all epochs).")
-    save_every_steps: int = setting(0, "Also checkpoint every N optimizer steps (0: at each epoch end only).")
-    keep_checkpoints: int = setting(2, "Checkpoints kept in the output folder.")
-    batching: str = setting("auto", "packed (token-budget rows, per-example attention), padded (the seed's), auto.")
-    max_tokens: int = setting(0, "Tokens per packed micro-batch (0: automatic).")
-    pack_length: int = setting(0, "Tokens per packed row (0: automatic, 1024 on a GPU).")
+                                     "tensorboard, wandb, mlflow.", panel="output")
+    max_grad_norm: float = setting(1.0, "Clip gradients to this global norm (0: no clipping).", panel="optimisation")
+    precision: str = setting("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.", panel="speed")
+    seed: int = setting(42, "Seed of the shuffling, LoRA initialisation and dropout.", panel="optimisation")
+    log_every: int = setting(10, "Log the train loss every N optimizer steps.", panel="output")
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: all epochs).", panel="schedule")
+    save_every_steps: int = setting(0, "Also checkpoint every N optimizer steps (0: at each epoch end only).", panel="output")
+    keep_checkpoints: int = setting(2, "Checkpoints kept in the output folder.", panel="output")
+    batching: str = setting("auto", "packed (token-budget rows, per-example attention), padded (the seed's), auto.", panel="speed")
+    max_tokens: int = setting(0, "Tokens per packed micro-batch (0: automatic).", panel="speed")
+    pack_length: int = setting(0, "Tokens per packed row (0: automatic, 1024 on a GPU).", panel="speed")
     gradient_checkpointing: str = setting("auto", "auto (as many layers as the memory budget needs), on, off, or a "
-                                                  "number of layers.")
+                                                  "number of layers.", panel="speed")
     memory_budget_gib: float = setting(0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of "
-                                            "the GPU)).")
+                                            "the GPU)).", panel="speed")
     compile: str = setting("auto", "torch.compile each decoder layer: auto (on a CUDA GPU, for runs long enough to "
-                                   "repay it), on, graphs (compiled and replayed as CUDA graphs: static shapes), off.")
+                                   "repay it), on, graphs (compiled and replayed as CUDA graphs: static shapes), off.", panel="speed")
     fused_loss: bool = setting(True, "Compute the loss from hidden states chunk by chunk, never the full "
-                                     "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss")
+                                     "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss", panel="speed")
     eval_at_start: bool = setting(True, "Evaluate once before the first step (a baseline).",
-                                  flag="--eval-at-start/--no-eval-at-start")
-    device: str = setting("auto", "auto, cpu or cuda.")
+                                  flag="--eval-at-start/--no-eval-at-start", panel="evaluation")
+    device: str = setting("auto", "auto, cpu or cuda.", panel="speed")
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"):

@@ -18,10 +18,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from lora_cli.config import RunConfig
+from lora_cli.config import HELP_PANELS, RunConfig
 
 CONTEXT = "click_context"  # typer hands the command's context to the parameter of this name
-PANELS = {"data": "Data", "model": "Model", "lora": "LoRA", "train": "Training", "output": "Output"}
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config (YAML); flags override it.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any setting: section.key=value "
@@ -65,7 +64,7 @@ def _parameter(section: str, f: Field) -> inspect.Parameter:
 
     decls = [flag_name(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
     option = typer.Option(_shown(field_default(f)), *decls, help=escape(f.metadata.get("help", "")),
-                          rich_help_panel=PANELS[section])
+                          rich_help_panel=HELP_PANELS[f.metadata.get("panel") or section])
     return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=Optional[_flag_type(f)])
 
