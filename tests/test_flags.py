@@ -164,3 +164,10 @@ def test_train_help_groups_its_flags_into_panels_and_shows_booleans_as_on_and_of
     shown = _option_lines(text)
     assert "--add-eos / --no-eos" in shown["--add-eos"] and "<bool>" not in text
     assert re.search(r"--resume\s{2,}Continue", shown["--resume"])  # a plain switch takes no value
+
+
+def test_every_choice_a_setting_allows_is_named_in_its_help():
+    shown = _option_lines(_help("train"))
+    for _, f in select(("*",)):
+        for choice in f.choices:
+            assert choice in shown[flag_name(f).split("/")[0]], (f.name, choice)

@@ -1,7 +1,7 @@
 """Command-line flags generated from the config tree (config.py), one per field.
 
 A field's flag is its name (`max_length` -> `--max-length`) unless its metadata names another,
-its help text is the field's, and --help shows the dataclass default. Only flags the user typed
+its help text is the field's, and --help shows the config's default. Only flags the user typed
 become settings (click's parameter source tells them apart); the others come from --config,
 --set, or the recipe default, in that order (config_files.build_config). A command declares which fields it takes with
 `@config_flags("train.*", "model.name", ...)` and receives the given ones as `settings`, a dict of
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import MISSING, Field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import typer
 
@@ -27,18 +27,41 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
                                                                         "(repeatable).")]
 
 
-def config_fields() -> list[tuple[str, Field]]:
+@dataclass(frozen=True)
+class ConfigField:
+    """A field of the run config as its flag sees it: name, default, the choices a Literal type allows,
+    and what `config.setting` recorded (help, flag, short, set_only, panel)."""
+
+    name: str
+    default: Any
+    choices: tuple[str, ...]
+    metadata: dict[str, Any]
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The values of a Literal type, also inside Annotated[...]; () for any other type."""
+    if get_origin(annotation) is Literal:
+        return tuple(get_args(annotation))
+    return next((c for c in map(_choices, get_args(annotation)) if c), ())
+
+
+def config_fields() -> list[tuple[str, ConfigField]]:
     """(section, field) for every field of the run config, in declaration order."""
-    return [(section.name, f) for section in fields(RunConfig) for f in fields(section.default_factory())]
+    out = []
+    for section, info in RunConfig.model_fields.items():
+        for name, f in info.annotation.model_fields.items():
+            out.append((section, ConfigField(name, f.get_default(call_default_factory=True),
+                                             _choices(f.annotation), dict(f.json_schema_extra or {}))))
+    return out
 
 
-def flag_name(f: Field) -> str:
+def flag_name(f: ConfigField) -> str:
     """The flag as typed, e.g. `--max-length`, or `--add-eos/--no-eos` for a bool."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def field_default(f: Field) -> Any:
-    return f.default_factory() if f.default is MISSING else f.default
+def field_default(f: ConfigField) -> Any:
+    return f.default
 
 
 def _shown(value: Any) -> Any:
@@ -51,7 +74,7 @@ def _shown(value: Any) -> Any:
     return value
 
 
-def _flag_type(f: Field) -> type:
+def _flag_type(f: ConfigField) -> type:
     value = field_default(f)
     for kind in (bool, int, float):
         if isinstance(value, kind):
@@ -59,7 +82,7 @@ def _flag_type(f: Field) -> type:
     return str  # strings, paths, and lists given comma-separated
 
 
-def _parameter(section: str, f: Field) -> inspect.Parameter:
+def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     from rich.markup import escape
 
     decls = [flag_name(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
@@ -69,7 +92,7 @@ def _parameter(section: str, f: Field) -> inspect.Parameter:
                              annotation=Optional[_flag_type(f)])
 
 
-def select(patterns: tuple[str, ...]) -> list[tuple[str, Field]]:
+def select(patterns: tuple[str, ...]) -> list[tuple[str, ConfigField]]:
     """The config fields named by `section.*` or `section.field` patterns, in declaration order."""
     chosen = [(s, f) for s, f in config_fields()
               if f"{s}.*" in patterns or f"{s}.{f.name}" in patterns or "*" in patterns]

@@ -26,7 +26,7 @@ def _default_source(settings: dict):
     from lora_cli.errors import LoraCliError
     from lora_cli.model.params import summary_for_model
 
-    folder, why = Path(OutputConfig.dir), None
+    folder, why = Path(OutputConfig().dir), None
     if not any(k.startswith("lora.") for k in settings):  # LoRA flags ask about a model, not the adapter
         try:
             check_loadable(folder)
@@ -34,7 +34,7 @@ def _default_source(settings: dict):
             return f"The adapter in ./{folder}", summary
         except LoraCliError as exc:
             why = exc.message.rstrip(".") if folder.exists() else None
-    cache_dir = settings.get("data.cache_dir") or DataConfig.cache_dir
+    cache_dir = settings.get("data.cache_dir") or DataConfig().cache_dir
     current = read(cache_dir)
     if current is None:
         raise none_here(cache_dir, "param-report", why)

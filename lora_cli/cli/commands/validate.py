@@ -30,7 +30,7 @@ def _current_files(settings: dict) -> tuple[list[Path], dict]:
     from lora_cli.config import DataConfig, RunConfig
     from lora_cli.data.current import none_here, read
 
-    cache_dir = settings.get("data.cache_dir") or DataConfig.cache_dir
+    cache_dir = settings.get("data.cache_dir") or DataConfig().cache_dir
     current = read(cache_dir)
     if current is None:
         raise none_here(cache_dir, "validate-data")
