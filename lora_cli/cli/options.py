@@ -45,14 +45,15 @@ def _choices(annotation: Any) -> tuple[str, ...]:
     return next((c for c in map(_choices, get_args(annotation)) if c), ())
 
 
+def model_fields(model: Any) -> list[ConfigField]:
+    """The fields of a pydantic model whose fields are declared with config.setting, in declaration order."""
+    return [ConfigField(name, f.get_default(call_default_factory=True), _choices(f.annotation),
+                        dict(f.json_schema_extra or {})) for name, f in model.model_fields.items()]
+
+
 def config_fields() -> list[tuple[str, ConfigField]]:
     """(section, field) for every field of the run config, in declaration order."""
-    out = []
-    for section, info in RunConfig.model_fields.items():
-        for name, f in info.annotation.model_fields.items():
-            out.append((section, ConfigField(name, f.get_default(call_default_factory=True),
-                                             _choices(f.annotation), dict(f.json_schema_extra or {}))))
-    return out
+    return [(section, f) for section, info in RunConfig.model_fields.items() for f in model_fields(info.annotation)]
 
 
 def flag_name(f: ConfigField) -> str:
@@ -86,8 +87,9 @@ def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     from rich.markup import escape
 
     decls = [flag_name(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+    panel = f.metadata.get("panel") or section
     option = typer.Option(_shown(field_default(f)), *decls, help=escape(f.metadata.get("help", "")),
-                          rich_help_panel=HELP_PANELS[f.metadata.get("panel") or section])
+                          rich_help_panel=HELP_PANELS.get(panel, panel))
     return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=Optional[_flag_type(f)])
 
@@ -106,30 +108,46 @@ def config_flags(*patterns: str):
     """Give a command one flag per selected config field; it receives the given ones as `settings`.
 
     The command's own parameters come first in --help; the generated ones follow, grouped in
-    panels by section. `settings` holds only flags the user typed (dotted key -> value).
+    panels. `settings` holds only flags the user typed (dotted key -> value): a flag's default would
+    hide the --config file's value.
     """
     chosen = select(patterns)
 
-    def decorate(fn):
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
-        generated = [_parameter(s, f) for s, f in chosen]
+    def settings(given: dict[str, tuple[Any, bool]]) -> dict[str, Any]:
+        return {key: value for key, (value, typed) in given.items() if typed}
 
-        @functools.wraps(fn)
-        def command(**kwargs):
-            ctx = kwargs.pop(CONTEXT)
-            settings = {}
-            for section, f in chosen:
-                name = f"{section}__{f.name}"
-                value = kwargs.pop(name)
-                # only what the user typed: a flag's default would hide the --config file's value
-                if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT":
-                    settings[f"{section}.{f.name}"] = value
-            return fn(settings=settings, **kwargs)
+    return lambda fn: _with_flags(fn, "settings", chosen, settings)
 
-        context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated + [context]
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
 
-    return decorate
+def model_flags(model: Any, receiver: str):
+    """Give a command one flag per field of `model` (a pydantic model declared with config.setting); it
+    receives them as `receiver`, an instance of `model` (the defaults where no flag was typed)."""
+    chosen = [(receiver, f) for f in model_fields(model)]
+
+    def build(given: dict[str, tuple[Any, bool]]) -> Any:
+        return model(**{key.partition(".")[2]: value for key, (value, _) in given.items()})
+
+    return lambda fn: _with_flags(fn, receiver, chosen, build)
+
+
+def _with_flags(fn, receiver: str, chosen: list[tuple[str, ConfigField]], build):
+    """`fn` with a flag per chosen field after its own parameters; it receives build({dotted key: (value,
+    typed by the user)}) as `receiver`. The one flag generator of every command."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != receiver]
+    generated = [_parameter(s, f) for s, f in chosen]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        ctx = kwargs.pop(CONTEXT)
+        given = {}
+        for section, f in chosen:
+            name = f"{section}__{f.name}"
+            typed = getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+            given[f"{section}.{f.name}"] = (kwargs.pop(name), typed)
+        return fn(**{receiver: build(given)}, **kwargs)
+
+    context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated + [context]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
