@@ -34,6 +34,7 @@ TEMPLATE_FILE = "prompt_template.txt"  # the text of a --template file, as train
 CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
 TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
 RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
+TOKENIZER_CONFIG = "tokenizer_config.json"  # the tokenizer saved beside the adapter (tokenizer.json and others too)
 LOSS_CURVE = "loss_curve.png"  # metrics.jsonl drawn: train and eval loss, stop rate, epochs
 LOGS = "logs"  # experiment trackers' files (TensorBoard, W&B offline, MLflow); left out of the zip
 # Settings that may change between a run and its resume without changing its result (the trained weights).
