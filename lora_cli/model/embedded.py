@@ -78,10 +78,9 @@ def ensure_converted(name: str, reporter=None) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise LoraCliError("Converting the embedded model needs the 'gguf' package.", "pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
-    from lora_cli.model.load import quiet_libraries
-
-    quiet_libraries()  # transformers' own bars (loading, writing shards) off: the stage below reports
+    transformers_logging.disable_progress_bar()  # its own bars (loading, writing shards): the stage below reports
     with reporter.stage(f"Converting the embedded model {name} to safetensors (once, about 20 s)",
                         unit="tensors") as stage, _tensor_progress(stage):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
