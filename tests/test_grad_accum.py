@@ -4,7 +4,7 @@ over the whole step, so a short answer weighs what it would in one larger batch)
 
 import pytest
 import yaml
-from conftest import make_records, tiny_config, write_jsonl
+from helpers import make_records, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 from lora_cli.data.prepare import prepare_data
