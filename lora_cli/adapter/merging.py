@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli import __version__
@@ -141,7 +141,7 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
-            "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
+            "lora": info.lora.model_dump(), "template": info.template, "lora_cli_version": __version__}, indent=2))
         if info.template_text is not None:  # the prompt format the merged weights expect, as trained
             (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()

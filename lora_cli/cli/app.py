@@ -13,6 +13,7 @@ import os
 import sys
 
 import typer
+import typer.core
 
 from lora_cli import __version__
 from lora_cli.cli.suggest import SuggestingGroup
@@ -106,6 +107,11 @@ def _register() -> None:
 
     for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge, export, plot):
         module.register(app, handle_errors)
+    from lora_cli.cli.help import PanelledCommand
+
+    for command in app.registered_commands:  # every command's --help in panels that fit 80 columns
+        if command.cls in (None, typer.core.TyperCommand):
+            command.cls = PanelledCommand
 
 
 _register()

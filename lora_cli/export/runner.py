@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli import __version__
+from lora_cli.adapter.folder import TOKENIZER_CONFIG
 from lora_cli.errors import LoraCliError
 from lora_cli.export import BASE_WEIGHTS, FORMATS, OUTTYPES
 from lora_cli.progress import NULL_REPORTER
@@ -185,7 +186,7 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     from lora_cli.export.vocab import check_tokenizer
     from lora_cli.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else model_dir,
+    tokenizer = load_tokenizer(info.path if (info.path / TOKENIZER_CONFIG).is_file() else model_dir,
                                info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""
