@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from lora_cli import faults
 from lora_cli.data.batching import StepPlan
@@ -21,6 +23,39 @@ from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.oom import out_of_memory_as_error
+
+
+@dataclass
+class BestEvaluation:
+    """Early stopping's result: the evaluation whose adapter is written, and whether the run stopped early."""
+
+    step: int
+    eval_loss: float
+    checkpoint: str  # the checkpoint folder's name under checkpoints/
+    stopped_early: bool
+    last_step: int  # the optimizer step the run ended at
+
+
+@dataclass
+class LoopSummary:
+    """What a run did, as run_config.yaml records it under run.summary. Losses are mean response losses
+    (nats per target token); `stop_rates`: [stopped, prompts] of each evaluation's probe."""
+
+    first_loss: float | None
+    last_loss: float | None
+    eval_losses: list[float]
+    stop_rates: list[list[int]]
+    steps: int
+    tokens: int
+    seconds: float
+    tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
+    best: BestEvaluation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        if self.best is None:
+            del raw["best"]
+        return raw
 
 
 class TrainingLoop:
@@ -41,7 +76,7 @@ class TrainingLoop:
         return self.state.total_steps
 
     # ---- the loop ---------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> LoopSummary:
         t0 = time.time()
         state = self.state
         self.trainable.module.train()  # from_pretrained leaves eval mode: no LoRA dropout, no checkpointing
@@ -54,8 +89,8 @@ class TrainingLoop:
                 bar.update(state.step)
                 while state.step < self.total_steps and not state.stopped_early:
                     self._run_epoch(flag, bar)
-        return {"first_loss": state.first_loss, "last_loss": state.last_loss, "eval_losses": state.eval_losses,
-                "stop_rates": state.stop_rates, "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
+        return LoopSummary(state.first_loss, state.last_loss, list(state.eval_losses), list(state.stop_rates),
+                           state.step, state.tokens_seen, round(time.time() - t0, 3))
 
     def _run_epoch(self, flag, bar) -> None:
         """The rest of the current epoch, its end, and a stop when a signal asked for one."""

@@ -9,27 +9,42 @@ handling) live in `loop.py`; the automatic settings are decided once, in `plan.d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.train.loop import BestEvaluation, LoopSummary
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from lora_cli.model.params import ParamSummary
+    from lora_cli.train.checkpoint import LoopState
+    from lora_cli.train.loop import TrainingLoop
+    from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.runtime import Placement
 
 
 @dataclass
 class TrainResult:
+    """A finished run: where its adapter is, what the loop did (`summary`), what was decided."""
+
     output: str
-    steps: int
-    first_loss: float | None
-    last_loss: float | None
-    eval_losses: list
-    tokens: int
-    seconds: float
+    summary: LoopSummary  # what run_config.yaml records under run.summary
     resumed_from: str | None
-    decisions: dict
-    param_summary: dict
-    best: dict | None = None  # early stopping: the evaluation whose adapter is the result
-    summary: dict = field(default_factory=dict)  # what run_config.yaml records under run.summary
+    decisions: dict[str, Any]
+    param_summary: dict[str, Any]
+
+    # the summary's numbers, by the names callers used before it was one object
+    steps = property(lambda self: self.summary.steps)
+    first_loss = property(lambda self: self.summary.first_loss)
+    last_loss = property(lambda self: self.summary.last_loss)
+    eval_losses = property(lambda self: self.summary.eval_losses)
+    tokens = property(lambda self: self.summary.tokens)
+    seconds = property(lambda self: self.summary.seconds)
+    best = property(lambda self: self.summary.best)  # early stopping: the evaluation whose adapter is the result
 
 
 @dataclass
@@ -199,36 +214,37 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
     summary = _train_and_save(loop, data, decisions, params, initial)
     placement.accelerator.wait_for_everyone()
-    return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
-                       state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
-                       decisions, params.to_dict(), summary.get("best"), summary)
+    return TrainResult(str(out.path), summary, str(checkpoint_path) if checkpoint_path else None, decisions,
+                       params.to_dict())
 
 
-def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: dict | None) -> dict:
+def _train_and_save(loop: TrainingLoop, data: TrainingData, decisions: dict[str, Any], params: ParamSummary,
+                    initial: dict | None) -> LoopSummary:
     """Run the loop, put the best adapter in place under early stopping, write the folder; the run's summary."""
     cfg, placement, model, out, state, watch = loop.cfg, loop.placement, loop.model, loop.out, loop.state, loop.watch
     try:
         summary = loop.run()
-        summary["tokenize_cache"] = data.cache_keys
+        summary.tokenize_cache = data.cache_keys
         lora, _ = loop.adapter_state()
         best = _best_result(cfg, placement, model, out, state)
         if best is not None:
-            summary["best"] = best
-            lora = best.pop("tensors", None) if placement.fsdp else lora
+            summary.best, tensors = best
+            lora = tensors if placement.fsdp else lora
         faults.point("train:end", loop)
-        out.finish(model, data.tokenizer, decisions, summary, params, adapter_state=lora, initial_adapter=initial)
+        out.finish(model, data.tokenizer, decisions, summary.to_dict(), params, adapter_state=lora,
+                   initial_adapter=initial)
         watch.close(state.metrics_lines)
     finally:
         watch.close()
     return summary
 
 
-def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
+def _best_result(cfg: RunConfig, placement: Placement, model: PeftModel, out: OutputFolder,
+                 state: LoopState) -> tuple[BestEvaluation, dict | None] | None:
     """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.
 
-    Returns what the run says about it (step, eval loss, checkpoint, whether it stopped early), with
-    the tensors under "tensors" for FSDP runs (the adapter is then written from them); None without
-    early stopping."""
+    Returns what the run says about it, and for FSDP runs the tensors the adapter is then written
+    from (None otherwise); None without early stopping."""
     if not cfg.train.early_stopping_patience or not state.best_checkpoint:
         return None
     from peft import set_peft_model_state_dict
@@ -237,12 +253,12 @@ def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
     from lora_cli.adapter.folder import ADAPTER_WEIGHTS
     from lora_cli.train.checkpoint import checkpoint_dir
 
-    best = {"step": state.best_step, "eval_loss": state.best_eval_loss, "checkpoint": state.best_checkpoint,
-            "stopped_early": state.stopped_early, "last_step": state.step}
+    best = BestEvaluation(state.best_step, state.best_eval_loss, state.best_checkpoint, state.stopped_early,
+                          state.step)
+    tensors = None
     if placement.is_main:
         tensors = load_file(str(checkpoint_dir(out.path) / state.best_checkpoint / ADAPTER_WEIGHTS))
-        if placement.fsdp:
-            best["tensors"] = tensors
-        else:
+        if not placement.fsdp:
             set_peft_model_state_dict(model, {k: v.to(placement.device) for k, v in tensors.items()})
-    return best
+            tensors = None
+    return best, tensors
