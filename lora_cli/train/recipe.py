@@ -18,11 +18,18 @@ from lora_cli.progress import NULL_REPORTER
 from lora_cli.train.loop import BestEvaluation, LoopSummary
 
 if TYPE_CHECKING:
-    from peft import PeftModel
+    from pathlib import Path
 
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lora_cli.data.current import CurrentDataset
     from lora_cli.model.params import ParamSummary
+    from lora_cli.progress import Reporter
     from lora_cli.train.checkpoint import LoopState
     from lora_cli.train.loop import TrainingLoop
+    from lora_cli.train.plan import RunPlan
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.runtime import Placement
 
@@ -51,17 +58,17 @@ class TrainResult:
 class TrainingData:
     """What the loop trains on: tokenized splits plus the tokenizer saved beside the adapter."""
 
-    train: object  # datasets.Dataset with input_ids, labels, length, n_targets
-    val: object | None
-    tokenizer: object
-    model_path: object
-    cache_keys: dict  # split -> tokenize cache key (part of the run's fingerprint)
-    data_sha256: dict = field(default_factory=dict)  # split -> sha256 of the data file
+    train: Dataset  # columns input_ids, labels, length, n_targets
+    val: Dataset | None
+    tokenizer: PreTrainedTokenizerBase
+    model_path: Path  # the base model's local folder
+    cache_keys: dict[str, str | None]  # split -> tokenize cache key (part of the run's fingerprint)
+    data_sha256: dict[str, str | None] = field(default_factory=dict)  # split -> sha256 of the data file
     template_text: str | None = None  # a template file's text, saved with the adapter
 
 
-def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
-          force_tokenize: bool = False, current=None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter: Reporter = NULL_REPORTER,
+          force_tokenize: bool = False, current: CurrentDataset | None = None) -> TrainResult:
     """Tokenize (or reuse the cache), then train. `current`: the current dataset (data/current.py) the
     data came from, said in one line before anything loads."""
     import torch
@@ -89,7 +96,7 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
-def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
+def _load_model(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
     """The base model, 4-bit or not, on this process's device (FSDP: on the CPU, sharded later)."""
     from lora_cli.model.load import load_model
 
@@ -99,7 +106,7 @@ def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
                           cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=placement.fsdp)
 
 
-def _loss_blocker(cfg: RunConfig, model) -> str | None:
+def _loss_blocker(cfg: RunConfig, model: PreTrainedModel) -> str | None:
     """Why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None."""
     from lora_cli.model.loss import fused_blocker
     from lora_cli.model.targets import resolve_targets
@@ -107,7 +114,7 @@ def _loss_blocker(cfg: RunConfig, model) -> str | None:
     return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
 
 
-def _attach(cfg: RunConfig, model, plan, model_path):
+def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: Path):
     """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top (NEFTune's hook
     on its input embeddings), compile the layers. Returns (model, the initial LoRA tensors for a
     pissa or olora run, whose saved adapter is expressed against the original base; else None)."""
@@ -134,7 +141,7 @@ def _attach(cfg: RunConfig, model, plan, model_path):
     return model, initial
 
 
-def _model_and_plan(cfg: RunConfig, placement, data: TrainingData, reporter):
+def _model_and_plan(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
     """(the model ready to train, its RunPlan, pissa/olora's initial LoRA tensors or None): the base
     loaded, every automatic setting decided once (plan.decide), then applied."""
     from lora_cli.train.plan import decide
@@ -149,7 +156,7 @@ def _model_and_plan(cfg: RunConfig, placement, data: TrainingData, reporter):
     return model, plan, initial
 
 
-def _memory(placement, model) -> tuple[int, int]:
+def _memory(placement: Placement, model: PreTrainedModel) -> tuple[int, int]:
     """(bytes the loaded base holds on the GPU, bytes its dequantized 4-bit weights would add); CPU: (0, 0)."""
     import torch
 
@@ -160,8 +167,8 @@ def _memory(placement, model) -> tuple[int, int]:
     return torch.cuda.memory_allocated(placement.device), dequantized_bytes(model, placement.precision)
 
 
-def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str = False, overwrite: bool = False,
-             reporter=NULL_REPORTER) -> TrainResult:
+def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: bool | str = False,
+             overwrite: bool = False, reporter: Reporter = NULL_REPORTER) -> TrainResult:
     """The recipe proper, from tokenized data to the adapter folder (benchmarks call it directly)."""
     from lora_cli.data.batching import Batcher, StepPlan
     from lora_cli.model.params import count_parameters
