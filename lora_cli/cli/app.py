@@ -16,6 +16,7 @@ import typer
 import typer.core
 
 from lora_cli import __version__
+from lora_cli.cli.suggest import SuggestingGroup
 from lora_cli.errors import LoraCliError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=SuggestingGroup,  # an unknown flag: suggestions by meaning as well as spelling
 )
 
 

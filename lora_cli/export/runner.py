@@ -166,8 +166,11 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
 
 
 def auto_base_weights(quantization: str, outtype: str) -> str:
-    """What --base-weights auto means (module docstring): the weights training used, except NF4 under q4_0."""
-    return "nf4" if quantization == "nf4" and outtype != "q4_0" else "original"
+    """What --base-weights auto means (module docstring): merge's default, the weights training used
+    (merging.trained_base_weights), except NF4 under q4_0."""
+    from lora_cli.adapter.merging import trained_base_weights
+
+    return "original" if outtype == "q4_0" else trained_base_weights(quantization)
 
 
 def _model_name(output: Path) -> str:
