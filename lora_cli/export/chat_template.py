@@ -130,8 +130,12 @@ def gguf_chat_template(template, tokenizer, prefix: str, eos: str) -> str:
 
     For `chat`, the tokens training puts in front (a BOS) open the template, since training put them
     before the template's text: llama.cpp strips one leading BOS text and adds the BOS token itself.
+    A template that writes its BOS itself (`{{ bos_token }}`) is kept as it is: training did not add
+    a second one either (tokenization.with_prefix).
     """
     if isinstance(template, ChatTemplate):
         ChatTemplate.check(tokenizer)
-        return (f"{{{{ {jinja_string(prefix)} }}}}" if prefix else "") + tokenizer.chat_template
+        if prefix and not ChatTemplate.opens_with(tokenizer, prefix):
+            return f"{{{{ {jinja_string(prefix)} }}}}" + tokenizer.chat_template
+        return tokenizer.chat_template
     return text_chat_template(prompt_shape(template), prefix, eos)
