@@ -121,7 +121,25 @@ def check_loadable(path: str | Path) -> Path:
         why = (f"{PICKLED_WEIGHTS} (a pickle) is refused: lora-cli loads safetensors only"
                if (path / PICKLED_WEIGHTS).is_file() else "missing")
         raise LoraCliError(f"{path} has no {ADAPTER_WEIGHTS} ({why}).", TRAIN_HINT)
+    check_config_matches_weights(path)
     return path
+
+
+def check_config_matches_weights(path: str | Path) -> None:
+    """LoraCliError when the folder's adapter_config.json does not describe its adapter_model.safetensors
+    (rank, target modules, DoRA; see adapter.consistency). A folder without weights passes."""
+    from lora_cli.adapter import consistency
+
+    path = Path(path)
+    weights, config = path / ADAPTER_WEIGHTS, read_adapter_config(path)
+    if not weights.is_file() or not consistency.is_lora(config):
+        return
+    try:
+        with open(weights, "rb") as fh:
+            header = consistency.read_header(fh, str(weights))
+    except OSError as exc:
+        raise LoraCliError(f"Cannot read {weights}: {exc.strerror or exc}.") from None
+    consistency.check(config, header, str(path / ADAPTER_CONFIG), str(weights))
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -135,6 +153,7 @@ def read_adapter_config(path: str | Path) -> dict:
 def lora_settings(path: str | Path) -> LoraSettings:
     """The folder's LoRA settings (rank, alpha, dropout, target modules, bias) from adapter_config.json."""
     raw = read_adapter_config(path)
+    check_config_matches_weights(path)
     try:
         targets = raw["target_modules"]
         return LoraSettings(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
