@@ -82,6 +82,22 @@ def test_lora_on_a_tied_head_merges_into_the_head_alone(tmp_path_factory, model_
     assert torch.equal(merged.get_input_embeddings().weight, base)  # the input side untouched
 
 
+def test_lora_on_a_tied_input_embedding_merges_into_the_embedding_alone(tmp_path_factory, model_dir, tmp_path):
+    """The embedding shares the head's weight: merged in place, its update would reach the logits too."""
+    adapter = make_adapter(tmp_path_factory, model_dir, "embedding", epochs=1,
+                           **{"lora.target_modules": "q_proj,embed_tokens"})
+    merge(read_adapter(adapter), tmp_path / "merged", dtype="fp32")
+    merged, reference = plain_load(tmp_path / "merged"), peft_logits(adapter)
+    assert (reference - peft_logits(adapter, use_adapter=False)).abs().max() > 1e-2
+    assert torch.allclose(logits_of(merged), reference, atol=1e-4, rtol=1e-4)
+    assert not merged.config.tie_word_embeddings
+    from safetensors.torch import load_file
+
+    base = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(merged.get_output_embeddings().weight, base)  # the output side untouched
+    assert not torch.equal(merged.get_input_embeddings().weight, base)
+
+
 def test_bf16_merge_matches_within_bf16_rounding(fp32_adapter, tmp_path):
     """bf16 weights = the fp32 merge rounded to bf16 (within an ulp), and logits as close as that rounding allows."""
     from safetensors.torch import load_file

@@ -70,20 +70,26 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
 
 
 def untie_adapted_head(peft_model) -> bool:
-    """Give a LoRA'd output head its own weight where it shares the input embedding's (tied).
+    """Give the output head its own weight where it shares the input embedding's (tied) and LoRA
+    is on either of them.
 
-    Merging adds the head's LoRA update to its weight; tied, that is the embedding's weight too,
-    so the merged model would also see the update at its input (and be saved tied): not base +
-    adapter. The head gets a copy and the model is saved untied. True when it untied.
+    Merging adds a LoRA update to the weight it wraps; tied, that tensor is the other side's too,
+    so the merged model would see the update at both ends (and be saved tied): not base + adapter,
+    where LoRA on the head changes the logits only and LoRA on the embedding the inputs only. The
+    head gets a copy, the update lands on its own side, and the model is saved untied. True when it
+    untied.
     """
     import torch
 
     base = peft_model.get_base_model()
     head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
-    inner = getattr(head, "base_layer", None)  # a LoRA layer wraps the head
-    if inner is None or embedding is None or inner.weight.data_ptr() != embedding.weight.data_ptr():
+    if head is None or embedding is None:
         return False
-    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    inner_head, inner_embedding = getattr(head, "base_layer", head), getattr(embedding, "base_layer", embedding)
+    adapted = inner_head is not head or inner_embedding is not embedding  # a LoRA layer wraps its base layer
+    if not adapted or inner_head.weight.data_ptr() != inner_embedding.weight.data_ptr():
+        return False
+    inner_head.weight = torch.nn.Parameter(inner_head.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
         config.tie_word_embeddings = False
     return True
