@@ -181,3 +181,34 @@ def test_cli_merge_writes_and_refuses_to_overwrite(fp32_adapter, tmp_path):
     assert plain_load(tmp_path / "m") is not None
     res = runner.invoke(app, ["merge", "-a", str(fp32_adapter), "-o", str(tmp_path / "m")])
     assert res.exit_code == 1 and "--force" in res.output
+
+
+def test_a_merged_folder_prompts_as_training_did_in_transformers_and_in_lora_cli(tmp_path_factory, model_dir, tmp_path):
+    """Its chat template is the training template (apply_chat_template gives training's prompt tokens),
+    and lora-cli prompts it with that template without being told (merge_info.json)."""
+    from transformers import AutoTokenizer
+
+    from lora_cli.adapter.folder import base_model_info, load_template
+    from lora_cli.data.chat_template import user_content
+    from lora_cli.data.records import Example
+    from lora_cli.data.tokenization import encode_example_prompt
+    from lora_cli.infer.evaluation import response_loss
+
+    template_file = tmp_path_factory.mktemp("template") / "qa.txt"
+    template_file.write_text("Q: {instruction}\nContext: {input}\nA: {output}")
+    adapter = make_adapter(tmp_path_factory, model_dir, "file-template", epochs=1, **{"data.template": str(template_file)})
+    merge(read_adapter(adapter), tmp_path / "merged", dtype="fp32")
+    assert json.loads((tmp_path / "merged" / "merge_info.json").read_text())["chat_template"] == "training"
+    tok, template = AutoTokenizer.from_pretrained(str(tmp_path / "merged")), load_template(read_adapter(adapter))
+    assert tok.chat_template != AutoTokenizer.from_pretrained(str(model_dir)).chat_template
+    for ex in (Example(0, "name a fruit", "a red one", ""), Example(0, "name a color", "", "")):
+        message = [{"role": "user", "content": user_content(template, ex.instruction, ex.input)}]
+        got = tok.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert list(got) == encode_example_prompt(ex, tok, template)
+
+    info = base_model_info(str(tmp_path / "merged"))
+    assert info.template_text == template_file.read_text() and "merged model" in info.notes[0]
+    records = [Example(i + 1, f"item {i}", "ctx", "yes") for i in range(4)]
+    merged = response_loss(load_for_inference(info, "none", "fp32", "cpu", with_adapter=False), records)
+    reference = response_loss(load_for_inference(read_adapter(adapter), "none", "fp32", "cpu"), records)
+    assert merged.n == reference.n and abs(merged.total - reference.total) < 1e-3 * reference.n

@@ -18,13 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import TEMPLATE_FILE, AdapterInfo
+from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("original", "nf4")
-MERGE_INFO = "merge_info.json"
 
 
 @dataclass
@@ -117,6 +116,26 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     return merged, tokenizer
 
 
+def carry_training_template(info: AdapterInfo, tokenizer, reporter=NULL_REPORTER) -> str:
+    """Make `tokenizer`'s chat template the prompt format the adapter was trained with; say which it is.
+
+    A merged folder is used by runtimes that know nothing of lora-cli's templates (transformers'
+    apply_chat_template, vLLM, TGI): with the base model's own chat template they would prompt an
+    alpaca-trained model in another format. Returns "training" or "base model" (a text template whose
+    layout no chat message can express keeps the base model's, with a warning).
+    """
+    from lora_cli.adapter.folder import load_template
+    from lora_cli.data.chat_template import training_chat_template
+
+    try:
+        tokenizer.chat_template = training_chat_template(load_template(info), tokenizer, info.add_eos)
+    except LoraCliError as exc:
+        reporter.message(f"warning: the merged folder keeps the base model's chat template, not the training "
+                         f"template {info.template}: {exc.message}")
+        return "base model"
+    return "training"
+
+
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
     from lora_cli.atomic import atomic_dir, umask
@@ -129,12 +148,14 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     replace = check_output(output, info.path, force)
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
+    chat_template = carry_training_template(info, tokenizer, reporter)
     with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
-            "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
+            "lora": asdict(info.lora), "template": info.template, "add_eos": info.add_eos, "chat_template": chat_template,
+            "lora_cli_version": __version__}, indent=2))
         if info.template_text is not None:  # the prompt format the merged weights expect, as trained
             (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()
