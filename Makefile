@@ -20,11 +20,13 @@ DEMO_MODEL := smollm2-135m
 # The demo runs the README's first lines as written, in a folder of its own whose data/ holds the
 # sample data. Each line is shown as typed, then run there with the venv's lora-cli on the PATH.
 DEMO_DIR := demo
+# The venv's lora-cli as typed from inside the demo folder, for the demo's last line (no venv is active there).
+DEMO_LORA := $(if $(filter /%,$(VENV)),$(BIN),../$(BIN))/lora-cli
 define demo_line
 	@echo '$$ $(1)'; cd $(DEMO_DIR) && PATH="$(abspath $(BIN)):$$PATH" $(1)
 endef
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -53,10 +55,14 @@ demo: install
 	@echo "== 5/5 package"
 	$(call demo_line,lora-cli package adapters)
 	@echo "Note: on a CPU, 4-bit is no faster and costs quality on a model this small; add --quantization none there."
-	@echo "Demo finished: $(DEMO_DIR)/adapters/ and $(DEMO_DIR)/adaptermodel.zip. Try it: cd $(DEMO_DIR) && lora-cli generate --adapter adapters \"Name three colors.\""
+	@echo "Demo finished: $(DEMO_DIR)/adapters/ and $(DEMO_DIR)/adaptermodel.zip. Try it: cd $(DEMO_DIR) && $(DEMO_LORA) generate --adapter adapters \"Name three colors.\""
 
 test: install
 	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest
+
+# The edit loop: every test but the multi-process, kill, end-to-end and export-matrix ones (marked slow).
+test-fast: install
+	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf adapters adaptermodel.zip .lora-cache .pytest_cache $(DEMO_DIR)

@@ -4,8 +4,8 @@ import json
 import re
 
 import pytest
-from adapter_factory import data_dir, make_adapter, peaked_model_dir
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
+from helpers.adapter_factory import data_dir, make_adapter, peaked_model_dir
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
@@ -100,7 +100,7 @@ def test_eval_table_json_and_base_only(adapter, val):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "-a", "{adapter}"], "either a PROMPT or --input"),
+    (["generate", "-a", "{adapter}"], "Nothing to answer: no PROMPT and no --input was given"),
     (["generate", "-a", "{adapter}", "x", "--input", "{val}"], "exactly one"),
     (["generate", "-a", "{adapter}", "  "], "prompt is empty"),
     (["generate", "-a", "{adapter}", "x", "--compare", "--base-only"], "cannot be used together"),

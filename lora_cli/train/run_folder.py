@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from lora_cli import __version__
+from lora_cli import __version__, faults
 from lora_cli.adapter.folder import (
     ADAPTER_WEIGHTS,
     CHECKPOINTS,
@@ -41,7 +41,6 @@ from lora_cli.adapter.folder import (
 from lora_cli.atomic import (
     TMP_PREFIX,
     fsync_dir,
-    kill_point,
     remove_stale_temporaries,
     tmp_prefix,
     umask,
@@ -308,7 +307,7 @@ class OutputFolder:
             peft_model.save_pretrained(str(staging), safe_serialization=True)
         else:  # gathered from FSDP shards, already under the adapter file's names
             write_adapter(peft_model, adapter_state, staging)
-        kill_point("adapter:staged")
+        faults.point("adapter:staged")
         tokenizer.save_pretrained(str(staging))
         (staging / "README.md").unlink(missing_ok=True)
         write_param_summary(staging, param_summary)
@@ -326,5 +325,28 @@ class OutputFolder:
                     os.fsync(fh.fileno())
             os.replace(item, self.path / item.name)
             if n == 0:
-                kill_point("adapter:renaming")
+                faults.point("adapter:renaming")
         fsync_dir(self.path)
+
+
+def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
+    """The output folder's refusals (another run, this run unfinished or finished, --resume with nothing
+    to continue) before torch loads, so they cost well under a second instead of a model load.
+
+    The same rules as OutputFolder.prepare, with the tokenize cache keys the folder recorded, when the
+    data files are the bytes it recorded; when they are not (or a template file is in play, whose text
+    is in the keys), the check after tokenizing decides. Changes nothing on disk.
+    """
+    if overwrite:
+        return
+    from lora_cli.data.cache import file_digest
+
+    run = ((read_run_config(cfg.output.dir) or {}).get("run") or {})
+    keys, recorded = run.get("tokenize_cache") or {}, run.get("data_sha256") or {}
+    if run:
+        if Path(cfg.data.template).is_file():
+            return
+        paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
+        if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
+            return
+    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded).prepare(resume, False)
