@@ -6,8 +6,8 @@ import shutil
 import zipfile
 
 import pytest
-from adapter_factory import make_adapter, peaked_model_dir
-from conftest import write_jsonl
+from helpers.adapter_factory import make_adapter, peaked_model_dir
+from helpers import write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.adapter import consistency, packaging

@@ -117,4 +117,4 @@ def check(config: dict, header: dict, config_name: str, weights_name: str) -> No
     if problem:
         raise LoraCliError(f"{config_name} does not describe {weights_name}: {problem}. The files come from "
                            "different runs (or the config was edited).",
-                           "Put back the adapter_config.json saved with these weights, or train the adapter again.")
+                           "Put back the config saved with these weights, or train the adapter again.")
