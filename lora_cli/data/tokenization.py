@@ -117,6 +117,21 @@ def template_issues(examples: list[Example], tokenizer, template, file: str) -> 
     return apply_or_reject(examples, render, file)[1]
 
 
+def check_system_message(system: str, tokenizer, template, flag: str = "--system") -> None:
+    """LoraCliError (one line naming `flag`) when the template cannot render a conversation that opens
+    with this system message, as Gemma's chat template refuses any; asked before a model loads."""
+    conversation = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+    try:
+        encode_prompt(conversation, tokenizer, template)
+    except LoraCliError:
+        raise
+    except Exception as exc:  # the template's own raise_exception (jinja2 TemplateError), whatever its words
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        which = "this model's chat template" if template.name == "chat" else f"the template {template.name}"
+        raise LoraCliError(f"{flag}: {which} cannot render a system message ({reason}).",
+                           f"Leave out {flag} and put the instruction in your first message.") from None
+
+
 def reference_answer(example: Example) -> str:
     """The record's own answer (its output, or its last assistant message)."""
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
