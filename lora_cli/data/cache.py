@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from lora_cli.progress import Stage
 
 # 2: instruction records' system/history fields rendered; meta.json has left_out_lines and warnings
-FORMAT_VERSION = 2
+# 3: a BOS the template writes itself is not added a second time (tokenization.with_prefix)
+FORMAT_VERSION = 3
 BATCH = 1000
 KEPT_LINES = 100  # left-out line numbers kept in meta.json
 KEPT_WARNINGS = 20
