@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import TEMPLATE_FILE, AdapterInfo
+from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
 from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
@@ -28,7 +28,6 @@ from lora_cli.writable import check_writable
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
-MERGE_INFO = "merge_info.json"
 
 
 @dataclass
@@ -80,20 +79,26 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
 
 
 def untie_adapted_head(peft_model) -> bool:
-    """Give a LoRA'd output head its own weight where it shares the input embedding's (tied).
+    """Give the output head its own weight where it shares the input embedding's (tied) and LoRA
+    is on either of them.
 
-    Merging adds the head's LoRA update to its weight; tied, that is the embedding's weight too,
-    so the merged model would also see the update at its input (and be saved tied): not base +
-    adapter. The head gets a copy and the model is saved untied. True when it untied.
+    Merging adds a LoRA update to the weight it wraps; tied, that tensor is the other side's too,
+    so the merged model would see the update at both ends (and be saved tied): not base + adapter,
+    where LoRA on the head changes the logits only and LoRA on the embedding the inputs only. The
+    head gets a copy, the update lands on its own side, and the model is saved untied. True when it
+    untied.
     """
     import torch
 
     base = peft_model.get_base_model()
     head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
-    inner = getattr(head, "base_layer", None)  # a LoRA layer wraps the head
-    if inner is None or embedding is None or inner.weight.data_ptr() != embedding.weight.data_ptr():
+    if head is None or embedding is None:
         return False
-    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    inner_head, inner_embedding = getattr(head, "base_layer", head), getattr(embedding, "base_layer", embedding)
+    adapted = inner_head is not head or inner_embedding is not embedding  # a LoRA layer wraps its base layer
+    if not adapted or inner_head.weight.data_ptr() != inner_embedding.weight.data_ptr():
+        return False
+    inner_head.weight = torch.nn.Parameter(inner_head.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
         config.tie_word_embeddings = False
     return True
@@ -119,6 +124,26 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
         merged = model.merge_and_unload()
         merged.config.use_cache = True
     return merged, tokenizer
+
+
+def carry_training_template(info: AdapterInfo, tokenizer, reporter=NULL_REPORTER) -> str:
+    """Make `tokenizer`'s chat template the prompt format the adapter was trained with; say which it is.
+
+    A merged folder is used by runtimes that know nothing of lora-cli's templates (transformers'
+    apply_chat_template, vLLM, TGI): with the base model's own chat template they would prompt an
+    alpaca-trained model in another format. Returns "training" or "base model" (a text template whose
+    layout no chat message can express keeps the base model's, with a warning).
+    """
+    from lora_cli.adapter.folder import load_template
+    from lora_cli.data.chat_template import training_chat_template
+
+    try:
+        tokenizer.chat_template = training_chat_template(load_template(info), tokenizer, info.add_eos)
+    except LoraCliError as exc:
+        reporter.message(f"warning: the merged folder keeps the base model's chat template, not the training "
+                         f"template {info.template}: {exc.message}")
+        return "base model"
+    return "training"
 
 
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "auto",
@@ -159,12 +184,14 @@ def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, 
 
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
+    chat_template = carry_training_template(info, tokenizer, reporter)
     with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
-            "lora": info.lora.model_dump(), "template": info.template, "lora_cli_version": __version__}, indent=2))
+            "lora": info.lora.model_dump(), "template": info.template, "add_eos": info.add_eos, "chat_template": chat_template,
+            "lora_cli_version": __version__}, indent=2))
         if info.template_text is not None:  # the prompt format the merged weights expect, as trained
             (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()

@@ -18,7 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from lora_cli import __version__
+from lora_cli.adapter import consistency
 from lora_cli.adapter.folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     CHECKPOINTS,
     LOGS,
     AdapterInfo,
@@ -97,6 +100,7 @@ class Verification:
     extra: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
+    config_mismatch: str | None = None  # adapter_config.json does not describe the weights (adapter.consistency)
 
 
 def safe_member(name: str) -> bool:
@@ -136,8 +140,28 @@ def verify(path: str | Path) -> Verification:
                 digest = sha256_of(fh)
             if digest != listed[name].get("sha256") or zf.getinfo(name).file_size != listed[name].get("size"):
                 result.changed.append(name)
-    result.ok = not (result.changed or result.missing or result.extra or result.unsafe)
+        if {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= present:
+            result.config_mismatch = _config_mismatch(zf, path)
+    result.ok = not (result.changed or result.missing or result.extra or result.unsafe or result.config_mismatch)
     return result
+
+
+def _config_mismatch(zf: zipfile.ZipFile, path: Path) -> str | None:
+    """What the zip's adapter_config.json gets wrong about its weights (None: they agree): a zip whose
+    files all match the manifest can still hold the config of one run and the weights of another."""
+    try:
+        config = json.loads(zf.read(ADAPTER_CONFIG))
+    except ValueError as exc:
+        return f"{ADAPTER_CONFIG} is not valid JSON ({exc})"
+    if not isinstance(config, dict) or not consistency.is_lora(config):
+        return None  # not LoRA: left to peft, as for a folder
+    with zf.open(ADAPTER_WEIGHTS) as fh:
+        try:
+            header = consistency.read_header(fh, f"{path}:{ADAPTER_WEIGHTS}")
+        except LoraCliError as exc:
+            return exc.message
+    problem = consistency.mismatch(config, header)
+    return f"{ADAPTER_CONFIG} does not describe {ADAPTER_WEIGHTS}: {problem}" if problem else None
 
 
 def extract(path: str | Path, target: str | Path) -> Path:
@@ -146,6 +170,9 @@ def extract(path: str | Path, target: str | Path) -> Path:
     check = verify(path)
     if check.unsafe:
         raise LoraCliError(f"{path} holds paths that escape the target folder: {', '.join(check.unsafe[:3])}.")
+    if check.config_mismatch and not (check.changed or check.missing or check.extra):
+        raise LoraCliError(f"{path}: {check.config_mismatch}.",
+                           "Package the adapter again from a folder whose config matches its weights.")
     if not check.ok:
         raise LoraCliError(f"{path} does not match its manifest; run lora-cli package --verify {path}.")
     root = target.resolve()

@@ -189,8 +189,7 @@ def _model_name(output: Path) -> str:
 
 def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     """Chat template, Ollama shape and stops, from the tokenizer alone: template refusals come before the merge."""
-    from lora_cli.data.tokenization import special_prefix
-    from lora_cli.export import chat_template as ct
+    from lora_cli.data import chat_template as ct
     from lora_cli.export import modelfile as mf
     from lora_cli.export.vocab import check_tokenizer
     from lora_cli.model.load import load_tokenizer
@@ -199,8 +198,7 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
                                info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""
-    prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
-    plan = {"jinja": ct.gguf_chat_template(template, tokenizer, prefix, eos), "prompt": ct.describe_mapping(template),
+    plan = {"jinja": ct.training_chat_template(template, tokenizer, info.add_eos), "prompt": ct.describe_mapping(template),
             "stops": [], "shape": None}
     if fmt == "ollama":
         shape = mf.chat_shape(tokenizer, tokenizer.eos_token, info.add_eos) if isinstance(template, ct.ChatTemplate) \
@@ -229,7 +227,7 @@ def _write(output: Path, fmt: str, replace: bool, model, tokenizer, spec, outtyp
 
 def _export_lora(info, output: Path, outtype: str, spec, template, t0: float, reporter) -> ExportResult:
     from lora_cli.atomic import atomic_path
-    from lora_cli.export.chat_template import describe_mapping
+    from lora_cli.data.chat_template import describe_mapping
     from lora_cli.export.gguf_lora import write_lora_gguf
 
     try:

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -52,8 +53,15 @@ from lora_cli.errors import LoraCliError
 from lora_cli.model.identity import describe_change
 from lora_cli.train.checkpoint import STATE, list_checkpoints, read_state
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
-def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
+    from lora_cli.train.checkpoint import Checkpoint
+
+
+def write_adapter(peft_model: PeftModel, tensors: dict, folder: Path) -> None:
     """What peft's save_pretrained writes (adapter_config.json, adapter_model.safetensors), for
     adapter tensors that were gathered rather than read from the model."""
     import copy
@@ -67,7 +75,7 @@ def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
               metadata={"format": "pt"})
 
 
-def save_converted(peft_model, initial: dict, folder: Path) -> None:
+def save_converted(peft_model: PeftModel, initial: dict, folder: Path) -> None:
     """A pissa/olora adapter as peft saves it for the original base: a plain LoRA of twice the rank.
 
     Those initialisations move part of the base weights into the adapter (W_res = W - B0 A0); peft
@@ -227,7 +235,7 @@ class OutputFolder:
                            "To train it further, raise --epochs or --max-steps (with --resume); --overwrite instead "
                            "of --resume trains it again from scratch.")
 
-    def continuation(self, checkpoint, total_steps: int) -> str:
+    def continuation(self, checkpoint: Checkpoint, total_steps: int) -> str:
         """On resume: a note when the run's length changed (its schedule is stretched to the new
         end), or LoraCliError when nothing is left to do (a finished run, or a checkpoint past the end)."""
         step, planned = checkpoint.state.step, checkpoint.state.total_steps
@@ -284,8 +292,8 @@ class OutputFolder:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
 
-    def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict,
-               adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
+    def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: dict, summary: dict,
+               param_summary: dict, adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
         """Stage every final file, then rename them into the folder (the old adapter stays until then).
 
         run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
@@ -310,8 +318,10 @@ class OutputFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary, adapter_state,
-               initial_adapter=None) -> None:
+    def _stage(self, staging: Path, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+               decisions: dict[str, Any], summary: dict[str, Any], param_summary: dict[str, Any],
+               adapter_state: dict[str, torch.Tensor] | None, initial_adapter: dict[str, torch.Tensor] | None = None
+               ) -> None:
         if initial_adapter is not None:
             save_converted(peft_model, initial_adapter, staging)
         elif adapter_state is None:
