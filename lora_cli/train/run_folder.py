@@ -370,4 +370,6 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
         paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
         if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
             return
-    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded).prepare(resume, False)
+    # the base as recorded: whether it changed since is decided once it is resolved (after this check)
+    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded,
+                 base_identity=run.get("base_model")).prepare(resume, False)
