@@ -87,8 +87,8 @@ def _open(path: Path, wait: bool) -> tuple[int | None, dict]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         locked = _flock(fd, wait)
         owner = _read(fd)
-        if locked is None and owner and _alive(owner):
-            locked = False
+        if locked is None:  # no flock on this filesystem: the pid in the file decides
+            locked = not (owner and _alive(owner))
         if not locked:
             os.close(fd)
             return None, owner

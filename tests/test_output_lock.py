@@ -143,3 +143,25 @@ def test_a_tokenize_cache_entry_being_built_is_waited_for_then_used(holder, tiny
     assert res.exit_code == 0, res.output
     assert f"Waiting for pid {busy.pid} " in res.output
     assert (entry / "meta.json").is_file() and not lock_path(entry).exists()
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    def no_flock(fd, operation):  # some network filesystems: no flock at all
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    target = tmp_path / "out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock_path(target).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    said = RecordingReporter()
+    with exclusive(target, "Output out", reporter=said):
+        assert f"from pid {gone.pid} " in said.messages[0]  # a dead pid's file is taken over
+        with pytest.raises(OutputInUse, match=f"pid {os.getpid()} "):  # a live one's is not
+            with exclusive(target, "Output out"):
+                pass
+    assert not lock_path(target).exists()
