@@ -1,0 +1,129 @@
+"""A plain copy of a (4-bit, LoRA-wrapped) model for generation: dequantized, the adapter merged in.
+
+Generating on the 4-bit model dequantizes every layer's weights at every token, and runs the
+LoRA branch as extra small matmuls; a plain model in the compute dtype whose weights are
+W = dequantize(W_4bit) + scale * B @ A does one matmul per layer instead. The copy is the
+model's own architecture (transformers' `from_config`), so every model the loader supports
+works; `refresh` copies the current weights in place (the training model's, at each
+evaluation), so anything captured on the copy's tensors stays valid.
+
+What the copy cannot hold (DoRA's magnitude vectors, a LoRA on an output matrix tied to the
+embeddings, an adapter kind other than LoRA) is reported by `why_not_copyable`, and the
+caller generates eagerly on the model itself.
+"""
+
+from __future__ import annotations
+
+
+def _source_base(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _is_lora(module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _active(module) -> list[str]:
+    """The adapters whose delta this LoRA layer adds right now (none while adapters are disabled)."""
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return []
+    return [a for a in module.active_adapters if a in module.lora_A]
+
+
+def why_not_copyable(model) -> str | None:
+    """A reason the copy would not compute what `model` computes, or None."""
+    base = _source_base(model)
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    for module in base.modules():
+        if _is_lora(module) and len(getattr(module, "lora_magnitude_vector", None) or {}):
+            return "DoRA adapters are not merged for generation"
+        if _is_lora(module) and tied and module is out:
+            return "a LoRA on an output matrix tied to the embeddings cannot be merged into one copy"
+        kind = type(module).__module__
+        if kind.startswith("peft.tuners") and not kind.startswith(("peft.tuners.lora", "peft.tuners.tuners_utils")):
+            return f"the adapter kind {type(module).__name__} is not merged for generation"
+    return None
+
+
+def copy_bytes(model, dtype) -> int:
+    """Bytes a copy of `model` in `dtype` takes: one element per logical weight (4-bit weights count whole)."""
+    import torch
+
+    per = torch.finfo(dtype).bits // 8
+    total = 0
+    for module in _source_base(model).modules():
+        if _is_lora(module):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            shape = getattr(getattr(p, "quant_state", None), "shape", None)
+            total += (int(torch.Size(shape).numel()) if shape is not None else p.numel()) * per
+    return total
+
+
+def build_copy(model, dtype, device):
+    """A plain transformers model of `model`'s architecture on `device` in `dtype`, weights from `model`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = _source_base(model)
+    config = base.config
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with torch.device(device), no_init_weights():
+        copy = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=getattr(config, "auto_map", None) is not None)
+    copy.eval().requires_grad_(False)
+    copy.generation_config = base.generation_config
+    refresh(copy, model)
+    return copy
+
+
+def _weight(param, dtype):
+    """A parameter's values in `dtype`; bitsandbytes 4-bit weights dequantized."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(param.data, state).to(dtype)
+    return param.data.to(dtype)
+
+
+def _resolve(source, name: str):
+    """The module of `source` that computes what the copy's module `name` computes, and its LoRA layer (or None)."""
+    module = source.get_submodule(name) if name else source
+    if _is_lora(module):
+        return module.get_base_layer(), module
+    inner = getattr(module, "modules_to_save", None)  # peft's ModulesToSaveWrapper: the trained copy when active
+    if inner is not None and hasattr(module, "original_module"):
+        name = getattr(module, "active_adapter", None)
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        use = not getattr(module, "disable_adapters", False) and name in inner
+        return (inner[name] if use else module.original_module), None
+    return module, None
+
+
+def refresh(copy, model) -> None:
+    """Copy `model`'s current weights (dequantized, active LoRA deltas added) into `copy`, in place."""
+    import torch
+
+    source = _source_base(model)
+    with torch.no_grad():
+        for name, target in copy.named_modules():
+            own = list(target.named_parameters(recurse=False)) + list(target.named_buffers(recurse=False))
+            if not own:
+                continue
+            src, lora = _resolve(source, name)
+            for attr, tensor in own:
+                value = getattr(src, attr, None)
+                if value is None:
+                    continue  # a buffer the copy computes itself (rotary frequencies)
+                value = _weight(value, tensor.dtype)
+                if lora is not None and attr == "weight":
+                    for adapter in _active(lora):
+                        value = value + lora.get_delta_weight(adapter).to(tensor.dtype)
+                tensor.copy_(value.reshape(tensor.shape))
