@@ -75,6 +75,7 @@ class Decoder:
         self.dtype = next(model.parameters()).dtype
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.notes: list[str] = []
+        self.warmup_seconds = 0.0  # building the copy and capturing decode steps, so far
 
     def _slot(self, batch: int, length: int) -> _Slot:
         import torch
@@ -102,8 +103,11 @@ class Decoder:
 
     def _capture(self, slot: _Slot, filled: int) -> None:
         """Record the decode step once (after two warm-up steps on a side stream, as CUDA graphs need)."""
+        import time
+
         import torch
 
+        t0 = time.perf_counter()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -122,6 +126,7 @@ class Decoder:
         # the warm-up steps advanced the cache's write position: put it back at the end of the prompt
         for layer in slot.cache.layers:
             layer.cumulative_length.fill_(filled)
+        self.warmup_seconds += time.perf_counter() - t0
 
     def _prefill(self, slot: _Slot, ids, valid):
         """Run the prompts through the model, filling the cache; the last position's logits (float32)."""
@@ -207,6 +212,7 @@ def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:
     memory with 1 GiB to spare. LORA_CLI_EAGER_GENERATE=1 asks for eager decoding (comparisons).
     """
     import os
+    import time
 
     import torch
 
@@ -224,6 +230,9 @@ def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:
             return None, (f"a {need / 2**30:.1f} GiB {str(dtype).split('.')[-1]} copy of the model does not fit "
                           f"in the {free / 2**30:.1f} GiB free on the GPU")
     try:
-        return Decoder(build_copy(model, dtype, device), device), None
+        t0 = time.perf_counter()
+        decoder = Decoder(build_copy(model, dtype, device), device)
+        decoder.warmup_seconds = time.perf_counter() - t0
+        return decoder, None
     except (ValueError, TypeError, RuntimeError, ImportError, AttributeError, KeyError) as exc:
         return None, f"the model could not be copied for fast decoding ({type(exc).__name__}: {exc})"[:300]

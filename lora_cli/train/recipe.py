@@ -209,6 +209,7 @@ def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: 
     try:
         summary = loop.run()
         summary["tokenize_cache"] = data.cache_keys
+        summary["probe_s"] = round(watch.probe.seconds, 2) if watch.probe is not None else 0.0
         lora, _ = loop.adapter_state()
         best = _best_result(cfg, placement, model, out, state)
         if best is not None:
