@@ -122,8 +122,9 @@ def refresh(copy, model) -> None:
                 value = getattr(src, attr, None)
                 if value is None:
                     continue  # a buffer the copy computes itself (rotary frequencies)
-                value = _weight(value, tensor.dtype)
-                if lora is not None and attr == "weight":
-                    for adapter in _active(lora):
-                        value = value + lora.get_delta_weight(adapter).to(tensor.dtype)
+                deltas = _active(lora) if (lora is not None and attr == "weight") else []
+                # merged in fp32 and rounded once: a LoRA delta is small beside W, a bf16 sum would lose part of it
+                value = _weight(value, torch.float32 if deltas else tensor.dtype)
+                for adapter in deltas:
+                    value = value + lora.get_delta_weight(adapter).to(torch.float32)
                 tensor.copy_(value.reshape(tensor.shape))
