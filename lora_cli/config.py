@@ -156,6 +156,9 @@ class TrainConfig:
                                         "steps only (5 in the paper); 0 = off.")
     early_stopping_patience: int = setting(0, "Stop once the eval loss has not improved for N evaluations and keep "
                                               "the best adapter as the result (needs --val); 0 = off.")
+    select_by: str = setting("loss", "What early stopping and the best adapter kept go by: loss (the eval loss) or "
+                                     "stop-rate (the --eval-generate probe's stop rate, ties broken by the eval "
+                                     "loss).")
     eval_generate: int = setting(8, "At each evaluation, greedy answers for the first K val prompts: stop rate and "
                                     "a sample answer; 0 = off.")
     report_to: str = setting("none", "Experiment trackers, offline, logs in OUTPUT/logs: none, or a comma list of "
@@ -198,6 +201,7 @@ class TrainConfig:
                 raise _bad("train", key, getattr(self, key), f"must be at most {limit:,}")
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "batching", self.batching, BATCHINGS)
+        _check_choice("train", "select_by", self.select_by, ("loss", "stop-rate"))
         self.compile = _ONOFF.get(self.compile, self.compile)  # YAML reads a bare on/off as a boolean
         _check_choice("train", "compile", self.compile, ("auto", "on", "graphs", "off"))
         gc = self.gradient_checkpointing
@@ -266,6 +270,9 @@ class RunConfig:
         if self.train.early_stopping_patience and not self.data.val:
             raise LoraCliError("--early-stopping-patience watches the eval loss, and there is no --val data.",
                                "Pass --val FILE.jsonl, or leave --early-stopping-patience at 0.")
+        if self.train.select_by == "stop-rate" and not self.train.eval_generate:
+            raise LoraCliError("--select-by stop-rate needs the stop-rate probe, and --eval-generate is 0.",
+                               "Pass --eval-generate 8 (the default), or --select-by loss.")
 
     # ---- conversion -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
