@@ -180,22 +180,29 @@ class TrainingLoop:
         if line:
             self.reporter.message(line)
         if checkpoint and self.train_cfg.early_stopping_patience:
-            self._early_stopping(value, checkpoint)
+            self._early_stopping(value, checkpoint, extra.get("stop_rate"))
         if self.watch:
             self.watch.draw(state.metrics_lines)
 
-    def _early_stopping(self, value: float, checkpoint: str) -> None:
-        """Track the best evaluation since training began; stop after `patience` evaluations without a better one."""
+    def _early_stopping(self, value: float, checkpoint: str, stop_rate: float | None = None) -> None:
+        """Track the best evaluation since training began; stop after `patience` evaluations without a better one.
+
+        Better: a lower eval loss, or with --select-by stop-rate a higher stop rate (ties: the lower eval loss)."""
         state, patience = self.state, self.train_cfg.early_stopping_patience
-        if state.best_eval_loss is None or value < state.best_eval_loss:
+        by_rate = self.train_cfg.select_by == "stop-rate" and stop_rate is not None
+        key = (-stop_rate, value) if by_rate else (value,)
+        best = (-(state.best_stop_rate or 0.0), state.best_eval_loss) if by_rate else (state.best_eval_loss,)
+        if state.best_eval_loss is None or key < best:
             state.best_eval_loss, state.best_step, state.best_checkpoint = value, state.step, checkpoint
+            state.best_stop_rate = stop_rate
             state.evals_since_best = 0
             return
         state.evals_since_best += 1
         if state.evals_since_best >= patience and state.step < self.total_steps:
             state.stopped_early = True
-            self.reporter.message(f"Early stopping: no better eval loss in {patience} evaluation(s) since step "
-                                  f"{state.best_step} ({state.best_eval_loss:.4f}).")
+            what = f"stop rate {state.best_stop_rate:.0%}, " if by_rate else ""
+            self.reporter.message(f"Early stopping: no better {'stop rate' if by_rate else 'eval loss'} in {patience} "
+                                  f"evaluation(s) since step {state.best_step} ({what}{state.best_eval_loss:.4f}).")
 
     def _write(self, row: dict) -> None:
         self.out.append_metrics(row)

@@ -161,6 +161,10 @@ class StopProbe:
             result = ProbeResult(sum(a.stopped for a in answers), len(answers), self.max_new_tokens,
                                  answers[0].text, answers[0].stopped, seconds, warmup)
         placement.accelerator.wait_for_everyone()
+        if placement.world_size > 1:  # every process decides early stopping (--select-by stop-rate) alike
+            from accelerate.utils import broadcast_object_list
+
+            result = broadcast_object_list([result], from_process=0)[0]
         return result
 
     def _answers(self, peft_model, placement, decoder):
