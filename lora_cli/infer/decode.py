@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CHECK_EVERY = 8  # decode steps between checks that every row has finished (a check waits for the GPU)
+CHECK_EVERY = 8  # decode steps between checks that every row has finished, on a GPU (a check waits for it)
 MAX_SLOTS = 4  # captured (batch, cache length) shapes kept at once
 
 
@@ -166,8 +166,9 @@ class Decoder:
 
         batch, width = ids.shape
         cap = sampling.max_new_tokens
-        # a sampled batch must end exactly where eager generate ends: later batches draw from the same generator
-        every = CHECK_EVERY if sampling.greedy and on_token is None else 1
+        # a sampled batch must end exactly where eager generate ends (later batches draw from the same generator);
+        # on the CPU a check costs nothing
+        every = CHECK_EVERY if sampling.greedy and on_token is None and self.device.type == "cuda" else 1
         slot = self._slot(batch, cache_length(width, cap))
         seq = torch.cat([ids, torch.full((batch, cap), pad_id, dtype=torch.long, device=self.device)], 1)
         procs = processors_for(sampling, (~valid).long().sum(-1))
