@@ -113,3 +113,44 @@ def test_per_prompt_caps_cut_each_answer_at_its_own_cap(peft_model, tokenizer):
                             decoder=decoder, caps=caps)
     full = generate_with(peft_model, tokenizer, torch.device("cpu"), prompts, Sampling(max_new_tokens=10))
     assert [a.token_ids for a in answers] == [a.token_ids[:c] for a, c in zip(full, caps)]
+
+
+def test_the_training_probe_answers_on_the_fast_path_as_eagerly(tmp_path_factory, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    import json
+
+    from helpers import tiny_config
+    from helpers.adapter_factory import data_dir, peaked_model_dir
+
+    from lora_cli.train.recipe import train
+
+    model_dir = peaked_model_dir(tmp_path_factory, tiny_model_dir)
+    train_f, val_f = data_dir(tmp_path_factory)
+
+    def probe_rows(name):
+        cfg = tiny_config(model_dir, train_f, val_f, tmp_path / name, epochs=2, lr=2e-2, max_tokens=256,
+                          eval_generate=4).replace({"model.quantization": "none"})
+        result = train(cfg)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if r["type"] == "eval"]
+        return result, [(r["stopped"], r["sample"], r["max_new_tokens"]) for r in evals], evals
+
+    fast, fast_rows, evals = probe_rows("fast")
+    monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
+    eager, eager_rows, _ = probe_rows("eager")
+    assert fast_rows == eager_rows and len(fast_rows) == 3
+    assert fast.eval_losses == eager.eval_losses
+    assert evals[0]["generate_warmup_s"] > 0 and all(r["generate_warmup_s"] == 0 for r in evals[1:])
+    assert 0 < fast.summary["probe_s"] <= fast.summary["seconds"]
+
+
+def test_a_model_the_copy_cannot_hold_is_said_and_decoded_eagerly(tiny_model_dir, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    decoder, reason = build_decoder(dora, torch.device("cpu"), torch.float32)
+    assert decoder is None and "DoRA" in reason
+    monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
+    assert build_decoder(model, torch.device("cpu"), torch.float32) == (None, "LORA_CLI_EAGER_GENERATE=1 is set")

@@ -209,8 +209,9 @@ class Decoder:
 def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:
     """A Decoder on a plain copy of `model` (dequantized, adapter merged), or None and the reason to decode eagerly.
 
-    The copy needs memory (about 2 bytes a parameter in bf16): on CUDA it must fit in the free
-    memory with 1 GiB to spare. LORA_CLI_EAGER_GENERATE=1 asks for eager decoding (comparisons).
+    The copy needs memory (about 2 bytes a parameter in bf16, 4 in fp32): on CUDA it must fit in
+    the free memory with 1 GiB to spare, on the CPU in half the free memory. LORA_CLI_EAGER_GENERATE=1
+    asks for eager decoding (for comparisons).
     """
     import os
     import time
@@ -230,6 +231,11 @@ def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:
         if need + (1 << 30) > free:
             return None, (f"a {need / 2**30:.1f} GiB {str(dtype).split('.')[-1]} copy of the model does not fit "
                           f"in the {free / 2**30:.1f} GiB free on the GPU")
+    elif hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if 2 * need > free:
+            return None, (f"a {need / 2**30:.1f} GiB copy of the model would take over half of the "
+                          f"{free / 2**30:.1f} GiB of free memory")
     try:
         t0 = time.perf_counter()
         decoder = Decoder(build_copy(model, dtype, device), device)
