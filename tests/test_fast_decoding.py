@@ -141,7 +141,7 @@ def test_the_training_probe_answers_on_the_fast_path_as_eagerly(tmp_path_factory
     assert fast_rows == eager_rows and len(fast_rows) == 3
     assert fast.eval_losses == eager.eval_losses
     assert evals[0]["generate_warmup_s"] > 0 and all(r["generate_warmup_s"] == 0 for r in evals[1:])
-    assert 0 < fast.summary["probe_s"] <= fast.summary["seconds"]
+    assert 0 < fast.summary.probe_seconds <= fast.summary.seconds
 
 
 def test_a_model_the_copy_cannot_hold_is_said_and_decoded_eagerly(tiny_model_dir, monkeypatch):
