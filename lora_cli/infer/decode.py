@@ -207,7 +207,7 @@ class Decoder:
 
 
 def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:
-    """A Decoder on a plain copy of `model` (dequantized, adapter merged), or None and the reason to decode eagerly.
+    """A Decoder on a plain copy of `model` (dequantized, adapter beside it), or None and the reason to decode eagerly.
 
     The copy needs memory (about 2 bytes a parameter in bf16, 4 in fp32): on CUDA it must fit in
     the free memory with 1 GiB to spare, on the CPU in half the free memory. LORA_CLI_EAGER_GENERATE=1

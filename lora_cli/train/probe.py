@@ -12,7 +12,7 @@ soon as every answer has stopped or reached its cap (the longest cap is the run'
 eval_generate_max_new_tokens).
 
 The answers come from the fast decoding path (lora_cli/infer/decode.py): a plain copy of the
-model in the compute dtype, the 4-bit base dequantized and the adapter merged in, built at the
+model in the compute dtype, the 4-bit base dequantized and the adapter kept beside it, built at the
 first evaluation and refreshed in place at each later one (on a GPU its captured decode step is
 reused: the warm-up is paid once per command, and said). All K prompts go in one batch. Where
 the copy cannot be made (memory, DoRA, ...) the probe generates eagerly on the unwrapped peft
