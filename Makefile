@@ -24,7 +24,7 @@ define demo_line
 	@echo '$$ $(1)'; cd $(DEMO_DIR) && PATH="$(abspath $(BIN)):$$PATH" $(1)
 endef
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,10 @@ demo: install
 
 test: install
 	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest
+
+# The edit loop: every test but the multi-process, kill, end-to-end and export-matrix ones (marked slow).
+test-fast: install
+	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf adapters adaptermodel.zip .lora-cache .pytest_cache $(DEMO_DIR)

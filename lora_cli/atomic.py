@@ -12,43 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fnmatch
 import os
 import shutil
-import signal
 import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from lora_cli.errors import LoraCliError
+from lora_cli.faults import point as fault_point
 
 TMP_PREFIX = ".tmp-"
-KILL_ENV = "LORA_CLI_TEST_KILL_AT"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "storagefull")
-_kill_hits: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-    """Test hook: die here, as `kill -9` or a power cut would, when the crash tests ask for it.
-
-    With LORA_CLI_TEST_KILL_AT=<pattern> (fnmatch, e.g. `dir:*`; `<pattern>#<n>`: the n-th time a
-    matching point is reached) the process sends itself SIGKILL at the first matching point, so
-    a test can stop a writer exactly between two of its steps. Unset, as in normal use, it does
-    nothing. Points: tokenize:rows, checkpoint:partial, train:step, adapter:staged,
-    adapter:renaming, zip:partial, file:<name> (before a rename), dir:<name> (before a rename),
-    dir-swap:<name> (old folder set aside, new one not yet in place).
-    """
-    want = os.environ.get(KILL_ENV)
-    if not want:
-        return
-    pattern, _, nth = want.partition("#")
-    if not fnmatch.fnmatchcase(name, pattern):
-        return
-    _kill_hits[pattern] = _kill_hits.get(pattern, 0) + 1
-    if _kill_hits[pattern] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -148,7 +124,7 @@ def atomic_path(dest: Path | str, hint: str | None = None) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        kill_point(f"file:{dest.name}")
+        fault_point(f"file:{dest.name}")
         os.replace(tmp_path, dest)
         fsync_dir(dest.parent)
     except BaseException as exc:
@@ -177,7 +153,7 @@ def atomic_dir(dest: Path | str, replace: bool = False, hint: str | None = None)
     os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
-        kill_point(f"dir:{dest.name}")
+        fault_point(f"dir:{dest.name}")
         _swap_in(tmp, dest, replace)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +171,7 @@ def _swap_in(tmp: Path, dest: Path, replace: bool) -> None:
             raise FileExistsError(errno.EEXIST, "exists", str(dest))
         old = Path(tempfile.mkdtemp(prefix=tmp_prefix(f"old-{dest.name}"), dir=dest.parent))
         os.replace(dest, old / dest.name)
-        kill_point(f"dir-swap:{dest.name}")
+        fault_point(f"dir-swap:{dest.name}")
     os.replace(tmp, dest)
     fsync_dir(dest.parent)
     if old is not None:

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.adapter.folder import (

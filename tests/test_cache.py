@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

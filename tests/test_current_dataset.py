@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

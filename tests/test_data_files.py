@@ -11,7 +11,7 @@ import tracemalloc
 import zipfile
 
 import pytest
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_config
+from helpers import REPO, tiny_config
 from safetensors.torch import load_file
 
 from lora_cli.train.recipe import train
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")]
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 runner = CliRunner()
 
 
@@ -21,7 +21,7 @@ def run(*args):
 
 
 def test_pipeline_on_the_embedded_model(use_embedded, tmp_path):
-    from conftest import REPO
+    from helpers import REPO
 
     train_f, val_f = REPO / "sample_data" / "train.jsonl", REPO / "sample_data" / "val.jsonl"
     run("validate-data", str(train_f), str(val_f), "--model", "smollm2-135m")

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 runner = CliRunner()
 # q8_0 against the fp32 merge (NF4 base weights) over the val records' training sequences: the largest logit
 # difference as a fraction of the largest logit, and how often the argmax agrees. Measured: 5.4% and 96.9% with
@@ -23,8 +23,8 @@ def run(*args):
 def test_the_embedded_models_export_loads_back_and_prompts_as_training_did(use_embedded, tmp_path):
     import json
 
-    from conftest import REPO
-    from gotemplate import ollama_render, parse_modelfile
+    from helpers import REPO
+    from helpers.gotemplate import ollama_render, parse_modelfile
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_cli.adapter.folder import load_template, read_adapter

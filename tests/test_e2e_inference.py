@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 runner = CliRunner()
 
 
@@ -19,7 +19,7 @@ def run(*args):
 
 
 def test_generate_eval_merge_on_the_embedded_model(use_embedded, tmp_path):
-    from conftest import REPO
+    from helpers import REPO
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_cli.adapter.folder import read_adapter

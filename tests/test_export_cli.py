@@ -4,7 +4,7 @@ pre-tokenizer named so that a GGUF reader splits text as the training tokenizer 
 import json
 
 import pytest
-from export_helpers import adapter
+from helpers.export import adapter
 from typer.testing import CliRunner
 
 from lora_cli.adapter.folder import read_adapter

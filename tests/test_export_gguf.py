@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingReporter
-from export_helpers import (
+from helpers import RecordingReporter
+from helpers.export import (
     CONVERSATION,
     IDS,
     adapter,
@@ -77,6 +77,7 @@ def references(adapters):
     return {arch: merged_model(read_adapter(path), "fp32", "original")[0] for arch, path in adapters.items()}
 
 
+@pytest.mark.slow  # the export matrix: architectures x types
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_gguf_holds_the_merged_weights_and_reproduces_the_merged_logits(arch, outtype, adapters, references,

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from export_helpers import IDS, adapter, model_dir
+from helpers.export import IDS, adapter, model_dir
 
 from lora_cli.adapter.folder import read_adapter
 from lora_cli.errors import LoraCliError
@@ -48,6 +48,7 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=torch.tensor([IDS])).logits.float()
 
 
+@pytest.mark.slow  # the export matrix: architectures x types
 @pytest.mark.parametrize("outtype, atol", [("f32", 1e-4), ("q8_0", 0.05)])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_gguf_lora_adapter_applied_as_llama_cpp_does_reproduces_the_peft_model(arch, outtype, atol,

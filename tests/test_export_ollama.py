@@ -1,8 +1,8 @@
 """export --format ollama: the Modelfile's TEMPLATE, read as Ollama reads it and rendered by a small Go-template
-renderer (tests/gotemplate.py), gives lora-cli's training prompt byte for byte; stops and parameters."""
+renderer (tests/helpers/gotemplate.py), gives lora-cli's training prompt byte for byte; stops and parameters."""
 
 import pytest
-from export_helpers import (
+from helpers.export import (
     CONVERSATION,
     adapter,
     conversation_prompt,
@@ -11,7 +11,7 @@ from export_helpers import (
     template_file,
     val_records,
 )
-from gotemplate import ollama_render, parse_modelfile
+from helpers.gotemplate import ollama_render, parse_modelfile
 
 from lora_cli.adapter.folder import read_adapter
 from lora_cli.data.records import Example

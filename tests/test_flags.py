@@ -1,10 +1,13 @@
 """Flags are generated from the config tree: one per field, named after it, its default shown in --help."""
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
-from lora_cli.cli.options import config_fields, field_default, flag_name, select
 from typer.testing import CliRunner
+
+from lora_cli.cli.options import config_fields, field_default, flag_name, select
 
 from lora_cli.cli.app import app
 
@@ -66,10 +69,64 @@ def test_flag_names_follow_field_names_unless_the_field_names_another():
 ])
 def test_the_other_commands_take_their_settings_from_the_same_tree(command, flags):
     shown = _option_lines(_help(command))
+    defaults = {flag_name(f).split("/")[0]: field_default(f) for _, f in config_fields()}
     for flag in flags:
-        assert flag in shown and "[default: " in shown[flag] or flag == "--train", (command, flag)
+        assert flag in shown, (command, flag)
+        # a field without a default (--train) shows none; every other shows the tree's
+        assert ("[default: " in shown[flag]) == (defaults[flag] is not None), (command, flag, shown[flag])
 
 
 def test_an_unknown_field_pattern_is_a_programming_error():
     with pytest.raises(ValueError, match="no such config field"):
         select(("train.nope",))
+
+
+# Flags of other programs that lora-cli's messages and command lines spell out.
+OTHER_PROGRAMS = {
+    "--logdir": "tensorboard", "--backend-store-uri": "mlflow", "--no-deps": "pip",
+    "--multi_gpu": "accelerate launch", "--num_processes": "accelerate launch", "--num_machines": "accelerate launch",
+    "--mixed_precision": "accelerate launch", "--dynamo_backend": "accelerate launch",
+    "--config_file": "accelerate launch",
+}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+
+
+def _every_flag() -> set[str]:
+    import typer.main
+
+    flags = {"--help"}
+
+    def walk(command):
+        for param in command.params:
+            flags.update(param.opts + param.secondary_opts)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    return flags
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def test_every_flag_a_message_names_exists():
+    """Errors, hints, messages and help name flags; each must be a flag of some lora-cli command."""
+    from lora_cli.train.sharding import LAUNCH_FLAGS
+
+    accelerate_fsdp = {a for a in LAUNCH_FLAGS if a.startswith("--")}
+    flags, wrong = _every_flag() | accelerate_fsdp, []
+    for path in sorted((Path(__file__).resolve().parent.parent / "lora_cli").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _docstrings(tree)  # docstrings speak to developers
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+                wrong += [f"{path.name}:{node.lineno}: {m}" for m in FLAG.findall(node.value)
+                          if m not in flags and m not in OTHER_PROGRAMS]
+    assert not wrong, "messages name flags that no command has:\n" + "\n".join(wrong)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import yaml
-from adapter_factory import data_dir, make_adapter, peaked_model_dir
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
+from helpers.adapter_factory import data_dir, make_adapter, peaked_model_dir
 
 from lora_cli.adapter.folder import load_template, read_adapter
 from lora_cli.adapter.packaging import open_adapter

@@ -4,8 +4,8 @@ import json
 import re
 
 import pytest
-from adapter_factory import data_dir, make_adapter, peaked_model_dir
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
+from helpers.adapter_factory import data_dir, make_adapter, peaked_model_dir
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

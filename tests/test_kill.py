@@ -1,7 +1,7 @@
 """SIGKILL at named points inside every writer (tokenize cache, checkpoints, adapter folder, zip).
 
 Each command runs as `python -m lora_cli ...` in a subprocess that the test hook
-LORA_CLI_TEST_KILL_AT (lora_cli/atomic.py: kill_point) kills with SIGKILL at an exact point.
+LORA_CLI_TEST_KILL_AT (lora_cli/faults.py: a named fault point) kills with SIGKILL at an exact point.
 Afterwards nothing half-written is read as valid, and running the command again succeeds; for
 training, the resumed run ends equal to an uninterrupted one.
 """
@@ -15,14 +15,16 @@ import zipfile
 
 import pytest
 import torch
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lora_cli.atomic import KILL_ENV, TMP_PREFIX
+from lora_cli.atomic import TMP_PREFIX
+from lora_cli.faults import KILL_ENV
 from lora_cli.cli.app import app
 from lora_cli.train.checkpoint import list_checkpoints, load_checkpoint
 
+pytestmark = pytest.mark.slow  # each test runs lora-cli processes and kills them
 runner = CliRunner()
 KILLED = -signal.SIGKILL
 

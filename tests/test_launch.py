@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
@@ -48,7 +48,7 @@ def test_fsdp_without_gpus_fails_early_and_clearly(tmp_path):
 
 
 def test_fsdp_from_an_accelerate_config_on_a_cpu_machine_is_refused(tiny_model_dir, data_files, tmp_path, monkeypatch):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from lora_cli.errors import LoraCliError
     from lora_cli.train.runtime import place

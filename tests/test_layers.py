@@ -1,7 +1,8 @@
-"""The package's shape: imports point down the layers and never in a circle; files and functions stay small.
+"""The package's shape: imports point down the layers and never in a circle; files and functions stay small;
+tests reach inside only through the fault points.
 
 Layers, lowest first (a module may import its own layer and the ones below):
-  foundation (config, config_files, errors, progress, atomic) < model < data < adapter < infer, export < train < cli
+  foundation (config, config_files, errors, faults, progress, atomic) < model < data < adapter < infer, export < train < cli
 Checked on the source (every import statement, those inside functions too), so a lazy import
 that points up is caught as well.
 """
@@ -10,7 +11,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_cli"
-LAYERS = [("config", "config_files", "errors", "progress", "atomic"), ("model",), ("data",), ("adapter",), ("infer", "export"),
+LAYERS = [("config", "config_files", "errors", "faults", "progress", "atomic"), ("model",), ("data",), ("adapter",), ("infer", "export"),
           ("train",), ("cli",)]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60  # the body, not the signature: a Typer command's signature is its list of flags
@@ -106,3 +107,19 @@ def test_no_module_passes_400_lines_and_no_function_body_60():
                 if body > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}.{node.name}: {body} lines")
     assert not too_long, "\n".join(too_long)
+
+
+def test_tests_import_helpers_from_their_package_and_replace_no_private_function():
+    """Shared helpers come from tests/helpers (not conftest); a test that needs lora-cli to fail or to be
+    watched mid-run uses a named fault point (lora_cli/faults.py), not a patched private function."""
+    wrong = []
+    tests = Path(__file__).resolve().parent
+    for path in sorted([*tests.glob("*.py"), *tests.glob("helpers/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "conftest":
+                wrong.append(f"{path.name}:{node.lineno}: from conftest import")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                    and str(node.args[1].value).startswith("_") and not str(node.args[1].value).startswith("__")):
+                wrong.append(f"{path.name}:{node.lineno}: replaces private {node.args[1].value}")
+    assert not wrong, "\n".join(wrong)

@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import RecordingReporter, make_records, tiny_config, write_jsonl
+from helpers import RecordingReporter, make_records, tiny_config, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
@@ -110,7 +110,7 @@ def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out(tiny_mo
 
 
 def test_eval_says_which_examples_it_could_not_score(tmp_path_factory, tiny_model_dir, tmp_path):
-    from adapter_factory import make_adapter, peaked_model_dir
+    from helpers.adapter_factory import make_adapter, peaked_model_dir
 
     from lora_cli.adapter.folder import read_adapter
     from lora_cli.infer.evaluation import evaluate, read_examples

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from adapter_factory import make_adapter, peaked_model_dir
+from helpers.adapter_factory import make_adapter, peaked_model_dir
 from typer.testing import CliRunner
 
 from lora_cli.adapter.folder import read_adapter

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from lora_cli.config import RunConfig
 from lora_cli.data.batching import Batcher, StepPlan
 from lora_cli.train.plan import MIN_COMPILE_STEPS, decide, step_budget

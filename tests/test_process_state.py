@@ -7,7 +7,7 @@ LORA_CLI_CPU_BF16 and the tests mean the same on every machine.
 """
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

@@ -5,6 +5,7 @@ in-process (a poisoned loss, a raised torch.OutOfMemoryError, a writer that fill
 half-way and raises ENOSPC the way each library really does).
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -15,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lora_cli import faults
 from lora_cli.cli.app import app
-from lora_cli.train import loop
 from lora_cli.train.checkpoint import list_checkpoints, load_checkpoint
 
 runner = CliRunner()
@@ -59,38 +60,32 @@ class NaNGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
-def poison_after_first_checkpoint(monkeypatch, how) -> dict:
-    """Apply `how` to the loss of the first step taken once a checkpoint exists; records that step."""
-    seen = {}
-    real_step = loop.TrainingLoop._step
+@contextlib.contextmanager
+def poison_after_first_checkpoint(out, how):
+    """Apply `how` to the micro-batch losses of the first step taken once a checkpoint exists in `out`;
+    yields what it records: that step's number."""
+    seen, steps = {}, [0]
 
-    def step(self, group, flag):
-        if seen or not list_checkpoints(self.out.path):
-            return real_step(self, group, flag)
-        seen["step"] = self.state.step + 1
-        real_module = self.trainable.module
+    def count(_):
+        steps[0] += 1
 
-        def module(*args):
-            loss, n = real_module(*args)
-            return how(loss), n
+    def poison(loss):
+        if "step" not in seen and not list_checkpoints(out):
+            return loss
+        seen.setdefault("step", steps[0] + 1)
+        return how(loss) if seen["step"] == steps[0] + 1 else loss
 
-        self.trainable.module = module
-        try:
-            return real_step(self, group, flag)
-        finally:
-            self.trainable.module = real_module
-
-    monkeypatch.setattr(loop.TrainingLoop, "_step", step)
-    return seen
+    with faults.inject("train:step", count), faults.inject("train:loss", poison):
+        yield seen
 
 
 @pytest.mark.parametrize("what, how", [("loss", lambda loss: loss * float("nan")),
                                        ("gradient norm", NaNGradient.apply)])
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-        tiny_model_dir, data_files, tmp_path, monkeypatch, what, how):
+        tiny_model_dir, data_files, tmp_path, what, how):
     out = tmp_path / "adapters"
-    seen = poison_after_first_checkpoint(monkeypatch, how)
-    res = invoke(*train_args(tiny_model_dir, data_files, out))
+    with poison_after_first_checkpoint(out, how) as seen:
+        res = invoke(*train_args(tiny_model_dir, data_files, out))
     assert_message_not_traceback(res)
     assert f"The {what} became NaN or infinite at step {seen['step']}" in res.output
     assert [p.name for p in list_checkpoints(out)] == ["epoch-1"] and "epoch-1" in res.output
@@ -107,17 +102,19 @@ TORCH_OOM = ("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has a total 
              "1.02 GiB is free. Including non-PyTorch memory, this process has 78.15 GiB memory in use.")
 
 
-def test_out_of_memory_in_a_step_names_the_memory_and_the_flags_that_lower_it(tiny_model_dir, data_files, tmp_path,
-                                                                               monkeypatch):
-    real_step = loop.TrainingLoop._step
+def test_out_of_memory_in_a_step_names_the_memory_and_the_flags_that_lower_it(tiny_model_dir, data_files, tmp_path):
+    steps = [0]
 
-    def step(self, group, flag):
-        if self.state.step == 1:
+    def count(_):
+        steps[0] += 1
+
+    def second_step_runs_out(loss):
+        if steps[0] == 1:
             raise torch.OutOfMemoryError(TORCH_OOM)
-        return real_step(self, group, flag)
+        return loss
 
-    monkeypatch.setattr(loop.TrainingLoop, "_step", step)
-    res = invoke(*train_args(tiny_model_dir, data_files, tmp_path / "a", "--batch-size", "4", "--grad-accum", "2"))
+    with faults.inject("train:step", count), faults.inject("train:loss", second_step_runs_out):
+        res = invoke(*train_args(tiny_model_dir, data_files, tmp_path / "a", "--batch-size", "4", "--grad-accum", "2"))
     assert_message_not_traceback(res)
     text = " ".join(res.output.split())
     assert "Out of GPU memory at step 2" in text
@@ -185,18 +182,14 @@ def test_full_disk_while_saving_the_adapter_keeps_the_previous_one(tiny_model_di
     assert digests(out, ADAPTER_FILES) != before
 
 
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_dir, data_files, tmp_path,
-                                                                    monkeypatch):
-    from lora_cli.train import checkpoint
-
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_dir, data_files, tmp_path):
     out = tmp_path / "adapters"
-    real_save = checkpoint._torch_save
     calls = {"n": 0}
 
-    def torch_save(obj, path):
+    def torch_save(path):
         calls["n"] += 1
         if calls["n"] <= 3:  # the first checkpoint's optimizer, scheduler and rng
-            return real_save(obj, path)
+            return path
         with open(path, "wb") as fh:  # what torch.save does on a full disk, to the letter
             fh.write(b"PK\x03\x04 half an archive")
         try:
@@ -205,8 +198,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     args = train_args(tiny_model_dir, data_files, out)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint, "_torch_save", torch_save)
+    with faults.inject("checkpoint:file", torch_save):
         res = invoke(*args)
     assert_message_not_traceback(res)
     text = " ".join(res.output.split())
@@ -300,6 +292,8 @@ def test_full_disk_inside_datasets_arrow_writer_is_a_message(tiny_model_dir, dat
 ])
 def test_the_non_finite_hint_fits_the_runs_precision(precision, hint):
     from types import SimpleNamespace
+
+    from lora_cli.train import loop
 
     run = SimpleNamespace(placement=SimpleNamespace(precision=precision), last_checkpoint=None)
     message = loop.TrainingLoop._nonfinite_message(run, 7)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from adapter_factory import data_dir, make_adapter, peaked_model_dir
+from helpers.adapter_factory import data_dir, make_adapter, peaked_model_dir
 from typer.testing import CliRunner
 
 from lora_cli.adapter.folder import read_adapter

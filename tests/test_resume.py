@@ -5,17 +5,16 @@ SIGTERM, or a crash at a chosen optimizer step (the `train:step` point of the ki
 resumed with `--resume` (latest checkpoint) or `--resume-from PATH`.
 """
 
-import contextlib
 import json
 import signal
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from safetensors.torch import load_file
 
+from lora_cli import faults
 from lora_cli.errors import LoraCliError, TrainingInterrupted
-from lora_cli.train import loop
 from lora_cli.train.checkpoint import list_checkpoints, load_checkpoint
 from lora_cli.train.recipe import train
 
@@ -32,20 +31,16 @@ def config(model_dir, data_files, out, **overrides):
     return tiny_config(model_dir, train_f, val_f, out, **settings).replace({"model.quantization": "none"})
 
 
-@contextlib.contextmanager
 def at_step(n, action):
-    """Within the block, run `action` right after the n-th optimizer step (the kill hook's point)."""
+    """Within the block, run `action` right after the n-th optimizer step (the `train:step` fault point)."""
     seen = {"steps": 0}
 
-    def point(name):
-        if name == "train:step":
-            seen["steps"] += 1
-            if seen["steps"] == n:
-                action()
+    def step(_):
+        seen["steps"] += 1
+        if seen["steps"] == n:
+            action()
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "kill_point", point)
-        yield
+    return faults.inject("train:step", step)
 
 
 def crash():

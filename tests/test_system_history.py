@@ -5,7 +5,7 @@ of ours (another case, a misspelling, a common alias) gets a warning instead of 
 import json
 
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

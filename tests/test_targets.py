@@ -8,15 +8,15 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from helpers import tiny_config
 from safetensors.torch import load_file
 from tiny_models import build_model
 from typer.testing import CliRunner
 
+from lora_cli import faults
 from lora_cli.cli.app import app
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NullReporter
-from lora_cli.train import optim
 from lora_cli.train.recipe import train
 
 runner = CliRunner()
@@ -51,24 +51,22 @@ def param_report(*args):
 @pytest.mark.parametrize("targets, tied", [("q_proj,lm_head", True), ("q_proj,lm_head", False), ("lm_head", True),
                                            ("all-linear", True), ("all-linear,lm_head", True)])
 def test_every_trainable_tensor_changes_after_a_few_steps(tiny_model_dir, untied_model_dir, data_files, tmp_path,
-                                                          monkeypatch, targets, tied):
-    before = {}
-    real = optim.prepare_trainable
+                                                          targets, tied):
+    before, params = {}, {}
 
-    def spy(model, *args, **kwargs):
-        trainable = real(model, *args, **kwargs)
-        before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        spy.params = dict(model.named_parameters())
-        return trainable
+    def begin(loop):
+        before.update({n: p.detach().clone() for n, p in loop.model.named_parameters() if p.requires_grad})
+        params.update(loop.model.named_parameters())
+        return loop
 
-    monkeypatch.setattr(optim, "prepare_trainable", spy)
     out = tmp_path / "adapter"
     cfg = tiny_config(tiny_model_dir if tied else untied_model_dir, data_files[0], None, out, epochs=1, max_steps=4,
                       lr=1e-2, scheduler="constant", max_tokens=128, eval_at_start=False)
     reporter = RecordingReporter()
-    result = train(cfg.replace({"model.quantization": "none", "lora.target_modules": targets}), reporter=reporter)
-    assert before and all(not torch.equal(before[n], spy.params[n]) for n in before), \
-        [n for n in before if torch.equal(before[n], spy.params[n])]
+    with faults.inject("train:begin", begin):
+        result = train(cfg.replace({"model.quantization": "none", "lora.target_modules": targets}), reporter=reporter)
+    assert before and all(not torch.equal(before[n], params[n]) for n in before), \
+        [n for n in before if torch.equal(before[n], params[n])]
     assert result.last_loss < result.first_loss
     on_head = "lm_head" in targets
     assert any(".lm_head." in n for n in before) == on_head  # all-linear alone leaves the head out (peft's rule)

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import make_records, tiny_config, write_jsonl
+from helpers import make_records, tiny_config, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.adapter.folder import RUN_CONFIG, TEMPLATE_FILE, load_template, read_adapter

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from helpers import tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -10,18 +10,18 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from safetensors.torch import load_file
 from test_resume import Crash, assert_same_run, at_step, crash
 from typer.testing import CliRunner
 
+from lora_cli import faults
 from lora_cli.adapter.folder import read_adapter
 from lora_cli.adapter.merging import merge
 from lora_cli.cli.app import app
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.infer.generation import load_for_inference
-from lora_cli.train import loop, run_folder
 from lora_cli.train.checkpoint import list_checkpoints
 from lora_cli.train.recipe import train
 
@@ -52,27 +52,24 @@ def config(model_dir, data_files, out, options: dict, **train):
 
 
 @pytest.fixture
-def spies(monkeypatch):
+def spies():
     """Records each trainable tensor before and after the loop, and the model's logits when the adapter is written."""
     seen = {}
-    run, finish = loop.TrainingLoop.run, run_folder.OutputFolder.finish
 
-    def spied_run(self):
-        seen["before"] = {id(p): p.detach().clone() for p in self.trainable.params}
-        summary = run(self)
-        seen["changed"] = [not torch.equal(seen["before"][id(p)], p.detach()) for p in self.trainable.params]
-        return summary
+    def begin(loop):
+        seen["before"] = {id(p): p.detach().clone() for p in loop.trainable.params}
+        return loop
 
-    def spied_finish(self, peft_model, *args, **kwargs):
-        peft_model.eval()
+    def end(loop):
+        seen["changed"] = [not torch.equal(seen["before"][id(p)], p.detach()) for p in loop.trainable.params]
+        loop.model.eval()
         with torch.no_grad():
-            seen["logits"] = peft_model(input_ids=IDS).logits.float()
-        peft_model.train()
-        return finish(self, peft_model, *args, **kwargs)
+            seen["logits"] = loop.model(input_ids=IDS).logits.float()
+        loop.model.train()
+        return loop
 
-    monkeypatch.setattr(loop.TrainingLoop, "run", spied_run)
-    monkeypatch.setattr(run_folder.OutputFolder, "finish", spied_finish)
-    return seen
+    with faults.inject("train:begin", begin), faults.inject("train:end", end):
+        yield seen
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -132,12 +129,12 @@ def test_warmup_ratio_and_the_cosine_floor_shape_the_learning_rate(tiny_model_di
     assert min(after) > 0.1 * 5e-3  # ...towards the floor, never below it
 
 
-def test_early_stopping_stops_and_keeps_the_best_adapter(tiny_model_dir, data_files, tmp_path, monkeypatch):
+def test_early_stopping_stops_and_keeps_the_best_adapter(tiny_model_dir, data_files, tmp_path):
     losses = iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])  # before training, then after epochs 1, 2, 3, ...
-    monkeypatch.setattr(loop.TrainingLoop, "evaluate", lambda self: next(losses))
     out = tmp_path / "adapters"
     cfg = config(tiny_model_dir, data_files, out, {"train.early_stopping_patience": 2}, epochs=5, keep_checkpoints=1)
-    result = train(cfg)
+    with faults.inject("train:eval-loss", lambda _: next(losses)):
+        result = train(cfg)
     assert result.best["stopped_early"] and result.best["checkpoint"] == "epoch-1"
     assert result.eval_losses == [3.0, 2.0, 2.5, 2.6]  # stopped after two evaluations without a better loss
     steps_per_epoch = result.best["step"]

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

@@ -1,16 +1,16 @@
 """Seeing what training does: the stop rate at each evaluation, the loss-curve picture, plot, trackers, tokenize --show."""
 
 import json
+import sys
 
 import pytest
 import torch
-from adapter_factory import data_dir, peaked_model_dir
-from conftest import make_records, tiny_config, write_jsonl
+from helpers import make_records, tiny_config, write_jsonl
+from helpers.adapter_factory import data_dir, peaked_model_dir
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
-from lora_cli.train import trackers
 from lora_cli.train.recipe import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +114,7 @@ def test_tensorboard_and_mlflow_read_back_what_metrics_jsonl_holds(model_dir, tm
 
 def test_a_missing_tracker_package_is_one_message_with_the_pip_command(tiny_model_dir, data_files, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr(trackers, "_available", lambda name: name != "wandb")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a package that cannot be imported
     train_f, _ = data_files
     res = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--train", str(train_f), "--device", "cpu",
                               "--report-to", "tensorboard,wandb", "-o", str(tmp_path / "o")])

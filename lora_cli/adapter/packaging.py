@@ -27,7 +27,8 @@ from lora_cli.adapter.folder import (
     check_loadable,
     read_adapter,
 )
-from lora_cli.atomic import TMP_PREFIX, atomic_path, kill_point, remove_stale_temporaries, sha256_of
+from lora_cli import faults
+from lora_cli.atomic import TMP_PREFIX, atomic_path, remove_stale_temporaries, sha256_of
 from lora_cli.errors import LoraCliError
 
 MANIFEST = "MANIFEST.json"
@@ -70,7 +71,7 @@ def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
             for n, p in enumerate(files):
                 zf.write(p, p.relative_to(folder).as_posix())
                 if n == 0:
-                    kill_point("zip:partial")
+                    faults.point("zip:partial")
             zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 

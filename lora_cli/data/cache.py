@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.atomic import atomic_dir, is_disk_full, kill_point, remove_stale_temporaries, sha256_of, write_text
+from lora_cli import faults
+from lora_cli.atomic import atomic_dir, is_disk_full, remove_stale_temporaries, sha256_of, write_text
 from lora_cli.data.records import Issue, ScanStats, iter_examples, open_data_file
 from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note
 from lora_cli.errors import DataError, LoraCliError
@@ -130,7 +131,7 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
         pending.append(example)
         if len(pending) >= BATCH:
             yield from flush()
-            kill_point("tokenize:rows")
+            faults.point("tokenize:rows")
     if not (errors[0] and not skip_invalid):
         yield from flush()
     counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)

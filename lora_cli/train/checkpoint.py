@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lora_cli.adapter.folder import ADAPTER_WEIGHTS, CHECKPOINTS
-from lora_cli.atomic import TMP_PREFIX, atomic_dir, kill_point
+from lora_cli import faults
+from lora_cli.atomic import TMP_PREFIX, atomic_dir
 from lora_cli.errors import LoraCliError
 
 STATE = "trainer_state.json"
@@ -100,6 +101,7 @@ def _torch_save(obj, path: Path) -> None:
     exception chain (given a path, torch's own writer reports only "unexpected pos")."""
     import torch
 
+    faults.point("checkpoint:file", path)
     with open(path, "wb") as fh:
         torch.save(obj, fh)
 
@@ -117,7 +119,7 @@ def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict
             "same command again.")
     with atomic_dir(dest, replace=True, hint=hint) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / ADAPTER_WEIGHTS))
-        kill_point("checkpoint:partial")
+        faults.point("checkpoint:partial")
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}

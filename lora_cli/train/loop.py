@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 
-from lora_cli.atomic import kill_point
+from lora_cli import faults
 from lora_cli.data.batching import StepPlan
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
@@ -45,6 +45,7 @@ class TrainingLoop:
         t0 = time.time()
         state = self.state
         self.trainable.module.train()  # from_pretrained leaves eval mode: no LoRA dropout, no checkpointing
+        faults.point("train:begin", self)
         with InterruptFlag(self.reporter) as flag, out_of_memory_as_error(self._memory_levers):
             if self.train_cfg.eval_at_start and state.step == 0 and self.val_batcher is not None:
                 self._log_eval(self.evaluate())
@@ -68,7 +69,7 @@ class TrainingLoop:
                 graphs = " and their capture as CUDA graphs" if self.plan.compile == "graphs" else ""
                 self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
                                       f"decoder layers{graphs}, paid once)")
-            kill_point("train:step")
+            faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
             if flag.set and not at_end:
@@ -107,6 +108,7 @@ class TrainingLoop:
             sync = i == slots - 1 or where.world_size == 1
             with contextlib.nullcontext() if sync else acc.no_sync(module):
                 loss, _ = module(*mb.loss_args())
+                loss = faults.point("train:loss", loss)
                 acc.backward(loss * ((1.0 if live else 0.0) * where.world_size / n_global))
             if live:
                 loss_sum += loss.detach().float()
@@ -297,4 +299,4 @@ class TrainingLoop:
         if where.world_size > 1:
             stats = where.accelerator.reduce(stats, reduction="sum")
         loss, n = stats.tolist()
-        return loss / n if n else None
+        return faults.point("train:eval-loss", loss / n if n else None)

@@ -59,8 +59,12 @@ def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int,
     GPU every micro-batch pays a fixed cost, so 2 x 2 examples cost twice 1 x 4; packing makes the
     two the same step). Learning per epoch then matches the recipe's (docs/PERFORMANCE.md, time to
     quality). An explicit --max-tokens keeps its meaning: grad_accum micro-batches of that budget.
+    Padded batching keeps the recipe's own step: grad_accum micro-batches of batch_size examples
+    (the token figure is then the most a micro-batch can hold, padding included: the memory plan's).
     """
     t = cfg.train
+    if t.batching == "padded":
+        return t.batch_size * max(lengths, default=1), t.grad_accum
     if t.max_tokens:
         return t.max_tokens, t.grad_accum
     if not lengths:

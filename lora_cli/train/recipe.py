@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lora_cli import faults
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
@@ -214,6 +215,7 @@ def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: 
         if best is not None:
             summary["best"] = best
             lora = best.pop("tensors", None) if placement.fsdp else lora
+        faults.point("train:end", loop)
         out.finish(model, data.tokenizer, decisions, summary, params, adapter_state=lora, initial_adapter=initial)
         watch.close(state.metrics_lines)
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from lora_cli import __version__
+from lora_cli import __version__, faults
 from lora_cli.adapter.folder import (
     ADAPTER_WEIGHTS,
     CHECKPOINTS,
@@ -41,7 +41,6 @@ from lora_cli.adapter.folder import (
 from lora_cli.atomic import (
     TMP_PREFIX,
     fsync_dir,
-    kill_point,
     remove_stale_temporaries,
     tmp_prefix,
     umask,
@@ -308,7 +307,7 @@ class OutputFolder:
             peft_model.save_pretrained(str(staging), safe_serialization=True)
         else:  # gathered from FSDP shards, already under the adapter file's names
             write_adapter(peft_model, adapter_state, staging)
-        kill_point("adapter:staged")
+        faults.point("adapter:staged")
         tokenizer.save_pretrained(str(staging))
         (staging / "README.md").unlink(missing_ok=True)
         write_param_summary(staging, param_summary)
@@ -326,5 +325,5 @@ class OutputFolder:
                     os.fsync(fh.fileno())
             os.replace(item, self.path / item.name)
             if n == 0:
-                kill_point("adapter:renaming")
+                faults.point("adapter:renaming")
         fsync_dir(self.path)

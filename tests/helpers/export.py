@@ -2,7 +2,7 @@
 
 - a Llama (tiny_models.build_llama: untied output matrix, GQA) with a Llama 3 style tokenizer that
   puts a BOS before every text and ends turns with <|eot_id|>;
-- a Qwen2 (adapter_factory.peaked_model_dir: tied embeddings, q/k/v biases) with conftest's ChatML
+- a Qwen2 (helpers.adapter_factory.peaked_model_dir: tied embeddings, q/k/v biases) with conftest's ChatML
   tokenizer (no BOS, eos <|im_end|>);
 adapters on every linear layer (so attn_k's permutation and the MLP are exercised too).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapter_factory import make_adapter, peaked_model_dir
-from conftest import make_records, write_jsonl
+from helpers.adapter_factory import make_adapter, peaked_model_dir
+from helpers import make_records, write_jsonl
 
 _MEMO: dict[str, Path] = {}
 IDS = [5, 17, 42, 99, 150, 3, 77, 201, 8, 64, 33, 120, 250, 11]

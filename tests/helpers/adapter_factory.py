@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import make_records, tiny_config, write_jsonl
+from helpers import make_records, tiny_config, write_jsonl
 
 _MEMO: dict[str, Path] = {}
 
