@@ -100,7 +100,7 @@ def test_eval_table_json_and_base_only(adapter, val):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "-a", "{adapter}"], "either a PROMPT or --input"),
+    (["generate", "-a", "{adapter}"], "Nothing to answer: no PROMPT and no --input was given"),
     (["generate", "-a", "{adapter}", "x", "--input", "{val}"], "exactly one"),
     (["generate", "-a", "{adapter}", "  "], "prompt is empty"),
     (["generate", "-a", "{adapter}", "x", "--compare", "--base-only"], "cannot be used together"),

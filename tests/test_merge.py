@@ -104,12 +104,31 @@ def test_bf16_merge_matches_within_bf16_rounding(fp32_adapter, tmp_path):
 def test_nf4_base_weights_reproduce_the_qlora_model(nf4_adapter, tmp_path):
     reference = peft_logits(nf4_adapter)  # loaded in 4-bit, as it was trained
     merge(read_adapter(nf4_adapter), tmp_path / "from-nf4", dtype="fp32", base_weights="nf4")
-    merge(read_adapter(nf4_adapter), tmp_path / "original", dtype="fp32")
+    merge(read_adapter(nf4_adapter), tmp_path / "original", dtype="fp32", base_weights="original")
     from_nf4 = logits_of(plain_load(tmp_path / "from-nf4"))
     original = logits_of(plain_load(tmp_path / "original"))
     assert torch.allclose(from_nf4, reference, atol=1e-3, rtol=1e-3)
     assert (original - reference).abs().max() > 10 * (from_nf4 - reference).abs().max()  # 4-bit rounding differs
     assert torch.allclose(original, peft_logits(nf4_adapter, quantization="none"), atol=1e-4, rtol=1e-4)
+
+
+def test_merge_and_export_default_to_the_weights_the_adapter_was_trained_against(nf4_adapter, fp32_adapter,
+                                                                              tmp_path):
+    reference = peft_logits(nf4_adapter)  # base + adapter as generate and eval run it: the base in 4-bit
+    res = runner.invoke(app, ["merge", "-a", str(nf4_adapter), "-o", str(tmp_path / "merged"), "--dtype", "fp32",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    merged_default = json.loads(res.stdout)["base_weights"]
+    res = runner.invoke(app, ["export", "-a", str(nf4_adapter), "-o", str(tmp_path / "m.gguf"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert merged_default == json.loads(res.stdout)["base_weights"] == "nf4"
+    assert torch.allclose(logits_of(plain_load(tmp_path / "merged")), reference, atol=1e-3, rtol=1e-3)
+    # an adapter trained on the unquantized base: both take the original weights
+    assert merge(read_adapter(fp32_adapter), tmp_path / "fp32", dtype="fp32").base_weights == "original"
+    res = runner.invoke(app, ["merge", "-a", str(nf4_adapter), "-o", str(tmp_path / "orig"), "--dtype", "fp32",
+                              "--base-weights", "original", "--json"])  # still a choice
+    assert res.exit_code == 0 and json.loads(res.stdout)["base_weights"] == "original"
+    assert (logits_of(plain_load(tmp_path / "orig")) - reference).abs().max() > 1e-2
 
 
 def test_output_folder_rules(fp32_adapter, tmp_path):

@@ -34,6 +34,7 @@ TEMPLATE_FILE = "prompt_template.txt"  # the text of a --template file, as train
 CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
 TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
 RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
+TOKENIZER_CONFIG = "tokenizer_config.json"  # the tokenizer saved beside the adapter (tokenizer.json and others too)
 LOSS_CURVE = "loss_curve.png"  # metrics.jsonl drawn: train and eval loss, stop rate, epochs
 LOGS = "logs"  # experiment trackers' files (TensorBoard, W&B offline, MLflow); left out of the zip
 # Settings that may change between a run and its resume without changing its result (the trained weights).
@@ -241,10 +242,10 @@ def read_adapter(path: str | Path, model: str | None = None, template: str | Non
         raise LoraCliError(f"{path} does not name its base model.", "Pass --model with the base model it was trained on.")
     return AdapterInfo(
         path=path, base_model=str(base),
-        template=template or data.get("template") or DataConfig.template,
-        add_eos=bool(data.get("add_eos", DataConfig.add_eos)),
-        max_length=int(data.get("max_length") or DataConfig.max_length),
-        quantization=mdl.get("quantization") or ModelConfig.quantization,
+        template=template or data.get("template") or DataConfig().template,
+        add_eos=bool(data.get("add_eos", DataConfig().add_eos)),
+        max_length=int(data.get("max_length") or DataConfig().max_length),
+        quantization=mdl.get("quantization") or ModelConfig().quantization,
         trust_remote_code=bool(mdl.get("trust_remote_code", False)), lora=lora, notes=notes,
         template_text=_saved_template(path, template, warnings), warnings=warnings)
 
@@ -259,8 +260,8 @@ def base_model_info(model: str | None, template: str | None = None, adapter: str
         from lora_cli.data.templates import get_template
 
         get_template(template)
-    return AdapterInfo(path=None, base_model=model, template=template or DataConfig.template, add_eos=DataConfig.add_eos,
-                       max_length=DataConfig.max_length, quantization=ModelConfig.quantization, trust_remote_code=False,
+    return AdapterInfo(path=None, base_model=model, template=template or DataConfig().template, add_eos=DataConfig().add_eos,
+                       max_length=DataConfig().max_length, quantization=ModelConfig().quantization, trust_remote_code=False,
                        lora=LoraSettings())
 
 

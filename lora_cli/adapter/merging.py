@@ -1,10 +1,12 @@
 """Merge the LoRA into its base: one plain transformers model folder that loads without peft.
 
 Two sources for the base weights:
-- `original` (default): the base model's own weights, loaded unquantized in the target dtype.
-  The usual choice: no 4-bit rounding is baked into the merged model.
 - `nf4`: the 4-bit NF4 weights a QLoRA adapter was trained against, de-quantized. The merged
   model then reproduces base+adapter exactly as `generate` and `eval` run it (up to the dtype).
+- `original`: the base model's own weights, loaded unquantized in the target dtype. For a QLoRA
+  adapter this is a model nobody evaluated: its corrections were learned against NF4's rounding.
+`auto` (the default of merge and export alike, `trained_base_weights`) takes the weights the
+adapter was trained against: NF4 for a QLoRA adapter, the original ones otherwise.
 The folder is written beside its destination under a temporary name and renamed into place
 when complete, so an interrupted merge never leaves a half-written model that looks whole.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli import __version__
@@ -23,7 +25,7 @@ from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
 DTYPES = ("bf16", "fp16", "fp32")
-BASE_WEIGHTS = ("original", "nf4")
+BASE_WEIGHTS = ("auto", "original", "nf4")
 MERGE_INFO = "merge_info.json"
 
 
@@ -56,6 +58,12 @@ def check_output(output: Path, adapter: Path, force: bool) -> bool:
         raise LoraCliError(f"{output} is not empty and does not hold a model; refusing to replace it, even with --force.",
                            "Choose another -o folder.")
     return True
+
+
+def trained_base_weights(quantization: str) -> str:
+    """What `--base-weights auto` means: the weights the adapter was trained against, `nf4` for an
+    adapter trained on a 4-bit NF4 base (its adapter_info's quantization), else `original`."""
+    return "nf4" if quantization == "nf4" else "original"
 
 
 def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
@@ -111,14 +119,19 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     return merged, tokenizer
 
 
-def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "original",
+def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "auto",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
+    """Write base + adapter merged to the folder `output` (atomically); `base_weights` as in the module
+    docstring (`auto`: the weights the adapter was trained against). LoraCliError for a bad choice or
+    an output folder it may not replace, before anything is loaded."""
     from lora_cli.atomic import atomic_dir, umask
 
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
     if base_weights not in BASE_WEIGHTS:
         raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
+    if base_weights == "auto":
+        base_weights = trained_base_weights(info.quantization)
     output = Path(output)
     replace = check_output(output, info.path, force)
     t0 = time.time()
@@ -128,7 +141,7 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
-            "lora": asdict(info.lora), "template": info.template, "lora_cli_version": __version__}, indent=2))
+            "lora": info.lora.model_dump(), "template": info.template, "lora_cli_version": __version__}, indent=2))
         if info.template_text is not None:  # the prompt format the merged weights expect, as trained
             (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()

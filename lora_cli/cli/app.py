@@ -13,8 +13,10 @@ import os
 import sys
 
 import typer
+import typer.core
 
 from lora_cli import __version__
+from lora_cli.cli.suggest import SuggestingGroup
 from lora_cli.errors import LoraCliError
 
 app = typer.Typer(
@@ -23,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=SuggestingGroup,  # an unknown flag: suggestions by meaning as well as spelling
 )
 
 
@@ -103,6 +106,11 @@ def _register() -> None:
 
     for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge, export, plot):
         module.register(app, handle_errors)
+    from lora_cli.cli.help import PanelledCommand
+
+    for command in app.registered_commands:  # every command's --help in panels that fit 80 columns
+        if command.cls in (None, typer.core.TyperCommand):
+            command.cls = PanelledCommand
 
 
 _register()

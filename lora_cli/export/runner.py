@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli import __version__
+from lora_cli.adapter.folder import TOKENIZER_CONFIG
 from lora_cli.errors import LoraCliError
 from lora_cli.export import BASE_WEIGHTS, FORMATS, OUTTYPES
 from lora_cli.progress import NULL_REPORTER
@@ -165,8 +166,11 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
 
 
 def auto_base_weights(quantization: str, outtype: str) -> str:
-    """What --base-weights auto means (module docstring): the weights training used, except NF4 under q4_0."""
-    return "nf4" if quantization == "nf4" and outtype != "q4_0" else "original"
+    """What --base-weights auto means (module docstring): merge's default, the weights training used
+    (merging.trained_base_weights), except NF4 under q4_0."""
+    from lora_cli.adapter.merging import trained_base_weights
+
+    return "original" if outtype == "q4_0" else trained_base_weights(quantization)
 
 
 def _model_name(output: Path) -> str:
@@ -182,7 +186,7 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     from lora_cli.export.vocab import check_tokenizer
     from lora_cli.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(info.path if (info.path / "tokenizer_config.json").is_file() else model_dir,
+    tokenizer = load_tokenizer(info.path if (info.path / TOKENIZER_CONFIG).is_file() else model_dir,
                                info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""

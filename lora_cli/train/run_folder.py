@@ -327,3 +327,26 @@ class OutputFolder:
             if n == 0:
                 faults.point("adapter:renaming")
         fsync_dir(self.path)
+
+
+def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
+    """The output folder's refusals (another run, this run unfinished or finished, --resume with nothing
+    to continue) before torch loads, so they cost well under a second instead of a model load.
+
+    The same rules as OutputFolder.prepare, with the tokenize cache keys the folder recorded, when the
+    data files are the bytes it recorded; when they are not (or a template file is in play, whose text
+    is in the keys), the check after tokenizing decides. Changes nothing on disk.
+    """
+    if overwrite:
+        return
+    from lora_cli.data.cache import file_digest
+
+    run = ((read_run_config(cfg.output.dir) or {}).get("run") or {})
+    keys, recorded = run.get("tokenize_cache") or {}, run.get("data_sha256") or {}
+    if run:
+        if Path(cfg.data.template).is_file():
+            return
+        paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
+        if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
+            return
+    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded).prepare(resume, False)

@@ -62,7 +62,8 @@ def print_result(result, show: int) -> None:
 @with_load_options
 def evaluate(
     adapter: AdapterOpt = Path("adapters"),
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Held-out records (JSONL, training format).",
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Held-out records (JSONL, training format). "
+                                                 "[default: the current dataset's validation file]",
                                                  show_default=False)] = None,
     base_only: Annotated[bool, typer.Option("--base-only", help="Measure the base model alone (the 'before').")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result (with every answer) as JSON.")] = False,
@@ -73,15 +74,21 @@ def evaluate(
     batch_size: BatchOpt = 8,
     load: LoadChoice = LoadChoice(),
 ) -> None:
-    """Mean loss and perplexity on response tokens, and the share of greedy answers that stop (eos) in time."""
-    from lora_cli.cli.render import RichReporter
+    """Mean loss and perplexity on response tokens, and the share of greedy answers that stop (eos) in time.
+
+    Without --data: the current dataset's validation file (what lora-cli tokenize --val tokenized last).
+    """
+    from lora_cli.cli.render import RichReporter, err
+    from lora_cli.data.current import resolve
     from lora_cli.errors import LoraCliError
     from lora_cli.infer.evaluation import evaluate as run
     from lora_cli.infer.evaluation import read_examples
     from lora_cli.infer.generation import Sampling, check_batch_size
 
     if data is None:
-        raise LoraCliError("No data to evaluate on.", "Pass --data val.jsonl (records in the training format).")
+        work = resolve("eval")
+        err.print(work.said, markup=False, soft_wrap=True)
+        data = Path(work.held_out)
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
     params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=load.repetition_penalty,

@@ -39,21 +39,24 @@ def train(
     Without --train: the current dataset (what lora-cli tokenize tokenized last), with its model and
     data settings; flags and --config still override them.
     """
+    from lora_cli.data.current import resolve
     from lora_cli.train.launch import launch_if_asked, resume_command
+    from lora_cli.train.run_folder import refuse_early
 
+    work = resolve("train", settings, str(config) if config else None, set_)  # no --train: the current dataset
+    start = str(resume_from) if resume_from else resume
+    refuse_early(work.cfg, start, overwrite)  # before torch: a refusal costs no model load
     code = launch_if_asked(gpus, fsdp)
     if code is not None:
         raise typer.Exit(code)
     from lora_cli.adapter.folder import LOSS_CURVE
     from lora_cli.cli.render import RichReporter, out
-    from lora_cli.data.current import build_run_config
     from lora_cli.errors import TrainingInterrupted
     from lora_cli.train.recipe import train as run_training
 
-    cfg, current = build_run_config(str(config) if config else None, set_, settings)  # no --train: the current dataset
     try:
-        result = run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
-                              reporter=RichReporter(), current=current)
+        result = run_training(work.cfg, resume=start, overwrite=overwrite, reporter=RichReporter(),
+                              current=work.current)
     except TrainingInterrupted as exc:
         exc.resume_command = resume_command(sys.argv[1:])
         raise
