@@ -21,7 +21,8 @@ from lora_cli.errors import LoraCliError
 
 app = typer.Typer(
     name="lora-cli",
-    help="QLoRA fine-tuning from instruction data: validate, tokenize, train, report, package, plot.",
+    help="QLoRA fine-tuning from instruction data: check and tokenize it, train an adapter, report, package, "
+         "use (generate, chat, eval), merge and export it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
