@@ -30,6 +30,20 @@ app = typer.Typer(
 )
 
 
+def _filesystem_errors_as_messages(fn, args, kwargs):
+    """A file that could not be written or read where the core did not expect it (a read-only
+    folder, a file too large for its file system, a file in the path): one line naming the path."""
+    from lora_cli.atomic import filesystem_failure
+
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        failure = filesystem_failure(exc)
+        if failure is None or os.environ.get("LORA_CLI_DEBUG"):
+            raise
+        raise failure from exc
+
+
 def handle_errors(fn):
     """Turn the core's exceptions into messages and exit codes."""
 
@@ -38,7 +52,7 @@ def handle_errors(fn):
         from lora_cli.cli.render import err
 
         try:
-            return fn(*args, **kwargs)
+            return _filesystem_errors_as_messages(fn, args, kwargs)
         except typer.Exit:
             raise
         except LoraCliError as exc:
