@@ -6,7 +6,7 @@ import shutil
 import time
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 from tiny_models import build_model
 
 from lora_cli.errors import LoraCliError

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import RecordingReporter, tiny_config
+from helpers import RecordingReporter, tiny_config
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

@@ -13,7 +13,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from conftest import make_records, tiny_config, write_jsonl
+from helpers import make_records, tiny_config, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
