@@ -116,8 +116,9 @@ class TrainingLoop:
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
+                graphs = " and their capture as CUDA graphs" if self.plan.compile == "graphs" else ""
                 self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
-                                      "decoder layers, paid once)")
+                                      f"decoder layers{graphs}, paid once)")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
@@ -162,17 +163,24 @@ class TrainingLoop:
             if live:
                 loss_sum += loss.detach().float()
                 real += mb.n_real
-        stats = torch.stack([loss_sum, torch.tensor(float(real), device=where.device),
-                             torch.tensor(float(flag.set), device=where.device)])
-        if where.world_size > 1:
-            stats = acc.reduce(stats, reduction="sum")
-        loss_total, real_total, interrupted = stats.tolist()
+        # the gradient norm is taken before the loss is checked (clipping only scales the gradients, and a
+        # non-finite loss raises before they are applied), so one host sync per step reads both
+        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        norm = (torch.zeros((), device=where.device) if grad_norm is None
+                else torch.as_tensor(grad_norm, dtype=torch.float32, device=where.device))
+        if where.world_size > 1:  # the token counts and signal flags of every process
+            shared = torch.tensor([float(real), float(flag.set)], device=where.device)
+            stats = acc.reduce(torch.cat([loss_sum.reshape(1), shared]), reduction="sum")
+            loss_total, real_total, interrupted, norm_value = torch.cat([stats, norm.reshape(1)]).tolist()
+        else:  # a host value copied to the GPU would cost a sync of its own
+            loss_total, norm_value = torch.stack([loss_sum, norm]).tolist()
+            real_total, interrupted = real, float(flag.set)
         flag.set = flag.set or interrupted > 0
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1))
-        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        grad_norm = None if grad_norm is None else norm_value
         # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
-        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(float(grad_norm)):
+        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(grad_norm):
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1, "gradient norm"))
         self._apply(loss_total, n_global, int(real_total), grad_norm)
 
