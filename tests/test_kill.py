@@ -83,6 +83,7 @@ def metrics(folder):
     for row in rows:
         row.pop("tokens_per_s", None)  # wall-clock
         row.pop("generate_s", None)  # wall-clock too: the stop-rate probe's time
+        row.pop("generate_warmup_s", None)
     return rows
 
 
