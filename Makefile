@@ -20,6 +20,8 @@ DEMO_MODEL := smollm2-135m
 # The demo runs the README's first lines as written, in a folder of its own whose data/ holds the
 # sample data. Each line is shown as typed, then run there with the venv's lora-cli on the PATH.
 DEMO_DIR := demo
+# The venv's lora-cli as typed from inside the demo folder, for the demo's last line (no venv is active there).
+DEMO_LORA := $(if $(filter /%,$(VENV)),$(BIN),../$(BIN))/lora-cli
 define demo_line
 	@echo '$$ $(1)'; cd $(DEMO_DIR) && PATH="$(abspath $(BIN)):$$PATH" $(1)
 endef
@@ -53,7 +55,7 @@ demo: install
 	@echo "== 5/5 package"
 	$(call demo_line,lora-cli package adapters)
 	@echo "Note: on a CPU, 4-bit is no faster and costs quality on a model this small; add --quantization none there."
-	@echo "Demo finished: $(DEMO_DIR)/adapters/ and $(DEMO_DIR)/adaptermodel.zip. Try it: cd $(DEMO_DIR) && lora-cli generate --adapter adapters \"Name three colors.\""
+	@echo "Demo finished: $(DEMO_DIR)/adapters/ and $(DEMO_DIR)/adaptermodel.zip. Try it: cd $(DEMO_DIR) && $(DEMO_LORA) generate --adapter adapters \"Name three colors.\""
 
 test: install
 	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest

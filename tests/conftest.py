@@ -23,6 +23,13 @@ from helpers import make_records, write_jsonl  # noqa: E402
 from tiny_models import build_model, build_tokenizer  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """A test on the embedded model is an end-to-end test: slow (make test-fast leaves it out)."""
+    for item in items:
+        if "embedded_home" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Qwen2 with a ChatML BPE tokenizer (eos == pad, as on Qwen and SmolLM2)."""

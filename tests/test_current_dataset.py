@@ -127,6 +127,7 @@ def test_flags_config_and_set_override_the_current_dataset(tokenized, tmp_path):
     assert (cfg.data.max_length, cfg.data.template, cfg.data.add_eos) == (96, "alpaca-seed", False)
 
     config.write_text("data: {train: other.jsonl}\n")  # data named in the config: the current dataset is not used
+    write_jsonl(tmp_path / "other.jsonl", make_records(2))
     cfg, current = current_dataset.build_run_config(str(config), None, {})
     assert current is None and cfg.data.train == "other.jsonl" and cfg.data.max_length == 512
 
@@ -137,6 +138,9 @@ def test_flags_config_and_set_override_the_current_dataset(tokenized, tmp_path):
     ("validate-data", ("No data file given", "lora-cli validate-data FILE.jsonl", "lora-cli tokenize --train")),
     ("param-report", ("Nothing to report: no adapter folder given and none in ./adapters",
                       "lora-cli param-report FOLDER", "--model MODEL", "lora-cli tokenize --model MODEL")),
+    ("tokenize", ("No training data: no --train was given", "lora-cli tokenize --train FILE.jsonl")),
+    ("eval", ("No data to evaluate on: no --data was given", "Pass --data FILE.jsonl", "--val FILE.jsonl")),
+    ("generate", ("Nothing to answer: no PROMPT and no --input was given", "--input FILE.jsonl", "--val FILE.jsonl")),
 ])
 def test_a_command_with_nothing_to_work_on_names_both_ways_to_give_it(command, words):
     res = run(command, ok=False)
@@ -190,3 +194,40 @@ def test_recorded_paths_belong_to_the_folder_or_to_where_tokenize_ran(tokenized,
     assert current_dataset.read(".lora-cache").config_settings()["data.train"] == "data/train.jsonl"
     shared = current_dataset.read(tmp_path / ".lora-cache")  # a cache named by its absolute path: where tokenize ran
     assert shared.config_settings()["data.train"] == str(tmp_path / "data" / "train.jsonl")
+
+
+def test_eval_and_generate_given_no_data_use_the_current_datasets_validation_file_said_in_one_line(tokenized):
+    common = f"--base-only --model {tokenized} --precision fp32 -q none --json"
+    res = run(f"eval {common} --loss-only")
+    said = "Evaluating on data/val.jsonl, the current dataset's validation file (3 examples; .lora-cache/current.json)"
+    assert res.output.count(said) == 1 and said + "\n" in res.output
+    result = json.loads(res.stdout)
+    assert result["data"] == "data/val.jsonl" and result["examples"] == 3
+    res = run(f"generate {common} -n 2")
+    said = "Answering data/val.jsonl, the current dataset's validation file (3 examples; .lora-cache/current.json)"
+    assert res.output.count(said) == 1
+    answers = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3]
+
+
+def test_eval_refuses_a_current_dataset_without_a_validation_file(tokenized, tmp_path):
+    run(f"tokenize --model {tokenized} --train data/train.jsonl --max-length 64")
+    for command, what in (("eval", "No data to evaluate on"), ("generate", "Nothing to answer")):
+        res = run(f"{command} --base-only --model {tokenized}", ok=False)
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert f"{what}: the current dataset (.lora-cache/current.json) has no validation file." in res.output
+
+
+def test_every_command_asks_the_one_resolver_what_it_works_on():
+    """flags > --config > the current dataset is decided in data/current.py alone; commands parse, call, render."""
+    from pathlib import Path
+
+    import lora_cli.cli.commands as commands
+
+    folder = Path(commands.__file__).parent
+    for module in folder.glob("*.py"):
+        source = module.read_text()
+        for private in ("build_config(", "none_here(", "current.read(", "import none_here", "config_settings("):
+            assert private not in source, f"{module.name} decides what it works on itself ({private})"
+    for name in ("train", "tokenize", "validate", "param_report", "evaluate", "generate"):
+        assert "resolve(" in (folder / f"{name}.py").read_text(), name

@@ -130,3 +130,44 @@ def test_every_flag_a_message_names_exists():
                 wrong += [f"{path.name}:{node.lineno}: {m}" for m in FLAG.findall(node.value)
                           if m not in flags and m not in OTHER_PROGRAMS]
     assert not wrong, "messages name flags that no command has:\n" + "\n".join(wrong)
+
+
+def _flags_and_defaults(command: str) -> list[tuple[str, str | None]]:
+    import typer.main
+
+    from lora_cli.cli.help import default_text
+
+    cmd = typer.main.get_command(app).commands[command]
+    return [(name, default_text(p)) for p in cmd.params for name in p.opts + getattr(p, "secondary_opts", [])
+            if name.startswith("-")]
+
+
+@pytest.mark.parametrize("command", ["train", "tokenize", "validate-data", "param-report", "generate", "chat", "eval",
+                                     "merge", "export", "package", "plot"])
+def test_help_at_80_columns_shows_every_flag_name_and_default_whole(command):
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in res.output
+    words = set(" ".join(lines).replace(",", " ").replace("│", " ").split())
+    flowing = " ".join(" ".join(line.strip("│ ").split()) for line in lines)  # a default may wrap onto the next line
+    for name, default in _flags_and_defaults(command):
+        assert name in words, f"{command} --help cuts {name}"
+        if default is not None:
+            assert f"[default: {default}]" in flowing, f"{command} --help cuts the default of {name}"
+
+
+def test_train_help_groups_its_flags_into_panels_and_shows_booleans_as_on_and_off_switches():
+    text = _help("train")
+    titles = re.findall(r"╭─ (\w+) ", text)
+    assert titles == ["Options", "Data", "Model", "LoRA", "Optimisation", "Schedule", "Evaluation", "Output", "Speed"]
+    shown = _option_lines(text)
+    assert "--add-eos / --no-eos" in shown["--add-eos"] and "<bool>" not in text
+    assert re.search(r"--resume\s{2,}Continue", shown["--resume"])  # a plain switch takes no value
+
+
+def test_every_choice_a_setting_allows_is_named_in_its_help():
+    shown = _option_lines(_help("train"))
+    for _, f in select(("*",)):
+        for choice in f.choices:
+            assert choice in shown[flag_name(f).split("/")[0]], (f.name, choice)

@@ -2,7 +2,7 @@
 tests reach inside only through the fault points.
 
 Layers, lowest first (a module may import its own layer and the ones below):
-  foundation (config, config_files, errors, faults, progress, atomic) < model < data < adapter < infer, export < train < cli
+  foundation (config, config_files, errors, faults, progress, atomic, lock, writable) < model < data < adapter < infer, export < train < cli
 Checked on the source (every import statement, those inside functions too), so a lazy import
 that points up is caught as well.
 """
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_cli"
-LAYERS = [("config", "config_files", "errors", "faults", "progress", "atomic"), ("model",), ("data",), ("adapter",), ("infer", "export"),
+LAYERS = [("config", "config_files", "errors", "faults", "progress", "atomic", "lock", "writable"), ("model",), ("data",), ("adapter",), ("infer", "export"),
           ("train",), ("cli",)]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60  # the body, not the signature: a Typer command's signature is its list of flags
@@ -122,4 +122,22 @@ def test_tests_import_helpers_from_their_package_and_replace_no_private_function
                     and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
                     and str(node.args[1].value).startswith("_") and not str(node.args[1].value).startswith("__")):
                 wrong.append(f"{path.name}:{node.lineno}: replaces private {node.args[1].value}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_file_name_of_the_adapter_folder_is_spelled_outside_its_module():
+    """adapter/folder.py names the folder's files; everything else imports the names (docstrings aside)."""
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "run_config.yaml",
+             "metrics.jsonl", "param_summary.json", "prompt_template.txt", "loss_curve.png")
+    wrong = []
+    for name, path in _modules().items():
+        if name == "lora_cli.adapter.folder":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        wrong += [f"{name}:{node.lineno}: {file}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  for file in names if file in node.value]
     assert not wrong, "\n".join(wrong)

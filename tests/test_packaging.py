@@ -21,7 +21,8 @@ def adapter(tmp_path):
     (folder / "checkpoints" / "epoch-1" / "optimizer.pt").write_bytes(b"x" * 100)
     (folder / "adapter_model.safetensors").write_bytes(b"\x00weights" * 50)
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "smollm2-135m", "r": 16}))
-    (folder / "param_summary.json").write_text(json.dumps({"total": 100, "trainable": 5, "modules": []}))
+    (folder / "param_summary.json").write_text(json.dumps({"total": 100, "trainable": 5, "modules": [
+        {"module": "model.layers.*.self_attn.q_proj.lora_A", "count": 2, "params": 4, "trainable": 4}]}))
     (folder / "tokenizer.json").write_text("{}")
     return folder
 
@@ -41,6 +42,17 @@ def test_zip_matches_manifest_and_leaves_out_checkpoints(adapter, tmp_path):
             data = zf.read(name)
             assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) == meta["size"]
     assert runner.invoke(app, ["package", "--verify", str(dest)]).exit_code == 0
+
+
+def test_package_prints_the_summary_and_the_zip_not_the_per_module_table(adapter, tmp_path):
+    dest = tmp_path / "adaptermodel.zip"
+    res = runner.invoke(app, ["package", str(adapter), "-o", str(dest)])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2, res.stdout
+    assert "5 trainable of 100 parameters (5.0000%)" in lines[0] and f"param-report {adapter}" in lines[0]
+    assert lines[1].startswith(f"Wrote {dest} (")
+    assert "q_proj" not in res.output and "Per module" not in res.output
 
 
 def test_refuses_to_overwrite_without_force(adapter, tmp_path):

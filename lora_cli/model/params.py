@@ -8,7 +8,6 @@ any weights are downloaded.
 
 from __future__ import annotations
 
-import dataclasses
 
 import re
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,8 @@ class ParamSummary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(self)  # the LoRA settings (a pydantic model) are copied as they are: dump them
+        d["lora"] = self.lora.model_dump() if self.lora is not None else None
         d["percent"] = round(self.percent, 6)
         return d
 
@@ -94,5 +94,5 @@ def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_r
 
     # counts do not depend on the initialisation, and pissa/olora/loftq would compute on meta tensors
     model = attach_lora(meta_model(config_dir, trust_remote_code),
-                        dataclasses.replace(lora_settings, init_lora_weights="default"), base_model or str(config_dir))
+                        lora_settings.model_copy(update={"init_lora_weights": "default"}), base_model or str(config_dir))
     return count_parameters(model, base_model, lora_settings)

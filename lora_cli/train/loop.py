@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.data.batching import StepPlan
@@ -22,10 +24,58 @@ from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.oom import out_of_memory_as_error
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+    from lora_cli.config import RunConfig
+    from lora_cli.data.batching import Batcher
+    from lora_cli.progress import Reporter, Stage
+    from lora_cli.train.optim import Trainable
+    from lora_cli.train.plan import RunPlan
+    from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.runtime import Placement
+    from lora_cli.train.watch import RunWatch
+
+
+@dataclass
+class BestEvaluation:
+    """Early stopping's result: the evaluation whose adapter is written, and whether the run stopped early."""
+
+    step: int
+    eval_loss: float
+    checkpoint: str  # the checkpoint folder's name under checkpoints/
+    stopped_early: bool
+    last_step: int  # the optimizer step the run ended at
+
+
+@dataclass
+class LoopSummary:
+    """What a run did, as run_config.yaml records it under run.summary. Losses are mean response losses
+    (nats per target token); `stop_rates`: [stopped, prompts] of each evaluation's probe."""
+
+    first_loss: float | None
+    last_loss: float | None
+    eval_losses: list[float]
+    stop_rates: list[list[int]]
+    steps: int
+    tokens: int
+    seconds: float
+    tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
+    best: BestEvaluation | None = None
+    probe_seconds: float = 0.0  # spent in the stop-rate probe (--eval-generate), its warm-up included
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        if self.best is None:
+            del raw["best"]
+        return raw
+
 
 class TrainingLoop:
-    def __init__(self, cfg, placement, plan, peft_model, trainable, steps: StepPlan, val_batcher, out, reporter,
-                 state: LoopState, watch=None):
+    def __init__(self, cfg: RunConfig, placement: Placement, plan: RunPlan, peft_model: PeftModel, trainable: Trainable,
+                 steps: StepPlan, val_batcher: Batcher | None, out: OutputFolder, reporter: Reporter, state: LoopState,
+                 watch: RunWatch | None = None):
         self.cfg, self.train_cfg = cfg, cfg.train
         self.watch = watch  # watch.RunWatch: stop-rate probe, trackers, loss-curve picture
         self.placement, self.plan = placement, plan
@@ -41,7 +91,7 @@ class TrainingLoop:
         return self.state.total_steps
 
     # ---- the loop ---------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> LoopSummary:
         t0 = time.time()
         state = self.state
         self.trainable.module.train()  # from_pretrained leaves eval mode: no LoRA dropout, no checkpointing
@@ -54,10 +104,10 @@ class TrainingLoop:
                 bar.update(state.step)
                 while state.step < self.total_steps and not state.stopped_early:
                     self._run_epoch(flag, bar)
-        return {"first_loss": state.first_loss, "last_loss": state.last_loss, "eval_losses": state.eval_losses,
-                "stop_rates": state.stop_rates, "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
+        return LoopSummary(state.first_loss, state.last_loss, list(state.eval_losses), list(state.stop_rates),
+                           state.step, state.tokens_seen, round(time.time() - t0, 3))
 
-    def _run_epoch(self, flag, bar) -> None:
+    def _run_epoch(self, flag: InterruptFlag, bar: Stage) -> None:
         """The rest of the current epoch, its end, and a stop when a signal asked for one."""
         state = self.state
         n_steps = self.steps.steps_in(state.epoch)
@@ -66,8 +116,9 @@ class TrainingLoop:
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
+                graphs = " and their capture as CUDA graphs" if self.plan.compile == "graphs" else ""
                 self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
-                                      "decoder layers, paid once)")
+                                      f"decoder layers{graphs}, paid once)")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
@@ -81,14 +132,14 @@ class TrainingLoop:
         if flag.set and state.step < self.total_steps and not state.stopped_early:
             self._interrupt(flag, saved=True)
 
-    def _sync_flag(self, flag) -> None:
+    def _sync_flag(self, flag: InterruptFlag) -> None:
         if self.placement.world_size > 1:
             import torch
 
             raised = torch.tensor(float(flag.set), device=self.placement.device)
             flag.set = self.placement.accelerator.reduce(raised, reduction="sum").item() > 0
 
-    def _step(self, step_batches: list[list[int]], flag) -> None:
+    def _step(self, step_batches: list[list[int]], flag: InterruptFlag) -> None:
         """One optimizer step over `step_batches` (all processes' micro-batches; this one takes its share)."""
         import torch
 
@@ -112,21 +163,29 @@ class TrainingLoop:
             if live:
                 loss_sum += loss.detach().float()
                 real += mb.n_real
-        stats = torch.stack([loss_sum, torch.tensor(float(real), device=where.device),
-                             torch.tensor(float(flag.set), device=where.device)])
-        if where.world_size > 1:
-            stats = acc.reduce(stats, reduction="sum")
-        loss_total, real_total, interrupted = stats.tolist()
+        # the gradient norm is taken before the loss is checked (clipping only scales the gradients, and a
+        # non-finite loss raises before they are applied), so one host sync per step reads both
+        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        norm = (torch.zeros((), device=where.device) if grad_norm is None
+                else torch.as_tensor(grad_norm, dtype=torch.float32, device=where.device))
+        if where.world_size > 1:  # the token counts and signal flags of every process
+            shared = torch.tensor([float(real), float(flag.set)], device=where.device)
+            stats = acc.reduce(torch.cat([loss_sum.reshape(1), shared]), reduction="sum")
+            loss_total, real_total, interrupted, norm_value = torch.cat([stats, norm.reshape(1)]).tolist()
+        else:  # a host value copied to the GPU would cost a sync of its own
+            loss_total, norm_value = torch.stack([loss_sum, norm]).tolist()
+            real_total, interrupted = real, float(flag.set)
         flag.set = flag.set or interrupted > 0
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1))
-        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        grad_norm = None if grad_norm is None else norm_value
         # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
-        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(float(grad_norm)):
+        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(grad_norm):
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1, "gradient norm"))
         self._apply(loss_total, n_global, int(real_total), grad_norm)
 
-    def _apply(self, loss_total: float, n_targets: int, real_tokens: int, grad_norm) -> None:
+    def _apply(self, loss_total: float, n_targets: int, real_tokens: int,
+               grad_norm: torch.Tensor | float | None) -> None:
         """Optimizer and schedule step, then the loop's counters and, when due, a log line."""
         state, trainable = self.state, self.trainable
         lr = trainable.scheduler.get_last_lr()[0]
@@ -151,7 +210,7 @@ class TrainingLoop:
             return self.trainable.module.clip_grad_norm_(max_norm)
         return acc.clip_grad_norm_(self.trainable.params, max_norm)
 
-    def _log_train(self, lr, grad_norm) -> None:
+    def _log_train(self, lr: float, grad_norm: torch.Tensor | float | None) -> None:
         state = self.state
         now = time.time()
         loss = state.window_loss / max(state.window_targets, 1)
@@ -180,22 +239,29 @@ class TrainingLoop:
         if line:
             self.reporter.message(line)
         if checkpoint and self.train_cfg.early_stopping_patience:
-            self._early_stopping(value, checkpoint)
+            self._early_stopping(value, checkpoint, extra.get("stop_rate"))
         if self.watch:
             self.watch.draw(state.metrics_lines)
 
-    def _early_stopping(self, value: float, checkpoint: str) -> None:
-        """Track the best evaluation since training began; stop after `patience` evaluations without a better one."""
+    def _early_stopping(self, value: float, checkpoint: str, stop_rate: float | None = None) -> None:
+        """Track the best evaluation since training began; stop after `patience` evaluations without a better one.
+
+        Better: a lower eval loss, or with --select-by stop-rate a higher stop rate (ties: the lower eval loss)."""
         state, patience = self.state, self.train_cfg.early_stopping_patience
-        if state.best_eval_loss is None or value < state.best_eval_loss:
+        by_rate = self.train_cfg.select_by == "stop-rate" and stop_rate is not None
+        key = (-stop_rate, value) if by_rate else (value,)
+        best = (-(state.best_stop_rate or 0.0), state.best_eval_loss) if by_rate else (state.best_eval_loss,)
+        if state.best_eval_loss is None or key < best:
             state.best_eval_loss, state.best_step, state.best_checkpoint = value, state.step, checkpoint
+            state.best_stop_rate = stop_rate
             state.evals_since_best = 0
             return
         state.evals_since_best += 1
         if state.evals_since_best >= patience and state.step < self.total_steps:
             state.stopped_early = True
-            self.reporter.message(f"Early stopping: no better eval loss in {patience} evaluation(s) since step "
-                                  f"{state.best_step} ({state.best_eval_loss:.4f}).")
+            what = f"stop rate {state.best_stop_rate:.0%}, " if by_rate else ""
+            self.reporter.message(f"Early stopping: no better {'stop rate' if by_rate else 'eval loss'} in {patience} "
+                                  f"evaluation(s) since step {state.best_step} ({what}{state.best_eval_loss:.4f}).")
 
     def _write(self, row: dict) -> None:
         self.out.append_metrics(row)
@@ -239,7 +305,7 @@ class TrainingLoop:
         acc.wait_for_everyone()
         return self.last_checkpoint
 
-    def _interrupt(self, flag, saved: bool = False) -> None:
+    def _interrupt(self, flag: InterruptFlag, saved: bool = False) -> None:
         path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
         raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
                                   str(path), None, exit_code=128 + int(flag.signum))

@@ -46,7 +46,7 @@ def print_result(result, show: int) -> None:
     if result.stop_rate is not None:
         rows.append(["stop rate", f"{result.stop_rate:.1%} ({result.stopped}/{result.examples} end with eos "
                                   f"within {result.max_new_tokens} new tokens)"])
-        rows.append(["generation", _how(result.sampling)])
+        rows.append(["generation", f"{_how(result.sampling)}, {result.generate_seconds:.1f} s"])
     if result.truncated:
         rows.append(["truncated at max length", result.truncated])
     if result.left_out:
@@ -62,7 +62,8 @@ def print_result(result, show: int) -> None:
 @with_load_options
 def evaluate(
     adapter: AdapterOpt = Path("adapters"),
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Held-out records (JSONL, training format).",
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Held-out records (JSONL, training format). "
+                                                 "[default: the current dataset's validation file]",
                                                  show_default=False)] = None,
     base_only: Annotated[bool, typer.Option("--base-only", help="Measure the base model alone (the 'before').")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result (with every answer) as JSON.")] = False,
@@ -73,22 +74,29 @@ def evaluate(
     batch_size: BatchOpt = 8,
     load: LoadChoice = LoadChoice(),
 ) -> None:
-    """Mean loss and perplexity on response tokens, and the share of greedy answers that stop (eos) in time."""
-    from lora_cli.cli.render import RichReporter
+    """Mean loss and perplexity on response tokens, and the share of greedy answers that stop (eos) in time.
+
+    Without --data: the current dataset's validation file (what lora-cli tokenize --val tokenized last).
+    """
+    from lora_cli.cli.render import RichReporter, err
+    from lora_cli.data.current import resolve
     from lora_cli.errors import LoraCliError
     from lora_cli.infer.evaluation import evaluate as run
     from lora_cli.infer.evaluation import read_examples
-    from lora_cli.infer.generation import Sampling, check_batch_size
+    from lora_cli.infer.generation import Sampling, check_batch_size, check_records
 
     if data is None:
-        raise LoraCliError("No data to evaluate on.", "Pass --data val.jsonl (records in the training format).")
+        work = resolve("eval")
+        err.print(work.said, markup=False, soft_wrap=True)
+        data = Path(work.held_out)
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
     params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=load.repetition_penalty,
                       no_repeat_ngram_size=load.no_repeat_ngram_size)  # its checks, before the model loads
     check_batch_size(batch_size)
     examples = read_examples(data)
-    with loaded_model(adapter, load, not base_only) as loaded:
+    check = lambda tok, template: check_records(examples, tok, template, str(data))  # noqa: E731 (before loading)
+    with loaded_model(adapter, load, not base_only, check) as loaded:
         result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,
                      reporter=RichReporter(), sampling=params)
     if as_json:

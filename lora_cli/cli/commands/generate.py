@@ -31,7 +31,7 @@ from lora_cli.cli.commands.inference_options import (
 def _check_args(prompt, input_file, compare, base_only) -> None:
     from lora_cli.errors import LoraCliError
 
-    if (prompt is None) == (input_file is None):
+    if prompt is not None and input_file is not None:
         raise LoraCliError("Give either a PROMPT or --input FILE.jsonl (exactly one of them).",
                            'Example: lora-cli generate --adapter adapters "Name three colors."')
     if prompt is not None and not prompt.strip():
@@ -128,7 +128,8 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The instruction to answer.", show_default=False)] = None,
     adapter: AdapterOpt = Path("adapters"),
     input_file: Annotated[Optional[Path], typer.Option(
-        "--input", "-i", help="Answer every record of this JSONL file (training format).")] = None,
+        "--input", "-i", help="Answer every record of this JSONL file (training format). [default without a PROMPT: "
+                              "the current dataset's validation file]", show_default=False)] = None,
     output_file: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the answers as JSONL.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answers as JSONL on stdout.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Show the base model's answers beside the adapter's.")] = False,
@@ -142,17 +143,28 @@ def generate(
     batch_size: BatchOpt = 8,
     load: LoadChoice = LoadChoice(),
 ) -> None:
-    """Answer a prompt (or every record of --input) with base model + adapter; greedy unless --temperature."""
+    """Answer a prompt (or every record of --input) with base model + adapter; greedy unless --temperature.
+
+    With neither: every record of the current dataset's validation file (what lora-cli tokenize --val
+    tokenized last).
+    """
+    from lora_cli.cli.render import err
+    from lora_cli.data.current import resolve
     from lora_cli.data.records import Example
     from lora_cli.infer.evaluation import read_examples
 
     _check_args(prompt, input_file, compare, base_only)
+    if prompt is None and input_file is None:
+        work = resolve("generate")
+        err.print(work.said, markup=False, soft_wrap=True)
+        input_file = Path(work.held_out)
     params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
-    with loaded_model(adapter, load, not base_only) as loaded:
-        if input_file is not None:
-            loaded.check_records(examples, str(input_file))
+    from lora_cli.infer.generation import check_records
+
+    check = None if input_file is None else lambda tok, template: check_records(examples, tok, template, str(input_file))
+    with loaded_model(adapter, load, not base_only, check) as loaded:
         prompts = [loaded.example_prompt(ex) for ex in examples]
         if single and stream and not (compare or as_json or output_file):
             _stream_one(loaded, prompts[0], params)

@@ -17,8 +17,9 @@ def merge(
                                                    show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "bf16",
     base_weights: Annotated[str, typer.Option(
-        "--base-weights", help="original: the base model's own weights; nf4: the 4-bit weights a QLoRA adapter "
-                               "was trained against, de-quantized (reproduces generate/eval exactly).")] = "original",
+        "--base-weights", help="auto: the weights the adapter was trained against (for a QLoRA adapter its NF4 "
+                               "weights, de-quantized: the model generate and eval ran), as export does; original: "
+                               "the base model's own weights; nf4.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing merged model folder.")] = False,
     model: BaseModelOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,

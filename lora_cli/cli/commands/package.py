@@ -9,16 +9,17 @@ from typing import Annotated, Optional
 import typer
 
 
-def _print_summary(folder: Path) -> None:
+def _summary_line(folder: Path) -> str:
+    """One line of the folder's parameter summary (param-report shows the per-module table)."""
     from lora_cli.adapter.folder import PARAM_SUMMARY, read_param_summary
-    from lora_cli.cli.render import out, param_table
 
     summary = read_param_summary(folder)
     if summary is None:
-        out.print(f"(no {PARAM_SUMMARY} in the adapter folder)")
-        return
-    for t in param_table(summary):
-        out.print(t)
+        return f"(no {PARAM_SUMMARY} in the adapter folder)"
+    lora = f"; LoRA r={summary.lora.r}, alpha={summary.lora.alpha}" if summary.lora else ""
+    base = f"{summary.base_model}{lora}: " if summary.base_model else ""
+    return (f"{base}{summary.trainable:,} trainable of {summary.total:,} parameters ({summary.percent:.4f}%); "
+            f"per module: lora-cli param-report {folder}")
 
 
 def package(
@@ -28,7 +29,7 @@ def package(
     verify: Annotated[bool, typer.Option("--verify", help="Check a zip against its manifest (exit 1 if not intact).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest or check result as JSON.")] = False,
 ) -> None:
-    """Zip the adapter folder (without checkpoints) with MANIFEST.json, and show its parameter summary."""
+    """Zip the adapter folder (without checkpoints) with MANIFEST.json; print its parameter counts and the zip's path."""
     from lora_cli.adapter import packaging
     from lora_cli.cli.render import out
 
@@ -36,25 +37,32 @@ def package(
         result = packaging.verify(target)
         if as_json:
             typer.echo(json.dumps({"ok": result.ok, "changed": result.changed, "missing": result.missing,
-                                   "extra": result.extra, "unsafe": result.unsafe}, indent=2))
+                                   "extra": result.extra, "unsafe": result.unsafe,
+                                   "config_mismatch": result.config_mismatch}, indent=2))
         else:
             for label, names in (("changed", result.changed), ("missing", result.missing), ("extra", result.extra),
                                  ("unsafe path", result.unsafe)):
                 for name in names:
                     out.print(f"[red]{label}[/]: {name}", markup=True)
             n = len(result.manifest.get("files", {}))
-            out.print(f"{target}: " + (f"[green]intact[/] ({n} files match the manifest)" if result.ok
-                                       else "[red]does not match its manifest[/]"), markup=True)
+            if result.config_mismatch:
+                out.print(f"{target}: {result.config_mismatch}.", markup=False, soft_wrap=True)
+            matches = not (result.changed or result.missing or result.extra or result.unsafe)
+            verdict = (f"[green]intact[/] ({n} files match the manifest)" if result.ok
+                       else "[red]does not match its manifest[/]" if not matches
+                       else f"[red]not a usable adapter[/] ({n} files match the manifest, but its config and "
+                            "weights disagree)")
+            out.print(f"{target}: {verdict}", markup=True)
         raise typer.Exit(0 if result.ok else 1)
     dest = output or Path("adaptermodel.zip")
     manifest = packaging.package(target, dest, force)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
         return
-    _print_summary(Path(target))
     total = sum(f["size"] for f in manifest["files"].values())
-    out.print(f"{len(manifest['files'])} files ({total / 1e6:.1f} MB before compression) + {packaging.MANIFEST}")
-    out.print(f"Wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+    out.print(_summary_line(Path(target)), markup=False, soft_wrap=True)
+    out.print(f"Wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB): {len(manifest['files'])} files "
+              f"({total / 1e6:.1f} MB before compression) + {packaging.MANIFEST}", markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer, handle_errors) -> None:

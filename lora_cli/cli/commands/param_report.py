@@ -21,28 +21,23 @@ def _default_source(settings: dict):
     """No argument: (what is reported, in words; its summary). ./adapters when it holds an adapter and
     no LoRA flag was typed, else the current dataset's model with the LoRA flags."""
     from lora_cli.adapter.folder import check_loadable, summary_for_adapter
-    from lora_cli.config import DataConfig, OutputConfig, RunConfig
-    from lora_cli.data.current import none_here, read
+    from lora_cli.config import OutputConfig
+    from lora_cli.data.current import resolve
     from lora_cli.errors import LoraCliError
     from lora_cli.model.params import summary_for_model
 
-    folder, why = Path(OutputConfig.dir), None
+    folder, why = Path(OutputConfig().dir), None
     if not any(k.startswith("lora.") for k in settings):  # LoRA flags ask about a model, not the adapter
         try:
             check_loadable(folder)
             summary = summary_for_adapter(folder, None, bool(settings.get("model.trust_remote_code")))
-            return f"The adapter in ./{folder}", summary
+            return f"Reporting: The adapter in ./{folder}", summary
         except LoraCliError as exc:
             why = exc.message.rstrip(".") if folder.exists() else None
-    cache_dir = settings.get("data.cache_dir") or DataConfig.cache_dir
-    current = read(cache_dir)
-    if current is None:
-        raise none_here(cache_dir, "param-report", why)
-    base = current.config_settings()
-    cfg = RunConfig().replace({"model.name": base["model.name"], "model.trust_remote_code": base["model.trust_remote_code"],
-                               **settings})
-    source = f"{cfg.model.name}, the current dataset's model ({current.file}), with the LoRA flags"
-    return source + (f" ({why})" if why else ""), summary_for_model(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)
+    work = resolve("param-report", settings, detail=why)
+    cfg = work.cfg
+    return work.said + (f" ({why})" if why else ""), summary_for_model(cfg.model.name, cfg.lora,
+                                                                        cfg.model.trust_remote_code)
 
 
 @config_flags("model.name", "model.trust_remote_code", "lora.*", "data.cache_dir")
@@ -69,7 +64,7 @@ def param_report(
         summary = summary_for_model(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)
     else:
         source, summary = _default_source(settings)
-        err.print(f"Reporting: {source}", markup=False, soft_wrap=True)
+        err.print(source, markup=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return

@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
+from lora_cli.adapter.folder import METRICS
+
 
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Adapter folders written by lora-cli train (or their "
-                                                    "metrics.jsonl files).", show_default=False)],
+                                                    f"{METRICS} files).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="The PNG to write.")] = Path("loss_curves.png"),
     title: Annotated[str, typer.Option("--title", help="Title of the figure (default: the runs' names).")] = "",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,

@@ -23,20 +23,23 @@ def tokenize(
 ) -> None:
     """Tokenize the data (template, response-only labels, eos, truncation) into the on-disk cache.
 
-    What it tokenized becomes the current dataset (.lora-cache/current.json): train, validate-data
-    and param-report use it when given no data.
+    What it tokenized becomes the current dataset (.lora-cache/current.json): train, validate-data,
+    param-report, eval and generate use it when given no data; without --train, tokenize takes it too.
     """
-    from lora_cli.cli.render import RichReporter, out, table
-    from lora_cli.config_files import build_config
-    from lora_cli.data.prepare import prepare_data
-    from lora_cli.model.load import quiet_libraries
-
+    from lora_cli.cli.render import RichReporter, err, out, table
+    from lora_cli.data.current import resolve
     from lora_cli.errors import LoraCliError
 
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
+    work = resolve("tokenize", settings, str(config) if config else None, set_)  # paths checked before torch loads
+    if work.said:
+        err.print(work.said, markup=False, soft_wrap=True)
+    from lora_cli.data.prepare import prepare_data
+    from lora_cli.model.load import quiet_libraries
+
     quiet_libraries()
-    cfg = build_config(str(config) if config else None, set_, settings)
+    cfg = work.cfg
     data = prepare_data(cfg, RichReporter(), force=force, record=True)
     entries = [e for e in (data.train, data.val) if e is not None]
     shown = _shown(data, show)
@@ -56,8 +59,8 @@ def tokenize(
                      "cache entry"], rows, right=(2, 3, 4, 5, 6, 7)))
     for e in entries:  # left-out examples and warnings: prepare_data told the reporter
         out.print(f"{e.split}: {'cache hit' if e.hit else 'tokenized'} ({e.key})")
-    out.print(f"Recorded as the current dataset ({data.current.file}): lora-cli train, validate-data and "
-              "param-report use it when given no data.")
+    out.print(f"Recorded as the current dataset ({data.current.file}): lora-cli train, validate-data, "
+              "param-report, eval and generate use it when given no data.")
     print_shown(shown)
 
 

@@ -10,6 +10,7 @@ where the run starts and how many processes run it.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,21 +40,25 @@ def train(
     Without --train: the current dataset (what lora-cli tokenize tokenized last), with its model and
     data settings; flags and --config still override them.
     """
+    from lora_cli.data.current import resolve
     from lora_cli.train.launch import launch_if_asked, resume_command
+    from lora_cli.train.run_folder import refuse_early
 
+    started = time.time()
+    work = resolve("train", settings, str(config) if config else None, set_)  # no --train: the current dataset
+    start = str(resume_from) if resume_from else resume
+    refuse_early(work.cfg, start, overwrite)  # before torch: a refusal costs no model load
     code = launch_if_asked(gpus, fsdp)
     if code is not None:
         raise typer.Exit(code)
     from lora_cli.adapter.folder import LOSS_CURVE
     from lora_cli.cli.render import RichReporter, out
-    from lora_cli.data.current import build_run_config
     from lora_cli.errors import TrainingInterrupted
     from lora_cli.train.recipe import train as run_training
 
-    cfg, current = build_run_config(str(config) if config else None, set_, settings)  # no --train: the current dataset
     try:
-        result = run_training(cfg, resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
-                              reporter=RichReporter(), current=current)
+        result = run_training(work.cfg, resume=start, overwrite=overwrite, reporter=RichReporter(),
+                              current=work.current)
     except TrainingInterrupted as exc:
         exc.resume_command = resume_command(sys.argv[1:])
         raise
@@ -64,15 +69,19 @@ def train(
     out.print(f"Trained {result.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
               f"{result.tokens:,} tokens in {result.seconds:.1f} s.")
     out.print(f"train loss {first} -> {last}; eval loss {evals}")
-    stops = result.summary.get("stop_rates") or []
+    stops = result.summary.stop_rates
     if stops:
         out.print(f"stop rate (greedy answers to the first {stops[0][1]} val prompts): "
                   + " -> ".join(f"{stopped}/{n}" for stopped, n in stops))
     if result.best:
         best = result.best
-        how = f"stopped early at step {best['last_step']}" if best["stopped_early"] else "ran every step"
-        out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best['step']}, "
-                  f"eval loss {best['eval_loss']:.4f} (checkpoint {best['checkpoint']}).")
+        how = f"stopped early at step {best.last_step}" if best.stopped_early else "ran every step"
+        out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best.step}, "
+                  f"eval loss {best.eval_loss:.4f} (checkpoint {best.checkpoint}).")
+    probe_s, whole = result.summary.probe_seconds, time.time() - started
+    if probe_s:
+        out.print(f"The stop-rate probe took {probe_s:.1f} s of the command's {whole:.1f} s ({probe_s / whole:.0%}; "
+                  "--eval-generate 0 turns it off).")
     out.print(f"Adapter written to {result.output} (loss curve: {Path(result.output) / LOSS_CURVE})")
 
 

@@ -27,18 +27,14 @@ def _token_counter(model: str, template_name: str, local_only: bool = False):
 def _current_files(settings: dict) -> tuple[list[Path], dict]:
     """No file given: the current dataset's files, and its model, template and max length under the typed flags."""
     from lora_cli.cli.render import err
-    from lora_cli.config import DataConfig, RunConfig
-    from lora_cli.data.current import none_here, read
+    from lora_cli.data.current import resolve
 
-    cache_dir = settings.get("data.cache_dir") or DataConfig.cache_dir
-    current = read(cache_dir)
-    if current is None:
-        raise none_here(cache_dir, "validate-data")
-    base = current.config_settings()
-    cfg = RunConfig().replace({**base, **settings})
-    err.print(f"Validating {current.describe(cfg)}", markup=False, soft_wrap=True)
+    work = resolve("validate-data", settings)
+    err.print(work.said, markup=False, soft_wrap=True)
+    cfg = work.cfg
     files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
-    return files, {**{k: base[k] for k in ("model.name", "data.template", "data.max_length")}, **settings}
+    return files, {"model.name": cfg.model.name, "data.template": cfg.data.template,
+                   "data.max_length": cfg.data.max_length, **settings}
 
 
 def _counter_at_hand(model: str, template: str):
