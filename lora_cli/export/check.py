@@ -254,8 +254,11 @@ def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: 
     target = report.agreement_target
     if report.positions and report.agreement < target:
         level = "warn" if report.agreement >= target - WARN_MARGIN else "fail"
+        lora = (f" The adapter runs on the base GGUF's {artifact.weight_type} weights, not on the ones it was trained "
+                "against; --format gguf merges it into those.") if artifact.kind == "gguf-lora" else ""
         reasons.append(Reason(level, "numerics", f"Teacher-forced next-token agreement {report.agreement:.1%} is "
-                                                 f"below the {target:.0%} expected of {artifact.weight_type} weights."))
+                                                 f"below the {target:.0%} expected of {artifact.weight_type} weights."
+                                                 + lora))
     gap = report.export_stopped - report.trained_stopped
     if abs(gap) > STOP_SLACK:
         kind = "eos" if any(r.kind == "eos" for r in reasons) else \

@@ -122,6 +122,10 @@ class LlamaCppRuntime:
         self.bos_id = self.llm.token_bos()
         self.bos_text = self.detokenize([self.bos_id]) if self.bos_id >= 0 else ""
 
+    def close(self) -> None:
+        """Free the model now: llama-cpp-python's own finalizer, left to interpreter exit, prints a TypeError."""
+        self.llm.close()
+
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
 

@@ -176,8 +176,12 @@ def run_check(info, artifact_path: Path, data: Path, base_gguf: Path | None, run
     n_ctx = max(token_lengths(examples, loaded.tokenizer, loaded.template)) + max_new_tokens + 8
     with reporter.stage(f"Loading {artifact.model_file.name} in {runtime}"):
         engine = open_runtime(runtime, artifact, n_ctx)
-    report = compare(artifact, engine, reference, loaded.tokenizer, loaded.template, examples, add_eos=info.add_eos,
-                     max_length=info.max_length, max_new_tokens=max_new_tokens, data=str(data), reporter=reporter)
+    try:
+        report = compare(artifact, engine, reference, loaded.tokenizer, loaded.template, examples,
+                         add_eos=info.add_eos, max_length=info.max_length, max_new_tokens=max_new_tokens,
+                         data=str(data), reporter=reporter)
+    finally:
+        getattr(engine, "close", lambda: None)()
     report.report_file = write_report(report)
     return report
 
