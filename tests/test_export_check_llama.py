@@ -87,3 +87,19 @@ def test_a_gguf_lora_adapter_on_the_base_gguf_in_llama_cpp_reproduces_the_traine
     report = run_check(artifact, llama(artifact), trained[arch], max_new_tokens=8)
     assert report.verdict == "pass", report.reasons
     assert report.prompts_identical == report.records == len(examples()) and report.agreement >= 0.99
+
+
+def test_export_with_check_writes_the_export_then_prints_the_verdict_and_its_json_report(adapters, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lora_cli.cli.app import app
+
+    res = CliRunner().invoke(app, ["export", "--adapter", str(adapters["llama"]), "-f", "ollama", "--outtype", "f32",
+                                   "-o", str(tmp_path / "ollama"), "--check"])
+    assert res.exit_code == 0, res.output
+    assert "Wrote" in res.output and "prompt tokens identical" in res.output and "PASS" in res.output
+    assert (tmp_path / "ollama" / "Modelfile").is_file()
+    report = json.loads((tmp_path / "ollama.check.json").read_text(encoding="utf-8"))
+    assert report["verdict"] == "pass" and report["runtime"].startswith("llama.cpp")
