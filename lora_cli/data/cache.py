@@ -79,6 +79,12 @@ class CacheEntry:
             out.append(left_out_note(left_out, self.meta.get("left_out_lines", []), max_length, self.split))
         return out
 
+    def digests(self):
+        """The entry's records as overlap.RecordDigests (None for an entry without them)."""
+        from lora_cli.data.overlap import RecordDigests
+
+        return RecordDigests.load(self.path)
+
     def load(self):
         from datasets import load_from_disk
 
@@ -94,7 +100,7 @@ def _key(parts: dict) -> str:
 
 
 def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bool, counters: dict, issues: list,
-          left_out: list, progress):
+          left_out: list, progress, digests=None):
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
@@ -127,6 +133,8 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
         pending.clear()
 
     for example in iter_examples(path, on_issue=on_issue, stats=stats):
+        if digests is not None:
+            digests.add(example)
         if errors[0] and not skip_invalid:
             continue  # the run will fail: find every defect, tokenize nothing more
         pending.append(example)
@@ -193,10 +201,13 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
     from datasets import Features, Sequence, Value
     from datasets.utils.logging import disable_progress_bar
 
+    from lora_cli.data.overlap import RecordDigests
+
     disable_progress_bar()
     counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0)
     issues: list[Issue] = []
     left_out: list[int] = []
+    digests = RecordDigests()
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                          "line": Value("int64"), "length": Value("int32"), "n_targets": Value("int32")})
     t0 = time.time()
@@ -204,7 +215,7 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
         with atomic_dir(entry_dir, replace=True) as tmp:
             gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
                               skip_invalid=skip_invalid, counters=counters, issues=issues, left_out=left_out,
-                              progress=progress)
+                              progress=progress, digests=digests)
             try:
                 ds = _generate(gen_kwargs, features, key, tmp / "build")
             except ValueError:
@@ -218,6 +229,7 @@ def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, e
             if counters["examples"] == 0:
                 raise _no_examples(path, counters, left_out, policy, errors)
             ds.save_to_disk(str(tmp / "data"))
+            digests.save(tmp)
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
             warnings = [str(i) for i in issues if i.severity == "warning"]
