@@ -45,3 +45,22 @@ def test_tokenize_and_train_say_how_many_val_records_are_in_train_on_a_build_and
     reporter = RecordingReporter()
     prepare_data(tiny_config(tiny_model_dir, train, clean, tmp_path / "out"), reporter)
     assert not [m for m in reporter.messages if "also in train" in m]
+
+
+def test_answers_cut_before_their_eos_and_skipped_records_are_counted_on_a_build_and_on_a_cache_hit(tiny_model_dir,
+                                                                                                     tmp_path):
+    rows = [{"instruction": "hi", "output": "yes"}, {"instruction": "list", "output": " ".join(["word"] * 80)},
+            "{not json", {"instruction": "x"}, {"instruction": "count", "output": " ".join(["one"] * 80)}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = tiny_config(tiny_model_dir, train, None, tmp_path / "out").replace(
+        {"data.max_length": 32, "data.skip_invalid": True})
+    for _ in ("built", "cache hit"):
+        reporter = RecordingReporter()
+        prepare_data(cfg, reporter)
+        said = " | ".join(reporter.messages)
+        assert ("warning 2 train example(s) cut by --max-length (32 tokens) before the end of the answer (lines 2, 5): "
+                "they train without their eos") in said
+        assert "--skip-invalid: 2 invalid train record(s) skipped (lines 3, 4)." in said
+    reporter = RecordingReporter()
+    prepare_data(cfg.replace({"data.add_eos": False}), reporter)  # no eos to lose
+    assert "cut by --max-length" not in " ".join(reporter.messages)

@@ -186,6 +186,15 @@ def left_out_note(count: int, lines: list[int], max_length: int, split: str = ""
             "Raise --max-length or shorten those prompts.")
 
 
+def lost_eos_note(count: int, lines: list[int], max_length: int, split: str = "") -> str:
+    """The sentence tokenize and train say about examples whose answer --max-length cut before its eos."""
+    shown = ", ".join(str(n) for n in lines[:10]) + (f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else "")
+    where = f" (line{'s' if count > 1 else ''} {shown})" if lines else ""
+    return (f"{count:,} {split + ' ' if split else ''}example(s) cut by --max-length ({max_length} tokens) before "
+            f"the end of the answer{where}: they train without their eos, teaching the model not to stop there. "
+            "Raise --max-length or shorten those answers.")
+
+
 def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:
     """`fn(examples)` for a batch; if it fails, retry one record at a time and turn each record it
     fails on into an Issue, so one bad record never stops the batch with a traceback.
