@@ -4,6 +4,8 @@ Two record shapes are accepted, one JSON object per line (or elements of one JSO
   {"instruction": str, "input": str (optional, null = ""), "output": str,
    "system": str (optional), "history": [[user, assistant], ...] (optional)}
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "system": str (optional)}
+An assistant message may carry `"weight": 0` (axolotl's "do not train this turn": it stays in the
+prompt of later turns, and the loss leaves it out) or `"weight": 1`; any other weight is refused.
 `system` and `history` are LLaMA-Factory's extension of the Alpaca format: a system prompt and the
 earlier turns of the conversation. Every defect becomes an `Issue` naming file, line, field and
 reason, so that a user fixes the whole file in one pass instead of one error per run. Lines are
@@ -189,10 +191,18 @@ def _parse_messages(value, issue) -> list[dict] | None:
         elif role == "assistant" and not content.strip():
             issue(f"{where}.content", "assistant content is blank")
             ok = False
+        weight = msg.get("weight", 1)
+        if "weight" in msg and (role != "assistant" or isinstance(weight, bool) or weight not in (0, 1)):
+            issue(f"{where}.weight", "weight must be 0 (do not train this turn) or 1, on an assistant message; "
+                                     f"not {weight!r}" + ("" if role == "assistant" else f" on a {role} message"))
+            ok = False
         if ok:
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
     if ok and not any(m["role"] == "assistant" for m in out):
         issue("messages", "no assistant message: there is nothing to learn from this record")
+        ok = False
+    if ok and all(m.get("weight") == 0 for m in out if m["role"] == "assistant"):
+        issue("messages", "every assistant message has weight 0: there is nothing to learn from this record")
         ok = False
     if ok and out[-1]["role"] != "assistant":
         issue("messages", "the last message must be the assistant's")
