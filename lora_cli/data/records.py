@@ -92,13 +92,26 @@ def open_data_file(path: str | Path):
         raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
 
 
-def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped."""
+def open_lines(path: str | Path, cr_only: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped.
+
+    `cr_only`: the lines end in a carriage return alone (classic Mac OS, some exporters), read as
+    CRLF and LF line ends are."""
     with open_data_file(path) as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in enumerate(_cr_lines(fh) if cr_only else fh, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             yield number, raw.rstrip(b"\r\n")
+
+
+def _cr_lines(fh, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a binary file whose lines end in CR, in bounded memory."""
+    rest = b""
+    while block := fh.read(chunk):
+        *lines, rest = (rest + block).split(b"\r")
+        yield from lines
+    if rest:
+        yield rest
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,7 @@ def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue
     """What every reader of data files goes through: (line, unit) where a unit is a JSON Lines line
     (bytes), an element of a JSON array file, or an Issue that ends the file (a JSON array that stops
     being valid JSON). A file that is neither raises NotJsonLines, saying what it is."""
-    from lora_cli.data.file_kinds import JSON_ARRAY, SAMPLE, sniff
+    from lora_cli.data.file_kinds import JSON_ARRAY, JSONL_CR, SAMPLE, sniff
     from lora_cli.data.json_array import ArrayReadError, iter_json_array
 
     path = Path(path)
@@ -129,7 +142,7 @@ def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue
             except ArrayReadError as exc:
                 yield exc.line, Issue(str(path), exc.line, "", exc.reason)
             return
-    yield from open_lines(path)
+    yield from open_lines(path, cr_only=kind == JSONL_CR)
 
 
 def _is_encodable(text: str) -> bool:
@@ -218,7 +231,8 @@ def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line")
+        shown = " ".join(f"{b:02x}" for b in raw[exc.start: exc.start + 4])
+        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line (bytes {shown}): this line is not UTF-8 text")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
