@@ -81,7 +81,10 @@ _MAGIC = [
 _PICKLE = re.compile(rb"\A\x80[\x02-\x05]")
 _BOMS = [(b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
          (b"\xfe\xff", "UTF-16BE")]
-_WRAPPED = re.compile(r'\A\s*\{\s*"([^"\\]{1,64})"\s*:\s*\[\s*[{\]]')
+# {"version": 1, "data": [{...: the records in a list under one key, after any scalar members
+_SCALAR = r'(?:"[^"\\]*"|-?\d[\d.eE+-]*|true|false|null)'
+_WRAPPED = re.compile(r'\A\s*\{(?:\s*"[^"\\]{1,64}"\s*:\s*' + _SCALAR + r'\s*,)*\s*"([^"\\]{1,64})"\s*:\s*\[\s*[{\]]')
+_RECORD_KEYS = ("instruction", "output", "messages", "conversations")
 
 
 def sniff(path: str | Path, head: bytes) -> str:
@@ -235,6 +238,8 @@ def _structure(path: Path, text: str, out: str, whole: bool) -> str:
         return JSONL if (more_lines and _is_json(first)) else JSON_ARRAY
     if first.startswith("{"):
         if _is_json(first):
+            if len(content) == 1 and whole:  # one line holding everything: a wrapper, or one record
+                _check_wrapped_line(path, first, out)
             return JSONL
         _check_multiline_object(path, text, first, out)
         return JSONL  # a JSONL file whose first line is broken: that line's error says so
@@ -251,16 +256,29 @@ def _is_json(line: str) -> bool:
     return True
 
 
+def _wrapped(path: Path, key: str, out: str) -> NotJsonLines:
+    return NotJsonLines(
+        path, f"one JSON object holding the records in its '{key}' list",
+        f"Write the list as JSON Lines: jq -c '.{key}[]' {path} > {out}   or: python -c \"import json, sys; "
+        f"[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1], encoding='utf-8'))"
+        f"['{key}']]\" {path} > {out}")
+
+
+def _check_wrapped_line(path: Path, first: str, out: str) -> None:
+    """A first line that is an object holding a list of records (and no record fields of its own):
+    the whole dataset on one line, {"data": [...]}, not a record."""
+    wrapped = _WRAPPED.match(first)
+    if wrapped and wrapped.group(1) not in ("messages", "history"):
+        obj = json.loads(first)
+        if isinstance(obj, dict) and not any(k in obj for k in _RECORD_KEYS):
+            raise _wrapped(path, wrapped.group(1), out)
+
+
 def _check_multiline_object(path: Path, text: str, first: str, out: str) -> None:
     """A JSON object spread over several lines (json.dump(indent=2)): one message, not one error a line."""
     wrapped = _WRAPPED.match(text)
     if wrapped and wrapped.group(1) not in ("messages", "history"):
-        key = wrapped.group(1)
-        raise NotJsonLines(
-            path, f"one JSON object holding the records in its '{key}' list",
-            f"Write the list as JSON Lines: jq -c '.{key}[]' {path} > {out}   or: python -c \"import json, sys; "
-            f"[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1], encoding='utf-8'))"
-            f"['{key}']]\" {path} > {out}")
+        raise _wrapped(path, wrapped.group(1), out)
     start = text.index("{")
     try:
         _, end = json.JSONDecoder().raw_decode(text, start)
