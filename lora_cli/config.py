@@ -70,7 +70,8 @@ class Section(BaseModel):
 class DataConfig(Section):
     train: str | None = setting(None, "Training data (JSONL, or a JSON array of records).")
     val: str | None = setting(None, "Validation data (same format); evaluated before training and after each epoch.")
-    template: Annotated[str, Field(min_length=1)] = setting("alpaca", "Prompt template: alpaca, alpaca-seed, chat, or a template file.", short="-t")
+    template: Annotated[str, Field(min_length=1)] = setting(
+        "alpaca", "Prompt template: alpaca, alpaca-seed, chat, or a template file.", short="-t")
     max_length: int = setting(512, "Truncate examples to this many tokens.", ge=8)
     train_on_prompt: bool = setting(False, "Put labels on the prompt too (the seed recipe's behaviour), or on the "
                                            "response only.", flag="--train-on-prompt/--train-on-response")
@@ -90,9 +91,11 @@ class ModelConfig(Section):
                                       flag="--trust-remote-code/--no-trust-remote-code")
     # Non-quantized weights (embeddings, lm_head, norms): fp32 as peft's
     # prepare_model_for_kbit_training does, or left in the compute dtype (faster, less memory).
-    upcast: Literal["auto", "fp32", "none"] = setting("auto", "Non-quantized weights (norms, embeddings): fp32 (as peft's "
-                                  "prepare_model_for_kbit_training), none, or auto (fp32 under fp16).")
-    attn_implementation: Literal["sdpa", "flex_attention", "eager"] = setting("sdpa", "Attention kernel: sdpa, flex_attention or eager.", panel="speed")
+    upcast: Literal["auto", "fp32", "none"] = setting(
+        "auto", "Non-quantized weights (norms, embeddings): fp32 (as peft's prepare_model_for_kbit_training), "
+        "none, or auto (fp32 under fp16).")
+    attn_implementation: Literal["sdpa", "flex_attention", "eager"] = setting(
+        "sdpa", "Attention kernel: sdpa, flex_attention or eager.", panel="speed")
     dequantize: OnOff = setting("auto", "Keep the NF4 base dequantized in the compute dtype during training: the same "
                                       "values, faster steps, more memory. auto: on a GPU when it fits the memory "
                                       "budget; on; off.", panel="speed")
@@ -103,9 +106,10 @@ class LoraSettings(Section):
     r: Positive = setting(16, "LoRA rank.", flag="--lora-r", short="-r")
     alpha: Positive = setting(32, "LoRA alpha (the update is scaled by alpha / rank).", flag="--lora-alpha")
     dropout: Share = setting(0.05, "Dropout on the LoRA input.", flag="--lora-dropout")
-    target_modules: Annotated[list[str], BeforeValidator(_comma_list), Field(min_length=1)] = setting(help="Comma-separated module names, or all-linear.",
-                                        factory=lambda: ["q_proj", "v_proj"])
-    bias: Literal["none", "all", "lora_only"] = setting("none", "Biases trained too: none, all or lora_only.", flag="--lora-bias")
+    target_modules: Annotated[list[str], BeforeValidator(_comma_list), Field(min_length=1)] = setting(
+        help="Comma-separated module names, or all-linear.", factory=lambda: ["q_proj", "v_proj"])
+    bias: Literal["none", "all", "lora_only"] = setting(
+        "none", "Biases trained too: none, all or lora_only.", flag="--lora-bias")
     use_dora: bool = setting(False, "DoRA: a trained magnitude per output feature on top of the LoRA direction "
                                     "(peft's use_dora).", flag="--use-dora/--no-dora")
     use_rslora: bool = setting(False, "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank "
@@ -116,7 +120,8 @@ class LoraSettings(Section):
 
 
 class TrainConfig(Section):
-    epochs: Annotated[int, Field(gt=0, le=100_000)] = setting(3, "Passes over the training data.", short="-e", panel="schedule")
+    epochs: Annotated[int, Field(gt=0, le=100_000)] = setting(
+        3, "Passes over the training data.", short="-e", panel="schedule")
     batch_size: Positive = setting(2, "Examples per micro-batch (padded batching).", short="-b", panel="optimisation")
     eval_batch_size: Positive = setting(2, "Examples per evaluation micro-batch (padded batching).", panel="evaluation")
     grad_accum: Positive = setting(2, "Micro-batches per optimizer step.", panel="optimisation")
@@ -125,35 +130,46 @@ class TrainConfig(Section):
     warmup_steps: Count = setting(0, "Optimizer steps of linear warmup.", panel="schedule")
     warmup_ratio: Share = setting(0.0, "Linear warmup over this share of the optimizer steps (instead of "
                                        "--warmup-steps).", panel="schedule")
-    scheduler: Literal["linear", "cosine", "constant"] = setting("linear", "Learning-rate schedule after warmup: linear, cosine or constant.", panel="schedule")
+    scheduler: Literal["linear", "cosine", "constant"] = setting(
+        "linear", "Learning-rate schedule after warmup: linear, cosine or constant.", panel="schedule")
     min_lr_ratio: Share = setting(0.0, "With --scheduler cosine: decay to this share of --lr instead of 0 "
                                        "(transformers' cosine_with_min_lr).", panel="schedule")
-    loraplus_lr_ratio: Annotated[float, Field(ge=0)] = setting(0.0, "LoRA+: lora_B learns this many times faster than lora_A (peft's "
-                                            "create_loraplus_optimizer; 16 in the paper); 0 = off.", panel="optimisation")
-    neftune_alpha: Annotated[float, Field(ge=0)] = setting(0.0, "NEFTune: uniform noise of this scale on the input embeddings, in training "
-                                        "steps only (5 in the paper); 0 = off.", panel="optimisation")
-    early_stopping_patience: Count = setting(0, "Stop once the eval loss has not improved for N evaluations and keep "
-                                              "the best adapter as the result (needs --val); 0 = off.", panel="evaluation")
+    loraplus_lr_ratio: Annotated[float, Field(ge=0)] = setting(
+        0.0, "LoRA+: lora_B learns this many times faster than lora_A (peft's create_loraplus_optimizer; 16 in"
+        " the paper); 0 = off.", panel="optimisation")
+    neftune_alpha: Annotated[float, Field(ge=0)] = setting(
+        0.0, "NEFTune: uniform noise of this scale on the input embeddings, in training steps only (5 in the "
+        "paper); 0 = off.", panel="optimisation")
+    early_stopping_patience: Count = setting(
+        0, "Stop once the eval loss has not improved for N evaluations and keep the best adapter as the "
+        "result (needs --val); 0 = off.", panel="evaluation")
     eval_generate: Count = setting(8, "At each evaluation, greedy answers for the first K val prompts: stop rate and "
                                     "a sample answer; 0 = off.", panel="evaluation")
     report_to: str = setting("none", "Experiment trackers, offline, logs in OUTPUT/logs: none, or a comma list of "
                                      "tensorboard, wandb, mlflow.", panel="output")
-    max_grad_norm: Annotated[float, Field(ge=0)] = setting(1.0, "Clip gradients to this global norm (0: no clipping).", panel="optimisation")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.", panel="speed")
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = setting(42, "Seed of the shuffling, LoRA initialisation and dropout.", panel="optimisation")
+    max_grad_norm: Annotated[float, Field(ge=0)] = setting(
+        1.0, "Clip gradients to this global norm (0: no clipping).", panel="optimisation")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.", panel="speed")
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = setting(
+        42, "Seed of the shuffling, LoRA initialisation and dropout.", panel="optimisation")
     log_every: Positive = setting(10, "Log the train loss every N optimizer steps.", panel="output")
-    max_steps: Annotated[int, Field(ge=0, le=10**9)] = setting(0, "Stop after this many optimizer steps (0: all epochs).", panel="schedule")
-    save_every_steps: Annotated[int, Field(ge=0, le=10**9)] = setting(0, "Also checkpoint every N optimizer steps (0: at each epoch end only).", panel="output")
+    max_steps: Annotated[int, Field(ge=0, le=10**9)] = setting(
+        0, "Stop after this many optimizer steps (0: all epochs).", panel="schedule")
+    save_every_steps: Annotated[int, Field(ge=0, le=10**9)] = setting(
+        0, "Also checkpoint every N optimizer steps (0: at each epoch end only).", panel="output")
     keep_checkpoints: Positive = setting(2, "Checkpoints kept in the output folder.", panel="output")
-    batching: Literal["auto", "packed", "padded"] = setting("auto", "packed (token-budget rows, per-example attention), padded (the seed's), auto.", panel="speed")
+    batching: Literal["auto", "packed", "padded"] = setting(
+        "auto", "packed (token-budget rows, per-example attention), padded (the seed's), auto.", panel="speed")
     max_tokens: Count = setting(0, "Tokens per packed micro-batch (0: automatic).", panel="speed")
     pack_length: Count = setting(0, "Tokens per packed row (0: automatic, 1024 on a GPU).", panel="speed")
     gradient_checkpointing: str = setting("auto", "auto (as many layers as the memory budget needs), on, off, or a "
                                                   "number of layers.", panel="speed")
-    memory_budget_gib: Annotated[float, Field(ge=0)] = setting(0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of "
-                                            "the GPU)).", panel="speed")
-    compile: Annotated[Literal["auto", "on", "graphs", "off"], BeforeValidator(_on_off)] = setting("auto", "torch.compile each decoder layer: auto (on a CUDA GPU, for runs long enough to "
-                                   "repay it), on, graphs (compiled and replayed as CUDA graphs: static shapes), off.", panel="speed")
+    memory_budget_gib: Annotated[float, Field(ge=0)] = setting(
+        0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of the GPU)).", panel="speed")
+    compile: Annotated[Literal["auto", "on", "graphs", "off"], BeforeValidator(_on_off)] = setting(
+        "auto", "torch.compile each decoder layer: auto (on a CUDA GPU, for runs long enough to repay it), on, "
+        "graphs (compiled and replayed as CUDA graphs: static shapes), off.", panel="speed")
     fused_loss: bool = setting(True, "Compute the loss from hidden states chunk by chunk, never the full "
                                      "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss", panel="speed")
     eval_at_start: bool = setting(True, "Evaluate once before the first step (a baseline).",
@@ -273,7 +289,8 @@ class RunConfig(BaseModel):
 _WHY = {
     "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
     "less_than_equal": "must be at most {le:,}", "literal_error": "choose {expected}",
-    "int_parsing": "must be a whole number", "int_from_float": "must be a whole number", "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+    "int_type": "must be a whole number",
     "float_parsing": "must be a number", "float_type": "must be a number",
     "bool_parsing": "must be true or false (on or off)", "bool_type": "must be true or false (on or off)",
     "string_type": "must be text", "list_type": "must be a list of names (or one comma-separated string)",

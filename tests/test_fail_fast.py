@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_records, write_jsonl
+from helpers import make_records, write_jsonl
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app

@@ -135,9 +135,9 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tiny_model_dir, data_fi
     cfg = config(tiny_model_dir, data_files, out, {"train.early_stopping_patience": 2}, epochs=5, keep_checkpoints=1)
     with faults.inject("train:eval-loss", lambda _: next(losses)):
         result = train(cfg)
-    assert result.best["stopped_early"] and result.best["checkpoint"] == "epoch-1"
+    assert result.best.stopped_early and result.best.checkpoint == "epoch-1"
     assert result.eval_losses == [3.0, 2.0, 2.5, 2.6]  # stopped after two evaluations without a better loss
-    steps_per_epoch = result.best["step"]
+    steps_per_epoch = result.best.step
     assert result.steps == 3 * steps_per_epoch < cfg.train.epochs * steps_per_epoch
     kept = [p.name for p in list_checkpoints(out)]
     assert kept == ["epoch-1", "epoch-3"]  # the best survives keep_checkpoints=1
@@ -177,7 +177,7 @@ def test_neftune_noise_is_added_in_training_mode_only(tiny_model_dir):
     (["--min-lr-ratio", "0.1"], "a floor applies to --scheduler cosine only"),
     (["--warmup-ratio", "0.1", "--warmup-steps", "3"], "not both"),
     (["--early-stopping-patience", "2"], "there is no --val data"),
-    (["--report-to", "tensorboard,comet"], "choose one of none, tensorboard, wandb, mlflow"),
+    (["--report-to", "tensorboard,comet"], "choose none or a comma list of tensorboard, wandb, mlflow, not 'comet'"),
 ])
 def test_options_that_cannot_run_are_one_message_before_the_model_loads(args, message, tiny_model_dir, data_files,
                                                                          tmp_path):

@@ -22,7 +22,9 @@ from pathlib import Path
 from lora_cli import __version__
 from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.writable import check_writable
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
@@ -147,10 +149,11 @@ def carry_training_template(info: AdapterInfo, tokenizer, reporter=NULL_REPORTER
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "auto",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
     """Write base + adapter merged to the folder `output` (atomically); `base_weights` as in the module
-    docstring (`auto`: the weights the adapter was trained against). LoraCliError for a bad choice or
-    an output folder it may not replace, before anything is loaded."""
-    from lora_cli.atomic import atomic_dir, umask
+    docstring (`auto`: the weights the adapter was trained against).
 
+    Errors (LoraCliError, before the base loads): a bad dtype or base-weights choice; an output that
+    exists (without `force`), cannot be written or has no room for the model; another process writes it.
+    """
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
     if base_weights not in BASE_WEIGHTS:
@@ -158,7 +161,27 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     if base_weights == "auto":
         base_weights = trained_base_weights(info.quantization)
     output = Path(output)
-    replace = check_output(output, info.path, force)
+    check_writable(output, "folder", "-o", _merged_bytes(info, dtype), f"the merged model in {dtype}")
+    with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o folder."):
+        return _merge_into(info, output, dtype, base_weights, check_output(output, info.path, force), reporter)
+
+
+def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
+    """The merged model's size in `dtype` (bytes), from the base's config on the meta device; 0 when
+    the config cannot be read here (loading the base says why)."""
+    from lora_cli.model.load import meta_model
+    from lora_cli.model.resolve import resolve_model
+
+    try:
+        model = meta_model(resolve_model(info.base_model, need_weights=False).path, info.trust_remote_code)
+    except LoraCliError:
+        return 0
+    return sum(p.numel() for p in model.parameters()) * (4 if dtype == "fp32" else 2)
+
+
+def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool, reporter) -> MergeResult:
+    from lora_cli.atomic import atomic_dir, umask
+
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
     chat_template = carry_training_template(info, tokenizer, reporter)

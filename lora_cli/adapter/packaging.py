@@ -33,6 +33,8 @@ from lora_cli.adapter.folder import (
 from lora_cli import faults
 from lora_cli.atomic import TMP_PREFIX, atomic_path, remove_stale_temporaries, sha256_of
 from lora_cli.errors import LoraCliError
+from lora_cli.lock import exclusive
+from lora_cli.writable import check_writable
 
 MANIFEST = "MANIFEST.json"
 EXCLUDED_DIRS = (CHECKPOINTS, LOGS)
@@ -55,13 +57,24 @@ def _sha256_file(path: Path) -> str:
 
 
 def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
+    """Zip the adapter `folder` into `dest` with MANIFEST.json; returns the manifest.
+
+    Errors (LoraCliError, before anything is written): `dest` exists (without `force`), is a folder,
+    lies inside `folder`, cannot be written or has no room for the files; another process writes it.
+    """
     folder, dest = check_loadable(folder), Path(dest)
-    if dest.exists() and not force:
-        raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
     if dest.resolve().is_relative_to(folder.resolve()):
         raise LoraCliError(f"The zip {dest} cannot be written inside the folder it packs ({folder}).")
-    remove_stale_temporaries(dest.resolve().parent)  # zips of killed runs
     files = adapter_files(folder)
+    check_writable(dest, "file", "-o", sum(p.stat().st_size for p in files), "the adapter's files, before compression")
+    if dest.exists() and not force:
+        raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
+    with exclusive(dest, f"{dest}", "Wait for that command to finish, or choose another -o name."):
+        return _write_zip(folder, files, dest)
+
+
+def _write_zip(folder: Path, files: list[Path], dest: Path) -> dict:
+    remove_stale_temporaries(dest.resolve().parent)  # zips of killed runs
     manifest = {
         "lora_cli_version": __version__, "base_model": base_model_of(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -24,7 +24,7 @@ MEANING = {
     "lora-r": ("--lora-r",), "lora-rank": ("--lora-r",), "rank": ("--lora-r",), "r": ("--lora-r",),
     "lora-alpha": ("--lora-alpha",), "alpha": ("--lora-alpha",),
     "lora-dropout": ("--lora-dropout",), "lora-target-modules": ("--target-modules",),
-    "output-dir": ("--output", "--output-dir"), "out-dir": ("--output",), "save-dir": ("--output",),
+    "output-dir": ("--output",), "out-dir": ("--output",), "save-dir": ("--output",),
     "max-seq-length": ("--max-length",), "max-seq-len": ("--max-length",), "seq-len": ("--max-length",),
     "sequence-len": ("--max-length",), "cutoff-len": ("--max-length",), "model-max-length": ("--max-length",),
     "model-name-or-path": ("--model",), "base-model": ("--model",), "model-name": ("--model",),

@@ -17,13 +17,24 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.atomic import atomic_dir, is_disk_full, remove_stale_temporaries, sha256_of, write_text
 from lora_cli.data.records import Issue, ScanStats, iter_examples, open_data_file
 from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note, lost_eos_note
 from lora_cli.errors import DataError, LoraCliError
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER, Reporter
+from lora_cli.writable import check_writable
+
+if TYPE_CHECKING:
+    from datasets import Features
+    from transformers import PreTrainedTokenizerBase
+
+    from lora_cli.data.templates import ChatTemplate, TextTemplate
+    from lora_cli.data.overlap import RecordDigests
+    from lora_cli.progress import Stage
 
 # 2: instruction records' system/history fields rendered; meta.json has left_out_lines and warnings
 # 3: a BOS the template writes itself is not added a second time (tokenization.with_prefix)
@@ -106,8 +117,9 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bool, counters: dict, issues: list,
-          left_out: list, progress, digests=None, lost_eos=None):
+def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate, policy: LabelPolicy,
+          skip_invalid: bool, counters: dict, issues: list, left_out: list, progress: Stage,
+          digests: RecordDigests | None = None, lost_eos: list[int] | None = None):
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
@@ -157,9 +169,10 @@ def _rows(path: Path, tokenizer, template, policy: LabelPolicy, skip_invalid: bo
     counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
 
 
-def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, template, policy: LabelPolicy,
-                  cache_dir: str | Path, skip_invalid: bool = False, force: bool = False,
-                  reporter: Reporter = NULL_REPORTER, reason: str | None = None) -> CacheEntry:
+def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path,
+                  template: TextTemplate | ChatTemplate, policy: LabelPolicy, cache_dir: str | Path,
+                  skip_invalid: bool = False, force: bool = False, reporter: Reporter = NULL_REPORTER,
+                  reason: str | None = None) -> CacheEntry:
     """Return the cache entry for one split, tokenizing only when no valid entry exists.
 
     `reason`: why this split might need tokenizing again (a changed file), told to `reporter` only
@@ -174,21 +187,35 @@ def build_or_load(split: str, path: str | Path, tokenizer, tokenizer_dir: Path, 
     }
     key = _key(parts)
     entry_dir = Path(cache_dir) / "tokenized" / key
+    hit = None if force else _hit(split, key, entry_dir)
+    if hit is not None:
+        return hit
+    check_writable(cache_dir, "folder", "--cache-dir", inside=True)
+    # one process builds an entry; another that needs it waits, then reads what the first built
+    with exclusive(entry_dir, f"Tokenize cache entry {entry_dir}", reporter=reporter, wait=True):
+        hit = None if force else _hit(split, key, entry_dir)
+        if hit is not None:
+            return hit
+        remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
+        if reason:
+            reporter.message(reason)
+        return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
+
+
+def _hit(split: str, key: str, entry_dir: Path) -> CacheEntry | None:
+    """The complete entry `key` in entry_dir, or None (absent, incomplete or unreadable: built again)."""
     meta_path = entry_dir / "meta.json"
-    if meta_path.is_file() and not force:
+    if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == key and (entry_dir / "data" / "dataset_info.json").is_file():
                 return CacheEntry(split, key, entry_dir, True, meta)
         except (OSError, ValueError):
-            pass  # unreadable entry: rebuild it
-    remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
-    if reason:
-        reporter.message(reason)
-    return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
+            pass
+    return None
 
 
-def _generate(gen_kwargs: dict, features, key: str, build_dir: Path):
+def _generate(gen_kwargs: dict, features: Features, key: str, build_dir: Path):
     """Dataset.from_generator over `_rows`, with the real error instead of datasets' wrapper.
 
     datasets wraps whatever the generator (or its Arrow writer) raises in a
@@ -208,7 +235,9 @@ def _generate(gen_kwargs: dict, features, key: str, build_dir: Path):
         raise
 
 
-def _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter):
+def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+           policy: LabelPolicy, skip_invalid: bool, parts: dict[str, Any], key: str, entry_dir: Path, n_lines: int,
+           reporter: Reporter):
     from datasets import Features, Sequence, Value
     from datasets.utils.logging import disable_progress_bar
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.config import RunConfig
 from lora_cli.data import current as current_dataset
@@ -14,12 +15,20 @@ from lora_cli.model.load import load_tokenizer
 from lora_cli.model.resolve import ResolvedModel, resolve_model
 from lora_cli.progress import NULL_REPORTER
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PreTrainedTokenizerBase
+
+    from lora_cli.data.templates import ChatTemplate, TextTemplate
+    from lora_cli.progress import Reporter
+
 
 @dataclass
 class PreparedData:
     model: ResolvedModel
-    tokenizer: object
-    template: object
+    tokenizer: PreTrainedTokenizerBase
+    template: TextTemplate | ChatTemplate
     train: CacheEntry
     val: CacheEntry | None
     current: current_dataset.CurrentDataset | None = None  # as recorded by this call, if it recorded one
@@ -30,8 +39,8 @@ def label_policy(cfg: RunConfig) -> LabelPolicy:
     return LabelPolicy(max_length=d.max_length, train_on_prompt=d.train_on_prompt, add_eos=d.add_eos)
 
 
-def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is_main: bool = True,
-                 barrier=lambda: None, record: bool = False,
+def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool = False, is_main: bool = True,
+                 barrier: Callable[[], None] = lambda: None, record: bool = False,
                  current: current_dataset.CurrentDataset | None = None) -> PreparedData:
     """Tokenize (or reuse) the splits. With several processes, only the main one tokenizes.
 
@@ -70,7 +79,7 @@ def prepare_data(cfg: RunConfig, reporter=NULL_REPORTER, force: bool = False, is
     return PreparedData(resolved, tokenizer, template, entries["train"], entries.get("val"), recorded)
 
 
-def _moved_on(current, cfg: RunConfig, entries: dict) -> bool:
+def _moved_on(current: current_dataset.CurrentDataset | None, cfg: RunConfig, entries: dict) -> bool:
     """The current dataset's files changed and this run tokenized them with its settings: record the new content."""
     if current is None or not current.same_settings(cfg):
         return False

@@ -86,7 +86,7 @@ class DataReport:
         return self.errors == 0
 
     def to_dict(self) -> dict:
-        def stats(s):
+        def stats(s: LengthStats | None):
             return None if s is None else {k: getattr(s, k) for k in ("unit", "count", "mean", "p50", "p90", "max")}
 
         return {
@@ -177,7 +177,7 @@ def _tally(report: DataReport, tokens: Counter, counts: list) -> None:
                 report.left_out_lines.append(count.line)
 
 
-def _token_summary(report: DataReport, tokens: Counter, keep) -> None:
+def _token_summary(report: DataReport, tokens: Counter, keep: Callable[[Issue], None]) -> None:
     """Token statistics, the examples max_length would truncate, and a warning naming those it would leave out."""
     from lora_cli.data.tokenization import left_out_note
 

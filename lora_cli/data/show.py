@@ -10,8 +10,13 @@ a response is trained; a chat template's turn ends inside the prompt are not).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.model.loss import IGNORE
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class ShownExample:
     spans: list[Span]
 
 
-def spans_of(input_ids: list[int], labels: list[int], tokenizer) -> list[Span]:
+def spans_of(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> list[Span]:
     """Consecutive tokens grouped by (trained, eos). The first token is never trained: nothing predicts it."""
     eos = tokenizer.eos_token_id
     groups: list[tuple[bool, bool, list[int]]] = []
@@ -42,7 +47,7 @@ def spans_of(input_ids: list[int], labels: list[int], tokenizer) -> list[Span]:
     return [Span(tokenizer.decode(ids, skip_special_tokens=False), trained, is_eos) for trained, is_eos, ids in groups]
 
 
-def show_examples(dataset, tokenizer, n: int) -> list[ShownExample]:
+def show_examples(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, n: int) -> list[ShownExample]:
     """The first `n` rows of a tokenized split (datasets.Dataset with input_ids, labels, line) as spans."""
     shown = []
     for row in dataset.select(range(min(n, len(dataset)))):

@@ -12,10 +12,18 @@ is the token sequence of `apply_chat_template(messages, tokenize=True)`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from lora_cli.data.records import Example, Issue
 from lora_cli.errors import LoraCliError
 from lora_cli.model.loss import IGNORE
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from transformers import PreTrainedTokenizerBase
+
+    from lora_cli.data.templates import ChatTemplate, TextTemplate
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class Encoded:
         return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
-def special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids the tokenizer adds in front of a text (a BOS for Llama-style tokenizers, none for Qwen)."""
     with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
@@ -65,7 +73,8 @@ def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -
     return list(piece)
 
 
-def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPolicy) -> list[Encoded]:
+def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                 policy: LabelPolicy) -> list[Encoded]:
     """Encode many examples with one tokenizer call over all of their segments."""
     per_example = [template.segments(ex, tokenizer) for ex in examples]
     texts = [text for segs in per_example for text, _ in segs]
@@ -88,13 +97,15 @@ def encode_batch(examples: list[Example], tokenizer, template, policy: LabelPoli
     return out
 
 
-def encode_prompt(messages: list[dict], tokenizer, template, add_eos: bool = True) -> list[int]:
+def encode_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                  add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
     history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
     return _encode_prompt_segments(template.segments(history, tokenizer)[:-1], tokenizer, add_eos)
 
 
-def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool = True) -> list[int]:
+def encode_example_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                          add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for a record's last response: training's input_ids up to that response.
 
     What generation and the stop rate start from; an instruction record keeps its Input block,
@@ -106,7 +117,8 @@ def encode_example_prompt(example: Example, tokenizer, template, add_eos: bool =
     return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
 
 
-def template_issues(examples: list[Example], tokenizer, template, file: str) -> list[Issue]:
+def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                    file: str) -> list[Issue]:
     """An Issue for each record the template cannot render, as training and as a prompt (a model's
     chat template refuses a conversation that opens with the assistant, say); [] when all render.
 
@@ -137,7 +149,8 @@ def reference_answer(example: Example) -> str:
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
 
 
-def _encode_prompt_segments(segs, tokenizer, add_eos: bool) -> list[int]:
+def _encode_prompt_segments(segs: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase,
+                            add_eos: bool) -> list[int]:
     texts = [text for text, _ in segs]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     eos = tokenizer.eos_token_id
@@ -147,7 +160,8 @@ def _encode_prompt_segments(segs, tokenizer, add_eos: bool) -> list[int]:
     return with_prefix(special_prefix(tokenizer), out)
 
 
-def token_lengths(examples: list[Example], tokenizer, template) -> list[int]:
+def token_lengths(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
+                  template: TextTemplate | ChatTemplate) -> list[int]:
     """Untruncated token counts (prompt + response + eos), for validate-data's statistics."""
     policy = LabelPolicy(max_length=2**31 - 1)
     return [len(e.input_ids) for e in encode_batch(examples, tokenizer, template, policy)]
@@ -166,7 +180,8 @@ class TokenCount:
         return self.first_target >= max_length
 
 
-def token_counts(examples: list[Example], tokenizer, template, policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
+def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                 policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
     """TokenCount per example under `policy`'s labels, for validate-data's statistics."""
     untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
     out = []
@@ -195,7 +210,8 @@ def lost_eos_note(count: int, lines: list[int], max_length: int, split: str = ""
             "Raise --max-length or shorten those answers.")
 
 
-def apply_or_reject(examples: list[Example], fn, file: str) -> tuple[list, list[Issue]]:
+def apply_or_reject(examples: list[Example], fn: Callable[[list[Example]], list],
+                    file: str) -> tuple[list, list[Issue]]:
     """`fn(examples)` for a batch; if it fails, retry one record at a time and turn each record it
     fails on into an Issue, so one bad record never stops the batch with a traceback.
 

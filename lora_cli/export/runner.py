@@ -25,7 +25,9 @@ from lora_cli import __version__
 from lora_cli.adapter.folder import TOKENIZER_CONFIG
 from lora_cli.errors import LoraCliError
 from lora_cli.export import BASE_WEIGHTS, FORMATS, OUTTYPES
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.writable import check_writable
 
 GGUF_MAGIC = b"GGUF"
 MODELFILE = "Modelfile"
@@ -133,12 +135,19 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
     Raises LoraCliError (one message) for a bad flag or destination, an architecture, tokenizer or
     template that cannot be mapped, before anything is loaded or written.
     """
-    from lora_cli.adapter.folder import load_template
-
     _validate(fmt, outtype, base_weights)
     output, t0 = Path(output), time.time()
-    replace = check_folder_output(output, info.path, force) if fmt == "ollama" else \
-        check_file_output(output, info.path, force)
+    check_writable(output, "folder" if fmt == "ollama" else "file", "-o")
+    with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o path."):
+        replace = check_folder_output(output, info.path, force) if fmt == "ollama" else \
+            check_file_output(output, info.path, force)
+        return _export(info, output, fmt, outtype, base_weights, replace, t0, reporter)
+
+
+def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, replace: bool, t0: float,
+            reporter) -> ExportResult:
+    from lora_cli.adapter.folder import load_template
+
     template = load_template(info)
     resolved, config = _base_config(info, reporter)
     from lora_cli.export.architecture import check_config

@@ -11,11 +11,15 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lora_cli.adapter.folder import ADAPTER_WEIGHTS, CHECKPOINTS
 from lora_cli import faults
 from lora_cli.atomic import TMP_PREFIX, atomic_dir
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
 
 STATE = "trainer_state.json"
 
@@ -96,7 +100,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name))]
 
 
-def _torch_save(obj, path: Path) -> None:
+def _torch_save(obj: Any, path: Path) -> None:
     """torch.save through a Python file: a full disk then surfaces as OSError(ENOSPC) in the
     exception chain (given a path, torch's own writer reports only "unexpected pos")."""
     import torch
@@ -106,8 +110,8 @@ def _torch_save(obj, path: Path) -> None:
         torch.save(obj, fh)
 
 
-def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer_state: dict, scheduler,
-                    keep: int) -> Path:
+def save_checkpoint(root: Path, name: str, state: LoopState, adapter_state: dict, optimizer_state: dict,
+                    scheduler: LRScheduler, keep: int) -> Path:
     """Write checkpoint `name` whole, then prune to the newest `keep` (the best one, for early stopping, stays)."""
     import torch
     from safetensors.torch import save_file

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from lora_cli.progress import Reporter
 
 
 class InterruptFlag:
@@ -12,13 +18,13 @@ class InterruptFlag:
 
     SIGNALS = ("SIGINT", "SIGTERM")
 
-    def __init__(self, reporter):
+    def __init__(self, reporter: Reporter):
         self.reporter = reporter
         self.set = False
         self.signum = signal.SIGINT
         self._old: dict = {}
 
-    def _handler(self, signum, frame):
+    def _handler(self, signum: int, frame: FrameType | None):
         if self.set:
             raise KeyboardInterrupt
         self.set, self.signum = True, signum
@@ -31,6 +37,6 @@ class InterruptFlag:
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object):
         for sig, old in self._old.items():
             signal.signal(sig, old)

@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 
 from lora_cli.errors import LoraCliError
 from lora_cli.train.sharding import check_fsdp_setup, fsdp_requested
@@ -16,7 +17,7 @@ START_FLAGS = ("--resume", "--overwrite")
 START_OPTIONS = ("--resume-from",)
 
 
-def resume_command(argv: list[str], env=None) -> str:
+def resume_command(argv: list[str], env: Mapping[str, str] | None = None) -> str:
     """The command line that continues this run from its latest checkpoint: the same flags, with
     --resume in place of --overwrite / --resume / --resume-from PATH (which would go back to the
     older checkpoint). A run started with --gpus N runs as N processes whose own argv lacks it

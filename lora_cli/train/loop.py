@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.data.batching import StepPlan
@@ -22,10 +24,57 @@ from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.oom import out_of_memory_as_error
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+    from lora_cli.config import RunConfig
+    from lora_cli.data.batching import Batcher
+    from lora_cli.progress import Reporter, Stage
+    from lora_cli.train.optim import Trainable
+    from lora_cli.train.plan import RunPlan
+    from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.runtime import Placement
+    from lora_cli.train.watch import RunWatch
+
+
+@dataclass
+class BestEvaluation:
+    """Early stopping's result: the evaluation whose adapter is written, and whether the run stopped early."""
+
+    step: int
+    eval_loss: float
+    checkpoint: str  # the checkpoint folder's name under checkpoints/
+    stopped_early: bool
+    last_step: int  # the optimizer step the run ended at
+
+
+@dataclass
+class LoopSummary:
+    """What a run did, as run_config.yaml records it under run.summary. Losses are mean response losses
+    (nats per target token); `stop_rates`: [stopped, prompts] of each evaluation's probe."""
+
+    first_loss: float | None
+    last_loss: float | None
+    eval_losses: list[float]
+    stop_rates: list[list[int]]
+    steps: int
+    tokens: int
+    seconds: float
+    tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
+    best: BestEvaluation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        if self.best is None:
+            del raw["best"]
+        return raw
+
 
 class TrainingLoop:
-    def __init__(self, cfg, placement, plan, peft_model, trainable, steps: StepPlan, val_batcher, out, reporter,
-                 state: LoopState, watch=None):
+    def __init__(self, cfg: RunConfig, placement: Placement, plan: RunPlan, peft_model: PeftModel, trainable: Trainable,
+                 steps: StepPlan, val_batcher: Batcher | None, out: OutputFolder, reporter: Reporter, state: LoopState,
+                 watch: RunWatch | None = None):
         self.cfg, self.train_cfg = cfg, cfg.train
         self.watch = watch  # watch.RunWatch: stop-rate probe, trackers, loss-curve picture
         self.placement, self.plan = placement, plan
@@ -41,7 +90,7 @@ class TrainingLoop:
         return self.state.total_steps
 
     # ---- the loop ---------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> LoopSummary:
         t0 = time.time()
         state = self.state
         self.trainable.module.train()  # from_pretrained leaves eval mode: no LoRA dropout, no checkpointing
@@ -54,10 +103,10 @@ class TrainingLoop:
                 bar.update(state.step)
                 while state.step < self.total_steps and not state.stopped_early:
                     self._run_epoch(flag, bar)
-        return {"first_loss": state.first_loss, "last_loss": state.last_loss, "eval_losses": state.eval_losses,
-                "stop_rates": state.stop_rates, "steps": state.step, "tokens": state.tokens_seen, "seconds": round(time.time() - t0, 3)}
+        return LoopSummary(state.first_loss, state.last_loss, list(state.eval_losses), list(state.stop_rates),
+                           state.step, state.tokens_seen, round(time.time() - t0, 3))
 
-    def _run_epoch(self, flag, bar) -> None:
+    def _run_epoch(self, flag: InterruptFlag, bar: Stage) -> None:
         """The rest of the current epoch, its end, and a stop when a signal asked for one."""
         state = self.state
         n_steps = self.steps.steps_in(state.epoch)
@@ -81,14 +130,14 @@ class TrainingLoop:
         if flag.set and state.step < self.total_steps and not state.stopped_early:
             self._interrupt(flag, saved=True)
 
-    def _sync_flag(self, flag) -> None:
+    def _sync_flag(self, flag: InterruptFlag) -> None:
         if self.placement.world_size > 1:
             import torch
 
             raised = torch.tensor(float(flag.set), device=self.placement.device)
             flag.set = self.placement.accelerator.reduce(raised, reduction="sum").item() > 0
 
-    def _step(self, step_batches: list[list[int]], flag) -> None:
+    def _step(self, step_batches: list[list[int]], flag: InterruptFlag) -> None:
         """One optimizer step over `step_batches` (all processes' micro-batches; this one takes its share)."""
         import torch
 
@@ -126,7 +175,8 @@ class TrainingLoop:
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1, "gradient norm"))
         self._apply(loss_total, n_global, int(real_total), grad_norm)
 
-    def _apply(self, loss_total: float, n_targets: int, real_tokens: int, grad_norm) -> None:
+    def _apply(self, loss_total: float, n_targets: int, real_tokens: int,
+               grad_norm: torch.Tensor | float | None) -> None:
         """Optimizer and schedule step, then the loop's counters and, when due, a log line."""
         state, trainable = self.state, self.trainable
         lr = trainable.scheduler.get_last_lr()[0]
@@ -151,7 +201,7 @@ class TrainingLoop:
             return self.trainable.module.clip_grad_norm_(max_norm)
         return acc.clip_grad_norm_(self.trainable.params, max_norm)
 
-    def _log_train(self, lr, grad_norm) -> None:
+    def _log_train(self, lr: float, grad_norm: torch.Tensor | float | None) -> None:
         state = self.state
         now = time.time()
         loss = state.window_loss / max(state.window_targets, 1)
@@ -239,7 +289,7 @@ class TrainingLoop:
         acc.wait_for_everyone()
         return self.last_checkpoint
 
-    def _interrupt(self, flag, saved: bool = False) -> None:
+    def _interrupt(self, flag: InterruptFlag, saved: bool = False) -> None:
         path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
         raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
                                   str(path), None, exit_code=128 + int(flag.signum))

@@ -10,23 +10,30 @@ optimizer, schedule and RNG of the checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.config import RunConfig, TrainConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.train.checkpoint import Checkpoint, restore_rng
 from lora_cli.train.runtime import Placement
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from torch.optim.lr_scheduler import LRScheduler
+
 
 @dataclass
 class Trainable:
-    module: object  # loss module (loss.make_loss_module) as accelerate prepared it
-    optimizer: object  # accelerate's AcceleratedOptimizer over AdamW
-    scheduler: object
-    params: list  # trainable parameters of `module`
-    adapter_names: dict | None = None  # FSDP: state-dict name -> adapter-file name (sharding.adapter_names)
+    module: torch.nn.Module  # loss module (loss.make_loss_module) as accelerate prepared it
+    optimizer: torch.optim.Optimizer  # accelerate's AcceleratedOptimizer over AdamW
+    scheduler: LRScheduler
+    params: list[torch.nn.Parameter]  # trainable parameters of `module`
+    adapter_names: dict[str, str] | None = None  # FSDP: state-dict name -> adapter-file name (sharding.adapter_names)
 
 
-def make_optimizer(params, train: TrainConfig, on_cuda: bool, peft_model=None):
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, on_cuda: bool,
+                   peft_model: PeftModel | None = None):
     """AdamW (torch; fused on CUDA) over the parameters that require a gradient.
 
     With train.loraplus_lr_ratio (LoRA+), peft's create_loraplus_optimizer builds it from
@@ -69,7 +76,7 @@ def warmup_note(train: TrainConfig, total_steps: int) -> str | None:
             f"warming up for {used} instead, so the learning rate reaches --lr.")
 
 
-def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
     """transformers' schedule of train.scheduler after the warmup, over `total_steps` optimizer steps;
     cosine with --min-lr-ratio is transformers' cosine_with_min_lr (it ends at lr x ratio)."""
     from transformers import get_scheduler
@@ -82,7 +89,7 @@ def make_scheduler(optimizer, train: TrainConfig, total_steps: int):
                          num_training_steps=max(total_steps, 1), scheduler_specific_kwargs=extra)
 
 
-def restart_schedule(scheduler) -> None:
+def restart_schedule(scheduler: LRScheduler) -> None:
     """The learning rate of the current step from the schedule as it now is (its length changed):
     the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
     one), which the next step would use. Stepping back and forth sets it from the new schedule."""
@@ -101,7 +108,7 @@ def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
         raise LoraCliError(f"Checkpoint {checkpoint.path} was made {how}; resume it the same way.")
 
 
-def prepare_trainable(peft_model, cfg: RunConfig, placement: Placement, total_steps: int,
+def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placement, total_steps: int,
                       checkpoint: Checkpoint | None = None, fused_loss: bool | None = None) -> Trainable:
     """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks)."""
     from peft import set_peft_model_state_dict

@@ -12,9 +12,13 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.config import RunConfig
 from lora_cli.train.runtime import Placement, wants_upcast
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GPU_MAX_TOKENS = 16384  # the most packed tokens per micro-batch the automatic step puts on a GPU (PERFORMANCE.md)
 CPU_MAX_TOKENS = 8192  # and on a CPU (activations in RAM)
@@ -77,7 +81,7 @@ def _round_up(n: int, multiple: int = ROW_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
-def _checkpointing(cfg: RunConfig, placement: Placement, model_config, max_tokens: int,
+def _checkpointing(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig, max_tokens: int,
                    weights_bytes: int) -> tuple[int, str, bool]:
     """(checkpointed layers, note, fits): auto on a GPU checkpoints only as many layers as the budget needs."""
     gc = cfg.train.gradient_checkpointing
@@ -102,8 +106,8 @@ def _compile_mode(cfg: RunConfig, placement: Placement, estimated_steps: int) ->
     return "on" if usable and estimated_steps >= MIN_COMPILE_STEPS else "off"
 
 
-def decide(cfg: RunConfig, placement: Placement, model_config, lengths: list[int], weights_bytes: int = 0,
-           dequantize_bytes: int = 0, loss_blocker: str | None = None) -> RunPlan:
+def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig, lengths: list[int],
+           weights_bytes: int = 0, dequantize_bytes: int = 0, loss_blocker: str | None = None) -> RunPlan:
     """Every automatic training setting, from the config, the placement, the model's config and
     the tokenized training lengths (tokens per example).
 

@@ -9,72 +9,100 @@ handling) live in `loop.py`; the automatic settings are decided once, in `plan.d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.train.loop import BestEvaluation, LoopSummary
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lora_cli.data.current import CurrentDataset
+    from lora_cli.model.params import ParamSummary
+    from lora_cli.progress import Reporter
+    from lora_cli.train.checkpoint import LoopState
+    from lora_cli.train.loop import TrainingLoop
+    from lora_cli.train.plan import RunPlan
+    from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.runtime import Placement
 
 
 @dataclass
 class TrainResult:
+    """A finished run: where its adapter is, what the loop did (`summary`), what was decided."""
+
     output: str
-    steps: int
-    first_loss: float | None
-    last_loss: float | None
-    eval_losses: list
-    tokens: int
-    seconds: float
+    summary: LoopSummary  # what run_config.yaml records under run.summary
     resumed_from: str | None
-    decisions: dict
-    param_summary: dict
-    best: dict | None = None  # early stopping: the evaluation whose adapter is the result
-    summary: dict = field(default_factory=dict)  # what run_config.yaml records under run.summary
+    decisions: dict[str, Any]
+    param_summary: dict[str, Any]
+
+    # the summary's numbers, by the names callers used before it was one object
+    steps = property(lambda self: self.summary.steps)
+    first_loss = property(lambda self: self.summary.first_loss)
+    last_loss = property(lambda self: self.summary.last_loss)
+    eval_losses = property(lambda self: self.summary.eval_losses)
+    tokens = property(lambda self: self.summary.tokens)
+    seconds = property(lambda self: self.summary.seconds)
+    best = property(lambda self: self.summary.best)  # early stopping: the evaluation whose adapter is the result
 
 
 @dataclass
 class TrainingData:
     """What the loop trains on: tokenized splits plus the tokenizer saved beside the adapter."""
 
-    train: object  # datasets.Dataset with input_ids, labels, length, n_targets
-    val: object | None
-    tokenizer: object
-    model_path: object
-    cache_keys: dict  # split -> tokenize cache key (part of the run's fingerprint)
-    data_sha256: dict = field(default_factory=dict)  # split -> sha256 of the data file
+    train: Dataset  # columns input_ids, labels, length, n_targets
+    val: Dataset | None
+    tokenizer: PreTrainedTokenizerBase
+    model_path: Path  # the base model's local folder
+    cache_keys: dict[str, str | None]  # split -> tokenize cache key (part of the run's fingerprint)
+    data_sha256: dict[str, str | None] = field(default_factory=dict)  # split -> sha256 of the data file
     template_text: str | None = None  # a template file's text, saved with the adapter
+    base_identity: dict = field(default_factory=dict)  # model/identity.py: part of the run's fingerprint
 
 
-def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter=NULL_REPORTER,
-          force_tokenize: bool = False, current=None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter: Reporter = NULL_REPORTER,
+          force_tokenize: bool = False, current: CurrentDataset | None = None) -> TrainResult:
     """Tokenize (or reuse the cache), then train. `current`: the current dataset (data/current.py) the
     data came from, said in one line before anything loads."""
     import torch
 
     from lora_cli.data.prepare import prepare_data
+    from lora_cli.model.identity import base_identity
     from lora_cli.model.load import check_targets, quiet_libraries
+    from lora_cli.train.output_check import check_output, output_lock
     from lora_cli.train.runtime import place
 
     quiet_libraries()
     placement = place(cfg)
-    check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
+    targets = check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
+    check_output(cfg, targets.lora_parameters, placement.is_main)
     if not placement.is_main:
         reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
     if current is not None:
         reporter.message(f"Training on {current.describe(cfg)}")
-    # Tokenized once (main process), read from the cache by everyone.
-    data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone,
-                        current=current)
-    entries = {"train": data.train, "val": data.val}
-    prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
-                            {k: e.key if e else None for k, e in entries.items()},
-                            {k: e.meta.get("parts", {}).get("data_sha256") if e else None for k, e in entries.items()},
-                            getattr(data.template, "source", None))
-    return train_on(cfg, placement, prepared, resume, overwrite, reporter)
+    with output_lock(cfg, placement, reporter):  # one run writes this output folder, from here to its end
+        # Tokenized once (main process), read from the cache by everyone.
+        data = prepare_data(cfg, reporter, force_tokenize, placement.is_main,
+                            placement.accelerator.wait_for_everyone, current=current)
+        entries = {"train": data.train, "val": data.val}
+        prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
+                                data.model.path, {k: e.key if e else None for k, e in entries.items()},
+                                {k: e.meta.get("parts", {}).get("data_sha256") if e else None
+                                 for k, e in entries.items()}, getattr(data.template, "source", None),
+                                base_identity(data.model))
+        return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
-def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
+def _load_model(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
     """The base model, 4-bit or not, on this process's device (FSDP: on the CPU, sharded later)."""
     from lora_cli.model.load import load_model
 
@@ -84,7 +112,7 @@ def _load_model(cfg: RunConfig, placement, data: TrainingData, reporter):
                           cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=placement.fsdp)
 
 
-def _loss_blocker(cfg: RunConfig, model) -> str | None:
+def _loss_blocker(cfg: RunConfig, model: PreTrainedModel) -> str | None:
     """Why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None."""
     from lora_cli.model.loss import fused_blocker
     from lora_cli.model.targets import resolve_targets
@@ -92,7 +120,7 @@ def _loss_blocker(cfg: RunConfig, model) -> str | None:
     return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
 
 
-def _attach(cfg: RunConfig, model, plan, model_path):
+def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: Path):
     """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top (NEFTune's hook
     on its input embeddings), compile the layers. Returns (model, the initial LoRA tensors for a
     pissa or olora run, whose saved adapter is expressed against the original base; else None)."""
@@ -119,7 +147,7 @@ def _attach(cfg: RunConfig, model, plan, model_path):
     return model, initial
 
 
-def _model_and_plan(cfg: RunConfig, placement, data: TrainingData, reporter):
+def _model_and_plan(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
     """(the model ready to train, its RunPlan, pissa/olora's initial LoRA tensors or None): the base
     loaded, every automatic setting decided once (plan.decide), then applied."""
     from lora_cli.train.plan import decide
@@ -134,7 +162,7 @@ def _model_and_plan(cfg: RunConfig, placement, data: TrainingData, reporter):
     return model, plan, initial
 
 
-def _memory(placement, model) -> tuple[int, int]:
+def _memory(placement: Placement, model: PreTrainedModel) -> tuple[int, int]:
     """(bytes the loaded base holds on the GPU, bytes its dequantized 4-bit weights would add); CPU: (0, 0)."""
     import torch
 
@@ -145,8 +173,8 @@ def _memory(placement, model) -> tuple[int, int]:
     return torch.cuda.memory_allocated(placement.device), dequantized_bytes(model, placement.precision)
 
 
-def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str = False, overwrite: bool = False,
-             reporter=NULL_REPORTER) -> TrainResult:
+def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: bool | str = False,
+             overwrite: bool = False, reporter: Reporter = NULL_REPORTER) -> TrainResult:
     """The recipe proper, from tokenized data to the adapter folder (benchmarks call it directly)."""
     from lora_cli.data.batching import Batcher, StepPlan
     from lora_cli.model.params import count_parameters
@@ -159,7 +187,8 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     from lora_cli.train.watch import RunWatch
 
     # 1. Output folder rules, before any expensive work.
-    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text)
+    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text,
+                       data.base_identity)
     checkpoint_path = out.prepare(resume, overwrite)
     placement.accelerator.wait_for_everyone()
 
@@ -201,36 +230,37 @@ def train_on(cfg: RunConfig, placement, data: TrainingData, resume: bool | str =
     loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
     summary = _train_and_save(loop, data, decisions, params, initial)
     placement.accelerator.wait_for_everyone()
-    return TrainResult(str(out.path), state.step, state.first_loss, state.last_loss, list(state.eval_losses),
-                       state.tokens_seen, summary.get("seconds", 0.0), str(checkpoint_path) if checkpoint_path else None,
-                       decisions, params.to_dict(), summary.get("best"), summary)
+    return TrainResult(str(out.path), summary, str(checkpoint_path) if checkpoint_path else None, decisions,
+                       params.to_dict())
 
 
-def _train_and_save(loop, data: TrainingData, decisions: dict, params, initial: dict | None) -> dict:
+def _train_and_save(loop: TrainingLoop, data: TrainingData, decisions: dict[str, Any], params: ParamSummary,
+                    initial: dict | None) -> LoopSummary:
     """Run the loop, put the best adapter in place under early stopping, write the folder; the run's summary."""
     cfg, placement, model, out, state, watch = loop.cfg, loop.placement, loop.model, loop.out, loop.state, loop.watch
     try:
         summary = loop.run()
-        summary["tokenize_cache"] = data.cache_keys
+        summary.tokenize_cache = data.cache_keys
         lora, _ = loop.adapter_state()
         best = _best_result(cfg, placement, model, out, state)
         if best is not None:
-            summary["best"] = best
-            lora = best.pop("tensors", None) if placement.fsdp else lora
+            summary.best, tensors = best
+            lora = tensors if placement.fsdp else lora
         faults.point("train:end", loop)
-        out.finish(model, data.tokenizer, decisions, summary, params, adapter_state=lora, initial_adapter=initial)
+        out.finish(model, data.tokenizer, decisions, summary.to_dict(), params, adapter_state=lora,
+                   initial_adapter=initial)
         watch.close(state.metrics_lines)
     finally:
         watch.close()
     return summary
 
 
-def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
+def _best_result(cfg: RunConfig, placement: Placement, model: PeftModel, out: OutputFolder,
+                 state: LoopState) -> tuple[BestEvaluation, dict | None] | None:
     """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.
 
-    Returns what the run says about it (step, eval loss, checkpoint, whether it stopped early), with
-    the tensors under "tensors" for FSDP runs (the adapter is then written from them); None without
-    early stopping."""
+    Returns what the run says about it, and for FSDP runs the tensors the adapter is then written
+    from (None otherwise); None without early stopping."""
     if not cfg.train.early_stopping_patience or not state.best_checkpoint:
         return None
     from peft import set_peft_model_state_dict
@@ -239,12 +269,12 @@ def _best_result(cfg: RunConfig, placement, model, out, state) -> dict | None:
     from lora_cli.adapter.folder import ADAPTER_WEIGHTS
     from lora_cli.train.checkpoint import checkpoint_dir
 
-    best = {"step": state.best_step, "eval_loss": state.best_eval_loss, "checkpoint": state.best_checkpoint,
-            "stopped_early": state.stopped_early, "last_step": state.step}
+    best = BestEvaluation(state.best_step, state.best_eval_loss, state.best_checkpoint, state.stopped_early,
+                          state.step)
+    tensors = None
     if placement.is_main:
         tensors = load_file(str(checkpoint_dir(out.path) / state.best_checkpoint / ADAPTER_WEIGHTS))
-        if placement.fsdp:
-            best["tensors"] = tensors
-        else:
+        if not placement.fsdp:
             set_peft_model_state_dict(model, {k: v.to(placement.device) for k, v in tensors.items()})
-    return best
+            tensors = None
+    return best, tensors

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -49,10 +50,18 @@ from lora_cli.atomic import (
 )
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
+from lora_cli.model.identity import describe_change
 from lora_cli.train.checkpoint import STATE, list_checkpoints, read_state
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
-def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
+    from lora_cli.train.checkpoint import Checkpoint
+
+
+def write_adapter(peft_model: PeftModel, tensors: dict, folder: Path) -> None:
     """What peft's save_pretrained writes (adapter_config.json, adapter_model.safetensors), for
     adapter tensors that were gathered rather than read from the model."""
     import copy
@@ -66,7 +75,7 @@ def write_adapter(peft_model, tensors: dict, folder: Path) -> None:
               metadata={"format": "pt"})
 
 
-def save_converted(peft_model, initial: dict, folder: Path) -> None:
+def save_converted(peft_model: PeftModel, initial: dict, folder: Path) -> None:
     """A pissa/olora adapter as peft saves it for the original base: a plain LoRA of twice the rank.
 
     Those initialisations move part of the base weights into the adapter (W_res = W - B0 A0); peft
@@ -91,17 +100,23 @@ def save_converted(peft_model, initial: dict, folder: Path) -> None:
 
 class OutputFolder:
     """cache_keys / data_sha256: split -> tokenize cache key / sha256 of the data file (what the run
-    trains on, beyond its settings); template_text: a template file's text, saved with the adapter."""
+    trains on, beyond its settings); template_text: a template file's text, saved with the adapter;
+    base_identity: the base model's identity (model/identity.py), part of the fingerprint as well."""
 
     def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True, cache_keys: dict | None = None,
-                 data_sha256: dict | None = None, template_text: str | None = None):
+                 data_sha256: dict | None = None, template_text: str | None = None,
+                 base_identity: dict | None = None):
         self.path = Path(path)
         self.cfg = cfg
         self.is_main = is_main
         self.cache_keys = {k: v for k, v in (cache_keys or {}).items() if v}
         self.data_sha256 = {k: v for k, v in (data_sha256 or {}).items() if v}
         self.template_text = template_text
-        self.fingerprint = run_fingerprint(cfg, self.cache_keys)
+        self.base_identity = dict(base_identity or {})
+        self.fingerprint = run_fingerprint(cfg, {**self.cache_keys, "base": self.base_identity}
+                                           if self.base_identity else self.cache_keys)
+        # runs of versions whose fingerprint did not hold the base: resumed as before (their base unknown)
+        self.fingerprint_without_base = run_fingerprint(cfg, self.cache_keys)
         self.saved_run: dict = {}  # the `run` section of the folder's run config, as prepare() found it
 
     @property
@@ -109,7 +124,7 @@ class OutputFolder:
         return self.path / METRICS
 
     def _same_run(self, fingerprint: str | None) -> bool:
-        return fingerprint in (self.fingerprint, legacy_fingerprint(self.cfg))
+        return fingerprint in (self.fingerprint, self.fingerprint_without_base, legacy_fingerprint(self.cfg))
 
     def _describe_difference(self, saved: dict, skip: tuple[str, ...] = RESUME_FREE) -> str:
         mine = self.cfg.to_dict()
@@ -134,6 +149,9 @@ class OutputFolder:
                            f"{then_sha[:12]}... there, {now_sha[:12]}... now)")
             elif then_key and now_key and then_key != now_key:
                 out.append(f"data.{split}: its tokens changed (the tokenizer or the template file is not the same)")
+        base = describe_change(run.get("base_model") or {}, self.base_identity) if run.get("base_model") else ""
+        if base and self.base_identity:
+            out.insert(0, f"model.name {self.cfg.model.name}: the base model changed: {base}")
         return out
 
     def _length_change(self, saved: dict) -> str:
@@ -205,8 +223,8 @@ class OutputFolder:
             origin = read_run_config(ckpt.parent.parent) or saved
             detail = self._describe_difference(origin, RESUME_FREE + EXTENDABLE) if origin else "settings differ"
             raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings or data ({detail}).",
-                               "Resume with the same settings and data (only --epochs and --max-steps may grow), "
-                               "or start a new run with --overwrite.")
+                               "Resume with the same base model, settings and data (only --epochs and --max-steps "
+                               "may grow), or start a new run with --overwrite.")
         if self.saved_run.get("finished") is True and not explicit and not self._length_change(saved or {}):
             self._nothing_to_continue(read_state(ckpt).step)  # said before the model loads
         return ckpt
@@ -217,7 +235,7 @@ class OutputFolder:
                            "To train it further, raise --epochs or --max-steps (with --resume); --overwrite instead "
                            "of --resume trains it again from scratch.")
 
-    def continuation(self, checkpoint, total_steps: int) -> str:
+    def continuation(self, checkpoint: Checkpoint, total_steps: int) -> str:
         """On resume: a note when the run's length changed (its schedule is stretched to the new
         end), or LoraCliError when nothing is left to do (a finished run, or a checkpoint past the end)."""
         step, planned = checkpoint.state.step, checkpoint.state.total_steps
@@ -255,7 +273,8 @@ class OutputFolder:
     def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
         data = self.cfg.to_dict()
         data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
-                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256, **decisions, **(extra or {})}
+                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256,
+                       "base_model": self.base_identity, **decisions, **(extra or {})}
         return yaml.safe_dump(data, sort_keys=False)
 
     def truncate_metrics(self, lines: int) -> None:
@@ -273,8 +292,8 @@ class OutputFolder:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
 
-    def finish(self, peft_model, tokenizer, decisions: dict, summary: dict, param_summary: dict,
-               adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
+    def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: dict, summary: dict,
+               param_summary: dict, adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
         """Stage every final file, then rename them into the folder (the old adapter stays until then).
 
         run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
@@ -299,8 +318,10 @@ class OutputFolder:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _stage(self, staging: Path, peft_model, tokenizer, decisions, summary, param_summary, adapter_state,
-               initial_adapter=None) -> None:
+    def _stage(self, staging: Path, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+               decisions: dict[str, Any], summary: dict[str, Any], param_summary: dict[str, Any],
+               adapter_state: dict[str, torch.Tensor] | None, initial_adapter: dict[str, torch.Tensor] | None = None
+               ) -> None:
         if initial_adapter is not None:
             save_converted(peft_model, initial_adapter, staging)
         elif adapter_state is None:

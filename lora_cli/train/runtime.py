@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
 
 @dataclass(frozen=True)
 class Placement:
-    accelerator: object  # accelerate.Accelerator: processes, DDP/FSDP wrapping, mixed precision
-    device: object  # torch.device of this process
+    accelerator: Accelerator  # processes, DDP/FSDP wrapping, mixed precision
+    device: torch.device  # of this process
     precision: str  # bf16 | fp16 | fp32 (resolved)
     world_size: int  # processes
     rank: int
@@ -32,7 +37,7 @@ class Placement:
         return getattr(self.device, "type", str(self.device)) == "cuda"
 
 
-def fresh_accelerator(cpu: bool, mixed_precision: str, **tracking):
+def fresh_accelerator(cpu: bool, mixed_precision: str, **tracking: bool):
     """An Accelerator for this run, whatever an earlier run in the same process left behind.
 
     accelerate keeps its state process-wide: a second `Accelerator(mixed_precision=...)` with

@@ -18,8 +18,16 @@ the same checkpoint format as a single-GPU run's; resuming scatters them back.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+    from accelerate import Accelerator
+    from peft import PeftModel
 
 # accelerate launch flags for lora-cli's FSDP setup (configs/accelerate/fsdp-qlora.yaml says the same)
 LAUNCH_FLAGS = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
@@ -28,12 +36,12 @@ LAUNCH_FLAGS = ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy",
                 "--fsdp_state_dict_type", "FULL_STATE_DICT"]
 
 
-def fsdp_requested(env=None) -> bool:
+def fsdp_requested(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def check_fsdp_setup(accelerator, on_cuda: bool) -> None:
+def check_fsdp_setup(accelerator: Accelerator, on_cuda: bool) -> None:
     """Refuse FSDP settings that cannot work with a 4-bit base, before any model is loaded."""
     if not on_cuda:
         raise LoraCliError("FSDP was asked for (--fsdp, or use_fsdp in an accelerate config), but it needs CUDA GPUs "
@@ -51,7 +59,7 @@ def check_fsdp_setup(accelerator, on_cuda: bool) -> None:
                            "process quantizes the base on the CPU and FSDP moves it to the GPU shard by shard.")
 
 
-def configure(accelerator, peft_model, precision: str) -> None:
+def configure(accelerator: Accelerator, peft_model: PeftModel, precision: str) -> None:
     """Wrap policy (decoder layers + one unit per LoRA matrix) and mixed precision for the plugin."""
     import torch
     from peft.utils.other import fsdp_auto_wrap_policy
@@ -66,7 +74,7 @@ def configure(accelerator, peft_model, precision: str) -> None:
                                                     buffer_dtype=torch.float32) if compute else None)
 
 
-def _contexts(module, rank0_only: bool):
+def _contexts(module: torch.nn.Module, rank0_only: bool):
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -76,7 +84,7 @@ def _contexts(module, rank0_only: bool):
                                 FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
 
 
-def adapter_names(peft_model, prefix: str = "model.") -> dict:
+def adapter_names(peft_model: PeftModel, prefix: str = "model.") -> dict:
     """{name in the training module's state dict: name in the adapter file}, learnt from peft on the
     unwrapped model (under FSDP, peft no longer recognises its own layers by their module names)."""
     from peft import get_peft_model_state_dict
@@ -87,7 +95,7 @@ def adapter_names(peft_model, prefix: str = "model.") -> dict:
     return {prefix + owner[id(v)]: k for k, v in saved.items()}
 
 
-def gather(module, optimizer, names: dict) -> tuple[dict, dict]:
+def gather(module: torch.nn.Module, optimizer: torch.optim.Optimizer, names: dict) -> tuple[dict, dict]:
     """(adapter tensors as the adapter file names them, optimizer state), whole, on the main
     process; empty dicts elsewhere. `names` comes from `adapter_names` before wrapping.
 
@@ -104,7 +112,7 @@ def gather(module, optimizer, names: dict) -> tuple[dict, dict]:
     return {names[k]: v for k, v in root.items() if k in names}, optim
 
 
-def load_optimizer(module, optimizer, full_state: dict) -> None:
+def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
     """Scatter a gathered optimizer state back to this process's shards (every process calls it)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -113,5 +121,5 @@ def load_optimizer(module, optimizer, full_state: dict) -> None:
     optimizer.load_state_dict(local)
 
 
-def _inner(optimizer):
+def _inner(optimizer: torch.optim.Optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one

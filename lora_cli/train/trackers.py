@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_cli.adapter.folder import LOGS
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 PROJECT = "lora-cli"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
@@ -69,7 +73,7 @@ def _hyperparameters(cfg: RunConfig, decisions: dict) -> dict:
     return {k: ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for k, v in flat.items()}
 
 
-def start(accelerator, cfg: RunConfig, decisions: dict, resumed_step: int | None) -> bool:
+def start(accelerator: Accelerator, cfg: RunConfig, decisions: dict, resumed_step: int | None) -> bool:
     """init_trackers for the main process; False when no tracker was asked for."""
     names = cfg.train.trackers()
     if not names:
@@ -92,7 +96,7 @@ def start(accelerator, cfg: RunConfig, decisions: dict, resumed_step: int | None
     return True
 
 
-def log(accelerator, row: dict) -> None:
+def log(accelerator: Accelerator, row: dict) -> None:
     """One metrics.jsonl row to every tracker, at its optimizer step."""
     keys = TRAIN_KEYS if row.get("type") == "train" else EVAL_KEYS if row.get("type") == "eval" else {}
     values = {name: row[key] for key, name in keys.items() if row.get(key) is not None}
@@ -100,7 +104,7 @@ def log(accelerator, row: dict) -> None:
         accelerator.log(values, step=int(row["step"]))
 
 
-def finish(accelerator) -> None:
+def finish(accelerator: Accelerator) -> None:
     """Close every tracker (flush TensorBoard, end the MLflow run). Not accelerator.end_training(),
     which also tears down the process group that the run's last barrier still needs."""
     for tracker in getattr(accelerator, "trackers", []):

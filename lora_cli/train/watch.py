@@ -8,15 +8,24 @@ Only the main process writes; every process calls, so that the probe's barrier i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from lora_cli.train import curves, trackers
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from lora_cli.train.probe import StopProbe
+    from lora_cli.train.runtime import Placement
 
 
 class RunWatch:
-    def __init__(self, placement, folder, probe=None, tracking: bool = False):
+    def __init__(self, placement: Placement, folder: Path, probe: StopProbe | None = None, tracking: bool = False):
         self.placement, self.folder, self.probe, self.tracking = placement, folder, probe, tracking
         self._drawn_rows = -1
 
-    def probe_row(self, peft_model) -> tuple[dict, str | None]:
+    def probe_row(self, peft_model: PeftModel) -> tuple[dict, str | None]:
         """(fields for the evaluation's row, a line for the user); empty without a probe."""
         if self.probe is None:
             return {}, None

@@ -26,7 +26,7 @@ def _default_source(settings: dict):
     from lora_cli.errors import LoraCliError
     from lora_cli.model.params import summary_for_model
 
-    folder, why = Path(OutputConfig.dir), None
+    folder, why = Path(OutputConfig().dir), None
     if not any(k.startswith("lora.") for k in settings):  # LoRA flags ask about a model, not the adapter
         try:
             check_loadable(folder)

@@ -67,15 +67,15 @@ def train(
     out.print(f"Trained {result.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
               f"{result.tokens:,} tokens in {result.seconds:.1f} s.")
     out.print(f"train loss {first} -> {last}; eval loss {evals}")
-    stops = result.summary.get("stop_rates") or []
+    stops = result.summary.stop_rates
     if stops:
         out.print(f"stop rate (greedy answers to the first {stops[0][1]} val prompts): "
                   + " -> ".join(f"{stopped}/{n}" for stopped, n in stops))
     if result.best:
         best = result.best
-        how = f"stopped early at step {best['last_step']}" if best["stopped_early"] else "ran every step"
-        out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best['step']}, "
-                  f"eval loss {best['eval_loss']:.4f} (checkpoint {best['checkpoint']}).")
+        how = f"stopped early at step {best.last_step}" if best.stopped_early else "ran every step"
+        out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best.step}, "
+                  f"eval loss {best.eval_loss:.4f} (checkpoint {best.checkpoint}).")
     out.print(f"Adapter written to {result.output} (loss curve: {Path(result.output) / LOSS_CURVE})")
 
 
