@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from datasets import Features
     from transformers import PreTrainedTokenizerBase
 
-    from lora_cli.data.templates import ChatTemplate, TextTemplate
     from lora_cli.data.overlap import RecordDigests
+    from lora_cli.data.templates import ChatTemplate, TextTemplate
     from lora_cli.progress import Stage
 
 # 2: instruction records' system/history fields rendered; meta.json has left_out_lines and warnings
