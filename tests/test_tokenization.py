@@ -145,7 +145,7 @@ def test_an_assistant_turn_of_weight_0_is_in_the_prompt_but_not_trained(tok, tem
     example, issues = parse_line(raw.encode(), 1, "f.jsonl")
     assert issues == []
     enc = encode_batch([example], tok, get_template(template), LabelPolicy())[0]
-    assert "bad answer" in tok.decode(enc.input_ids)
+    assert "bad answer" + tok.eos_token in tok.decode(enc.input_ids)  # closed as every answer is
     assert tok.decode([t for t in enc.labels if t != IGNORE]).replace(tok.eos_token, "").strip() == "hello"
 
 

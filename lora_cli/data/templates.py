@@ -25,7 +25,10 @@ ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 TURN_SEPARATOR = "\n\n"
 _PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
 
-Segments = list[tuple[str, bool]]
+# (text, trained): True for an answer the loss sees, False for prompt text, UNTRAINED for an answer
+# the loss leaves out ("weight": 0), which is still closed by the eos like every answer
+UNTRAINED = None
+Segments = list[tuple[str, "bool | None"]]
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -84,7 +87,7 @@ class TextTemplate:
         for i, ((instruction, input), answer, learn) in enumerate(turns):
             sep = TURN_SEPARATOR if i else ""
             out.append((prefix + sep + self.prompt_text(instruction, input), False))
-            out.append((answer + self.suffix, learn))
+            out.append((answer + self.suffix, True if learn else UNTRAINED))
             prefix = ""
         return out
 
@@ -147,7 +150,7 @@ class ChatTemplate:
             answer = full[len(prompt):]
             trailing = answer[len(answer.rstrip()):]  # newline after the end-of-turn token: not learned
             out.append((prompt[len(done):], False))
-            out.append((answer[: len(answer) - len(trailing)], trained(msg)))
+            out.append((answer[: len(answer) - len(trailing)], True if trained(msg) else UNTRAINED))
             done = full[: len(full) - len(trailing)]
         return out
 

@@ -65,10 +65,10 @@ def with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
     return list(ids) if prefix and ids[: len(prefix)] == prefix else [*prefix, *ids]
 
 
-def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -> list[int]:
-    """A segment's ids, with eos appended after a trained segment (a response) unless it ends
-    with one already: the one rule for training and for the prompts of generation."""
-    if trainable and add_eos and eos is not None and (not piece or piece[-1] != eos):
+def _closed(piece: list[int], trainable: bool | None, add_eos: bool, eos: int | None) -> list[int]:
+    """A segment's ids, with eos appended after a response (trained, or UNTRAINED: a turn of weight 0)
+    unless it ends with one already: the one rule for training and for the prompts of generation."""
+    if trainable is not False and add_eos and eos is not None and (not piece or piece[-1] != eos):
         return [*piece, eos]
     return list(piece)
 
