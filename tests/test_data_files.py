@@ -149,6 +149,8 @@ KINDS = {  # name: (writer, words the message holds)
                                 ["'data' list", "jq -c '.data[]'"]),
     "wrapped-on-one-line": (lambda p: p.write_text(json.dumps({"version": "2.1", "rows": RECORDS})),
                             ["'rows' list", "jq -c '.rows[]'"]),
+    "python-repr": (lambda p: p.write_text("".join(f"{r!r}\n" for r in RECORDS)),
+                    ["Python dict literals", "ast.literal_eval"]),
     "csv": (lambda p: p.write_text("instruction,input,output\nSay hi,,hi\n"), ["CSV", "csv.DictReader"]),
     "tsv": (lambda p: p.write_text("instruction\tinput\toutput\nSay hi\t\thi\n"), ["TSV", "delimiter"]),
     "text": (lambda p: p.write_text("Say hi\nhi\n"), ["not JSON"]),
@@ -247,3 +249,10 @@ def test_cr_only_line_ends_are_read_like_crlf(tmp_path):
     assert report.records == report.valid == 3 and report.errors == 0
     assert [e.instruction for e in read_examples(path)] == [r["instruction"] for r in RECORDS]
     assert [line for line, _ in open_lines(path, cr_only=True)] == [1, 2, 3]
+
+
+def test_files_concatenated_each_with_its_bom_read_as_one(tmp_path):
+    path = tmp_path / "joined.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + JSONL.encode() + b"\xef\xbb\xbf" + JSONL.encode())
+    report = validate_file(path)
+    assert report.records == report.valid == 6 and report.errors == 0

@@ -241,11 +241,27 @@ def _structure(path: Path, text: str, out: str, whole: bool) -> str:
             if len(content) == 1 and whole:  # one line holding everything: a wrapper, or one record
                 _check_wrapped_line(path, first, out)
             return JSONL
+        _check_python_literals(path, first, out)
         _check_multiline_object(path, text, first, out)
         return JSONL  # a JSONL file whose first line is broken: that line's error says so
     if not any(ln[:1] in "{[" for ln in content[:TEXT_LINES]):
         raise _not_json(path, first, out)
     return JSONL
+
+
+def _check_python_literals(path: Path, first: str, out: str) -> None:
+    """Lines of Python dict literals (print(dict) / repr, single quotes): one message, not one error a line."""
+    import ast
+
+    try:
+        value = ast.literal_eval(first)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return
+    if isinstance(value, dict):
+        raise NotJsonLines(
+            path, "Python dict literals (single-quoted, as print() writes a dict)",
+            "Convert them: python -c \"import ast, json, sys; [print(json.dumps(ast.literal_eval(l), "
+            f"ensure_ascii=False)) for l in open(sys.argv[1], encoding='utf-8') if l.strip()]\" {path} > {out}")
 
 
 def _is_json(line: str) -> bool:

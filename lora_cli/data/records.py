@@ -93,13 +93,14 @@ def open_data_file(path: str | Path):
 
 
 def open_lines(path: str | Path, cr_only: bool = False) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped.
+    """(line number, raw bytes without line ending) for each line; a UTF-8 BOM that opens a line is
+    dropped (files each saved with a BOM and then concatenated hold one on each file's first line).
 
     `cr_only`: the lines end in a carriage return alone (classic Mac OS, some exporters), read as
     CRLF and LF line ends are."""
     with open_data_file(path) as fh:
         for number, raw in enumerate(_cr_lines(fh) if cr_only else fh, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             yield number, raw.rstrip(b"\r\n")
 
