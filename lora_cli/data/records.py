@@ -4,8 +4,8 @@ Two record shapes are accepted, one JSON object per line (or elements of one JSO
   {"instruction": str, "input": str (optional, null = ""), "output": str,
    "system": str (optional), "history": [[user, assistant], ...] (optional)}
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "system": str (optional)}
-An assistant message may carry `"weight": 0` (axolotl's "do not train this turn": it stays in the
-prompt of later turns, and the loss leaves it out) or `"weight": 1`; any other weight is refused.
+An assistant message may carry `"weight": 0` (axolotl's "do not train this turn": kept in the prompt,
+left out of the loss) or 1.
 `system` and `history` are LLaMA-Factory's extension of the Alpaca format: a system prompt and the
 earlier turns of the conversation. Every defect becomes an `Issue` naming file, line, field and
 reason, so that a user fixes the whole file in one pass instead of one error per run. Lines are
