@@ -370,4 +370,14 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
         paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
         if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
             return
-    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded).prepare(resume, False)
+    base = None
+    if run.get("base_model"):  # the fingerprint holds the base's identity: read it as the full check will
+        from lora_cli.model.identity import base_identity
+        from lora_cli.model.resolve import resolve_model
+
+        try:
+            base = base_identity(resolve_model(cfg.model.name, local_only=True))
+        except LoraCliError:
+            return  # not at hand without a download: the check after loading decides
+    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded,
+                 base_identity=base).prepare(resume, False)
