@@ -155,7 +155,7 @@ def _model_and_plan(cfg: RunConfig, placement: Placement, data: TrainingData, re
     model = _load_model(cfg, placement, data, reporter)
     plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model),
                   loss_blocker=_loss_blocker(cfg, model))
-    for note in (plan.memory_note, plan.loss_note):
+    for note in (plan.memory_note, plan.loss_note, plan.compile_note):
         if note:
             reporter.message(note)
     model, initial = _attach(cfg, model, plan, data.model_path)
@@ -241,6 +241,7 @@ def _train_and_save(loop: TrainingLoop, data: TrainingData, decisions: dict[str,
     try:
         summary = loop.run()
         summary.tokenize_cache = data.cache_keys
+        summary.probe_seconds = round(watch.probe.seconds, 2) if watch.probe is not None else 0.0
         lora, _ = loop.adapter_state()
         best = _best_result(cfg, placement, model, out, state)
         if best is not None:
