@@ -66,12 +66,12 @@ def _alive(owner: dict) -> bool:
     return True
 
 
-def _flock(fd: int, wait: bool) -> bool | None:
-    """True: locked; False: another process holds it; None: this filesystem has no flock."""
+def _flock(fd: int, mode: int) -> bool | None:
+    """flock(fd, mode): True taken; False another process holds it (LOCK_NB); None this filesystem has no flock."""
     import fcntl
 
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, mode)
         return True
     except BlockingIOError:
         return False
@@ -83,9 +83,11 @@ def _flock(fd: int, wait: bool) -> bool | None:
 
 def _open(path: Path, wait: bool) -> tuple[int | None, dict]:
     """(fd holding the lock, the previous owner's record) or (None, the live owner's record)."""
+    import fcntl
+
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        locked = _flock(fd, wait)
+        locked = _flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         owner = _read(fd)
         if locked is None:  # no flock on this filesystem: the pid in the file decides
             locked = not (owner and _alive(owner))
@@ -133,16 +135,10 @@ def _flock_shared(fd: int) -> bool | None:
     """A shared flock tried and dropped at once: True free, False held, None no flock here."""
     import fcntl
 
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in NO_FLOCK:
-            return None
-        raise
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return True
+    state = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    if state:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    return state
 
 
 @contextlib.contextmanager

@@ -181,7 +181,7 @@ def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: b
     from lora_cli.train.checkpoint import LoopState, load_checkpoint
     from lora_cli.train.loop import TrainingLoop
     from lora_cli.train import trackers
-    from lora_cli.train.optim import prepare_trainable, warmup_steps
+    from lora_cli.train.optim import prepare_trainable, warmup_note, warmup_steps
     from lora_cli.train.probe import StopProbe
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.watch import RunWatch
@@ -206,6 +206,8 @@ def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: b
     total_steps = steps.total_steps(train_cfg.epochs, train_cfg.max_steps)
     if total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
+    if warmup_note(train_cfg, total_steps):
+        reporter.message("note: " + warmup_note(train_cfg, total_steps))
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     extended = out.continuation(checkpoint, total_steps) if checkpoint is not None else ""
     trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint, plan.fused_loss)
