@@ -154,3 +154,36 @@ def test_a_model_the_copy_cannot_hold_is_said_and_decoded_eagerly(tiny_model_dir
     assert decoder is None and "DoRA" in reason
     monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
     assert build_decoder(model, torch.device("cpu"), torch.float32) == (None, "LORA_CLI_EAGER_GENERATE=1 is set")
+
+
+def test_the_thread_count_that_decoded_faster_is_kept_and_fewer_threads_win_a_tie():
+    from lora_cli.infer.decode import faster_threads
+
+    assert faster_threads({2: [0.40, 0.42], 1: [0.07, 0.08]}) == 1  # a shared machine: one thread
+    assert faster_threads({2: [0.04, 0.05], 1: [0.07, 0.08]}) == 2  # an idle one: both
+    assert faster_threads({2: [0.05], 1: [0.05]}) == 1
+
+
+def test_cpu_decoding_tries_two_thread_counts_keeps_one_and_restores_the_process_count(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eager, fast = _both(peft_model, tokenizer, prompts, Sampling(max_new_tokens=12))
+        decoder = Decoder(build_copy(peft_model, torch.float32, torch.device("cpu")), torch.device("cpu"))
+        again = [generate_with(peft_model, tokenizer, torch.device("cpu"), prompts, Sampling(max_new_tokens=12),
+                               decoder=decoder) for _ in range(2)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert decoder.cpu_threads in (1, 2)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert all([a.token_ids for a in run] == [a.token_ids for a in eager] for run in again)
+
+
+def test_a_probe_answer_is_capped_at_one_and_a_half_times_its_reference_within_bounds():
+    from lora_cli.train.probe import answer_cap
+
+    assert answer_cap(265, 512) == 399  # 1.5 x (265 + eos)
+    assert answer_cap(2, 512) == 16  # short answers keep room to stop
+    assert answer_cap(400, 512) == 512  # never past --max-length

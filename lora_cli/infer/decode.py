@@ -21,6 +21,18 @@ from dataclasses import dataclass
 
 CHECK_EVERY = 8  # decode steps between checks that every row has finished, on a GPU (a check waits for it)
 MAX_SLOTS = 4  # captured (batch, cache length) shapes kept at once
+TRIAL_STEPS = 2  # CPU: decode steps timed at each thread count before the faster one is kept
+
+
+def faster_threads(timings: dict[int, list[float]]) -> int:
+    """The thread count whose decode steps took least (its fastest step, seconds), fewer threads on a tie.
+
+    Why it is measured, not assumed: a CPU decode step is ~200 small matmuls (batch x hidden), each
+    a barrier for every intra-op thread. On an idle machine all threads help (2 cores: ~2x); on a
+    machine whose cores other work also uses, each barrier waits for a descheduled thread, and one
+    thread has measured 5-11x faster than two on a shared 2-core machine (docs/PERFORMANCE.md).
+    """
+    return min(timings, key=lambda n: (min(timings[n]), n))
 
 
 def cache_length(prompt_width: int, max_new_tokens: int, step: int = 64) -> int:
@@ -76,6 +88,8 @@ class Decoder:
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.notes: list[str] = []
         self.warmup_seconds = 0.0  # building the copy and capturing decode steps, so far
+        self.cpu_threads: int | None = None  # CPU: the thread count the last run found faster (its next prefill)
+        self.process_threads = 1  # the process's own intra-op thread count, put back after each run
 
     def _slot(self, batch: int, length: int) -> _Slot:
         import torch
@@ -158,8 +172,14 @@ class Decoder:
         """
         import torch
 
-        with torch.no_grad():
-            return self._run(ids, valid, sampling, stop_ids, pad_id, caps, on_token)
+        threads = self.process_threads = torch.get_num_threads()
+        try:
+            if self.device.type == "cpu" and self.cpu_threads is not None:
+                torch.set_num_threads(self.cpu_threads)
+            with torch.no_grad():
+                return self._run(ids, valid, sampling, stop_ids, pad_id, caps, on_token)
+        finally:
+            torch.set_num_threads(threads)  # training goes on with its own count
 
     def _run(self, ids, valid, sampling, stop_ids, pad_id, caps, on_token):
         import torch
@@ -177,11 +197,15 @@ class Decoder:
         logits = self._prefill(slot, ids, valid)
         if self.graphs and slot.graph is None:
             self._capture(slot, width)
+        trial = _ThreadTrial(self) if self.device.type == "cpu" else None
         for k in range(cap):
             if k:
                 slot.tok.copy_(seq[:, width + k - 1:width + k])
                 slot.mask.index_fill_(-1, slot.cache_pos, 0.0)  # the fed token attends to itself
-                slot.graph.replay() if slot.graph is not None else self._forward(slot)
+                if trial is not None:
+                    trial.step(lambda: self._forward(slot))
+                else:
+                    slot.graph.replay() if slot.graph is not None else self._forward(slot)
                 slot.pos.add_(1)
                 slot.cache_pos.add_(1)
                 logits = slot.logits
@@ -204,6 +228,33 @@ class Decoder:
         if greedy:
             return scores.argmax(-1)
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+class _ThreadTrial:
+    """CPU: the first decode steps timed at the process's thread count and at one thread; the rest run at the
+    faster (kept in decoder.cpu_threads for the next run's prefill). Thread counts change only the speed."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        most = decoder.process_threads
+        self.plan = [n for n in ([most, 1] if most > 1 else []) for _ in range(TRIAL_STEPS)]
+        self.timings: dict[int, list[float]] = {}
+
+    def step(self, forward) -> None:
+        import time
+
+        import torch
+
+        if not self.plan:
+            return forward()
+        n = self.plan.pop(0)
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        forward()
+        self.timings.setdefault(n, []).append(time.perf_counter() - t0)
+        if not self.plan:
+            self.decoder.cpu_threads = faster_threads(self.timings)
+            torch.set_num_threads(self.decoder.cpu_threads)
 
 
 def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:

@@ -5,11 +5,12 @@ evaluation the model being trained answers the first K valid records of the val 
 prompted exactly as `generate` and `eval` prompt them. The stop rate is the share of answers that
 end with eos within the cap; the first answer is kept as a sample.
 
-Each answer has its own cap: twice its own reference answer, in tokens with the eos, at least
-16 and at most --max-length (training never sees a longer response). An answer still going at
-twice the length of the real one is counted as one that does not stop, and the batch ends as
-soon as every answer has stopped or reached its cap (the longest cap is the run's
-eval_generate_max_new_tokens).
+Each answer has its own cap: one and a half times its own reference answer, in tokens with the
+eos, at least 16 and at most --max-length (training never sees a longer response). The probe asks
+whether the model stops, not what it says: an answer still going half again past the length of
+the real one is counted as one that does not stop, and every step past that would only cost time
+(on the CPU each costs a pass over all the weights). The batch ends as soon as every answer has
+stopped or reached its cap (the longest cap is the run's eval_generate_max_new_tokens).
 
 The answers come from the fast decoding path (lora_cli/infer/decode.py): a plain copy of the
 model in the compute dtype, the 4-bit base dequantized and the adapter kept beside it, built at the
@@ -26,6 +27,7 @@ and the probe is off.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from lora_cli.config import RunConfig
 from lora_cli.progress import NULL_REPORTER
 
 MIN_NEW_TOKENS = 16
+CAP_FACTOR = 1.5  # an answer's cap, in multiples of its reference answer (see the module docstring)
 GPU_MEMORY_SHARE = 3  # the copy may take at most 1/3 of the GPU memory free when it is built: training needs the rest
 
 
@@ -64,6 +67,11 @@ class ProbeResult:
         warm = f", of which {self.warmup_seconds:.1f} s warm-up" if self.warmup_seconds >= 0.05 else ""
         return (f"stop rate {self.stopped}/{self.prompts} (greedy, up to {self.max_new_tokens} new tokens, "
                 f"probe {self.seconds:.1f} s{warm}); first answer ({ending}): {sample}")
+
+
+def answer_cap(reference_tokens: int, max_length: int) -> int:
+    """New-token cap of one probe answer: CAP_FACTOR x (reference + its eos), at least 16, at most max_length."""
+    return min(max_length, max(MIN_NEW_TOKENS, math.ceil(CAP_FACTOR * (reference_tokens + 1))))
 
 
 def _eager():
@@ -108,8 +116,7 @@ class StopProbe:
             return None
         prompts = [encode_example_prompt(ex, tokenizer, template, cfg.data.add_eos) for ex in examples]
         answers = tokenizer([reference_answer(ex) for ex in examples], add_special_tokens=False)["input_ids"]
-        # + 1: the eos that closes a response
-        caps = [min(cfg.data.max_length, max(MIN_NEW_TOKENS, 2 * (len(ids) + 1))) for ids in answers]
+        caps = [answer_cap(len(ids), cfg.data.max_length) for ids in answers]
         return cls(prompts, caps, tokenizer, reporter)
 
     def _decoder(self, peft_model, placement):
