@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -25,6 +26,19 @@ from lora_cli.faults import point as fault_point
 TMP_PREFIX = ".tmp-"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "storagefull")
+OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+SHORT_WRITE = re.compile(r"(\d+) requested and \d+ written")
+SHORT_WRITE_HINT = ("The device may be full, or the file larger than its file system or the file size limit "
+                    "(ulimit -f) allows: free some space, or write to another file system.")
+WRITE_HINTS = {  # what to do about a write error, by its OS error number
+    errno.EROFS: "The file system is read-only: choose a folder on a writable one.",
+    errno.EACCES: "No permission to write there: choose another folder, or change its permissions.",
+    errno.EPERM: "No permission to write there: choose another folder, or change its permissions.",
+    errno.EFBIG: "The file is larger than this file system allows for one file (FAT32: 4 GiB) or than the "
+                 "process's file size limit (ulimit -f): write to another file system, or raise the limit.",
+    errno.ENOTDIR: "A part of the path is a file, not a folder: choose another path.",
+    errno.EISDIR: "The path is a folder, not a file: choose another path.",
+}
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -50,25 +64,69 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def os_errno(exc: BaseException) -> int | None:
+    """The OS error number behind `exc`: an OSError's, or the "(os error N)" that safetensors' and
+    other Rust libraries' errors carry in their text; None when there is none."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = OS_ERROR_TEXT.search(str(e))
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _without_disk_advice(hint: str | None) -> str:
+    """A caller's hint for a full disk, for another write error: its "free some disk space" dropped."""
+    if not hint:
+        return ""
+    hint = re.sub(r"(^|\. )[Ff]ree some disk space and (\w)", lambda m: m.group(1) + m.group(2).upper(), hint)
+    return re.sub(r"[Ff]ree some disk space and ", "", hint)
+
+
 def disk_error(exc: BaseException, what: Path | str, hint: str | None = None) -> LoraCliError:
-    """Translate an error raised while writing into a message a user can act on."""
+    """Translate an error raised while writing into a message a user can act on: the path, the
+    cause in the system's words, and what to do about that cause (WRITE_HINTS) before `hint`."""
     if is_disk_full(exc):
         return LoraCliError(
             f"No space left on the device while writing {what}.",
             hint or "Nothing was replaced: the previous version (if any) is intact. "
                     "Free some disk space and run the command again.",
         )
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-    return LoraCliError(f"Could not write {what}: {reason}.", hint)
+    number = os_errno(exc)
+    short = SHORT_WRITE.search(str(exc))
+    if number is None and short:  # numpy's tofile (the GGUF writer): a write cut short, its errno lost
+        return LoraCliError(f"Could not write {what}: the write was cut short ({short.group(0)}).",
+                            " ".join(filter(None, (SHORT_WRITE_HINT, _without_disk_advice(hint)))))
+    reason = os.strerror(number) if number else exc
+    advice = " ".join(filter(None, (WRITE_HINTS.get(number, ""), _without_disk_advice(hint))))
+    return LoraCliError(f"Could not write {what}: {reason}.", advice or None)
 
 
 def write_failure(exc: BaseException, what: Path | str, hint: str | None = None) -> LoraCliError | None:
-    """A LoraCliError for a failed write that a user can act on (full disk, OS error); None for a bug."""
+    """A LoraCliError for a failed write that a user can act on (full disk, OS error, a library's
+    error carrying an OS error number); None for a bug."""
     if isinstance(exc, LoraCliError):
         return exc
-    if is_disk_full(exc) or isinstance(exc, OSError):
+    if is_disk_full(exc) or isinstance(exc, OSError) or os_errno(exc) in WRITE_HINTS or SHORT_WRITE.search(str(exc)):
         return disk_error(exc, what, hint)
     return None
+
+
+def filesystem_failure(exc: BaseException) -> LoraCliError | None:
+    """A LoraCliError naming the path and the cause for an OS error on a file the user chose
+    (read-only, no permission, too large, no space, a file in the path); None for anything else."""
+    if isinstance(exc, LoraCliError):
+        return None
+    number = os_errno(exc)
+    if number not in WRITE_HINTS and not is_disk_full(exc):
+        return None
+    path = next((e.filename for e in _chain(exc) if isinstance(e, OSError) and e.filename), None)
+    if path is None:
+        return None  # no path to name: a bug, reported as one
+    if is_disk_full(exc):
+        return disk_error(exc, path)
+    return LoraCliError(f"Cannot use {path}: {os.strerror(number)}.", WRITE_HINTS[number])
 
 
 def sha256_of(fh, on_chunk=None) -> str:

@@ -70,12 +70,21 @@ def test_an_unfinished_run_is_refused_by_every_command_with_the_same_message(tmp
     assert len(messages) == 1 and "has not finished" in messages.pop()
 
 
+def _lora_weights(path, rank: int, modules: list[str]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    prefix = "base_model.model.model.layers.0.self_attn"
+    save_file({f"{prefix}.{m}.lora_{ab}.weight": torch.zeros((rank, 8) if ab == "A" else (8, rank))
+               for m in modules for ab in "AB"}, str(path))
+
+
 def test_a_peft_folder_without_a_run_config_is_loadable_and_its_lora_settings_read_as_the_config_dataclass(tmp_path):
     folder = tmp_path / "peft"
     folder.mkdir()
     (folder / ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
                                                      "target_modules": ["v_proj", "q_proj"], "bias": "none"}))
-    (folder / "adapter_model.safetensors").write_bytes(b"w")
+    _lora_weights(folder / "adapter_model.safetensors", 8, ["q_proj", "v_proj"])
     assert is_finished(folder) is None
     assert check_loadable(folder) == folder
     assert lora_settings(folder) == LoraSettings(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])

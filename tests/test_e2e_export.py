@@ -31,7 +31,7 @@ def test_the_embedded_models_export_loads_back_and_prompts_as_training_did(use_e
     from lora_cli.adapter.merging import merged_model
     from lora_cli.data.records import Example
     from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt
-    from lora_cli.export.chat_template import user_content
+    from lora_cli.data.chat_template import user_content
 
     train_f, val_f = REPO / "sample_data" / "train.jsonl", REPO / "sample_data" / "val.jsonl"
     run("train", "--model", "smollm2-135m", "--train", train_f, "--epochs", "1", "--max-steps", "3",

@@ -27,7 +27,7 @@ from lora_cli.data.records import Example
 from lora_cli.data.templates import get_template
 from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt
 from lora_cli.errors import LoraCliError
-from lora_cli.export.chat_template import user_content
+from lora_cli.data.chat_template import user_content
 from lora_cli.export.runner import export
 
 ARCHS = ["llama", "qwen2"]

@@ -17,7 +17,7 @@ from lora_cli.adapter.folder import read_adapter
 from lora_cli.data.records import Example
 from lora_cli.data.templates import get_template
 from lora_cli.errors import LoraCliError
-from lora_cli.export.chat_template import user_content
+from lora_cli.data.chat_template import user_content
 from lora_cli.export.modelfile import chat_shape, go_template
 from lora_cli.export.runner import export
 

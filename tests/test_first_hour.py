@@ -43,6 +43,7 @@ def test_a_bare_lora_cli_is_not_found_in_a_shell_without_the_venv(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_embedded_models_first_conversion_writes_no_progress_bar_into_a_log(tmp_path):
     import importlib.util
 
@@ -61,3 +62,51 @@ def test_the_embedded_models_first_conversion_writes_no_progress_bar_into_a_log(
     lines = [line for line in res.stderr.splitlines() if line.startswith(stage)]
     assert lines[0] == f"{stage} ..."
     assert re.fullmatch(re.escape(stage) + r": done in [\d.]+ s, \d+ tensors", lines[1]), lines
+
+
+def _docs() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_the_readmes_first_screen_is_what_a_newcomer_needs():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) < 300
+    first = "\n".join(lines[:40])
+    for needed in ("make demo", "make test", "lora-cli validate-data", "lora-cli train --epochs 3",
+                   "lora-cli param-report", "lora-cli package adapters", "lora-cli tokenize"):
+        assert needed in first, needed
+    assert first.index("lora-cli tokenize") < first.index("lora-cli validate-data")  # the card's lines need it
+
+
+def test_the_readme_tours_every_command():
+    from typer.main import get_command
+
+    from lora_cli.cli.app import app
+
+    readme = (REPO / "README.md").read_text()
+    commands = sorted(get_command(app).commands)
+    assert len(commands) >= 11
+    for name in commands:
+        assert f"| `{name}" in readme and f"lora-cli {name}" in readme, name
+
+
+def test_readme_and_docs_speak_to_users_not_about_how_the_project_was_built():
+    for page in _docs():
+        text = page.read_text()
+        assert not re.search(r"\bissue [0-9]+|session|PLATFORM\.md", text, re.IGNORECASE), page.name
+
+
+def test_every_link_in_readme_and_docs_leads_somewhere():
+    def anchors(page: Path) -> set[str]:
+        heads = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in heads}
+
+    for page in _docs():
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: {target}"
+            if anchor and dest.suffix == ".md":
+                assert anchor in anchors(dest), f"{page.name}: {target}"

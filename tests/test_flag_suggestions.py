@@ -1,7 +1,5 @@
 """An unknown flag is answered with the flag it meant: by meaning for other tools' names, else by spelling."""
 
-import re
-
 import pytest
 from typer.testing import CliRunner
 
@@ -44,8 +42,10 @@ def test_a_misspelt_flag_is_still_suggested_by_spelling(typed, meant):
 
 
 def test_the_names_users_bring_for_rank_and_alpha_are_trains_own_flags():
-    code, said = _said(["train", "--help"])
-    assert code == 0 and re.search(r"--lora-r(?![\w-])", said) and re.search(r"--lora-alpha(?![\w-])", said)
+    from typer.main import get_command
+
+    opts = {opt for param in get_command(app).commands["train"].params for opt in param.opts}
+    assert {"--lora-r", "--lora-alpha"} <= opts
 
 
 def test_only_a_flag_the_command_has_is_suggested():

@@ -196,3 +196,34 @@ def test_a_missing_chat_template_is_named_before_the_model_loads(tiny_model_dir,
     for cmd in (["generate", "--base-only", "--model", plain, "-t", "chat", "hi"],
                 ["chat", "--base-only", "--model", plain, "-t", "chat"]):
         assert "needs a tokenizer with a chat template" in fails(*cmd, input="hi\n")
+
+
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_chat_template_that_refuses_a_system_message_is_named_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Gemma's template raises on a system message: --system, and records with one, are refused in one line."""
+    import shutil
+
+    from lora_cli.model import load
+
+    gemma = tmp_path / "gemma"
+    shutil.copytree(tiny_model_dir, gemma)
+    (gemma / "chat_template.jinja").write_text(NO_SYSTEM)
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the template was checked")
+
+    monkeypatch.setattr(load, "load_model", boom)
+    output = fails("chat", "--base-only", "--model", gemma, "-t", "chat", "--system", "be brief", input="hi\n")
+    assert output.splitlines()[0] == ("error: --system: this model's chat template cannot render a system message "
+                                      "(System role not supported).")
+    records = write_jsonl(tmp_path / "system.jsonl", [{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}]}])
+    for cmd in (["generate", "--base-only", "--model", gemma, "-t", "chat", "--input", records],
+                ["eval", "--base-only", "--model", gemma, "-t", "chat", "--data", records, "--loss-only"]):
+        assert f"{records}:1: the template cannot render this record: System role not supported" in fails(*cmd)

@@ -40,10 +40,11 @@ def test_two_host_config_names_the_main_host():
     assert conf["num_machines"] == 2 and conf["machine_rank"] == 0 and conf["main_process_ip"]
 
 
-def test_fsdp_without_gpus_fails_early_and_clearly(tmp_path):
-    res = runner.invoke(app, ["train", "--gpus", "2", "--fsdp", "--train", str(tmp_path / "x.jsonl")])
+def test_fsdp_without_gpus_fails_early_and_clearly(data_files):
+    train = str(data_files[0])  # a real file: a missing one would be refused first, for that
+    res = runner.invoke(app, ["train", "--gpus", "2", "--fsdp", "--train", train])
     assert res.exit_code == 1 and "needs CUDA GPUs" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["train", "--fsdp", "--train", str(tmp_path / "x.jsonl")])
+    res = runner.invoke(app, ["train", "--fsdp", "--train", train])
     assert res.exit_code == 1 and "--gpus N" in res.output
 
 

@@ -2,7 +2,7 @@
 tests reach inside only through the fault points.
 
 Layers, lowest first (a module may import its own layer and the ones below):
-  foundation (config, config_files, errors, faults, progress, atomic) < model < data < adapter < infer, export < train < cli
+  foundation (config, config_files, errors, faults, progress, atomic, lock, writable) < model < data < adapter < infer, export < train < cli
 Checked on the source (every import statement, those inside functions too), so a lazy import
 that points up is caught as well.
 """
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_cli"
-LAYERS = [("config", "config_files", "errors", "faults", "progress", "atomic"), ("model",), ("data",), ("adapter",), ("infer", "export"),
+LAYERS = [("config", "config_files", "errors", "faults", "progress", "atomic", "lock", "writable"), ("model",), ("data",), ("adapter",), ("infer", "export"),
           ("train",), ("cli",)]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60  # the body, not the signature: a Typer command's signature is its list of flags

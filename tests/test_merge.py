@@ -82,6 +82,22 @@ def test_lora_on_a_tied_head_merges_into_the_head_alone(tmp_path_factory, model_
     assert torch.equal(merged.get_input_embeddings().weight, base)  # the input side untouched
 
 
+def test_lora_on_a_tied_input_embedding_merges_into_the_embedding_alone(tmp_path_factory, model_dir, tmp_path):
+    """The embedding shares the head's weight: merged in place, its update would reach the logits too."""
+    adapter = make_adapter(tmp_path_factory, model_dir, "embedding", epochs=1,
+                           **{"lora.target_modules": "q_proj,embed_tokens"})
+    merge(read_adapter(adapter), tmp_path / "merged", dtype="fp32")
+    merged, reference = plain_load(tmp_path / "merged"), peft_logits(adapter)
+    assert (reference - peft_logits(adapter, use_adapter=False)).abs().max() > 1e-2
+    assert torch.allclose(logits_of(merged), reference, atol=1e-4, rtol=1e-4)
+    assert not merged.config.tie_word_embeddings
+    from safetensors.torch import load_file
+
+    base = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(merged.get_output_embeddings().weight, base)  # the output side untouched
+    assert not torch.equal(merged.get_input_embeddings().weight, base)
+
+
 def test_bf16_merge_matches_within_bf16_rounding(fp32_adapter, tmp_path):
     """bf16 weights = the fp32 merge rounded to bf16 (within an ulp), and logits as close as that rounding allows."""
     from safetensors.torch import load_file
@@ -184,3 +200,34 @@ def test_cli_merge_writes_and_refuses_to_overwrite(fp32_adapter, tmp_path):
     assert plain_load(tmp_path / "m") is not None
     res = runner.invoke(app, ["merge", "-a", str(fp32_adapter), "-o", str(tmp_path / "m")])
     assert res.exit_code == 1 and "--force" in res.output
+
+
+def test_a_merged_folder_prompts_as_training_did_in_transformers_and_in_lora_cli(tmp_path_factory, model_dir, tmp_path):
+    """Its chat template is the training template (apply_chat_template gives training's prompt tokens),
+    and lora-cli prompts it with that template without being told (merge_info.json)."""
+    from transformers import AutoTokenizer
+
+    from lora_cli.adapter.folder import base_model_info, load_template
+    from lora_cli.data.chat_template import user_content
+    from lora_cli.data.records import Example
+    from lora_cli.data.tokenization import encode_example_prompt
+    from lora_cli.infer.evaluation import response_loss
+
+    template_file = tmp_path_factory.mktemp("template") / "qa.txt"
+    template_file.write_text("Q: {instruction}\nContext: {input}\nA: {output}")
+    adapter = make_adapter(tmp_path_factory, model_dir, "file-template", epochs=1, **{"data.template": str(template_file)})
+    merge(read_adapter(adapter), tmp_path / "merged", dtype="fp32")
+    assert json.loads((tmp_path / "merged" / "merge_info.json").read_text())["chat_template"] == "training"
+    tok, template = AutoTokenizer.from_pretrained(str(tmp_path / "merged")), load_template(read_adapter(adapter))
+    assert tok.chat_template != AutoTokenizer.from_pretrained(str(model_dir)).chat_template
+    for ex in (Example(0, "name a fruit", "a red one", ""), Example(0, "name a color", "", "")):
+        message = [{"role": "user", "content": user_content(template, ex.instruction, ex.input)}]
+        got = tok.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert list(got) == encode_example_prompt(ex, tok, template)
+
+    info = base_model_info(str(tmp_path / "merged"))
+    assert info.template_text == template_file.read_text() and "merged model" in info.notes[0]
+    records = [Example(i + 1, f"item {i}", "ctx", "yes") for i in range(4)]
+    merged = response_loss(load_for_inference(info, "none", "fp32", "cpu", with_adapter=False), records)
+    reference = response_loss(load_for_inference(read_adapter(adapter), "none", "fp32", "cpu"), records)
+    assert merged.n == reference.n and abs(merged.total - reference.total) < 1e-3 * reference.n

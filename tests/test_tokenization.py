@@ -94,3 +94,43 @@ def test_template_file_and_bad_template(tmp_path):
         get_template(str(bad))
     with pytest.raises(LoraCliError, match="Unknown template"):
         get_template("nonesuch")
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tmp_path_factory):
+    """A Llama 3 style tokenizer: a BOS added in front of every text, and a chat template that writes
+    `{{ bos_token }}` itself (as Llama 3's, Gemma's and Mistral's do)."""
+    from tiny_models import LLAMA3_CHAT, build_llama_tokenizer
+
+    tok = build_llama_tokenizer(tmp_path_factory.mktemp("bos-tok"))
+    tok.chat_template = "{{ bos_token }}" + LLAMA3_CHAT
+    return tok
+
+
+CONVERSATION = [{"role": "user", "content": "count to two"}, {"role": "assistant", "content": "one two"},
+                {"role": "user", "content": "and to three"}, {"role": "assistant", "content": "one two three"}]
+
+
+def test_a_chat_record_trains_on_the_tokens_apply_chat_template_gives_with_one_bos(bos_tok):
+    enc = encode_batch([Example(1, messages=CONVERSATION)], bos_tok, get_template("chat"), LabelPolicy())[0]
+    reference = bos_tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert enc.input_ids == list(reference)
+    assert enc.input_ids[:2] == [bos_tok.bos_token_id, bos_tok.convert_tokens_to_ids("<|start_header_id|>")]
+    assert bos_tok.decode([t for t in enc.labels if t != IGNORE]) == "one two<|eot_id|>one two three<|eot_id|>"
+
+
+def test_the_chat_prompt_is_apply_chat_template_with_the_generation_prompt(bos_tok):
+    ids = encode_prompt(CONVERSATION[:1], bos_tok, get_template("chat"))
+    reference = bos_tok.apply_chat_template(CONVERSATION[:1], tokenize=True, add_generation_prompt=True,
+                                            return_dict=True)["input_ids"]
+    assert ids == list(reference) and ids.count(bos_tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("template_text", ["<|begin_of_text|>{instruction}\n{output}", "{instruction}\n{output}"])
+def test_a_template_that_writes_the_bos_and_one_that_leaves_it_to_the_tokenizer_both_give_one(bos_tok, tmp_path,
+                                                                                              template_text):
+    path = tmp_path / "t.txt"
+    path.write_text(template_text)
+    enc = encode_batch([Example(1, "hello", "", "world")], bos_tok, get_template(str(path)), LabelPolicy())[0]
+    assert enc.input_ids.count(bos_tok.bos_token_id) == 1 and enc.input_ids[0] == bos_tok.bos_token_id
+    assert enc.labels[0] == IGNORE

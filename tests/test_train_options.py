@@ -177,7 +177,7 @@ def test_neftune_noise_is_added_in_training_mode_only(tiny_model_dir):
     (["--min-lr-ratio", "0.1"], "a floor applies to --scheduler cosine only"),
     (["--warmup-ratio", "0.1", "--warmup-steps", "3"], "not both"),
     (["--early-stopping-patience", "2"], "there is no --val data"),
-    (["--report-to", "tensorboard,comet"], "choose one of none, tensorboard, wandb, mlflow"),
+    (["--report-to", "tensorboard,comet"], "choose none or a comma list of tensorboard, wandb, mlflow, not 'comet'"),
 ])
 def test_options_that_cannot_run_are_one_message_before_the_model_loads(args, message, tiny_model_dir, data_files,
                                                                          tmp_path):

@@ -31,6 +31,7 @@ RUN_CONFIG = "run_config.yaml"
 METRICS = "metrics.jsonl"
 PARAM_SUMMARY = "param_summary.json"
 TEMPLATE_FILE = "prompt_template.txt"  # the text of a --template file, as training read it
+MERGE_INFO = "merge_info.json"  # in a merged model folder: the adapter, template and eos it was trained with
 CHECKPOINTS = "checkpoints"  # resumable state; left out of the zip
 TRAIN_HINT = "Train one with `lora-cli train` (it writes ./adapters), or give the path of an adapter folder or zip."
 RESUME_HINT = "Finish it with the same lora-cli train command plus --resume."
@@ -122,7 +123,25 @@ def check_loadable(path: str | Path) -> Path:
         why = (f"{PICKLED_WEIGHTS} (a pickle) is refused: lora-cli loads safetensors only"
                if (path / PICKLED_WEIGHTS).is_file() else "missing")
         raise LoraCliError(f"{path} has no {ADAPTER_WEIGHTS} ({why}).", TRAIN_HINT)
+    check_config_matches_weights(path)
     return path
+
+
+def check_config_matches_weights(path: str | Path) -> None:
+    """LoraCliError when the folder's adapter_config.json does not describe its adapter_model.safetensors
+    (rank, target modules, DoRA; see adapter.consistency). A folder without weights passes."""
+    from lora_cli.adapter import consistency
+
+    path = Path(path)
+    weights, config = path / ADAPTER_WEIGHTS, read_adapter_config(path)
+    if not weights.is_file() or not consistency.is_lora(config):
+        return
+    try:
+        with open(weights, "rb") as fh:
+            header = consistency.read_header(fh, str(weights))
+    except OSError as exc:
+        raise LoraCliError(f"Cannot read {weights}: {exc.strerror or exc}.") from None
+    consistency.check(config, header, str(path / ADAPTER_CONFIG), str(weights))
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -136,6 +155,7 @@ def read_adapter_config(path: str | Path) -> dict:
 def lora_settings(path: str | Path) -> LoraSettings:
     """The folder's LoRA settings (rank, alpha, dropout, target modules, bias) from adapter_config.json."""
     raw = read_adapter_config(path)
+    check_config_matches_weights(path)
     try:
         targets = raw["target_modules"]
         return LoraSettings(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
@@ -260,9 +280,25 @@ def base_model_info(model: str | None, template: str | None = None, adapter: str
         from lora_cli.data.templates import get_template
 
         get_template(template)
-    return AdapterInfo(path=None, base_model=model, template=template or DataConfig().template, add_eos=DataConfig().add_eos,
+    info = AdapterInfo(path=None, base_model=model, template=template or DataConfig().template, add_eos=DataConfig().add_eos,
                        max_length=DataConfig().max_length, quantization=ModelConfig().quantization, trust_remote_code=False,
                        lora=LoraSettings())
+    return _as_merged(info, Path(model)) if template is None else info
+
+
+def _as_merged(info: AdapterInfo, folder: Path) -> AdapterInfo:
+    """A model folder written by `lora-cli merge` is prompted as its adapter was trained (the template
+    and eos of merge_info.json, a template file's text from the folder), not with the defaults."""
+    if not (folder / MERGE_INFO).is_file():
+        return info
+    merged = _read_json(folder / MERGE_INFO)
+    text_file = folder / TEMPLATE_FILE
+    info.template = str(merged.get("template") or info.template)
+    info.add_eos = bool(merged.get("add_eos", info.add_eos))
+    info.template_text = text_file.read_text(encoding="utf-8") if text_file.is_file() else None
+    info.notes.append(f"{folder} is a merged model: prompted with its training template {info.template} "
+                      f"(from {MERGE_INFO}); override with --template.")
+    return info
 
 
 def load_template(info: AdapterInfo):

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import TEMPLATE_FILE, AdapterInfo
+from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
 from lora_cli.errors import LoraCliError
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.writable import check_writable
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
-MERGE_INFO = "merge_info.json"
 
 
 @dataclass
@@ -78,20 +79,26 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
 
 
 def untie_adapted_head(peft_model) -> bool:
-    """Give a LoRA'd output head its own weight where it shares the input embedding's (tied).
+    """Give the output head its own weight where it shares the input embedding's (tied) and LoRA
+    is on either of them.
 
-    Merging adds the head's LoRA update to its weight; tied, that is the embedding's weight too,
-    so the merged model would also see the update at its input (and be saved tied): not base +
-    adapter. The head gets a copy and the model is saved untied. True when it untied.
+    Merging adds a LoRA update to the weight it wraps; tied, that tensor is the other side's too,
+    so the merged model would see the update at both ends (and be saved tied): not base + adapter,
+    where LoRA on the head changes the logits only and LoRA on the embedding the inputs only. The
+    head gets a copy, the update lands on its own side, and the model is saved untied. True when it
+    untied.
     """
     import torch
 
     base = peft_model.get_base_model()
     head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
-    inner = getattr(head, "base_layer", None)  # a LoRA layer wraps the head
-    if inner is None or embedding is None or inner.weight.data_ptr() != embedding.weight.data_ptr():
+    if head is None or embedding is None:
         return False
-    inner.weight = torch.nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    inner_head, inner_embedding = getattr(head, "base_layer", head), getattr(embedding, "base_layer", embedding)
+    adapted = inner_head is not head or inner_embedding is not embedding  # a LoRA layer wraps its base layer
+    if not adapted or inner_head.weight.data_ptr() != inner_embedding.weight.data_ptr():
+        return False
+    inner_head.weight = torch.nn.Parameter(inner_head.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
         config.tie_word_embeddings = False
     return True
@@ -119,13 +126,34 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     return merged, tokenizer
 
 
+def carry_training_template(info: AdapterInfo, tokenizer, reporter=NULL_REPORTER) -> str:
+    """Make `tokenizer`'s chat template the prompt format the adapter was trained with; say which it is.
+
+    A merged folder is used by runtimes that know nothing of lora-cli's templates (transformers'
+    apply_chat_template, vLLM, TGI): with the base model's own chat template they would prompt an
+    alpaca-trained model in another format. Returns "training" or "base model" (a text template whose
+    layout no chat message can express keeps the base model's, with a warning).
+    """
+    from lora_cli.adapter.folder import load_template
+    from lora_cli.data.chat_template import training_chat_template
+
+    try:
+        tokenizer.chat_template = training_chat_template(load_template(info), tokenizer, info.add_eos)
+    except LoraCliError as exc:
+        reporter.message(f"warning: the merged folder keeps the base model's chat template, not the training "
+                         f"template {info.template}: {exc.message}")
+        return "base model"
+    return "training"
+
+
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "auto",
           force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
     """Write base + adapter merged to the folder `output` (atomically); `base_weights` as in the module
-    docstring (`auto`: the weights the adapter was trained against). LoraCliError for a bad choice or
-    an output folder it may not replace, before anything is loaded."""
-    from lora_cli.atomic import atomic_dir, umask
+    docstring (`auto`: the weights the adapter was trained against).
 
+    Errors (LoraCliError, before the base loads): a bad dtype or base-weights choice; an output that
+    exists (without `force`), cannot be written or has no room for the model; another process writes it.
+    """
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
     if base_weights not in BASE_WEIGHTS:
@@ -133,15 +161,37 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     if base_weights == "auto":
         base_weights = trained_base_weights(info.quantization)
     output = Path(output)
-    replace = check_output(output, info.path, force)
+    check_writable(output, "folder", "-o", _merged_bytes(info, dtype), f"the merged model in {dtype}")
+    with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o folder."):
+        return _merge_into(info, output, dtype, base_weights, check_output(output, info.path, force), reporter)
+
+
+def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
+    """The merged model's size in `dtype` (bytes), from the base's config on the meta device; 0 when
+    the config cannot be read here (loading the base says why)."""
+    from lora_cli.model.load import meta_model
+    from lora_cli.model.resolve import resolve_model
+
+    try:
+        model = meta_model(resolve_model(info.base_model, need_weights=False).path, info.trust_remote_code)
+    except LoraCliError:
+        return 0
+    return sum(p.numel() for p in model.parameters()) * (4 if dtype == "fp32" else 2)
+
+
+def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool, reporter) -> MergeResult:
+    from lora_cli.atomic import atomic_dir, umask
+
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
+    chat_template = carry_training_template(info, tokenizer, reporter)
     with reporter.stage(f"Writing {output}"), atomic_dir(output, replace=replace) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / MERGE_INFO).write_text(json.dumps({
             "base_model": info.base_model, "adapter": str(info.path), "dtype": dtype, "base_weights": base_weights,
-            "lora": info.lora.model_dump(), "template": info.template, "lora_cli_version": __version__}, indent=2))
+            "lora": info.lora.model_dump(), "template": info.template, "add_eos": info.add_eos, "chat_template": chat_template,
+            "lora_cli_version": __version__}, indent=2))
         if info.template_text is not None:  # the prompt format the merged weights expect, as trained
             (tmp / TEMPLATE_FILE).write_text(info.template_text, encoding="utf-8")
         mode = 0o666 & ~umask()

@@ -18,7 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from lora_cli import __version__
+from lora_cli.adapter import consistency
 from lora_cli.adapter.folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     CHECKPOINTS,
     LOGS,
     AdapterInfo,
@@ -30,6 +33,8 @@ from lora_cli.adapter.folder import (
 from lora_cli import faults
 from lora_cli.atomic import TMP_PREFIX, atomic_path, remove_stale_temporaries, sha256_of
 from lora_cli.errors import LoraCliError
+from lora_cli.lock import exclusive
+from lora_cli.writable import check_writable
 
 MANIFEST = "MANIFEST.json"
 EXCLUDED_DIRS = (CHECKPOINTS, LOGS)
@@ -52,13 +57,24 @@ def _sha256_file(path: Path) -> str:
 
 
 def package(folder: str | Path, dest: str | Path, force: bool = False) -> dict:
+    """Zip the adapter `folder` into `dest` with MANIFEST.json; returns the manifest.
+
+    Errors (LoraCliError, before anything is written): `dest` exists (without `force`), is a folder,
+    lies inside `folder`, cannot be written or has no room for the files; another process writes it.
+    """
     folder, dest = check_loadable(folder), Path(dest)
-    if dest.exists() and not force:
-        raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
     if dest.resolve().is_relative_to(folder.resolve()):
         raise LoraCliError(f"The zip {dest} cannot be written inside the folder it packs ({folder}).")
-    remove_stale_temporaries(dest.resolve().parent)  # zips of killed runs
     files = adapter_files(folder)
+    check_writable(dest, "file", "-o", sum(p.stat().st_size for p in files), "the adapter's files, before compression")
+    if dest.exists() and not force:
+        raise LoraCliError(f"{dest} already exists.", "Pass --force to replace it, or -o to choose another name.")
+    with exclusive(dest, f"{dest}", "Wait for that command to finish, or choose another -o name."):
+        return _write_zip(folder, files, dest)
+
+
+def _write_zip(folder: Path, files: list[Path], dest: Path) -> dict:
+    remove_stale_temporaries(dest.resolve().parent)  # zips of killed runs
     manifest = {
         "lora_cli_version": __version__, "base_model": base_model_of(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -84,6 +100,7 @@ class Verification:
     extra: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
+    config_mismatch: str | None = None  # adapter_config.json does not describe the weights (adapter.consistency)
 
 
 def safe_member(name: str) -> bool:
@@ -123,8 +140,28 @@ def verify(path: str | Path) -> Verification:
                 digest = sha256_of(fh)
             if digest != listed[name].get("sha256") or zf.getinfo(name).file_size != listed[name].get("size"):
                 result.changed.append(name)
-    result.ok = not (result.changed or result.missing or result.extra or result.unsafe)
+        if {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= present:
+            result.config_mismatch = _config_mismatch(zf, path)
+    result.ok = not (result.changed or result.missing or result.extra or result.unsafe or result.config_mismatch)
     return result
+
+
+def _config_mismatch(zf: zipfile.ZipFile, path: Path) -> str | None:
+    """What the zip's adapter_config.json gets wrong about its weights (None: they agree): a zip whose
+    files all match the manifest can still hold the config of one run and the weights of another."""
+    try:
+        config = json.loads(zf.read(ADAPTER_CONFIG))
+    except ValueError as exc:
+        return f"{ADAPTER_CONFIG} is not valid JSON ({exc})"
+    if not isinstance(config, dict) or not consistency.is_lora(config):
+        return None  # not LoRA: left to peft, as for a folder
+    with zf.open(ADAPTER_WEIGHTS) as fh:
+        try:
+            header = consistency.read_header(fh, f"{path}:{ADAPTER_WEIGHTS}")
+        except LoraCliError as exc:
+            return exc.message
+    problem = consistency.mismatch(config, header)
+    return f"{ADAPTER_CONFIG} does not describe {ADAPTER_WEIGHTS}: {problem}" if problem else None
 
 
 def extract(path: str | Path, target: str | Path) -> Path:
@@ -133,6 +170,9 @@ def extract(path: str | Path, target: str | Path) -> Path:
     check = verify(path)
     if check.unsafe:
         raise LoraCliError(f"{path} holds paths that escape the target folder: {', '.join(check.unsafe[:3])}.")
+    if check.config_mismatch and not (check.changed or check.missing or check.extra):
+        raise LoraCliError(f"{path}: {check.config_mismatch}.",
+                           "Package the adapter again from a folder whose config matches its weights.")
     if not check.ok:
         raise LoraCliError(f"{path} does not match its manifest; run lora-cli package --verify {path}.")
     root = target.resolve()

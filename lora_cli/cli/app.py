@@ -21,12 +21,27 @@ from lora_cli.errors import LoraCliError
 
 app = typer.Typer(
     name="lora-cli",
-    help="QLoRA fine-tuning from instruction data: validate, tokenize, train, report, package, plot.",
+    help="QLoRA fine-tuning from instruction data: check and tokenize it, train an adapter, report, package, "
+         "use (generate, chat, eval), merge and export it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     cls=SuggestingGroup,  # an unknown flag: suggestions by meaning as well as spelling
 )
+
+
+def _filesystem_errors_as_messages(fn, args, kwargs):
+    """A file that could not be written or read where the core did not expect it (a read-only
+    folder, a file too large for its file system, a file in the path): one line naming the path."""
+    from lora_cli.atomic import filesystem_failure
+
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        failure = filesystem_failure(exc)
+        if failure is None or os.environ.get("LORA_CLI_DEBUG"):
+            raise
+        raise failure from exc
 
 
 def handle_errors(fn):
@@ -37,7 +52,7 @@ def handle_errors(fn):
         from lora_cli.cli.render import err
 
         try:
-            return fn(*args, **kwargs)
+            return _filesystem_errors_as_messages(fn, args, kwargs)
         except typer.Exit:
             raise
         except LoraCliError as exc:

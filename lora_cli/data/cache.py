@@ -24,7 +24,9 @@ from lora_cli.atomic import atomic_dir, is_disk_full, remove_stale_temporaries, 
 from lora_cli.data.records import Issue, ScanStats, iter_examples, open_data_file
 from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note
 from lora_cli.errors import DataError, LoraCliError
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER, Reporter
+from lora_cli.writable import check_writable
 
 if TYPE_CHECKING:
     from datasets import Features
@@ -34,7 +36,8 @@ if TYPE_CHECKING:
     from lora_cli.progress import Stage
 
 # 2: instruction records' system/history fields rendered; meta.json has left_out_lines and warnings
-FORMAT_VERSION = 2
+# 3: a BOS the template writes itself is not added a second time (tokenization.with_prefix)
+FORMAT_VERSION = 3
 BATCH = 1000
 KEPT_LINES = 100  # left-out line numbers kept in meta.json
 KEPT_WARNINGS = 20
@@ -163,18 +166,32 @@ def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBa
     }
     key = _key(parts)
     entry_dir = Path(cache_dir) / "tokenized" / key
+    hit = None if force else _hit(split, key, entry_dir)
+    if hit is not None:
+        return hit
+    check_writable(cache_dir, "folder", "--cache-dir", inside=True)
+    # one process builds an entry; another that needs it waits, then reads what the first built
+    with exclusive(entry_dir, f"Tokenize cache entry {entry_dir}", reporter=reporter, wait=True):
+        hit = None if force else _hit(split, key, entry_dir)
+        if hit is not None:
+            return hit
+        remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
+        if reason:
+            reporter.message(reason)
+        return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
+
+
+def _hit(split: str, key: str, entry_dir: Path) -> CacheEntry | None:
+    """The complete entry `key` in entry_dir, or None (absent, incomplete or unreadable: built again)."""
     meta_path = entry_dir / "meta.json"
-    if meta_path.is_file() and not force:
+    if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == key and (entry_dir / "data" / "dataset_info.json").is_file():
                 return CacheEntry(split, key, entry_dir, True, meta)
         except (OSError, ValueError):
-            pass  # unreadable entry: rebuild it
-    remove_stale_temporaries(entry_dir.parent)  # entries whose writer was killed
-    if reason:
-        reporter.message(reason)
-    return _build(split, path, tokenizer, template, policy, skip_invalid, parts, key, entry_dir, n_lines, reporter)
+            pass
+    return None
 
 
 def _generate(gen_kwargs: dict, features: Features, key: str, build_dir: Path):

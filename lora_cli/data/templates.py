@@ -101,6 +101,16 @@ class ChatTemplate:
             )
 
     @staticmethod
+    def opens_with(tokenizer, text: str) -> bool:
+        """Whether the chat template itself writes `text` (a BOS) before a conversation."""
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                     add_generation_prompt=True)
+        except Exception:  # a template that refuses this conversation says so where it is used
+            return False
+        return isinstance(rendered, str) and rendered.startswith(text)
+
+    @staticmethod
     def _messages(example: Example) -> list[dict]:
         """A chat record's messages; for an instruction record, the conversation it stands for."""
         if example.is_chat:

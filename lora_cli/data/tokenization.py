@@ -4,7 +4,9 @@ Each template segment is tokenized on its own and the pieces are concatenated: t
 the model sees at generation time is then token-for-token the prompt it was trained on.
 Labels are -100 on prompt segments unless `train_on_prompt`; an eos id closes every trained
 segment (unless it already ends with one), decided by our own mask and never by comparing
-with the pad id, since pad == eos on Qwen and SmolLM2.
+with the pad id, since pad == eos on Qwen and SmolLM2. Every example opens with the tokenizer's
+BOS exactly once: added in front, unless the template wrote it (`with_prefix`), so a chat record
+is the token sequence of `apply_chat_template(messages, tokenize=True)`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain):] == plain else []
 
 
+def with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
+    """`ids` opened by the tokenizer's special prefix exactly once: prepended, unless the rendered text
+    already opens with it.
+
+    Chat templates of Llama 3, Gemma, Mistral and DeepSeek write `{{ bos_token }}` themselves, and
+    apply_chat_template(tokenize=True) does not add another; prepending the tokenizer's BOS there
+    would train (and prompt) every example with two. Templates that leave the BOS to the tokenizer
+    (TinyLlama's, a template file) still get the one the tokenizer adds to every text.
+    """
+    return list(ids) if prefix and ids[: len(prefix)] == prefix else [*prefix, *ids]
+
+
 def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -> list[int]:
     """A segment's ids, with eos appended after a trained segment (a response) unless it ends
     with one already: the one rule for training and for the prompts of generation."""
@@ -69,12 +83,15 @@ def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
     eos = tokenizer.eos_token_id
     out, k = [], 0
     for example, segs in zip(examples, per_example):
-        input_ids, labels = list(prefix), [IGNORE] * len(prefix)
+        input_ids, labels = [], []
         for _, trainable in segs:
             piece = _closed(ids[k], trainable, policy.add_eos, eos)
             k += 1
             input_ids.extend(piece)
             labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
+        opened = with_prefix(prefix, input_ids)
+        labels = [IGNORE] * (len(opened) - len(input_ids)) + labels
+        input_ids = opened
         truncated = len(input_ids) > policy.max_length
         out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
     return out
@@ -112,6 +129,21 @@ def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     return apply_or_reject(examples, render, file)[1]
 
 
+def check_system_message(system: str, tokenizer, template, flag: str = "--system") -> None:
+    """LoraCliError (one line naming `flag`) when the template cannot render a conversation that opens
+    with this system message, as Gemma's chat template refuses any; asked before a model loads."""
+    conversation = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]
+    try:
+        encode_prompt(conversation, tokenizer, template)
+    except LoraCliError:
+        raise
+    except Exception as exc:  # the template's own raise_exception (jinja2 TemplateError), whatever its words
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        which = "this model's chat template" if template.name == "chat" else f"the template {template.name}"
+        raise LoraCliError(f"{flag}: {which} cannot render a system message ({reason}).",
+                           f"Leave out {flag} and put the instruction in your first message.") from None
+
+
 def reference_answer(example: Example) -> str:
     """The record's own answer (its output, or its last assistant message)."""
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
@@ -122,10 +154,10 @@ def _encode_prompt_segments(segs: list[tuple[str, bool]], tokenizer: PreTrainedT
     texts = [text for text, _ in segs]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     eos = tokenizer.eos_token_id
-    out = special_prefix(tokenizer)
+    out: list[int] = []
     for (_, trainable), piece in zip(segs, ids):
         out.extend(_closed(piece, trainable, add_eos, eos))
-    return out
+    return with_prefix(special_prefix(tokenizer), out)
 
 
 def token_lengths(examples: list[Example], tokenizer: PreTrainedTokenizerBase,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from lora_cli import __version__
 from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate
 from lora_cli.errors import LoraCliError
-from lora_cli.export.chat_template import prompt_shape
+from lora_cli.data.chat_template import prompt_shape
 
 GREEDY_PARAMETERS = (("temperature", "0"), ("repeat_penalty", "1"))  # lora-cli generate's default: plain greedy
 _U1, _U2, _R1, _SYS = "@@lora-cli-user-1@@", "@@lora-cli-user-2@@", "@@lora-cli-answer-1@@", "@@lora-cli-system@@"

@@ -25,7 +25,9 @@ from lora_cli import __version__
 from lora_cli.adapter.folder import TOKENIZER_CONFIG
 from lora_cli.errors import LoraCliError
 from lora_cli.export import BASE_WEIGHTS, FORMATS, OUTTYPES
+from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
+from lora_cli.writable import check_writable
 
 GGUF_MAGIC = b"GGUF"
 MODELFILE = "Modelfile"
@@ -133,12 +135,19 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
     Raises LoraCliError (one message) for a bad flag or destination, an architecture, tokenizer or
     template that cannot be mapped, before anything is loaded or written.
     """
-    from lora_cli.adapter.folder import load_template
-
     _validate(fmt, outtype, base_weights)
     output, t0 = Path(output), time.time()
-    replace = check_folder_output(output, info.path, force) if fmt == "ollama" else \
-        check_file_output(output, info.path, force)
+    check_writable(output, "folder" if fmt == "ollama" else "file", "-o")
+    with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o path."):
+        replace = check_folder_output(output, info.path, force) if fmt == "ollama" else \
+            check_file_output(output, info.path, force)
+        return _export(info, output, fmt, outtype, base_weights, replace, t0, reporter)
+
+
+def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, replace: bool, t0: float,
+            reporter) -> ExportResult:
+    from lora_cli.adapter.folder import load_template
+
     template = load_template(info)
     resolved, config = _base_config(info, reporter)
     from lora_cli.export.architecture import check_config
@@ -180,8 +189,7 @@ def _model_name(output: Path) -> str:
 
 def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     """Chat template, Ollama shape and stops, from the tokenizer alone: template refusals come before the merge."""
-    from lora_cli.data.tokenization import special_prefix
-    from lora_cli.export import chat_template as ct
+    from lora_cli.data import chat_template as ct
     from lora_cli.export import modelfile as mf
     from lora_cli.export.vocab import check_tokenizer
     from lora_cli.model.load import load_tokenizer
@@ -190,8 +198,7 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
                                info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""
-    prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
-    plan = {"jinja": ct.gguf_chat_template(template, tokenizer, prefix, eos), "prompt": ct.describe_mapping(template),
+    plan = {"jinja": ct.training_chat_template(template, tokenizer, info.add_eos), "prompt": ct.describe_mapping(template),
             "stops": [], "shape": None}
     if fmt == "ollama":
         shape = mf.chat_shape(tokenizer, tokenizer.eos_token, info.add_eos) if isinstance(template, ct.ChatTemplate) \
@@ -220,7 +227,7 @@ def _write(output: Path, fmt: str, replace: bool, model, tokenizer, spec, outtyp
 
 def _export_lora(info, output: Path, outtype: str, spec, template, t0: float, reporter) -> ExportResult:
     from lora_cli.atomic import atomic_path
-    from lora_cli.export.chat_template import describe_mapping
+    from lora_cli.data.chat_template import describe_mapping
     from lora_cli.export.gguf_lora import write_lora_gguf
 
     try:

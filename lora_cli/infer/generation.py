@@ -92,15 +92,7 @@ class LoadedModel:
         return stop_ids_of(self.model, self.tokenizer)
 
     def check_records(self, examples: list, file: str) -> None:
-        """DataError listing each record of `file` the template cannot render (a chat template that
-        refuses a conversation opening with the assistant, say): one message, not a traceback."""
-        from lora_cli.data.tokenization import template_issues
-        from lora_cli.errors import DataError
-
-        refused = template_issues(examples, self.tokenizer, self.template, file)
-        if refused:
-            raise DataError(f"{file} has {len(refused)} record(s) that the template cannot render; fix or remove "
-                            "them.", refused)
+        check_records(examples, self.tokenizer, self.template, file)
 
     def example_prompt(self, example) -> list[int]:
         from lora_cli.data.tokenization import encode_example_prompt
@@ -113,9 +105,26 @@ class LoadedModel:
         return encode_prompt(messages, self.tokenizer, self.template, self.info.add_eos)
 
 
+def check_records(examples: list, tokenizer, template, file: str) -> None:
+    """DataError listing each record of `file` the template cannot render (a chat template that
+    refuses a conversation opening with the assistant, say): one message, not a traceback."""
+    from lora_cli.data.tokenization import template_issues
+    from lora_cli.errors import DataError
+
+    refused = template_issues(examples, tokenizer, template, file)
+    if refused:
+        raise DataError(f"{file} has {len(refused)} record(s) that the template cannot render; fix or remove "
+                        "them.", refused)
+
+
 def load_for_inference(info: AdapterInfo, quantization: str | None = None, precision: str = "auto",
-                       device: str = "auto", with_adapter: bool = True, reporter=NULL_REPORTER) -> LoadedModel:
-    """Base model (as trained: 4-bit or not) with the adapter on top, in eval mode."""
+                       device: str = "auto", with_adapter: bool = True, reporter=NULL_REPORTER,
+                       check: Callable | None = None) -> LoadedModel:
+    """Base model (as trained: 4-bit or not) with the adapter on top, in eval mode.
+
+    `check(tokenizer, template)`: what the caller's prompts need of the template (records of a file,
+    a system message), asked once the tokenizer is loaded and before the model is: a refusal costs
+    no model load."""
     from lora_cli.model.device import pick_device, resolve_precision
     from lora_cli.model.load import load_model, load_tokenizer, quiet_libraries
     from lora_cli.model.resolve import resolve_model
@@ -130,6 +139,8 @@ def load_for_inference(info: AdapterInfo, quantization: str | None = None, preci
     resolved = None if info.tokenizer_dir else resolve_model(info.base_model, reporter)
     tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
     template.check(tokenizer)  # e.g. --template chat with a tokenizer that has none: before the model loads
+    if check is not None:
+        check(tokenizer, template)
     resolved = resolved or resolve_model(info.base_model, reporter)
     what = "4-bit NF4" if quant == "nf4" else prec
     with reporter.stage(f"Loading {info.base_model} ({what})" + (" + adapter" if with_adapter else "")):

@@ -191,8 +191,16 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     that is not a module LoRA can adapt (see targets.resolve_targets)."""
     from lora_cli.model.resolve import resolve_model
 
+    import dataclasses
+
     resolved = resolve_model(name, need_weights=False)
-    return resolve_targets(meta_model(resolved.path, trust_remote_code), lora.target_modules, name)
+    model = meta_model(resolved.path, trust_remote_code)
+    targets = resolve_targets(model, lora.target_modules, name)
+    modules = dict(model.named_modules())
+    shapes = [getattr(modules.get(n), "weight", None) for n in targets.adapted]
+    # r x (inputs + outputs) per adapted 2-D weight: the size of its A and B
+    count = sum(lora.r * (w.shape[0] + w.shape[1]) for w in shapes if w is not None and w.dim() == 2)
+    return dataclasses.replace(targets, lora_parameters=count)
 
 
 def lora_config(lora: LoraSettings, target_modules: list[str] | str, inference: bool = False):

@@ -28,6 +28,7 @@ class Targets:
 
     peft_value: list[str] | str
     adapted: tuple[str, ...]
+    lora_parameters: int = 0  # LoRA's A and B entries over the adapted modules (check_targets fills it in)
 
 
 def _adaptable_types() -> tuple:

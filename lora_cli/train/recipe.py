@@ -65,6 +65,7 @@ class TrainingData:
     cache_keys: dict[str, str | None]  # split -> tokenize cache key (part of the run's fingerprint)
     data_sha256: dict[str, str | None] = field(default_factory=dict)  # split -> sha256 of the data file
     template_text: str | None = None  # a template file's text, saved with the adapter
+    base_identity: dict = field(default_factory=dict)  # model/identity.py: part of the run's fingerprint
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter: Reporter = NULL_REPORTER,
@@ -74,26 +75,31 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
     import torch
 
     from lora_cli.data.prepare import prepare_data
+    from lora_cli.model.identity import base_identity
     from lora_cli.model.load import check_targets, quiet_libraries
+    from lora_cli.train.output_check import check_output, output_lock
     from lora_cli.train.runtime import place
 
     quiet_libraries()
     placement = place(cfg)
-    check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
+    targets = check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
+    check_output(cfg, targets.lora_parameters, placement.is_main)
     if not placement.is_main:
         reporter = NULL_REPORTER  # one progress display: the main process's
     torch.manual_seed(cfg.train.seed)
     if current is not None:
         reporter.message(f"Training on {current.describe(cfg)}")
-    # Tokenized once (main process), read from the cache by everyone.
-    data = prepare_data(cfg, reporter, force_tokenize, placement.is_main, placement.accelerator.wait_for_everyone,
-                        current=current)
-    entries = {"train": data.train, "val": data.val}
-    prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer, data.model.path,
-                            {k: e.key if e else None for k, e in entries.items()},
-                            {k: e.meta.get("parts", {}).get("data_sha256") if e else None for k, e in entries.items()},
-                            getattr(data.template, "source", None))
-    return train_on(cfg, placement, prepared, resume, overwrite, reporter)
+    with output_lock(cfg, placement, reporter):  # one run writes this output folder, from here to its end
+        # Tokenized once (main process), read from the cache by everyone.
+        data = prepare_data(cfg, reporter, force_tokenize, placement.is_main,
+                            placement.accelerator.wait_for_everyone, current=current)
+        entries = {"train": data.train, "val": data.val}
+        prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
+                                data.model.path, {k: e.key if e else None for k, e in entries.items()},
+                                {k: e.meta.get("parts", {}).get("data_sha256") if e else None
+                                 for k, e in entries.items()}, getattr(data.template, "source", None),
+                                base_identity(data.model))
+        return train_on(cfg, placement, prepared, resume, overwrite, reporter)
 
 
 def _load_model(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
@@ -181,7 +187,8 @@ def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: b
     from lora_cli.train.watch import RunWatch
 
     # 1. Output folder rules, before any expensive work.
-    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text)
+    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text,
+                       data.base_identity)
     checkpoint_path = out.prepare(resume, overwrite)
     placement.accelerator.wait_for_everyone()
 

@@ -50,6 +50,7 @@ from lora_cli.atomic import (
 )
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
+from lora_cli.model.identity import describe_change
 from lora_cli.train.checkpoint import STATE, list_checkpoints, read_state
 
 if TYPE_CHECKING:
@@ -99,17 +100,23 @@ def save_converted(peft_model: PeftModel, initial: dict, folder: Path) -> None:
 
 class OutputFolder:
     """cache_keys / data_sha256: split -> tokenize cache key / sha256 of the data file (what the run
-    trains on, beyond its settings); template_text: a template file's text, saved with the adapter."""
+    trains on, beyond its settings); template_text: a template file's text, saved with the adapter;
+    base_identity: the base model's identity (model/identity.py), part of the fingerprint as well."""
 
     def __init__(self, path: str | Path, cfg: RunConfig, is_main: bool = True, cache_keys: dict | None = None,
-                 data_sha256: dict | None = None, template_text: str | None = None):
+                 data_sha256: dict | None = None, template_text: str | None = None,
+                 base_identity: dict | None = None):
         self.path = Path(path)
         self.cfg = cfg
         self.is_main = is_main
         self.cache_keys = {k: v for k, v in (cache_keys or {}).items() if v}
         self.data_sha256 = {k: v for k, v in (data_sha256 or {}).items() if v}
         self.template_text = template_text
-        self.fingerprint = run_fingerprint(cfg, self.cache_keys)
+        self.base_identity = dict(base_identity or {})
+        self.fingerprint = run_fingerprint(cfg, {**self.cache_keys, "base": self.base_identity}
+                                           if self.base_identity else self.cache_keys)
+        # runs of versions whose fingerprint did not hold the base: resumed as before (their base unknown)
+        self.fingerprint_without_base = run_fingerprint(cfg, self.cache_keys)
         self.saved_run: dict = {}  # the `run` section of the folder's run config, as prepare() found it
 
     @property
@@ -117,7 +124,7 @@ class OutputFolder:
         return self.path / METRICS
 
     def _same_run(self, fingerprint: str | None) -> bool:
-        return fingerprint in (self.fingerprint, legacy_fingerprint(self.cfg))
+        return fingerprint in (self.fingerprint, self.fingerprint_without_base, legacy_fingerprint(self.cfg))
 
     def _describe_difference(self, saved: dict, skip: tuple[str, ...] = RESUME_FREE) -> str:
         mine = self.cfg.to_dict()
@@ -142,6 +149,9 @@ class OutputFolder:
                            f"{then_sha[:12]}... there, {now_sha[:12]}... now)")
             elif then_key and now_key and then_key != now_key:
                 out.append(f"data.{split}: its tokens changed (the tokenizer or the template file is not the same)")
+        base = describe_change(run.get("base_model") or {}, self.base_identity) if run.get("base_model") else ""
+        if base and self.base_identity:
+            out.insert(0, f"model.name {self.cfg.model.name}: the base model changed: {base}")
         return out
 
     def _length_change(self, saved: dict) -> str:
@@ -213,8 +223,8 @@ class OutputFolder:
             origin = read_run_config(ckpt.parent.parent) or saved
             detail = self._describe_difference(origin, RESUME_FREE + EXTENDABLE) if origin else "settings differ"
             raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings or data ({detail}).",
-                               "Resume with the same settings and data (only --epochs and --max-steps may grow), "
-                               "or start a new run with --overwrite.")
+                               "Resume with the same base model, settings and data (only --epochs and --max-steps "
+                               "may grow), or start a new run with --overwrite.")
         if self.saved_run.get("finished") is True and not explicit and not self._length_change(saved or {}):
             self._nothing_to_continue(read_state(ckpt).step)  # said before the model loads
         return ckpt
@@ -263,7 +273,8 @@ class OutputFolder:
     def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
         data = self.cfg.to_dict()
         data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
-                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256, **decisions, **(extra or {})}
+                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256,
+                       "base_model": self.base_identity, **decisions, **(extra or {})}
         return yaml.safe_dump(data, sort_keys=False)
 
     def truncate_metrics(self, lines: int) -> None:
@@ -359,4 +370,14 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
         paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
         if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
             return
-    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded).prepare(resume, False)
+    base = None
+    if run.get("base_model"):  # the fingerprint holds the base's identity: read it as the full check will
+        from lora_cli.model.identity import base_identity
+        from lora_cli.model.resolve import resolve_model
+
+        try:
+            base = base_identity(resolve_model(cfg.model.name, local_only=True))
+        except LoraCliError:
+            return  # not at hand without a download: the check after loading decides
+    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded,
+                 base_identity=base).prepare(resume, False)

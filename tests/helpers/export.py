@@ -92,7 +92,7 @@ def conversation_prompt(template, tokenizer, messages: list[dict], add_eos: bool
 def mapped_conversation(template, messages: list[dict]) -> list[dict]:
     """`messages` as sent to an exported template: each turn's user messages joined (as lora-cli and Ollama
     join them) and mapped like an instruction with an empty input (chat_template.user_content)."""
-    from lora_cli.export.chat_template import user_content
+    from lora_cli.data.chat_template import user_content
 
     out: list[dict] = []
     for msg in messages:

@@ -102,8 +102,11 @@ def chat(
     """Talk to base model + adapter, turn by turn, with streamed answers. /exit or Ctrl-D leaves, /reset starts over."""
     from lora_cli.cli.render import err
 
+    from lora_cli.data.tokenization import check_system_message
+
     params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
-    with loaded_model(adapter, load, not base_only) as loaded:
+    check = (lambda tokenizer, template: check_system_message(system, tokenizer, template)) if system else None
+    with loaded_model(adapter, load, not base_only, check) as loaded:
         who = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
         err.print(f"Chatting with {who} (template {loaded.info.template}). /exit or Ctrl-D to leave, "
                   "/reset to start over.", markup=False, soft_wrap=True)

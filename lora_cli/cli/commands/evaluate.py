@@ -83,7 +83,7 @@ def evaluate(
     from lora_cli.errors import LoraCliError
     from lora_cli.infer.evaluation import evaluate as run
     from lora_cli.infer.evaluation import read_examples
-    from lora_cli.infer.generation import Sampling, check_batch_size
+    from lora_cli.infer.generation import Sampling, check_batch_size, check_records
 
     if data is None:
         work = resolve("eval")
@@ -95,7 +95,8 @@ def evaluate(
                       no_repeat_ngram_size=load.no_repeat_ngram_size)  # its checks, before the model loads
     check_batch_size(batch_size)
     examples = read_examples(data)
-    with loaded_model(adapter, load, not base_only) as loaded:
+    check = lambda tok, template: check_records(examples, tok, template, str(data))  # noqa: E731 (before loading)
+    with loaded_model(adapter, load, not base_only, check) as loaded:
         result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,
                      reporter=RichReporter(), sampling=params)
     if as_json:

@@ -161,9 +161,10 @@ def generate(
     params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
-    with loaded_model(adapter, load, not base_only) as loaded:
-        if input_file is not None:
-            loaded.check_records(examples, str(input_file))
+    from lora_cli.infer.generation import check_records
+
+    check = None if input_file is None else lambda tok, template: check_records(examples, tok, template, str(input_file))
+    with loaded_model(adapter, load, not base_only, check) as loaded:
         prompts = [loaded.example_prompt(ex) for ex in examples]
         if single and stream and not (compare or as_json or output_file):
             _stream_one(loaded, prompts[0], params)

@@ -78,15 +78,17 @@ def print_notes(info) -> None:
 
 
 @contextlib.contextmanager
-def loaded_model(adapter: Path, load: LoadChoice, with_adapter: bool = True) -> Iterator:
-    """The adapter (a folder, or a zip unpacked for the block) and its model, ready to generate."""
+def loaded_model(adapter: Path, load: LoadChoice, with_adapter: bool = True, check=None) -> Iterator:
+    """The adapter (a folder, or a zip unpacked for the block) and its model, ready to generate;
+    `check(tokenizer, template)` runs before the model loads (load_for_inference)."""
     from lora_cli.adapter.packaging import open_adapter
     from lora_cli.cli.render import RichReporter
     from lora_cli.infer.generation import load_for_inference
 
     with open_adapter(adapter, load.model, load.template, base_only=not with_adapter) as info:
         print_notes(info)
-        yield load_for_inference(info, load.quantization, load.precision, load.device, with_adapter, RichReporter())
+        yield load_for_inference(info, load.quantization, load.precision, load.device, with_adapter, RichReporter(),
+                                 check)
 
 
 def plain_table(title: str, columns: list[str], rows: list[list]):

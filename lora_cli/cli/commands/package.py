@@ -37,15 +37,22 @@ def package(
         result = packaging.verify(target)
         if as_json:
             typer.echo(json.dumps({"ok": result.ok, "changed": result.changed, "missing": result.missing,
-                                   "extra": result.extra, "unsafe": result.unsafe}, indent=2))
+                                   "extra": result.extra, "unsafe": result.unsafe,
+                                   "config_mismatch": result.config_mismatch}, indent=2))
         else:
             for label, names in (("changed", result.changed), ("missing", result.missing), ("extra", result.extra),
                                  ("unsafe path", result.unsafe)):
                 for name in names:
                     out.print(f"[red]{label}[/]: {name}", markup=True)
             n = len(result.manifest.get("files", {}))
-            out.print(f"{target}: " + (f"[green]intact[/] ({n} files match the manifest)" if result.ok
-                                       else "[red]does not match its manifest[/]"), markup=True)
+            if result.config_mismatch:
+                out.print(f"{target}: {result.config_mismatch}.", markup=False, soft_wrap=True)
+            matches = not (result.changed or result.missing or result.extra or result.unsafe)
+            verdict = (f"[green]intact[/] ({n} files match the manifest)" if result.ok
+                       else "[red]does not match its manifest[/]" if not matches
+                       else f"[red]not a usable adapter[/] ({n} files match the manifest, but its config and "
+                            "weights disagree)")
+            out.print(f"{target}: {verdict}", markup=True)
         raise typer.Exit(0 if result.ok else 1)
     dest = output or Path("adaptermodel.zip")
     manifest = packaging.package(target, dest, force)
