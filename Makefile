@@ -26,7 +26,7 @@ define demo_line
 	@echo '$$ $(1)'; cd $(DEMO_DIR) && PATH="$(abspath $(BIN)):$$PATH" $(1)
 endef
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-runtime clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,12 @@ demo: install
 
 test: install
 	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest
+
+# The export check in llama.cpp: installs the runtime extra (llama-cpp-python compiles llama.cpp the first time:
+# 10-20 minutes on 2 cores; pip caches the wheel) and runs the tests that `make test` skips without it.
+test-runtime: install
+	$(BIN)/pip install -q -e ".[runtime]"
+	LORA_CLI_TEST_HOME=$(CURDIR)/.lora-cache/test-home $(BIN)/python -m pytest tests/test_export_check_llama.py
 
 # The edit loop: every test but the multi-process, kill, end-to-end and export-matrix ones (marked slow).
 test-fast: install

@@ -105,8 +105,10 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     on_prompt = overrides.pop("data.train_on_prompt", False)
     if not torch.cuda.is_available():  # CPU dry run of the harness
         overrides["train.precision"] = "fp32"
-    elif "train.compile" not in overrides:  # a short bench run stands for a long one: compiled, as auto would
-        overrides["train.compile"] = "on"
+    else:  # a short bench run stands for a long one: auto decides as for a run long enough to compile
+        import lora_cli.train.plan
+
+        lora_cli.train.plan.MIN_COMPILE_STEPS = 0
     cfg = RunConfig().replace({"model.name": model_dir, "train.max_steps": warmup + steps, "train.log_every": 1,
                                "train.eval_at_start": False, "train.keep_checkpoints": 1,
                                "output.dir": "/tmp/lora-cli-bench/run-adapters", **overrides})
@@ -128,7 +130,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
         return mb
 
     Batcher.collate = counting_collate
-    reporter = _TimingReporter(times, log)
+    reporter = _TimingReporter(times, log, _profiler(warmup))
 
     pad = json.load(open(f"{model_dir}/config.json")).get("pad_token_id")
 
@@ -149,9 +151,34 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     return out
 
 
+def _profiler(warmup: int):
+    """torch.profiler over 4 steps inside the warm-up (BENCH_PROFILE=FILE: its tables go there), else None."""
+    import os
+
+    import torch
+
+    path = os.environ.get("BENCH_PROFILE")
+    if not path or warmup < 6 or not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    def done(prof):
+        averages = prof.key_averages()
+        with open(path, "w") as fh:
+            fh.write("4 optimizer steps, sorted by GPU time\n")
+            fh.write(averages.table(sort_by="cuda_time_total", row_limit=30) + "\n\n")
+            fh.write("sorted by host time\n" + averages.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=warmup - 5, warmup=1, active=4, repeat=1), on_trace_ready=done)
+    prof.start()
+    return prof
+
+
 class _TimingReporter:
-    def __init__(self, times, log):
+    def __init__(self, times, log, prof=None):
         self.times, self.log, self.per_step, self.messages, self._seen = times, log, [], [], 0
+        self.prof = prof
 
     def stage(self, name, total=None, unit=""):
         import contextlib
@@ -164,6 +191,8 @@ class _TimingReporter:
                     return
                 _sync()
                 reporter.times.append(time.perf_counter())
+                if reporter.prof is not None and advance:
+                    reporter.prof.step()
                 if advance and len(reporter.times) > 1:
                     new = reporter.log[reporter._seen:]
                     reporter._seen = len(reporter.log)

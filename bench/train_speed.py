@@ -46,6 +46,7 @@ VARIANTS = {
     "32k": {"train.max_tokens": 32768},
     "8k": {"train.max_tokens": 8192},
     "compile": {"train.compile": "on"},
+    "eager": {"train.compile": "off"},  # the baseline of "same result": no compile, no graphs
     "no-compile": {"train.compile": "off"},
     "flex": {"model.attn_implementation": "flex_attention", "train.pack_length": 16384},
     "lean-8g": {"train.memory_budget_gib": 8, "train.max_tokens": 8192},
@@ -163,6 +164,10 @@ def main() -> None:
     ap.add_argument("--variants", default="ref,default")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--ref-steps", type=int, default=0, help="timed steps of the reference recipe (0: --steps)")
+    ap.add_argument("--compare", default="", help="A,B: the largest per-step relative loss difference of B from A")
+    ap.add_argument("--profile", default="", help="a variant to profile (torch.profiler, 4 steps inside its "
+                                                  "warm-up, which must be >= 6): tables in WORK/profile-VARIANT.txt")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per variant")
     ap.add_argument("--budget", type=int, default=0, help="start no variant after this many seconds (0: no limit)")
     ap.add_argument("--work", default="/tmp/lora-cli-bench")
@@ -214,8 +219,12 @@ def main() -> None:
         if args.budget and t - t0 > args.budget:
             results.append({"variant": spec, "error": "skipped: time budget spent"})
             continue
+        steps = args.ref_steps if name == "ref" and args.ref_steps else args.steps
         worker_args = [__file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
-                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
+                       "--warmup", str(args.warmup), "--steps", str(steps), "--out", str(out)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if spec == args.profile:
+            env["BENCH_PROFILE"] = str(work / f"profile-{name}.txt")
         from lora_cli.train.sharding import LAUNCH_FLAGS
 
         mode = LAUNCH_FLAGS if name == "fsdp" else ["--multi_gpu"]
@@ -224,8 +233,7 @@ def main() -> None:
                                                       "--dynamo_backend", "no"]
         before = out.read_text().count("\n") if out.exists() else 0
         try:
-            subprocess.run(launch + worker_args, timeout=args.timeout, check=False,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            subprocess.run(launch + worker_args, timeout=args.timeout, check=False, env=env)
         except subprocess.TimeoutExpired:
             pass
         lines = [json.loads(x) for x in out.read_text().splitlines()[before:]] if out.exists() else []
@@ -235,6 +243,25 @@ def main() -> None:
         print(f"[{spec}] {summary} ({time.time() - t:.0f} s)", flush=True)
     print()
     print(table(results, arch, data_stats))
+    if args.compare:
+        print(compare(results, *args.compare.split(",")))
+
+
+def compare(results: list[dict], a: str, b: str) -> str:
+    """How far B's per-step loss curve is from A's (same examples, same order, same seed)."""
+    by = {r["variant"]: r for r in results if "error" not in r}
+    if a not in by or b not in by:
+        return f"compare {a},{b}: a run is missing"
+    la, lb = by[a]["losses"], by[b]["losses"]
+    n = min(len(la), len(lb))
+    rel = [abs(y - x) / abs(x) for x, y in zip(la[:n], lb[:n]) if x]
+    worst = max(range(len(rel)), key=rel.__getitem__) if rel else None
+    if worst is None:
+        return f"compare {a},{b}: no losses"
+    return (f"loss curves {b} vs {a} over {n} steps: largest relative difference {100 * rel[worst]:.3f}% at step "
+            f"{worst + 1} ({la[worst]:.4f} vs {lb[worst]:.4f}); mean {100 * sum(rel) / len(rel):.3f}%; "
+            f"last {la[n - 1]:.4f} vs {lb[n - 1]:.4f}; first step {by[a]['step_seconds'][0]:.1f} s vs "
+            f"{by[b]['step_seconds'][0]:.1f} s")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ class TrainConfig(Section):
     early_stopping_patience: Count = setting(
         0, "Stop once the eval loss has not improved for N evaluations and keep the best adapter as the "
         "result (needs --val); 0 = off.", panel="evaluation")
+    select_by: Literal["loss", "stop-rate"] = setting(
+        "loss", "What early stopping and the best adapter kept go by: loss (the eval loss) or stop-rate (the "
+        "--eval-generate probe's stop rate, ties broken by the eval loss).", panel="evaluation")
     eval_generate: Count = setting(8, "At each evaluation, greedy answers for the first K val prompts: stop rate and "
                                     "a sample answer; 0 = off.", panel="evaluation")
     report_to: str = setting("none", "Experiment trackers, offline, logs in OUTPUT/logs: none, or a comma list of "
@@ -168,8 +171,9 @@ class TrainConfig(Section):
     memory_budget_gib: Annotated[float, Field(ge=0)] = setting(
         0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of the GPU)).", panel="speed")
     compile: Annotated[Literal["auto", "on", "graphs", "off"], BeforeValidator(_on_off)] = setting(
-        "auto", "torch.compile each decoder layer: auto (on a CUDA GPU, for runs long enough to repay it), on, "
-        "graphs (compiled and replayed as CUDA graphs: static shapes), off.", panel="speed")
+        "auto", "torch.compile each decoder layer: auto (on one CUDA GPU, for runs long enough to repay it: graphs "
+        "where the step's shapes are static, else on; the run says why), on, graphs (compiled and replayed as CUDA "
+        "graphs: static shapes), off.", panel="speed")
     fused_loss: bool = setting(True, "Compute the loss from hidden states chunk by chunk, never the full "
                                      "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss", panel="speed")
     eval_at_start: bool = setting(True, "Evaluate once before the first step (a baseline).",
@@ -253,6 +257,9 @@ class RunConfig(BaseModel):
         if self.train.early_stopping_patience and not self.data.val:
             raise LoraCliError("--early-stopping-patience watches the eval loss, and there is no --val data.",
                                "Pass --val FILE.jsonl, or leave --early-stopping-patience at 0.")
+        if self.train.select_by == "stop-rate" and not self.train.eval_generate:
+            raise LoraCliError("--select-by stop-rate needs the stop-rate probe, and --eval-generate is 0.",
+                               "Pass --eval-generate 8 (the default), or --select-by loss.")
         return self
 
     # ---- conversion -------------------------------------------------------------------

@@ -66,12 +66,12 @@ def _alive(owner: dict) -> bool:
     return True
 
 
-def _flock(fd: int, wait: bool) -> bool | None:
-    """True: locked; False: another process holds it; None: this filesystem has no flock."""
+def _flock(fd: int, mode: int) -> bool | None:
+    """flock(fd, mode): True taken; False another process holds it (LOCK_NB); None this filesystem has no flock."""
     import fcntl
 
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, mode)
         return True
     except BlockingIOError:
         return False
@@ -83,12 +83,14 @@ def _flock(fd: int, wait: bool) -> bool | None:
 
 def _open(path: Path, wait: bool) -> tuple[int | None, dict]:
     """(fd holding the lock, the previous owner's record) or (None, the live owner's record)."""
+    import fcntl
+
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        locked = _flock(fd, wait)
+        locked = _flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         owner = _read(fd)
-        if locked is None and owner and _alive(owner):
-            locked = False
+        if locked is None:  # no flock on this filesystem: the pid in the file decides
+            locked = not (owner and _alive(owner))
         if not locked:
             os.close(fd)
             return None, owner
@@ -108,6 +110,35 @@ def _record(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(me).encode("utf-8"))
+
+
+def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
+    """Refuse at once (OutputInUse) when a live process holds `target`'s lock; changes nothing on disk.
+
+    For checks made before the lock is taken (a folder's contents read before torch loads): what a
+    live run's folder holds is not yet what it will hold, so it is said to be in use, not judged."""
+    path = lock_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file (or none readable): nobody holds it
+    try:
+        state, owner = _flock_shared(fd), _read(fd)
+        if state is False or (state is None and owner and _alive(owner)):
+            raise OutputInUse(f"{what} is in use by another lora-cli process ({describe(owner)}).",
+                              hint or "Wait for it to finish, or choose another output.")
+    finally:
+        os.close(fd)
+
+
+def _flock_shared(fd: int) -> bool | None:
+    """A shared flock tried and dropped at once: True free, False held, None no flock here."""
+    import fcntl
+
+    state = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    if state:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    return state
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from lora_cli.cli.app import app
 from lora_cli.data import json_array
 from lora_cli.data.file_kinds import NotJsonLines
 from lora_cli.data.report import validate_file
+from lora_cli.data.records import open_lines
 from lora_cli.infer.evaluation import read_examples
 
 runner = CliRunner()
@@ -27,6 +28,8 @@ RECORDS = [{"instruction": "Name a primary colour.", "input": "", "output": "Red
            {"instruction": "Give the opposite of the word.", "input": "cold", "output": "Hot."},
            {"instruction": "Café, crème brûlée: name one more French dish.", "input": "", "output": "Ratatouille."}]
 JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS)
+CHINESE = ('{"instruction": "把这个词翻译成英文。", "input": "咖啡", "output": "coffee"}\n'
+           '{"instruction": "说出一种水果。", "input": "", "output": "苹果"}\n')
 
 
 def element_lines(text: str) -> list[int]:
@@ -134,10 +137,20 @@ KINDS = {  # name: (writer, words the message holds)
     "utf16le": (lambda p: p.write_bytes(JSONL.encode("utf-16-le")), ["UTF-16", "without", "iconv -f UTF-16LE"]),
     "utf16be": (lambda p: p.write_bytes(JSONL.encode("utf-16-be")), ["UTF-16", "big-endian", "iconv -f UTF-16BE"]),
     "utf32": (lambda p: p.write_bytes(JSONL.encode("utf-32")), ["UTF-32", "iconv -f UTF-32"]),
-    "cp1252": (lambda p: p.write_bytes(JSONL.encode("cp1252") * 3), ["legacy 8-bit encoding", "iconv -f CP1252"]),
+    # a short Western text: cp1252, cp1250 and cp1257 read it differently, so no encoding is named
+    "cp1252": (lambda p: p.write_bytes(JSONL.encode("cp1252") * 3),
+               ["not UTF-8", "cannot be told with confidence (line 3, byte 21: e9 2c 20 63 72 e8 6d 65)",
+                "iconv -f ENCODING -t UTF-8"]),
+    "gbk": (lambda p: p.write_bytes(CHINESE.encode("gbk") * 2), ["in the GBK encoding", "iconv -f GBK -t UTF-8"]),
     "pretty-object": (lambda p: p.write_text(json.dumps(RECORDS[0], indent=2)), ["pretty-printed", "jq -c ."]),
     "pretty-records": (lambda p: p.write_text("\n".join(json.dumps(r, indent=2) for r in RECORDS)), ["pretty-printed"]),
     "wrapped": (lambda p: p.write_text(json.dumps({"data": RECORDS}, indent=2)), ["'data' list", "jq -c '.data[]'"]),
+    "wrapped-after-a-version": (lambda p: p.write_text(json.dumps({"version": 1, "data": RECORDS}, indent=2)),
+                                ["'data' list", "jq -c '.data[]'"]),
+    "wrapped-on-one-line": (lambda p: p.write_text(json.dumps({"version": "2.1", "rows": RECORDS})),
+                            ["'rows' list", "jq -c '.rows[]'"]),
+    "python-repr": (lambda p: p.write_text("".join(f"{r!r}\n" for r in RECORDS)),
+                    ["Python dict literals", "ast.literal_eval"]),
     "csv": (lambda p: p.write_text("instruction,input,output\nSay hi,,hi\n"), ["CSV", "csv.DictReader"]),
     "tsv": (lambda p: p.write_text("instruction\tinput\toutput\nSay hi\t\thi\n"), ["TSV", "delimiter"]),
     "text": (lambda p: p.write_text("Say hi\nhi\n"), ["not JSON"]),
@@ -187,7 +200,7 @@ def test_one_line_that_is_not_utf8_stays_an_error_of_that_line(tmp_path):
     ascii_two = tmp_path / "ascii2.jsonl"
     ascii_two.write_bytes(b'{"instruction": "a", "output": "b"}\n' + latin1_line * 2)
     [issue] = validate_file(ascii_two).issues
-    assert "legacy 8-bit encoding" in issue.reason
+    assert "not UTF-8" in issue.reason and "line 2, byte 21: e9" in issue.reason
 
 
 def test_a_stray_nul_byte_is_a_defect_of_its_line_not_a_binary_file(tmp_path):
@@ -227,3 +240,19 @@ def test_a_first_line_longer_than_the_sample_is_judged_by_how_it_starts(tmp_path
     long_record = (json.dumps({"conversations": [{"a": 1}], **big}) + "\n" + json.dumps(RECORDS[0]) + "\n").encode()
     assert sniff(tmp_path / "a.json", one_line_array[:SAMPLE]) == JSON_ARRAY
     assert sniff(tmp_path / "b.jsonl", long_record[:SAMPLE]) == JSONL
+
+
+def test_cr_only_line_ends_are_read_like_crlf(tmp_path):
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(JSONL.replace("\n", "\r").encode())
+    report = validate_file(path)
+    assert report.records == report.valid == 3 and report.errors == 0
+    assert [e.instruction for e in read_examples(path)] == [r["instruction"] for r in RECORDS]
+    assert [line for line, _ in open_lines(path, cr_only=True)] == [1, 2, 3]
+
+
+def test_files_concatenated_each_with_its_bom_read_as_one(tmp_path):
+    path = tmp_path / "joined.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + JSONL.encode() + b"\xef\xbb\xbf" + JSONL.encode())
+    report = validate_file(path)
+    assert report.records == report.valid == 6 and report.errors == 0

@@ -41,8 +41,8 @@ def test_generate_eval_merge_on_the_embedded_model(use_embedded, tmp_path):
     assert merged.dtype == torch.bfloat16 and not any("lora" in n for n, _ in merged.named_parameters())
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     ids = tok("### Instruction:\nName a primary color.\n\n### Response:\n", return_tensors="pt")["input_ids"]
-    reference = load_for_inference(read_adapter(tmp_path / "adapters"), quantization="none", precision="fp32",
-                                   device="cpu").model
+    # merge's default base is the one the adapter was trained against (4-bit here): compare with that model
+    reference = load_for_inference(read_adapter(tmp_path / "adapters"), precision="fp32", device="cpu").model
     with torch.no_grad():
         ref, got = reference(input_ids=ids).logits, merged.float()(input_ids=ids).logits
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

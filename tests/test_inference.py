@@ -180,3 +180,17 @@ def test_eval_data_defects_are_listed_with_line_numbers(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(LoraCliError, match="no records"):
         read_examples(tmp_path / "empty.jsonl")
+
+
+def test_eager_generation_is_said_once_with_its_reason_and_answers_as_the_fast_path(tmp_path_factory, stopper, loaded,
+                                                                                  monkeypatch):
+    from helpers import RecordingReporter
+
+    prompts = [loaded.example_prompt(ex) for ex in val_examples(tmp_path_factory)[:3]]
+    fast = generate(loaded, prompts, Sampling(max_new_tokens=6))
+    monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
+    reporter = RecordingReporter()
+    eager_loaded = load_for_inference(read_adapter(stopper), precision="fp32", device="cpu", reporter=reporter)
+    eager = [generate(eager_loaded, prompts, Sampling(max_new_tokens=6)) for _ in range(2)][-1]
+    assert reporter.messages.count("Generating eagerly (slower): LORA_CLI_EAGER_GENERATE=1 is set.") == 1
+    assert [a.token_ids for a in eager] == [a.token_ids for a in fast]

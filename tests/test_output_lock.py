@@ -15,7 +15,7 @@ from helpers import RecordingReporter, tiny_config
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
-from lora_cli.lock import OutputInUse, exclusive, lock_path
+from lora_cli.lock import OutputInUse, exclusive, lock_path, refuse_if_held
 
 runner = CliRunner()
 HOLDER = textwrap.dedent("""
@@ -61,8 +61,11 @@ def test_a_second_process_is_refused_naming_the_live_one_and_a_dead_ones_lock_is
         with exclusive(target, "Output adapters"):
             pass
     assert time.monotonic() - started < 1.0  # refused at once, not after a wait
+    with pytest.raises(OutputInUse, match=f"pid {first.pid} "):
+        refuse_if_held(target, "Output adapters")  # the check that takes nothing
     first.send_signal(signal.SIGKILL)  # dies holding it: its lock file stays, naming it
     first.wait()
+    refuse_if_held(target, "Output adapters")  # a dead owner holds nothing
     assert json.loads(lock_path(target).read_text())["pid"] == first.pid
     said = RecordingReporter()
     with exclusive(target, "Output adapters", reporter=said) as path:
@@ -87,6 +90,23 @@ def test_train_into_a_folder_another_process_writes_is_refused_in_one_line(holde
     assert "Traceback" not in res.output and "Loading" not in res.output
     assert not out.exists()  # nothing written, not even the tokenize cache's data
     assert not (tmp_path / ".lora-cache").exists()
+
+
+def test_a_live_runs_folder_is_said_to_be_in_use_not_judged_by_what_it_holds_now(holder, tiny_model_dir,
+                                                                                  data_files, tmp_path):
+    from lora_cli.train.recipe import train
+
+    train_f, _ = data_files
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--train", str(train_f), "-o", str(out), "--quantization", "none",
+            "--device", "cpu", "--precision", "fp32", "--max-length", "64", "--max-tokens", "128", "--epochs", "2",
+            "--max-steps", "1", "--eval-generate", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert runner.invoke(app, args).exit_code == 0
+    first = holder(out)  # that run's folder, written again by a live process
+    for extra in ([], ["--resume", "--max-steps", "2"], ["--overwrite"]):
+        res = runner.invoke(app, args + extra)
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith(f"error: Output folder {out} is in use by another lora-cli process (pid {first.pid}")
 
 
 def test_package_merge_and_export_refuse_an_output_another_process_writes(holder, tiny_model_dir, data_files,
@@ -123,3 +143,25 @@ def test_a_tokenize_cache_entry_being_built_is_waited_for_then_used(holder, tiny
     assert res.exit_code == 0, res.output
     assert f"Waiting for pid {busy.pid} " in res.output
     assert (entry / "meta.json").is_file() and not lock_path(entry).exists()
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    def no_flock(fd, operation):  # some network filesystems: no flock at all
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    target = tmp_path / "out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock_path(target).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    said = RecordingReporter()
+    with exclusive(target, "Output out", reporter=said):
+        assert f"from pid {gone.pid} " in said.messages[0]  # a dead pid's file is taken over
+        with pytest.raises(OutputInUse, match=f"pid {os.getpid()} "):  # a live one's is not
+            with exclusive(target, "Output out"):
+                pass
+    assert not lock_path(target).exists()

@@ -50,8 +50,37 @@ def test_a_compiled_gpu_run_pads_every_micro_batch_to_one_shape_that_holds_the_l
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
     short = decide(cfg(**{"train.max_steps": MIN_COMPILE_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
     long = decide(cfg(**{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
-    expected = "on" if __import__("importlib").util.find_spec("triton") else "off"
+    expected = "graphs" if __import__("importlib").util.find_spec("triton") else "off"
     assert short.compile == "off" and long.compile == expected
+    if expected == "graphs":
+        assert short.compile_note.startswith(f"Not compiled: {MIN_COMPILE_STEPS - 1} optimizer steps")
+    else:
+        assert "triton" in short.compile_note and "triton" in long.compile_note
+
+
+def test_auto_replays_the_gpu_step_as_cuda_graphs_only_where_its_shapes_are_static_and_says_why_not(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # CI has no triton: the decision is taken as on a GPU machine that has it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    long = {"train.max_steps": MIN_COMPILE_STEPS}
+    default = decide(cfg(**long), placement(), TinyConfig(), LENGTHS)
+    assert default.compile == "graphs" and default.static_shapes and default.compile_note == ""
+    cases = {"--pack-length": (cfg(**long, **{"train.pack_length": 1024}), placement()),
+             "padded": (cfg(**long, **{"train.batching": "padded"}), placement()),
+             "DDP": (cfg(**long), placement(world=2)),
+             "fp16": (cfg(**long, **{"train.precision": "fp16"}), placement(precision="fp16")),
+             "every decoder layer is checkpointed": (cfg(**long, **{"train.gradient_checkpointing": "on"}), placement())}
+    for reason, (config, where) in cases.items():
+        plan = decide(config, where, TinyConfig(), LENGTHS)
+        assert plan.compile == "on", reason
+        assert plan.compile_note.startswith("Compiled without CUDA graphs: ") and reason in plan.compile_note
+        assert "\n" not in plan.compile_note
+    asked = decide(cfg(**long, **{"train.compile": "graphs", "train.gradient_checkpointing": "on"}), placement(),
+                   TinyConfig(), LENGTHS)
+    assert asked.compile == "graphs" and asked.compile_note == ""  # asked for: done as asked, no note
+    cpu = decide(cfg(**long), placement("cpu", "fp32"), TinyConfig(), LENGTHS)
+    assert cpu.compile == "off" and cpu.compile_note == ""  # the CPU stays eager, as before
 
 
 def test_the_nf4_base_is_kept_dequantized_only_where_it_fits_and_costs_no_checkpointed_layer():

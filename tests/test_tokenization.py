@@ -134,3 +134,28 @@ def test_a_template_that_writes_the_bos_and_one_that_leaves_it_to_the_tokenizer_
     enc = encode_batch([Example(1, "hello", "", "world")], bos_tok, get_template(str(path)), LabelPolicy())[0]
     assert enc.input_ids.count(bos_tok.bos_token_id) == 1 and enc.input_ids[0] == bos_tok.bos_token_id
     assert enc.labels[0] == IGNORE
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_an_assistant_turn_of_weight_0_is_in_the_prompt_but_not_trained(tok, template):
+    from lora_cli.data.records import parse_line
+
+    raw = ('{"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "bad answer", '
+           '"weight": 0}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "hello"}]}')
+    example, issues = parse_line(raw.encode(), 1, "f.jsonl")
+    assert issues == []
+    enc = encode_batch([example], tok, get_template(template), LabelPolicy())[0]
+    assert "bad answer" + tok.eos_token in tok.decode(enc.input_ids)  # closed as every answer is
+    assert tok.decode([t for t in enc.labels if t != IGNORE]).replace(tok.eos_token, "").strip() == "hello"
+
+
+@pytest.mark.parametrize("messages, field", [
+    ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.5}]', "messages[1].weight"),
+    ('[{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]', "messages[0].weight"),
+    ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]', "messages"),
+])
+def test_a_weight_that_is_not_0_or_1_on_an_assistant_turn_or_that_leaves_nothing_to_learn_is_refused(messages, field):
+    from lora_cli.data.records import parse_line
+
+    example, issues = parse_line(f'{{"messages": {messages}}}'.encode(), 7, "f.jsonl")
+    assert example is None and [i.field for i in issues] == [field] and issues[0].line == 7

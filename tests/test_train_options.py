@@ -187,3 +187,23 @@ def test_options_that_cannot_run_are_one_message_before_the_model_loads(args, me
     assert res.exit_code == 1, res.output
     assert message in res.output.replace("\n", " ") and "Traceback" not in res.output
     assert "Loading" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_a_warmup_as_long_as_the_run_is_capped_at_a_tenth_of_it_and_said():
+    import torch
+
+    from lora_cli.config import TrainConfig
+    from lora_cli.train.optim import make_scheduler, warmup_note, warmup_steps
+
+    long = TrainConfig(warmup_steps=100, lr=2e-4, scheduler="linear")
+    assert warmup_steps(long, 3) == 1 and warmup_steps(long, 40) == 4 and warmup_steps(long, 101) == 100
+    assert warmup_note(long, 3) == ("--warmup-steps 100 is not shorter than the run (3 optimizer steps): warming up "
+                                    "for 1 instead, so the learning rate reaches --lr.")
+    assert warmup_note(long, 101) is None and warmup_note(TrainConfig(warmup_ratio=0.5), 3) is None
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    scheduler, lrs = make_scheduler(optimizer, long, 3), []
+    for _ in range(3):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(2e-4)  # uncapped: 0, 2e-6, 4e-6

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from lora_cli import faults
 from lora_cli.atomic import atomic_dir, is_disk_full, remove_stale_temporaries, sha256_of, write_text
 from lora_cli.data.records import Issue, ScanStats, iter_examples, open_data_file
-from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note
+from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note, lost_eos_note
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER, Reporter
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from datasets import Features
     from transformers import PreTrainedTokenizerBase
 
+    from lora_cli.data.overlap import RecordDigests
     from lora_cli.data.templates import ChatTemplate, TextTemplate
     from lora_cli.progress import Stage
 
@@ -83,11 +84,24 @@ class CacheEntry:
     def notes(self) -> list[str]:
         """What a run using this entry tells the user about its data, on a cache hit as when built."""
         out = [f"warning {w}" for w in self.meta.get("warnings", [])]
-        left_out = self.meta.get("counts", {}).get("no_target", 0)
-        if left_out:
-            max_length = self.meta.get("parts", {}).get("max_length", 0)
-            out.append(left_out_note(left_out, self.meta.get("left_out_lines", []), max_length, self.split))
+        counts, max_length = self.meta.get("counts", {}), self.meta.get("parts", {}).get("max_length", 0)
+        if counts.get("no_target"):
+            out.append(left_out_note(counts["no_target"], self.meta.get("left_out_lines", []), max_length, self.split))
+        if counts.get("lost_eos"):
+            out.append("warning " + lost_eos_note(counts["lost_eos"], self.meta.get("lost_eos_lines", []), max_length,
+                                                  self.split))
+        skipped = self.meta.get("skipped_lines", [])
+        if counts.get("invalid") and self.meta.get("parts", {}).get("skip_invalid"):
+            shown = ", ".join(str(n) for n in skipped[:10]) + (" ..." if counts["invalid"] > 10 else "")
+            out.append(f"--skip-invalid: {counts['invalid']:,} invalid {self.split} record(s) skipped"
+                       + (f" (line{'s' if len(skipped) > 1 else ''} {shown})" if skipped else "") + ".")
         return out
+
+    def digests(self):
+        """The entry's records as overlap.RecordDigests (None for an entry without them)."""
+        from lora_cli.data.overlap import RecordDigests
+
+        return RecordDigests.load(self.path)
 
     def load(self):
         from datasets import load_from_disk
@@ -104,7 +118,8 @@ def _key(parts: dict) -> str:
 
 
 def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate, policy: LabelPolicy,
-          skip_invalid: bool, counters: dict, issues: list, left_out: list, progress: Stage):
+          skip_invalid: bool, counters: dict, issues: list, left_out: list, progress: Stage,
+          digests: RecordDigests | None = None, lost_eos: list[int] | None = None):
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
@@ -123,6 +138,10 @@ def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate
         errors[0] += len(refused)
         for enc in encoded:
             counters["truncated"] += int(enc.truncated)
+            if enc.truncated and enc.n_targets and policy.add_eos:  # the cut took the eos: it never learns to stop there
+                counters["lost_eos"] += 1
+                if len(lost_eos) < KEPT_LINES:
+                    lost_eos.append(enc.line)
             if enc.n_targets == 0:
                 counters["no_target"] += 1
                 if len(left_out) < KEPT_LINES:
@@ -137,6 +156,8 @@ def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate
         pending.clear()
 
     for example in iter_examples(path, on_issue=on_issue, stats=stats):
+        if digests is not None:
+            digests.add(example)
         if errors[0] and not skip_invalid:
             continue  # the run will fail: find every defect, tokenize nothing more
         pending.append(example)
@@ -220,10 +241,13 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
     from datasets import Features, Sequence, Value
     from datasets.utils.logging import disable_progress_bar
 
+    from lora_cli.data.overlap import RecordDigests
+
     disable_progress_bar()
-    counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0)
+    counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0, lost_eos=0)
     issues: list[Issue] = []
     left_out: list[int] = []
+    digests, lost_eos = RecordDigests(), []
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                          "line": Value("int64"), "length": Value("int32"), "n_targets": Value("int32")})
     t0 = time.time()
@@ -231,7 +255,7 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
         with atomic_dir(entry_dir, replace=True) as tmp:
             gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
                               skip_invalid=skip_invalid, counters=counters, issues=issues, left_out=left_out,
-                              progress=progress)
+                              progress=progress, digests=digests, lost_eos=lost_eos)
             try:
                 ds = _generate(gen_kwargs, features, key, tmp / "build")
             except ValueError:
@@ -245,11 +269,12 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
             if counters["examples"] == 0:
                 raise _no_examples(path, counters, left_out, policy, errors)
             ds.save_to_disk(str(tmp / "data"))
+            digests.save(tmp)
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
             warnings = [str(i) for i in issues if i.severity == "warning"]
             meta = {"key": key, "split": split, "source": str(path), "parts": parts, "counts": counters,
-                    "skipped_lines": [i.line for i in errors][:1000], "left_out_lines": left_out,
+                    "skipped_lines": [i.line for i in errors][:1000], "left_out_lines": left_out, "lost_eos_lines": lost_eos,
                     "warnings": warnings[:KEPT_WARNINGS], "seconds": round(time.time() - t0, 3),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_text(tmp / "meta.json", json.dumps(meta, indent=2))

@@ -5,9 +5,10 @@ lora-cli reads JSON Lines (UTF-8, one JSON object a line) and a JSON array of re
 UTF-16/32 or a legacy 8-bit encoding, pretty-printed JSON, CSV or plain text -- are named in one
 `NotJsonLines` message with the command that converts them, instead of one error per line.
 
-Another encoding or one bad line? A file is judged to be in a legacy 8-bit encoding (cp1252,
-Latin-1, ...) when at least two lines of the sample are not UTF-8 and no line of it holds UTF-8
-text beyond ASCII: a converter fixes such a file as a whole. A line that is not UTF-8 among lines
+Another encoding or one bad line? A file is judged to be in another encoding (cp1252, GBK, ...)
+when at least two lines of the sample are not UTF-8 and no line of it holds UTF-8 text beyond
+ASCII: a converter fixes such a file as a whole. The encoding is named only when charset-normalizer
+tells it with confidence; otherwise the message shows the bytes where UTF-8 fails. A line that is not UTF-8 among lines
 that are (or a single such line) is a defect of that record, reported on its line.
 """
 
@@ -21,6 +22,7 @@ from lora_cli.errors import LoraCliError
 
 SAMPLE = 1 << 20  # bytes read to decide
 JSONL, JSON_ARRAY = "jsonl", "json-array"
+JSONL_CR = "jsonl-cr"  # JSON Lines whose lines end in a carriage return alone (read as CRLF is)
 TEXT_LINES = 20  # non-blank lines looked at for "is any of this JSON at all?"
 NOT_JSONL = "not JSON Lines (UTF-8 text, one JSON object per line)"
 # Bytes that text does not hold (C0 controls but tab, line feed, vertical tab, form feed, carriage
@@ -79,7 +81,10 @@ _MAGIC = [
 _PICKLE = re.compile(rb"\A\x80[\x02-\x05]")
 _BOMS = [(b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
          (b"\xfe\xff", "UTF-16BE")]
-_WRAPPED = re.compile(r'\A\s*\{\s*"([^"\\]{1,64})"\s*:\s*\[\s*[{\]]')
+# {"version": 1, "data": [{...: the records in a list under one key, after any scalar members
+_SCALAR = r'(?:"[^"\\]*"|-?\d[\d.eE+-]*|true|false|null)'
+_WRAPPED = re.compile(r'\A\s*\{(?:\s*"[^"\\]{1,64}"\s*:\s*' + _SCALAR + r'\s*,)*\s*"([^"\\]{1,64})"\s*:\s*\[\s*[{\]]')
+_RECORD_KEYS = ("instruction", "output", "messages", "conversations")
 
 
 def sniff(path: str | Path, head: bytes) -> str:
@@ -97,7 +102,8 @@ def sniff(path: str | Path, head: bytes) -> str:
     _check_legacy_encoding(path, head, out)
     text = head.decode("utf-8", errors="replace")
     text = text[1:] if text.startswith("\ufeff") else text
-    return _structure(path, text, out, whole=len(head) < SAMPLE)
+    kind = _structure(path, text, out, whole=len(head) < SAMPLE)
+    return JSONL_CR if kind == JSONL and b"\r" in head.rstrip(b"\r") and b"\n" not in head else kind
 
 
 def _check_wide_text(path: Path, head: bytes, out: str) -> None:
@@ -167,16 +173,53 @@ def _check_legacy_encoding(path: Path, head: bytes, out: str) -> None:
         except UnicodeDecodeError:
             bad += 1
     if bad >= 2 and not utf8_beyond_ascii:
-        codec = "CP1252"
-        try:
-            head.decode("cp1252")
-        except UnicodeDecodeError:
-            codec = "LATIN1"
+        codec = _confident_encoding(b"\n".join(lines))
+        sampled = sum(1 for ln in lines if ln)
+        what = f"({bad} of its first {sampled} lines are not UTF-8, and none holds UTF-8 text beyond ASCII)"
+        if codec:
+            raise NotJsonLines(path, f"text in the {codec} encoding {what}", _iconv(codec, path, out))
+        line, offset, shown = _first_bad_bytes(lines)
         raise NotJsonLines(
-            path, f"text in a legacy 8-bit encoding ({bad} of its first {len(lines)} lines are not UTF-8, and none "
-                  "holds UTF-8 text beyond ASCII)",
-            f"Convert it to UTF-8: iconv -f {codec} -t UTF-8 {path} > {out}   (after -f, the file's real encoding: "
-            f"{codec} is the usual one for Western European text; others are e.g. GBK, SHIFT_JIS, CP1251)")
+            path, f"text that is not UTF-8 {what}; its encoding cannot be told with confidence (line {line}, "
+                  f"byte {offset}: {shown})",
+            f"Convert it to UTF-8 from the encoding it was written in: iconv -f ENCODING -t UTF-8 {path} > {out}   "
+            "(ENCODING e.g. CP1252 for Western European text, GBK for Chinese, SHIFT_JIS for Japanese, CP1251 "
+            "for Cyrillic); check the converted text before training on it")
+
+
+def _first_bad_bytes(lines: list[bytes]) -> tuple[int, int, str]:
+    """(line number, 1-based byte of the line, the bytes there in hex) where UTF-8 decoding first fails."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return number, exc.start + 1, " ".join(f"{b:02x}" for b in raw[exc.start: exc.start + 8])
+    return 0, 0, ""
+
+
+# Python codec names as iconv spells them, where the two differ by more than case and "_" for "-"
+_ICONV_NAMES = {"gb18030": "GB18030", "gbk": "GBK", "gb2312": "GB2312", "shift_jis": "SHIFT_JIS",
+                "cp932": "CP932", "euc_jp": "EUC-JP", "euc_kr": "EUC-KR", "big5": "BIG5", "latin_1": "LATIN1"}
+
+
+def _confident_encoding(sample: bytes) -> str | None:
+    """The encoding of a text that is not UTF-8, as iconv names it, when the detection is confident:
+    charset-normalizer's candidates that read the sample without noise all give the same text
+    (cp1250, cp1252 and cp1254 agree on most Western text: CP1252 is named). None otherwise: a
+    wrong guess would be converted into text that reads as clean and trains as garbage."""
+    from charset_normalizer import from_bytes
+
+    results = list(from_bytes(sample))
+    if not results:
+        return None
+    best = results[0]
+    close = [r for r in results if r.chaos <= best.chaos + 0.02]
+    texts = {sample.decode(r.encoding, errors="replace") for r in close}
+    if best.chaos > 0.1 or len(texts) != 1:
+        return None
+    names = [n for r in close for n in r.could_be_from_charset]
+    preferred = next((n for n in ("cp1252", "gbk", "shift_jis", "cp1251") if n in names), best.encoding)
+    return _ICONV_NAMES.get(preferred, preferred.upper().replace("_", "-").replace("ISO8859", "ISO-8859"))
 
 
 def _structure(path: Path, text: str, out: str, whole: bool) -> str:
@@ -195,12 +238,30 @@ def _structure(path: Path, text: str, out: str, whole: bool) -> str:
         return JSONL if (more_lines and _is_json(first)) else JSON_ARRAY
     if first.startswith("{"):
         if _is_json(first):
+            if len(content) == 1 and whole:  # one line holding everything: a wrapper, or one record
+                _check_wrapped_line(path, first, out)
             return JSONL
+        _check_python_literals(path, first, out)
         _check_multiline_object(path, text, first, out)
         return JSONL  # a JSONL file whose first line is broken: that line's error says so
     if not any(ln[:1] in "{[" for ln in content[:TEXT_LINES]):
         raise _not_json(path, first, out)
     return JSONL
+
+
+def _check_python_literals(path: Path, first: str, out: str) -> None:
+    """Lines of Python dict literals (print(dict) / repr, single quotes): one message, not one error a line."""
+    import ast
+
+    try:
+        value = ast.literal_eval(first)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return
+    if isinstance(value, dict):
+        raise NotJsonLines(
+            path, "Python dict literals (single-quoted, as print() writes a dict)",
+            "Convert them: python -c \"import ast, json, sys; [print(json.dumps(ast.literal_eval(l), "
+            f"ensure_ascii=False)) for l in open(sys.argv[1], encoding='utf-8') if l.strip()]\" {path} > {out}")
 
 
 def _is_json(line: str) -> bool:
@@ -211,16 +272,29 @@ def _is_json(line: str) -> bool:
     return True
 
 
+def _wrapped(path: Path, key: str, out: str) -> NotJsonLines:
+    return NotJsonLines(
+        path, f"one JSON object holding the records in its '{key}' list",
+        f"Write the list as JSON Lines: jq -c '.{key}[]' {path} > {out}   or: python -c \"import json, sys; "
+        f"[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1], encoding='utf-8'))"
+        f"['{key}']]\" {path} > {out}")
+
+
+def _check_wrapped_line(path: Path, first: str, out: str) -> None:
+    """A first line that is an object holding a list of records (and no record fields of its own):
+    the whole dataset on one line, {"data": [...]}, not a record."""
+    wrapped = _WRAPPED.match(first)
+    if wrapped and wrapped.group(1) not in ("messages", "history"):
+        obj = json.loads(first)
+        if isinstance(obj, dict) and not any(k in obj for k in _RECORD_KEYS):
+            raise _wrapped(path, wrapped.group(1), out)
+
+
 def _check_multiline_object(path: Path, text: str, first: str, out: str) -> None:
     """A JSON object spread over several lines (json.dump(indent=2)): one message, not one error a line."""
     wrapped = _WRAPPED.match(text)
     if wrapped and wrapped.group(1) not in ("messages", "history"):
-        key = wrapped.group(1)
-        raise NotJsonLines(
-            path, f"one JSON object holding the records in its '{key}' list",
-            f"Write the list as JSON Lines: jq -c '.{key}[]' {path} > {out}   or: python -c \"import json, sys; "
-            f"[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1], encoding='utf-8'))"
-            f"['{key}']]\" {path} > {out}")
+        raise _wrapped(path, wrapped.group(1), out)
     start = text.index("{")
     try:
         _, end = json.JSONDecoder().raw_decode(text, start)

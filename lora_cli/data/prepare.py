@@ -69,6 +69,8 @@ def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool
                                            cfg.data.cache_dir, cfg.data.skip_invalid, force and is_main, reporter, why)
             for note in entries[split].notes():
                 reporter.message(note)
+    if is_main and "val" in entries:
+        _say_val_overlap(entries["train"], entries["val"], reporter)
     recorded = None
     if is_main and (record or _moved_on(current, cfg, entries)):
         recorded = current_dataset.record(cfg, entries, tokenizer.eos_token)
@@ -82,3 +84,16 @@ def _moved_on(current: current_dataset.CurrentDataset | None, cfg: RunConfig, en
     if current is None or not current.same_settings(cfg):
         return False
     return {s: e.key for s, e in entries.items()} != {s: f.cache_key for s, f in current.files.items()}
+
+
+def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter) -> None:
+    """A warning when validation records are also training records (from the entries' digests)."""
+    from lora_cli.data.overlap import shared, val_overlap_note
+
+    train_digests, val_digests = train.digests(), val.digests()
+    if train_digests is None or val_digests is None:
+        return
+    pairs = shared(val_digests, train_digests)
+    if pairs:
+        reporter.message("warning " + val_overlap_note(pairs, len(val_digests), val.meta.get("source", "val"),
+                                                      train.meta.get("source", "train")))

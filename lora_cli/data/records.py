@@ -4,6 +4,8 @@ Two record shapes are accepted, one JSON object per line (or elements of one JSO
   {"instruction": str, "input": str (optional, null = ""), "output": str,
    "system": str (optional), "history": [[user, assistant], ...] (optional)}
   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "system": str (optional)}
+An assistant message may carry `"weight": 0` (axolotl's "do not train this turn": kept in the prompt,
+left out of the loss) or 1.
 `system` and `history` are LLaMA-Factory's extension of the Alpaca format: a system prompt and the
 earlier turns of the conversation. Every defect becomes an `Issue` naming file, line, field and
 reason, so that a user fixes the whole file in one pass instead of one error per run. Lines are
@@ -90,13 +92,27 @@ def open_data_file(path: str | Path):
         raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
 
 
-def open_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes without line ending) for each line; a leading UTF-8 BOM is dropped."""
+def open_lines(path: str | Path, cr_only: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes without line ending) for each line; a UTF-8 BOM that opens a line is
+    dropped (files each saved with a BOM and then concatenated hold one on each file's first line).
+
+    `cr_only`: the lines end in a carriage return alone (classic Mac OS, some exporters), read as
+    CRLF and LF line ends are."""
     with open_data_file(path) as fh:
-        for number, raw in enumerate(fh, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        for number, raw in enumerate(_cr_lines(fh) if cr_only else fh, start=1):
+            if raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             yield number, raw.rstrip(b"\r\n")
+
+
+def _cr_lines(fh, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a binary file whose lines end in CR, in bounded memory."""
+    rest = b""
+    while block := fh.read(chunk):
+        *lines, rest = (rest + block).split(b"\r")
+        yield from lines
+    if rest:
+        yield rest
 
 
 @dataclass(frozen=True)
@@ -110,7 +126,7 @@ def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue
     """What every reader of data files goes through: (line, unit) where a unit is a JSON Lines line
     (bytes), an element of a JSON array file, or an Issue that ends the file (a JSON array that stops
     being valid JSON). A file that is neither raises NotJsonLines, saying what it is."""
-    from lora_cli.data.file_kinds import JSON_ARRAY, SAMPLE, sniff
+    from lora_cli.data.file_kinds import JSON_ARRAY, JSONL_CR, SAMPLE, sniff
     from lora_cli.data.json_array import ArrayReadError, iter_json_array
 
     path = Path(path)
@@ -127,7 +143,7 @@ def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue
             except ArrayReadError as exc:
                 yield exc.line, Issue(str(path), exc.line, "", exc.reason)
             return
-    yield from open_lines(path)
+    yield from open_lines(path, cr_only=kind == JSONL_CR)
 
 
 def _is_encodable(text: str) -> bool:
@@ -189,10 +205,18 @@ def _parse_messages(value, issue) -> list[dict] | None:
         elif role == "assistant" and not content.strip():
             issue(f"{where}.content", "assistant content is blank")
             ok = False
+        weight = msg.get("weight", 1)
+        if "weight" in msg and (role != "assistant" or isinstance(weight, bool) or weight not in (0, 1)):
+            issue(f"{where}.weight", "weight must be 0 (do not train this turn) or 1, on an assistant message; "
+                                     f"not {weight!r}" + ("" if role == "assistant" else f" on a {role} message"))
+            ok = False
         if ok:
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
     if ok and not any(m["role"] == "assistant" for m in out):
         issue("messages", "no assistant message: there is nothing to learn from this record")
+        ok = False
+    if ok and all(m.get("weight") == 0 for m in out if m["role"] == "assistant"):
+        issue("messages", "every assistant message has weight 0: there is nothing to learn from this record")
         ok = False
     if ok and out[-1]["role"] != "assistant":
         issue("messages", "the last message must be the assistant's")
@@ -208,7 +232,8 @@ def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line")
+        shown = " ".join(f"{b:02x}" for b in raw[exc.start: exc.start + 4])
+        return invalid(f"invalid UTF-8 at byte {exc.start + 1} of the line (bytes {shown}): this line is not UTF-8 text")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

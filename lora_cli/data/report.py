@@ -10,7 +10,6 @@ A file that is not JSON Lines at all (compressed, binary, another encoding) is o
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Callable, Iterator
 
 from lora_cli.data.duplicates import DuplicateFinder
 from lora_cli.data.file_kinds import NOT_JSONL, NotJsonLines
+from lora_cli.data.overlap import RecordDigests, digest, shared
 from lora_cli.data.records import Example, Issue, ScanStats, iter_examples
 from lora_cli.data.tokenization import apply_or_reject
 
@@ -79,6 +79,7 @@ class DataReport:
     truncated: int = 0
     left_out: int = 0
     left_out_lines: list[int] = field(default_factory=list)
+    digests: RecordDigests = field(default_factory=RecordDigests, repr=False)  # for records shared across files
 
     @property
     def clean(self) -> bool:
@@ -97,10 +98,6 @@ class DataReport:
             "would_leave_out": self.left_out if self.tokens else None,
             "left_out_lines": self.left_out_lines if self.tokens else None,
         }
-
-
-def _digest(example: Example) -> int:
-    return int.from_bytes(hashlib.blake2b(example.identity().encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def _duplicate_issues(file: str, finder: DuplicateFinder) -> Iterator[Issue]:
@@ -146,7 +143,8 @@ def validate_file(
 
     try:
         for example in iter_examples(path, on_issue=keep, stats=stats):
-            finder.add(_digest(example), example.line)
+            finder.add(digest(example), example.line)
+            report.digests.add(example)
             chars[example.char_length()] += 1
             if token_counts is not None:
                 pending.append(example)
@@ -190,3 +188,18 @@ def _token_summary(report: DataReport, tokens: Counter, keep: Callable[[Issue], 
         keep(Issue(report.file, 0, "", left_out_note(report.left_out, report.left_out_lines, report.max_length),
                    "warning"))
         report.warnings += 1
+
+
+def cross_file_issues(reports: list[DataReport]) -> list[Issue]:
+    """A warning for each record of a file that an earlier file of `reports` also holds (a validation
+    file repeating training records, say), counted in that file's warnings."""
+    issues = []
+    for j, later in enumerate(reports):
+        seen: set[int] = set()
+        for earlier in reports[:j]:
+            for line, orig in shared(later.digests, earlier.digests):
+                if line not in seen:
+                    seen.add(line)
+                    issues.append(Issue(later.file, line, "", f"also in {earlier.file} (line {orig})", "warning"))
+        later.warnings += len(seen)
+    return issues

@@ -25,7 +25,10 @@ ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 TURN_SEPARATOR = "\n\n"
 _PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
 
-Segments = list[tuple[str, bool]]
+# (text, trained): True for an answer the loss sees, False for prompt text, UNTRAINED for an answer
+# the loss leaves out ("weight": 0), which is still closed by the eos like every answer
+UNTRAINED = None
+Segments = list[tuple[str, "bool | None"]]
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -33,12 +36,18 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)
 
 
-def _turns(example: Example) -> tuple[str, list[tuple[str, str]]]:
-    """(system text, [(user, assistant), ...]) for either record shape. An instruction record's
-    `history` turns come first, as a chat record's earlier turns would."""
+def trained(message: dict) -> bool:
+    """Whether an assistant message is trained on: all are, but one marked `"weight": 0` (axolotl's
+    "do not train this turn"; records.py accepts only 0 or 1)."""
+    return message.get("weight", 1) != 0
+
+
+def _turns(example: Example) -> tuple[str, list[tuple[tuple[str, str], str, bool]]]:
+    """(system text, [((user, input), assistant, trained), ...]) for either record shape. An
+    instruction record's `history` turns come first, as a chat record's earlier turns would."""
     if not example.is_chat:
-        earlier = [((user, ""), answer) for user, answer in example.history]
-        return example.system, [*earlier, ((example.instruction, example.input), example.output)]
+        earlier = [((user, ""), answer, True) for user, answer in example.history]
+        return example.system, [*earlier, ((example.instruction, example.input), example.output, True)]
     system, turns, pending = [], [], []
     for msg in example.messages or []:
         if msg["role"] == "system":
@@ -46,7 +55,7 @@ def _turns(example: Example) -> tuple[str, list[tuple[str, str]]]:
         elif msg["role"] == "user":
             pending.append(msg["content"])
         else:
-            turns.append(((TURN_SEPARATOR.join(pending), ""), msg["content"]))
+            turns.append(((TURN_SEPARATOR.join(pending), ""), msg["content"], trained(msg)))
             pending = []
     return TURN_SEPARATOR.join(system), turns
 
@@ -75,10 +84,10 @@ class TextTemplate:
         system, turns = _turns(example)
         out: Segments = []
         prefix = system + TURN_SEPARATOR if system else ""
-        for i, ((instruction, input), answer) in enumerate(turns):
+        for i, ((instruction, input), answer, learn) in enumerate(turns):
             sep = TURN_SEPARATOR if i else ""
             out.append((prefix + sep + self.prompt_text(instruction, input), False))
-            out.append((answer + self.suffix, True))
+            out.append((answer + self.suffix, True if learn else UNTRAINED))
             prefix = ""
         return out
 
@@ -141,7 +150,7 @@ class ChatTemplate:
             answer = full[len(prompt):]
             trailing = answer[len(answer.rstrip()):]  # newline after the end-of-turn token: not learned
             out.append((prompt[len(done):], False))
-            out.append((answer[: len(answer) - len(trailing)], True))
+            out.append((answer[: len(answer) - len(trailing)], True if trained(msg) else UNTRAINED))
             done = full[: len(full) - len(trailing)]
         return out
 

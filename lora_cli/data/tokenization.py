@@ -65,10 +65,10 @@ def with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
     return list(ids) if prefix and ids[: len(prefix)] == prefix else [*prefix, *ids]
 
 
-def _closed(piece: list[int], trainable: bool, add_eos: bool, eos: int | None) -> list[int]:
-    """A segment's ids, with eos appended after a trained segment (a response) unless it ends
-    with one already: the one rule for training and for the prompts of generation."""
-    if trainable and add_eos and eos is not None and (not piece or piece[-1] != eos):
+def _closed(piece: list[int], trainable: bool | None, add_eos: bool, eos: int | None) -> list[int]:
+    """A segment's ids, with eos appended after a response (trained, or UNTRAINED: a turn of weight 0)
+    unless it ends with one already: the one rule for training and for the prompts of generation."""
+    if trainable is not False and add_eos and eos is not None and (not piece or piece[-1] != eos):
         return [*piece, eos]
     return list(piece)
 
@@ -199,6 +199,15 @@ def left_out_note(count: int, lines: list[int], max_length: int, split: str = ""
     return (f"{count:,} {split + ' ' if split else ''}example(s) left out: the prompt fills --max-length "
             f"({max_length} tokens), so no response token is left to {purpose}{where}. "
             "Raise --max-length or shorten those prompts.")
+
+
+def lost_eos_note(count: int, lines: list[int], max_length: int, split: str = "") -> str:
+    """The sentence tokenize and train say about examples whose answer --max-length cut before its eos."""
+    shown = ", ".join(str(n) for n in lines[:10]) + (f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else "")
+    where = f" (line{'s' if count > 1 else ''} {shown})" if lines else ""
+    return (f"{count:,} {split + ' ' if split else ''}example(s) cut by --max-length ({max_length} tokens) before "
+            f"the end of the answer{where}: they train without their eos, teaching the model not to stop there. "
+            "Raise --max-length or shorten those answers.")
 
 
 def apply_or_reject(examples: list[Example], fn: Callable[[list[Example]], list],

@@ -52,6 +52,7 @@ class EvalResult:
     sampling: dict = field(default_factory=dict)  # how the answers were picked (Sampling.to_dict); not the loss
     left_out: int = 0  # examples not scored: the prompt fills max length
     left_out_lines: list[int] = field(default_factory=list)
+    generate_seconds: float = 0.0  # of `seconds`: generating the answers (warm-up included)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,7 +143,7 @@ def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_n
 
         reporter.message(left_out_note(len(sums.left_out), sums.left_out, loaded.info.max_length, purpose="score"))
     loss = sums.total / sums.n if sums.n else None
-    answers, stopped = [], 0
+    answers, stopped, t_gen = [], 0, time.time()
     if stop_rate:
         prompts = [loaded.example_prompt(ex) for ex in examples]
         how = "greedy" if sampling.greedy else "sampled"
@@ -157,5 +158,5 @@ def evaluate(loaded: LoadedModel, examples: list[Example], data_name: str, max_n
         loss_text=sums.text_total / sums.text_n if sums.text_n else None, truncated=sums.truncated,
         stop_rate=stopped / len(examples) if stop_rate else None, stopped=stopped, max_new_tokens=max_new_tokens,
         seconds=round(time.time() - t0, 2), answers=answers, sampling=sampling.to_dict() if stop_rate else {},
-        left_out=len(sums.left_out),
-        left_out_lines=sums.left_out[:100])
+        left_out=len(sums.left_out), left_out_lines=sums.left_out[:100],
+        generate_seconds=round(time.time() - t_gen, 2) if stop_rate else 0.0)

@@ -86,10 +86,31 @@ class LoadedModel:
     device: object
     precision: str
     has_adapter: bool
+    reporter: object = NULL_REPORTER
+    _decoder: object = None  # decode.Decoder on a plain copy, built on first use; False: eager (reason said)
+    _copy_of: bool | None = None  # whether the copy holds the adapter (True) or the base alone (False)
 
     @property
     def stop_ids(self) -> list[int]:
         return stop_ids_of(self.model, self.tokenizer)
+
+    def decoder(self, with_adapter: bool):
+        """The fast path's Decoder, its copy refreshed to the base alone or base + adapter (as the model is
+        switched now); None when generation must be eager (the reason said once through the reporter)."""
+        from lora_cli.infer.decode import build_decoder
+        from lora_cli.infer.plain_copy import refresh
+        from lora_cli.model.device import torch_dtype
+
+        if self._decoder is None:
+            self._decoder, reason = build_decoder(self.model, self.device, torch_dtype(self.precision))
+            if reason:
+                self._decoder = False
+                self.reporter.message(f"Generating eagerly (slower): {reason}.")
+            self._copy_of = with_adapter
+        if self._decoder and self._copy_of != with_adapter:
+            refresh(self._decoder.model, self.model)
+            self._copy_of = with_adapter
+        return self._decoder or None
 
     def check_records(self, examples: list, file: str) -> None:
         check_records(examples, self.tokenizer, self.template, file)
@@ -148,7 +169,7 @@ def load_for_inference(info: AdapterInfo, quantization: str | None = None, preci
         if with_adapter:
             model = attach_adapter(model, info)
     model.eval()
-    return LoadedModel(model, tokenizer, template, info, dev, prec, with_adapter)
+    return LoadedModel(model, tokenizer, template, info, dev, prec, with_adapter, reporter)
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -193,7 +214,8 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
     """Answers in the order of `prompts`, generated in left-padded batches of similar length.
 
     `on_text` streams a single prompt's text as it is produced; `use_adapter=False` answers
-    with the base model alone (the adapter switched off, not unloaded).
+    with the base model alone (the adapter switched off, not unloaded). The fast path (see
+    decode.py) is used unless the model cannot be copied for it; the reason is then said once.
     """
     import contextlib
 
@@ -201,15 +223,18 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
     if not use_adapter and loaded.has_adapter:
         switch = loaded.model.disable_adapter()
     with switch:
+        decoder = loaded.decoder(use_adapter or not loaded.has_adapter)
         return generate_with(loaded.model, loaded.tokenizer, loaded.device, prompts, sampling, batch_size,
-                             on_text=on_text, on_batch=on_batch)
+                             on_text=on_text, on_batch=on_batch, decoder=decoder)
 
 
 def generate_with(model, tokenizer, device, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,
                   on_text: Callable[[str], None] | None = None, on_batch: Callable[[int], None] | None = None,
-                  inference_mode: bool = True) -> list[Answer]:
+                  inference_mode: bool = True, decoder=None, caps: list[int] | None = None) -> list[Answer]:
     """`generate` for any causal LM (a loaded adapter, or the model being trained), in the order of `prompts`.
 
+    decoder: a decode.Decoder holding a plain copy of `model` (the fast path); None decodes eagerly
+    with `model.generate`. caps: each prompt's own token cap (<= max_new_tokens; fast path only).
     inference_mode=False runs under no_grad instead: a model that trains afterwards must not meet
     tensors created in inference mode.
     """
@@ -219,23 +244,40 @@ def generate_with(model, tokenizer, device, prompts: list[list[int]], sampling: 
         raise ValueError("streaming needs exactly one prompt")
     check_batch_size(batch_size)
     stop, pad = stop_ids_of(model, tokenizer), tokenizer.pad_token_id
-    kwargs = sampling.generate_kwargs(stop, pad)
-    if on_text is not None:
-        kwargs["streamer"] = make_streamer(tokenizer, on_text)
+    streamer = make_streamer(tokenizer, on_text) if on_text is not None else None
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[Answer | None] = [None] * len(prompts)
-    with torch.inference_mode() if inference_mode else torch.no_grad():
+    with torch.inference_mode() if inference_mode and decoder is None else torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = _left_padded([prompts[i] for i in idx], pad, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            if decoder is None:
+                kwargs = sampling.generate_kwargs(stop, pad) | ({"streamer": streamer} if streamer else {})
+                new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+            else:
+                new = _fast_batch(decoder, ids, mask, sampling, stop, pad, streamer,
+                                  [caps[i] for i in idx] if caps is not None else None)
             for row, i in enumerate(idx):
-                answers[i] = _cut(out[row, ids.shape[1]:].tolist(), stop, tokenizer)
+                answers[i] = _cut(new[row].tolist()[:caps[i] if caps is not None else None], stop, tokenizer)
             if on_batch is not None:
                 on_batch(len(idx))
     return answers  # type: ignore[return-value]
+
+
+def _fast_batch(decoder, ids, mask, sampling: Sampling, stop: list[int], pad: int, streamer, caps):
+    import torch
+
+    on_token = None
+    if streamer is not None:
+        streamer.put(ids[0].cpu())  # the prompt, which the streamer skips
+        on_token = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
+    cap_t = torch.tensor(caps, dtype=torch.long, device=ids.device) if caps is not None else None
+    new = decoder.run(ids, mask.bool(), sampling, stop, pad, caps=cap_t, on_token=on_token)
+    if streamer is not None:
+        streamer.end()
+    return new
 
 
 def fit_history(loaded, history: list[dict], max_new_tokens: int) -> tuple[list[int], int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -64,13 +65,12 @@ def guard_cpu_4bit(model) -> int:
     On CPUs with avx512_bf16 the first eval()+no_grad forward repacks every Linear4bit into
     an inference layout without an autograd path; training then silently stops learning.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:  # no 4-bit layer can exist before bitsandbytes is imported (and importing it costs seconds)
         return 0
     n = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, bnb_nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
             n += 1
     return n
@@ -161,14 +161,13 @@ def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> int:
 
 def dequantized_bytes(model, precision: str) -> int:
     """Bytes that keeping the 4-bit weights dequantized (in the compute dtype) would add; 0 if none."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:  # not imported: the model holds no 4-bit layer
         return 0
     per = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     # a Linear4bit's weight holds two values a byte; its logical shape is out_features x in_features
     return int(sum(m.out_features * m.in_features * (per - 0.5) for m in model.modules()
-                   if isinstance(m, bnb.nn.Linear4bit)))
+                   if isinstance(m, bnb_nn.Linear4bit)))
 
 
 def meta_model(config_dir, trust_remote_code: bool = False):

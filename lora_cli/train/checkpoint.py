@@ -46,6 +46,7 @@ class LoopState:
     stop_rates: list = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
     # early stopping (--early-stopping-patience): the best evaluation after training began, and since when
     best_eval_loss: float | None = None
+    best_stop_rate: float | None = None  # that evaluation's stop rate (--select-by stop-rate)
     best_step: int = 0
     best_checkpoint: str = ""  # the checkpoint saved right after that evaluation (kept from pruning)
     evals_since_best: int = 0

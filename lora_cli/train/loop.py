@@ -63,6 +63,7 @@ class LoopSummary:
     seconds: float
     tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
     best: BestEvaluation | None = None
+    probe_seconds: float = 0.0  # spent in the stop-rate probe (--eval-generate), its warm-up included
 
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
@@ -115,8 +116,9 @@ class TrainingLoop:
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
+                graphs = " and their capture as CUDA graphs" if self.plan.compile == "graphs" else ""
                 self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
-                                      "decoder layers, paid once)")
+                                      f"decoder layers{graphs}, paid once)")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
@@ -161,17 +163,24 @@ class TrainingLoop:
             if live:
                 loss_sum += loss.detach().float()
                 real += mb.n_real
-        stats = torch.stack([loss_sum, torch.tensor(float(real), device=where.device),
-                             torch.tensor(float(flag.set), device=where.device)])
-        if where.world_size > 1:
-            stats = acc.reduce(stats, reduction="sum")
-        loss_total, real_total, interrupted = stats.tolist()
+        # the gradient norm is taken before the loss is checked (clipping only scales the gradients, and a
+        # non-finite loss raises before they are applied), so one host sync per step reads both
+        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        norm = (torch.zeros((), device=where.device) if grad_norm is None
+                else torch.as_tensor(grad_norm, dtype=torch.float32, device=where.device))
+        if where.world_size > 1:  # the token counts and signal flags of every process
+            shared = torch.tensor([float(real), float(flag.set)], device=where.device)
+            stats = acc.reduce(torch.cat([loss_sum.reshape(1), shared]), reduction="sum")
+            loss_total, real_total, interrupted, norm_value = torch.cat([stats, norm.reshape(1)]).tolist()
+        else:  # a host value copied to the GPU would cost a sync of its own
+            loss_total, norm_value = torch.stack([loss_sum, norm]).tolist()
+            real_total, interrupted = real, float(flag.set)
         flag.set = flag.set or interrupted > 0
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1))
-        grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
+        grad_norm = None if grad_norm is None else norm_value
         # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
-        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(float(grad_norm)):
+        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(grad_norm):
             raise NonFiniteLoss(self._nonfinite_message(state.step + 1, "gradient norm"))
         self._apply(loss_total, n_global, int(real_total), grad_norm)
 
@@ -230,22 +239,29 @@ class TrainingLoop:
         if line:
             self.reporter.message(line)
         if checkpoint and self.train_cfg.early_stopping_patience:
-            self._early_stopping(value, checkpoint)
+            self._early_stopping(value, checkpoint, extra.get("stop_rate"))
         if self.watch:
             self.watch.draw(state.metrics_lines)
 
-    def _early_stopping(self, value: float, checkpoint: str) -> None:
-        """Track the best evaluation since training began; stop after `patience` evaluations without a better one."""
+    def _early_stopping(self, value: float, checkpoint: str, stop_rate: float | None = None) -> None:
+        """Track the best evaluation since training began; stop after `patience` evaluations without a better one.
+
+        Better: a lower eval loss, or with --select-by stop-rate a higher stop rate (ties: the lower eval loss)."""
         state, patience = self.state, self.train_cfg.early_stopping_patience
-        if state.best_eval_loss is None or value < state.best_eval_loss:
+        by_rate = self.train_cfg.select_by == "stop-rate" and stop_rate is not None
+        key = (-stop_rate, value) if by_rate else (value,)
+        best = (-(state.best_stop_rate or 0.0), state.best_eval_loss) if by_rate else (state.best_eval_loss,)
+        if state.best_eval_loss is None or key < best:
             state.best_eval_loss, state.best_step, state.best_checkpoint = value, state.step, checkpoint
+            state.best_stop_rate = stop_rate
             state.evals_since_best = 0
             return
         state.evals_since_best += 1
         if state.evals_since_best >= patience and state.step < self.total_steps:
             state.stopped_early = True
-            self.reporter.message(f"Early stopping: no better eval loss in {patience} evaluation(s) since step "
-                                  f"{state.best_step} ({state.best_eval_loss:.4f}).")
+            what = f"stop rate {state.best_stop_rate:.0%}, " if by_rate else ""
+            self.reporter.message(f"Early stopping: no better {'stop rate' if by_rate else 'eval loss'} in {patience} "
+                                  f"evaluation(s) since step {state.best_step} ({what}{state.best_eval_loss:.4f}).")
 
     def _write(self, row: dict) -> None:
         self.out.append_metrics(row)

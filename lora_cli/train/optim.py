@@ -55,10 +55,25 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, on_cuda
 
 
 def warmup_steps(train: TrainConfig, total_steps: int) -> int:
-    """Optimizer steps of warmup: --warmup-steps, or --warmup-ratio of the run's steps rounded up (as transformers)."""
+    """Optimizer steps of warmup: --warmup-steps, or --warmup-ratio of the run's steps rounded up (as transformers).
+
+    A --warmup-steps as long as the run or longer is capped at a tenth of it (rounded up): uncapped,
+    the learning rate would still be climbing when the run ends (100 on a 3-step run trains at
+    0 .. 4e-06 for --lr 2e-4). `warmup_note` says so."""
     import math
 
+    if train.warmup_steps and train.warmup_steps >= total_steps > 0:
+        return math.ceil(total_steps / 10)
     return train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
+
+
+def warmup_note(train: TrainConfig, total_steps: int) -> str | None:
+    """The sentence train says when --warmup-steps was capped (None when it was not)."""
+    used = warmup_steps(train, total_steps)
+    if not train.warmup_steps or used == train.warmup_steps:
+        return None
+    return (f"--warmup-steps {train.warmup_steps} is not shorter than the run ({total_steps} optimizer steps): "
+            f"warming up for {used} instead, so the learning rate reaches --lr.")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):

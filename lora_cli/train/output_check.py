@@ -8,7 +8,7 @@ write into each other's folder: the second is refused in one line naming the fir
 from __future__ import annotations
 
 from lora_cli.config import RunConfig
-from lora_cli.lock import exclusive
+from lora_cli.lock import exclusive, refuse_if_held
 from lora_cli.writable import check_writable
 
 # a checkpoint holds the LoRA weights and AdamW's two moments, fp32 each
@@ -32,8 +32,15 @@ def check_output(cfg: RunConfig, lora_parameters: int, is_main: bool = True) -> 
                    "parameters with their optimizer state", inside=True)
 
 
+IN_USE_HINT = "Wait for that run to finish, or choose another --output folder."
+
+
+def refuse_if_in_use(cfg: RunConfig) -> None:
+    """OutputInUse when a live run holds the output folder: said before its contents are judged."""
+    refuse_if_held(cfg.output.dir, f"Output folder {cfg.output.dir}", IN_USE_HINT)
+
+
 def output_lock(cfg: RunConfig, placement, reporter):
     """The output folder's lock, held by the main process (the others write nothing there)."""
-    out = cfg.output.dir
-    return exclusive(out, f"Output folder {out}", "Wait for that run to finish, or choose another --output folder.",
-                     reporter, enabled=placement.is_main)
+    return exclusive(cfg.output.dir, f"Output folder {cfg.output.dir}", IN_USE_HINT, reporter,
+                     enabled=placement.is_main)

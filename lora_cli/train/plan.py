@@ -24,7 +24,7 @@ GPU_MAX_TOKENS = 16384  # the most packed tokens per micro-batch the automatic s
 CPU_MAX_TOKENS = 8192  # and on a CPU (activations in RAM)
 GPU_PACK_LENGTH = 1024  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
 ROW_MULTIPLE = 64  # packed rows are a multiple of this many tokens
-MIN_COMPILE_STEPS = 200  # compiling costs ~20-40 s once: auto compiles only runs of at least this many steps
+MIN_COMPILE_STEPS = 200  # compiling costs ~7-15 s once: auto compiles only runs of at least this many steps
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class RunPlan:
     memory_note: str = ""  # how the checkpointing was chosen (GPU), for the user
     fused_loss: bool = True  # loss from hidden states chunk by chunk (model/loss.py), or from full logits
     loss_note: str = ""  # why the plain loss replaces the fused one asked for, for the user
+    compile_note: str = ""  # why an automatic GPU run is not replayed as CUDA graphs, for the user
 
     def record(self, placement: Placement) -> dict:
         """What run_config.yaml records under `run`: every decision, as plain values."""
@@ -98,12 +99,51 @@ def _checkpointing(cfg: RunConfig, placement: Placement, model_config: Pretraine
     return plan.checkpoint_layers, note, plan.fits
 
 
-def _compile_mode(cfg: RunConfig, placement: Placement, estimated_steps: int) -> str:
-    if cfg.train.compile != "auto":
-        return cfg.train.compile
-    # compiled layers under FSDP1 are untested here: off unless asked for
-    usable = placement.on_cuda and not placement.fsdp and importlib.util.find_spec("triton") is not None
-    return "on" if usable and estimated_steps >= MIN_COMPILE_STEPS else "off"
+def _compile_mode(cfg: RunConfig, placement: Placement, estimated_steps: int) -> tuple[str, str]:
+    """(compile mode, the reason an automatic GPU run does not get CUDA graphs, or "").
+
+    auto on a CUDA GPU: "graphs" (each decoder layer compiled and replayed as a CUDA graph: a
+    small step is launch-bound, docs/PERFORMANCE.md) where the step's shapes are static and
+    nothing in the step is known not to replay; "on" or "off" otherwise, with the reason.
+    """
+    t = cfg.train
+    if t.compile != "auto":
+        return t.compile, ""
+    if not placement.on_cuda:
+        return "off", ""  # the CPU stays eager: compiling repays itself only on a GPU
+    if importlib.util.find_spec("triton") is None:
+        return "off", "Not compiled: torch.compile needs triton, which is not installed."
+    if placement.fsdp:  # compiled layers under FSDP1 are untested here
+        return "off", "Not compiled: compiled layers are not used with FSDP (--fsdp)."
+    if estimated_steps < MIN_COMPILE_STEPS:
+        return "off", (f"Not compiled: {estimated_steps} optimizer steps do not repay compiling "
+                       f"(auto compiles runs of {MIN_COMPILE_STEPS}+ steps; --compile graphs to compile anyway).")
+    blocker = _graphs_blocker(cfg, placement)
+    if blocker:
+        return "on", f"Compiled without CUDA graphs: {blocker}."
+    return "graphs", ""
+
+
+def _graphs_blocker(cfg: RunConfig, placement: Placement) -> str:
+    """Why CUDA graphs are not chosen automatically for this run ("" where they are)."""
+    t = cfg.train
+    if t.pack_length:
+        return "--pack-length gives micro-batches of varying shape, and each shape would be captured anew"
+    if placement.world_size > 1:
+        return "several processes (DDP) have not been measured under graphs; --compile graphs to try"
+    if t.batching == "padded":
+        return "padded micro-batches vary in shape, and each shape would be captured anew"
+    if placement.precision == "fp16":
+        return "fp16 with its loss scaler has not been measured under graphs; --compile graphs to try"
+    return ""
+
+
+def _checkpointed_note(layers: int) -> str:
+    # a checkpointed layer's forward runs again inside the backward pass, i.e. its graph would be
+    # replayed while the step's backward is being recorded
+    which = "every decoder layer is" if layers < 0 else f"{layers} decoder layer(s) are"
+    return (f"Compiled without CUDA graphs: {which} checkpointed (their forward runs again in the backward pass, "
+            "not measured under graphs); --compile graphs to try.")
 
 
 def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig, lengths: list[int],
@@ -120,7 +160,7 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
     max_tokens, per_process = step_budget(cfg, lengths, cuda)
     longest = max(lengths, default=1)
     estimated = t.max_steps or t.epochs * math.ceil(sum(lengths) / max(max_tokens * per_process, 1))
-    compile_mode = _compile_mode(cfg, placement, estimated)
+    compile_mode, compile_note = _compile_mode(cfg, placement, estimated)
     static = cuda and compile_mode != "off" and not t.pack_length
     if t.pack_length:
         pack_length = t.pack_length
@@ -137,6 +177,8 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
             layers, note, fits = more
         else:
             dequantize = False
+    if compile_mode == "graphs" and t.compile == "auto" and layers:
+        compile_mode, compile_note = "on", _checkpointed_note(layers)
     eval_tokens = max(max_tokens, t.eval_batch_size * cfg.data.max_length) if cuda else max(max_tokens, longest)
     fused = t.fused_loss and loss_blocker is None
     loss_note = "" if fused or not t.fused_loss else f"Loss from full logits, not the fused loss: {loss_blocker}."
@@ -144,7 +186,8 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
                    pack_length=pack_length, checkpoint_layers=layers, upcast=wants_upcast(cfg, placement.precision),
                    compile=compile_mode, micro_batches_per_step=per_process * placement.world_size,
                    static_shapes=static, dequantize=dequantize, memory_note=note, fused_loss=fused,
-                   loss_note=loss_note)
+                   loss_note=loss_note, compile_note=compile_note)
+
 
 
 def _wants_dequantized(cfg: RunConfig, dequantize_bytes: int) -> bool:

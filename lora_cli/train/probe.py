@@ -5,16 +5,22 @@ evaluation the model being trained answers the first K valid records of the val 
 prompted exactly as `generate` and `eval` prompt them. The stop rate is the share of answers that
 end with eos within the cap; the first answer is kept as a sample.
 
-The cap (max new tokens) is twice the longest of those K reference answers, in tokens with the
-eos, at least 16 and at most --max-length (training never sees a longer response): an answer
-still going at twice the length of the longest real one is counted as one that does not stop.
+Each answer has its own cap: twice its own reference answer, in tokens with the eos, at least
+16 and at most --max-length (training never sees a longer response). An answer still going at
+twice the length of the real one is counted as one that does not stop, and the batch ends as
+soon as every answer has stopped or reached its cap (the longest cap is the run's
+eval_generate_max_new_tokens).
 
-The model is the training model itself (peft, maybe compiled and wrapped for several
-processes): generation runs on the unwrapped peft model, in eval mode (no dropout, no NEFTune
-noise), without gradients, eagerly (compiled layers would recompile for every new length), and
-train mode is restored after. The RNG state is put back too, so a run with and without the probe
-trains identically. With several processes only the main process generates; the others wait at
-a barrier. Under FSDP the weights are sharded over the processes and the probe is off.
+The answers come from the fast decoding path (lora_cli/infer/decode.py): a plain copy of the
+model in the compute dtype, the 4-bit base dequantized and the adapter kept beside it, built at the
+first evaluation and refreshed in place at each later one (on a GPU its captured decode step is
+reused: the warm-up is paid once per command, and said). All K prompts go in one batch. Where
+the copy cannot be made (memory, DoRA, ...) the probe generates eagerly on the unwrapped peft
+model in eval mode (no dropout, no NEFTune noise), compiled layers run eagerly (they would
+recompile for every new length), and says why once. The RNG state is put back, so a run with
+and without the probe trains identically. With several processes only the main process
+generates; the others wait at a barrier. Under FSDP the weights are sharded over the processes
+and the probe is off.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from lora_cli.config import RunConfig
 from lora_cli.progress import NULL_REPORTER
 
 MIN_NEW_TOKENS = 16
+GPU_MEMORY_SHARE = 3  # the copy may take at most 1/3 of the GPU memory free when it is built: training needs the rest
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class ProbeResult:
     sample: str  # the answer to the first prompt
     sample_stopped: bool
     seconds: float
+    warmup_seconds: float = 0.0  # of `seconds`: building the copy and capturing the decode step (first evaluation)
 
     @property
     def stop_rate(self) -> float:
@@ -45,15 +53,17 @@ class ProbeResult:
     def row(self) -> dict:
         """The fields it adds to the evaluation's line of metrics.jsonl."""
         return {"stop_rate": self.stop_rate, "stopped": self.stopped, "generated": self.prompts,
-                "max_new_tokens": self.max_new_tokens, "generate_s": round(self.seconds, 2), "sample": self.sample,
+                "max_new_tokens": self.max_new_tokens, "generate_s": round(self.seconds, 2),
+                "generate_warmup_s": round(self.warmup_seconds, 2), "sample": self.sample,
                 "sample_stopped": self.sample_stopped}
 
     def line(self, limit: int = 160) -> str:
         sample = " ".join(self.sample.split())
         sample = sample if len(sample) <= limit else sample[:limit].rstrip() + " [...]"
         ending = "eos" if self.sample_stopped else "no eos"
+        warm = f", of which {self.warmup_seconds:.1f} s warm-up" if self.warmup_seconds >= 0.05 else ""
         return (f"stop rate {self.stopped}/{self.prompts} (greedy, up to {self.max_new_tokens} new tokens, "
-                f"{self.seconds:.1f} s); first answer ({ending}): {sample}")
+                f"probe {self.seconds:.1f} s{warm}); first answer ({ending}): {sample}")
 
 
 def _eager():
@@ -67,8 +77,11 @@ def _eager():
 class StopProbe:
     """Greedy answers for fixed val prompts, at each evaluation (see the module docstring)."""
 
-    def __init__(self, prompts: list[list[int]], max_new_tokens: int, tokenizer):
-        self.prompts, self.max_new_tokens, self.tokenizer = prompts, max_new_tokens, tokenizer
+    def __init__(self, prompts: list[list[int]], caps: list[int], tokenizer, reporter=NULL_REPORTER):
+        self.prompts, self.caps, self.tokenizer, self.reporter = prompts, caps, tokenizer, reporter
+        self.max_new_tokens = max(caps)
+        self.decoder = None  # decode.Decoder on a plain copy; False once the probe generates eagerly
+        self.seconds = 0.0  # spent probing in this command, warm-up included
 
     @classmethod
     def build(cls, cfg: RunConfig, tokenizer, fsdp: bool = False, reporter=NULL_REPORTER) -> "StopProbe | None":
@@ -95,34 +108,77 @@ class StopProbe:
             return None
         prompts = [encode_example_prompt(ex, tokenizer, template, cfg.data.add_eos) for ex in examples]
         answers = tokenizer([reference_answer(ex) for ex in examples], add_special_tokens=False)["input_ids"]
-        longest = max(len(ids) + 1 for ids in answers)  # + the eos that closes a response
-        cap = min(cfg.data.max_length, max(MIN_NEW_TOKENS, 2 * longest))
-        return cls(prompts, cap, tokenizer)
+        # + 1: the eos that closes a response
+        caps = [min(cfg.data.max_length, max(MIN_NEW_TOKENS, 2 * (len(ids) + 1))) for ids in answers]
+        return cls(prompts, caps, tokenizer, reporter)
+
+    def _decoder(self, peft_model, placement):
+        """The fast path's Decoder, its copy holding the current weights; None: generate eagerly."""
+        import torch
+
+        from lora_cli.infer.decode import build_decoder
+        from lora_cli.infer.plain_copy import copy_bytes, refresh
+        from lora_cli.model.device import torch_dtype
+
+        dtype = torch_dtype(placement.precision)
+        if self.decoder is None:
+            reason = None
+            if placement.on_cuda:
+                free = torch.cuda.mem_get_info(placement.device)[0]
+                need = copy_bytes(peft_model, dtype)
+                if need * GPU_MEMORY_SHARE > free:
+                    reason = (f"a {need / 2**30:.1f} GiB copy of the model would take over 1/{GPU_MEMORY_SHARE} "
+                              f"of the {free / 2**30:.1f} GiB free on the GPU")
+            if reason is None:
+                self.decoder, reason = build_decoder(peft_model, placement.device, dtype)
+            if reason:
+                self.decoder = False
+                self.reporter.message(f"The stop-rate probe generates eagerly (slower): {reason}.")
+            return self.decoder or None
+        if self.decoder:
+            refresh(self.decoder.model, peft_model)
+        return self.decoder or None
 
     def run(self, peft_model, placement) -> ProbeResult | None:
         """Answer the prompts with the model being trained (main process; None elsewhere)."""
         import torch
 
-        from lora_cli.infer.generation import Sampling, generate_with
-
         result = None
         if placement.is_main:
-            t0 = time.time()
+            t0, first = time.time(), self.decoder is None
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state_all() if placement.on_cuda else None
-            was_training = peft_model.training
-            peft_model.eval()
             try:
-                with _eager(), placement.accelerator.autocast():
-                    answers = generate_with(peft_model, self.tokenizer, placement.device, self.prompts,
-                                            Sampling(max_new_tokens=self.max_new_tokens),
-                                            batch_size=len(self.prompts), inference_mode=False)
+                decoder = self._decoder(peft_model, placement)
+                answers = self._answers(peft_model, placement, decoder)
             finally:
-                peft_model.train(was_training)
                 torch.set_rng_state(rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
+            seconds = time.time() - t0
+            self.seconds += seconds
+            warmup = decoder.warmup_seconds if (first and decoder is not None) else 0.0
             result = ProbeResult(sum(a.stopped for a in answers), len(answers), self.max_new_tokens,
-                                 answers[0].text, answers[0].stopped, time.time() - t0)
+                                 answers[0].text, answers[0].stopped, seconds, warmup)
         placement.accelerator.wait_for_everyone()
+        if placement.world_size > 1:  # every process decides early stopping (--select-by stop-rate) alike
+            from accelerate.utils import broadcast_object_list
+
+            result = broadcast_object_list([result], from_process=0)[0]
         return result
+
+    def _answers(self, peft_model, placement, decoder):
+        from lora_cli.infer.generation import Sampling, generate_with
+
+        sampling = Sampling(max_new_tokens=self.max_new_tokens)
+        if decoder is not None:
+            return generate_with(decoder.model, self.tokenizer, placement.device, self.prompts, sampling,
+                                 batch_size=len(self.prompts), decoder=decoder, caps=self.caps)
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            with _eager(), placement.accelerator.autocast():
+                return generate_with(peft_model, self.tokenizer, placement.device, self.prompts, sampling,
+                                     batch_size=len(self.prompts), inference_mode=False, caps=self.caps)
+        finally:
+            peft_model.train(was_training)

@@ -155,7 +155,7 @@ def _model_and_plan(cfg: RunConfig, placement: Placement, data: TrainingData, re
     model = _load_model(cfg, placement, data, reporter)
     plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model),
                   loss_blocker=_loss_blocker(cfg, model))
-    for note in (plan.memory_note, plan.loss_note):
+    for note in (plan.memory_note, plan.loss_note, plan.compile_note):
         if note:
             reporter.message(note)
     model, initial = _attach(cfg, model, plan, data.model_path)
@@ -181,7 +181,7 @@ def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: b
     from lora_cli.train.checkpoint import LoopState, load_checkpoint
     from lora_cli.train.loop import TrainingLoop
     from lora_cli.train import trackers
-    from lora_cli.train.optim import prepare_trainable, warmup_steps
+    from lora_cli.train.optim import prepare_trainable, warmup_note, warmup_steps
     from lora_cli.train.probe import StopProbe
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.watch import RunWatch
@@ -206,6 +206,8 @@ def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: b
     total_steps = steps.total_steps(train_cfg.epochs, train_cfg.max_steps)
     if total_steps == 0:
         raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
+    if warmup_note(train_cfg, total_steps):
+        reporter.message("note: " + warmup_note(train_cfg, total_steps))
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
     extended = out.continuation(checkpoint, total_steps) if checkpoint is not None else ""
     trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint, plan.fused_loss)
@@ -239,6 +241,7 @@ def _train_and_save(loop: TrainingLoop, data: TrainingData, decisions: dict[str,
     try:
         summary = loop.run()
         summary.tokenize_cache = data.cache_keys
+        summary.probe_seconds = round(watch.probe.seconds, 2) if watch.probe is not None else 0.0
         lora, _ = loop.adapter_state()
         best = _best_result(cfg, placement, model, out, state)
         if best is not None:

@@ -356,8 +356,12 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
 
     The same rules as OutputFolder.prepare, with the tokenize cache keys the folder recorded, when the
     data files are the bytes it recorded; when they are not (or a template file is in play, whose text
-    is in the keys), the check after tokenizing decides. Changes nothing on disk.
+    is in the keys), the check after tokenizing decides. Changes nothing on disk. A folder a live run
+    holds is refused as in use, whatever it holds now.
     """
+    from lora_cli.train.output_check import refuse_if_in_use
+
+    refuse_if_in_use(cfg)
     if overwrite:
         return
     from lora_cli.data.cache import file_digest

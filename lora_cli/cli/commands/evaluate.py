@@ -46,7 +46,7 @@ def print_result(result, show: int) -> None:
     if result.stop_rate is not None:
         rows.append(["stop rate", f"{result.stop_rate:.1%} ({result.stopped}/{result.examples} end with eos "
                                   f"within {result.max_new_tokens} new tokens)"])
-        rows.append(["generation", _how(result.sampling)])
+        rows.append(["generation", f"{_how(result.sampling)}, {result.generate_seconds:.1f} s"])
     if result.truncated:
         rows.append(["truncated at max length", result.truncated])
     if result.left_out:

@@ -10,6 +10,7 @@ where the run starts and how many processes run it.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,6 +44,7 @@ def train(
     from lora_cli.train.launch import launch_if_asked, resume_command
     from lora_cli.train.run_folder import refuse_early
 
+    started = time.time()
     work = resolve("train", settings, str(config) if config else None, set_)  # no --train: the current dataset
     start = str(resume_from) if resume_from else resume
     refuse_early(work.cfg, start, overwrite)  # before torch: a refusal costs no model load
@@ -76,6 +78,10 @@ def train(
         how = f"stopped early at step {best.last_step}" if best.stopped_early else "ran every step"
         out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best.step}, "
                   f"eval loss {best.eval_loss:.4f} (checkpoint {best.checkpoint}).")
+    probe_s, whole = result.summary.probe_seconds, time.time() - started
+    if probe_s:
+        out.print(f"The stop-rate probe took {probe_s:.1f} s of the command's {whole:.1f} s ({probe_s / whole:.0%}; "
+                  "--eval-generate 0 turns it off).")
     out.print(f"Adapter written to {result.output} (loss curve: {Path(result.output) / LOSS_CURVE})")
 
 

@@ -94,7 +94,7 @@ def validate_data(
     """
     from lora_cli.cli.render import out, print_issues
     from lora_cli.config import RunConfig
-    from lora_cli.data.report import validate_file
+    from lora_cli.data.report import cross_file_issues, validate_file
 
     typed_model = "model.name" in settings
     if not files:
@@ -110,6 +110,11 @@ def validate_data(
     for path in files:
         stream = None if as_json else (lambda issue: print_issues([issue], out))
         reports.append(validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None))
+    shared_records = cross_file_issues(reports)  # validation records that are also training records
+    if not as_json:
+        print_issues(shared_records, out)
+    for issue in shared_records:
+        next(r for r in reports if r.file == issue.file).issues.append(issue)
     failed = any(not r.clean or r.records == 0 or (strict and r.warnings) for r in reports)
     if as_json:
         typer.echo(json.dumps({"ok": not failed, "files": [r.to_dict() for r in reports]}, indent=2))

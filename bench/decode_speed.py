@@ -1,0 +1,163 @@
+"""Fast vs eager decoding, measured in one command: decode step time, and `lora-cli eval`'s answers.
+
+    python bench/decode_speed.py step --model smollm2-135m --quantization nf4 --batches 8,52
+    python bench/decode_speed.py step --config bench/configs/qwen2.5-1.5b-instruct.json --batches 8
+    python bench/decode_speed.py eval ADAPTER held_out.jsonl --max-new-tokens 512 --batch-size 52
+
+`step` puts a LoRA (rank 16, every linear layer, B drawn small so that it changes the answers) on
+the model and times one decoding step as the difference between generating `--long` and
+`--short` new tokens (the prefill cancels), for random prompts of 16..128 tokens, no stop token:
+the fast path (decode.py: plain merged copy, static cache, CUDA graph) and eager `generate` on the
+model as loaded (4-bit NF4 with --quantization nf4; a --config model has random bf16 weights, so
+its eager baseline is bf16 + LoRA). `eval` runs `lora-cli eval --json` twice, fast and then with
+LORA_CLI_EAGER_GENERATE=1, and compares the answers: identical share, stop rates, generation time.
+Every result is one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _with_lora(model, seed: int = 0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, 2e-3)
+    return model.eval()
+
+
+def _model(opts, device):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if opts.config:
+        cfg = AutoConfig.from_pretrained(opts.config)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa"), \
+                f"{cfg.model_type} random weights (bf16)"
+    from lora_cli.model.load import load_model
+    from lora_cli.model.resolve import resolve_model
+
+    path = resolve_model(opts.model).path
+    return load_model(path, opts.quantization, "bf16", device), f"{opts.model} ({opts.quantization})"
+
+
+def _timed(fn) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
+def step(opts) -> None:
+    import torch
+
+    from lora_cli.infer.decode import build_decoder
+    from lora_cli.infer.generation import Sampling, _left_padded
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, what = _model(opts, device)
+    model = _with_lora(base)
+    t0 = time.perf_counter()
+    decoder, reason = build_decoder(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    build_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    for batch in [int(b) for b in opts.batches.split(",")]:
+        g = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(10, vocab - 10, (int(n),), generator=g).tolist()
+                   for n in torch.randint(16, 129, (batch,), generator=g)]
+        ids, mask = _left_padded(prompts, 0, device)
+
+        def fast(n):
+            return decoder.run(ids, mask.bool(), Sampling(max_new_tokens=n), [-1], 0)
+
+        def eager(n):
+            with torch.inference_mode():
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=0)
+
+        row = {"bench": "step", "model": what, "batch": batch, "device": torch.cuda.get_device_name()
+               if device.type == "cuda" else "cpu", "copy_build_s": round(build_s, 2), "fallback": reason}
+        if decoder is not None:
+            row["fast_first_call_s"] = round(_timed(lambda: fast(opts.short)), 2)  # capture included
+            long_s, short_s = _timed(lambda: fast(opts.long)), _timed(lambda: fast(opts.short))
+            row["fast_step_ms"] = round(1000 * (long_s - short_s) / (opts.long - opts.short), 3)
+            row["notes"] = decoder.notes
+        eager(2)
+        long_s, short_s = _timed(lambda: eager(opts.eager_long)), _timed(lambda: eager(opts.short))
+        row["eager_step_ms"] = round(1000 * (long_s - short_s) / (opts.eager_long - opts.short), 3)
+        if decoder is not None:
+            row["speedup"] = round(row["eager_step_ms"] / row["fast_step_ms"], 1)
+        print(json.dumps(row), flush=True)
+
+
+def _eval_json(adapter: str, data: str, opts, eager: bool) -> tuple[dict, float]:
+    env = dict(os.environ, LORA_CLI_EAGER_GENERATE="1" if eager else "0")
+    cmd = [sys.executable, "-m", "lora_cli", "eval", adapter, "--data", data, "--json",
+           "--max-new-tokens", str(opts.max_new_tokens), "--batch-size", str(opts.batch_size)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"eval failed ({'eager' if eager else 'fast'}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout[done.stdout.index("{"):]), wall
+
+
+def evaluate(opts) -> None:
+    fast, fast_wall = _eval_json(opts.adapter, opts.data, opts, eager=False)
+    eager, eager_wall = _eval_json(opts.adapter, opts.data, opts, eager=True)
+    pairs = list(zip(fast["answers"], eager["answers"]))
+    same = sum(a["answer"] == b["answer"] for a, b in pairs)
+    print(json.dumps({
+        "bench": "eval", "records": len(pairs), "max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size,
+        "fast_generate_s": fast["generate_seconds"], "eager_generate_s": eager["generate_seconds"],
+        "fast_command_s": round(fast_wall, 1), "eager_command_s": round(eager_wall, 1),
+        "identical_answers": same, "identical_share": round(same / max(len(pairs), 1), 3),
+        "fast_stopped": fast["stopped"], "eager_stopped": eager["stopped"],
+        "fast_new_tokens": sum(a["new_tokens"] for a in fast["answers"]),
+        "eager_new_tokens": sum(a["new_tokens"] for a in eager["answers"])}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("step")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--quantization", default="nf4")
+    s.add_argument("--config", default=None)
+    s.add_argument("--batches", default="8,52")
+    s.add_argument("--short", type=int, default=16)
+    s.add_argument("--long", type=int, default=272)
+    s.add_argument("--eager-long", type=int, default=48)
+    e = sub.add_parser("eval")
+    e.add_argument("adapter")
+    e.add_argument("data")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=52)
+    opts = ap.parse_args()
+    from lora_cli.model.load import quiet_libraries
+
+    quiet_libraries()
+    step(opts) if opts.what == "step" else evaluate(opts)
+
+
+if __name__ == "__main__":
+    main()

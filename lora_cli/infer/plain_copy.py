@@ -1,0 +1,204 @@
+"""A plain copy of a (4-bit, LoRA-wrapped) model for generation: dequantized, the adapter beside it.
+
+Generating on the 4-bit model dequantizes every layer's weights at every token, and runs the
+LoRA branch as separate small layers (dropout, two matmuls, a scale, an add); a plain model in
+the compute dtype does far less. The copy is the model's own architecture (transformers'
+`from_config`), so every model the loader supports works; `refresh` copies the current weights
+in place (the training model's, at each evaluation), so anything captured on the copy's tensors
+stays valid.
+
+A LoRA linear layer becomes one `LoraLinear`: its weight is [W; A] stacked, so one matmul gives
+both x W^T and x A^T, then one addmm adds scale * (x A^T) B^T. The adapter is not merged into
+W: in bf16 a merged W + scale * B A rounds away deltas under W's resolution (2^-8 of its
+magnitude), and the early adapters a training probe sees are such deltas; kept apart, the copy
+computes what the peft model computes. Other LoRA layers (embeddings) are merged, in fp32 and
+rounded once. What the copy cannot hold (DoRA's magnitude vectors, a LoRA on an output matrix
+tied to the embeddings, several adapters active on one layer, an adapter kind other than LoRA)
+is reported by `why_not_copyable`, and the caller generates eagerly on the model itself.
+"""
+
+from __future__ import annotations
+
+
+def _lora_linear_class():
+    import torch
+
+    class _LoraLinear(torch.nn.Module):
+        """y = x W^T (+ bias) + scale * (x A^T) B^T, with [W; A] in one weight (see the module docstring)."""
+
+        def __init__(self, out_features: int, in_features: int, rank: int, scale: float, bias: bool, dtype):
+            super().__init__()
+            self.out_features, self.in_features, self.scale = out_features, in_features, scale
+            self.weight = torch.nn.Parameter(torch.empty(out_features + rank, in_features, dtype=dtype),
+                                             requires_grad=False)
+            self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, dtype=dtype), requires_grad=False)
+            self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) \
+                if bias else None
+
+        def forward(self, x):
+            shape = x.shape[:-1]
+            y = torch.nn.functional.linear(x.reshape(-1, self.in_features), self.weight)
+            base = y[:, :self.out_features]
+            if self.bias is not None:
+                base = base + self.bias
+            out = torch.addmm(base, y[:, self.out_features:], self.lora_B.t(), alpha=self.scale)
+            return out.reshape(*shape, self.out_features)
+
+    return _LoraLinear
+
+
+def _source_base(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _is_lora(module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "get_base_layer")
+
+
+def _active(module) -> list[str]:
+    """The adapters whose delta this LoRA layer adds right now (none while adapters are disabled)."""
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return []
+    return [a for a in module.active_adapters if a in module.lora_A]
+
+
+def _split_layer(module) -> str | None:
+    """The adapter a LoRA linear layer keeps beside its weight in the copy (its one adapter), or None: merged."""
+    import torch
+
+    names = [a for a in getattr(module, "active_adapters", []) if a in module.lora_A]
+    if len(names) != 1 or getattr(module, "merged", False):
+        return None
+    base = module.get_base_layer()
+    linear = isinstance(module.lora_A[names[0]], torch.nn.Linear) and hasattr(base, "in_features")
+    return names[0] if linear else None
+
+
+def why_not_copyable(model) -> str | None:
+    """A reason the copy would not compute what `model` computes, or None."""
+    base = _source_base(model)
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    for module in base.modules():
+        if _is_lora(module) and len(getattr(module, "lora_magnitude_vector", None) or {}):
+            return "DoRA adapters are not merged for generation"
+        if _is_lora(module) and tied and module is out:
+            return "a LoRA on an output matrix tied to the embeddings cannot be merged into one copy"
+        if _is_lora(module) and len([a for a in module.active_adapters if a in module.lora_A]) > 1:
+            return "several adapters active on one layer are not combined for generation"
+        kind = type(module).__module__
+        if kind.startswith("peft.tuners") and not kind.startswith(("peft.tuners.lora", "peft.tuners.tuners_utils")):
+            return f"the adapter kind {type(module).__name__} is not merged for generation"
+    return None
+
+
+def copy_bytes(model, dtype) -> int:
+    """Bytes a copy of `model` in `dtype` takes: one element per logical weight (4-bit weights count whole)."""
+    import torch
+
+    per = torch.finfo(dtype).bits // 8
+    total = 0
+    for module in _source_base(model).modules():
+        if _is_lora(module):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            shape = getattr(getattr(p, "quant_state", None), "shape", None)
+            total += (int(torch.Size(shape).numel()) if shape is not None else p.numel()) * per
+    return total
+
+
+def build_copy(model, dtype, device):
+    """A plain transformers model of `model`'s architecture on `device` in `dtype`, weights from `model`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = _source_base(model)
+    config = base.config
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with torch.device(device), no_init_weights():
+        copy = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=getattr(config, "auto_map", None) is not None)
+    lora_linear = _lora_linear_class()
+    with torch.device(device):
+        for name, module in base.named_modules():
+            adapter = _split_layer(module) if _is_lora(module) else None
+            if adapter is not None:
+                inner = module.get_base_layer()
+                copy.set_submodule(name, lora_linear(inner.out_features, inner.in_features,
+                                                     module.lora_A[adapter].out_features,
+                                                     float(module.scaling[adapter]), inner.bias is not None, dtype))
+    copy.eval().requires_grad_(False)
+    copy.generation_config = base.generation_config
+    refresh(copy, model)
+    return copy
+
+
+def _weight(param, dtype):
+    """A parameter's values in `dtype`; bitsandbytes 4-bit weights dequantized."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(param.data, state).to(dtype)
+    return param.data.to(dtype)
+
+
+def _resolve(source, name: str):
+    """The module of `source` that computes what the copy's module `name` computes, and its LoRA layer (or None)."""
+    module = source.get_submodule(name) if name else source
+    if _is_lora(module):
+        return module.get_base_layer(), module
+    inner = getattr(module, "modules_to_save", None)  # peft's ModulesToSaveWrapper: the trained copy when active
+    if inner is not None and hasattr(module, "original_module"):
+        name = getattr(module, "active_adapter", None)
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        use = not getattr(module, "disable_adapters", False) and name in inner
+        return (inner[name] if use else module.original_module), None
+    return module, None
+
+
+def _refresh_split(target, lora) -> None:
+    """[W; A] and B of a LoRA linear layer into its LoraLinear; B zero while the adapter is switched off."""
+    base = lora.get_base_layer()
+    adapter = _split_layer(lora)
+    out = target.out_features
+    target.weight[:out].copy_(_weight(base.weight, target.weight.dtype))
+    target.weight[out:].copy_(lora.lora_A[adapter].weight)
+    if target.bias is not None:
+        target.bias.copy_(base.bias)
+    if _active(lora):
+        target.lora_B.copy_(lora.lora_B[adapter].weight)
+    else:
+        target.lora_B.zero_()
+    target.scale = float(lora.scaling[adapter])
+
+
+def refresh(copy, model) -> None:
+    """Copy `model`'s current weights (dequantized, active LoRA deltas added) into `copy`, in place."""
+    import torch
+
+    source = _source_base(model)
+    with torch.no_grad():
+        for name, target in copy.named_modules():
+            own = list(target.named_parameters(recurse=False)) + list(target.named_buffers(recurse=False))
+            if not own:
+                continue
+            src, lora = _resolve(source, name)
+            if hasattr(target, "lora_B") and lora is not None:
+                _refresh_split(target, lora)
+                continue
+            for attr, tensor in own:
+                value = getattr(src, attr, None)
+                if value is None:
+                    continue  # a buffer the copy computes itself (rotary frequencies)
+                deltas = _active(lora) if (lora is not None and attr == "weight") else []
+                # merged in fp32 and rounded once: a LoRA delta is small beside W, a bf16 sum would lose part of it
+                value = _weight(value, torch.float32 if deltas else tensor.dtype)
+                for adapter in deltas:
+                    value = value + lora.get_delta_weight(adapter).to(torch.float32)
+                tensor.copy_(value.reshape(tensor.shape))

@@ -1,0 +1,156 @@
+"""The fast decoding path (static cache, plain merged copy) answers exactly as eager `generate` does."""
+
+import pytest
+import torch
+
+from lora_cli.infer.decode import Decoder, build_decoder
+from lora_cli.infer.generation import Sampling, generate_with
+from lora_cli.infer.plain_copy import build_copy, refresh
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _lora_model(folder, seed: int = 0):
+    """The tiny model with a LoRA whose B is not zero, so merging it changes every answer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return get_peft_model(model, cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    return _lora_model(tiny_model_dir)
+
+
+def _prompts(vocab: int, lengths=(3, 40, 11, 1, 25, 7), seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _both(model, tokenizer, prompts, sampling, batch_size=8):
+    eager = generate_with(model, tokenizer, torch.device("cpu"), prompts, sampling, batch_size)
+    decoder = Decoder(build_copy(model, torch.float32, torch.device("cpu")), torch.device("cpu"))
+    fast = generate_with(model, tokenizer, torch.device("cpu"), prompts, sampling, batch_size, decoder=decoder)
+    return eager, fast
+
+
+def test_greedy_answers_of_a_mixed_length_batch_equal_eager_token_for_token(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))
+    eager, fast = _both(peft_model, tokenizer, prompts, Sampling(max_new_tokens=24))
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert all(len(a.token_ids) == 24 for a in eager)
+    assert len({tuple(a.token_ids) for a in eager}) == len(prompts)  # the rows really differ
+
+
+def test_rows_stop_at_their_own_eos_at_different_steps_as_eager(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))
+    free, _ = _both(peft_model, tokenizer, prompts, Sampling(max_new_tokens=24))
+    # a stop token each row reaches at a different step: the tokens at steps 2, 9 and 15 of three rows
+    extra = [free[0].token_ids[2], free[1].token_ids[9], free[2].token_ids[15]]
+    peft_model.generation_config.eos_token_id = [tokenizer.eos_token_id, *extra]
+    try:
+        eager, fast = _both(peft_model, tokenizer, prompts, Sampling(max_new_tokens=24))
+    finally:
+        peft_model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert [a.stopped for a in fast] == [a.stopped for a in eager]
+    assert len({len(a.token_ids) for a in eager if a.stopped}) >= 2  # eos came at different steps
+
+
+def test_the_token_cap_and_batching_are_respected_as_eager(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer), lengths=(5, 30, 2, 17, 9))
+    eager, fast = _both(peft_model, tokenizer, prompts, Sampling(max_new_tokens=5), batch_size=2)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert all(len(a.token_ids) == 5 and not a.stopped for a in fast)
+
+
+def test_seeded_sampling_equals_eager_draw_for_draw(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))
+    sampling = Sampling(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7)
+    eager, fast = _both(peft_model, tokenizer, prompts, sampling, batch_size=3)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    greedy = generate_with(peft_model, tokenizer, torch.device("cpu"), prompts, Sampling(max_new_tokens=16))
+    assert [a.token_ids for a in fast] != [a.token_ids for a in greedy]
+
+
+def test_repetition_options_equal_eager(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))
+    sampling = Sampling(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2)
+    eager, fast = _both(peft_model, tokenizer, prompts, sampling)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+
+
+def test_the_copy_merges_the_adapter_and_follows_it_when_refreshed_or_switched_off(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))[:3]
+    copy = build_copy(peft_model, torch.float32, torch.device("cpu"))
+    decoder = Decoder(copy, torch.device("cpu"))
+    cpu, sampling = torch.device("cpu"), Sampling(max_new_tokens=12)
+    with peft_model.disable_adapter():
+        base = generate_with(peft_model, tokenizer, cpu, prompts, sampling)
+        refresh(copy, peft_model)
+        fast_base = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=decoder)
+    assert [a.token_ids for a in fast_base] == [a.token_ids for a in base]
+    refresh(copy, peft_model)
+    fast = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=decoder)
+    assert [a.token_ids for a in fast] != [a.token_ids for a in base]
+
+
+def test_per_prompt_caps_cut_each_answer_at_its_own_cap(peft_model, tokenizer):
+    prompts = _prompts(len(tokenizer))[:4]
+    decoder, reason = build_decoder(peft_model, torch.device("cpu"), torch.float32)
+    assert reason is None
+    caps = [3, 10, 1, 7]
+    answers = generate_with(peft_model, tokenizer, torch.device("cpu"), prompts, Sampling(max_new_tokens=10),
+                            decoder=decoder, caps=caps)
+    full = generate_with(peft_model, tokenizer, torch.device("cpu"), prompts, Sampling(max_new_tokens=10))
+    assert [a.token_ids for a in answers] == [a.token_ids[:c] for a, c in zip(full, caps)]
+
+
+def test_the_training_probe_answers_on_the_fast_path_as_eagerly(tmp_path_factory, tiny_model_dir, tmp_path,
+                                                                monkeypatch):
+    import json
+
+    from helpers import tiny_config
+    from helpers.adapter_factory import data_dir, peaked_model_dir
+
+    from lora_cli.train.recipe import train
+
+    model_dir = peaked_model_dir(tmp_path_factory, tiny_model_dir)
+    train_f, val_f = data_dir(tmp_path_factory)
+
+    def probe_rows(name):
+        cfg = tiny_config(model_dir, train_f, val_f, tmp_path / name, epochs=2, lr=2e-2, max_tokens=256,
+                          eval_generate=4).replace({"model.quantization": "none"})
+        result = train(cfg)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if r["type"] == "eval"]
+        return result, [(r["stopped"], r["sample"], r["max_new_tokens"]) for r in evals], evals
+
+    fast, fast_rows, evals = probe_rows("fast")
+    monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
+    eager, eager_rows, _ = probe_rows("eager")
+    assert fast_rows == eager_rows and len(fast_rows) == 3
+    assert fast.eval_losses == eager.eval_losses
+    assert evals[0]["generate_warmup_s"] > 0 and all(r["generate_warmup_s"] == 0 for r in evals[1:])
+    assert 0 < fast.summary.probe_seconds <= fast.summary.seconds
+
+
+def test_a_model_the_copy_cannot_hold_is_said_and_decoded_eagerly(tiny_model_dir, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    decoder, reason = build_decoder(dora, torch.device("cpu"), torch.float32)
+    assert decoder is None and "DoRA" in reason
+    monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
+    assert build_decoder(model, torch.device("cpu"), torch.float32) == (None, "LORA_CLI_EAGER_GENERATE=1 is set")
