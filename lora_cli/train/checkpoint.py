@@ -188,13 +188,3 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except Exception as exc:  # corrupt or foreign files: say which checkpoint, not a traceback
         raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     return Checkpoint(path, state, adapter, optim, sched, rng)
-
-
-def restore_rng(rng: dict) -> None:
-    import torch
-
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        states = rng["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
