@@ -87,18 +87,21 @@ def checkpoint_dir(root: Path) -> Path:
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (by optimizer step)."""
+    return [p for _, p in _by_step(root)]
+
+
+def _by_step(root: Path) -> list[tuple[int, Path]]:
+    """(optimizer step, folder) of each complete checkpoint, oldest first."""
     folder = checkpoint_dir(root)
-    if not folder.is_dir():
-        return []
     found = []
-    for p in folder.iterdir():
+    for p in folder.iterdir() if folder.is_dir() else []:
         if p.name.startswith(TMP_PREFIX) or not (p / STATE).is_file():
             continue
         try:
-            found.append((json.loads((p / STATE).read_text())["step"], p))
-        except (OSError, ValueError, KeyError):
+            found.append((int(json.loads((p / STATE).read_text())["step"]), p))
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name))]
+    return sorted(found, key=lambda x: (x[0], x[1].name))
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -142,23 +145,13 @@ def prune(root: Path, keep: int, protect: Path | None = None, step: int | None =
     """Keep the newest `keep` checkpoints (and `also_keep`). With `step` (the one just saved), also
     drop any made at a later step: they belong to a timeline abandoned by --resume-from an older
     checkpoint, and left in place a later --resume would pick them as the latest."""
-    existing = list_checkpoints(root)
-    if step is not None:
-        stale = [p for p in existing if _step_of(p) > step]
-        existing = [p for p in existing if p not in stale]
-    else:
-        stale = []
+    found = _by_step(root)
+    stale = [p for n, p in found if step is not None and n > step]
+    existing = [p for n, p in found if p not in stale]
     kept = {p.resolve() for p in (protect, also_keep) if p is not None}
     for old in stale + existing[: max(0, len(existing) - keep)]:
         if old.resolve() not in kept:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(json.loads((path / STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
 
 
 def read_state(path: Path) -> LoopState:

@@ -19,6 +19,7 @@ from lora_cli.train import curves, trackers
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from accelerate import Accelerator
     from peft import PeftModel
 
     from lora_cli.config import RunConfig
@@ -58,18 +59,23 @@ class MetricsFile(Observer):
 
 
 class Trackers(Observer):
-    """The experiment trackers of --report-to (trackers.py), through accelerate."""
+    """The experiment trackers of --report-to (trackers.py), through accelerate: each row at its optimizer step."""
 
-    def __init__(self, placement: Placement) -> None:
-        self.placement, self.open = placement, True
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
 
     def on_row(self, row: Row) -> None:
-        trackers.log(self.placement.accelerator, row)
+        keys = trackers.KEYS.get(row["type"], {})
+        values = {name: row[key] for key, name in keys.items() if row.get(key) is not None}
+        if values:
+            self.accelerator.log(values, step=int(row["step"]))
 
     def on_end(self, finished: bool) -> None:
-        if self.open:
-            trackers.finish(self.placement.accelerator)
-            self.open = False
+        """Close every tracker (flush TensorBoard, end the MLflow run). Not accelerator.end_training(),
+        which also tears down the process group that the run's last barrier still needs."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
 
 class StopRate(Observer):
@@ -119,7 +125,7 @@ def observers_for(cfg: RunConfig, placement: Placement, folder: Path, metrics: P
     (started here), the stop-rate probe it asked for, the picture."""
     found: list[Observer] = [MetricsFile(metrics, placement.is_main)]
     if trackers.start(placement.accelerator, cfg, decisions, resumed_step):
-        found.append(Trackers(placement))
+        found.append(Trackers(placement.accelerator))
     if probe is not None:
         found.append(StopRate(probe, placement, reporter))
     return found + [LossPicture(folder, placement.is_main)]

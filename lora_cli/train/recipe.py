@@ -85,15 +85,6 @@ def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, r
         return recipe.finish()
 
 
-def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: bool | str = False,
-             overwrite: bool = False, reporter: Reporter = NULL_REPORTER) -> TrainResult:
-    """The recipe from tokenized data already in memory, on a given placement (benchmarks call it)."""
-    with LoRARecipe(cfg, resume, overwrite, reporter) as recipe:
-        recipe.setup(placement=placement, data=data)
-        recipe.train()
-        return recipe.finish()
-
-
 class LoRARecipe:
     """One LoRA (QLoRA) run. Use it as a context manager: the output folder's lock and the observers
     are released however the run ends. Errors: LoraCliError for anything the run cannot do, said
@@ -138,8 +129,8 @@ class LoRARecipe:
     # ---- setup ----------------------------------------------------------------------------
     def setup(self, force_tokenize: bool = False, current: CurrentDataset | None = None,
               placement: Placement | None = None, data: TrainingData | None = None) -> None:
-        """Every collaborator of the run, built once. `placement` and `data` given (benchmarks): used as
-        they are, without the checks made before loading and without the folder's lock."""
+        """Every collaborator of the run, built once. `placement` and `data` given (benchmarks: tokenized
+        data in memory): used as they are, without the checks made before loading and the folder's lock."""
         from lora_cli.train import resume
         from lora_cli.train.output_check import output_lock
         from lora_cli.train.run_folder import OutputFolder

@@ -112,12 +112,9 @@ class OutputFolder:
         if not self.is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        self.write_run_config(decisions, finished=False)
+        write_text(self.path / RUN_CONFIG, self.run_config_text(decisions, finished=False))
         if not resuming:
             write_text(self.metrics_path, "")
-
-    def write_run_config(self, decisions: dict, finished: bool, extra: dict | None = None, folder: Path | None = None):
-        write_text((folder or self.path) / RUN_CONFIG, self.run_config_text(decisions, finished, extra))
 
     def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
         data = self.cfg.to_dict()
