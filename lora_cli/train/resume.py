@@ -22,7 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_cli.adapter.folder import CHECKPOINTS, EXTENDABLE, RESUME_FREE, legacy_fingerprint, read_run_config
+from lora_cli.adapter.folder import (
+    CHECKPOINTS,
+    EXTENDABLE,
+    RESUME_FREE,
+    RunRecord,
+    legacy_fingerprint,
+    read_run_config,
+    run_record,
+)
 from lora_cli.atomic import TMP_PREFIX, remove_stale_temporaries, write_text
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
@@ -52,22 +60,22 @@ def _describe_difference(folder: OutputFolder, saved: dict, skip: tuple[str, ...
                 continue
             if mine.get(section, {}).get(key) != value:
                 diffs.append(f"{section}.{key}: {value!r} there, {mine.get(section, {}).get(key)!r} now")
-    diffs += _content_difference(folder, saved.get("run") or {})
+    diffs += _content_difference(folder, run_record(saved))
     return "; ".join(diffs[:4]) or "settings differ"
 
 
-def _content_difference(folder: OutputFolder, run: dict) -> list[str]:
-    """What changed in the data since the run of `run` (a saved run section) started."""
+def _content_difference(folder: OutputFolder, run: RunRecord) -> list[str]:
+    """What changed in the data since `run` (a saved run record) started."""
     out = []
     for split in ("train", "val"):
-        then_sha, now_sha = (run.get("data_sha256") or {}).get(split), folder.data_sha256.get(split)
-        then_key, now_key = (run.get("tokenize_cache") or {}).get(split), folder.cache_keys.get(split)
+        then_sha, now_sha = run.data_sha256.get(split), folder.data_sha256.get(split)  # a split may be absent
+        then_key, now_key = run.tokenize_cache.get(split), folder.cache_keys.get(split)
         if then_sha and now_sha and then_sha != now_sha:
             out.append(f"data.{split} {getattr(folder.cfg.data, split)}: its content changed (sha256 "
                        f"{then_sha[:12]}... there, {now_sha[:12]}... now)")
         elif then_key and now_key and then_key != now_key:
             out.append(f"data.{split}: its tokens changed (the tokenizer or the template file is not the same)")
-    base = describe_change(run.get("base_model") or {}, folder.base_identity) if run.get("base_model") else ""
+    base = describe_change(run.base_model, folder.base_identity) if run.base_model else ""
     if base and folder.base_identity:
         out.insert(0, f"model.name {folder.cfg.model.name}: the base model changed: {base}")
     return out
@@ -89,7 +97,7 @@ def admit(folder: OutputFolder, resume: bool | str, overwrite: bool) -> Path | N
         remove_stale_temporaries(path / CHECKPOINTS)
     entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
     saved = read_run_config(path)
-    folder.saved_run = dict((saved or {}).get("run") or {})
+    folder.saved_run = run_record(saved or {})
     if resume:
         return _resume_point(folder, resume, saved)
     if not entries:
@@ -109,17 +117,17 @@ def admit(folder: OutputFolder, resume: bool | str, overwrite: bool) -> Path | N
 def _refuse_unless_new(folder: OutputFolder, saved: dict) -> None:
     """Without --overwrite or --resume: refuse another run, this run unfinished, and this run finished."""
     run, path = folder.saved_run, folder.path
-    if not _same_run(folder, run.get("fingerprint")):
+    if not _same_run(folder, run.fingerprint):
         raise LoraCliError(f"Output folder {path} holds a different run ({_describe_difference(folder, saved)}).",
                            "Pass --overwrite to replace it, or choose another --output folder.")
     length = _length_change(folder, saved)
     to_length = f" ({length})" if length else ""
-    if list_checkpoints(path) and not run.get("finished"):
+    if list_checkpoints(path) and not run.finished:
         raise LoraCliError(f"Output folder {path} holds an unfinished run of these settings{to_length}.",
                            "Pass --resume to continue it" + (" to the new length" if length else "") +
                            ", or --overwrite to start over.")
-    if run.get("finished"):
-        steps = (run.get("summary") or {}).get("steps")
+    if run.finished:
+        steps = run.summary["steps"] if run.summary else None
         done = f", finished after {steps} steps" if steps is not None else ", finished"
         more = ("Add --resume to continue it from its last checkpoint to the new length" if length else
                 "To train it further, raise --epochs or --max-steps and add --resume")
@@ -147,7 +155,7 @@ def _resume_point(folder: OutputFolder, resume: bool | str, saved: dict | None) 
         raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings or data ({detail}).",
                            "Resume with the same base model, settings and data (only --epochs and --max-steps "
                            "may grow), or start a new run with --overwrite.")
-    if folder.saved_run.get("finished") is True and not explicit and not _length_change(folder, saved or {}):
+    if folder.saved_run.finished is True and not explicit and not _length_change(folder, saved or {}):
         _nothing_to_continue(folder, read_state(ckpt).step)  # said before the model loads
     return ckpt
 
@@ -163,7 +171,7 @@ def continuation(folder: OutputFolder, checkpoint: Checkpoint, total_steps: int)
     """On resume: a note when the run's length changed (its schedule is stretched to the new
     end), or LoraCliError when nothing is left to do (a finished run, or a checkpoint past the end)."""
     step, planned = checkpoint.state.step, checkpoint.state.total_steps
-    if total_steps == step and folder.saved_run.get("finished") is True:
+    if total_steps == step and folder.saved_run.finished is True:
         _nothing_to_continue(folder, step)
     if total_steps < step:
         raise LoraCliError(f"Checkpoint {checkpoint.path} is at step {step}, past the end of this run "
@@ -257,16 +265,16 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
         return
     from lora_cli.data.cache import file_digest
 
-    run = ((read_run_config(cfg.output.dir) or {}).get("run") or {})
-    keys, recorded = run.get("tokenize_cache") or {}, run.get("data_sha256") or {}
-    if run:
+    run = run_record(read_run_config(cfg.output.dir) or {})
+    keys, recorded = run.tokenize_cache, run.data_sha256
+    if run != RunRecord():  # a run of ours is recorded there
         if Path(cfg.data.template).is_file():
             return
         paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
         if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
             return
     base = None
-    if run.get("base_model"):  # the fingerprint holds the base's identity: read it as the full check will
+    if run.base_model:  # the fingerprint holds the base's identity: read it as the full check will
         from lora_cli.model.identity import base_identity
         from lora_cli.model.resolve import resolve_model
 

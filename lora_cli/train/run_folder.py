@@ -23,6 +23,7 @@ from lora_cli.adapter.folder import (
     METRICS,
     RUN_CONFIG,
     TEMPLATE_FILE,
+    RunRecord,
     run_fingerprint,
     write_param_summary,
 )
@@ -92,7 +93,7 @@ class OutputFolder:
                                            if self.base_identity else self.cache_keys)
         # runs of versions whose fingerprint did not hold the base: resumed as before (their base unknown)
         self.fingerprint_without_base = run_fingerprint(cfg, self.cache_keys)
-        self.saved_run: dict = {}  # the `run` section of the folder's run config, as resume.admit found it
+        self.saved_run = RunRecord()  # the `run` section of the folder's run config, as resume.admit found it
 
     @property
     def metrics_path(self) -> Path:
@@ -116,11 +117,10 @@ class OutputFolder:
         if not resuming:
             write_text(self.metrics_path, "")
 
-    def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
+    def run_config_text(self, decisions: dict[str, Any], finished: bool, summary: dict[str, Any] | None = None) -> str:
         data = self.cfg.to_dict()
-        data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
-                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256,
-                       "base_model": self.base_identity, **decisions, **(extra or {})}
+        data["run"] = RunRecord(self.fingerprint, __version__, finished, self.cache_keys, self.data_sha256,
+                                self.base_identity, decisions, summary).to_dict()
         return yaml.safe_dump(data, sort_keys=False)
 
     def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: dict, summary: dict,
@@ -165,7 +165,7 @@ class OutputFolder:
         write_param_summary(staging, param_summary)
         if self.template_text is not None:  # generate/eval/merge prompt as trained, even if the file changes
             (staging / TEMPLATE_FILE).write_text(self.template_text, encoding="utf-8")
-        text = self.run_config_text(decisions, finished=True, extra={"summary": summary})
+        text = self.run_config_text(decisions, finished=True, summary=summary)
         (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
 
     def _commit(self, staging: Path) -> None:
