@@ -95,5 +95,5 @@ def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter) -> None:
         return
     pairs = shared(val_digests, train_digests)
     if pairs:
-        reporter.message("warning " + val_overlap_note(pairs, len(val_digests), val.meta.get("source", "val"),
-                                                      train.meta.get("source", "train")))
+        reporter.message("warning " + val_overlap_note(pairs, len(val_digests), val.meta.source,
+                                                      train.meta.source))

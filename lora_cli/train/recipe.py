@@ -181,7 +181,7 @@ class LoRARecipe:
         entries = {"train": data.train, "val": data.val}
         return TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
                             data.model.path, {k: e.key if e else None for k, e in entries.items()},
-                            {k: e.meta.get("parts", {}).get("data_sha256") if e else None for k, e in entries.items()},
+                            {k: e.meta.parts.data_sha256 if e else None for k, e in entries.items()},
                             getattr(data.template, "source", None), base_identity(data.model))
 
     def _model_and_plan(self) -> None:
