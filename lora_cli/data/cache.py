@@ -29,7 +29,9 @@ from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.writable import check_writable
 
 if TYPE_CHECKING:
-    from datasets import Features
+    from collections.abc import Iterator
+
+    from datasets import Dataset, Features
     from transformers import PreTrainedTokenizerBase
 
     from lora_cli.data.overlap import RecordDigests
@@ -150,13 +152,13 @@ class CacheEntry:
                        + (f" (line{'s' if len(skipped) > 1 else ''} {shown})" if skipped else "") + ".")
         return out
 
-    def digests(self):
+    def digests(self) -> RecordDigests | None:
         """The entry's records as overlap.RecordDigests (None for an entry without them)."""
         from lora_cli.data.overlap import RecordDigests
 
         return RecordDigests.load(self.path)
 
-    def load(self):
+    def load(self) -> Dataset:
         from datasets import load_from_disk
 
         try:
@@ -166,13 +168,13 @@ class CacheEntry:
                                "Rebuild it with lora-cli tokenize --force (or delete the folder).") from None
 
 
-def _key(parts: dict) -> str:
+def _key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate, policy: LabelPolicy,
-          skip_invalid: bool, counters: dict, issues: list, left_out: list, progress: Stage,
-          digests: RecordDigests | None = None, lost_eos: list[int] | None = None):
+          skip_invalid: bool, counters: dict[str, int], issues: list[Issue], left_out: list[int], progress: Stage,
+          digests: RecordDigests | None = None, lost_eos: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
@@ -183,7 +185,7 @@ def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate
         issues.append(issue)
         errors[0] += issue.severity == "error"
 
-    def flush():
+    def flush() -> None:
         encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
                                            str(path))
         issues.extend(refused)
@@ -264,7 +266,7 @@ def _hit(split: str, key: str, entry_dir: Path) -> CacheEntry | None:
     return None
 
 
-def _generate(gen_kwargs: dict, features: Features, key: str, build_dir: Path):
+def _generate(gen_kwargs: dict[str, Any], features: Features, key: str, build_dir: Path) -> Dataset:
     """Dataset.from_generator over `_rows`, with the real error instead of datasets' wrapper.
 
     datasets wraps whatever the generator (or its Arrow writer) raises in a

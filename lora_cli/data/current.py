@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_cli.atomic import write_text
 from lora_cli.config import RunConfig
@@ -149,7 +150,7 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     return _parse(raw, path)
 
 
-def _parse(raw, path: Path) -> CurrentDataset:
+def _parse(raw: dict[str, Any], path: Path) -> CurrentDataset:
     try:
         if raw.get("version") != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
             raise ValueError("not a current-dataset record of this lora-cli")

@@ -86,7 +86,7 @@ def _moved_on(current: current_dataset.CurrentDataset | None, cfg: RunConfig, en
     return {s: e.key for s, e in entries.items()} != {s: f.cache_key for s, f in current.files.items()}
 
 
-def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter) -> None:
+def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter: Reporter) -> None:
     """A warning when validation records are also training records (from the entries' digests)."""
     from lora_cli.data.overlap import shared, val_overlap_note
 

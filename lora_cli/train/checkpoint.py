@@ -19,6 +19,7 @@ from lora_cli.atomic import TMP_PREFIX, atomic_dir
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
+    import torch
     from torch.optim.lr_scheduler import LRScheduler
 
 STATE = "trainer_state.json"
@@ -42,8 +43,8 @@ class LoopState:
     fsdp: bool = False  # made with the base sharded (FSDP): resumes only the same way
     first_loss: float | None = None  # train loss of the first log window (the whole run's, across resumes)
     last_loss: float | None = None
-    eval_losses: list = field(default_factory=list)
-    stop_rates: list = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
+    eval_losses: list[float] = field(default_factory=list)
+    stop_rates: list[list[int]] = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
     # early stopping (--early-stopping-patience): the best evaluation after training began, and since when
     best_eval_loss: float | None = None
     best_stop_rate: float | None = None  # that evaluation's stop rate (--select-by stop-rate)
@@ -75,10 +76,10 @@ class Checkpoint:
 
     path: Path
     state: LoopState
-    adapter: dict
-    optimizer: dict
-    scheduler: dict
-    rng: dict
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
 
 
 def checkpoint_dir(root: Path) -> Path:

@@ -219,7 +219,7 @@ class TrainingLoop:
         if state.step % self.train_cfg.log_every == 0 or state.step == self.total_steps:
             self._log_train(lr, grad_norm)
 
-    def _clip(self):
+    def _clip(self) -> torch.Tensor | float:
         """Clip by the global gradient norm; under FSDP each process holds a shard of the gradients,
         and only FSDP's own clip_grad_norm_ sums the norm over all of them."""
         acc, max_norm = self.placement.accelerator, self.train_cfg.max_grad_norm
@@ -303,7 +303,7 @@ class TrainingLoop:
         trainable = self.trainable
         return sharding.gather(trainable.module, trainable.optimizer, trainable.adapter_names)
 
-    def _checkpoint(self, name: str):
+    def _checkpoint(self, name: str) -> Path:
         from peft import get_peft_model_state_dict
 
         acc = self.placement.accelerator

@@ -33,7 +33,7 @@ class Trainable:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, on_cuda: bool,
-                   peft_model: PeftModel | None = None):
+                   peft_model: PeftModel | None = None) -> torch.optim.Optimizer:
     """AdamW (torch; fused on CUDA) over the parameters that require a gradient.
 
     With train.loraplus_lr_ratio (LoRA+), peft's create_loraplus_optimizer builds it from
@@ -76,7 +76,7 @@ def warmup_note(train: TrainConfig, total_steps: int) -> str | None:
             f"warming up for {used} instead, so the learning rate reaches --lr.")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> LRScheduler:
     """transformers' schedule of train.scheduler after the warmup, over `total_steps` optimizer steps;
     cosine with --min-lr-ratio is transformers' cosine_with_min_lr (it ends at lr x ratio)."""
     from transformers import get_scheduler

@@ -7,9 +7,18 @@ write into each other's folder: the second is refused in one line naming the fir
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lora_cli.config import RunConfig
 from lora_cli.lock import exclusive, refuse_if_held
 from lora_cli.writable import check_writable
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from pathlib import Path
+
+    from lora_cli.progress import Reporter
+    from lora_cli.train.runtime import Placement
 
 # a checkpoint holds the LoRA weights and AdamW's two moments, fp32 each
 CHECKPOINT_BYTES_PER_PARAMETER = 12
@@ -40,7 +49,7 @@ def refuse_if_in_use(cfg: RunConfig) -> None:
     refuse_if_held(cfg.output.dir, f"Output folder {cfg.output.dir}", IN_USE_HINT)
 
 
-def output_lock(cfg: RunConfig, placement, reporter):
+def output_lock(cfg: RunConfig, placement: Placement, reporter: Reporter) -> AbstractContextManager[Path | None]:
     """The output folder's lock, held by the main process (the others write nothing there)."""
     return exclusive(cfg.output.dir, f"Output folder {cfg.output.dir}", IN_USE_HINT, reporter,
                      enabled=placement.is_main)

@@ -20,7 +20,7 @@ up to the checkpoint (`announce`), so the steps done again are not logged twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from lora_cli.adapter.folder import (
     CHECKPOINTS,
@@ -160,7 +160,7 @@ def _resume_point(folder: OutputFolder, resume: bool | str, saved: dict | None) 
     return ckpt
 
 
-def _nothing_to_continue(folder: OutputFolder, step: int):
+def _nothing_to_continue(folder: OutputFolder, step: int) -> NoReturn:
     raise LoraCliError(f"Output folder {folder.path} holds a finished run: its last checkpoint is at step {step}, "
                        "the end of this run; there is nothing to continue.",
                        "To train it further, raise --epochs or --max-steps (with --resume); --overwrite instead "
