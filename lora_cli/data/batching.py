@@ -268,6 +268,3 @@ class StepPlan:
     def step(self, epoch: int, index: int) -> list[list[int]]:
         """The micro-batches of optimizer step `index` (0-based) of `epoch`, over all processes."""
         return self.micro_batches(epoch)[index * self.per_step:(index + 1) * self.per_step]
-
-    def total_steps(self, epochs: int, max_steps: int = 0) -> int:
-        return max_steps or sum(self.steps_in(e) for e in range(epochs))

@@ -113,16 +113,16 @@ class LoRARecipe:
     def __init__(self, cfg: RunConfig, resume: bool | str = False, overwrite: bool = False,
                  reporter: Reporter = NULL_REPORTER) -> None:
         self.cfg, self.resume, self.overwrite, self.reporter = cfg, resume, overwrite, reporter
-        self.observers = []
-        self._held = contextlib.ExitStack()
+        self.observers, self.finished = [], False
+        self._held = contextlib.ExitStack()  # the output folder's lock
 
     def __enter__(self) -> LoRARecipe:
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            for observer in self.observers:
-                observer.on_end(finished=False)  # after finish(): nothing left to do
+            for observer in self.observers if not self.finished else []:
+                observer.on_end(finished=False)  # stopped: an interrupt, an error
         finally:
             self._held.close()
 
@@ -271,6 +271,7 @@ class LoRARecipe:
         faults.point("train:end", self.loop)
         self.out.finish(self.model, self.data.tokenizer, self.decisions, summary.to_dict(), self.params,
                         adapter_state=lora, initial_adapter=self.initial)
+        self.finished = True
         for observer in self.observers:
             observer.on_end(finished=True)
         where.accelerator.wait_for_everyone()
