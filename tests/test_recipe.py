@@ -56,3 +56,18 @@ def test_a_run_record_of_an_older_version_takes_defaults_for_what_it_lacks():
     record = RunRecord.from_dict({"fingerprint": "abc", "finished": True, "device": "cpu", "base_model": None})
     assert (record.fingerprint, record.finished, record.decisions) == ("abc", True, {"device": "cpu"})
     assert record.tokenize_cache == {} and record.base_model == {} and record.summary is None
+
+
+def test_the_out_of_memory_message_names_each_lever_at_its_current_value_and_a_smaller_one():
+    from lora_cli.train.oom import StepMemory, oom_message
+
+    class OutOfMemoryError(Exception):
+        pass
+
+    exc = OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.2 GiB")
+    text = oom_message(exc, StepMemory(3, True, 4096, 4, 2048, 2, -1))
+    assert text.startswith("Out of GPU memory at step 3. The run tried to allocate 2.00 GiB more, on a GPU of 79.2 GiB.")
+    assert "--max-tokens 2048 (packing budget per micro-batch, now 4096)" in text and "--batch-size 2 (now 4)" in text
+    assert "gradient_checkpointing" not in text  # every layer is checkpointed already
+    assert "raise --grad-accum (now 2)" in text and "\n" not in text
+    assert " at step" not in oom_message(exc)  # outside a step: the levers without values

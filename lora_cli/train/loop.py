@@ -22,7 +22,7 @@ from lora_cli import faults
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
-from lora_cli.train.oom import out_of_memory_as_error
+from lora_cli.train.oom import StepMemory, out_of_memory_as_error
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -332,11 +332,10 @@ class TrainingLoop:
         return (f"The {what} became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
                 f"Try {levers}.")
 
-    def _memory_levers(self) -> dict:
+    def _memory_levers(self) -> StepMemory:
         """The settings that decide a step's memory, for the out-of-memory message."""
-        return {"step": self.state.step + 1, "packed": self.plan.packed, "max_tokens": self.plan.max_tokens,
-                "batch_size": self.train_cfg.batch_size, "max_length": self.cfg.data.max_length,
-                "grad_accum": self.train_cfg.grad_accum, "checkpoint_layers": self.plan.checkpoint_layers}
+        return StepMemory(self.state.step + 1, self.plan.packed, self.plan.max_tokens, self.train_cfg.batch_size,
+                          self.cfg.data.max_length, self.train_cfg.grad_accum, self.plan.checkpoint_layers)
 
     # ---- evaluation -------------------------------------------------------------------
     def evaluate(self) -> float | None:
