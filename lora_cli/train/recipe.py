@@ -132,7 +132,7 @@ class LoRARecipe:
         """Every collaborator of the run, built once. `placement` and `data` given (benchmarks: tokenized
         data in memory): used as they are, without the checks made before loading and the folder's lock."""
         from lora_cli.train import resume
-        from lora_cli.train.output_check import output_lock
+        from lora_cli.train.run_folder import output_lock
         from lora_cli.train.run_folder import OutputFolder
 
         self.placement = placement or self._place()
@@ -157,7 +157,7 @@ class LoRARecipe:
         import torch
 
         from lora_cli.model.load import check_targets, quiet_libraries
-        from lora_cli.train.output_check import check_output
+        from lora_cli.train.run_folder import check_output
         from lora_cli.train.runtime import place
 
         cfg = self.cfg

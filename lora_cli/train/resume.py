@@ -36,7 +36,7 @@ from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.model.identity import describe_change
 from lora_cli.train.checkpoint import STATE, Checkpoint, list_checkpoints, read_state
-from lora_cli.train.run_folder import OutputFolder
+from lora_cli.train.run_folder import OutputFolder, refuse_if_in_use
 
 if TYPE_CHECKING:
     import torch
@@ -258,8 +258,6 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
     is in the keys), the check after tokenizing decides. Changes nothing on disk. A folder a live run
     holds is refused as in use, whatever it holds now.
     """
-    from lora_cli.train.output_check import refuse_if_in_use
-
     refuse_if_in_use(cfg)
     if overwrite:
         return
