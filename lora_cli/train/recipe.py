@@ -132,8 +132,7 @@ class LoRARecipe:
         """Every collaborator of the run, built once. `placement` and `data` given (benchmarks: tokenized
         data in memory): used as they are, without the checks made before loading and the folder's lock."""
         from lora_cli.train import resume
-        from lora_cli.train.run_folder import output_lock
-        from lora_cli.train.run_folder import OutputFolder
+        from lora_cli.train.run_folder import OutputFolder, output_lock
 
         self.placement = placement or self._place()
         if current is not None:
