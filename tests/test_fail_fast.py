@@ -44,6 +44,9 @@ def refused(args: list[str], cwd: Path) -> tuple[str, float, float]:
     (["--train", "absent.jsonl"], "error: Data file absent.jsonl does not exist."),
     (["--train", "data/train.jsonl", "--val", "absent.jsonl"], "error: Data file absent.jsonl does not exist."),
     (["--config", "absent.yaml"], "error: Config file absent.yaml does not exist."),
+    (["--train", "data/train.jsonl", "--template", "alpacca"],
+     "error: Unknown template 'alpacca': not one of alpaca, alpaca-seed, chat and not a file. Did you mean "
+     "--template alpaca?"),
 ])
 def test_a_missing_data_file_or_config_is_refused_in_under_a_second(command, args, says, tmp_path):
     (tmp_path / "data").mkdir()

@@ -24,6 +24,7 @@ from lora_cli.config import RunConfig
 from lora_cli.config_files import build_config
 from lora_cli.data.cache import file_digest
 from lora_cli.data.records import open_data_file
+from lora_cli.data.templates import get_template
 from lora_cli.errors import LoraCliError
 
 CURRENT_FILE = "current.json"
@@ -218,6 +219,7 @@ def resolve(command: str, flags: dict | None = None, config_file: str | None = N
     cfg = build_config(config_file, sets, flags or {})
     if command in _WHEN_NO_TRAIN and cfg.data.train:
         check_data_files(cfg, None)
+        get_template(cfg.data.template)  # a misspelt name or a missing file: refused before anything loads
         return Resolved(cfg, None, None)
     current = read(cfg.data.cache_dir)
     if current is None:
@@ -228,6 +230,8 @@ def resolve(command: str, flags: dict | None = None, config_file: str | None = N
                            "file.", _REMEDY[command])
     if command != "param-report":
         check_data_files(cfg, current, ("val",) if command in ("eval", "generate") else SPLITS)
+    if command in ("train", "tokenize", "validate-data"):
+        get_template(cfg.data.template)
     val = current.files.get("val")
     said = _SAID[command].format(what=current.describe(cfg), model=cfg.model.name, file=current.file,
                                  val=cfg.data.val, n=f"{val.examples:,}" if val else "?")

@@ -193,7 +193,11 @@ def get_template(name: str) -> TextTemplate | ChatTemplate:
     path = Path(name)
     if path.is_file():
         return _load_file_template(path)
+    import difflib
+
+    close = difflib.get_close_matches(name, list(BUILTIN), n=1)
     raise LoraCliError(
-        f"Unknown template '{name}': not one of {', '.join(BUILTIN)} and not a file.",
+        f"Unknown template '{name}': not one of {', '.join(BUILTIN)} and not a file."
+        + (f" Did you mean --template {close[0]}?" if close else ""),
         "A template file holds the prompt text with {instruction}, {input} and {output} placeholders.",
     )
