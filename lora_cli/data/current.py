@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_cli.atomic import write_text
 from lora_cli.config import RunConfig
@@ -139,9 +140,9 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     """Write `<cache_dir>/current.json` for what was just tokenized (entries: split -> cache.CacheEntry)."""
     flat, files = _flat(cfg), {}
     for split, entry in entries.items():
-        files[split] = {"path": str(getattr(cfg.data, split)), "sha256": entry.meta["parts"]["data_sha256"],
-                        "examples": entry.meta.get("counts", {}).get("examples", 0), "cache_key": entry.key,
-                        "tokenized": entry.meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S")}
+        files[split] = {"path": str(getattr(cfg.data, split)), "sha256": entry.meta.parts.data_sha256,
+                        "examples": entry.meta.counts.examples, "cache_key": entry.key,
+                        "tokenized": entry.meta.created or time.strftime("%Y-%m-%dT%H:%M:%S")}
     raw = {"version": VERSION, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), "cwd": os.getcwd(),
            "settings": {k: flat[k] for k in SETTINGS}, "eos_token": eos_token, "files": files}
     path = current_path(cfg.data.cache_dir)
@@ -150,7 +151,7 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     return _parse(raw, path)
 
 
-def _parse(raw, path: Path) -> CurrentDataset:
+def _parse(raw: dict[str, Any], path: Path) -> CurrentDataset:
     try:
         if raw.get("version") != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
             raise ValueError("not a current-dataset record of this lora-cli")
