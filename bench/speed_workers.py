@@ -91,13 +91,13 @@ def run_reference(model_dir: str, examples: list[dict], warmup: int, steps: int)
 
 
 def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, overrides: dict) -> dict:
-    """lora-cli's real training path (training.train_on) on in-memory tokenized examples."""
+    """lora-cli's real training path (recipe.LoRARecipe) on in-memory tokenized examples."""
     import torch
     from datasets import Dataset
 
     from lora_cli.config import RunConfig
     from lora_cli.model.load import quiet_libraries
-    from lora_cli.train.recipe import TrainingData, train_on
+    from lora_cli.train.recipe import LoRARecipe, TrainingData
     from lora_cli.train.runtime import place
 
     quiet_libraries()
@@ -142,7 +142,10 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = train_on(cfg, placement, TrainingData(ds, None, _Tok(), model_dir, {}), overwrite=True, reporter=reporter)
+    with LoRARecipe(cfg, overwrite=True, reporter=reporter) as recipe:
+        recipe.setup(placement=placement, data=TrainingData(ds, None, _Tok(), model_dir, {}))
+        recipe.train()
+        result = recipe.finish()
     metrics = f"{cfg.output.dir}/metrics.jsonl"
     losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if placement.is_main else []
     out = _result(times, reporter.per_step, warmup, losses)

@@ -282,7 +282,12 @@ class RunConfig(BaseModel):
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
             if section not in raw or key not in raw[section]:
-                raise LoraCliError(f"Unknown setting '{dotted}'. Settings look like train.lr or lora.r.")
+                import difflib
+
+                known = [f"{s}.{k}" for s, keys in raw.items() if isinstance(keys, dict) for k in keys]
+                close = [k for k in known if k.startswith(dotted)][:3] or difflib.get_close_matches(dotted, known, n=2)
+                hint = f" Did you mean {', '.join(close)}?" if close else " Settings look like train.lr or lora.r."
+                raise LoraCliError(f"Unknown setting '{dotted}'.{hint}")
             raw[section][key] = value
         return RunConfig.from_dict(raw)
 

@@ -51,7 +51,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from lora_cli.config_files import load_config_file
-    from lora_cli.train import checkpoint, recipe, run_folder
+    from lora_cli.train import checkpoint, observe, recipe, run_folder
 
     config, report = sys.argv[1], Path(sys.argv[2])
     if "fsdp" in sys.argv[3:]:
@@ -72,7 +72,7 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    spy(run_folder.OutputFolder, "append_metrics")
+    spy(observe.MetricsFile, "on_row")
     spy(run_folder.OutputFolder, "finish")
     spy(run_folder.OutputFolder, "start")
     original_save = checkpoint.save_checkpoint

@@ -73,3 +73,12 @@ def test_fingerprint_ignores_output_but_not_settings():
 def test_out_of_range_numbers_are_config_errors(override):
     with pytest.raises(LoraCliError, match="must be"):
         RunConfig().replace(override)
+
+
+def test_an_unknown_set_key_suggests_the_settings_it_may_have_meant():
+    with pytest.raises(LoraCliError) as err:
+        RunConfig().replace({"train.warmup": 10})
+    assert "Unknown setting 'train.warmup'. Did you mean train.warmup_steps, train.warmup_ratio?" in str(err.value)
+    with pytest.raises(LoraCliError) as err:
+        RunConfig().replace({"lora.rank": 8})
+    assert "lora.r" in str(err.value)

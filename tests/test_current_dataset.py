@@ -102,7 +102,7 @@ def test_a_data_file_changed_since_tokenize_is_tokenized_again_with_its_reason(t
     when = current.files["train"].tokenized.replace("T", " ")[:16]
     assert changed == [f"data/train.jsonl changed since it was tokenized ({when}): tokenizing it again."]
     assert reporter.messages.index(changed[0]) == reporter.messages.index("stage Tokenizing train.jsonl") - 1
-    assert not data.train.hit and data.val.hit and data.train.meta["counts"]["examples"] == 13
+    assert not data.train.hit and data.val.hit and data.train.meta.counts.examples == 13
 
     # the record follows the new content: the next run says nothing and reads the cache
     again = current_dataset.read(".lora-cache")

@@ -35,7 +35,7 @@ def refused(args: list[str], cwd: Path) -> tuple[str, float, float]:
     message, _, imported = res.stderr.rpartition("\nIMPORTED ")
     assert res.returncode == 1, res.stderr
     assert imported.strip() == "[]", f"imported {imported.strip()} before refusing"
-    assert "Traceback" not in res.stderr and message.strip().startswith("error:")
+    assert "Traceback" not in res.stderr and "error:" in message and not message.strip().startswith("Traceback")
     return message.strip(), cpu, wall
 
 
@@ -44,6 +44,9 @@ def refused(args: list[str], cwd: Path) -> tuple[str, float, float]:
     (["--train", "absent.jsonl"], "error: Data file absent.jsonl does not exist."),
     (["--train", "data/train.jsonl", "--val", "absent.jsonl"], "error: Data file absent.jsonl does not exist."),
     (["--config", "absent.yaml"], "error: Config file absent.yaml does not exist."),
+    (["--train", "data/train.jsonl", "--template", "alpacca"],
+     "error: Unknown template 'alpacca': not one of alpaca, alpaca-seed, chat and not a file. Did you mean "
+     "--template alpaca?"),
 ])
 def test_a_missing_data_file_or_config_is_refused_in_under_a_second(command, args, says, tmp_path):
     (tmp_path / "data").mkdir()
@@ -83,3 +86,23 @@ def test_a_changed_data_file_is_left_to_the_full_check_after_tokenizing(tiny_mod
     write_jsonl(train_f, rows[:-1])  # the same settings, other data: not "this run"
     res = runner.invoke(app, args)
     assert res.exit_code == 1 and "holds a different run" in res.output and "its content changed" in res.output
+
+
+def test_merge_into_an_existing_folder_is_refused_before_torch_loads(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapters"
+    adapter.mkdir()
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(8, 64), f"{prefix}.lora_B.weight": torch.zeros(64, 8)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM",
+         "base_model_name_or_path": "smollm2-135m"}))
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "mine.txt").write_text("keep me")
+    message, cpu, wall = refused(["merge", "-o", "merged", "--model", "smollm2-135m"], tmp_path)
+    assert "error: merged already exists." in message.splitlines()
+    assert cpu < 1.0 and wall < 5.0, (cpu, wall)
+    assert (tmp_path / "merged" / "mine.txt").read_text() == "keep me"

@@ -171,3 +171,11 @@ def test_every_choice_a_setting_allows_is_named_in_its_help():
     for _, f in select(("*",)):
         for choice in f.choices:
             assert choice in shown[flag_name(f).split("/")[0]], (f.name, choice)
+
+
+@pytest.mark.parametrize("command, usage", [("check-export", "check-export [OPTIONS] ARTIFACT"),
+                                            ("plot", "plot [OPTIONS] RUNS..."), ("train", "train [OPTIONS]")])
+def test_help_usage_names_arguments_as_their_panel_does_and_shows_no_markup_escapes(command, usage):
+    text = _help(command)
+    assert usage in text.splitlines()[1] and "{" not in text.splitlines()[1]
+    assert "\\[" not in text and "[default: ]" not in text

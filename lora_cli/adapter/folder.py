@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -80,13 +81,53 @@ def read_run_config(folder: str | Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+@dataclass
+class RunRecord:
+    """The `run:` section of run_config.yaml: what `lora-cli train` recorded about its run.
+
+    Beside the named fields it holds the run's decisions (device, precision, batching, ...; train's
+    plan.record), written at the same level. Read back from any version of lora-cli: a field an
+    older version did not write takes its default here, and nowhere else."""
+
+    fingerprint: str = ""  # run_fingerprint: the settings and the content trained on
+    lora_cli_version: str = ""
+    finished: bool = False  # true once every final file is in place
+    tokenize_cache: dict[str, str] = field(default_factory=dict)  # split -> tokenize cache key
+    data_sha256: dict[str, str] = field(default_factory=dict)  # split -> sha256 of the data file
+    base_model: dict[str, Any] = field(default_factory=dict)  # model/identity.py's identity of the base
+    decisions: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None  # what the loop did (train's LoopSummary), once finished
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
+        named = {f.name for f in fields(cls)} - {"decisions"}
+        return cls(**{k: v for k, v in raw.items() if k in named and v is not None},
+                   decisions={k: v for k, v in raw.items() if k not in named})
+
+    def to_dict(self) -> dict[str, Any]:
+        """As run_config.yaml holds it: the named fields, the decisions, then the summary if any."""
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("decisions", "summary")}
+        return raw | self.decisions | ({"summary": self.summary} if self.summary is not None else {})
+
+
+def read_run_record(folder: str | Path) -> RunRecord | None:
+    """The `run:` section of the folder's run_config.yaml; None when there is no readable one."""
+    saved = read_run_config(folder)
+    return run_record(saved) if saved is not None else None
+
+
+def run_record(saved: dict[str, Any]) -> RunRecord:
+    """The `run:` section of a run config read as a dict (an empty record when it has none)."""
+    run = saved.get("run")
+    return RunRecord.from_dict(run if isinstance(run, dict) else {})
+
+
 def is_finished(folder: str | Path) -> bool | None:
     """True/False for a lora-cli run folder; None for a folder without a run config (peft's own)."""
     saved = read_run_config(folder)
     if saved is None:
         return None if not (Path(folder) / RUN_CONFIG).exists() else False
-    run = saved.get("run")
-    return isinstance(run, dict) and run.get("finished") is True
+    return run_record(saved).finished is True
 
 
 def _read_json(path: Path) -> dict:

@@ -161,6 +161,7 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     if base_weights == "auto":
         base_weights = trained_base_weights(info.quantization)
     output = Path(output)
+    check_output(output, info.path, force)  # the refusals that need nothing loaded come first: well under a second
     check_writable(output, "folder", "-o", _merged_bytes(info, dtype), f"the merged model in {dtype}")
     with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o folder."):
         return _merge_into(info, output, dtype, base_weights, check_output(output, info.path, force), reporter)

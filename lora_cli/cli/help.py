@@ -43,7 +43,7 @@ def default_text(param: Any) -> str | None:
         return None
     if isinstance(default, (list, tuple)):
         return ",".join(str(d) for d in default) or None
-    return str(default)
+    return str(default) or None  # an empty text default says nothing
 
 
 def _console():
@@ -61,7 +61,7 @@ def _table(params: list[Any], ctx: Any):
     table.add_column(no_wrap=True, min_width=max(len(names(p, ctx)) for p in params), style="bold cyan")
     table.add_column(ratio=1, overflow="fold")
     for param in params:
-        help_text = Text(getattr(param, "help", None) or "")
+        help_text = Text((getattr(param, "help", None) or "").replace("\\[", "["))  # escapes for rich markup elsewhere
         default = default_text(param)
         if default is not None:
             help_text.append((" " if help_text else "") + f"[default: {default}]", style="dim")
@@ -78,8 +78,9 @@ class PanelledCommand(typer.core.TyperCommand):
         from rich.text import Text
 
         console = _console()
-        console.print(Padding(Text(" ".join(self.collect_usage_pieces(ctx)).join(
-            [f"Usage: {ctx.command_path} ", ""]), style="bold"), (1, 1, 0, 1)))
+        arguments = [names(p, ctx) for p in self.get_params(ctx) if isinstance(p, typer.core.TyperArgument)]
+        usage = " ".join([ctx.command_path, self.options_metavar or "[OPTIONS]", *arguments])
+        console.print(Padding(Text(f"Usage: {usage}", style="bold"), (1, 1, 0, 1)))
         if self.help:
             paragraphs = [" ".join(p.split()) for p in self.help.split("\n\n")]
             console.print(Padding(Text("\n\n".join(paragraphs)), (1, 1, 1, 1)))

@@ -14,32 +14,38 @@ previous example's last.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lora_cli.model.loss import IGNORE
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
 
 PAD_MULTIPLE = 64  # packed rows are padded to a multiple of this: fewer distinct shapes for kernels
 
 
 @dataclass
 class MicroBatch:
-    input_ids: object  # LongTensor [B, L]
-    targets: object  # LongTensor [B, L], -100 where no loss
-    attention_mask: object | None
-    position_ids: object | None
+    input_ids: torch.Tensor  # LongTensor [B, L]
+    targets: torch.Tensor  # LongTensor [B, L], -100 where no loss
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
     n_targets: int
     n_real: int  # tokens that belong to examples
     n_padded: int  # tokens processed, padding included
-    target_index: object = None  # flat positions with a target: the loss needs no device sync to find them
+    target_index: torch.Tensor | None = None  # flat positions with a target: the loss needs no device sync to find them
 
     def __post_init__(self) -> None:
         if self.target_index is None:
             self.target_index = (self.targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
 
-    def to(self, device) -> "MicroBatch":
+    def to(self, device: torch.device | str) -> MicroBatch:
         cuda = getattr(device, "type", str(device)).startswith("cuda")
 
-        def move(t):
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
             return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
@@ -47,12 +53,12 @@ class MicroBatch:
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids),
                           self.n_targets, self.n_real, self.n_padded, move(self.target_index))
 
-    def loss_args(self) -> tuple:
+    def loss_args(self) -> tuple[Any, ...]:
         """Arguments of the loss module (see loss.make_loss_module)."""
         return (self.input_ids, self.targets, self.attention_mask, self.position_ids, self.target_index,
                 self.n_targets)
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self) -> dict[str, torch.Tensor]:
         out = {"input_ids": self.input_ids}
         if self.attention_mask is not None:
             out["attention_mask"] = self.attention_mask
@@ -71,7 +77,8 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
-def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int, budget: int):
+def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int, budget: int
+               ) -> Iterator[tuple[list[int], list[list[int]]]]:
     """Yield (micro-batch, its rows): examples placed in the first row they fit, in order.
 
     A micro-batch is at most `rows` rows of at most `row_tokens` tokens, and at most `budget`
@@ -191,7 +198,7 @@ def collate_padded(rows: list[dict], pad_id: int, static_rows: int = 0) -> Micro
 class Batcher:
     """Plans and collates micro-batches for one dataset split."""
 
-    dataset: object  # datasets.Dataset with input_ids, labels, length, n_targets
+    dataset: Dataset  # with input_ids, labels, length, n_targets
     packed: bool
     batch_size: int
     max_tokens: int
@@ -261,6 +268,3 @@ class StepPlan:
     def step(self, epoch: int, index: int) -> list[list[int]]:
         """The micro-batches of optimizer step `index` (0-based) of `epoch`, over all processes."""
         return self.micro_batches(epoch)[index * self.per_step:(index + 1) * self.per_step]
-
-    def total_steps(self, epochs: int, max_steps: int = 0) -> int:
-        return max_steps or sum(self.steps_in(e) for e in range(epochs))

@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,9 @@ from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.writable import check_writable
 
 if TYPE_CHECKING:
-    from datasets import Features
+    from collections.abc import Iterator
+
+    from datasets import Dataset, Features
     from transformers import PreTrainedTokenizerBase
 
     from lora_cli.data.overlap import RecordDigests
@@ -73,37 +75,90 @@ def tokenizer_digest(tokenizer_dir: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class CacheParts:
+    """Every input of tokenization: the entry's key hashes exactly these (as JSON, keys sorted)."""
+
+    format: int  # FORMAT_VERSION
+    data_sha256: str  # of the data file's bytes
+    tokenizer: str  # tokenizer_digest of the tokenizer's files
+    tokenizer_class: str
+    template: str  # the template's identity()
+    max_length: int
+    train_on_prompt: bool
+    add_eos: bool
+    skip_invalid: bool
+
+
+@dataclass
+class TokenCounts:
+    """What tokenizing a file found, in records, examples and tokens."""
+
+    records: int = 0
+    invalid: int = 0
+    examples: int = 0
+    tokens: int = 0
+    targets: int = 0  # tokens that carry a label (the response loss is taken over them)
+    truncated: int = 0
+    no_target: int = 0  # examples left out: truncation left them no trained token
+    lost_eos: int = 0  # examples whose closing eos truncation cut
+
+
+@dataclass
+class CacheMeta:
+    """An entry's meta.json: its key and inputs, and what a run reusing it must say again."""
+
+    key: str
+    split: str
+    source: str  # the data file
+    parts: CacheParts
+    counts: TokenCounts
+    skipped_lines: list[int] = field(default_factory=list)  # invalid records skipped (--skip-invalid)
+    left_out_lines: list[int] = field(default_factory=list)  # the first KEPT_LINES left out
+    lost_eos_lines: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the first KEPT_WARNINGS
+    seconds: float = 0.0  # spent tokenizing
+    created: str = ""  # local time, ISO 8601 to the second
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CacheMeta:
+        """From meta.json (TypeError or KeyError when it is not one of this format's)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known} | {
+            "parts": CacheParts(**raw["parts"]), "counts": TokenCounts(**raw["counts"])})
+
+
 @dataclass
 class CacheEntry:
     split: str
     key: str
     path: Path
     hit: bool
-    meta: dict
+    meta: CacheMeta
 
     def notes(self) -> list[str]:
         """What a run using this entry tells the user about its data, on a cache hit as when built."""
-        out = [f"warning {w}" for w in self.meta.get("warnings", [])]
-        counts, max_length = self.meta.get("counts", {}), self.meta.get("parts", {}).get("max_length", 0)
-        if counts.get("no_target"):
-            out.append(left_out_note(counts["no_target"], self.meta.get("left_out_lines", []), max_length, self.split))
-        if counts.get("lost_eos"):
-            out.append("warning " + lost_eos_note(counts["lost_eos"], self.meta.get("lost_eos_lines", []), max_length,
-                                                  self.split))
-        skipped = self.meta.get("skipped_lines", [])
-        if counts.get("invalid") and self.meta.get("parts", {}).get("skip_invalid"):
-            shown = ", ".join(str(n) for n in skipped[:10]) + (" ..." if counts["invalid"] > 10 else "")
-            out.append(f"--skip-invalid: {counts['invalid']:,} invalid {self.split} record(s) skipped"
+        meta = self.meta
+        out = [f"warning {w}" for w in meta.warnings]
+        counts, max_length = meta.counts, meta.parts.max_length
+        if counts.no_target:
+            out.append(left_out_note(counts.no_target, meta.left_out_lines, max_length, self.split))
+        if counts.lost_eos:
+            out.append("warning " + lost_eos_note(counts.lost_eos, meta.lost_eos_lines, max_length, self.split))
+        skipped = meta.skipped_lines
+        if counts.invalid and meta.parts.skip_invalid:
+            shown = ", ".join(str(n) for n in skipped[:10]) + (" ..." if counts.invalid > 10 else "")
+            out.append(f"--skip-invalid: {counts.invalid:,} invalid {self.split} record(s) skipped"
                        + (f" (line{'s' if len(skipped) > 1 else ''} {shown})" if skipped else "") + ".")
         return out
 
-    def digests(self):
+    def digests(self) -> RecordDigests | None:
         """The entry's records as overlap.RecordDigests (None for an entry without them)."""
         from lora_cli.data.overlap import RecordDigests
 
         return RecordDigests.load(self.path)
 
-    def load(self):
+    def load(self) -> Dataset:
         from datasets import load_from_disk
 
         try:
@@ -113,13 +168,13 @@ class CacheEntry:
                                "Rebuild it with lora-cli tokenize --force (or delete the folder).") from None
 
 
-def _key(parts: dict) -> str:
+def _key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate, policy: LabelPolicy,
-          skip_invalid: bool, counters: dict, issues: list, left_out: list, progress: Stage,
-          digests: RecordDigests | None = None, lost_eos: list[int] | None = None):
+          skip_invalid: bool, counters: dict[str, int], issues: list[Issue], left_out: list[int], progress: Stage,
+          digests: RecordDigests | None = None, lost_eos: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
     stats = ScanStats(str(path))
     pending = []
@@ -130,7 +185,7 @@ def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate
         issues.append(issue)
         errors[0] += issue.severity == "error"
 
-    def flush():
+    def flush() -> None:
         encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
                                            str(path))
         issues.extend(refused)
@@ -179,13 +234,9 @@ def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBa
     when the entry is in fact built."""
     path = Path(path)
     digest, n_lines = file_digest(path)
-    parts = {
-        "format": FORMAT_VERSION, "data_sha256": digest, "tokenizer": tokenizer_digest(tokenizer_dir),
-        "tokenizer_class": type(tokenizer).__name__, "template": template.identity(),
-        "max_length": policy.max_length, "train_on_prompt": policy.train_on_prompt, "add_eos": policy.add_eos,
-        "skip_invalid": skip_invalid,
-    }
-    key = _key(parts)
+    parts = CacheParts(FORMAT_VERSION, digest, tokenizer_digest(tokenizer_dir), type(tokenizer).__name__,
+                       template.identity(), policy.max_length, policy.train_on_prompt, policy.add_eos, skip_invalid)
+    key = _key(asdict(parts))
     entry_dir = Path(cache_dir) / "tokenized" / key
     hit = None if force else _hit(split, key, entry_dir)
     if hit is not None:
@@ -207,15 +258,15 @@ def _hit(split: str, key: str, entry_dir: Path) -> CacheEntry | None:
     meta_path = entry_dir / "meta.json"
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key and (entry_dir / "data" / "dataset_info.json").is_file():
+            meta = CacheMeta.from_dict(json.loads(meta_path.read_text()))
+            if meta.key == key and (entry_dir / "data" / "dataset_info.json").is_file():
                 return CacheEntry(split, key, entry_dir, True, meta)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, KeyError):  # not this format's meta.json
             pass
     return None
 
 
-def _generate(gen_kwargs: dict, features: Features, key: str, build_dir: Path):
+def _generate(gen_kwargs: dict[str, Any], features: Features, key: str, build_dir: Path) -> Dataset:
     """Dataset.from_generator over `_rows`, with the real error instead of datasets' wrapper.
 
     datasets wraps whatever the generator (or its Arrow writer) raises in a
@@ -236,8 +287,8 @@ def _generate(gen_kwargs: dict, features: Features, key: str, build_dir: Path):
 
 
 def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
-           policy: LabelPolicy, skip_invalid: bool, parts: dict[str, Any], key: str, entry_dir: Path, n_lines: int,
-           reporter: Reporter):
+           policy: LabelPolicy, skip_invalid: bool, parts: CacheParts, key: str, entry_dir: Path, n_lines: int,
+           reporter: Reporter) -> CacheEntry:
     from datasets import Features, Sequence, Value
     from datasets.utils.logging import disable_progress_bar
 
@@ -273,11 +324,10 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
             warnings = [str(i) for i in issues if i.severity == "warning"]
-            meta = {"key": key, "split": split, "source": str(path), "parts": parts, "counts": counters,
-                    "skipped_lines": [i.line for i in errors][:1000], "left_out_lines": left_out, "lost_eos_lines": lost_eos,
-                    "warnings": warnings[:KEPT_WARNINGS], "seconds": round(time.time() - t0, 3),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            write_text(tmp / "meta.json", json.dumps(meta, indent=2))
+            meta = CacheMeta(key, split, str(path), parts, TokenCounts(**counters), [i.line for i in errors][:1000],
+                             left_out, lost_eos, warnings[:KEPT_WARNINGS], round(time.time() - t0, 3),
+                             time.strftime("%Y-%m-%dT%H:%M:%S"))
+            write_text(tmp / "meta.json", json.dumps(asdict(meta), indent=2))
     return CacheEntry(split, key, entry_dir, False, meta)
 
 

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.data.records import Example
-from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate
+from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate, TextTemplate
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")  # the placeholders templates._fill substitutes
 
@@ -52,7 +56,7 @@ class PromptShape:
         return self.head + content + self.tail
 
 
-def prompt_shape(template) -> PromptShape:
+def prompt_shape(template: TextTemplate) -> PromptShape:
     """The shape of a TextTemplate; LoraCliError for a layout no chat message can express."""
     parts = _PLACEHOLDER.split(template.with_input)
     names = parts[1::2]
@@ -72,14 +76,14 @@ def prompt_shape(template) -> PromptShape:
     return shape
 
 
-def user_content(template, instruction: str, input: str = "") -> str:
+def user_content(template: TextTemplate | ChatTemplate, instruction: str, input: str = "") -> str:
     """The user message that makes the exported templates render a record's training prompt."""
     if isinstance(template, ChatTemplate):
         return ChatTemplate._messages(Example(0, instruction, input, ""))[0]["content"]
     return prompt_shape(template).content(instruction, input)
 
 
-def describe_mapping(template) -> str:
+def describe_mapping(template: TextTemplate | ChatTemplate) -> str:
     """One line for users: what to send as the user message (the prompt) for an instruction and input."""
     if isinstance(template, ChatTemplate):
         sep = TURN_SEPARATOR
@@ -126,7 +130,8 @@ def text_chat_template(shape: PromptShape, prefix: str, eos: str) -> str:
     ])
 
 
-def gguf_chat_template(template, tokenizer, prefix: str, eos: str) -> str:
+def gguf_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase, prefix: str,
+                       eos: str) -> str:
     """The chat template for the GGUF metadata: the tokenizer's own for `chat`, else the text template's.
 
     For `chat`, the tokens training puts in front (a BOS) open the template, since training put them
@@ -142,7 +147,8 @@ def gguf_chat_template(template, tokenizer, prefix: str, eos: str) -> str:
     return text_chat_template(prompt_shape(template), prefix, eos)
 
 
-def training_chat_template(template, tokenizer, add_eos: bool) -> str:
+def training_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase,
+                           add_eos: bool) -> str:
     """The chat template that renders conversations as training rendered them, for `tokenizer`.
 
     `add_eos`: training appended the eos after answers. transformers' apply_chat_template(tokenize=True)

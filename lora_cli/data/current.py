@@ -17,12 +17,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_cli.atomic import write_text
 from lora_cli.config import RunConfig
 from lora_cli.config_files import build_config
 from lora_cli.data.cache import file_digest
 from lora_cli.data.records import open_data_file
+from lora_cli.data.templates import get_template
 from lora_cli.errors import LoraCliError
 
 CURRENT_FILE = "current.json"
@@ -138,9 +140,9 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     """Write `<cache_dir>/current.json` for what was just tokenized (entries: split -> cache.CacheEntry)."""
     flat, files = _flat(cfg), {}
     for split, entry in entries.items():
-        files[split] = {"path": str(getattr(cfg.data, split)), "sha256": entry.meta["parts"]["data_sha256"],
-                        "examples": entry.meta.get("counts", {}).get("examples", 0), "cache_key": entry.key,
-                        "tokenized": entry.meta.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S")}
+        files[split] = {"path": str(getattr(cfg.data, split)), "sha256": entry.meta.parts.data_sha256,
+                        "examples": entry.meta.counts.examples, "cache_key": entry.key,
+                        "tokenized": entry.meta.created or time.strftime("%Y-%m-%dT%H:%M:%S")}
     raw = {"version": VERSION, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), "cwd": os.getcwd(),
            "settings": {k: flat[k] for k in SETTINGS}, "eos_token": eos_token, "files": files}
     path = current_path(cfg.data.cache_dir)
@@ -149,7 +151,7 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     return _parse(raw, path)
 
 
-def _parse(raw, path: Path) -> CurrentDataset:
+def _parse(raw: dict[str, Any], path: Path) -> CurrentDataset:
     try:
         if raw.get("version") != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
             raise ValueError("not a current-dataset record of this lora-cli")
@@ -217,6 +219,7 @@ def resolve(command: str, flags: dict | None = None, config_file: str | None = N
     cfg = build_config(config_file, sets, flags or {})
     if command in _WHEN_NO_TRAIN and cfg.data.train:
         check_data_files(cfg, None)
+        get_template(cfg.data.template)  # a misspelt name or a missing file: refused before anything loads
         return Resolved(cfg, None, None)
     current = read(cfg.data.cache_dir)
     if current is None:
@@ -227,6 +230,8 @@ def resolve(command: str, flags: dict | None = None, config_file: str | None = N
                            "file.", _REMEDY[command])
     if command != "param-report":
         check_data_files(cfg, current, ("val",) if command in ("eval", "generate") else SPLITS)
+    if command in ("train", "tokenize", "validate-data"):
+        get_template(cfg.data.template)
     val = current.files.get("val")
     said = _SAID[command].format(what=current.describe(cfg), model=cfg.model.name, file=current.file,
                                  val=cfg.data.val, n=f"{val.examples:,}" if val else "?")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_cli.errors import LoraCliError
@@ -53,7 +54,7 @@ def _out_name(path: Path) -> str:
     return name + (".converted.jsonl" if name + ".jsonl" == path.name else ".jsonl")
 
 
-def _pyarrow(mod: str, reader: str, tail: str = ""):
+def _pyarrow(mod: str, reader: str, tail: str = "") -> Callable[[str, str], str]:  # hint(path, out)
     return lambda p, o: "Convert it to JSON Lines: " + _PYARROW_ROWS.format(mod=mod, reader=reader, tail=tail,
                                                                            path=p, out=o)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def digest(example: Example) -> int:
 class RecordDigests:
     """The digests and line numbers of a file's records, in file order."""
 
-    def __init__(self, digests=None, lines=None):
+    def __init__(self, digests: Iterable[int] | None = None, lines: Iterable[int] | None = None) -> None:
         self._d = array("Q", digests if digests is not None else [])
         self._l = array("I", lines if lines is not None else [])
 

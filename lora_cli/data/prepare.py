@@ -86,7 +86,7 @@ def _moved_on(current: current_dataset.CurrentDataset | None, cfg: RunConfig, en
     return {s: e.key for s, e in entries.items()} != {s: f.cache_key for s, f in current.files.items()}
 
 
-def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter) -> None:
+def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter: Reporter) -> None:
     """A warning when validation records are also training records (from the entries' digests)."""
     from lora_cli.data.overlap import shared, val_overlap_note
 
@@ -95,5 +95,5 @@ def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter) -> None:
         return
     pairs = shared(val_digests, train_digests)
     if pairs:
-        reporter.message("warning " + val_overlap_note(pairs, len(val_digests), val.meta.get("source", "val"),
-                                                      train.meta.get("source", "train")))
+        reporter.message("warning " + val_overlap_note(pairs, len(val_digests), val.meta.source,
+                                                      train.meta.source))

@@ -19,10 +19,11 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from lora_cli.errors import LoraCliError
 
+IssueSink = Callable[[str, str], None]  # (field, message): one defect of the record being parsed
 ROLES = ("system", "user", "assistant")
 FIELDS = ("instruction", "input", "output")
 # Keys that people often use instead of ours; named in the error to save a round trip.
@@ -79,7 +80,7 @@ class Example:
         return len(self.instruction) + len(self.input) + len(self.output) + earlier
 
 
-def open_data_file(path: str | Path):
+def open_data_file(path: str | Path) -> BinaryIO:
     """The data file opened for binary reading, or a message saying why it cannot be."""
     path = Path(path)
     try:
@@ -105,7 +106,7 @@ def open_lines(path: str | Path, cr_only: bool = False) -> Iterator[tuple[int, b
             yield number, raw.rstrip(b"\r\n")
 
 
-def _cr_lines(fh, chunk: int = 1 << 20) -> Iterator[bytes]:
+def _cr_lines(fh: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The lines of a binary file whose lines end in CR, in bounded memory."""
     rest = b""
     while block := fh.read(chunk):
@@ -119,7 +120,7 @@ def _cr_lines(fh, chunk: int = 1 << 20) -> Iterator[bytes]:
 class Element:
     """One element of a JSON array file, already parsed."""
 
-    value: object
+    value: Any  # whatever json.loads gives: a record is checked to be an object by parse_value
 
 
 def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue"]]:
@@ -154,7 +155,7 @@ def _is_encodable(text: str) -> bool:
     return True
 
 
-def _string_field(obj: dict, key: str, issue, *, optional: bool) -> str | None:
+def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: bool) -> str | None:
     if key not in obj:
         if optional:
             return ""
@@ -180,7 +181,7 @@ def _string_field(obj: dict, key: str, issue, *, optional: bool) -> str | None:
     return value
 
 
-def _parse_messages(value, issue) -> list[dict] | None:
+def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None:
     if not isinstance(value, list) or not value:
         issue("messages", "'messages' must be a non-empty list of {role, content} objects")
         return None
@@ -245,7 +246,7 @@ def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list
     return parse_value(obj, number, file)
 
 
-def parse_value(obj, number: int, file: str) -> tuple[Example | None, list[Issue]]:
+def parse_value(obj: Any, number: int, file: str) -> tuple[Example | None, list[Issue]]:
     """Validate one parsed record (a JSON Lines line or a JSON array's element)."""
     issues: list[Issue] = []
 
@@ -267,7 +268,7 @@ def parse_value(obj, number: int, file: str) -> tuple[Example | None, list[Issue
     return example, issues
 
 
-def _chat_record(obj: dict, number: int, issue) -> Example | None:
+def _chat_record(obj: dict[str, Any], number: int, issue: IssueSink) -> Example | None:
     if "messages" not in obj:
         found = _found_instead(obj, "messages")
         issue("messages", f"missing field 'messages' (found '{found}': rename it to 'messages', with "
@@ -288,7 +289,7 @@ def _chat_record(obj: dict, number: int, issue) -> Example | None:
     return Example(number, messages=messages)
 
 
-def _parse_history(value, issue) -> list[tuple[str, str]]:
+def _parse_history(value: Any, issue: IssueSink) -> list[tuple[str, str]]:
     """LLaMA-Factory's `history`: earlier turns as [[user, assistant], ...]; null or absent: none."""
     if value is None:
         return []
@@ -359,13 +360,13 @@ class ScanStats:
     warnings: int = 0
 
 
-def iter_examples(path: str | Path, on_issue=None, stats: ScanStats | None = None) -> Iterator[Example]:
+def iter_examples(path: str | Path, on_issue: Callable[[Issue], None] | None = None,
+                  stats: ScanStats | None = None) -> Iterator[Example]:
     """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
 
     A warning about a look-alike field is reported for the first line that has it, not for every one."""
     path = Path(path)
-    name = str(path)
-    warned: set[str] = set()
+    name, warned = str(path), set[str]()
     for number, unit in read_units(path):
         if stats is not None:
             stats.lines = number
@@ -393,8 +394,6 @@ def _count(stats: ScanStats, example: Example | None, issues: list[Issue]) -> No
     errors = sum(1 for i in issues if i.severity == "error")
     stats.errors += errors
     stats.warnings += len(issues) - errors
-    if example is None:
-        stats.invalid += 1
-    else:
-        stats.valid += 1
-        stats.chat += int(example.is_chat)
+    stats.invalid += example is None
+    stats.valid += example is not None
+    stats.chat += int(example is not None and example.is_chat)

@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from lora_cli.data.duplicates import DuplicateFinder
 from lora_cli.data.file_kinds import NOT_JSONL, NotJsonLines
@@ -86,7 +86,7 @@ class DataReport:
         return self.errors == 0
 
     def to_dict(self) -> dict:
-        def stats(s: LengthStats | None):
+        def stats(s: LengthStats | None) -> dict[str, Any] | None:
             return None if s is None else {k: getattr(s, k) for k in ("unit", "count", "mean", "p50", "p90", "max")}
 
         return {

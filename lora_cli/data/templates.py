@@ -16,9 +16,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_cli.data.records import Example
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -73,14 +77,14 @@ class TextTemplate:
     def identity(self) -> str:
         return f"text:{self.name}\n{self.with_input}\n--\n{self.without_input}\n--\n{self.suffix}"
 
-    def check(self, tokenizer) -> None:
+    def check(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         """Whether this template can render with `tokenizer` (a text template always can)."""
 
     def prompt_text(self, instruction: str, input: str = "") -> str:
         use = self.with_input if (input.strip() or self.without_input is None) else self.without_input
         return _fill(use, {"instruction": instruction, "input": input})
 
-    def segments(self, example: Example, tokenizer=None) -> Segments:
+    def segments(self, example: Example, tokenizer: PreTrainedTokenizerBase | None = None) -> Segments:
         system, turns = _turns(example)
         out: Segments = []
         prefix = system + TURN_SEPARATOR if system else ""
@@ -101,7 +105,7 @@ class ChatTemplate:
         return "chat"  # the template text itself is part of the tokenizer files' hash
 
     @staticmethod
-    def check(tokenizer) -> None:
+    def check(tokenizer: PreTrainedTokenizerBase | None) -> None:
         """LoraCliError when `tokenizer` has no chat template (asked before any model loads)."""
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise LoraCliError(
@@ -110,7 +114,7 @@ class ChatTemplate:
             )
 
     @staticmethod
-    def opens_with(tokenizer, text: str) -> bool:
+    def opens_with(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
         """Whether the chat template itself writes `text` (a BOS) before a conversation."""
         try:
             rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
@@ -130,7 +134,7 @@ class ChatTemplate:
         user = example.instruction + (TURN_SEPARATOR + example.input if example.input.strip() else "")
         return [*messages, {"role": "user", "content": user}, {"role": "assistant", "content": example.output}]
 
-    def segments(self, example: Example, tokenizer=None) -> Segments:
+    def segments(self, example: Example, tokenizer: PreTrainedTokenizerBase | None = None) -> Segments:
         """Split the rendered conversation at each assistant turn by rendering its prefixes."""
         self.check(tokenizer)
         messages = self._messages(example)
@@ -182,13 +186,18 @@ BUILTIN = {
 }
 
 
-def get_template(name: str):
+def get_template(name: str) -> TextTemplate | ChatTemplate:
+    """A built-in template by name, or a template file (LoraCliError for neither)."""
     if name in BUILTIN:
         return BUILTIN[name]()
     path = Path(name)
     if path.is_file():
         return _load_file_template(path)
+    import difflib
+
+    close = difflib.get_close_matches(name, list(BUILTIN), n=1)
     raise LoraCliError(
-        f"Unknown template '{name}': not one of {', '.join(BUILTIN)} and not a file.",
+        f"Unknown template '{name}': not one of {', '.join(BUILTIN)} and not a file."
+        + (f" Did you mean --template {close[0]}?" if close else ""),
         "A template file holds the prompt text with {instruction}, {input} and {output} placeholders.",
     )

@@ -129,7 +129,8 @@ def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     return apply_or_reject(examples, render, file)[1]
 
 
-def check_system_message(system: str, tokenizer, template, flag: str = "--system") -> None:
+def check_system_message(system: str, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
+                         flag: str = "--system") -> None:
     """LoraCliError (one line naming `flag`) when the template cannot render a conversation that opens
     with this system message, as Gemma's chat template refuses any; asked before a model loads."""
     conversation = [{"role": "system", "content": system}, {"role": "user", "content": "hello"}]

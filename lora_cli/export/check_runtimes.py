@@ -103,7 +103,8 @@ class LlamaCppRuntime:
     def __init__(self, model_file: Path, lora_file: Path | None = None, n_ctx: int = 2048, threads: int | None = None):
         if not llama_cpp_available():
             raise LoraCliError("Checking an export in llama.cpp needs llama-cpp-python, which is not installed.",
-                               f"Install it with: {RUNTIME_EXTRA}  (it compiles llama.cpp: 10-20 minutes on 2 cores).")
+                               f"Install it with: {RUNTIME_EXTRA}  (it compiles llama.cpp: 10-20 minutes on 2 cores), "
+                           "or check with transformers' GGUF loader now: --runtime transformers.")
         import llama_cpp
 
         self._lib = llama_cpp

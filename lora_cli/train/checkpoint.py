@@ -19,6 +19,7 @@ from lora_cli.atomic import TMP_PREFIX, atomic_dir
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
+    import torch
     from torch.optim.lr_scheduler import LRScheduler
 
 STATE = "trainer_state.json"
@@ -42,8 +43,8 @@ class LoopState:
     fsdp: bool = False  # made with the base sharded (FSDP): resumes only the same way
     first_loss: float | None = None  # train loss of the first log window (the whole run's, across resumes)
     last_loss: float | None = None
-    eval_losses: list = field(default_factory=list)
-    stop_rates: list = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
+    eval_losses: list[float] = field(default_factory=list)
+    stop_rates: list[list[int]] = field(default_factory=list)  # [stopped, prompts] of each evaluation's probe (--eval-generate)
     # early stopping (--early-stopping-patience): the best evaluation after training began, and since when
     best_eval_loss: float | None = None
     best_stop_rate: float | None = None  # that evaluation's stop rate (--select-by stop-rate)
@@ -75,10 +76,10 @@ class Checkpoint:
 
     path: Path
     state: LoopState
-    adapter: dict
-    optimizer: dict
-    scheduler: dict
-    rng: dict
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
 
 
 def checkpoint_dir(root: Path) -> Path:
@@ -87,18 +88,21 @@ def checkpoint_dir(root: Path) -> Path:
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (by optimizer step)."""
+    return [p for _, p in _by_step(root)]
+
+
+def _by_step(root: Path) -> list[tuple[int, Path]]:
+    """(optimizer step, folder) of each complete checkpoint, oldest first."""
     folder = checkpoint_dir(root)
-    if not folder.is_dir():
-        return []
     found = []
-    for p in folder.iterdir():
+    for p in folder.iterdir() if folder.is_dir() else []:
         if p.name.startswith(TMP_PREFIX) or not (p / STATE).is_file():
             continue
         try:
-            found.append((json.loads((p / STATE).read_text())["step"], p))
-        except (OSError, ValueError, KeyError):
+            found.append((int(json.loads((p / STATE).read_text())["step"]), p))
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name))]
+    return sorted(found, key=lambda x: (x[0], x[1].name))
 
 
 def _torch_save(obj: Any, path: Path) -> None:
@@ -142,23 +146,13 @@ def prune(root: Path, keep: int, protect: Path | None = None, step: int | None =
     """Keep the newest `keep` checkpoints (and `also_keep`). With `step` (the one just saved), also
     drop any made at a later step: they belong to a timeline abandoned by --resume-from an older
     checkpoint, and left in place a later --resume would pick them as the latest."""
-    existing = list_checkpoints(root)
-    if step is not None:
-        stale = [p for p in existing if _step_of(p) > step]
-        existing = [p for p in existing if p not in stale]
-    else:
-        stale = []
+    found = _by_step(root)
+    stale = [p for n, p in found if step is not None and n > step]
+    existing = [p for n, p in found if p not in stale]
     kept = {p.resolve() for p in (protect, also_keep) if p is not None}
     for old in stale + existing[: max(0, len(existing) - keep)]:
         if old.resolve() not in kept:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(json.loads((path / STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
 
 
 def read_state(path: Path) -> LoopState:
@@ -188,13 +182,3 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except Exception as exc:  # corrupt or foreign files: say which checkpoint, not a traceback
         raise LoraCliError(f"Checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     return Checkpoint(path, state, adapter, optim, sched, rng)
-
-
-def restore_rng(rng: dict) -> None:
-    import torch
-
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        states = rng["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -22,21 +22,21 @@ class InterruptFlag:
         self.reporter = reporter
         self.set = False
         self.signum = signal.SIGINT
-        self._old: dict = {}
+        self._old: dict[int, Any] = {}  # signal -> the handler it had
 
-    def _handler(self, signum: int, frame: FrameType | None):
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.set:
             raise KeyboardInterrupt
         self.set, self.signum = True, signum
         self.reporter.message("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort).")
 
-    def __enter__(self):
+    def __enter__(self) -> InterruptFlag:
         for name in self.SIGNALS:
             with contextlib.suppress(ValueError, AttributeError):  # not the main thread: no handler
                 sig = getattr(signal, name)
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc: object):
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)

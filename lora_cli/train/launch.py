@@ -23,16 +23,7 @@ def resume_command(argv: list[str], env: Mapping[str, str] | None = None) -> str
     older checkpoint). A run started with --gpus N runs as N processes whose own argv lacks it
     (strip_gpus); it is put back, since a checkpoint resumes only on as many processes."""
     env = os.environ if env is None else env
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in START_FLAGS or any(arg.startswith(o + "=") for o in START_OPTIONS):
-            continue
-        elif arg in START_OPTIONS:
-            skip = True
-        else:
-            kept.append(arg)
+    kept = _without(argv, START_FLAGS, START_OPTIONS)
     world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "1")
     if world == local and world.isdigit() and int(world) > 1 and not any(a.startswith("--gpus") for a in kept):
         kept += ["--gpus", world]
@@ -58,20 +49,22 @@ def launch_if_asked(gpus: int | None, fsdp: bool) -> int | None:
 
 def strip_gpus(argv: list[str]) -> list[str]:
     """The workers' argv: without --gpus N and --fsdp, which the launcher's own flags carry."""
-    out, skip = [], False
+    return _without(argv, ("--fsdp",), ("--gpus",))
+
+
+def _without(argv: list[str], flags: tuple[str, ...], options: tuple[str, ...]) -> list[str]:
+    """`argv` less `flags`, and less `options` with their values (--option VALUE or --option=VALUE)."""
+    kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
+        elif arg in flags or any(arg.startswith(o + "=") for o in options):
             continue
-        if arg == "--fsdp":
-            continue
-        if arg == "--gpus":
+        elif arg in options:
             skip = True
-            continue
-        if arg.startswith("--gpus="):
-            continue
-        out.append(arg)
-    return out
+        else:
+            kept.append(arg)
+    return kept
 
 
 def launch_command(n: int, argv: list[str], fsdp: bool = False) -> list[str]:

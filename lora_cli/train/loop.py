@@ -5,8 +5,9 @@ micro-batches (on all processes) by their total number of target tokens, known i
 from the plan. Each token weighs the same whatever the packing, the accumulation or the
 number of GPUs, so changing those levers does not change what is optimised.
 
-The loop is built ready: the recipe hands it the wrapped module, optimizer and schedule
-(optim.prepare_trainable) and the loop state (fresh, or a checkpoint's).
+The loop is built ready: the recipe's setup made the wrapped module, optimizer and schedule
+(optim.prepare_trainable), the loop state (fresh, or a checkpoint's) and the observers it tells
+of every metrics row and evaluation (observe.py).
 """
 
 from __future__ import annotations
@@ -15,27 +16,28 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_cli import faults
-from lora_cli.data.batching import StepPlan
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
-from lora_cli.train.oom import out_of_memory_as_error
+from lora_cli.train.oom import StepMemory, out_of_memory_as_error
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from peft import PeftModel
 
     from lora_cli.config import RunConfig
-    from lora_cli.data.batching import Batcher
+    from lora_cli.data.batching import Batcher, StepPlan
     from lora_cli.progress import Reporter, Stage
     from lora_cli.train.optim import Trainable
     from lora_cli.train.plan import RunPlan
+    from lora_cli.train.observe import Observer
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.runtime import Placement
-    from lora_cli.train.watch import RunWatch
 
 
 @dataclass
@@ -72,17 +74,33 @@ class LoopSummary:
         return raw
 
 
+class RecipeParts(Protocol):
+    """What the loop takes from the recipe (recipe.LoRARecipe, once its setup() has built them)."""
+
+    cfg: RunConfig
+    placement: Placement
+    plan: RunPlan
+    model: PeftModel
+    trainable: Trainable
+    steps: StepPlan
+    val: Batcher | None
+    out: OutputFolder
+    reporter: Reporter
+    state: LoopState
+    observers: list[Observer]
+
+
 class TrainingLoop:
-    def __init__(self, cfg: RunConfig, placement: Placement, plan: RunPlan, peft_model: PeftModel, trainable: Trainable,
-                 steps: StepPlan, val_batcher: Batcher | None, out: OutputFolder, reporter: Reporter, state: LoopState,
-                 watch: RunWatch | None = None):
-        self.cfg, self.train_cfg = cfg, cfg.train
-        self.watch = watch  # watch.RunWatch: stop-rate probe, trackers, loss-curve picture
-        self.placement, self.plan = placement, plan
-        self.model, self.trainable = peft_model, trainable
-        self.steps, self.val_batcher = steps, val_batcher
-        self.out, self.reporter, self.state = out, reporter, state
-        self.last_checkpoint = None
+    """The recipe's loop over its collaborators (`RecipeParts`)."""
+
+    def __init__(self, recipe: RecipeParts) -> None:
+        self.cfg, self.train_cfg = recipe.cfg, recipe.cfg.train
+        self.placement, self.plan = recipe.placement, recipe.plan
+        self.model, self.trainable = recipe.model, recipe.trainable
+        self.steps, self.val_batcher = recipe.steps, recipe.val
+        self.out, self.reporter, self.state = recipe.out, recipe.reporter, recipe.state
+        self.observers: list[Observer] = recipe.observers  # told of every row, evaluation and the end (observe.py)
+        self.last_checkpoint: Path | None = None
         self._last_log, self._last_tok_s = time.time(), None
         self._compile_reported = False
 
@@ -201,7 +219,7 @@ class TrainingLoop:
         if state.step % self.train_cfg.log_every == 0 or state.step == self.total_steps:
             self._log_train(lr, grad_norm)
 
-    def _clip(self):
+    def _clip(self) -> torch.Tensor | float:
         """Clip by the global gradient norm; under FSDP each process holds a shard of the gradients,
         and only FSDP's own clip_grad_norm_ sums the norm over all of them."""
         acc, max_norm = self.placement.accelerator, self.train_cfg.max_grad_norm
@@ -225,23 +243,20 @@ class TrainingLoop:
         self._last_log = now
 
     def _log_eval(self, value: float | None, checkpoint: str = "") -> None:
-        """The evaluation's row (with the probe's stop rate), its line, early stopping, the picture."""
+        """The evaluation's row (with what the observers measure: the probe's stop rate), its line, early stopping."""
         if value is None:
             return
         state = self.state
         state.eval_losses.append(value)
-        row = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": value}
-        extra, line = self.watch.probe_row(self.model) if self.watch else ({}, None)
-        if extra:
-            state.stop_rates.append([extra["stopped"], extra["generated"]])
-        self._write(row | extra)
         self.reporter.message(f"eval loss at step {state.step}: {value:.4f}")
-        if line:
-            self.reporter.message(line)
+        row = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": value}
+        for observer in self.observers:
+            row |= observer.on_eval(self.model)
+        if "stop_rate" in row:
+            state.stop_rates.append([row["stopped"], row["generated"]])
+        self._write(row)
         if checkpoint and self.train_cfg.early_stopping_patience:
-            self._early_stopping(value, checkpoint, extra.get("stop_rate"))
-        if self.watch:
-            self.watch.draw(state.metrics_lines)
+            self._early_stopping(value, checkpoint, row.get("stop_rate"))
 
     def _early_stopping(self, value: float, checkpoint: str, stop_rate: float | None = None) -> None:
         """Track the best evaluation since training began; stop after `patience` evaluations without a better one.
@@ -263,11 +278,10 @@ class TrainingLoop:
             self.reporter.message(f"Early stopping: no better {'stop rate' if by_rate else 'eval loss'} in {patience} "
                                   f"evaluation(s) since step {state.best_step} ({what}{state.best_eval_loss:.4f}).")
 
-    def _write(self, row: dict) -> None:
-        self.out.append_metrics(row)
+    def _write(self, row: dict[str, Any]) -> None:
         self.state.metrics_lines += 1
-        if self.watch:
-            self.watch.record(row)
+        for observer in self.observers:
+            observer.on_row(row)
 
     def _end_epoch(self, partial: bool = False) -> None:
         state = self.state
@@ -289,7 +303,7 @@ class TrainingLoop:
         trainable = self.trainable
         return sharding.gather(trainable.module, trainable.optimizer, trainable.adapter_names)
 
-    def _checkpoint(self, name: str):
+    def _checkpoint(self, name: str) -> Path:
         from peft import get_peft_model_state_dict
 
         acc = self.placement.accelerator
@@ -318,11 +332,10 @@ class TrainingLoop:
         return (f"The {what} became NaN or infinite at step {step}; training stopped before applying it, and {where}. "
                 f"Try {levers}.")
 
-    def _memory_levers(self) -> dict:
+    def _memory_levers(self) -> StepMemory:
         """The settings that decide a step's memory, for the out-of-memory message."""
-        return {"step": self.state.step + 1, "packed": self.plan.packed, "max_tokens": self.plan.max_tokens,
-                "batch_size": self.train_cfg.batch_size, "max_length": self.cfg.data.max_length,
-                "grad_accum": self.train_cfg.grad_accum, "checkpoint_layers": self.plan.checkpoint_layers}
+        return StepMemory(self.state.step + 1, self.plan.packed, self.plan.max_tokens, self.train_cfg.batch_size,
+                          self.cfg.data.max_length, self.train_cfg.grad_accum, self.plan.checkpoint_layers)
 
     # ---- evaluation -------------------------------------------------------------------
     def evaluate(self) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from lora_cli.errors import OutOfMemory
@@ -45,32 +46,43 @@ def _peak_allocated() -> str:
     return ""
 
 
-def _levers(s: dict) -> list[str]:
+@dataclass(frozen=True)
+class StepMemory:
+    """The settings that decide an optimizer step's memory, as the run has them."""
+
+    step: int  # the optimizer step that ran out (1-based)
+    packed: bool
+    max_tokens: int  # packing budget per micro-batch, in tokens
+    batch_size: int
+    max_length: int  # tokens
+    grad_accum: int
+    checkpoint_layers: int  # decoder layers with gradient checkpointing; -1: all
+
+
+def _levers(s: StepMemory | None) -> list[str]:
     """Each setting that lowers a step's memory, with its current value and a smaller one."""
-    if not s:
+    if s is None:
         return ["--max-tokens (tokens per packed micro-batch)", "--batch-size (padded batches)", "--max-length",
                 "--set train.gradient_checkpointing=on"]
     out = []
-    if s.get("packed"):
-        mt = int(s.get("max_tokens") or 0)
-        out.append(f"--max-tokens {max(mt // 2, 64)} (packing budget per micro-batch, now {mt})")
-    bs = int(s.get("batch_size") or 1)
+    if s.packed:
+        out.append(f"--max-tokens {max(s.max_tokens // 2, 64)} (packing budget per micro-batch, now {s.max_tokens})")
+    bs = s.batch_size
     out.append(f"--batch-size {max(bs // 2, 1)} (now {bs})" if bs > 1 else "--batch-size (already 1)")
-    ml = int(s.get("max_length") or 0)
-    out.append(f"--max-length {max(ml // 2, 8)} (now {ml})")
-    layers = s.get("checkpoint_layers")
+    out.append(f"--max-length {max(s.max_length // 2, 8)} (now {s.max_length})")
+    layers = s.checkpoint_layers
     now = "all layers" if layers == -1 else ("off" if not layers else f"{layers} layers")
     if layers != -1:
         out.append(f"--set train.gradient_checkpointing=on (gradient checkpointing, now {now})")
     return out
 
 
-def oom_message(exc: BaseException, settings: dict | None = None) -> str:
-    settings = settings or {}
-    where = f" at step {settings['step']}" if settings.get("step") else ""
+def oom_message(exc: BaseException, settings: StepMemory | None = None) -> str:
+    """The one-line message for torch's OutOfMemoryError; `settings`: the run's, None outside a training step."""
+    where = f" at step {settings.step}" if settings else ""
     text = f"Out of GPU memory{where}.{_usage(exc)} Lower the memory a step needs with: " + "; ".join(_levers(settings))
-    if settings.get("grad_accum"):
-        text += (f". To keep the same effective batch, raise --grad-accum (now {settings['grad_accum']}) "
+    if settings and settings.grad_accum:
+        text += (f". To keep the same effective batch, raise --grad-accum (now {settings.grad_accum}) "
                  "by the factor you lower the micro-batch")
     return text + "."
 
@@ -80,7 +92,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def out_of_memory_as_error(settings: Callable[[], dict]) -> Iterator[None]:
+def out_of_memory_as_error(settings: Callable[[], StepMemory]) -> Iterator[None]:
     """Turn torch's OutOfMemoryError inside the block into an OutOfMemory message (no traceback)."""
     message = None
     try:

@@ -4,7 +4,7 @@
 loop: it puts a checkpoint's adapter weights in (before wrapping: FSDP shards them), wraps the
 loss module for the processes (DDP, FSDP or nothing), builds AdamW and the schedule over the
 wrapped module's parameters (FSDP replaces them with flat shards), then restores the
-optimizer, schedule and RNG of the checkpoint.
+optimizer, schedule and RNG of the checkpoint (resume.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lora_cli.config import RunConfig, TrainConfig
 from lora_cli.errors import LoraCliError
-from lora_cli.train.checkpoint import Checkpoint, restore_rng
+from lora_cli.train.checkpoint import Checkpoint
 from lora_cli.train.runtime import Placement
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class Trainable:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, on_cuda: bool,
-                   peft_model: PeftModel | None = None):
+                   peft_model: PeftModel | None = None) -> torch.optim.Optimizer:
     """AdamW (torch; fused on CUDA) over the parameters that require a gradient.
 
     With train.loraplus_lr_ratio (LoRA+), peft's create_loraplus_optimizer builds it from
@@ -76,7 +76,7 @@ def warmup_note(train: TrainConfig, total_steps: int) -> str | None:
             f"warming up for {used} instead, so the learning rate reaches --lr.")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> LRScheduler:
     """transformers' schedule of train.scheduler after the warmup, over `total_steps` optimizer steps;
     cosine with --min-lr-ratio is transformers' cosine_with_min_lr (it ends at lr x ratio)."""
     from transformers import get_scheduler
@@ -89,37 +89,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_s
                          num_training_steps=max(total_steps, 1), scheduler_specific_kwargs=extra)
 
 
-def restart_schedule(scheduler: LRScheduler) -> None:
-    """The learning rate of the current step from the schedule as it now is (its length changed):
-    the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
-    one), which the next step would use. Stepping back and forth sets it from the new schedule."""
-    scheduler.last_epoch -= 1
-    scheduler.step()
-
-
-def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
-    """A checkpoint resumes only on as many processes, sharded the same way."""
-    state = checkpoint.state
-    if state.world_size != placement.world_size:
-        raise LoraCliError(f"Checkpoint {checkpoint.path} was made with {state.world_size} process(es); "
-                           f"resume with the same number (now {placement.world_size}).")
-    if state.fsdp != placement.fsdp:
-        how = "with FSDP" if state.fsdp else "without FSDP"
-        raise LoraCliError(f"Checkpoint {checkpoint.path} was made {how}; resume it the same way.")
-
-
 def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placement, total_steps: int,
                       checkpoint: Checkpoint | None = None, fused_loss: bool | None = None) -> Trainable:
     """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks)."""
-    from peft import set_peft_model_state_dict
-
     from lora_cli.model.loss import make_loss_module
+    from lora_cli.train import resume
 
     acc = placement.accelerator
     if checkpoint is not None:
-        check_resumable(checkpoint, placement)
-        device = "cpu" if placement.fsdp else placement.device  # under FSDP the model waits on the CPU
-        set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in checkpoint.adapter.items()})
+        resume.restore_adapter(peft_model, checkpoint, placement)
     names = None
     if placement.fsdp:
         from lora_cli.train import sharding
@@ -133,14 +111,5 @@ def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placemen
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     optimizer = acc.prepare(optimizer)
     if checkpoint is not None:
-        if placement.fsdp:
-            from lora_cli.train import sharding
-
-            sharding.load_optimizer(module, optimizer, checkpoint.optimizer)
-        else:
-            optimizer.load_state_dict(checkpoint.optimizer)
-        scheduler.load_state_dict(checkpoint.scheduler)
-        if checkpoint.state.total_steps not in (0, total_steps):  # a run continued to a new length
-            restart_schedule(scheduler)
-        restore_rng(checkpoint.rng)
+        resume.restore_training(module, optimizer, scheduler, checkpoint, placement, total_steps)
     return Trainable(module, optimizer, scheduler, params, names)

@@ -57,7 +57,7 @@ class ProbeResult:
         """The fields it adds to the evaluation's line of metrics.jsonl."""
         return {"stop_rate": self.stop_rate, "stopped": self.stopped, "generated": self.prompts,
                 "max_new_tokens": self.max_new_tokens, "generate_s": round(self.seconds, 2),
-                "generate_warmup_s": round(self.warmup_seconds, 2), "sample": self.sample,
+                "generate_warmup_s": round(self.warmup_seconds, 4), "sample": self.sample,
                 "sample_stopped": self.sample_stopped}
 
     def line(self, limit: int = 160) -> str:

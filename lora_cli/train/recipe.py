@@ -1,13 +1,15 @@
-"""The training recipe: from a run config to an adapter folder, top to bottom.
+"""The training recipe: from a run config to an adapter folder, top to bottom, torchtune's shape.
 
-`train()` reads like the recipe it is: placement, data, output folder, model, the run's
-decisions, optimizer, loop, final save. The step mechanics (gradient accumulation over packed
-micro-batches, loss normalisation, distributed reduction, checkpoints, interrupt and NaN
-handling) live in `loop.py`; the automatic settings are decided once, in `plan.decide`.
+`LoRARecipe.setup()` builds every collaborator of a run once and keeps it as an attribute, in
+this order: placement, data, output folder, model and plan, batches, trainable and loop state,
+observers. `train()` runs the loop (loop.py: the step mechanics), `finish()` writes the adapter
+folder. Resume lives in resume.py, what a run shows of itself in observe.py, the automatic
+settings in plan.decide.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,16 +22,21 @@ from lora_cli.train.loop import BestEvaluation, LoopSummary
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import torch
     from datasets import Dataset
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from lora_cli.data.batching import Batcher, StepPlan
     from lora_cli.data.current import CurrentDataset
     from lora_cli.model.params import ParamSummary
     from lora_cli.progress import Reporter
-    from lora_cli.train.checkpoint import LoopState
+    from lora_cli.train.checkpoint import Checkpoint, LoopState
     from lora_cli.train.loop import TrainingLoop
+    from lora_cli.train.observe import Observer
+    from lora_cli.train.optim import Trainable
     from lora_cli.train.plan import RunPlan
+    from lora_cli.train.probe import StopProbe
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.runtime import Placement
 
@@ -65,44 +72,238 @@ class TrainingData:
     cache_keys: dict[str, str | None]  # split -> tokenize cache key (part of the run's fingerprint)
     data_sha256: dict[str, str | None] = field(default_factory=dict)  # split -> sha256 of the data file
     template_text: str | None = None  # a template file's text, saved with the adapter
-    base_identity: dict = field(default_factory=dict)  # model/identity.py: part of the run's fingerprint
+    base_identity: dict[str, Any] = field(default_factory=dict)  # model/identity.py: part of the run's fingerprint
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter: Reporter = NULL_REPORTER,
           force_tokenize: bool = False, current: CurrentDataset | None = None) -> TrainResult:
     """Tokenize (or reuse the cache), then train. `current`: the current dataset (data/current.py) the
     data came from, said in one line before anything loads."""
-    import torch
+    with LoRARecipe(cfg, resume, overwrite, reporter) as recipe:
+        recipe.setup(force_tokenize=force_tokenize, current=current)
+        recipe.train()
+        return recipe.finish()
 
-    from lora_cli.data.prepare import prepare_data
-    from lora_cli.model.identity import base_identity
-    from lora_cli.model.load import check_targets, quiet_libraries
-    from lora_cli.train.output_check import check_output, output_lock
-    from lora_cli.train.runtime import place
 
-    quiet_libraries()
-    placement = place(cfg)
-    targets = check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before any tokenizing or weights
-    check_output(cfg, targets.lora_parameters, placement.is_main)
-    if not placement.is_main:
-        reporter = NULL_REPORTER  # one progress display: the main process's
-    torch.manual_seed(cfg.train.seed)
-    if current is not None:
-        reporter.message(f"Training on {current.describe(cfg)}")
-    with output_lock(cfg, placement, reporter):  # one run writes this output folder, from here to its end
-        # Tokenized once (main process), read from the cache by everyone.
-        data = prepare_data(cfg, reporter, force_tokenize, placement.is_main,
-                            placement.accelerator.wait_for_everyone, current=current)
+class LoRARecipe:
+    """One LoRA (QLoRA) run. Use it as a context manager: the output folder's lock and the observers
+    are released however the run ends. Errors: LoraCliError for anything the run cannot do, said
+    before the model loads where it can be."""
+
+    placement: Placement
+    data: TrainingData
+    out: OutputFolder
+    resume_from: Path | None  # the checkpoint the run continues from
+    model: PeftModel
+    plan: RunPlan
+    initial: dict[str, torch.Tensor] | None  # pissa/olora: the initial LoRA tensors, for the saved adapter
+    params: ParamSummary
+    steps: StepPlan
+    val: Batcher | None
+    total_steps: int
+    checkpoint: Checkpoint | None
+    trainable: Trainable
+    state: LoopState
+    probe: StopProbe | None  # --eval-generate's stop-rate probe
+    decisions: dict[str, Any]  # what the run decided, recorded under run: in run_config.yaml
+    observers: list[Observer]
+    loop: TrainingLoop
+    summary: LoopSummary
+
+    def __init__(self, cfg: RunConfig, resume: bool | str = False, overwrite: bool = False,
+                 reporter: Reporter = NULL_REPORTER) -> None:
+        self.cfg, self.resume, self.overwrite, self.reporter = cfg, resume, overwrite, reporter
+        self.observers, self.finished = [], False
+        self._held = contextlib.ExitStack()  # the output folder's lock
+
+    def __enter__(self) -> LoRARecipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for observer in self.observers if not self.finished else []:
+                observer.on_end(finished=False)  # stopped: an interrupt, an error
+        finally:
+            self._held.close()
+
+    # ---- setup ----------------------------------------------------------------------------
+    def setup(self, force_tokenize: bool = False, current: CurrentDataset | None = None,
+              placement: Placement | None = None, data: TrainingData | None = None) -> None:
+        """Every collaborator of the run, built once. `placement` and `data` given (benchmarks: tokenized
+        data in memory): used as they are, without the checks made before loading and the folder's lock."""
+        from lora_cli.train import resume
+        from lora_cli.train.run_folder import OutputFolder, output_lock
+
+        self.placement = placement or self._place()
+        if current is not None:
+            self.reporter.message(f"Training on {current.describe(self.cfg)}")
+        if placement is None:  # one run writes this output folder, from here to its end
+            self._held.enter_context(output_lock(self.cfg, self.placement, self.reporter))
+        self.data = data or self._prepare_data(force_tokenize, current)
+        d = self.data
+        # the folder's rules, before any expensive work
+        self.out = OutputFolder(self.cfg.output.dir, self.cfg, self.placement.is_main, d.cache_keys, d.data_sha256,
+                                d.template_text, d.base_identity)
+        self.resume_from = resume.admit(self.out, self.resume, self.overwrite)
+        self.placement.accelerator.wait_for_everyone()
+        self._model_and_plan()
+        self._batches()
+        self._trainable_and_state()
+        self._observers()
+
+    def _place(self) -> Placement:
+        """Device, precision and processes; the checks that need no weights."""
+        import torch
+
+        from lora_cli.model.load import check_targets, quiet_libraries
+        from lora_cli.train.run_folder import check_output
+        from lora_cli.train.runtime import place
+
+        cfg = self.cfg
+        quiet_libraries()
+        placement = place(cfg)
+        targets = check_targets(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)  # before tokenizing
+        check_output(cfg, targets.lora_parameters, placement.is_main)
+        if not placement.is_main:
+            self.reporter = NULL_REPORTER  # one progress display: the main process's
+        torch.manual_seed(cfg.train.seed)
+        return placement
+
+    def _prepare_data(self, force_tokenize: bool, current: CurrentDataset | None) -> TrainingData:
+        """Tokenized once (main process), read from the cache by everyone."""
+        from lora_cli.data.prepare import prepare_data
+        from lora_cli.model.identity import base_identity
+
+        where = self.placement
+        data = prepare_data(self.cfg, self.reporter, force_tokenize, where.is_main,
+                            where.accelerator.wait_for_everyone, current=current)
         entries = {"train": data.train, "val": data.val}
-        prepared = TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
-                                data.model.path, {k: e.key if e else None for k, e in entries.items()},
-                                {k: e.meta.get("parts", {}).get("data_sha256") if e else None
-                                 for k, e in entries.items()}, getattr(data.template, "source", None),
-                                base_identity(data.model))
-        return train_on(cfg, placement, prepared, resume, overwrite, reporter)
+        return TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
+                            data.model.path, {k: e.key if e else None for k, e in entries.items()},
+                            {k: e.meta.parts.data_sha256 if e else None for k, e in entries.items()},
+                            getattr(data.template, "source", None), base_identity(data.model))
+
+    def _model_and_plan(self) -> None:
+        """The base loaded, every automatic setting decided once (plan.decide), then applied; LoRA on top."""
+        from lora_cli.model.params import count_parameters
+        from lora_cli.train.plan import decide
+
+        cfg, where, reporter = self.cfg, self.placement, self.reporter
+        model = _load_model(cfg, where, self.data, reporter)
+        self.plan = decide(cfg, where, model.config, list(self.data.train["length"]), *_memory(where, model),
+                           loss_blocker=_loss_blocker(cfg, model))
+        for note in (self.plan.memory_note, self.plan.loss_note, self.plan.compile_note):
+            if note:
+                reporter.message(note)
+        self.model, self.initial = _attach(cfg, model, self.plan, self.data.model_path)
+        self.params = count_parameters(self.model, cfg.model.name, cfg.lora)
+        p = self.params
+        reporter.message(f"Parameters: {p.trainable:,} trainable of {p.total:,} ({p.percent:.4f}%)")
+
+    def _batches(self) -> None:
+        """The micro-batches of each optimizer step, the evaluation's, and the run's length in optimizer steps."""
+        from lora_cli.data.batching import Batcher, StepPlan
+        from lora_cli.train.optim import warmup_note
+
+        plan, train, pad_id = self.plan, self.cfg.train, self.data.tokenizer.pad_token_id
+        self.steps = StepPlan(Batcher(self.data.train, plan.packed, train.batch_size, plan.max_tokens, pad_id,
+                                      train.seed, plan.pack_length, plan.static_shapes), plan.micro_batches_per_step)
+        self.val = (Batcher(self.data.val, plan.packed, train.eval_batch_size, plan.eval_max_tokens, pad_id,
+                            train.seed, plan.pack_length, plan.static_shapes) if self.data.val is not None else None)
+        self.total_steps = train.max_steps or sum(self.steps.steps_in(e) for e in range(train.epochs))
+        if self.total_steps == 0:
+            raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
+        note = warmup_note(train, self.total_steps)
+        if note:
+            self.reporter.message("note: " + note)
+
+    def _trainable_and_state(self) -> None:
+        """The wrapped module, optimizer and schedule, and the loop state: fresh, or the checkpoint's (resume.py)."""
+        from lora_cli.train import resume
+        from lora_cli.train.checkpoint import LoopState, load_checkpoint
+        from lora_cli.train.optim import prepare_trainable, warmup_steps
+        from lora_cli.train.probe import StopProbe
+
+        cfg, where, total = self.cfg, self.placement, self.total_steps
+        self.checkpoint = load_checkpoint(self.resume_from) if self.resume_from is not None else None
+        note = resume.continuation(self.out, self.checkpoint, total) if self.checkpoint is not None else ""
+        self.trainable = prepare_trainable(self.model, cfg, where, total, self.checkpoint, self.plan.fused_loss)
+        self.state = self.checkpoint.state if self.checkpoint else LoopState(
+            fingerprint=self.out.fingerprint, world_size=where.world_size, fsdp=where.fsdp)
+        self.state.total_steps = total
+        self.probe = StopProbe.build(cfg, self.data.tokenizer, where.fsdp, self.reporter)
+        self.decisions = self.plan.record(where) | {
+            "warmup_steps": warmup_steps(cfg.train, total),
+            "eval_generate_max_new_tokens": self.probe.max_new_tokens if self.probe else 0}
+        self.out.start(self.decisions, resuming=self.checkpoint is not None)
+        if self.checkpoint is not None:
+            resume.announce(self.out, self.checkpoint, note, self.reporter)
+
+    def _observers(self) -> None:
+        from lora_cli.train.observe import observers_for
+
+        resumed_step = self.state.step if self.checkpoint else None
+        self.observers = observers_for(self.cfg, self.placement, self.out.path, self.out.metrics_path,
+                                       self.decisions, resumed_step, self.probe, self.reporter)
+
+    # ---- train, finish ---------------------------------------------------------------------
+    def train(self) -> None:
+        """Run the loop to the run's end (or early stopping); its summary is `self.summary`."""
+        from lora_cli.train.loop import TrainingLoop
+
+        self.loop = TrainingLoop(self)
+        self.summary = self.loop.run()
+
+    def finish(self) -> TrainResult:
+        """Put the best adapter in place under early stopping, write the adapter folder; the run's result."""
+        from lora_cli.train.observe import StopRate
+
+        summary, where = self.summary, self.placement
+        summary.tokenize_cache = self.data.cache_keys
+        probes = [o for o in self.observers if isinstance(o, StopRate)]
+        summary.probe_seconds = round(probes[0].seconds, 2) if probes else 0.0
+        lora, _ = self.loop.adapter_state()
+        best = self._best_result()
+        if best is not None:
+            summary.best, tensors = best
+            lora = tensors if where.fsdp else lora
+        faults.point("train:end", self.loop)
+        self.out.finish(self.model, self.data.tokenizer, self.decisions, summary.to_dict(), self.params,
+                        adapter_state=lora, initial_adapter=self.initial)
+        self.finished = True
+        for observer in self.observers:
+            observer.on_end(finished=True)
+        where.accelerator.wait_for_everyone()
+        return TrainResult(str(self.out.path), summary, str(self.resume_from) if self.resume_from else None,
+                           self.decisions, self.params.to_dict())
+
+    def _best_result(self) -> tuple[BestEvaluation, dict[str, torch.Tensor] | None] | None:
+        """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.
+
+        Returns what the run says about it, and for FSDP runs the tensors the adapter is then written
+        from (None otherwise); None without early stopping."""
+        state, where = self.state, self.placement
+        if not self.cfg.train.early_stopping_patience or not state.best_checkpoint:
+            return None
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from lora_cli.adapter.folder import ADAPTER_WEIGHTS
+        from lora_cli.train.checkpoint import checkpoint_dir
+
+        best = BestEvaluation(state.best_step, state.best_eval_loss, state.best_checkpoint, state.stopped_early,
+                              state.step)
+        tensors = None
+        if where.is_main:
+            tensors = load_file(str(checkpoint_dir(self.out.path) / state.best_checkpoint / ADAPTER_WEIGHTS))
+            if not where.fsdp:
+                set_peft_model_state_dict(self.model, {k: v.to(where.device) for k, v in tensors.items()})
+                tensors = None
+        return best, tensors
 
 
-def _load_model(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
+# ---- the model, for the recipe ---------------------------------------------------------------
+def _load_model(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter) -> PreTrainedModel:
     """The base model, 4-bit or not, on this process's device (FSDP: on the CPU, sharded later)."""
     from lora_cli.model.load import load_model
 
@@ -120,7 +321,8 @@ def _loss_blocker(cfg: RunConfig, model: PreTrainedModel) -> str | None:
     return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
 
 
-def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: Path):
+def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: Path
+            ) -> tuple[PeftModel, dict[str, torch.Tensor] | None]:
     """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top (NEFTune's hook
     on its input embeddings), compile the layers. Returns (model, the initial LoRA tensors for a
     pissa or olora run, whose saved adapter is expressed against the original base; else None)."""
@@ -147,21 +349,6 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
     return model, initial
 
 
-def _model_and_plan(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter):
-    """(the model ready to train, its RunPlan, pissa/olora's initial LoRA tensors or None): the base
-    loaded, every automatic setting decided once (plan.decide), then applied."""
-    from lora_cli.train.plan import decide
-
-    model = _load_model(cfg, placement, data, reporter)
-    plan = decide(cfg, placement, model.config, list(data.train["length"]), *_memory(placement, model),
-                  loss_blocker=_loss_blocker(cfg, model))
-    for note in (plan.memory_note, plan.loss_note, plan.compile_note):
-        if note:
-            reporter.message(note)
-    model, initial = _attach(cfg, model, plan, data.model_path)
-    return model, plan, initial
-
-
 def _memory(placement: Placement, model: PreTrainedModel) -> tuple[int, int]:
     """(bytes the loaded base holds on the GPU, bytes its dequantized 4-bit weights would add); CPU: (0, 0)."""
     import torch
@@ -171,111 +358,3 @@ def _memory(placement: Placement, model: PreTrainedModel) -> tuple[int, int]:
     if not placement.on_cuda:
         return 0, 0
     return torch.cuda.memory_allocated(placement.device), dequantized_bytes(model, placement.precision)
-
-
-def train_on(cfg: RunConfig, placement: Placement, data: TrainingData, resume: bool | str = False,
-             overwrite: bool = False, reporter: Reporter = NULL_REPORTER) -> TrainResult:
-    """The recipe proper, from tokenized data to the adapter folder (benchmarks call it directly)."""
-    from lora_cli.data.batching import Batcher, StepPlan
-    from lora_cli.model.params import count_parameters
-    from lora_cli.train.checkpoint import LoopState, load_checkpoint
-    from lora_cli.train.loop import TrainingLoop
-    from lora_cli.train import trackers
-    from lora_cli.train.optim import prepare_trainable, warmup_note, warmup_steps
-    from lora_cli.train.probe import StopProbe
-    from lora_cli.train.run_folder import OutputFolder
-    from lora_cli.train.watch import RunWatch
-
-    # 1. Output folder rules, before any expensive work.
-    out = OutputFolder(cfg.output.dir, cfg, placement.is_main, data.cache_keys, data.data_sha256, data.template_text,
-                       data.base_identity)
-    checkpoint_path = out.prepare(resume, overwrite)
-    placement.accelerator.wait_for_everyone()
-
-    # 2. Model, and every automatic setting decided once its inputs are known.
-    model, plan, initial = _model_and_plan(cfg, placement, data, reporter)
-    params = count_parameters(model, cfg.model.name, cfg.lora)
-    reporter.message(f"Parameters: {params.trainable:,} trainable of {params.total:,} ({params.percent:.4f}%)")
-
-    # 3. Batches, optimizer, schedule: ready (and restored) before the loop starts.
-    pad_id, train_cfg = data.tokenizer.pad_token_id, cfg.train
-    steps = StepPlan(Batcher(data.train, plan.packed, train_cfg.batch_size, plan.max_tokens, pad_id, train_cfg.seed,
-                             plan.pack_length, plan.static_shapes), plan.micro_batches_per_step)
-    val = (Batcher(data.val, plan.packed, train_cfg.eval_batch_size, plan.eval_max_tokens, pad_id, train_cfg.seed,
-                   plan.pack_length, plan.static_shapes) if data.val is not None else None)
-    total_steps = steps.total_steps(train_cfg.epochs, train_cfg.max_steps)
-    if total_steps == 0:
-        raise LoraCliError("The training set yields no optimizer step.", "Add data or lower --grad-accum.")
-    if warmup_note(train_cfg, total_steps):
-        reporter.message("note: " + warmup_note(train_cfg, total_steps))
-    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
-    extended = out.continuation(checkpoint, total_steps) if checkpoint is not None else ""
-    trainable = prepare_trainable(model, cfg, placement, total_steps, checkpoint, plan.fused_loss)
-    state = checkpoint.state if checkpoint else LoopState(fingerprint=out.fingerprint, world_size=placement.world_size,
-                                                          fsdp=placement.fsdp)
-    state.total_steps = total_steps
-    probe = StopProbe.build(cfg, data.tokenizer, placement.fsdp, reporter)
-    decisions = plan.record(placement) | {"warmup_steps": warmup_steps(train_cfg, total_steps),
-                                          "eval_generate_max_new_tokens": probe.max_new_tokens if probe else 0}
-    out.start(decisions, resuming=checkpoint is not None)
-    if checkpoint is not None:
-        out.truncate_metrics(state.metrics_lines)
-        reporter.message(f"Resuming from {checkpoint.path} (step {state.step} of {total_steps}).")
-        if extended:
-            reporter.message(extended)
-    tracking = trackers.start(placement.accelerator, cfg, decisions, state.step if checkpoint else None)
-    watch = RunWatch(placement, out.path, probe, tracking)
-
-    # 4. Train, save.
-    loop = TrainingLoop(cfg, placement, plan, model, trainable, steps, val, out, reporter, state, watch)
-    summary = _train_and_save(loop, data, decisions, params, initial)
-    placement.accelerator.wait_for_everyone()
-    return TrainResult(str(out.path), summary, str(checkpoint_path) if checkpoint_path else None, decisions,
-                       params.to_dict())
-
-
-def _train_and_save(loop: TrainingLoop, data: TrainingData, decisions: dict[str, Any], params: ParamSummary,
-                    initial: dict | None) -> LoopSummary:
-    """Run the loop, put the best adapter in place under early stopping, write the folder; the run's summary."""
-    cfg, placement, model, out, state, watch = loop.cfg, loop.placement, loop.model, loop.out, loop.state, loop.watch
-    try:
-        summary = loop.run()
-        summary.tokenize_cache = data.cache_keys
-        summary.probe_seconds = round(watch.probe.seconds, 2) if watch.probe is not None else 0.0
-        lora, _ = loop.adapter_state()
-        best = _best_result(cfg, placement, model, out, state)
-        if best is not None:
-            summary.best, tensors = best
-            lora = tensors if placement.fsdp else lora
-        faults.point("train:end", loop)
-        out.finish(model, data.tokenizer, decisions, summary.to_dict(), params, adapter_state=lora,
-                   initial_adapter=initial)
-        watch.close(state.metrics_lines)
-    finally:
-        watch.close()
-    return summary
-
-
-def _best_result(cfg: RunConfig, placement: Placement, model: PeftModel, out: OutputFolder,
-                 state: LoopState) -> tuple[BestEvaluation, dict | None] | None:
-    """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.
-
-    Returns what the run says about it, and for FSDP runs the tensors the adapter is then written
-    from (None otherwise); None without early stopping."""
-    if not cfg.train.early_stopping_patience or not state.best_checkpoint:
-        return None
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from lora_cli.adapter.folder import ADAPTER_WEIGHTS
-    from lora_cli.train.checkpoint import checkpoint_dir
-
-    best = BestEvaluation(state.best_step, state.best_eval_loss, state.best_checkpoint, state.stopped_early,
-                          state.step)
-    tensors = None
-    if placement.is_main:
-        tensors = load_file(str(checkpoint_dir(out.path) / state.best_checkpoint / ADAPTER_WEIGHTS))
-        if not placement.fsdp:
-            set_peft_model_state_dict(model, {k: v.to(placement.device) for k, v in tensors.items()})
-            tensors = None
-    return best, tensors

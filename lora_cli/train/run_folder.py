@@ -1,22 +1,16 @@
-"""A training run's output folder: who may write into it, and how the final adapter lands there.
+"""A training run's output folder: writable with room for its checkpoints, its own (locked), its
+fingerprint, its run_config.yaml, and how the final adapter lands there.
 
-File names and run-config reading belong to adapter_folder; this module applies the write rules.
-
-Rules (nothing a user had is lost):
-- a missing or empty folder: a fresh run;
-- `--resume`: continue the run whose checkpoints are there: the same settings and the same data
-  (the fingerprint holds the tokenized content), except its length: a larger --epochs or
-  --max-steps continues it, finished or not, to the new end;
-- a folder holding another lora-cli run (different settings or data), an unfinished run, or this
-  very run finished: refused without `--overwrite` (or `--resume`), with the way forward;
-- a folder lora-cli did not write: refused, even with `--overwrite`.
-The final files are written to a staging folder first and renamed into place only once all
-of them are complete, so a crash or a full disk leaves the previous adapter intact.
+`check_output` runs before any data is tokenized or weight loaded; `output_lock` holds the folder's
+lock (lock.py) from before the data is prepared to the run's end, so two runs given one -o never
+write into each other's folder: the second is refused in one line naming the first. The final
+files are written to a staging folder first and renamed into place only once all of them are
+complete, so a crash or a full disk leaves the previous adapter intact. File names and run-config
+reading belong to adapter/folder.py; which existing folder a run may write into, and resuming, to resume.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -29,36 +23,63 @@ from lora_cli import __version__, faults
 from lora_cli.adapter.folder import (
     ADAPTER_WEIGHTS,
     CHECKPOINTS,
-    EXTENDABLE,
     METRICS,
-    RESUME_FREE,
     RUN_CONFIG,
     TEMPLATE_FILE,
-    legacy_fingerprint,
-    read_run_config,
+    RunRecord,
     run_fingerprint,
     write_param_summary,
 )
-from lora_cli.atomic import (
-    TMP_PREFIX,
-    fsync_dir,
-    remove_stale_temporaries,
-    tmp_prefix,
-    umask,
-    write_failure,
-    write_text,
-)
+from lora_cli.atomic import fsync_dir, tmp_prefix, umask, write_failure, write_text
 from lora_cli.config import RunConfig
-from lora_cli.errors import LoraCliError
-from lora_cli.model.identity import describe_change
-from lora_cli.train.checkpoint import STATE, list_checkpoints, read_state
+from lora_cli.lock import exclusive, refuse_if_held
+from lora_cli.writable import check_writable
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
-    from lora_cli.train.checkpoint import Checkpoint
+    from lora_cli.progress import Reporter
+    from lora_cli.train.runtime import Placement
+
+
+
+# a checkpoint holds the LoRA weights and AdamW's two moments, fp32 each
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+
+
+def checkpoint_bytes(lora_parameters: int) -> int:
+    """The room one checkpoint of `lora_parameters` LoRA entries takes (bytes, an estimate: the
+    tensors alone, so a lower bound). The previous checkpoint stays until the next is complete,
+    so this is what a run needs free beside what its folder already holds."""
+    return CHECKPOINT_BYTES_PER_PARAMETER * lora_parameters
+
+
+def check_output(cfg: RunConfig, lora_parameters: int, is_main: bool = True) -> None:
+    """The output folder can be written and has room for one checkpoint; LoraCliError (one line
+    naming --output) otherwise. (The tokenize cache is checked where an entry is built.)"""
+    if not is_main:
+        return
+    need = checkpoint_bytes(lora_parameters)
+    check_writable(cfg.output.dir, "folder", "--output", need, f"one checkpoint of {lora_parameters:,} LoRA "
+                   "parameters with their optimizer state", inside=True)
+
+
+IN_USE_HINT = "Wait for that run to finish, or choose another --output folder."
+
+
+def refuse_if_in_use(cfg: RunConfig) -> None:
+    """OutputInUse when a live run holds the output folder: said before its contents are judged."""
+    refuse_if_held(cfg.output.dir, f"Output folder {cfg.output.dir}", IN_USE_HINT)
+
+
+def output_lock(cfg: RunConfig, placement: Placement, reporter: Reporter) -> AbstractContextManager[Path | None]:
+    """The output folder's lock, held by the main process (the others write nothing there)."""
+    return exclusive(cfg.output.dir, f"Output folder {cfg.output.dir}", IN_USE_HINT, reporter,
+                     enabled=placement.is_main)
 
 
 def write_adapter(peft_model: PeftModel, tensors: dict, folder: Path) -> None:
@@ -117,139 +138,13 @@ class OutputFolder:
                                            if self.base_identity else self.cache_keys)
         # runs of versions whose fingerprint did not hold the base: resumed as before (their base unknown)
         self.fingerprint_without_base = run_fingerprint(cfg, self.cache_keys)
-        self.saved_run: dict = {}  # the `run` section of the folder's run config, as prepare() found it
+        self.saved_run = RunRecord()  # the `run` section of the folder's run config, as resume.admit found it
 
     @property
     def metrics_path(self) -> Path:
         return self.path / METRICS
 
-    def _same_run(self, fingerprint: str | None) -> bool:
-        return fingerprint in (self.fingerprint, self.fingerprint_without_base, legacy_fingerprint(self.cfg))
-
-    def _describe_difference(self, saved: dict, skip: tuple[str, ...] = RESUME_FREE) -> str:
-        mine = self.cfg.to_dict()
-        diffs = []
-        for section in ("data", "model", "lora", "train"):
-            for key, value in (saved.get(section) or {}).items():
-                if key in skip:
-                    continue
-                if mine.get(section, {}).get(key) != value:
-                    diffs.append(f"{section}.{key}: {value!r} there, {mine.get(section, {}).get(key)!r} now")
-        diffs += self._content_difference(saved.get("run") or {})
-        return "; ".join(diffs[:4]) or "settings differ"
-
-    def _content_difference(self, run: dict) -> list[str]:
-        """What changed in the data since the run of `run` (a saved run section) started."""
-        out = []
-        for split in ("train", "val"):
-            then_sha, now_sha = (run.get("data_sha256") or {}).get(split), self.data_sha256.get(split)
-            then_key, now_key = (run.get("tokenize_cache") or {}).get(split), self.cache_keys.get(split)
-            if then_sha and now_sha and then_sha != now_sha:
-                out.append(f"data.{split} {getattr(self.cfg.data, split)}: its content changed (sha256 "
-                           f"{then_sha[:12]}... there, {now_sha[:12]}... now)")
-            elif then_key and now_key and then_key != now_key:
-                out.append(f"data.{split}: its tokens changed (the tokenizer or the template file is not the same)")
-        base = describe_change(run.get("base_model") or {}, self.base_identity) if run.get("base_model") else ""
-        if base and self.base_identity:
-            out.insert(0, f"model.name {self.cfg.model.name}: the base model changed: {base}")
-        return out
-
-    def _length_change(self, saved: dict) -> str:
-        then, now = saved.get("train") or {}, self.cfg.to_dict()["train"]
-        return "; ".join(f"train.{k}: {then.get(k)!r} there, {now[k]!r} now" for k in EXTENDABLE
-                         if k in then and then[k] != now[k])
-
-    def prepare(self, resume: bool | str, overwrite: bool) -> Path | None:
-        """Apply the folder rules; return the checkpoint to resume from, if any."""
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise LoraCliError(f"Output {path} exists and is a file, not a folder.")
-        if self.is_main and read_run_config(path) is not None:  # leftovers of a killed run of ours
-            remove_stale_temporaries(path)
-            remove_stale_temporaries(path / CHECKPOINTS)
-        entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
-        saved = read_run_config(path)
-        self.saved_run = dict((saved or {}).get("run") or {})
-        if resume:
-            return self._resume_point(resume, saved)
-        if not entries:
-            return None
-        if saved is None:
-            raise LoraCliError(
-                f"Output folder {path} is not empty and was not written by lora-cli; refusing to write into it.",
-                "Choose another --output folder.")
-        if overwrite:
-            if self.is_main:
-                self._clear()
-            return None
-        self._refuse_unless_new(saved)
-        return None  # this run, started but killed before its first checkpoint: start it again
-
-    def _refuse_unless_new(self, saved: dict) -> None:
-        """Without --overwrite or --resume: refuse another run, this run unfinished, and this run finished."""
-        run, path = self.saved_run, self.path
-        if not self._same_run(run.get("fingerprint")):
-            raise LoraCliError(f"Output folder {path} holds a different run ({self._describe_difference(saved)}).",
-                               "Pass --overwrite to replace it, or choose another --output folder.")
-        length = self._length_change(saved)
-        to_length = f" ({length})" if length else ""
-        if list_checkpoints(path) and not run.get("finished"):
-            raise LoraCliError(f"Output folder {path} holds an unfinished run of these settings{to_length}.",
-                               "Pass --resume to continue it" + (" to the new length" if length else "") +
-                               ", or --overwrite to start over.")
-        if run.get("finished"):
-            steps = (run.get("summary") or {}).get("steps")
-            done = f", finished after {steps} steps" if steps is not None else ", finished"
-            more = ("Add --resume to continue it from its last checkpoint to the new length" if length else
-                    "To train it further, raise --epochs or --max-steps and add --resume")
-            raise LoraCliError(f"Output folder {path} already holds this run{done}{to_length}; training it again "
-                               "would replace its adapter.", f"{more}; --overwrite trains it again from scratch.")
-
-    def _resume_point(self, resume: bool | str, saved: dict | None) -> Path:
-        explicit = isinstance(resume, str) and resume not in ("", "latest")
-        if explicit:
-            ckpt = Path(resume)
-            if not (ckpt / STATE).is_file():
-                raise LoraCliError(f"--resume-from {resume}: not a checkpoint folder (no {STATE}).",
-                                   f"Checkpoints are the folders under {self.path / CHECKPOINTS}; --resume takes "
-                                   "the latest.")
-        else:
-            found = list_checkpoints(self.path)
-            if not found:
-                raise LoraCliError(f"--resume: no checkpoint in {self.path / CHECKPOINTS}.",
-                                   "Start the run without --resume.")
-            ckpt = found[-1]
-        if not self._same_run(read_state(ckpt).fingerprint):
-            origin = read_run_config(ckpt.parent.parent) or saved
-            detail = self._describe_difference(origin, RESUME_FREE + EXTENDABLE) if origin else "settings differ"
-            raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings or data ({detail}).",
-                               "Resume with the same base model, settings and data (only --epochs and --max-steps "
-                               "may grow), or start a new run with --overwrite.")
-        if self.saved_run.get("finished") is True and not explicit and not self._length_change(saved or {}):
-            self._nothing_to_continue(read_state(ckpt).step)  # said before the model loads
-        return ckpt
-
-    def _nothing_to_continue(self, step: int):
-        raise LoraCliError(f"Output folder {self.path} holds a finished run: its last checkpoint is at step {step}, "
-                           "the end of this run; there is nothing to continue.",
-                           "To train it further, raise --epochs or --max-steps (with --resume); --overwrite instead "
-                           "of --resume trains it again from scratch.")
-
-    def continuation(self, checkpoint: Checkpoint, total_steps: int) -> str:
-        """On resume: a note when the run's length changed (its schedule is stretched to the new
-        end), or LoraCliError when nothing is left to do (a finished run, or a checkpoint past the end)."""
-        step, planned = checkpoint.state.step, checkpoint.state.total_steps
-        if total_steps == step and self.saved_run.get("finished") is True:
-            self._nothing_to_continue(step)
-        if total_steps < step:
-            raise LoraCliError(f"Checkpoint {checkpoint.path} is at step {step}, past the end of this run "
-                               f"({total_steps} steps).", "Raise --epochs or --max-steps, or start over with --overwrite.")
-        if planned and total_steps != planned:
-            return (f"Continuing to step {total_steps} (the run was planned for {planned}): the learning-rate "
-                    f"schedule is recomputed for {total_steps} steps and goes on from step {step}.")
-        return ""
-
-    def _clear(self) -> None:
+    def clear(self) -> None:
         """Empty the folder for --overwrite; run_config.yaml goes last, so a clear cut short by a
         kill leaves a folder still recognised as lora-cli's (and --overwrite works again)."""
         for entry in sorted(self.path.iterdir(), key=lambda p: p.name == RUN_CONFIG):
@@ -263,34 +158,15 @@ class OutputFolder:
         if not self.is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        self.write_run_config(decisions, finished=False)
+        write_text(self.path / RUN_CONFIG, self.run_config_text(decisions, finished=False))
         if not resuming:
             write_text(self.metrics_path, "")
 
-    def write_run_config(self, decisions: dict, finished: bool, extra: dict | None = None, folder: Path | None = None):
-        write_text((folder or self.path) / RUN_CONFIG, self.run_config_text(decisions, finished, extra))
-
-    def run_config_text(self, decisions: dict, finished: bool, extra: dict | None = None) -> str:
+    def run_config_text(self, decisions: dict[str, Any], finished: bool, summary: dict[str, Any] | None = None) -> str:
         data = self.cfg.to_dict()
-        data["run"] = {"fingerprint": self.fingerprint, "lora_cli_version": __version__, "finished": finished,
-                       "tokenize_cache": self.cache_keys, "data_sha256": self.data_sha256,
-                       "base_model": self.base_identity, **decisions, **(extra or {})}
+        data["run"] = RunRecord(self.fingerprint, __version__, finished, self.cache_keys, self.data_sha256,
+                                self.base_identity, decisions, summary).to_dict()
         return yaml.safe_dump(data, sort_keys=False)
-
-    def truncate_metrics(self, lines: int) -> None:
-        if not self.is_main:
-            return
-        kept = []
-        if self.metrics_path.is_file():
-            kept = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]
-        write_text(self.metrics_path, "".join(kept))
-
-    def append_metrics(self, row: dict) -> None:
-        if not self.is_main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
 
     def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: dict, summary: dict,
                param_summary: dict, adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
@@ -334,7 +210,7 @@ class OutputFolder:
         write_param_summary(staging, param_summary)
         if self.template_text is not None:  # generate/eval/merge prompt as trained, even if the file changes
             (staging / TEMPLATE_FILE).write_text(self.template_text, encoding="utf-8")
-        text = self.run_config_text(decisions, finished=True, extra={"summary": summary})
+        text = self.run_config_text(decisions, finished=True, summary=summary)
         (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
 
     def _commit(self, staging: Path) -> None:
@@ -348,40 +224,3 @@ class OutputFolder:
             if n == 0:
                 faults.point("adapter:renaming")
         fsync_dir(self.path)
-
-
-def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
-    """The output folder's refusals (another run, this run unfinished or finished, --resume with nothing
-    to continue) before torch loads, so they cost well under a second instead of a model load.
-
-    The same rules as OutputFolder.prepare, with the tokenize cache keys the folder recorded, when the
-    data files are the bytes it recorded; when they are not (or a template file is in play, whose text
-    is in the keys), the check after tokenizing decides. Changes nothing on disk. A folder a live run
-    holds is refused as in use, whatever it holds now.
-    """
-    from lora_cli.train.output_check import refuse_if_in_use
-
-    refuse_if_in_use(cfg)
-    if overwrite:
-        return
-    from lora_cli.data.cache import file_digest
-
-    run = ((read_run_config(cfg.output.dir) or {}).get("run") or {})
-    keys, recorded = run.get("tokenize_cache") or {}, run.get("data_sha256") or {}
-    if run:
-        if Path(cfg.data.template).is_file():
-            return
-        paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}
-        if set(paths) != set(recorded) or any(file_digest(Path(p))[0] != recorded[s] for s, p in paths.items()):
-            return
-    base = None
-    if run.get("base_model"):  # the fingerprint holds the base's identity: read it as the full check will
-        from lora_cli.model.identity import base_identity
-        from lora_cli.model.resolve import resolve_model
-
-        try:
-            base = base_identity(resolve_model(cfg.model.name, local_only=True))
-        except LoraCliError:
-            return  # not at hand without a download: the check after loading decides
-    OutputFolder(cfg.output.dir, cfg, is_main=False, cache_keys=keys, data_sha256=recorded,
-                 base_identity=base).prepare(resume, False)

@@ -37,7 +37,7 @@ class Placement:
         return getattr(self.device, "type", str(self.device)) == "cuda"
 
 
-def fresh_accelerator(cpu: bool, mixed_precision: str, **tracking: bool):
+def fresh_accelerator(cpu: bool, mixed_precision: str, **tracking: str | list[str]) -> Accelerator:
     """An Accelerator for this run, whatever an earlier run in the same process left behind.
 
     accelerate keeps its state process-wide: a second `Accelerator(mixed_precision=...)` with

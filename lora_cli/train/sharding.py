@@ -24,6 +24,7 @@ from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from contextlib import AbstractContextManager
 
     import torch
     from accelerate import Accelerator
@@ -74,7 +75,7 @@ def configure(accelerator: Accelerator, peft_model: PeftModel, precision: str) -
                                                     buffer_dtype=torch.float32) if compute else None)
 
 
-def _contexts(module: torch.nn.Module, rank0_only: bool):
+def _contexts(module: torch.nn.Module, rank0_only: bool) -> AbstractContextManager[None]:
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -121,5 +122,5 @@ def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, fu
     optimizer.load_state_dict(local)
 
 
-def _inner(optimizer: torch.optim.Optimizer):
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one

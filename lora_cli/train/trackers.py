@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 
 PROJECT = "lora-cli"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
-TRAIN_KEYS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-              "tokens_per_s": "train/tokens_per_s", "epoch": "train/epoch"}
-EVAL_KEYS = {"eval_loss": "eval/loss", "stop_rate": "eval/stop_rate", "generate_s": "eval/generate_s",
-             "sample": "eval/sample"}
+# the metrics.jsonl keys each tracker gets, by row type, under its own names
+KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                  "tokens_per_s": "train/tokens_per_s", "epoch": "train/epoch"},
+        "eval": {"eval_loss": "eval/loss", "stop_rate": "eval/stop_rate", "generate_s": "eval/generate_s",
+                 "sample": "eval/sample"}}
 
 
 def _available(name: str) -> bool:
@@ -94,19 +95,3 @@ def start(accelerator: Accelerator, cfg: RunConfig, decisions: dict, resumed_ste
             os.environ.setdefault("WANDB_SILENT", "true")
     accelerator.init_trackers(PROJECT, config=_hyperparameters(cfg, decisions), init_kwargs=kwargs)
     return True
-
-
-def log(accelerator: Accelerator, row: dict) -> None:
-    """One metrics.jsonl row to every tracker, at its optimizer step."""
-    keys = TRAIN_KEYS if row.get("type") == "train" else EVAL_KEYS if row.get("type") == "eval" else {}
-    values = {name: row[key] for key, name in keys.items() if row.get(key) is not None}
-    if values:
-        accelerator.log(values, step=int(row["step"]))
-
-
-def finish(accelerator: Accelerator) -> None:
-    """Close every tracker (flush TensorBoard, end the MLflow run). Not accelerator.end_training(),
-    which also tears down the process group that the run's last barrier still needs."""
-    for tracker in getattr(accelerator, "trackers", []):
-        tracker.finish()
-    accelerator.trackers = []

@@ -134,7 +134,8 @@ def check_plan(info, lora: bool, data: Path | None, base_gguf: Path | None, runt
 
     if runtime == "llama.cpp" and not llama_cpp_available():
         raise LoraCliError("Checking an export in llama.cpp needs llama-cpp-python, which is not installed.",
-                           f"Install it with: {RUNTIME_EXTRA}  (it compiles llama.cpp: 10-20 minutes on 2 cores).")
+                           f"Install it with: {RUNTIME_EXTRA}  (it compiles llama.cpp: 10-20 minutes on 2 cores), "
+                           "or check with transformers' GGUF loader now: --runtime transformers.")
     if lora and runtime != "llama.cpp":
         raise LoraCliError("A gguf-lora export runs in llama.cpp only (transformers loads no GGUF adapter).")
     if data is None:

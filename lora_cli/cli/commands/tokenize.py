@@ -45,15 +45,15 @@ def tokenize(
     shown = _shown(data, show)
     if as_json:
         typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
-                                "counts": e.meta.get("counts"), "left_out_lines": e.meta.get("left_out_lines", []),
+                                "counts": asdict(e.meta.counts), "left_out_lines": e.meta.left_out_lines,
                                 **({"shown": [asdict(x) for x in shown]} if e.split == "train" and show else {})}
                                for e in entries], indent=2))
         return
     rows = []
     for e in entries:
-        c = e.meta.get("counts", {})
-        rows.append([e.split, "cache hit" if e.hit else "built", c.get("examples"), c.get("tokens"),
-                     c.get("targets"), c.get("truncated"), c.get("no_target"), c.get("invalid"), str(e.path)])
+        c = e.meta.counts
+        rows.append([e.split, "cache hit" if e.hit else "built", c.examples, c.tokens, c.targets, c.truncated,
+                     c.no_target, c.invalid, str(e.path)])
     out.print(table(f"tokenize ({cfg.model.name}, template {cfg.data.template}, max length {cfg.data.max_length})",
                     ["split", "status", "examples", "tokens", "target tokens", "truncated", "left out", "skipped",
                      "cache entry"], rows, right=(2, 3, 4, 5, 6, 7)))

@@ -42,7 +42,7 @@ def train(
     """
     from lora_cli.data.current import resolve
     from lora_cli.train.launch import launch_if_asked, resume_command
-    from lora_cli.train.run_folder import refuse_early
+    from lora_cli.train.resume import refuse_early
 
     started = time.time()
     work = resolve("train", settings, str(config) if config else None, set_)  # no --train: the current dataset
