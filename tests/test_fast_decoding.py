@@ -187,3 +187,27 @@ def test_a_probe_answer_is_capped_at_one_and_a_half_times_its_reference_within_b
     assert answer_cap(265, 512) == 399  # 1.5 x (265 + eos)
     assert answer_cap(2, 512) == 16  # short answers keep room to stop
     assert answer_cap(400, 512) == 512  # never past --max-length
+
+
+def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does(peft_model, tokenizer, monkeypatch):
+    import lora_cli.infer.decode as decode
+    from lora_cli.infer.generation import _left_padded
+
+    ids, mask = _left_padded(_prompts(len(tokenizer)), tokenizer.pad_token_id, torch.device("cpu"))
+    valid = mask.bool()
+    decoder = Decoder(build_copy(peft_model, torch.float32, torch.device("cpu")), torch.device("cpu"))
+
+    def prefill():
+        slot = decoder._slot(ids.shape[0], decode.cache_length(ids.shape[1], 8))
+        with torch.no_grad():
+            logits = decoder._prefill(slot, ids, valid)
+        keys = [layer.keys[:, :, :ids.shape[1]][valid[:, None, :].expand_as(layer.keys[:, :, :ids.shape[1], 0])]
+                for layer in slot.cache.layers]
+        return logits, keys, int(slot.cache.layers[0].cumulative_length)
+
+    unpadded = prefill()
+    monkeypatch.setattr(decode, "_plain_static", lambda cache: False)
+    padded = prefill()
+    assert torch.allclose(unpadded[0], padded[0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(unpadded[1], padded[1]))
+    assert unpadded[2] == padded[2] == ids.shape[1]
