@@ -189,7 +189,7 @@ def test_a_probe_answer_is_capped_at_one_and_a_half_times_its_reference_within_b
     assert answer_cap(400, 512) == 512  # never past --max-length
 
 
-def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does(peft_model, tokenizer, monkeypatch):
+def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does(peft_model, tokenizer):
     import lora_cli.infer.decode as decode
     from lora_cli.infer.generation import _left_padded
 
@@ -206,7 +206,7 @@ def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does
         return logits, keys, int(slot.cache.layers[0].cumulative_length)
 
     unpadded = prefill()
-    monkeypatch.setattr(decode, "_plain_static", lambda cache: False)
+    decoder.unpadded_prefill = False
     padded = prefill()
     assert torch.allclose(unpadded[0], padded[0], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(unpadded[1], padded[1]))

@@ -90,6 +90,7 @@ class Decoder:
         self.warmup_seconds = 0.0  # building the copy and capturing decode steps, so far
         self.cpu_threads: int | None = None  # CPU: the thread count the last run found faster (its next prefill)
         self.process_threads = 1  # the process's own intra-op thread count, put back after each run
+        self.unpadded_prefill = device.type == "cpu"  # prompts prefilled alone, without padding (_prefill_unpadded)
 
     def _slot(self, batch: int, length: int) -> _Slot:
         import torch
@@ -156,7 +157,7 @@ class Decoder:
         low = torch.finfo(self.dtype).min
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, low)
         pos = (valid.long().cumsum(-1) - 1).masked_fill_(~valid, 1)
-        if self.device.type == "cpu" and _plain_static(slot.cache):
+        if self.unpadded_prefill and _plain_static(slot.cache):
             logits = self._prefill_unpadded(slot, ids, valid)
         else:
             logits = self.model(input_ids=ids, position_ids=pos, cache_position=torch.arange(width, device=self.device),
