@@ -89,17 +89,9 @@ def test_a_changed_data_file_is_left_to_the_full_check_after_tokenizing(tiny_mod
 
 
 def test_merge_into_an_existing_folder_is_refused_before_torch_loads(tmp_path):
-    import torch
-    from safetensors.torch import save_file
+    from helpers import write_small_adapter
 
-    adapter = tmp_path / "adapters"
-    adapter.mkdir()
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{prefix}.lora_A.weight": torch.zeros(8, 64), f"{prefix}.lora_B.weight": torch.zeros(64, 8)},
-              adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM",
-         "base_model_name_or_path": "smollm2-135m"}))
+    write_small_adapter(tmp_path / "adapters", base_model="smollm2-135m")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "mine.txt").write_text("keep me")
     message, cpu, wall = refused(["merge", "-o", "merged", "--model", "smollm2-135m"], tmp_path)

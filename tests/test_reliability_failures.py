@@ -212,16 +212,9 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_
 @pytest.fixture
 def adapter(tmp_path):
     """A small adapter whose config agrees with its weights (package checks that), ~50 kB of weights."""
-    import torch
-    from safetensors.torch import save_file
+    from helpers import write_small_adapter
 
-    folder = tmp_path / "adapters"
-    folder.mkdir()
-    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{prefix}.lora_A.weight": torch.randn(8, 784), f"{prefix}.lora_B.weight": torch.randn(784, 8)},
-              folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    folder = write_small_adapter(tmp_path / "adapters", features=784)
     (folder / "tokenizer.json").write_bytes(bytes(range(256)))
     return folder
 

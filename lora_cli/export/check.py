@@ -110,7 +110,7 @@ class CheckReport:
 
 def _messages(example, template) -> list[dict]:
     """The conversation sent to the export for a record: user messages mapped as the export maps them."""
-    from lora_cli.export.chat_template import user_content
+    from lora_cli.data.chat_template import user_content
 
     if not example.is_chat:
         return [{"role": "user", "content": user_content(template, example.instruction, example.input)}]

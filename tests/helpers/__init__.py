@@ -66,3 +66,20 @@ def tiny_config(model_dir: Path, train: Path, val: Path | None, out: Path, **tra
     raw["train"].update(train_overrides)
     raw["output"]["dir"] = str(out)
     return RunConfig.from_dict(raw)
+
+
+def write_small_adapter(folder: Path, features: int = 64, base_model: str | None = None) -> Path:
+    """An adapter folder whose adapter_config.json agrees with its weights (LoRA r=8 on one q_proj of
+    `features` inputs and outputs), as readers check; no run_config.yaml."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.randn(8, features), f"{prefix}.lora_B.weight": torch.randn(features, 8)},
+              folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+    if base_model:
+        config["base_model_name_or_path"] = base_model
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
