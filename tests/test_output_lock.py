@@ -94,7 +94,6 @@ def test_train_into_a_folder_another_process_writes_is_refused_in_one_line(holde
 
 def test_a_live_runs_folder_is_said_to_be_in_use_not_judged_by_what_it_holds_now(holder, tiny_model_dir,
                                                                                   data_files, tmp_path):
-    from lora_cli.train.recipe import train
 
     train_f, _ = data_files
     out = tmp_path / "run"

@@ -20,7 +20,6 @@ from lora_cli.adapter.folder import read_adapter
 from lora_cli.adapter.merging import merge
 from lora_cli.cli.app import app
 from lora_cli.config import RunConfig
-from lora_cli.errors import LoraCliError
 from lora_cli.infer.generation import load_for_inference
 from lora_cli.train.checkpoint import list_checkpoints
 from lora_cli.train.recipe import train
