@@ -157,7 +157,7 @@ def test_a_model_the_copy_cannot_hold_is_said_and_decoded_eagerly(tiny_model_dir
 
 
 def test_the_thread_count_that_decoded_faster_is_kept_and_fewer_threads_win_a_tie():
-    from lora_cli.infer.decode import faster_threads
+    from lora_cli.infer.cpu_decode import faster_threads
 
     assert faster_threads({2: [0.40, 0.42], 1: [0.07, 0.08]}) == 1  # a shared machine: one thread
     assert faster_threads({2: [0.04, 0.05], 1: [0.07, 0.08]}) == 2  # an idle one: both

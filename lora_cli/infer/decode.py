@@ -21,18 +21,6 @@ from dataclasses import dataclass
 
 CHECK_EVERY = 8  # decode steps between checks that every row has finished, on a GPU (a check waits for it)
 MAX_SLOTS = 4  # captured (batch, cache length) shapes kept at once
-TRIAL_STEPS = 2  # CPU: decode steps timed at each thread count before the faster one is kept
-
-
-def faster_threads(timings: dict[int, list[float]]) -> int:
-    """The thread count whose decode steps took least (its fastest step, seconds), fewer threads on a tie.
-
-    Why it is measured, not assumed: a CPU decode step is ~200 small matmuls (batch x hidden), each
-    a barrier for every intra-op thread. On an idle machine all threads help (2 cores: ~2x); on a
-    machine whose cores other work also uses, each barrier waits for a descheduled thread, and one
-    thread has measured 5-11x faster than two on a shared 2-core machine (docs/PERFORMANCE.md).
-    """
-    return min(timings, key=lambda n: (min(timings[n]), n))
 
 
 def cache_length(prompt_width: int, max_new_tokens: int, step: int = 64) -> int:
@@ -51,6 +39,7 @@ class _Slot:
     mask: object  # (batch, 1, 1, cache length) additive: 0 where a key may be attended, dtype min elsewhere
     logits: object  # (batch, vocab) float32: the step's output
     graph: object = None
+    filled: bool = False  # CPU: attention sees only the cache's filled part (cpu_decode.FilledLayer)
 
 
 def processors_for(sampling, prompt_pad_lengths):
@@ -90,30 +79,44 @@ class Decoder:
         self.warmup_seconds = 0.0  # building the copy and capturing decode steps, so far
         self.cpu_threads: int | None = None  # CPU: the thread count the last run found faster (its next prefill)
         self.process_threads = 1  # the process's own intra-op thread count, put back after each run
-        self.unpadded_prefill = device.type == "cpu"  # prompts prefilled alone, without padding (_prefill_unpadded)
+        self.unpadded_prefill = device.type == "cpu"  # prompts prefilled without padding (cpu_decode.packed_prefill)
+        self.row_steps = 0  # rows decoded in the last run, summed over its steps (finished rows dropped on the CPU)
 
     def _slot(self, batch: int, length: int) -> _Slot:
-        import torch
+        """The static tensors of this shape: kept for reuse on CUDA (a captured graph reads them); on the CPU,
+        where nothing is captured, fresh for each run, attending only to the filled cache, rows droppable."""
         from transformers import StaticCache
 
+        from lora_cli.infer.cpu_decode import attend_filled_only
+
+        if self.device.type == "cpu":
+            slot = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch, length)
+            slot.filled = attend_filled_only(slot.cache)
+            return slot
         key = (batch, length)
         if key not in self.slots:
             while len(self.slots) >= MAX_SLOTS:
                 self.slots.pop(next(iter(self.slots)))
-            dev = self.device
-            self.slots[key] = _Slot(
-                cache=StaticCache(config=self.model.config, max_cache_len=length),
-                tok=torch.zeros((batch, 1), dtype=torch.long, device=dev),
-                pos=torch.zeros((batch, 1), dtype=torch.long, device=dev),
-                cache_pos=torch.zeros((1,), dtype=torch.long, device=dev),
-                mask=torch.zeros((batch, 1, 1, length), dtype=self.dtype, device=dev),
-                logits=torch.zeros((batch, self.model.config.get_text_config().vocab_size), dtype=torch.float32,
-                                   device=dev))
+            self.slots[key] = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch, length)
         return self.slots[key]
 
+    def _new_slot(self, cache, batch: int, length: int) -> _Slot:
+        import torch
+
+        dev = self.device
+        return _Slot(cache=cache,
+                     tok=torch.zeros((batch, 1), dtype=torch.long, device=dev),
+                     pos=torch.zeros((batch, 1), dtype=torch.long, device=dev),
+                     cache_pos=torch.zeros((1,), dtype=torch.long, device=dev),
+                     mask=torch.zeros((batch, 1, 1, length), dtype=self.dtype, device=dev),
+                     logits=torch.zeros((batch, self.model.config.get_text_config().vocab_size), dtype=torch.float32,
+                                        device=dev))
+
     def _forward(self, slot: _Slot) -> None:
+        # a FilledLayer hands attention the keys up to and with this step's: the mask covers as many
+        mask = slot.mask[..., :int(slot.cache_pos) + 1] if slot.filled else slot.mask
         out = self.model(input_ids=slot.tok, position_ids=slot.pos, cache_position=slot.cache_pos,
-                         attention_mask=slot.mask, past_key_values=slot.cache, use_cache=True)
+                         attention_mask=mask, past_key_values=slot.cache, use_cache=True)
         slot.logits.copy_(out.logits[:, -1, :])
 
     def _capture(self, slot: _Slot, filled: int) -> None:
@@ -147,6 +150,8 @@ class Decoder:
         """Run the prompts through the model, filling the cache; the last position's logits (float32)."""
         import torch
 
+        from lora_cli.infer.cpu_decode import packed_prefill, plain_static
+
         batch, width = ids.shape
         length = slot.mask.shape[-1]
         slot.cache.reset()
@@ -157,40 +162,16 @@ class Decoder:
         low = torch.finfo(self.dtype).min
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, low)
         pos = (valid.long().cumsum(-1) - 1).masked_fill_(~valid, 1)
-        if self.unpadded_prefill and _plain_static(slot.cache):
-            logits = self._prefill_unpadded(slot, ids, valid)
+        if self.unpadded_prefill and plain_static(slot.cache):
+            logits = packed_prefill(self.model, slot.cache, ids, valid, self.dtype)
         else:
             logits = self.model(input_ids=ids, position_ids=pos, cache_position=torch.arange(width, device=self.device),
-                                attention_mask=mask, past_key_values=slot.cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1, :]
+                                attention_mask=mask[..., :width] if slot.filled else mask, past_key_values=slot.cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
         slot.mask.copy_(torch.zeros_like(slot.mask).masked_fill_(~keys[:, None, None, :], low))
         slot.pos.copy_(valid.long().sum(-1, keepdim=True))
         slot.cache_pos.fill_(width)
         return logits.to(dtype=torch.float32)
-
-    def _prefill_unpadded(self, slot: _Slot, ids, valid):
-        """CPU: each prompt prefilled alone, without its left padding, its keys and values written into its row.
-
-        Why: the CPU prefill is compute-bound, and a left-padded batch computes batch x the longest prompt
-        (on the probe's prompts 1.7-2.4x the real tokens)."""
-        import torch
-        from transformers import DynamicCache
-
-        batch, width = ids.shape
-        rows = []
-        for i, n in enumerate(valid.sum(-1).tolist()):
-            own = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=ids[i:i + 1, width - n:], past_key_values=own, use_cache=True,
-                             logits_to_keep=1)
-            rows.append(out.logits[0, -1, :])
-            for layer, got in zip(slot.cache.layers, own.layers):
-                if not layer.is_initialized:
-                    layer.lazy_initialization(got.keys.expand(batch, -1, -1, -1), got.values.expand(batch, -1, -1, -1))
-                layer.keys[i, :, width - n:width].copy_(got.keys[0])
-                layer.values[i, :, width - n:width].copy_(got.values[0])
-        for layer in slot.cache.layers:
-            layer.cumulative_length.fill_(width)
-        return torch.stack(rows)
 
     def run(self, ids, valid, sampling, stop_ids: list[int], pad_id: int, caps=None, on_token=None):
         """New tokens for a left-padded batch: (batch, steps) long, pad after each row's end.
@@ -213,6 +194,8 @@ class Decoder:
     def _run(self, ids, valid, sampling, stop_ids, pad_id, caps, on_token):
         import torch
 
+        from lora_cli.infer.cpu_decode import ThreadTrial, drop_rows
+
         batch, width = ids.shape
         cap = sampling.max_new_tokens
         # a sampled batch must end exactly where eager generate ends (later batches draw from the same generator);
@@ -226,29 +209,43 @@ class Decoder:
         logits = self._prefill(slot, ids, valid)
         if self.graphs and slot.graph is None:
             self._capture(slot, width)
-        trial = _ThreadTrial(self) if self.device.type == "cpu" else None
+        trial = ThreadTrial(self) if self.device.type == "cpu" else None
+        # the rows still decoding: all (a slice) or, where finished rows are dropped, their indices
+        rows = slice(None)
+        if self.device.type == "cpu" and sampling.greedy and not procs and on_token is None:
+            rows = torch.arange(batch, device=self.device)
+        self.row_steps = 0
         for k in range(cap):
             if k:
-                slot.tok.copy_(seq[:, width + k - 1:width + k])
-                slot.mask.index_fill_(-1, slot.cache_pos, 0.0)  # the fed token attends to itself
-                if trial is not None:
-                    trial.step(lambda: self._forward(slot))
-                else:
-                    slot.graph.replay() if slot.graph is not None else self._forward(slot)
-                slot.pos.add_(1)
-                slot.cache_pos.add_(1)
+                slot.tok.copy_(seq[rows, width + k - 1:width + k])
+                self._step(slot, trial)
                 logits = slot.logits
-            nxt = self._pick(procs(seq[:, :width + k], logits), sampling.greedy)
-            nxt = torch.where(done, pad_id, nxt)
-            seq[:, width + k] = nxt
-            done |= torch.isin(nxt, stops)
+            nxt = self._pick(procs(seq[rows, :width + k], logits), sampling.greedy)
+            nxt = torch.where(done[rows], pad_id, nxt)
+            seq[rows, width + k] = nxt
+            self.row_steps += nxt.shape[0]
+            done[rows] |= torch.isin(nxt, stops)
             if caps is not None:
                 done |= caps <= k + 1
             if on_token is not None:
                 on_token(nxt)
             if (k + 1) % every == 0 and bool(done.all()):
                 return seq[:, width:width + k + 1]
+            if not isinstance(rows, slice) and bool(done[rows].any()):
+                keep = ~done[rows]
+                rows = rows[keep]
+                drop_rows(slot, keep)
         return seq[:, width:]
+
+    def _step(self, slot: _Slot, trial) -> None:
+        """One decoding step: slot.tok in, slot.logits out, the cache one position further."""
+        slot.mask.index_fill_(-1, slot.cache_pos, 0.0)  # the fed token attends to itself
+        if trial is not None:
+            trial.step(lambda: self._forward(slot))
+        else:
+            slot.graph.replay() if slot.graph is not None else self._forward(slot)
+        slot.pos.add_(1)
+        slot.cache_pos.add_(1)
 
     @staticmethod
     def _pick(scores, greedy: bool):
@@ -257,40 +254,6 @@ class Decoder:
         if greedy:
             return scores.argmax(-1)
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-
-
-def _plain_static(cache) -> bool:
-    """Whether every layer of a StaticCache is a plain one (no sliding window), whose rows can be written directly."""
-    from transformers.cache_utils import StaticLayer
-
-    return all(type(layer) is StaticLayer for layer in cache.layers)
-
-
-class _ThreadTrial:
-    """CPU: the first decode steps timed at the process's thread count and at one thread; the rest run at the
-    faster (kept in decoder.cpu_threads for the next run's prefill). Thread counts change only the speed."""
-
-    def __init__(self, decoder: Decoder):
-        self.decoder = decoder
-        most = decoder.process_threads
-        self.plan = [n for n in ([most, 1] if most > 1 else []) for _ in range(TRIAL_STEPS)]
-        self.timings: dict[int, list[float]] = {}
-
-    def step(self, forward) -> None:
-        import time
-
-        import torch
-
-        if not self.plan:
-            return forward()
-        n = self.plan.pop(0)
-        torch.set_num_threads(n)
-        t0 = time.perf_counter()
-        forward()
-        self.timings.setdefault(n, []).append(time.perf_counter() - t0)
-        if not self.plan:
-            self.decoder.cpu_threads = faster_threads(self.timings)
-            torch.set_num_threads(self.decoder.cpu_threads)
 
 
 def build_decoder(model, device, dtype) -> tuple["Decoder | None", str | None]:
