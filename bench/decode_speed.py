@@ -3,6 +3,8 @@
     python bench/decode_speed.py step --model smollm2-135m --quantization nf4 --batches 8,52
     python bench/decode_speed.py step --config bench/configs/qwen2.5-1.5b-instruct.json --batches 8
     python bench/decode_speed.py eval ADAPTER held_out.jsonl --max-new-tokens 512 --batch-size 52
+    python bench/decode_speed.py probe val.jsonl --repeat 2
+
 
 `step` puts a LoRA (rank 16, every linear layer, B drawn small so that it changes the answers) on
 the model and times one decoding step as the difference between generating `--long` and
@@ -11,6 +13,9 @@ the fast path (decode.py: plain merged copy, static cache, CUDA graph) and eager
 model as loaded (4-bit NF4 with --quantization nf4; a --config model has random bf16 weights, so
 its eager baseline is bf16 + LoRA). `eval` runs `lora-cli eval --json` twice, fast and then with
 LORA_CLI_EAGER_GENERATE=1, and compares the answers: identical share, stop rates, generation time.
+`probe` times the training probe's decoding (its first K prompts of a val file, each with its own
+cap, one batch) on the model with such a LoRA: wall and process CPU seconds (CPU seconds are what
+a shared machine cannot blur), of which the prefill, and the rows decoded summed over the steps.
 Every result is one JSON line on stdout.
 """
 
@@ -136,6 +141,54 @@ def evaluate(opts) -> None:
         "eager_new_tokens": sum(a["new_tokens"] for a in eager["answers"])}), flush=True)
 
 
+def probe(opts) -> None:
+    import types
+
+    import torch
+
+    from lora_cli.infer.decode import build_decoder
+    from lora_cli.infer.generation import Sampling, generate_with
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.model.resolve import resolve_model
+    from lora_cli.train.probe import StopProbe
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    tokenizer = load_tokenizer(resolve_model(opts.model).path)
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(eval_generate=opts.k), data=types.SimpleNamespace(
+        val=opts.val, template=opts.template, add_eos=True, max_length=opts.max_length))
+    stop_probe = StopProbe.build(cfg, tokenizer)
+    base, what = _model(opts, device)
+    model = _with_lora(base)
+    decoder, reason = build_decoder(model, device, torch.bfloat16)
+    if decoder is None:
+        raise SystemExit(f"no fast path: {reason}")
+    prefill = []
+    inner = decoder._prefill
+
+    def timed_prefill(*args):
+        t0 = time.perf_counter()
+        out = inner(*args)
+        _sync()
+        prefill.append(time.perf_counter() - t0)
+        return out
+
+    decoder._prefill = timed_prefill
+    for _ in range(opts.repeat):
+        prefill.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        answers = generate_with(model, tokenizer, device, stop_probe.prompts,
+                                Sampling(max_new_tokens=stop_probe.max_new_tokens), batch_size=len(stop_probe.prompts),
+                                decoder=decoder, caps=stop_probe.caps)
+        _sync()
+        print(json.dumps({"bench": "probe", "model": what, "threads": decoder.cpu_threads or torch.get_num_threads(),
+                          "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+                          "prefill_s": round(sum(prefill), 2), "row_steps": decoder.row_steps,
+                          "caps": stop_probe.caps, "new_tokens": [len(a.token_ids) for a in answers],
+                          "stopped": sum(a.stopped for a in answers)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -152,11 +205,21 @@ def main() -> None:
     e.add_argument("data")
     e.add_argument("--max-new-tokens", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=52)
+    p = sub.add_parser("probe")
+    p.add_argument("val")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--quantization", default="nf4")
+    p.add_argument("--config", default=None)
+    p.add_argument("--template", default="alpaca")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("-k", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the process's)")
     opts = ap.parse_args()
     from lora_cli.model.load import quiet_libraries
 
     quiet_libraries()
-    step(opts) if opts.what == "step" else evaluate(opts)
+    {"step": step, "eval": evaluate, "probe": probe}[opts.what](opts)
 
 
 if __name__ == "__main__":

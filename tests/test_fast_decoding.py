@@ -189,8 +189,13 @@ def test_a_probe_answer_is_capped_at_one_and_a_half_times_its_reference_within_b
     assert answer_cap(400, 512) == 512  # never past --max-length
 
 
-def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does(peft_model, tokenizer):
+@pytest.mark.parametrize("pack_tokens", [256, 30])
+def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does(peft_model, tokenizer, monkeypatch,
+                                                                                 pack_tokens):
+    import lora_cli.infer.cpu_decode as cpu_decode
     import lora_cli.infer.decode as decode
+
+    monkeypatch.setattr(cpu_decode, "PACK_TOKENS", pack_tokens)  # 30: several packs, the 40-token prompt alone
     from lora_cli.infer.generation import _left_padded
 
     ids, mask = _left_padded(_prompts(len(tokenizer)), tokenizer.pad_token_id, torch.device("cpu"))
@@ -211,3 +216,81 @@ def test_the_cpu_prefill_without_padding_fills_each_row_as_the_padded_batch_does
     assert torch.allclose(unpadded[0], padded[0], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(unpadded[1], padded[1]))
     assert unpadded[2] == padded[2] == ids.shape[1]
+
+
+def _extra_stops(model, tokenizer, answers):
+    """Stop tokens three rows reach at different steps (their tokens at steps 2, 9 and 15), beside eos."""
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, answers[0].token_ids[2], answers[1].token_ids[9],
+                                            answers[2].token_ids[15]]
+
+
+def test_finished_rows_leave_the_cpu_batch_and_every_answer_stays_that_of_eager(peft_model, tokenizer):
+    cpu, sampling = torch.device("cpu"), Sampling(max_new_tokens=24)
+    prompts = _prompts(len(tokenizer))
+    _extra_stops(peft_model, tokenizer, generate_with(peft_model, tokenizer, cpu, prompts, sampling))
+    try:
+        eager = generate_with(peft_model, tokenizer, cpu, prompts, sampling)
+        decoder = Decoder(build_copy(peft_model, torch.float32, cpu), cpu)
+        fast = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=decoder)
+    finally:
+        peft_model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert [a.stopped for a in fast] == [a.stopped for a in eager]
+    # each row was decoded up to its own stop token, then left the batch
+    assert decoder.row_steps == sum(len(a.token_ids) + a.stopped for a in fast)
+    assert decoder.row_steps < len(prompts) * max(len(a.token_ids) + a.stopped for a in fast)
+
+
+def test_sampled_rows_that_stop_early_keep_drawing_as_eager(peft_model, tokenizer):
+    cpu = torch.device("cpu")
+    sampling = Sampling(max_new_tokens=20, temperature=0.9, top_k=50, seed=3)
+    prompts = _prompts(len(tokenizer))
+    _extra_stops(peft_model, tokenizer, generate_with(peft_model, tokenizer, cpu, prompts, sampling))
+    try:
+        eager, fast = _both(peft_model, tokenizer, prompts, sampling)
+    finally:
+        peft_model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert [a.token_ids for a in fast] == [a.token_ids for a in eager]
+    assert sum(a.stopped for a in eager) >= 2
+
+
+def test_cpu_attention_sees_only_the_filled_cache_and_answers_as_over_the_whole_cache(peft_model, tokenizer,
+                                                                                      monkeypatch):
+    import lora_cli.infer.cpu_decode as cpu_decode
+
+    cpu, sampling = torch.device("cpu"), Sampling(max_new_tokens=12)
+    prompts = _prompts(len(tokenizer))  # the longest has 40 tokens: a cache of 64
+    copy = build_copy(peft_model, torch.float32, cpu)
+    seen, layer_class = [], cpu_decode.filled_layer_class()
+    real_update = layer_class.update
+
+    def update(self, *args, **kwargs):
+        keys, values = real_update(self, *args, **kwargs)
+        seen.append(keys.shape[2])
+        return keys, values
+
+    monkeypatch.setattr(layer_class, "update", update)
+    filled = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=Decoder(copy, cpu))
+    monkeypatch.setattr(cpu_decode, "attend_filled_only", lambda cache: False)
+    whole = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=Decoder(copy, cpu))
+    assert [a.token_ids for a in filled] == [a.token_ids for a in whole]
+    assert min(seen) == 41 and max(seen) == 40 + 11  # the prompt and the tokens fed so far, never all 64
+
+
+def test_prompts_are_packed_in_order_up_to_the_token_budget_a_longer_one_alone():
+    from lora_cli.infer.cpu_decode import packs
+
+    assert packs([3, 40, 11, 1, 25, 7], 30) == [[0], [1], [2, 3], [4], [5]]
+    assert packs([3, 40, 11], 256) == [[0, 1, 2]]
+
+
+def test_a_bf16_cpu_copy_keeps_the_lora_b_side_in_fp32_and_adds_the_adapter(peft_model):
+    copy = build_copy(peft_model, torch.bfloat16, torch.device("cpu"))
+    name = next(n for n, m in copy.named_modules() if hasattr(m, "lora_B"))
+    mine, theirs = copy.get_submodule(name), peft_model.get_base_model().get_submodule(name)
+    assert mine.lora_B.dtype == torch.float32 and mine.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 5, mine.in_features)
+    with torch.no_grad():
+        want, base = theirs(x), theirs.get_base_layer()(x)
+        got = mine(x.to(torch.bfloat16)).float()
+    assert (got - want).abs().max() < 0.1 * (want - base).abs().max()  # within bf16 rounding of the adapter's delta

@@ -64,8 +64,9 @@ def attend_filled_only(cache) -> bool:
     return True
 
 
-def packs(lengths: list[int], budget: int = PACK_TOKENS) -> list[list[int]]:
-    """Row indices grouped in order into packs of at most `budget` tokens (a longer prompt alone)."""
+def packs(lengths: list[int], budget: int | None = None) -> list[list[int]]:
+    """Row indices grouped in order into packs of at most `budget` (PACK_TOKENS) tokens, a longer prompt alone."""
+    budget = PACK_TOKENS if budget is None else budget
     out: list[list[int]] = []
     total = budget + 1
     for i, n in enumerate(lengths):
