@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_cli import faults
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
+from lora_cli.model.backbone import detach_grads
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.oom import StepMemory, out_of_memory_as_error
@@ -134,10 +135,8 @@ class TrainingLoop:
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
-                what = "decoder" if self.plan.compile_scope == "backbone" else "decoder layers"
-                graphs = " and its capture as CUDA graphs" if self.plan.compile == "graphs" else ""
-                self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
-                                      f"{what}{graphs}, paid once)")
+                self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s ({self._first_step_work()}, "
+                                      "paid once)")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
@@ -150,6 +149,14 @@ class TrainingLoop:
         self._sync_flag(flag)  # a signal during the evaluation reached only some processes
         if flag.set and state.step < self.total_steps and not state.stopped_early:
             self._interrupt(flag, saved=True)
+
+    def _first_step_work(self) -> str:
+        plan = self.plan
+        if plan.compile_scope == "backbone":
+            layers = "torch.compile of the decoder layers, then " if plan.compile_layers else ""
+            return f"{layers}the capture of the decoder's forward and backward as CUDA graphs"
+        graphs = " and their capture as CUDA graphs" if plan.compile == "graphs" else ""
+        return f"torch.compile of the decoder layers{graphs}"
 
     def _sync_flag(self, flag: InterruptFlag) -> None:
         if self.placement.world_size > 1:
@@ -179,6 +186,8 @@ class TrainingLoop:
                 loss, _ = module(*mb.loss_args())
                 loss = faults.point("train:loss", loss)
                 acc.backward(loss * ((1.0 if live else 0.0) * where.world_size / n_global))
+            if self.plan.compile_scope == "backbone" and i < slots - 1:
+                detach_grads(self.trainable.params)  # the next replay would overwrite these gradients
             if live:
                 loss_sum += loss.detach().float()
                 real += mb.n_real
