@@ -107,7 +107,7 @@ def main() -> None:
     result = recipe.train(load_config_file(config), resume=resume, overwrite=not resume)
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
-    (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.steps,
+    (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.summary.steps,
                                                           "decisions": result.decisions}))
 
 

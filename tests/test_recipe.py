@@ -37,7 +37,7 @@ def test_an_added_observer_sees_every_metrics_row_and_adds_to_each_evaluation(ti
     assert seen.rows == rows and seen.evals == 3  # at the start and after each epoch
     assert all(r["seen_by"] == "test" for r in rows if r["type"] == "eval")
     assert seen.ends == [True]  # told once, by finish()
-    assert result.last_loss < result.first_loss
+    assert result.summary.last_loss < result.summary.first_loss
 
 
 def test_the_run_record_is_what_run_config_yaml_holds_and_reads_back(tiny_model_dir, data_files, tmp_path):
@@ -48,7 +48,7 @@ def test_the_run_record_is_what_run_config_yaml_holds_and_reads_back(tiny_model_
         result = recipe.finish()
     raw = yaml.safe_load((out / "run_config.yaml").read_text())["run"]
     record = read_run_record(out)
-    assert record.finished and record.summary["steps"] == result.steps and record.decisions == result.decisions
+    assert record.finished and record.summary["steps"] == result.summary.steps and record.decisions == result.decisions
     assert record.to_dict() == raw and list(record.to_dict()) == list(raw)  # the same keys, in the same order
 
 

@@ -42,7 +42,7 @@ def test_the_stop_rate_is_measured_at_each_evaluation_and_changes_nothing_else(m
     assert probed.decisions["eval_generate_max_new_tokens"] == 16
     # generating in eval mode and restoring train mode and the RNG leaves training exactly as without it
     plain = train(yes_config(model_dir, tmp_path_factory, tmp_path / "plain", eval_generate=0))
-    assert plain.eval_losses == probed.eval_losses
+    assert plain.summary.eval_losses == probed.summary.eval_losses
     a, b = load_file(str(tmp_path / "probed" / "adapter_model.safetensors")), \
         load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

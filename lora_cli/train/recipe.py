@@ -21,6 +21,7 @@ from lora_cli.train.loop import BestEvaluation, LoopSummary
 
 if TYPE_CHECKING:
     from pathlib import Path
+    from types import TracebackType
 
     import torch
     from datasets import Dataset
@@ -50,15 +51,6 @@ class TrainResult:
     resumed_from: str | None
     decisions: dict[str, Any]
     param_summary: dict[str, Any]
-
-    # the summary's numbers, by the names callers used before it was one object
-    steps = property(lambda self: self.summary.steps)
-    first_loss = property(lambda self: self.summary.first_loss)
-    last_loss = property(lambda self: self.summary.last_loss)
-    eval_losses = property(lambda self: self.summary.eval_losses)
-    tokens = property(lambda self: self.summary.tokens)
-    seconds = property(lambda self: self.summary.seconds)
-    best = property(lambda self: self.summary.best)  # early stopping: the evaluation whose adapter is the result
 
 
 @dataclass
@@ -119,7 +111,8 @@ class LoRARecipe:
     def __enter__(self) -> LoRARecipe:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         try:
             for observer in self.observers if not self.finished else []:
                 observer.on_end(finished=False)  # stopped: an interrupt, an error
