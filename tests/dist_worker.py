@@ -108,7 +108,7 @@ def main() -> None:
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
     (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.summary.steps,
-                                                          "decisions": result.decisions}))
+                                                          "decisions": result.decisions.to_dict()}))
 
 
 if __name__ == "__main__":

@@ -152,6 +152,6 @@ def test_a_dequantized_base_trains_to_the_same_losses_as_the_4bit_one(tiny_model
                           max_tokens=128).replace({"model.dequantize": mode})
         result = train(run)
         losses[mode] = result.summary.eval_losses
-        assert result.decisions["dequantized_base"] is (mode == "on")
+        assert result.decisions.dequantized_base is (mode == "on")
     assert losses["on"] == pytest.approx(losses["off"], abs=2e-4)
     assert losses["on"][-1] < losses["on"][0]

@@ -1,11 +1,15 @@
 """The recipe object and its typed seams: observers see the run, the run record and cache metadata read back."""
 
 import json
+from dataclasses import asdict
 
+import pytest
 import yaml
 from helpers import tiny_config
 
-from lora_cli.adapter.folder import RunRecord, read_run_record
+from lora_cli.adapter.folder import read_saved_run
+from lora_cli.adapter.record import RunRecord
+from lora_cli.config import DataConfig
 from lora_cli.train.observe import Observer
 from lora_cli.train.recipe import LoRARecipe
 
@@ -47,15 +51,32 @@ def test_the_run_record_is_what_run_config_yaml_holds_and_reads_back(tiny_model_
         recipe.train()
         result = recipe.finish()
     raw = yaml.safe_load((out / "run_config.yaml").read_text())["run"]
-    record = read_run_record(out)
+    record = read_saved_run(out).run
     assert record.finished and record.summary["steps"] == result.summary.steps and record.decisions == result.decisions
     assert record.to_dict() == raw and list(record.to_dict()) == list(raw)  # the same keys, in the same order
 
 
-def test_a_run_record_of_an_older_version_takes_defaults_for_what_it_lacks():
+def test_a_run_record_of_an_older_version_takes_defaults_for_what_it_lacks_and_no_decisions():
     record = RunRecord.from_dict({"fingerprint": "abc", "finished": True, "device": "cpu", "base_model": None})
-    assert (record.fingerprint, record.finished, record.decisions) == ("abc", True, {"device": "cpu"})
+    assert (record.fingerprint, record.finished, record.decisions, record.record_version) == ("abc", True, None, 1)
     assert record.tokenize_cache == {} and record.base_model == {} and record.summary is None
+
+
+def test_a_run_record_of_todays_layout_missing_a_decision_is_refused_as_damaged():
+    with pytest.raises(TypeError, match="precision"):
+        RunRecord.from_dict({"fingerprint": "abc", "record_version": 2, "device": "cpu"})
+
+
+def test_an_older_run_config_reads_with_todays_defaults_for_new_settings_and_without_removed_ones(tmp_path):
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump({
+        "data": {"template": "chat", "max_length": 256, "retired_setting": 1}, "model": {"name": "tiny"},
+        "lora": {"r": 4}, "train": {"epochs": 2}, "run": {"fingerprint": "abc", "finished": True}}))
+    saved = read_saved_run(tmp_path)
+    assert (saved.data.template, saved.data.max_length, saved.data.add_eos) == ("chat", 256, DataConfig().add_eos)
+    assert "retired_setting" not in saved.settings()["data"] and saved.train.epochs == 2 and saved.run.finished
+    assert list(saved.settings()) == ["data", "model", "lora", "train"]
+    (tmp_path / "run_config.yaml").write_text("data: [not, a, section]\n")
+    assert read_saved_run(tmp_path) is None  # damaged: read as no run config (check_loadable: not finished)
 
 
 def test_the_out_of_memory_message_names_each_lever_at_its_current_value_and_a_smaller_one():
@@ -71,3 +92,15 @@ def test_the_out_of_memory_message_names_each_lever_at_its_current_value_and_a_s
     assert "gradient_checkpointing" not in text  # every layer is checkpointed already
     assert "raise --grad-accum (now 2)" in text and "\n" not in text
     assert " at step" not in oom_message(exc)  # outside a step: the levers without values
+
+
+def test_a_checkpoint_state_of_the_unnamed_layout_resumes_with_its_losses_and_sharding():
+    from lora_cli.train.checkpoint import LoopState
+
+    old = {"step": 4, "epoch": 1, "window_steps": 2, "fingerprint": "abc", "total_steps": 8,
+           "extra": {"summary": {"first_loss": 3.0, "last_loss": 2.0, "eval_losses": [2.5]}, "fsdp": True}}
+    state = LoopState.from_dict(old)
+    assert (state.step, state.first_loss, state.last_loss, state.eval_losses, state.fsdp) == (4, 3.0, 2.0, [2.5], True)
+    assert state.stop_rates == [] and LoopState.from_dict({"step": 1, "extra": {}}).fsdp is False
+    today = LoopState(step=3, eval_losses=[1.0], stop_rates=[[1, 2]])
+    assert LoopState.from_dict(asdict(today)) == today

@@ -67,7 +67,7 @@ def test_padded_seed_batching_and_unquantized_model_also_train(tiny_model_dir, d
     cfg = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / "b", epochs=2, lr=5e-3, batching="padded")
     cfg = cfg.replace({"model.quantization": "none", "data.train_on_prompt": True, "data.add_eos": False})
     result = train(cfg)
-    assert result.decisions["batching"] == "padded" and result.summary.eval_losses[-1] < result.summary.eval_losses[0]
+    assert result.decisions.batching == "padded" and result.summary.eval_losses[-1] < result.summary.eval_losses[0]
 
 
 def test_output_folder_rules(tiny_model_dir, data_files, tmp_path):

@@ -121,7 +121,7 @@ def test_warmup_ratio_and_the_cosine_floor_shape_the_learning_rate(tiny_model_di
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if r["type"] == "train"]
     warmup = math.ceil(0.2 * result.summary.steps)
-    assert result.decisions["warmup_steps"] == warmup > 0
+    assert result.decisions.warmup_steps == warmup > 0
     assert lrs[0] == 0.0 and lrs[warmup] == pytest.approx(5e-3)  # linear warmup from 0 to the peak
     after = lrs[warmup:]
     assert all(a >= b for a, b in zip(after, after[1:]))  # then cosine decay...

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
+from lora_cli.adapter.record import RunDecisions
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
@@ -49,7 +50,7 @@ class TrainResult:
     output: str
     summary: LoopSummary  # what run_config.yaml records under run.summary
     resumed_from: str | None
-    decisions: dict[str, Any]
+    decisions: RunDecisions
     param_summary: dict[str, Any]
 
 
@@ -97,7 +98,7 @@ class LoRARecipe:
     trainable: Trainable
     state: LoopState
     probe: StopProbe | None  # --eval-generate's stop-rate probe
-    decisions: dict[str, Any]  # what the run decided, recorded under run: in run_config.yaml
+    decisions: RunDecisions  # what the run decided, recorded under run: in run_config.yaml
     observers: list[Observer]
     loop: TrainingLoop
     summary: LoopSummary
@@ -225,9 +226,8 @@ class LoRARecipe:
             fingerprint=self.out.fingerprint, world_size=where.world_size, fsdp=where.fsdp)
         self.state.total_steps = total
         self.probe = StopProbe.build(cfg, self.data.tokenizer, where.fsdp, self.reporter)
-        self.decisions = self.plan.record(where) | {
-            "warmup_steps": warmup_steps(cfg.train, total),
-            "eval_generate_max_new_tokens": self.probe.max_new_tokens if self.probe else 0}
+        self.decisions = RunDecisions(**self.plan.record(where), warmup_steps=warmup_steps(cfg.train, total),
+                                      eval_generate_max_new_tokens=self.probe.max_new_tokens if self.probe else 0)
         self.out.start(self.decisions, resuming=self.checkpoint is not None)
         if self.checkpoint is not None:
             resume.announce(self.out, self.checkpoint, note, self.reporter)

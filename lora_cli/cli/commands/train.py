@@ -66,7 +66,7 @@ def train(
     first = f"{result.summary.first_loss:.4f}" if result.summary.first_loss is not None else "-"
     last = f"{result.summary.last_loss:.4f}" if result.summary.last_loss is not None else "-"
     evals = " -> ".join(f"{x:.4f}" for x in result.summary.eval_losses) or "-"
-    out.print(f"Trained {result.summary.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
+    out.print(f"Trained {result.summary.steps} steps on {d.device} ({d.precision}, {d.batching}), "
               f"{result.summary.tokens:,} tokens in {result.summary.seconds:.1f} s.")
     out.print(f"train loss {first} -> {last}; eval loss {evals}")
     stops = result.summary.stop_rates
