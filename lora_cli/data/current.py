@@ -80,8 +80,8 @@ class DataFile:
 @dataclass(frozen=True)
 class CurrentDataset:
     file: Path  # the current.json it was read from
-    settings: dict  # the SETTINGS keys -> value
-    files: dict  # split -> DataFile
+    settings: dict[str, Any]  # the SETTINGS keys -> value
+    files: dict[str, DataFile]  # split -> DataFile
     eos_token: str | None
     cwd: str  # where tokenize ran
 
@@ -153,10 +153,10 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
 
 def _parse(raw: dict[str, Any], path: Path) -> CurrentDataset:
     try:
-        if raw.get("version") != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
+        if raw["version"] != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
             raise ValueError("not a current-dataset record of this lora-cli")
         files = {split: DataFile(split=split, **raw["files"][split]) for split in SPLITS if split in raw["files"]}
-        return CurrentDataset(path, dict(raw["settings"]), files, raw.get("eos_token"), str(raw["cwd"]))
+        return CurrentDataset(path, dict(raw["settings"]), files, raw["eos_token"], str(raw["cwd"]))
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise LoraCliError(f"{path} (the current dataset) is damaged: {exc}.",
                            "Run lora-cli tokenize again (it rewrites the file), or delete it.") from None
