@@ -250,9 +250,3 @@ def check_data_files(cfg: RunConfig, current: CurrentDataset | None, splits: tup
         with open_data_file(path):
             pass
 
-
-def build_run_config(config_file: str | None, sets: list[str] | None, flags: dict,
-                     command: str = "train") -> tuple[RunConfig, CurrentDataset | None]:
-    """`resolve` for callers that want (config, the current dataset or None)."""
-    found = resolve(command, flags, config_file, sets)
-    return found.cfg, found.current
