@@ -103,6 +103,11 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     quiet_libraries()
     overrides = dict(overrides)
     on_prompt = overrides.pop("data.train_on_prompt", False)
+    scope = overrides.pop("bench.compile_scope", None)
+    if scope:  # not a user setting: the plan's choice, forced to compare the two scopes
+        import lora_cli.train.plan
+
+        lora_cli.train.plan._compile_scope = lambda *args: scope
     if not torch.cuda.is_available():  # CPU dry run of the harness
         overrides["train.precision"] = "fp32"
     else:  # a short bench run stands for a long one: auto decides as for a run long enough to compile

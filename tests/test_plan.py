@@ -83,6 +83,28 @@ def test_auto_replays_the_gpu_step_as_cuda_graphs_only_where_its_shapes_are_stat
     assert cpu.compile == "off" and cpu.compile_note == ""  # the CPU stays eager, as before
 
 
+def test_cuda_graphs_compile_the_whole_decoder_as_one_region_unless_a_layer_must_stand_alone(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # as on a GPU machine with triton
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    long = {"train.max_steps": MIN_COMPILE_STEPS}
+    default = decide(cfg(**long), placement(), TinyConfig(), LENGTHS)
+    assert (default.compile, default.compile_scope) == ("graphs", "backbone")
+    assert default.record(placement())["compile_scope"] == "backbone"
+    layers = {  # each keeps one region per decoder layer
+        "checkpointing": cfg(**long, **{"train.compile": "graphs", "train.gradient_checkpointing": "on"}),
+        "neftune": cfg(**long, **{"train.neftune_alpha": 5.0}),
+        "plain loss": cfg(**long, **{"train.fused_loss": False}),
+        "compiled without graphs": cfg(**long, **{"train.compile": "on"}),
+    }
+    for why, config in layers.items():
+        plan = decide(config, placement(), TinyConfig(), LENGTHS)
+        assert plan.compile != "off" and plan.compile_scope == "layers", why
+    head = decide(cfg(**long), placement(), TinyConfig(), LENGTHS, loss_blocker="LoRA on the output head")
+    assert head.compile_scope == "layers"
+
+
 def test_the_nf4_base_is_kept_dequantized_only_where_it_fits_and_costs_no_checkpointed_layer():
     small = decide(cfg(), placement(), TinyConfig(), LENGTHS, weights_bytes=1 << 20, dequantize_bytes=4 << 20)
     assert small.dequantize

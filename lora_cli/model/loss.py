@@ -167,25 +167,37 @@ def supports_fused(model) -> bool:
     return fused_blocker(model) is None
 
 
-def make_loss_module(peft_model, fused: bool):
+def make_loss_module(peft_model, fused: bool, compiled_backbone: bool = False):
     """An nn.Module computing (summed loss, n_targets): the unit DDP wraps.
 
     fused: the run's decision (train/plan.py); checked again here on the model as it now is,
-    so a head the fused path would bypass always gets the plain loss (full logits)."""
+    so a head the fused path would bypass always gets the plain loss (full logits).
+    compiled_backbone: the decoder runs as one compiled region replayed as CUDA graphs
+    (load.compile_backbone); only with the fused loss, which needs its hidden states alone."""
     import torch
 
     base = peft_model.get_base_model()
     fused = fused and supports_fused(base)
+    own_mask = getattr(base.config, "_attn_implementation", "sdpa") == "sdpa"
+    backbone = None
+    if compiled_backbone and fused:
+        from lora_cli.model.load import compile_backbone
+
+        backbone = compile_backbone(base.get_decoder(), own_mask)
 
     class CausalLMLoss(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = peft_model
             self.fused = fused
-            self.own_mask = getattr(base.config, "_attn_implementation", "sdpa") == "sdpa"
+            self.own_mask = own_mask
 
         def forward(self, input_ids, targets, attention_mask=None, position_ids=None, target_index=None,
                     n_targets=None):
+            if backbone is not None:
+                hidden = backbone(input_ids, attention_mask, position_ids)
+                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
+                                            keep=target_index, n=n_targets)
             if attention_mask is None and position_ids is not None and self.own_mask:
                 attention_mask = block_causal_mask(position_ids)
             kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

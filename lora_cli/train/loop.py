@@ -134,9 +134,10 @@ class TrainingLoop:
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
-                graphs = " and their capture as CUDA graphs" if self.plan.compile == "graphs" else ""
+                what = "decoder" if self.plan.compile_scope == "backbone" else "decoder layers"
+                graphs = " and its capture as CUDA graphs" if self.plan.compile == "graphs" else ""
                 self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
-                                      f"decoder layers{graphs}, paid once)")
+                                      f"{what}{graphs}, paid once)")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps

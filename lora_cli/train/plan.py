@@ -43,6 +43,7 @@ class RunPlan:
     fused_loss: bool = True  # loss from hidden states chunk by chunk (model/loss.py), or from full logits
     loss_note: str = ""  # why the plain loss replaces the fused one asked for, for the user
     compile_note: str = ""  # why an automatic GPU run is not replayed as CUDA graphs, for the user
+    compile_scope: str = "layers"  # "backbone" (the whole decoder one graph) or "layers" (one per decoder layer)
 
     def record(self, placement: Placement) -> dict:
         """What run_config.yaml records under `run`: every decision, as plain values."""
@@ -52,7 +53,8 @@ class RunPlan:
                 "upcast": "fp32" if self.upcast else "none", "compile": self.compile,
                 "static_shapes": self.static_shapes, "dequantized_base": self.dequantize,
                 "world_size": placement.world_size, "fsdp": placement.fsdp,
-                "micro_batches_per_step": self.micro_batches_per_step, "fused_loss": self.fused_loss}
+                "micro_batches_per_step": self.micro_batches_per_step, "fused_loss": self.fused_loss,
+                "compile_scope": self.compile_scope}
 
 
 def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int, int]:
@@ -182,11 +184,24 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
     eval_tokens = max(max_tokens, t.eval_batch_size * cfg.data.max_length) if cuda else max(max_tokens, longest)
     fused = t.fused_loss and loss_blocker is None
     loss_note = "" if fused or not t.fused_loss else f"Loss from full logits, not the fused loss: {loss_blocker}."
+    scope = _compile_scope(cfg, compile_mode, layers, fused)
     return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens, eval_max_tokens=eval_tokens,
                    pack_length=pack_length, checkpoint_layers=layers, upcast=wants_upcast(cfg, placement.precision),
                    compile=compile_mode, micro_batches_per_step=per_process * placement.world_size,
                    static_shapes=static, dequantize=dequantize, memory_note=note, fused_loss=fused,
-                   loss_note=loss_note, compile_note=compile_note)
+                   loss_note=loss_note, compile_note=compile_note, compile_scope=scope)
+
+
+def _compile_scope(cfg: RunConfig, compile_mode: str, checkpoint_layers: int, fused: bool) -> str:
+    """"backbone": the whole decoder (embeddings, every layer, the final norm, the attention mask) is
+    one compiled region, so a micro-batch replays one CUDA graph forward and one backward instead of
+    one per layer: on one GPU the per-layer replays were most of the step's host time (docs/PERFORMANCE.md).
+    Only under CUDA graphs, with the fused loss (it needs the hidden states, not the model's head), no
+    checkpointed layer (a checkpointed layer's forward runs again inside the backward) and no NEFTune
+    (its noise hook would run inside the graph). Elsewhere "layers": each decoder layer compiled alone."""
+    if compile_mode != "graphs" or not fused or checkpoint_layers or cfg.train.neftune_alpha:
+        return "layers"
+    return "backbone"
 
 
 

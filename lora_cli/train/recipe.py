@@ -221,7 +221,8 @@ class LoRARecipe:
         cfg, where, total = self.cfg, self.placement, self.total_steps
         self.checkpoint = load_checkpoint(self.resume_from) if self.resume_from is not None else None
         note = resume.continuation(self.out, self.checkpoint, total) if self.checkpoint is not None else ""
-        self.trainable = prepare_trainable(self.model, cfg, where, total, self.checkpoint, self.plan.fused_loss)
+        self.trainable = prepare_trainable(self.model, cfg, where, total, self.checkpoint, self.plan.fused_loss,
+                                           compiled_backbone=self.plan.compile_scope == "backbone")
         self.state = self.checkpoint.state if self.checkpoint else LoopState(
             fingerprint=self.out.fingerprint, world_size=where.world_size, fsdp=where.fsdp)
         self.state.total_steps = total
@@ -324,7 +325,10 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
     if plan.dequantize:
         model = model.dequantize()  # transformers: every Linear4bit becomes a Linear of the very same values
     quantized = cfg.model.quantization == "nf4" and not plan.dequantize
-    prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=plan.compile != "off")
+    # compiled layers want every layer's input to require grad (one graph for all of them); a compiled
+    # backbone needs no such hook, and its requires_grad_ call would split the region in two
+    per_layer = plan.compile != "off" and plan.compile_scope == "layers"
+    prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=per_layer)
     model = attach_lora(model, cfg.lora, cfg.model.name, model_path)
     initial = None
     if cfg.lora.init_lora_weights in ("pissa", "olora"):
@@ -337,7 +341,7 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
         embeddings = model.get_input_embeddings()
         embeddings.neftune_noise_alpha = cfg.train.neftune_alpha  # the hook adds noise only in training mode
         embeddings.register_forward_hook(neftune_post_forward_hook)
-    if plan.compile != "off":
+    if per_layer:  # a compiled backbone is the loss module's (model/loss.py)
         compile_layers(model, plan.compile, plan.static_shapes and plan.packed)
     return model, initial
 
