@@ -37,6 +37,7 @@ class RunDecisions:
     fsdp: bool
     micro_batches_per_step: int
     fused_loss: bool
+    compile_scope: str  # layers | backbone: what one compiled graph covers
     warmup_steps: int  # optimizer steps of learning-rate warm-up
     eval_generate_max_new_tokens: int  # the stop-rate probe's longest answer cap (0: no probe)
 
