@@ -52,7 +52,7 @@ def test_the_run_record_is_what_run_config_yaml_holds_and_reads_back(tiny_model_
         result = recipe.finish()
     raw = yaml.safe_load((out / "run_config.yaml").read_text())["run"]
     record = read_saved_run(out).run
-    assert record.finished and record.summary["steps"] == result.summary.steps and record.decisions == result.decisions
+    assert record.finished and record.summary == result.summary and record.decisions == result.decisions
     assert record.to_dict() == raw and list(record.to_dict()) == list(raw)  # the same keys, in the same order
 
 
@@ -104,3 +104,16 @@ def test_a_checkpoint_state_of_the_unnamed_layout_resumes_with_its_losses_and_sh
     assert state.stop_rates == [] and LoopState.from_dict({"step": 1, "extra": {}}).fsdp is False
     today = LoopState(step=3, eval_losses=[1.0], stop_rates=[[1, 2]])
     assert LoopState.from_dict(asdict(today)) == today
+
+
+def test_a_loop_summary_reads_back_as_written_and_as_older_versions_wrote_it():
+    from lora_cli.adapter.record import BestEvaluation, LoopSummary
+
+    today = LoopSummary(3.0, 2.0, [2.5], [[1, 2]], 4, 100, 1.5, {"train": "k"}, BestEvaluation(2, 2.5, "step-2", True, 4),
+                        0.5)
+    assert LoopSummary.from_dict(today.to_dict()) == today
+    old = LoopSummary.from_dict({"first_loss": 3.0, "last_loss": 2.0, "eval_losses": [], "steps": 4, "tokens": 100,
+                                 "seconds": 1.5, "probe_s": 0.25})
+    assert (old.stop_rates, old.probe_seconds, old.best, old.tokenize_cache) == ([], 0.25, None, {})
+    record = RunRecord.from_dict({"fingerprint": "abc", "finished": True, "summary": today.to_dict()})
+    assert record.summary == today

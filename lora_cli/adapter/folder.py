@@ -6,9 +6,9 @@ it. They all ask the same few things, answered only here:
 - is it finished (`run_config.yaml` says `finished: true` once the last file is in place);
 - is it loadable (adapter config + safetensors weights, from a finished run): `check_loadable`;
 - how it was trained: the run config (`read_saved_run`; its records in adapter/record.py), its LoRA
-  settings as the config's own `LoraSettings`, its parameter summary, the prompt template file's text (TEMPLATE_FILE: the
-  template is used as trained even after its file was edited or deleted), and the run
-  fingerprint that tells two runs apart.
+  settings as the config's own `LoraSettings`, its parameter summary, the prompt template file's
+  text (TEMPLATE_FILE: the template is used as trained even after its file was edited or deleted),
+  and the run fingerprint that tells two runs apart.
 An adapter made by plain peft (no run_config.yaml) is loadable too, with lora-cli's defaults.
 """
 
@@ -77,7 +77,7 @@ def read_saved_run(folder: str | Path) -> SavedRun | None:
         return None
     try:
         return SavedRun.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
         return None
 
 

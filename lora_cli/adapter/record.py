@@ -3,8 +3,7 @@
 `lora-cli train` writes run_config.yaml (the run config's sections, then `run:`); resume, the
 output-folder refusals and every command that reads an adapter read it back through `SavedRun`,
 once (adapter/folder.py reads the file). Files written by an older lora-cli are brought to
-today's layout here and nowhere else: `SavedRun.from_dict` for the settings, `RunRecord.from_dict`
-for the run section.
+today's layout here and nowhere else, each record's `from_dict` for its part.
 """
 
 from __future__ import annotations
@@ -46,6 +45,50 @@ class RunDecisions:
 
 
 @dataclass
+class BestEvaluation:
+    """Early stopping's result: the evaluation whose adapter is written, and whether the run stopped early."""
+
+    step: int
+    eval_loss: float
+    checkpoint: str  # the checkpoint folder's name under checkpoints/
+    stopped_early: bool
+    last_step: int  # the optimizer step the run ended at
+
+
+@dataclass
+class LoopSummary:
+    """What a run did (train's loop), as run_config.yaml records it under run.summary. Losses are mean
+    response losses (nats per target token); `stop_rates`: [stopped, prompts] of each evaluation's probe."""
+
+    first_loss: float | None
+    last_loss: float | None
+    eval_losses: list[float]
+    stop_rates: list[list[int]]
+    steps: int
+    tokens: int
+    seconds: float
+    tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
+    best: BestEvaluation | None = None
+    probe_seconds: float = 0.0  # spent in the stop-rate probe (--eval-generate), its warm-up included
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        if self.best is None:
+            del raw["best"]
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LoopSummary:
+        """As any lora-cli wrote it; TypeError when it is not a summary. Older summaries: before the
+        stop-rate probe there are no stop_rates (those runs measured none), and for a while its time
+        was `probe_s`; fields added since (tokenize_cache, best, probe_seconds) take their defaults."""
+        today = {"stop_rates": []} | {("probe_seconds" if k == "probe_s" else k): v for k, v in raw.items()}
+        if "best" in today:
+            today["best"] = BestEvaluation(**today["best"])
+        return cls(**today)
+
+
+@dataclass
 class RunRecord:
     """The `run:` section of run_config.yaml: what `lora-cli train` recorded about its run."""
 
@@ -56,7 +99,7 @@ class RunRecord:
     data_sha256: dict[str, str] = field(default_factory=dict)  # split -> sha256 of the data file
     base_model: dict[str, Any] = field(default_factory=dict)  # model/identity.py's identity of the base
     decisions: RunDecisions | None = None  # None: a record of an older layout (see from_dict)
-    summary: dict[str, Any] | None = None  # what the loop did (train's LoopSummary.to_dict), once finished
+    summary: LoopSummary | None = None  # what the loop did, once finished
     record_version: int = RECORD_VERSION
 
     @classmethod
@@ -71,7 +114,10 @@ class RunRecord:
         if not isinstance(raw, dict):
             raise TypeError(f"the run section is a {type(raw).__name__}, not a mapping")
         named = {f.name for f in fields(cls)} - {"decisions"}
-        record = cls(**{k: v for k, v in raw.items() if k in named and v is not None})
+        present = {k: v for k, v in raw.items() if k in named and v is not None}
+        if "summary" in present:
+            present["summary"] = LoopSummary.from_dict(present["summary"])
+        record = cls(**present)
         if "record_version" not in raw:
             record.record_version = 1
             return record
@@ -84,7 +130,7 @@ class RunRecord:
         skip = ("decisions", "summary")
         raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         decisions = self.decisions.to_dict() if self.decisions is not None else {}
-        return raw | decisions | ({"summary": self.summary} if self.summary is not None else {})
+        return raw | decisions | ({"summary": self.summary.to_dict()} if self.summary is not None else {})
 
 
 @dataclass(frozen=True)
@@ -107,10 +153,12 @@ class SavedRun:
         writing, and a rule added since must not make an old adapter unreadable. A setting an older
         lora-cli did not have takes today's default (what runs without it did); one it had that
         today's does not is dropped (it no longer decides anything)."""
+        if not isinstance(raw, dict):
+            raise TypeError(f"the file holds a {type(raw).__name__}, not a mapping of sections")
         sections = {}
         for name, model in (("data", DataConfig), ("model", ModelConfig), ("lora", LoraSettings),
                             ("train", TrainConfig)):
-            section = raw.get(name)
+            section = raw[name] if name in raw else None
             if not isinstance(section, dict):
                 raise TypeError(f"the {name} section is missing or not a mapping")
             sections[name] = model.model_construct(**{k: v for k, v in section.items() if k in model.model_fields})

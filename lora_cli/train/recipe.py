@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
-from lora_cli.adapter.record import RunDecisions
+from lora_cli.adapter.record import BestEvaluation, LoopSummary, RunDecisions
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
-from lora_cli.train.loop import BestEvaluation, LoopSummary
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -262,7 +261,7 @@ class LoRARecipe:
             summary.best, tensors = best
             lora = tensors if where.fsdp else lora
         faults.point("train:end", self.loop)
-        self.out.finish(self.model, self.data.tokenizer, self.decisions, summary.to_dict(), self.params,
+        self.out.finish(self.model, self.data.tokenizer, self.decisions, summary, self.params,
                         adapter_state=lora, initial_adapter=self.initial)
         self.finished = True
         for observer in self.observers:

@@ -122,7 +122,7 @@ def _refuse_unless_new(folder: OutputFolder, saved: SavedRun) -> None:
                            "Pass --resume to continue it" + (" to the new length" if length else "") +
                            ", or --overwrite to start over.")
     if run.finished:
-        steps = run.summary["steps"] if run.summary else None
+        steps = run.summary.steps if run.summary else None
         done = f", finished after {steps} steps" if steps is not None else ", finished"
         more = ("Add --resume to continue it from its last checkpoint to the new length" if length else
                 "To train it further, raise --epochs or --max-steps and add --resume")
