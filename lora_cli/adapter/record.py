@@ -13,10 +13,6 @@ from typing import Any, ClassVar
 
 from lora_cli.config import DataConfig, LoraSettings, ModelConfig, TrainConfig
 
-# The layout of the `run:` section. 2: the decisions are typed (RunDecisions); absent: written before.
-RECORD_VERSION = 2
-
-
 @dataclass(frozen=True)
 class RunDecisions:
     """What a run decided for itself (train's plan.record, the warm-up and the probe's cap), as
@@ -98,32 +94,27 @@ class RunRecord:
     tokenize_cache: dict[str, str] = field(default_factory=dict)  # split -> tokenize cache key
     data_sha256: dict[str, str] = field(default_factory=dict)  # split -> sha256 of the data file
     base_model: dict[str, Any] = field(default_factory=dict)  # model/identity.py's identity of the base
-    decisions: RunDecisions | None = None  # None: a record of an older layout (see from_dict)
+    decisions: RunDecisions | None = None  # None: decisions of an older lora-cli (see from_dict)
     summary: LoopSummary | None = None  # what the loop did, once finished
-    record_version: int = RECORD_VERSION
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
-        """The section as any lora-cli wrote it. TypeError when it is not a mapping or a decision is missing.
+        """The section as any lora-cli wrote it. TypeError when it is not a mapping.
 
         Older lora-cli versions wrote fewer fields (no tokenize_cache, data_sha256 or base_model before
-        the fingerprint held the content and the base; no summary before the run finished), and a
-        record without `record_version` holds its decisions loose and, depending on the version, only
-        some of today's: such a record keeps what resume and the refusals need (fingerprint, finished,
-        content, summary) and no decisions, which nothing reads back but the user."""
+        the fingerprint held the content and the base): they take the defaults above, as does the
+        summary of a run not finished. Their decisions are other than today's (fewer, or named otherwise): such a
+        record keeps no decisions, which nothing reads back but the user, and stays readable for what
+        resume and the refusals need (fingerprint, finished, content, summary)."""
         if not isinstance(raw, dict):
             raise TypeError(f"the run section is a {type(raw).__name__}, not a mapping")
         named = {f.name for f in fields(cls)} - {"decisions"}
         present = {k: v for k, v in raw.items() if k in named and v is not None}
         if "summary" in present:
             present["summary"] = LoopSummary.from_dict(present["summary"])
-        record = cls(**present)
-        if "record_version" not in raw:
-            record.record_version = 1
-            return record
         loose = {k: v for k, v in raw.items() if k not in named}
-        record.decisions = RunDecisions(**loose)
-        return record
+        same_decisions = set(loose) == {f.name for f in fields(RunDecisions)}
+        return cls(**present, decisions=RunDecisions(**loose) if same_decisions else None)
 
     def to_dict(self) -> dict[str, Any]:
         """As run_config.yaml holds it: the named fields, the decisions, then the summary if any."""
