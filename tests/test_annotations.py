@@ -1,5 +1,6 @@
-"""Every seam of training and data is typed: each function parameter and each class-level field in
-lora_cli/train and lora_cli/data carries an annotation, and none is the catch-all `object`.
+"""Every seam of training, data and the adapter folder is typed: each function parameter and each
+class-level field in lora_cli/train, lora_cli/data and lora_cli/adapter carries an annotation, and
+none is the catch-all `object`.
 
 Checked on the source, so annotations that exist only for the type checker (imports under
 TYPE_CHECKING, which keep `lora-cli --help` free of torch) count as well.
@@ -9,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_cli"
-TYPED_FOLDERS = ("train", "data")
+TYPED_FOLDERS = ("train", "data", "adapter")
 
 
 def _is_object(annotation: ast.expr) -> bool:
@@ -46,7 +47,7 @@ def _untyped(path: Path, root: Path = PACKAGE.parent) -> list[str]:
     return found
 
 
-def test_every_parameter_and_field_in_train_and_data_is_annotated_and_none_is_object():
+def test_every_parameter_and_field_in_train_data_and_adapter_is_annotated_and_none_is_object():
     found = [line for folder in TYPED_FOLDERS for path in sorted((PACKAGE / folder).rglob("*.py"))
              for line in _untyped(path)]
     assert not found, f"{len(found)} untyped:\n" + "\n".join(found)

@@ -18,12 +18,19 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from lora_cli.adapter.record import SavedRun
 from lora_cli.config import DataConfig, LoraSettings, ModelConfig, RunConfig
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from lora_cli.model.params import ParamSummary
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -199,7 +206,7 @@ def summary_for_adapter(path: str | Path, model: str | None = None, trust_remote
     return summary_for_model(base, lora, trust_remote_code)
 
 
-def write_param_summary(folder: str | Path, summary) -> None:
+def write_param_summary(folder: str | Path, summary: ParamSummary) -> None:
     (Path(folder) / PARAM_SUMMARY).write_text(json.dumps(summary.to_dict(), indent=2), encoding="utf-8")
 
 
@@ -312,7 +319,7 @@ def load_template(info: AdapterInfo):
     return get_template(info.template)
 
 
-def attach_adapter(model, info: AdapterInfo):
+def attach_adapter(model: PreTrainedModel, info: AdapterInfo) -> PeftModel:
     """The adapter of `info` on top of `model` (a transformers model), for inference (peft PeftModel)."""
     from peft import PeftModel
 
