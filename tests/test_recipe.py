@@ -114,3 +114,17 @@ def test_a_loop_summary_reads_back_as_written_and_as_older_versions_wrote_it():
     assert (old.stop_rates, old.probe_seconds, old.best, old.tokenize_cache) == ([], 0.25, None, {})
     record = RunRecord.from_dict({"fingerprint": "abc", "finished": True, "summary": today.to_dict()})
     assert record.summary == today
+
+
+def test_metrics_rows_read_back_typed_and_a_damaged_row_is_named_by_its_line(tmp_path):
+    from lora_cli.errors import LoraCliError
+    from lora_cli.train.curves import MetricsRow, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"type": "train", "step": 1, "epoch": 0.5, "loss": 2.0}\n\n'
+                    '{"type": "eval", "step": 2, "epoch": 1, "eval_loss": 1.5, "stop_rate": null}\n')
+    assert read_metrics(tmp_path) == [MetricsRow("train", 1, 0.5, {"loss": 2.0}),
+                                      MetricsRow("eval", 2, 1, {"eval_loss": 1.5, "stop_rate": None})]
+    path.write_text(path.read_text() + '{"type": "eval", "eval_loss": 1.4}\n')
+    with pytest.raises(LoraCliError, match=r"metrics.jsonl:4: not a metrics row"):
+        read_metrics(path)
