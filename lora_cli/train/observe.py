@@ -66,7 +66,7 @@ class Trackers(Observer):
         self.accelerator = accelerator
 
     def on_row(self, row: Row) -> None:
-        keys = trackers.KEYS.get(row["type"], {})
+        keys = trackers.KEYS[row["type"]]  # every row is a train or an eval row
         values = {name: row[key] for key, name in keys.items() if row.get(key) is not None}
         if values:
             self.accelerator.log(values, step=int(row["step"]))
