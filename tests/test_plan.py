@@ -177,7 +177,7 @@ def test_a_dequantized_base_trains_to_the_same_losses_as_the_4bit_one(tiny_model
         run = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / mode, epochs=1, max_steps=3, lr=5e-3,
                           max_tokens=128).replace({"model.dequantize": mode})
         result = train(run)
-        losses[mode] = result.eval_losses
-        assert result.decisions["dequantized_base"] is (mode == "on")
+        losses[mode] = result.summary.eval_losses
+        assert result.decisions.dequantized_base is (mode == "on")
     assert losses["on"] == pytest.approx(losses["off"], abs=2e-4)
     assert losses["on"][-1] < losses["on"][0]

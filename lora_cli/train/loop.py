@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_cli import faults
+from lora_cli.adapter.record import LoopSummary
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.model.backbone import detach_grads
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
@@ -39,40 +39,6 @@ if TYPE_CHECKING:
     from lora_cli.train.observe import Observer
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.runtime import Placement
-
-
-@dataclass
-class BestEvaluation:
-    """Early stopping's result: the evaluation whose adapter is written, and whether the run stopped early."""
-
-    step: int
-    eval_loss: float
-    checkpoint: str  # the checkpoint folder's name under checkpoints/
-    stopped_early: bool
-    last_step: int  # the optimizer step the run ended at
-
-
-@dataclass
-class LoopSummary:
-    """What a run did, as run_config.yaml records it under run.summary. Losses are mean response losses
-    (nats per target token); `stop_rates`: [stopped, prompts] of each evaluation's probe."""
-
-    first_loss: float | None
-    last_loss: float | None
-    eval_losses: list[float]
-    stop_rates: list[list[int]]
-    steps: int
-    tokens: int
-    seconds: float
-    tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
-    best: BestEvaluation | None = None
-    probe_seconds: float = 0.0  # spent in the stop-rate probe (--eval-generate), its warm-up included
-
-    def to_dict(self) -> dict[str, Any]:
-        raw = asdict(self)
-        if self.best is None:
-            del raw["best"]
-        return raw
 
 
 class RecipeParts(Protocol):
