@@ -32,7 +32,8 @@ class RunDecisions:
     fsdp: bool
     micro_batches_per_step: int
     fused_loss: bool
-    compile_scope: str  # layers | backbone: what one compiled graph covers
+    compile_scope: str  # layers | backbone: what one CUDA graph covers (a decoder layer, or the whole decoder)
+    compile_layers: bool  # decoder layers torch.compiled
     warmup_steps: int  # optimizer steps of learning-rate warm-up
     eval_generate_max_new_tokens: int  # the stop-rate probe's longest answer cap (0: no probe)
 

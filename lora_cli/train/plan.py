@@ -26,8 +26,8 @@ GPU_EVAL_TOKENS = 8192  # tokens per evaluation micro-batch on a GPU, at least
 GPU_PACK_LENGTH = 1024  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
 ROW_MULTIPLE = 64  # packed rows are a multiple of this many tokens
 MIN_COMPILE_STEPS = 200  # compiling costs ~7-15 s once: auto compiles only runs of at least this many steps
-# under the captured backbone, compiled layers save a few ms a step (fused kernels) for a compile of
-# ~5 s at the 1.5B shape (9 ms a step saved there): auto compiles them only for runs this long (docs/PERFORMANCE.md, the training step)
+# inside the captured decoder, compiled layers (fused kernels) saved 9 ms a step at the 1.5B shape for
+# ~5 s of compiling: auto compiles them only for runs this long (docs/PERFORMANCE.md, the training step)
 MIN_LAYER_COMPILE_STEPS = 1000
 
 
