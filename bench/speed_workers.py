@@ -154,7 +154,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     metrics = f"{cfg.output.dir}/metrics.jsonl"
     losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if placement.is_main else []
     out = _result(times, reporter.per_step, warmup, losses)
-    out["decisions"] = result.decisions
+    out["decisions"] = result.decisions.to_dict()
     out["memory_plan"] = reporter.messages
     return out
 

@@ -1,8 +1,9 @@
-"""The whole decoder as one compiled region (the GPU's CUDA-graph step): one graph, the eager values.
+"""The whole decoder as one region (the GPU's CUDA-graph step): one graph, the eager values.
 
-The CUDA-graph replay itself needs a GPU (bench/train_speed.py measures it there); here the region is
-traced with a CPU backend, which proves what the GPU relies on: no graph break splits the decoder, and
-the compiled forward and backward give what the eager model gives.
+The CUDA-graph capture and replay need a GPU (bench/train_speed.py and bench/resume_check.py measure
+them there); here the decoder's forward as one function is checked on the CPU: traced as one graph
+without a break, its compiled forward and backward give what the eager model gives, and the
+graphed backbone runs eagerly wherever it may not replay.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _packed_batch(vocab: int):
 
 
 def test_the_decoder_traces_as_one_graph_without_a_break(tiny_model_dir):
-    from lora_cli.model.load import backbone_function
+    from lora_cli.model.backbone import backbone_function
 
     peft_model = _lora_model(tiny_model_dir)
     decoder = peft_model.get_base_model().get_decoder()
@@ -46,8 +47,8 @@ def test_the_decoder_traces_as_one_graph_without_a_break(tiny_model_dir):
 
 
 def test_the_compiled_decoder_gives_the_eager_hidden_states_and_lora_gradients(tiny_model_dir):
-    from lora_cli.model.load import backbone_function
-    from lora_cli.model.loss import block_causal_mask
+    from lora_cli.model.backbone import backbone_function
+    from lora_cli.model.backbone import block_causal_mask
 
     peft_model = _lora_model(tiny_model_dir)
     decoder = peft_model.get_base_model().get_decoder()
@@ -76,3 +77,30 @@ def test_the_compiled_decoder_gives_the_eager_hidden_states_and_lora_gradients(t
     moved = compiled(other, None, positions).detach()
     torch.testing.assert_close(moved[:, :50], compiled_h[:, :50], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(moved[:, 50:], compiled_h[:, 50:])
+
+
+def test_the_graphed_backbone_runs_eagerly_off_the_gpu_without_gradients_and_with_an_explicit_mask(tiny_model_dir):
+    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
+
+    peft_model = _lora_model(tiny_model_dir)
+    decoder = peft_model.get_base_model().get_decoder()
+    ids, positions = _packed_batch(peft_model.config.vocab_size)
+    graphed = GraphedBackbone(decoder, own_mask=True)
+    want = decoder(input_ids=ids, attention_mask=block_causal_mask(positions), position_ids=positions,
+                   use_cache=False).last_hidden_state
+    torch.testing.assert_close(graphed(ids, None, positions), want)
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(ids, block_causal_mask(positions), positions), want)
+    assert graphed.captures == 0 and graphed.graphed is None
+
+
+def test_detached_gradients_no_longer_share_memory_with_what_a_graph_would_overwrite():
+    from lora_cli.model.backbone import detach_grads
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    static = [torch.ones(3), torch.full((2,), 2.0)]
+    params[0].grad, params[1].grad = static[0].detach(), static[1].detach()  # as autograd may keep them
+    detach_grads(params)
+    static[0].fill_(7.0)  # the next replay
+    assert params[0].grad.tolist() == [1.0, 1.0, 1.0] and params[1].grad.tolist() == [2.0, 2.0]
+    assert params[2].grad is None

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 from lora_cli.config import RunConfig
 from lora_cli.data.batching import Batcher, StepPlan
-from lora_cli.train.plan import MIN_COMPILE_STEPS, decide, step_budget
+from lora_cli.train.plan import MIN_COMPILE_STEPS, MIN_LAYER_COMPILE_STEPS, decide, step_budget
 from lora_cli.train.runtime import Placement
 
 LENGTHS = [100, 140, 180, 512, 60] * 40  # mean 198.4
@@ -90,8 +90,12 @@ def test_cuda_graphs_compile_the_whole_decoder_as_one_region_unless_a_layer_must
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
     long = {"train.max_steps": MIN_COMPILE_STEPS}
     default = decide(cfg(**long), placement(), TinyConfig(), LENGTHS)
-    assert (default.compile, default.compile_scope) == ("graphs", "backbone")
+    assert (default.compile, default.compile_scope, default.compile_layers) == ("graphs", "backbone", False)
     assert default.record(placement())["compile_scope"] == "backbone"
+    longer = decide(cfg(**{"train.max_steps": MIN_LAYER_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
+    assert longer.compile_layers  # long enough to repay compiling the layers inside the captured graph
+    asked = decide(cfg(**long, **{"train.compile": "graphs"}), placement(), TinyConfig(), LENGTHS)
+    assert asked.compile_scope == "backbone" and asked.compile_layers  # --compile graphs: compiled, as asked
     layers = {  # each keeps one region per decoder layer
         "checkpointing": cfg(**long, **{"train.compile": "graphs", "train.gradient_checkpointing": "on"}),
         "neftune": cfg(**long, **{"train.neftune_alpha": 5.0}),
@@ -173,7 +177,7 @@ def test_a_dequantized_base_trains_to_the_same_losses_as_the_4bit_one(tiny_model
         run = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / mode, epochs=1, max_steps=3, lr=5e-3,
                           max_tokens=128).replace({"model.dequantize": mode})
         result = train(run)
-        losses[mode] = result.eval_losses
-        assert result.decisions["dequantized_base"] is (mode == "on")
+        losses[mode] = result.summary.eval_losses
+        assert result.decisions.dequantized_base is (mode == "on")
     assert losses["on"] == pytest.approx(losses["off"], abs=2e-4)
     assert losses["on"][-1] < losses["on"][0]

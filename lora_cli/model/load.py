@@ -159,41 +159,6 @@ def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> int:
     return len(layers)
 
 
-def backbone_function(decoder, own_mask: bool):
-    """The decoder's forward as one plain function, for compile_backbone to compile as ONE region.
-
-    Returns f(input_ids [B, L], attention_mask or None, position_ids [B, L]) -> last hidden states
-    [B, L, D]. own_mask: with no attention mask given, the block-causal mask of the packed examples
-    is built from position_ids inside the function (loss.block_causal_mask), so that its kernels are
-    part of the region too. The undecorated forward is used: transformers' output-capturing wrapper
-    keeps its state in a ContextVar, which the compiler cannot trace, and would split the region.
-    """
-    from lora_cli.model.loss import block_causal_mask
-
-    forward = type(decoder).forward
-    while hasattr(forward, "__wrapped__"):
-        forward = forward.__wrapped__
-
-    def backbone(input_ids, attention_mask, position_ids):
-        if attention_mask is None and position_ids is not None and own_mask:
-            attention_mask = block_causal_mask(position_ids)
-        return forward(decoder, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
-
-    return backbone
-
-
-def compile_backbone(decoder, own_mask: bool):
-    """backbone_function compiled for static shapes and replayed as CUDA graphs (inductor's
-    reduce-overhead mode): a micro-batch replays one forward and one backward graph instead of one
-    pair per decoder layer, whose host-side bookkeeping was most of a step on one GPU
-    (docs/PERFORMANCE.md). dynamic=False: every micro-batch of the run has one shape (plan.static_shapes).
-    """
-    import torch
-
-    return torch.compile(backbone_function(decoder, own_mask), mode="reduce-overhead", dynamic=False)
-
-
 def dequantized_bytes(model, precision: str) -> int:
     """Bytes that keeping the 4-bit weights dequantized (in the compute dtype) would add; 0 if none."""
     bnb_nn = sys.modules.get("bitsandbytes.nn")

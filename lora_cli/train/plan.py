@@ -22,9 +22,13 @@ if TYPE_CHECKING:
 
 GPU_MAX_TOKENS = 16384  # the most packed tokens per micro-batch the automatic step puts on a GPU (PERFORMANCE.md)
 CPU_MAX_TOKENS = 8192  # and on a CPU (activations in RAM)
+GPU_EVAL_TOKENS = 8192  # tokens per evaluation micro-batch on a GPU, at least
 GPU_PACK_LENGTH = 1024  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
 ROW_MULTIPLE = 64  # packed rows are a multiple of this many tokens
 MIN_COMPILE_STEPS = 200  # compiling costs ~7-15 s once: auto compiles only runs of at least this many steps
+# inside the captured decoder, compiled layers (fused kernels) saved 9 ms a step at the 1.5B shape for
+# ~5 s of compiling: auto compiles them only for runs this long (docs/PERFORMANCE.md, the training step)
+MIN_LAYER_COMPILE_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class RunPlan:
     fused_loss: bool = True  # loss from hidden states chunk by chunk (model/loss.py), or from full logits
     loss_note: str = ""  # why the plain loss replaces the fused one asked for, for the user
     compile_note: str = ""  # why an automatic GPU run is not replayed as CUDA graphs, for the user
-    compile_scope: str = "layers"  # "backbone" (the whole decoder one graph) or "layers" (one per decoder layer)
+    compile_scope: str = "layers"  # graphs of: "backbone" (the whole decoder, one capture) or "layers" (each layer)
+    compile_layers: bool = False  # each decoder layer torch.compiled (inside the backbone's graph, if captured)
 
     def record(self, placement: Placement) -> dict:
         """What run_config.yaml records under `run`: every decision, as plain values."""
@@ -54,7 +59,7 @@ class RunPlan:
                 "static_shapes": self.static_shapes, "dequantized_base": self.dequantize,
                 "world_size": placement.world_size, "fsdp": placement.fsdp,
                 "micro_batches_per_step": self.micro_batches_per_step, "fused_loss": self.fused_loss,
-                "compile_scope": self.compile_scope}
+                "compile_scope": self.compile_scope, "compile_layers": self.compile_layers}
 
 
 def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int, int]:
@@ -181,28 +186,32 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
             dequantize = False
     if compile_mode == "graphs" and t.compile == "auto" and layers:
         compile_mode, compile_note = "on", _checkpointed_note(layers)
-    eval_tokens = max(max_tokens, t.eval_batch_size * cfg.data.max_length) if cuda else max(max_tokens, longest)
+    # a GPU evaluation is launch-bound like a step: few large micro-batches (no gradient, no activations kept)
+    eval_tokens = (max(max_tokens, t.eval_batch_size * cfg.data.max_length, GPU_EVAL_TOKENS) if cuda
+                   else max(max_tokens, longest))
     fused = t.fused_loss and loss_blocker is None
     loss_note = "" if fused or not t.fused_loss else f"Loss from full logits, not the fused loss: {loss_blocker}."
     scope = _compile_scope(cfg, compile_mode, layers, fused)
+    compiled = compile_mode == "on" or (compile_mode == "graphs" and (
+        scope == "layers" or t.compile == "graphs" or estimated >= MIN_LAYER_COMPILE_STEPS))
     return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens, eval_max_tokens=eval_tokens,
                    pack_length=pack_length, checkpoint_layers=layers, upcast=wants_upcast(cfg, placement.precision),
                    compile=compile_mode, micro_batches_per_step=per_process * placement.world_size,
                    static_shapes=static, dequantize=dequantize, memory_note=note, fused_loss=fused,
-                   loss_note=loss_note, compile_note=compile_note, compile_scope=scope)
+                   loss_note=loss_note, compile_note=compile_note, compile_scope=scope,
+                   compile_layers=compiled)
 
 
 def _compile_scope(cfg: RunConfig, compile_mode: str, checkpoint_layers: int, fused: bool) -> str:
     """"backbone": the whole decoder (embeddings, every layer, the final norm, the attention mask) is
-    one compiled region, so a micro-batch replays one CUDA graph forward and one backward instead of
-    one per layer: on one GPU the per-layer replays were most of the step's host time (docs/PERFORMANCE.md).
-    Only under CUDA graphs, with the fused loss (it needs the hidden states, not the model's head), no
-    checkpointed layer (a checkpointed layer's forward runs again inside the backward) and no NEFTune
-    (its noise hook would run inside the graph). Elsewhere "layers": each decoder layer compiled alone."""
+    captured as one CUDA graph (model/backbone.py), so a micro-batch replays one forward and one
+    backward graph instead of a pair per layer, whose host-side bookkeeping was most of a step on one
+    GPU (docs/PERFORMANCE.md). Only with the fused loss (it needs the hidden states, not the model's
+    head), no checkpointed layer (its forward runs again inside the backward) and no NEFTune (its
+    noise hook would be captured). Elsewhere "layers": each compiled layer replayed as its own graph."""
     if compile_mode != "graphs" or not fused or checkpoint_layers or cfg.train.neftune_alpha:
         return "layers"
     return "backbone"
-
 
 
 def _wants_dequantized(cfg: RunConfig, dequantize_bytes: int) -> bool:
