@@ -15,7 +15,8 @@ its eager baseline is bf16 + LoRA). `eval` runs `lora-cli eval --json` twice, fa
 LORA_CLI_EAGER_GENERATE=1, and compares the answers: identical share, stop rates, generation time.
 `probe` times the training probe's decoding (its first K prompts of a val file, each with its own
 cap, one batch) on the model with such a LoRA: wall and process CPU seconds (CPU seconds are what
-a shared machine cannot blur), of which the prefill, and the rows decoded summed over the steps.
+a shared machine cannot blur), of which the prefill, and the rows decoded summed over the steps
+(--zero-b: the adapter as at the first evaluation, B still zero).
 Every result is one JSON line on stdout.
 """
 
@@ -36,14 +37,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _with_lora(model, seed: int = 0):
+def _with_lora(model, seed: int = 0, zero_b: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     for name, p in model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name and not zero_b:
             p.data.normal_(0.0, 2e-3)
     return model.eval()
 
@@ -160,7 +161,7 @@ def probe(opts) -> None:
         val=opts.val, template=opts.template, add_eos=True, max_length=opts.max_length))
     stop_probe = StopProbe.build(cfg, tokenizer)
     base, what = _model(opts, device)
-    model = _with_lora(base)
+    model = _with_lora(base, zero_b=opts.zero_b)
     decoder, reason = build_decoder(model, device, torch.bfloat16)
     if decoder is None:
         raise SystemExit(f"no fast path: {reason}")
@@ -184,7 +185,7 @@ def probe(opts) -> None:
         _sync()
         print(json.dumps({"bench": "probe", "model": what, "threads": decoder.cpu_threads or torch.get_num_threads(),
                           "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
-                          "prefill_s": round(sum(prefill), 2), "row_steps": decoder.row_steps,
+                          "prefill_s": round(sum(prefill), 2), "row_steps": getattr(decoder, "row_steps", None),
                           "caps": stop_probe.caps, "new_tokens": [len(a.token_ids) for a in answers],
                           "stopped": sum(a.stopped for a in answers)}), flush=True)
 
@@ -215,6 +216,7 @@ def main() -> None:
     p.add_argument("-k", type=int, default=8)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the process's)")
+    p.add_argument("--zero-b", action="store_true", help="LoRA B left at zero, as before the first optimizer step")
     opts = ap.parse_args()
     from lora_cli.model.load import quiet_libraries
 

@@ -3,9 +3,12 @@
 Eager `model.generate` pays, at every token, Python and kernel-launch work that dwarfs the
 arithmetic of a small model (a 135M model's step reads ~270 MB: ~0.1 ms of GPU memory traffic,
 yet costs ~100 ms on the 4-bit model). Here a batch of left-padded prompts is prefilled once,
-then every new token is one replay of a captured graph (CUDA) or one forward with fixed shapes
-(CPU), on a model whose cache never grows: transformers' StaticCache, its length the prompt
-plus the token cap rounded up, so batches of similar shapes reuse one capture.
+then every new token is one replay of a captured graph (CUDA) or one forward (CPU), on a model
+whose cache never grows: transformers' StaticCache, its length the prompt plus the token cap
+rounded up, so batches of similar shapes reuse one capture. On the CPU, where nothing is
+captured and shapes may change, attention sees only the filled part of the cache, finished
+rows leave the batch (greedy, no logits processors), prompts are prefilled packed without
+padding, and the thread count is measured (cpu_decode.py).
 
 Same answers as eager `generate`: the same positions (left padding counted out), the same
 logits processors and sampling warpers (transformers' own classes, in its order), pad fed to
