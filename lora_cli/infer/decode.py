@@ -189,7 +189,9 @@ class Decoder:
         try:
             if self.device.type == "cpu" and self.cpu_threads is not None:
                 torch.set_num_threads(self.cpu_threads)
-            with torch.no_grad():
+            # CPU: inference mode spares every op its autograd bookkeeping (~5% of a step, measured); what it
+            # creates stays in the run, and the copy's refresh also runs in it (plain_copy.refresh)
+            with torch.inference_mode() if self.device.type == "cpu" else torch.no_grad():
                 return self._run(ids, valid, sampling, stop_ids, pad_id, caps, on_token)
         finally:
             torch.set_num_threads(threads)  # training goes on with its own count

@@ -211,7 +211,10 @@ def refresh(copy, model) -> None:
     import torch
 
     source = _source_base(model)
-    with torch.no_grad():
+    # on the CPU decoding runs in inference mode, where a model may replace a buffer (dynamic RoPE's
+    # frequencies) by an inference tensor, which only inference mode may update in place
+    cpu = next(copy.parameters()).device.type == "cpu"
+    with torch.inference_mode() if cpu else torch.no_grad():
         for name, target in copy.named_modules():
             own = list(target.named_parameters(recurse=False)) + list(target.named_buffers(recurse=False))
             if not own:
