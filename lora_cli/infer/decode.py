@@ -229,7 +229,10 @@ class Decoder:
             nxt = torch.where(done[rows], pad_id, nxt)
             seq[rows, width + k] = nxt
             self.row_steps += nxt.shape[0]
-            done[rows] |= torch.isin(nxt, stops)
+            if isinstance(rows, slice):  # every row (always on a GPU): in place, no write-back through an index
+                done |= torch.isin(nxt, stops)
+            else:
+                done[rows] |= torch.isin(nxt, stops)
             if caps is not None:
                 done |= caps <= k + 1
             if on_token is not None:
