@@ -104,3 +104,24 @@ def test_detached_gradients_no_longer_share_memory_with_what_a_graph_would_overw
     static[0].fill_(7.0)  # the next replay
     assert params[0].grad.tolist() == [1.0, 1.0, 1.0] and params[1].grad.tolist() == [2.0, 2.0]
     assert params[2].grad is None
+
+
+def test_a_decoder_that_cannot_be_captured_trains_eagerly_and_says_why(tiny_model_dir):
+    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
+
+    class Uncapturable(GraphedBackbone):
+        def replayable(self, input_ids):
+            return True  # as on a GPU
+
+        def _capture(self, input_ids, position_ids):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    peft_model = _lora_model(tiny_model_dir)
+    decoder = peft_model.get_base_model().get_decoder()
+    ids, positions = _packed_batch(peft_model.config.vocab_size)
+    graphed = Uncapturable(decoder, own_mask=True)
+    want = decoder(input_ids=ids, attention_mask=block_causal_mask(positions), position_ids=positions,
+                   use_cache=False).last_hidden_state
+    torch.testing.assert_close(graphed(ids, None, positions), want)
+    assert graphed.failure == "RuntimeError: operation not permitted when stream is capturing"
+    torch.testing.assert_close(graphed(ids, None, positions), want)  # and stays eager
