@@ -111,7 +111,7 @@ def step(opts) -> None:
 
 def _eval_json(adapter: str, data: str, opts, eager: bool) -> tuple[dict, float]:
     env = dict(os.environ, LORA_CLI_EAGER_GENERATE="1" if eager else "0")
-    cmd = [sys.executable, "-m", "lora_cli", "eval", adapter, "--data", data, "--json",
+    cmd = [sys.executable, "-m", "lora_cli", "eval", "--adapter", adapter, "--data", data, "--json",
            "--max-new-tokens", str(opts.max_new_tokens), "--batch-size", str(opts.batch_size)]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=8)
     ap.add_argument("--crash-at", type=int, default=21)
     ap.add_argument("--work", default="/tmp/lora-cli-resume-check")
+    ap.add_argument("--compile", default="", help="compile mode of the compiled runs (default: graphs on cuda, "
+                                                  "off on cpu; graphs on the cpu compiles without replaying graphs)")
     args = ap.parse_args()
 
     from helpers import make_records, write_jsonl
@@ -88,7 +90,7 @@ def main() -> None:
     build_model(work / "model", len(build_tokenizer(work / "model")))
     write_jsonl(work / "train.jsonl", make_records(400, seed=1))
     write_jsonl(work / "val.jsonl", make_records(40, seed=2))
-    graphs = "graphs" if args.device == "cuda" else "off"
+    graphs = args.compile or ("graphs" if args.device == "cuda" else "off")
     run = lambda name, mode: config(work, name, args.device, mode, args.steps, args.save_every)  # noqa: E731
 
     train(run("graphs", graphs))

@@ -103,12 +103,17 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     quiet_libraries()
     overrides = dict(overrides)
     on_prompt = overrides.pop("data.train_on_prompt", False)
+    scope = overrides.pop("bench.compile_scope", None)
+    if scope:  # not a user setting: the plan's choice, forced to compare the two scopes
+        import lora_cli.train.plan
+
+        lora_cli.train.plan._compile_scope = lambda *args: scope
     if not torch.cuda.is_available():  # CPU dry run of the harness
         overrides["train.precision"] = "fp32"
     else:  # a short bench run stands for a long one: auto decides as for a run long enough to compile
         import lora_cli.train.plan
 
-        lora_cli.train.plan.MIN_COMPILE_STEPS = 0
+        lora_cli.train.plan.MIN_COMPILE_STEPS = lora_cli.train.plan.MIN_GRAPH_STEPS = 0
     cfg = RunConfig().replace({"model.name": model_dir, "train.max_steps": warmup + steps, "train.log_every": 1,
                                "train.eval_at_start": False, "train.keep_checkpoints": 1,
                                "output.dir": "/tmp/lora-cli-bench/run-adapters", **overrides})
@@ -149,7 +154,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     metrics = f"{cfg.output.dir}/metrics.jsonl"
     losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if placement.is_main else []
     out = _result(times, reporter.per_step, warmup, losses)
-    out["decisions"] = result.decisions
+    out["decisions"] = result.decisions.to_dict()
     out["memory_plan"] = reporter.messages
     return out
 

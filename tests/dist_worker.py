@@ -107,8 +107,8 @@ def main() -> None:
     result = recipe.train(load_config_file(config), resume=resume, overwrite=not resume)
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
-    (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.steps,
-                                                          "decisions": result.decisions}))
+    (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.summary.steps,
+                                                          "decisions": result.decisions.to_dict()}))
 
 
 if __name__ == "__main__":

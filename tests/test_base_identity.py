@@ -48,7 +48,7 @@ def test_resuming_on_a_base_folder_replaced_by_other_weights_is_refused_naming_t
     shutil.rmtree(out)
     shutil.copytree(kept, out)
     result = train(_config(base, data_files, out, 4), resume=True)
-    assert result.steps == 4 and result.resumed_from.endswith("step-2")
+    assert result.summary.steps == 4 and result.resumed_from.endswith("step-2")
 
 
 def test_a_changed_config_or_hub_revision_is_another_base(tiny_model_dir, tmp_path):

@@ -95,7 +95,8 @@ def test_the_four_card_lines_run_verbatim_after_one_tokenize(tokenized, tmp_path
 def test_a_data_file_changed_since_tokenize_is_tokenized_again_with_its_reason(tokenized, tmp_path):
     with open(tmp_path / "data" / "train.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"instruction": "one more", "input": "", "output": "record"}) + "\n")
-    cfg, current = current_dataset.build_run_config(None, None, {})
+    work = current_dataset.resolve("train")
+    cfg, current = work.cfg, work.current
     reporter = Recorder()
     data = prepare_data(cfg, reporter, current=current)
     changed = [m for m in reporter.messages if "changed since it was tokenized" in m]
@@ -114,7 +115,8 @@ def test_a_data_file_changed_since_tokenize_is_tokenized_again_with_its_reason(t
 
 def test_a_run_with_other_settings_leaves_the_current_dataset_as_it_was(tokenized, tmp_path):
     before = (tmp_path / ".lora-cache" / "current.json").read_text()
-    cfg, current = current_dataset.build_run_config(None, None, {"data.max_length": 48})
+    work = current_dataset.resolve("train", {"data.max_length": 48})
+    cfg, current = work.cfg, work.current
     data = prepare_data(cfg, current=current)
     assert not data.train.hit  # another max length: other cache entries
     assert (tmp_path / ".lora-cache" / "current.json").read_text() == before
@@ -123,13 +125,15 @@ def test_a_run_with_other_settings_leaves_the_current_dataset_as_it_was(tokenize
 def test_flags_config_and_set_override_the_current_dataset(tokenized, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data: {max_length: 96, template: chat}\ntrain: {epochs: 1}\n")
-    cfg, current = current_dataset.build_run_config(str(config), ["data.template=alpaca-seed"], {"data.add_eos": False})
+    work = current_dataset.resolve("train", {"data.add_eos": False}, str(config), ["data.template=alpaca-seed"])
+    cfg, current = work.cfg, work.current
     assert current is not None and cfg.data.train == "data/train.jsonl" and cfg.model.name == str(tokenized)
     assert (cfg.data.max_length, cfg.data.template, cfg.data.add_eos) == (96, "alpaca-seed", False)
 
     config.write_text("data: {train: other.jsonl}\n")  # data named in the config: the current dataset is not used
     write_jsonl(tmp_path / "other.jsonl", make_records(2))
-    cfg, current = current_dataset.build_run_config(str(config), None, {})
+    work = current_dataset.resolve("train", {}, str(config))
+    cfg, current = work.cfg, work.current
     assert current is None and cfg.data.train == "other.jsonl" and cfg.data.max_length == 512
 
 

@@ -79,7 +79,7 @@ def test_same_global_batch_on_one_process_gives_the_same_adapter(two_process_run
     result = train(single)
     w1 = load_file(str(tmp / "single" / "adapter_model.safetensors"))
     w2 = load_file(str(tmp / "report" / "rank-0.safetensors"))
-    assert result.steps == json.loads((tmp / "report" / "rank-0.json").read_text())["steps"]
+    assert result.summary.steps == json.loads((tmp / "report" / "rank-0.json").read_text())["steps"]
     for k, v in w2.items():
         name = k if k in w1 else k.replace(".default", "")
         assert (w1[name] - v).abs().max().item() < 1e-5, k
@@ -135,7 +135,7 @@ def test_fsdp_path_gives_the_same_adapter_and_resumes_exactly(tiny_model_dir, da
     sharded = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
 
     single = train(cfg.replace({"train.grad_accum": 4, "output.dir": str(tmp_path / "single")}))
-    assert single.steps == r0["steps"]
+    assert single.summary.steps == r0["steps"]
     alone = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     assert alone.keys() == sharded.keys()
     assert all((alone[k] - sharded[k]).abs().max().item() < 1e-5 for k in alone)

@@ -139,7 +139,7 @@ def test_the_training_probe_answers_on_the_fast_path_as_eagerly(tmp_path_factory
     monkeypatch.setenv("LORA_CLI_EAGER_GENERATE", "1")
     eager, eager_rows, _ = probe_rows("eager")
     assert fast_rows == eager_rows and len(fast_rows) == 3
-    assert fast.eval_losses == eager.eval_losses
+    assert fast.summary.eval_losses == eager.summary.eval_losses
     assert evals[0]["generate_warmup_s"] > 0 and all(r["generate_warmup_s"] == 0 for r in evals[1:])
     assert 0 < fast.summary.probe_seconds <= fast.summary.seconds
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lora_cli.cli.options import config_fields, field_default, flag_name, select
+from lora_cli.cli.options import config_fields, flag_name, select
 
 from lora_cli.cli.app import app
 
@@ -52,7 +52,7 @@ def test_train_help_shows_the_recipe_default_of_every_flag():
         assert f"[default: {default}]" in shown[flag], shown[flag]
     for _, f in select(("*",)):
         first = flag_name(f).split("/")[0]
-        if field_default(f) is not None:
+        if f.default is not None:
             assert "[default: " in shown[first], f"{first} shows no default"
 
 
@@ -69,7 +69,7 @@ def test_flag_names_follow_field_names_unless_the_field_names_another():
 ])
 def test_the_other_commands_take_their_settings_from_the_same_tree(command, flags):
     shown = _option_lines(_help(command))
-    defaults = {flag_name(f).split("/")[0]: field_default(f) for _, f in config_fields()}
+    defaults = {flag_name(f).split("/")[0]: f.default for _, f in config_fields()}
     for flag in flags:
         assert flag in shown, (command, flag)
         # a field without a default (--train) shows none; every other shows the tree's

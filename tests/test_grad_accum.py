@@ -39,10 +39,10 @@ def test_padded_batching_takes_grad_accum_micro_batches_per_step(tiny_model_dir,
     common = dict(epochs=3, max_steps=3, batching="padded")
     b2a1, r_b2a1, _ = _run(tiny_model_dir, train_f, tmp_path / "b2a1", batch_size=2, grad_accum=1, **common)
     b1a2, r_b1a2, _ = _run(tiny_model_dir, train_f, tmp_path / "b1a2", batch_size=1, grad_accum=2, **common)
-    assert r_b1a2.decisions["micro_batches_per_step"] == 2 and r_b2a1.decisions["micro_batches_per_step"] == 1
+    assert r_b1a2.decisions.micro_batches_per_step == 2 and r_b2a1.decisions.micro_batches_per_step == 1
     saved = yaml.safe_load((tmp_path / "b1a2" / "run_config.yaml").read_text())
     assert saved["train"]["grad_accum"] == 2 and saved["run"]["micro_batches_per_step"] == 2
-    assert r_b1a2.steps == r_b2a1.steps == 3 and _moved(b2a1) > 1e-3
+    assert r_b1a2.summary.steps == r_b2a1.summary.steps == 3 and _moved(b2a1) > 1e-3
     assert _max_diff(b2a1, b1a2) < TOLERANCE
 
 
@@ -54,7 +54,7 @@ def test_packed_batching_gives_the_same_step_in_one_or_in_two_micro_batches(tiny
     budget = max(lengths)  # holds either example alone, never both: each step is two micro-batches of one
     assert sum(lengths) > budget and sum(lengths) <= 256
     two, r_two, _ = _run(tiny_model_dir, train_f, tmp_path / "two", max_tokens=budget, grad_accum=2, **common)
-    assert r_two.decisions["micro_batches_per_step"] == 2 and r_two.steps == r_one.steps == 3
+    assert r_two.decisions.micro_batches_per_step == 2 and r_two.summary.steps == r_one.summary.steps == 3
     assert _moved(one) > 1e-3 and _max_diff(one, two) < TOLERANCE
     # and the same as padded batching of the same two examples per step
     padded, _, _ = _run(tiny_model_dir, train_f, tmp_path / "padded", batch_size=2, grad_accum=1, epochs=3,
@@ -69,6 +69,6 @@ def test_more_grad_accum_takes_more_examples_per_step(tiny_model_dir, tmp_path, 
     common = dict(epochs=2, max_steps=2, batch_size=1, batching=batching, max_tokens=0 if batching == "padded" else 64)
     a2, r2, _ = _run(tiny_model_dir, train_f, tmp_path / "a2", grad_accum=2, **common)
     a4, r4, _ = _run(tiny_model_dir, train_f, tmp_path / "a4", grad_accum=4, **common)
-    assert r2.decisions["micro_batches_per_step"] == 2 and r4.decisions["micro_batches_per_step"] == 4
-    assert r2.tokens < r4.tokens  # tokens trained on: the larger step saw more examples
+    assert r2.decisions.micro_batches_per_step == 2 and r4.decisions.micro_batches_per_step == 4
+    assert r2.summary.tokens < r4.summary.tokens  # tokens trained on: the larger step saw more examples
     assert _max_diff(a2, a4) > 1e-3

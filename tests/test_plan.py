@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 from lora_cli.config import RunConfig
 from lora_cli.data.batching import Batcher, StepPlan
-from lora_cli.train.plan import MIN_COMPILE_STEPS, decide, step_budget
+from lora_cli.train.plan import MIN_COMPILE_STEPS, MIN_GRAPH_STEPS, MIN_LAYER_COMPILE_STEPS, decide, step_budget
 from lora_cli.train.runtime import Placement
 
 LENGTHS = [100, 140, 180, 512, 60] * 40  # mean 198.4
@@ -47,15 +47,27 @@ def test_a_compiled_gpu_run_pads_every_micro_batch_to_one_shape_that_holds_the_l
     assert cpu.eval_max_tokens == max(cpu.max_tokens, 512)  # CPU evaluation rows as long as training's
 
 
-def test_auto_compiles_only_runs_long_enough_to_repay_it():
-    short = decide(cfg(**{"train.max_steps": MIN_COMPILE_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
-    long = decide(cfg(**{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
-    expected = "graphs" if __import__("importlib").util.find_spec("triton") else "off"
-    assert short.compile == "off" and long.compile == expected
-    if expected == "graphs":
-        assert short.compile_note.startswith(f"Not compiled: {MIN_COMPILE_STEPS - 1} optimizer steps")
-    else:
-        assert "triton" in short.compile_note and "triton" in long.compile_note
+def test_auto_captures_cuda_graphs_only_for_runs_long_enough_to_repay_the_capture():
+    short = decide(cfg(**{"train.max_steps": MIN_GRAPH_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
+    long = decide(cfg(**{"train.max_steps": MIN_GRAPH_STEPS}), placement(), TinyConfig(), LENGTHS)
+    assert short.compile == "off" and long.compile == "graphs"  # capture needs no triton
+    assert short.compile_note.startswith(f"Not captured as CUDA graphs: {MIN_GRAPH_STEPS - 1} optimizer steps")
+    assert not long.compile_layers or __import__("importlib").util.find_spec("triton")
+
+
+def test_without_graphs_auto_compiles_layers_only_with_triton_and_runs_long_enough(monkeypatch):
+    import importlib.util
+
+    padded = {"train.batching": "padded"}
+    no_triton = decide(cfg(**padded, **{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
+    if importlib.util.find_spec("triton") is None:
+        assert no_triton.compile == "off" and "triton" in no_triton.compile_note
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    short = decide(cfg(**padded, **{"train.max_steps": MIN_COMPILE_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
+    long = decide(cfg(**padded, **{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
+    assert short.compile == "off" and short.compile_note.startswith(f"Not compiled: {MIN_COMPILE_STEPS - 1} optimizer")
+    assert long.compile == "on" and long.compile_note.startswith("Compiled without CUDA graphs: padded")
 
 
 def test_auto_replays_the_gpu_step_as_cuda_graphs_only_where_its_shapes_are_static_and_says_why_not(monkeypatch):
@@ -81,6 +93,32 @@ def test_auto_replays_the_gpu_step_as_cuda_graphs_only_where_its_shapes_are_stat
     assert asked.compile == "graphs" and asked.compile_note == ""  # asked for: done as asked, no note
     cpu = decide(cfg(**long), placement("cpu", "fp32"), TinyConfig(), LENGTHS)
     assert cpu.compile == "off" and cpu.compile_note == ""  # the CPU stays eager, as before
+
+
+def test_cuda_graphs_compile_the_whole_decoder_as_one_region_unless_a_layer_must_stand_alone(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # as on a GPU machine with triton
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    long = {"train.max_steps": MIN_COMPILE_STEPS}
+    default = decide(cfg(**long), placement(), TinyConfig(), LENGTHS)
+    assert (default.compile, default.compile_scope, default.compile_layers) == ("graphs", "backbone", False)
+    assert default.record(placement())["compile_scope"] == "backbone"
+    longer = decide(cfg(**{"train.max_steps": MIN_LAYER_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
+    assert longer.compile_layers  # long enough to repay compiling the layers inside the captured graph
+    asked = decide(cfg(**long, **{"train.compile": "graphs"}), placement(), TinyConfig(), LENGTHS)
+    assert asked.compile_scope == "backbone" and asked.compile_layers  # --compile graphs: compiled, as asked
+    layers = {  # each keeps one region per decoder layer
+        "checkpointing": cfg(**long, **{"train.compile": "graphs", "train.gradient_checkpointing": "on"}),
+        "neftune": cfg(**long, **{"train.neftune_alpha": 5.0}),
+        "plain loss": cfg(**long, **{"train.fused_loss": False}),
+        "compiled without graphs": cfg(**long, **{"train.compile": "on"}),
+    }
+    for why, config in layers.items():
+        plan = decide(config, placement(), TinyConfig(), LENGTHS)
+        assert plan.compile != "off" and plan.compile_scope == "layers", why
+    head = decide(cfg(**long), placement(), TinyConfig(), LENGTHS, loss_blocker="LoRA on the output head")
+    assert head.compile_scope == "layers"
 
 
 def test_the_nf4_base_is_kept_dequantized_only_where_it_fits_and_costs_no_checkpointed_layer():
@@ -151,7 +189,7 @@ def test_a_dequantized_base_trains_to_the_same_losses_as_the_4bit_one(tiny_model
         run = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / mode, epochs=1, max_steps=3, lr=5e-3,
                           max_tokens=128).replace({"model.dequantize": mode})
         result = train(run)
-        losses[mode] = result.eval_losses
-        assert result.decisions["dequantized_base"] is (mode == "on")
+        losses[mode] = result.summary.eval_losses
+        assert result.decisions.dequantized_base is (mode == "on")
     assert losses["on"] == pytest.approx(losses["off"], abs=2e-4)
     assert losses["on"][-1] < losses["on"][0]

@@ -36,8 +36,8 @@ def test_a_second_run_in_the_same_process_may_use_another_precision(tiny_model_d
                           precision=precision, max_tokens=128).replace({"model.quantization": "none"})
         runs.append(train(cfg))
     expected_first = "bf16" if (first == "bf16" or native_bf16 == "1") else "fp32"
-    assert [r.decisions["precision"] for r in runs] == [expected_first, "fp32", expected_first]
-    assert all(r.steps == 2 and r.last_loss is not None for r in runs)
+    assert [r.decisions.precision for r in runs] == [expected_first, "fp32", expected_first]
+    assert all(r.summary.steps == 2 and r.summary.last_loss is not None for r in runs)
 
 
 def test_the_cli_trains_twice_in_one_process_with_different_precisions(tiny_model_dir, data_files, tmp_path,

@@ -88,7 +88,7 @@ def test_ctrl_c_at_the_end_of_epoch_1_then_resume_matches_the_uninterrupted_run(
     result = train(cfg, resume=True)
     assert result.resumed_from.endswith("epoch-1")
     assert_same_run(out, reference)
-    assert result.eval_losses == [r["eval_loss"] for r in metrics(reference) if r["type"] == "eval"]
+    assert result.summary.eval_losses == [r["eval_loss"] for r in metrics(reference) if r["type"] == "eval"]
 
 
 def test_crash_mid_epoch_resumes_from_a_save_every_steps_checkpoint(tiny_model_dir, data_files, tmp_path):
@@ -128,7 +128,7 @@ def test_keep_checkpoints_prunes_to_the_newest(tiny_model_dir, data_files, tmp_p
     out = tmp_path / "adapters"
     result = train(config(tiny_model_dir, data_files, out, save_every_steps=1, keep_checkpoints=3))
     kept = list_checkpoints(out)
-    assert [load_checkpoint(p).state.step for p in kept] == [result.steps - 2, result.steps - 1, result.steps]
+    assert [load_checkpoint(p).state.step for p in kept] == [result.summary.steps - 2, result.summary.steps - 1, result.summary.steps]
     assert kept[-1].name == "epoch-3"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(p.name for p in kept)
 
@@ -161,7 +161,7 @@ def test_resume_needs_the_same_settings_except_logging(tiny_model_dir, data_file
         train(cfg.replace({"output.dir": str(tmp_path / "empty")}), resume=True)
     with pytest.raises(LoraCliError, match="^--resume-from .*: not a checkpoint folder"):  # the flag given
         train(cfg, resume=str(tmp_path))
-    assert train(cfg.replace({"train.log_every": 3, "train.keep_checkpoints": 1}), resume=True).steps > 2
+    assert train(cfg.replace({"train.log_every": 3, "train.keep_checkpoints": 1}), resume=True).summary.steps > 2
 
 
 def test_the_printed_resume_command_continues_from_the_latest_checkpoint():
@@ -211,7 +211,7 @@ def test_a_finished_run_continues_to_a_larger_max_steps_with_its_schedule_stretc
         train(longer)  # without --resume: the way forward is named, the adapter is kept
     assert "Add --resume to continue it" in plain.value.hint
     result = train(longer, resume=True)
-    assert result.steps == 6 and result.resumed_from.endswith("step-3")
+    assert result.summary.steps == 6 and result.resumed_from.endswith("step-3")
     rows = [r for r in metrics(out) if r["type"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     lr = cfg.train.lr

@@ -67,7 +67,7 @@ def test_every_trainable_tensor_changes_after_a_few_steps(tiny_model_dir, untied
         result = train(cfg.replace({"model.quantization": "none", "lora.target_modules": targets}), reporter=reporter)
     assert before and all(not torch.equal(before[n], params[n]) for n in before), \
         [n for n in before if torch.equal(before[n], params[n])]
-    assert result.last_loss < result.first_loss
+    assert result.summary.last_loss < result.summary.first_loss
     on_head = "lm_head" in targets
     assert any(".lm_head." in n for n in before) == on_head  # all-linear alone leaves the head out (peft's rule)
     assert any("lm_head.lora_B" in k for k in load_file(str(out / "adapter_model.safetensors"))) == on_head

@@ -25,8 +25,8 @@ def test_training_learns_and_writes_the_adapter_folder(tiny_model_dir, data_file
     out = tmp_path / "adapters"
     cfg = tiny_config(tiny_model_dir, train_f, val_f, out, epochs=3, lr=5e-3, max_tokens=256)
     result = train(cfg)
-    assert result.eval_losses[-1] < result.eval_losses[0]  # eval before training, then after each epoch
-    assert result.last_loss < result.first_loss
+    assert result.summary.eval_losses[-1] < result.summary.eval_losses[0]  # eval before training, then after each epoch
+    assert result.summary.last_loss < result.summary.first_loss
     names = {p.name for p in out.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
             "run_config.yaml", "param_summary.json", "metrics.jsonl", "checkpoints"} <= names
@@ -67,7 +67,7 @@ def test_padded_seed_batching_and_unquantized_model_also_train(tiny_model_dir, d
     cfg = tiny_config(tiny_model_dir, train_f, val_f, tmp_path / "b", epochs=2, lr=5e-3, batching="padded")
     cfg = cfg.replace({"model.quantization": "none", "data.train_on_prompt": True, "data.add_eos": False})
     result = train(cfg)
-    assert result.decisions["batching"] == "padded" and result.eval_losses[-1] < result.eval_losses[0]
+    assert result.decisions.batching == "padded" and result.summary.eval_losses[-1] < result.summary.eval_losses[0]
 
 
 def test_output_folder_rules(tiny_model_dir, data_files, tmp_path):

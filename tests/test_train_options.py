@@ -76,7 +76,7 @@ def test_each_option_trains_and_its_adapter_loads_in_generate_and_merge(name, ti
                                                                       spies):
     out = tmp_path / "adapters"
     result = train(config(tiny_model_dir, data_files, out, OPTIONS[name]))
-    assert result.eval_losses[-1] < result.eval_losses[0]
+    assert result.summary.eval_losses[-1] < result.summary.eval_losses[0]
     assert spies["changed"] and all(spies["changed"]), "a trainable tensor did not change"
     loaded = load_for_inference(read_adapter(out), precision="fp32", device="cpu")
     with torch.no_grad():
@@ -120,8 +120,8 @@ def test_warmup_ratio_and_the_cosine_floor_shape_the_learning_rate(tiny_model_di
     result = train(config(tiny_model_dir, data_files, tmp_path / "a", options, eval_at_start=False))
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if r["type"] == "train"]
-    warmup = math.ceil(0.2 * result.steps)
-    assert result.decisions["warmup_steps"] == warmup > 0
+    warmup = math.ceil(0.2 * result.summary.steps)
+    assert result.decisions.warmup_steps == warmup > 0
     assert lrs[0] == 0.0 and lrs[warmup] == pytest.approx(5e-3)  # linear warmup from 0 to the peak
     after = lrs[warmup:]
     assert all(a >= b for a, b in zip(after, after[1:]))  # then cosine decay...
@@ -134,10 +134,10 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(tiny_model_dir, data_fi
     cfg = config(tiny_model_dir, data_files, out, {"train.early_stopping_patience": 2}, epochs=5, keep_checkpoints=1)
     with faults.inject("train:eval-loss", lambda _: next(losses)):
         result = train(cfg)
-    assert result.best.stopped_early and result.best.checkpoint == "epoch-1"
-    assert result.eval_losses == [3.0, 2.0, 2.5, 2.6]  # stopped after two evaluations without a better loss
-    steps_per_epoch = result.best.step
-    assert result.steps == 3 * steps_per_epoch < cfg.train.epochs * steps_per_epoch
+    assert result.summary.best.stopped_early and result.summary.best.checkpoint == "epoch-1"
+    assert result.summary.eval_losses == [3.0, 2.0, 2.5, 2.6]  # stopped after two evaluations without a better loss
+    steps_per_epoch = result.summary.best.step
+    assert result.summary.steps == 3 * steps_per_epoch < cfg.train.epochs * steps_per_epoch
     kept = [p.name for p in list_checkpoints(out)]
     assert kept == ["epoch-1", "epoch-3"]  # the best survives keep_checkpoints=1
     best, written = load_file(str(out / "checkpoints" / "epoch-1" / "adapter_model.safetensors")), \

@@ -39,10 +39,10 @@ def test_the_stop_rate_is_measured_at_each_evaluation_and_changes_nothing_else(m
     assert all(r["max_new_tokens"] == 16 for r in evals)  # 2 x ("yes" + eos), at least 16
     assert evals[0]["stop_rate"] < evals[-1]["stop_rate"] == 1.0  # the records all answer "yes", then eos
     assert evals[-1]["sample"] == "yes" and evals[-1]["sample_stopped"] and evals[-1]["generate_s"] >= 0
-    assert probed.decisions["eval_generate_max_new_tokens"] == 16
+    assert probed.decisions.eval_generate_max_new_tokens == 16
     # generating in eval mode and restoring train mode and the RNG leaves training exactly as without it
     plain = train(yes_config(model_dir, tmp_path_factory, tmp_path / "plain", eval_generate=0))
-    assert plain.eval_losses == probed.eval_losses
+    assert plain.summary.eval_losses == probed.summary.eval_losses
     a, b = load_file(str(tmp_path / "probed" / "adapter_model.safetensors")), \
         load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -70,10 +70,10 @@ def test_the_loss_curve_is_a_png_with_both_curves_and_plot_overlays_runs(model_d
     train_colour, eval_colour = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][:2]
     assert _colour_share(png, train_colour) > 0.001 and _colour_share(png, eval_colour) > 0.001
     empty = tmp_path / "empty.png"
-    from lora_cli.train.curves import draw
+    from lora_cli.train.curves import MetricsRow, draw
 
     with pytest.raises(Exception, match="Nothing to draw"):
-        draw([("x", [{"type": "eval", "step": 0}])], empty)
+        draw([("x", [MetricsRow("eval", 0, 0, {})])], empty)
     assert not empty.exists()
 
     res = runner.invoke(app, ["plot", str(out), str(out / "metrics.jsonl"), "-o", str(tmp_path / "both.png")])

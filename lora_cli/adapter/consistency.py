@@ -53,7 +53,7 @@ def _rank_of(module: str, config: dict) -> int:
     return int(config["r"])
 
 
-def _targeted(module: str, targets) -> bool:
+def _targeted(module: str, targets: str | list[str] | None) -> bool:
     """peft's rule for target_modules: a regex string matches the whole name; a list, its last parts."""
     if isinstance(targets, str):
         return targets == "all-linear" or re.fullmatch(targets, module) is not None

@@ -5,10 +5,10 @@ it. They all ask the same few things, answered only here:
 - which files it holds (the names below);
 - is it finished (`run_config.yaml` says `finished: true` once the last file is in place);
 - is it loadable (adapter config + safetensors weights, from a finished run): `check_loadable`;
-- how it was trained: the run config (`read_run_config`), its LoRA settings as the config's own
-  `LoraSettings`, its parameter summary, the prompt template file's text (TEMPLATE_FILE: the
-  template is used as trained even after its file was edited or deleted), and the run
-  fingerprint that tells two runs apart.
+- how it was trained: the run config (`read_saved_run`; its records in adapter/record.py), its LoRA
+  settings as the config's own `LoraSettings`, its parameter summary, the prompt template file's
+  text (TEMPLATE_FILE: the template is used as trained even after its file was edited or deleted),
+  and the run fingerprint that tells two runs apart.
 An adapter made by plain peft (no run_config.yaml) is loadable too, with lora-cli's defaults.
 """
 
@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
+from lora_cli.adapter.record import SavedRun
 from lora_cli.config import DataConfig, LoraSettings, ModelConfig, RunConfig
 from lora_cli.errors import LoraCliError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from lora_cli.model.params import ParamSummary
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,65 +76,24 @@ def legacy_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_run_config(folder: str | Path) -> dict | None:
-    """The folder's run_config.yaml as a dict; None when there is none or it cannot be read."""
+def read_saved_run(folder: str | Path) -> SavedRun | None:
+    """The folder's run_config.yaml, read once (adapter/record.py); None when there is none or it
+    cannot be read (not YAML, or not in the layout of any lora-cli: a damaged file)."""
     path = Path(folder) / RUN_CONFIG
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return SavedRun.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
-
-
-@dataclass
-class RunRecord:
-    """The `run:` section of run_config.yaml: what `lora-cli train` recorded about its run.
-
-    Beside the named fields it holds the run's decisions (device, precision, batching, ...; train's
-    plan.record), written at the same level. Read back from any version of lora-cli: a field an
-    older version did not write takes its default here, and nowhere else."""
-
-    fingerprint: str = ""  # run_fingerprint: the settings and the content trained on
-    lora_cli_version: str = ""
-    finished: bool = False  # true once every final file is in place
-    tokenize_cache: dict[str, str] = field(default_factory=dict)  # split -> tokenize cache key
-    data_sha256: dict[str, str] = field(default_factory=dict)  # split -> sha256 of the data file
-    base_model: dict[str, Any] = field(default_factory=dict)  # model/identity.py's identity of the base
-    decisions: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None  # what the loop did (train's LoopSummary), once finished
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
-        named = {f.name for f in fields(cls)} - {"decisions"}
-        return cls(**{k: v for k, v in raw.items() if k in named and v is not None},
-                   decisions={k: v for k, v in raw.items() if k not in named})
-
-    def to_dict(self) -> dict[str, Any]:
-        """As run_config.yaml holds it: the named fields, the decisions, then the summary if any."""
-        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("decisions", "summary")}
-        return raw | self.decisions | ({"summary": self.summary} if self.summary is not None else {})
-
-
-def read_run_record(folder: str | Path) -> RunRecord | None:
-    """The `run:` section of the folder's run_config.yaml; None when there is no readable one."""
-    saved = read_run_config(folder)
-    return run_record(saved) if saved is not None else None
-
-
-def run_record(saved: dict[str, Any]) -> RunRecord:
-    """The `run:` section of a run config read as a dict (an empty record when it has none)."""
-    run = saved.get("run")
-    return RunRecord.from_dict(run if isinstance(run, dict) else {})
 
 
 def is_finished(folder: str | Path) -> bool | None:
     """True/False for a lora-cli run folder; None for a folder without a run config (peft's own)."""
-    saved = read_run_config(folder)
+    saved = read_saved_run(folder)
     if saved is None:
         return None if not (Path(folder) / RUN_CONFIG).exists() else False
-    return run_record(saved).finished is True
+    return saved.run.finished is True
 
 
 def _read_json(path: Path) -> dict:
@@ -209,10 +175,9 @@ def lora_settings(path: str | Path) -> LoraSettings:
 
 def base_model_of(path: str | Path) -> str:
     """The base model the folder names: its run config's model.name, else peft's base_model_name_or_path."""
-    saved = read_run_config(path) or {}
-    name = (saved.get("model") or {}).get("name") if isinstance(saved.get("model"), dict) else None
-    if name:
-        return str(name)
+    saved = read_saved_run(path)
+    if saved is not None and saved.model.name:
+        return str(saved.model.name)
     try:
         return str(read_adapter_config(path).get("base_model_name_or_path") or "")
     except LoraCliError:
@@ -241,7 +206,7 @@ def summary_for_adapter(path: str | Path, model: str | None = None, trust_remote
     return summary_for_model(base, lora, trust_remote_code)
 
 
-def write_param_summary(folder: str | Path, summary) -> None:
+def write_param_summary(folder: str | Path, summary: ParamSummary) -> None:
     (Path(folder) / PARAM_SUMMARY).write_text(json.dumps(summary.to_dict(), indent=2), encoding="utf-8")
 
 
@@ -290,25 +255,20 @@ def read_adapter(path: str | Path, model: str | None = None, template: str | Non
 
         get_template(template)  # a bad --template is named as such, before anything loads
     lora = lora_settings(path)
-    run = read_run_config(path)
+    saved = read_saved_run(path)
     notes: list[str] = []
     warnings: list[str] = []
-    if run is None:
-        run = {}
+    if saved is None:  # check_loadable let it through: peft's own folder, trained elsewhere
         notes.append(f"{path} has no {RUN_CONFIG} (not trained by lora-cli): using the alpaca template, "
                      "eos after responses and a 4-bit base; override with --template / --quantization.")
-    data, mdl = run.get("data") or {}, run.get("model") or {}
+    data, mdl = (saved.data, saved.model) if saved is not None else (DataConfig(), ModelConfig())
     base = model or base_model_of(path)
     if not base:
         raise LoraCliError(f"{path} does not name its base model.", "Pass --model with the base model it was trained on.")
     return AdapterInfo(
-        path=path, base_model=str(base),
-        template=template or data.get("template") or DataConfig().template,
-        add_eos=bool(data.get("add_eos", DataConfig().add_eos)),
-        max_length=int(data.get("max_length") or DataConfig().max_length),
-        quantization=mdl.get("quantization") or ModelConfig().quantization,
-        trust_remote_code=bool(mdl.get("trust_remote_code", False)), lora=lora, notes=notes,
-        template_text=_saved_template(path, template, warnings), warnings=warnings)
+        path=path, base_model=str(base), template=template or data.template, add_eos=data.add_eos,
+        max_length=data.max_length, quantization=mdl.quantization, trust_remote_code=mdl.trust_remote_code,
+        lora=lora, notes=notes, template_text=_saved_template(path, template, warnings), warnings=warnings)
 
 
 def base_model_info(model: str | None, template: str | None = None, adapter: str | Path = "") -> AdapterInfo:
@@ -333,9 +293,12 @@ def _as_merged(info: AdapterInfo, folder: Path) -> AdapterInfo:
     if not (folder / MERGE_INFO).is_file():
         return info
     merged = _read_json(folder / MERGE_INFO)
+    if not isinstance(merged.get("template"), str):
+        raise LoraCliError(f"{folder / MERGE_INFO} names no template; the merged model folder is damaged.")
     text_file = folder / TEMPLATE_FILE
-    info.template = str(merged.get("template") or info.template)
-    info.add_eos = bool(merged.get("add_eos", info.add_eos))
+    info.template = merged["template"]
+    # lora-cli's first merges did not record add_eos: read as they were then, with the default (eos after responses)
+    info.add_eos = bool(merged["add_eos"]) if "add_eos" in merged else DataConfig().add_eos
     info.template_text = text_file.read_text(encoding="utf-8") if text_file.is_file() else None
     info.notes.append(f"{folder} is a merged model: prompted with its training template {info.template} "
                       f"(from {MERGE_INFO}); override with --template.")
@@ -356,7 +319,7 @@ def load_template(info: AdapterInfo):
     return get_template(info.template)
 
 
-def attach_adapter(model, info: AdapterInfo):
+def attach_adapter(model: PreTrainedModel, info: AdapterInfo) -> PeftModel:
     """The adapter of `info` on top of `model` (a transformers model), for inference (peft PeftModel)."""
     from peft import PeftModel
 

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_cli import __version__
 from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
@@ -25,6 +26,12 @@ from lora_cli.errors import LoraCliError
 from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
 from lora_cli.writable import check_writable
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lora_cli.progress import Reporter
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
@@ -78,7 +85,7 @@ def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: boo
     return model.to(torch_dtype(dtype))
 
 
-def untie_adapted_head(peft_model) -> bool:
+def untie_adapted_head(peft_model: PeftModel) -> bool:
     """Give the output head its own weight where it shares the input embedding's (tied) and LoRA
     is on either of them.
 
@@ -104,7 +111,8 @@ def untie_adapted_head(peft_model) -> bool:
     return True
 
 
-def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "original", reporter=NULL_REPORTER):
+def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "original",
+                 reporter: Reporter = NULL_REPORTER) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Base + adapter merged in memory: `(model, tokenizer)`, a plain transformers model (no peft) on the CPU.
 
     `dtype` (bf16 | fp16 | fp32) is the dtype the base is loaded and merged in; `base_weights` as in
@@ -126,7 +134,8 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     return merged, tokenizer
 
 
-def carry_training_template(info: AdapterInfo, tokenizer, reporter=NULL_REPORTER) -> str:
+def carry_training_template(info: AdapterInfo, tokenizer: PreTrainedTokenizerBase,
+                            reporter: Reporter = NULL_REPORTER) -> str:
     """Make `tokenizer`'s chat template the prompt format the adapter was trained with; say which it is.
 
     A merged folder is used by runtimes that know nothing of lora-cli's templates (transformers'
@@ -147,7 +156,7 @@ def carry_training_template(info: AdapterInfo, tokenizer, reporter=NULL_REPORTER
 
 
 def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weights: str = "auto",
-          force: bool = False, reporter=NULL_REPORTER) -> MergeResult:
+          force: bool = False, reporter: Reporter = NULL_REPORTER) -> MergeResult:
     """Write base + adapter merged to the folder `output` (atomically); `base_weights` as in the module
     docstring (`auto`: the weights the adapter was trained against).
 
@@ -180,7 +189,8 @@ def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters()) * (4 if dtype == "fp32" else 2)
 
 
-def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool, reporter) -> MergeResult:
+def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool,
+                reporter: Reporter) -> MergeResult:
     from lora_cli.atomic import atomic_dir, umask
 
     t0 = time.time()

@@ -61,10 +61,6 @@ def flag_name(f: ConfigField) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def field_default(f: ConfigField) -> Any:
-    return f.default
-
-
 def _shown(value: Any) -> Any:
     """The default as --help should print it (the value itself is never used: see config_flags)."""
     if isinstance(value, list):
@@ -76,7 +72,7 @@ def _shown(value: Any) -> Any:
 
 
 def _flag_type(f: ConfigField) -> type:
-    value = field_default(f)
+    value = f.default
     for kind in (bool, int, float):
         if isinstance(value, kind):
             return kind
@@ -88,7 +84,7 @@ def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
 
     decls = [flag_name(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
     panel = f.metadata.get("panel") or section
-    option = typer.Option(_shown(field_default(f)), *decls, help=escape(f.metadata.get("help", "")),
+    option = typer.Option(_shown(f.default), *decls, help=escape(f.metadata.get("help", "")),
                           rich_help_panel=HELP_PANELS.get(panel, panel))
     return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=Optional[_flag_type(f)])

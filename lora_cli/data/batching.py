@@ -239,7 +239,7 @@ class StepPlan:
     plans behind it, so memory does not grow with the number of epochs.
     """
 
-    KEEP = 2
+    KEEP: int = 2
 
     def __init__(self, batcher: Batcher, per_step: int):
         self.batcher, self.per_step = batcher, per_step

@@ -80,8 +80,8 @@ class DataFile:
 @dataclass(frozen=True)
 class CurrentDataset:
     file: Path  # the current.json it was read from
-    settings: dict  # the SETTINGS keys -> value
-    files: dict  # split -> DataFile
+    settings: dict[str, Any]  # the SETTINGS keys -> value
+    files: dict[str, DataFile]  # split -> DataFile
     eos_token: str | None
     cwd: str  # where tokenize ran
 
@@ -153,10 +153,10 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
 
 def _parse(raw: dict[str, Any], path: Path) -> CurrentDataset:
     try:
-        if raw.get("version") != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
+        if raw["version"] != VERSION or "train" not in raw["files"] or set(raw["settings"]) != set(SETTINGS):
             raise ValueError("not a current-dataset record of this lora-cli")
         files = {split: DataFile(split=split, **raw["files"][split]) for split in SPLITS if split in raw["files"]}
-        return CurrentDataset(path, dict(raw["settings"]), files, raw.get("eos_token"), str(raw["cwd"]))
+        return CurrentDataset(path, dict(raw["settings"]), files, raw["eos_token"], str(raw["cwd"]))
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise LoraCliError(f"{path} (the current dataset) is damaged: {exc}.",
                            "Run lora-cli tokenize again (it rewrites the file), or delete it.") from None
@@ -250,9 +250,3 @@ def check_data_files(cfg: RunConfig, current: CurrentDataset | None, splits: tup
         with open_data_file(path):
             pass
 
-
-def build_run_config(config_file: str | None, sets: list[str] | None, flags: dict,
-                     command: str = "train") -> tuple[RunConfig, CurrentDataset | None]:
-    """`resolve` for callers that want (config, the current dataset or None)."""
-    found = resolve(command, flags, config_file, sets)
-    return found.cfg, found.current

@@ -99,7 +99,7 @@ class TextTemplate:
 class ChatTemplate:
     """The tokenizer's own chat template; the loss sees assistant turns only."""
 
-    name = "chat"
+    name: str = "chat"
 
     def identity(self) -> str:
         return "chat"  # the template text itself is part of the tokenizer files' hash

@@ -118,20 +118,6 @@ def plain_cross_entropy(logits, targets):
     return loss, n
 
 
-def block_causal_mask(position_ids):
-    """[rows, 1, L, L] boolean mask: causal within each packed example, nothing across them.
-
-    transformers derives the same mask from position_ids, but checks it with a host sync on
-    every forward; building it here keeps the GPU queue full. Examples start at position 0.
-    """
-    import torch
-
-    seq = (position_ids == 0).cumsum(-1)
-    length = position_ids.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril_()
-    return ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]
-
-
 def fused_blocker(model, adapted=()) -> str | None:
     """Why the fused loss cannot stand in for this model's output head, or None where it can.
 
@@ -167,25 +153,38 @@ def supports_fused(model) -> bool:
     return fused_blocker(model) is None
 
 
-def make_loss_module(peft_model, fused: bool):
+def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
     """An nn.Module computing (summed loss, n_targets): the unit DDP wraps.
 
     fused: the run's decision (train/plan.py); checked again here on the model as it now is,
-    so a head the fused path would bypass always gets the plain loss (full logits)."""
+    so a head the fused path would bypass always gets the plain loss (full logits).
+    graphed_backbone: training micro-batches replay the decoder as one CUDA graph
+    (backbone.GraphedBackbone); only with the fused loss, which needs its hidden states alone.
+    The module's `graphed` attribute is that backbone (None without it).
+    """
     import torch
+
+    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
 
     base = peft_model.get_base_model()
     fused = fused and supports_fused(base)
+    own_mask = getattr(base.config, "_attn_implementation", "sdpa") == "sdpa"
+    graphed = GraphedBackbone(base.get_decoder(), own_mask) if graphed_backbone and fused else None
 
     class CausalLMLoss(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = peft_model
             self.fused = fused
-            self.own_mask = getattr(base.config, "_attn_implementation", "sdpa") == "sdpa"
+            self.own_mask = own_mask
+            self.graphed = graphed
 
         def forward(self, input_ids, targets, attention_mask=None, position_ids=None, target_index=None,
                     n_targets=None):
+            if graphed is not None:
+                hidden = graphed(input_ids, attention_mask, position_ids)
+                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
+                                            keep=target_index, n=n_targets)
             if attention_mask is None and position_ids is not None and self.own_mask:
                 attention_mask = block_causal_mask(position_ids)
             kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -54,19 +54,24 @@ class LoopState:
     stopped_early: bool = False
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "LoopState":
-        """From trainer_state.json, also as written before the fields were named (an `extra` dict)."""
-        raw = dict(raw)
-        extra = raw.pop("extra", None) or {}
-        raw.pop("window_steps", None)
-        summary = extra.get("summary") or {}
-        for key in ("first_loss", "last_loss", "eval_losses"):
-            raw.setdefault(key, summary.get(key))
-        raw.setdefault("fsdp", bool(extra.get("fsdp", False)))
-        raw["eval_losses"] = list(raw.get("eval_losses") or [])
-        raw["stop_rates"] = list(raw.get("stop_rates") or [])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+    def from_dict(cls, raw: dict[str, Any]) -> LoopState:
+        """From trainer_state.json as any lora-cli wrote it (see _from_unnamed_layout). A field added since a
+        checkpoint was made takes its default, which is what the loop did before it existed."""
+        raw = _from_unnamed_layout(raw) if "extra" in raw else raw
+        return cls(**{k: v for k, v in raw.items() if k in {f.name for f in fields(cls)}})
+
+
+def _from_unnamed_layout(raw: dict[str, Any]) -> dict[str, Any]:
+    """trainer_state.json as lora-cli wrote it before the loop state's fields were named, in today's layout.
+
+    Why: such a checkpoint kept the whole run's losses (`summary`: first_loss, last_loss,
+    eval_losses) and whether it was sharded (`fsdp`, absent when not) in an `extra` dict; its
+    `window_steps` is no longer counted. It still resumes, with the same numbers."""
+    today = {k: v for k, v in raw.items() if k not in ("extra", "window_steps")}
+    extra = raw["extra"]
+    if "summary" in extra:
+        today |= {k: v for k, v in extra["summary"].items() if k in ("first_loss", "last_loss", "eval_losses")}
+    return today | {"fsdp": bool(extra["fsdp"]) if "fsdp" in extra else False}
 
 
 @dataclass

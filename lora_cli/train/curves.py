@@ -11,17 +11,35 @@ evaluation and at the end; the PNG is written atomically.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_cli.adapter.folder import LOSS_CURVE, METRICS
 from lora_cli.atomic import atomic_path
 from lora_cli.errors import LoraCliError
 
 
-def read_metrics(run: str | Path) -> list[dict]:
+@dataclass(frozen=True)
+class MetricsRow:
+    """One line of metrics.jsonl: a train window or an evaluation, at an optimizer step."""
+
+    type: str  # train | eval
+    step: int  # optimizer steps done
+    epoch: float  # a train row's epoch as a fraction; an evaluation's, the epochs done
+    values: dict[str, Any]  # the rest (loss, lr, ... / eval_loss, stop_rate, ...); a value not measured is absent or None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MetricsRow:
+        """KeyError when a field every lora-cli writes is missing."""
+        return cls(raw["type"], raw["step"], raw["epoch"],
+                   {k: v for k, v in raw.items() if k not in ("type", "step", "epoch")})
+
+
+def read_metrics(run: str | Path) -> list[MetricsRow]:
     """The rows of a run's metrics.jsonl; `run` is an adapter folder or the file itself.
 
-    Errors: LoraCliError naming the run when there is no metrics file or a line is not JSON.
+    Errors: LoraCliError naming the run when there is no metrics file or a line is not a metrics row.
     """
     path = Path(run)
     path = path / METRICS if path.is_dir() else path
@@ -32,30 +50,28 @@ def read_metrics(run: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except ValueError:
-            raise LoraCliError(f"{path}:{number}: not a JSON line; the metrics file is damaged.") from None
+            rows.append(MetricsRow.from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            raise LoraCliError(f"{path}:{number}: not a metrics row; the metrics file is damaged.") from None
     return rows
 
 
-def _series(rows: list[dict], kind: str, key: str) -> tuple[list, list]:
-    points = [(r["step"], r[key]) for r in rows if r.get("type") == kind and r.get(key) is not None]
+def _series(rows: list[MetricsRow], kind: str, key: str) -> tuple[list[int], list[float]]:
+    points = [(r.step, r.values[key]) for r in rows if r.type == kind and r.values.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _epoch_ends(rows: list[dict]) -> list[tuple[int, int]]:
+def _epoch_ends(rows: list[MetricsRow]) -> list[tuple[int, int]]:
     """(step, epoch) of each completed epoch: the evaluations made at an epoch's end."""
     seen, ends = set(), []
     for r in rows:
-        epoch = r.get("epoch")
-        if r.get("type") == "eval" and r.get("step", 0) > 0 and isinstance(epoch, int) and epoch > 0 \
-                and epoch not in seen:
-            seen.add(epoch)
-            ends.append((r["step"], epoch))
+        if r.type == "eval" and r.step > 0 and isinstance(r.epoch, int) and r.epoch > 0 and r.epoch not in seen:
+            seen.add(r.epoch)
+            ends.append((r.step, r.epoch))
     return ends
 
 
-def draw(runs: list[tuple[str, list[dict]]], dest: str | Path, title: str | None = None) -> Path:
+def draw(runs: list[tuple[str, list[MetricsRow]]], dest: str | Path, title: str | None = None) -> Path:
     """Draw one or several runs' metrics rows on one figure and write it to `dest` (PNG, atomically).
 
     runs: (label, metrics rows) pairs. Errors: LoraCliError when no run has a loss to draw, or when
@@ -113,7 +129,7 @@ def refresh(folder: str | Path) -> Path | None:
     """Redraw a run folder's loss_curve.png from its metrics.jsonl (None while there is nothing to draw)."""
     folder = Path(folder)
     rows = read_metrics(folder)
-    if not any(r.get("type") in ("train", "eval") for r in rows):
+    if not any(r.type in ("train", "eval") for r in rows):
         return None
     try:
         return draw([(folder.name, rows)], folder / LOSS_CURVE)

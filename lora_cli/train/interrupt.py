@@ -7,7 +7,7 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from types import FrameType
+    from types import FrameType, TracebackType
 
     from lora_cli.progress import Reporter
 
@@ -16,7 +16,7 @@ class InterruptFlag:
     """First Ctrl-C (or SIGTERM, as schedulers and spot instances send before a kill): finish the
     step, checkpoint, stop. A second one: stop at once."""
 
-    SIGNALS = ("SIGINT", "SIGTERM")
+    SIGNALS: tuple[str, ...] = ("SIGINT", "SIGTERM")
 
     def __init__(self, reporter: Reporter):
         self.reporter = reporter
@@ -37,6 +37,7 @@ class InterruptFlag:
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)

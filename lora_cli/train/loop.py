@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_cli import faults
+from lora_cli.adapter.record import LoopSummary
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
+from lora_cli.model.backbone import detach_grads
 from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.oom import StepMemory, out_of_memory_as_error
@@ -38,40 +39,6 @@ if TYPE_CHECKING:
     from lora_cli.train.observe import Observer
     from lora_cli.train.run_folder import OutputFolder
     from lora_cli.train.runtime import Placement
-
-
-@dataclass
-class BestEvaluation:
-    """Early stopping's result: the evaluation whose adapter is written, and whether the run stopped early."""
-
-    step: int
-    eval_loss: float
-    checkpoint: str  # the checkpoint folder's name under checkpoints/
-    stopped_early: bool
-    last_step: int  # the optimizer step the run ended at
-
-
-@dataclass
-class LoopSummary:
-    """What a run did, as run_config.yaml records it under run.summary. Losses are mean response losses
-    (nats per target token); `stop_rates`: [stopped, prompts] of each evaluation's probe."""
-
-    first_loss: float | None
-    last_loss: float | None
-    eval_losses: list[float]
-    stop_rates: list[list[int]]
-    steps: int
-    tokens: int
-    seconds: float
-    tokenize_cache: dict[str, str | None] = field(default_factory=dict)  # split -> tokenize cache key
-    best: BestEvaluation | None = None
-    probe_seconds: float = 0.0  # spent in the stop-rate probe (--eval-generate), its warm-up included
-
-    def to_dict(self) -> dict[str, Any]:
-        raw = asdict(self)
-        if self.best is None:
-            del raw["best"]
-        return raw
 
 
 class RecipeParts(Protocol):
@@ -134,9 +101,11 @@ class TrainingLoop:
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
-                graphs = " and their capture as CUDA graphs" if self.plan.compile == "graphs" else ""
-                self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s (torch.compile of the "
-                                      f"decoder layers{graphs}, paid once)")
+                self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s ({self._first_step_work()}, "
+                                      "paid once)")
+                graphed = getattr(self.placement.accelerator.unwrap_model(self.trainable.module), "graphed", None)
+                if graphed is not None and graphed.failure:
+                    self.reporter.message(f"Not captured as CUDA graphs ({graphed.failure}): the decoder runs eagerly.")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
@@ -149,6 +118,14 @@ class TrainingLoop:
         self._sync_flag(flag)  # a signal during the evaluation reached only some processes
         if flag.set and state.step < self.total_steps and not state.stopped_early:
             self._interrupt(flag, saved=True)
+
+    def _first_step_work(self) -> str:
+        plan = self.plan
+        if plan.compile_scope == "backbone":
+            layers = "torch.compile of the decoder layers, then " if plan.compile_layers else ""
+            return f"{layers}the capture of the decoder's forward and backward as CUDA graphs"
+        graphs = " and their capture as CUDA graphs" if plan.compile == "graphs" else ""
+        return f"torch.compile of the decoder layers{graphs}"
 
     def _sync_flag(self, flag: InterruptFlag) -> None:
         if self.placement.world_size > 1:
@@ -178,6 +155,8 @@ class TrainingLoop:
                 loss, _ = module(*mb.loss_args())
                 loss = faults.point("train:loss", loss)
                 acc.backward(loss * ((1.0 if live else 0.0) * where.world_size / n_global))
+            if self.plan.compile_scope == "backbone" and i < slots - 1:
+                detach_grads(self.trainable.params)  # the next replay would overwrite these gradients
             if live:
                 loss_sum += loss.detach().float()
                 real += mb.n_real

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from peft import PeftModel
 
+    from lora_cli.adapter.record import RunDecisions
     from lora_cli.config import RunConfig
     from lora_cli.progress import Reporter
     from lora_cli.train.probe import StopProbe
@@ -65,7 +66,7 @@ class Trackers(Observer):
         self.accelerator = accelerator
 
     def on_row(self, row: Row) -> None:
-        keys = trackers.KEYS.get(row["type"], {})
+        keys = trackers.KEYS[row["type"]]  # every row is a train or an eval row
         values = {name: row[key] for key, name in keys.items() if row.get(key) is not None}
         if values:
             self.accelerator.log(values, step=int(row["step"]))
@@ -119,7 +120,7 @@ class LossPicture(Observer):
         self.drawn = self.rows
 
 
-def observers_for(cfg: RunConfig, placement: Placement, folder: Path, metrics: Path, decisions: dict[str, Any],
+def observers_for(cfg: RunConfig, placement: Placement, folder: Path, metrics: Path, decisions: RunDecisions,
                   resumed_step: int | None, probe: StopProbe | None, reporter: Reporter) -> list[Observer]:
     """The observers of a run, in the order they are told: the metrics file, the trackers it asked for
     (started here), the stop-rate probe it asked for, the picture."""

@@ -90,8 +90,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_s
 
 
 def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placement, total_steps: int,
-                      checkpoint: Checkpoint | None = None, fused_loss: bool | None = None) -> Trainable:
-    """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks)."""
+                      checkpoint: Checkpoint | None = None, fused_loss: bool | None = None,
+                      graphed_backbone: bool = False) -> Trainable:
+    """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks); graphed_backbone:
+    the plan's compile scope is the whole decoder, captured as one CUDA graph (model/backbone.py)."""
     from lora_cli.model.loss import make_loss_module
     from lora_cli.train import resume
 
@@ -105,7 +107,7 @@ def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placemen
         sharding.configure(acc, peft_model, placement.precision)
         names = sharding.adapter_names(peft_model)
     fused = cfg.train.fused_loss if fused_loss is None else fused_loss
-    module = acc.prepare(make_loss_module(peft_model, fused))
+    module = acc.prepare(make_loss_module(peft_model, fused, graphed_backbone))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train, placement.on_cuda, peft_model)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)

@@ -30,9 +30,19 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from lora_cli.config import RunConfig
 from lora_cli.progress import NULL_REPORTER
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+    from lora_cli.infer.decode import Decoder
+    from lora_cli.infer.generation import Answer
+    from lora_cli.progress import Reporter
+    from lora_cli.train.runtime import Placement
 
 MIN_NEW_TOKENS = 16
 CAP_FACTOR = 1.5  # an answer's cap, in multiples of its reference answer (see the module docstring)
@@ -74,7 +84,7 @@ def answer_cap(reference_tokens: int, max_length: int) -> int:
     return min(max_length, max(MIN_NEW_TOKENS, math.ceil(CAP_FACTOR * (reference_tokens + 1))))
 
 
-def _eager():
+def _eager() -> contextlib.AbstractContextManager[None]:
     """Run compiled layers eagerly for a while (torch >= 2.6), so generation does not recompile them."""
     import torch
 
@@ -85,14 +95,16 @@ def _eager():
 class StopProbe:
     """Greedy answers for fixed val prompts, at each evaluation (see the module docstring)."""
 
-    def __init__(self, prompts: list[list[int]], caps: list[int], tokenizer, reporter=NULL_REPORTER):
+    def __init__(self, prompts: list[list[int]], caps: list[int], tokenizer: PreTrainedTokenizerBase,
+                 reporter: Reporter = NULL_REPORTER) -> None:
         self.prompts, self.caps, self.tokenizer, self.reporter = prompts, caps, tokenizer, reporter
         self.max_new_tokens = max(caps)
-        self.decoder = None  # decode.Decoder on a plain copy; False once the probe generates eagerly
+        self.decoder: Decoder | Literal[False] | None = None  # decode.Decoder on a plain copy; False once the probe generates eagerly
         self.seconds = 0.0  # spent probing in this command, warm-up included
 
     @classmethod
-    def build(cls, cfg: RunConfig, tokenizer, fsdp: bool = False, reporter=NULL_REPORTER) -> "StopProbe | None":
+    def build(cls, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, fsdp: bool = False,
+              reporter: Reporter = NULL_REPORTER) -> StopProbe | None:
         """The probe of a run: None when --eval-generate is 0, there is no --val, or FSDP shards the model."""
         from lora_cli.data.records import iter_examples
         from lora_cli.data.templates import get_template
@@ -119,7 +131,7 @@ class StopProbe:
         caps = [answer_cap(len(ids), cfg.data.max_length) for ids in answers]
         return cls(prompts, caps, tokenizer, reporter)
 
-    def _decoder(self, peft_model, placement):
+    def _decoder(self, peft_model: PeftModel, placement: Placement) -> Decoder | None:
         """The fast path's Decoder, its copy holding the current weights; None: generate eagerly."""
         import torch
 
@@ -146,7 +158,7 @@ class StopProbe:
             refresh(self.decoder.model, peft_model)
         return self.decoder or None
 
-    def run(self, peft_model, placement) -> ProbeResult | None:
+    def run(self, peft_model: PeftModel, placement: Placement) -> ProbeResult | None:
         """Answer the prompts with the model being trained (main process; None elsewhere)."""
         import torch
 
@@ -174,7 +186,7 @@ class StopProbe:
             result = broadcast_object_list([result], from_process=0)[0]
         return result
 
-    def _answers(self, peft_model, placement, decoder):
+    def _answers(self, peft_model: PeftModel, placement: Placement, decoder: Decoder | None) -> list[Answer]:
         from lora_cli.infer.generation import Sampling, generate_with
 
         sampling = Sampling(max_new_tokens=self.max_new_tokens)

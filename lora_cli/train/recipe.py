@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
+from lora_cli.adapter.record import BestEvaluation, LoopSummary, RunDecisions
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
-from lora_cli.train.loop import BestEvaluation, LoopSummary
 
 if TYPE_CHECKING:
     from pathlib import Path
+    from types import TracebackType
 
     import torch
     from datasets import Dataset
@@ -48,17 +49,8 @@ class TrainResult:
     output: str
     summary: LoopSummary  # what run_config.yaml records under run.summary
     resumed_from: str | None
-    decisions: dict[str, Any]
+    decisions: RunDecisions
     param_summary: dict[str, Any]
-
-    # the summary's numbers, by the names callers used before it was one object
-    steps = property(lambda self: self.summary.steps)
-    first_loss = property(lambda self: self.summary.first_loss)
-    last_loss = property(lambda self: self.summary.last_loss)
-    eval_losses = property(lambda self: self.summary.eval_losses)
-    tokens = property(lambda self: self.summary.tokens)
-    seconds = property(lambda self: self.summary.seconds)
-    best = property(lambda self: self.summary.best)  # early stopping: the evaluation whose adapter is the result
 
 
 @dataclass
@@ -105,7 +97,7 @@ class LoRARecipe:
     trainable: Trainable
     state: LoopState
     probe: StopProbe | None  # --eval-generate's stop-rate probe
-    decisions: dict[str, Any]  # what the run decided, recorded under run: in run_config.yaml
+    decisions: RunDecisions  # what the run decided, recorded under run: in run_config.yaml
     observers: list[Observer]
     loop: TrainingLoop
     summary: LoopSummary
@@ -119,7 +111,8 @@ class LoRARecipe:
     def __enter__(self) -> LoRARecipe:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         try:
             for observer in self.observers if not self.finished else []:
                 observer.on_end(finished=False)  # stopped: an interrupt, an error
@@ -227,14 +220,14 @@ class LoRARecipe:
         cfg, where, total = self.cfg, self.placement, self.total_steps
         self.checkpoint = load_checkpoint(self.resume_from) if self.resume_from is not None else None
         note = resume.continuation(self.out, self.checkpoint, total) if self.checkpoint is not None else ""
-        self.trainable = prepare_trainable(self.model, cfg, where, total, self.checkpoint, self.plan.fused_loss)
+        self.trainable = prepare_trainable(self.model, cfg, where, total, self.checkpoint, self.plan.fused_loss,
+                                           graphed_backbone=self.plan.compile_scope == "backbone")
         self.state = self.checkpoint.state if self.checkpoint else LoopState(
             fingerprint=self.out.fingerprint, world_size=where.world_size, fsdp=where.fsdp)
         self.state.total_steps = total
         self.probe = StopProbe.build(cfg, self.data.tokenizer, where.fsdp, self.reporter)
-        self.decisions = self.plan.record(where) | {
-            "warmup_steps": warmup_steps(cfg.train, total),
-            "eval_generate_max_new_tokens": self.probe.max_new_tokens if self.probe else 0}
+        self.decisions = RunDecisions(**self.plan.record(where), warmup_steps=warmup_steps(cfg.train, total),
+                                      eval_generate_max_new_tokens=self.probe.max_new_tokens if self.probe else 0)
         self.out.start(self.decisions, resuming=self.checkpoint is not None)
         if self.checkpoint is not None:
             resume.announce(self.out, self.checkpoint, note, self.reporter)
@@ -268,7 +261,7 @@ class LoRARecipe:
             summary.best, tensors = best
             lora = tensors if where.fsdp else lora
         faults.point("train:end", self.loop)
-        self.out.finish(self.model, self.data.tokenizer, self.decisions, summary.to_dict(), self.params,
+        self.out.finish(self.model, self.data.tokenizer, self.decisions, summary, self.params,
                         adapter_state=lora, initial_adapter=self.initial)
         self.finished = True
         for observer in self.observers:
@@ -331,7 +324,9 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
     if plan.dequantize:
         model = model.dequantize()  # transformers: every Linear4bit becomes a Linear of the very same values
     quantized = cfg.model.quantization == "nf4" and not plan.dequantize
-    prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=plan.compile != "off")
+    # compiled layers want every layer's input to require grad: one compiled graph serves them all
+    compiled = plan.compile != "off" and plan.compile_layers
+    prepare_for_training(model, quantized, plan.upcast, plan.checkpoint_layers, input_grads=compiled)
     model = attach_lora(model, cfg.lora, cfg.model.name, model_path)
     initial = None
     if cfg.lora.init_lora_weights in ("pissa", "olora"):
@@ -344,8 +339,9 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
         embeddings = model.get_input_embeddings()
         embeddings.neftune_noise_alpha = cfg.train.neftune_alpha  # the hook adds noise only in training mode
         embeddings.register_forward_hook(neftune_post_forward_hook)
-    if plan.compile != "off":
-        compile_layers(model, plan.compile, plan.static_shapes and plan.packed)
+    if compiled:  # inside a captured backbone (the loss module's) each layer is compiled without graphs of its own
+        mode = "on" if plan.compile_scope == "backbone" else plan.compile
+        compile_layers(model, mode, plan.static_shapes and plan.packed)
     return model, initial
 
 

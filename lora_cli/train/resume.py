@@ -26,11 +26,10 @@ from lora_cli.adapter.folder import (
     CHECKPOINTS,
     EXTENDABLE,
     RESUME_FREE,
-    RunRecord,
     legacy_fingerprint,
-    read_run_config,
-    run_record,
+    read_saved_run,
 )
+from lora_cli.adapter.record import RunRecord, SavedRun
 from lora_cli.atomic import TMP_PREFIX, remove_stale_temporaries, write_text
 from lora_cli.config import RunConfig
 from lora_cli.errors import LoraCliError
@@ -51,16 +50,12 @@ def _same_run(folder: OutputFolder, fingerprint: str | None) -> bool:
     return fingerprint in (folder.fingerprint, folder.fingerprint_without_base, legacy_fingerprint(folder.cfg))
 
 
-def _describe_difference(folder: OutputFolder, saved: dict, skip: tuple[str, ...] = RESUME_FREE) -> str:
+def _describe_difference(folder: OutputFolder, saved: SavedRun, skip: tuple[str, ...] = RESUME_FREE) -> str:
     mine = folder.cfg.to_dict()
-    diffs = []
-    for section in ("data", "model", "lora", "train"):
-        for key, value in (saved.get(section) or {}).items():
-            if key in skip:
-                continue
-            if mine.get(section, {}).get(key) != value:
-                diffs.append(f"{section}.{key}: {value!r} there, {mine.get(section, {}).get(key)!r} now")
-    diffs += _content_difference(folder, run_record(saved))
+    diffs = [f"{section}.{key}: {value!r} there, {mine[section][key]!r} now"
+             for section, values in saved.settings().items() for key, value in values.items()
+             if key not in skip and mine[section][key] != value]
+    diffs += _content_difference(folder, saved.run)
     return "; ".join(diffs[:4]) or "settings differ"
 
 
@@ -81,10 +76,10 @@ def _content_difference(folder: OutputFolder, run: RunRecord) -> list[str]:
     return out
 
 
-def _length_change(folder: OutputFolder, saved: dict) -> str:
-    then, now = saved.get("train") or {}, folder.cfg.to_dict()["train"]
-    return "; ".join(f"train.{k}: {then.get(k)!r} there, {now[k]!r} now" for k in EXTENDABLE
-                     if k in then and then[k] != now[k])
+def _length_change(folder: OutputFolder, saved: SavedRun) -> str:
+    then, now = saved.train, folder.cfg.train
+    return "; ".join(f"train.{k}: {getattr(then, k)!r} there, {getattr(now, k)!r} now" for k in EXTENDABLE
+                     if getattr(then, k) != getattr(now, k))
 
 
 def admit(folder: OutputFolder, resume: bool | str, overwrite: bool) -> Path | None:
@@ -92,12 +87,12 @@ def admit(folder: OutputFolder, resume: bool | str, overwrite: bool) -> Path | N
     path = folder.path
     if path.exists() and not path.is_dir():
         raise LoraCliError(f"Output {path} exists and is a file, not a folder.")
-    if folder.is_main and read_run_config(path) is not None:  # leftovers of a killed run of ours
+    saved = read_saved_run(path)
+    if folder.is_main and saved is not None:  # leftovers of a killed run of ours
         remove_stale_temporaries(path)
         remove_stale_temporaries(path / CHECKPOINTS)
     entries = [p for p in path.iterdir() if not p.name.startswith(TMP_PREFIX)] if path.is_dir() else []
-    saved = read_run_config(path)
-    folder.saved_run = run_record(saved or {})
+    folder.saved_run = saved.run if saved is not None else RunRecord()
     if resume:
         return _resume_point(folder, resume, saved)
     if not entries:
@@ -114,7 +109,7 @@ def admit(folder: OutputFolder, resume: bool | str, overwrite: bool) -> Path | N
     return None  # this run, started but killed before its first checkpoint: start it again
 
 
-def _refuse_unless_new(folder: OutputFolder, saved: dict) -> None:
+def _refuse_unless_new(folder: OutputFolder, saved: SavedRun) -> None:
     """Without --overwrite or --resume: refuse another run, this run unfinished, and this run finished."""
     run, path = folder.saved_run, folder.path
     if not _same_run(folder, run.fingerprint):
@@ -127,7 +122,7 @@ def _refuse_unless_new(folder: OutputFolder, saved: dict) -> None:
                            "Pass --resume to continue it" + (" to the new length" if length else "") +
                            ", or --overwrite to start over.")
     if run.finished:
-        steps = run.summary["steps"] if run.summary else None
+        steps = run.summary.steps if run.summary else None
         done = f", finished after {steps} steps" if steps is not None else ", finished"
         more = ("Add --resume to continue it from its last checkpoint to the new length" if length else
                 "To train it further, raise --epochs or --max-steps and add --resume")
@@ -135,7 +130,7 @@ def _refuse_unless_new(folder: OutputFolder, saved: dict) -> None:
                            "would replace its adapter.", f"{more}; --overwrite trains it again from scratch.")
 
 
-def _resume_point(folder: OutputFolder, resume: bool | str, saved: dict | None) -> Path:
+def _resume_point(folder: OutputFolder, resume: bool | str, saved: SavedRun | None) -> Path:
     explicit = isinstance(resume, str) and resume not in ("", "latest")
     if explicit:
         ckpt = Path(resume)
@@ -150,12 +145,12 @@ def _resume_point(folder: OutputFolder, resume: bool | str, saved: dict | None) 
                                "Start the run without --resume.")
         ckpt = found[-1]
     if not _same_run(folder, read_state(ckpt).fingerprint):
-        origin = read_run_config(ckpt.parent.parent) or saved
+        origin = read_saved_run(ckpt.parent.parent) or saved
         detail = _describe_difference(folder, origin, RESUME_FREE + EXTENDABLE) if origin else "settings differ"
         raise LoraCliError(f"Checkpoint {ckpt} belongs to a run with other settings or data ({detail}).",
                            "Resume with the same base model, settings and data (only --epochs and --max-steps "
                            "may grow), or start a new run with --overwrite.")
-    if folder.saved_run.finished is True and not explicit and not _length_change(folder, saved or {}):
+    if folder.saved_run.finished is True and not explicit and not (saved and _length_change(folder, saved)):
         _nothing_to_continue(folder, read_state(ckpt).step)  # said before the model loads
     return ckpt
 
@@ -263,9 +258,10 @@ def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:
         return
     from lora_cli.data.cache import file_digest
 
-    run = run_record(read_run_config(cfg.output.dir) or {})
+    saved = read_saved_run(cfg.output.dir)
+    run = saved.run if saved is not None else RunRecord()
     keys, recorded = run.tokenize_cache, run.data_sha256
-    if run != RunRecord():  # a run of ours is recorded there
+    if saved is not None:  # a run of ours is recorded there
         if Path(cfg.data.template).is_file():
             return
         paths = {split: getattr(cfg.data, split) for split in ("train", "val") if getattr(cfg.data, split)}

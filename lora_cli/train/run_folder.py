@@ -26,10 +26,10 @@ from lora_cli.adapter.folder import (
     METRICS,
     RUN_CONFIG,
     TEMPLATE_FILE,
-    RunRecord,
     run_fingerprint,
     write_param_summary,
 )
+from lora_cli.adapter.record import LoopSummary, RunDecisions, RunRecord
 from lora_cli.atomic import fsync_dir, tmp_prefix, umask, write_failure, write_text
 from lora_cli.config import RunConfig
 from lora_cli.lock import exclusive, refuse_if_held
@@ -153,7 +153,7 @@ class OutputFolder:
             else:
                 entry.unlink()
 
-    def start(self, decisions: dict, resuming: bool) -> None:
+    def start(self, decisions: RunDecisions, resuming: bool) -> None:
         """Record the run's settings before any work, so a crashed run is recognised later."""
         if not self.is_main:
             return
@@ -162,14 +162,14 @@ class OutputFolder:
         if not resuming:
             write_text(self.metrics_path, "")
 
-    def run_config_text(self, decisions: dict[str, Any], finished: bool, summary: dict[str, Any] | None = None) -> str:
+    def run_config_text(self, decisions: RunDecisions, finished: bool, summary: LoopSummary | None = None) -> str:
         data = self.cfg.to_dict()
         data["run"] = RunRecord(self.fingerprint, __version__, finished, self.cache_keys, self.data_sha256,
                                 self.base_identity, decisions, summary).to_dict()
         return yaml.safe_dump(data, sort_keys=False)
 
-    def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: dict, summary: dict,
-               param_summary: dict, adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
+    def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: RunDecisions,
+               summary: LoopSummary, param_summary: dict, adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
         """Stage every final file, then rename them into the folder (the old adapter stays until then).
 
         run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
@@ -195,7 +195,7 @@ class OutputFolder:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _stage(self, staging: Path, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase,
-               decisions: dict[str, Any], summary: dict[str, Any], param_summary: dict[str, Any],
+               decisions: RunDecisions, summary: LoopSummary, param_summary: dict[str, Any],
                adapter_state: dict[str, torch.Tensor] | None, initial_adapter: dict[str, torch.Tensor] | None = None
                ) -> None:
         if initial_adapter is not None:

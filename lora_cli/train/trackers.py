@@ -27,6 +27,8 @@ from lora_cli.errors import LoraCliError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from lora_cli.adapter.record import RunDecisions
+
 PROJECT = "lora-cli"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 # the metrics.jsonl keys each tracker gets, by row type, under its own names
@@ -64,17 +66,17 @@ def accelerator_kwargs(cfg: RunConfig) -> dict:
     return {"log_with": names, "project_dir": str(logs_dir(cfg) / "tensorboard")}
 
 
-def _hyperparameters(cfg: RunConfig, decisions: dict) -> dict:
+def _hyperparameters(cfg: RunConfig, decisions: RunDecisions) -> dict:
     """The run's settings as flat scalars (trackers take no lists or None)."""
     flat = {}
     for section, values in cfg.to_dict().items():
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
-    flat.update({f"run.{key}": value for key, value in decisions.items()})
+    flat.update({f"run.{key}": value for key, value in decisions.to_dict().items()})
     return {k: ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for k, v in flat.items()}
 
 
-def start(accelerator: Accelerator, cfg: RunConfig, decisions: dict, resumed_step: int | None) -> bool:
+def start(accelerator: Accelerator, cfg: RunConfig, decisions: RunDecisions, resumed_step: int | None) -> bool:
     """init_trackers for the main process; False when no tracker was asked for."""
     names = cfg.train.trackers()
     if not names:

@@ -27,11 +27,12 @@ def _shorten(text: str, limit: int = 300) -> str:
 
 
 def _how(sampling: dict) -> str:
-    """How the answers were picked: greedy, plus any repetition option (they change answers, not the loss)."""
-    parts = ["greedy" if sampling.get("greedy", True) else f"sampled (temperature {sampling.get('temperature')})"]
-    if sampling.get("repetition_penalty", 1.0) != 1.0:
+    """How the answers were picked (Sampling.to_dict, filled whenever eval generated): greedy, plus any
+    repetition option (they change answers, not the loss)."""
+    parts = ["greedy" if sampling["greedy"] else f"sampled (temperature {sampling['temperature']})"]
+    if sampling["repetition_penalty"] != 1.0:
         parts.append(f"repetition penalty {sampling['repetition_penalty']:g}")
-    if sampling.get("no_repeat_ngram_size", 0):
+    if sampling["no_repeat_ngram_size"]:
         parts.append(f"no repeated {sampling['no_repeat_ngram_size']}-grams")
     return ", ".join(parts)
 

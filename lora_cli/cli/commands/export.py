@@ -129,7 +129,7 @@ RUNTIMES = ("llama.cpp", "transformers")
 
 def check_plan(info, lora: bool, data: Path | None, base_gguf: Path | None, runtime: str) -> tuple[Path, Path | None]:
     """The records and base GGUF the check will use; every refusal before a model loads or an export is written."""
-    from lora_cli.adapter.folder import read_run_config
+    from lora_cli.adapter.folder import read_saved_run
     from lora_cli.errors import LoraCliError
     from lora_cli.export.check_artifact import default_base_gguf
     from lora_cli.export.check_runtimes import RUNTIME_EXTRA, llama_cpp_available
@@ -141,7 +141,8 @@ def check_plan(info, lora: bool, data: Path | None, base_gguf: Path | None, runt
     if lora and runtime != "llama.cpp":
         raise LoraCliError("A gguf-lora export runs in llama.cpp only (transformers loads no GGUF adapter).")
     if data is None:
-        val = ((read_run_config(info.path) or {}).get("data") or {}).get("val") if info.path else None
+        saved = read_saved_run(info.path) if info.path else None
+        val = saved.data.val if saved is not None else None
         if not val or not Path(val).is_file():
             raise LoraCliError("No records to check the export on.",
                                "Pass --data val.jsonl (held-out records in the training format).")

@@ -63,18 +63,18 @@ def train(
         exc.resume_command = resume_command(sys.argv[1:])
         raise
     d = result.decisions
-    first = f"{result.first_loss:.4f}" if result.first_loss is not None else "-"
-    last = f"{result.last_loss:.4f}" if result.last_loss is not None else "-"
-    evals = " -> ".join(f"{x:.4f}" for x in result.eval_losses) or "-"
-    out.print(f"Trained {result.steps} steps on {d['device']} ({d['precision']}, {d['batching']}), "
-              f"{result.tokens:,} tokens in {result.seconds:.1f} s.")
+    first = f"{result.summary.first_loss:.4f}" if result.summary.first_loss is not None else "-"
+    last = f"{result.summary.last_loss:.4f}" if result.summary.last_loss is not None else "-"
+    evals = " -> ".join(f"{x:.4f}" for x in result.summary.eval_losses) or "-"
+    out.print(f"Trained {result.summary.steps} steps on {d.device} ({d.precision}, {d.batching}), "
+              f"{result.summary.tokens:,} tokens in {result.summary.seconds:.1f} s.")
     out.print(f"train loss {first} -> {last}; eval loss {evals}")
     stops = result.summary.stop_rates
     if stops:
         out.print(f"stop rate (greedy answers to the first {stops[0][1]} val prompts): "
                   + " -> ".join(f"{stopped}/{n}" for stopped, n in stops))
-    if result.best:
-        best = result.best
+    if result.summary.best:
+        best = result.summary.best
         how = f"stopped early at step {best.last_step}" if best.stopped_early else "ran every step"
         out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best.step}, "
                   f"eval loss {best.eval_loss:.4f} (checkpoint {best.checkpoint}).")
