@@ -74,13 +74,15 @@ class GraphedBackbone:
         self.captures = 0
         self.failure = ""  # why the capture failed (the decoder then runs eagerly), for the user
 
-        class _Module(torch.nn.Module):  # make_graphed_callables takes a module's parameters as graph inputs
-            def __init__(inner) -> None:
-                super().__init__()
-                inner.decoder = decoder
+        eager = self.eager
 
-            def forward(inner, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-                return self.eager(input_ids, None, position_ids)
+        class _Module(torch.nn.Module):  # make_graphed_callables takes a module's parameters as graph inputs
+            def __init__(self) -> None:
+                super().__init__()
+                self.decoder = decoder
+
+            def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+                return eager(input_ids, None, position_ids)
 
         self._module = _Module()
 
