@@ -113,7 +113,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     else:  # a short bench run stands for a long one: auto decides as for a run long enough to compile
         import lora_cli.train.plan
 
-        lora_cli.train.plan.MIN_COMPILE_STEPS = 0
+        lora_cli.train.plan.MIN_COMPILE_STEPS = lora_cli.train.plan.MIN_GRAPH_STEPS = 0
     cfg = RunConfig().replace({"model.name": model_dir, "train.max_steps": warmup + steps, "train.log_every": 1,
                                "train.eval_at_start": False, "train.keep_checkpoints": 1,
                                "output.dir": "/tmp/lora-cli-bench/run-adapters", **overrides})

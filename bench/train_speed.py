@@ -49,6 +49,8 @@ VARIANTS = {
     "eager": {"train.compile": "off"},  # the baseline of "same result": no compile, no graphs
     "layer-graphs": {"bench.compile_scope": "layers"},  # CUDA graphs one decoder layer at a time (the old default)
     "capture-compiled": {"train.compile": "graphs"},  # the decoder captured whole, its layers compiled inside
+    "nf4-kept": {"model.dequantize": "off"},  # the base stays 4-bit (a model whose bf16 copy does not fit)
+    "dora": {"lora.use_dora": True},
     "no-compile": {"train.compile": "off"},
     "flex": {"model.attn_implementation": "flex_attention", "train.pack_length": 16384},
     "lean-8g": {"train.memory_budget_gib": 8, "train.max_tokens": 8192},

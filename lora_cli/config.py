@@ -171,9 +171,10 @@ class TrainConfig(Section):
     memory_budget_gib: Annotated[float, Field(ge=0)] = setting(
         0.0, "GPU memory the automatic settings plan for (0: min(24 GiB, 90% of the GPU)).", panel="speed")
     compile: Annotated[Literal["auto", "on", "graphs", "off"], BeforeValidator(_on_off)] = setting(
-        "auto", "torch.compile each decoder layer: auto (on one CUDA GPU, for runs long enough to repay it: graphs "
-        "where the step's shapes are static, else on; the run says why), on, graphs (compiled and replayed as CUDA "
-        "graphs: static shapes), off.", panel="speed")
+        "auto", "CUDA graphs and torch.compile: auto (one CUDA GPU, 20+ steps, static shapes: the decoder's forward "
+        "and backward captured as CUDA graphs, its layers compiled inside for 1000+ steps; else compiled layers "
+        "for 200+ steps; the run says why), graphs (captured and compiled), on (compiled layers only), off.",
+        panel="speed")
     fused_loss: bool = setting(True, "Compute the loss from hidden states chunk by chunk, never the full "
                                      "[tokens x vocab] logits.", flag="--fused-loss/--no-fused-loss", panel="speed")
     eval_at_start: bool = setting(True, "Evaluate once before the first step (a baseline).",

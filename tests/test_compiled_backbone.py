@@ -79,15 +79,23 @@ def test_the_compiled_decoder_gives_the_eager_hidden_states_and_lora_gradients(t
     assert not torch.allclose(moved[:, 50:], compiled_h[:, 50:])
 
 
-def test_the_graphed_backbone_runs_eagerly_off_the_gpu_without_gradients_and_with_an_explicit_mask(tiny_model_dir):
-    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
+def _decoder_and_its_eager_output(tiny_model_dir):
+    """(the LoRA model's decoder, packed ids, positions, its eager last hidden states)."""
+    from lora_cli.model.backbone import block_causal_mask
 
     peft_model = _lora_model(tiny_model_dir)
     decoder = peft_model.get_base_model().get_decoder()
     ids, positions = _packed_batch(peft_model.config.vocab_size)
-    graphed = GraphedBackbone(decoder, own_mask=True)
     want = decoder(input_ids=ids, attention_mask=block_causal_mask(positions), position_ids=positions,
                    use_cache=False).last_hidden_state
+    return decoder, ids, positions, want
+
+
+def test_the_graphed_backbone_runs_eagerly_off_the_gpu_without_gradients_and_with_an_explicit_mask(tiny_model_dir):
+    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
+
+    decoder, ids, positions, want = _decoder_and_its_eager_output(tiny_model_dir)
+    graphed = GraphedBackbone(decoder, own_mask=True)
     torch.testing.assert_close(graphed(ids, None, positions), want)
     with torch.no_grad():
         torch.testing.assert_close(graphed(ids, block_causal_mask(positions), positions), want)
@@ -104,3 +112,20 @@ def test_detached_gradients_no_longer_share_memory_with_what_a_graph_would_overw
     static[0].fill_(7.0)  # the next replay
     assert params[0].grad.tolist() == [1.0, 1.0, 1.0] and params[1].grad.tolist() == [2.0, 2.0]
     assert params[2].grad is None
+
+
+def test_a_decoder_that_cannot_be_captured_trains_eagerly_and_says_why(tiny_model_dir):
+    from lora_cli.model.backbone import GraphedBackbone
+
+    class Uncapturable(GraphedBackbone):
+        def replayable(self, input_ids):
+            return True  # as on a GPU
+
+        def _capture(self, input_ids, position_ids):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    decoder, ids, positions, want = _decoder_and_its_eager_output(tiny_model_dir)
+    graphed = Uncapturable(decoder, own_mask=True)
+    torch.testing.assert_close(graphed(ids, None, positions), want)
+    assert graphed.failure == "RuntimeError: operation not permitted when stream is capturing"
+    torch.testing.assert_close(graphed(ids, None, positions), want)  # and stays eager

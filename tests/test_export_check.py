@@ -149,6 +149,39 @@ def test_prompt_faults_are_told_apart_bos_then_tokenizer_then_template():
     assert prompt_fault([1, 5, 6], [1, 8], 1, decode, decode) == "template"
 
 
+def _gguf_with_types(path, file_type, matrix_types):
+    """A GGUF holding one 32 x 32 matrix of each type in `matrix_types`, with `general.file_type` if given."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    for i, name in enumerate(matrix_types):
+        data = np.full((32, 32), 0.5, dtype=np.float32)
+        qtype = gguf.GGMLQuantizationType[name]
+        writer.add_tensor(f"blk.{i}.attn_q.weight", data.astype(np.float16) if name == "F16" else
+                          quantize(data, qtype), raw_dtype=None if name == "F16" else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_an_exports_weight_type_is_its_file_type_not_its_commonest_matrix_type(tmp_path):
+    import gguf
+
+    from lora_cli.export.check_artifact import gguf_fields
+
+    # Mostly F16 by count, as a q8_0 export that keeps some matrices in F16 could be on another model: Q8_0's target
+    mixed = _gguf_with_types(tmp_path / "mixed.gguf", gguf.LlamaFileType.MOSTLY_Q8_0, ["F16", "F16", "F16", "Q8_0"])
+    assert gguf_fields(mixed)["weight_type"] == "Q8_0"
+    bare = _gguf_with_types(tmp_path / "bare.gguf", None, ["F16", "Q8_0", "Q8_0"])  # no file type: the commonest
+    assert gguf_fields(bare)["weight_type"] == "Q8_0"
+
+
 def test_the_check_renders_a_modelfile_template_as_ollama_does(exports):
     from helpers.gotemplate import ollama_render as reference_render
 

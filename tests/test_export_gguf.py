@@ -51,14 +51,16 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=torch.tensor([IDS])).logits.float()
 
 
-def stored(weight: torch.Tensor, outtype: str, name: str) -> torch.Tensor:
+def stored(weight: torch.Tensor, outtype: str, name: str, arch: str) -> torch.Tensor:
     """What the GGUF should hold for a merged weight, rounded exactly as its type rounds (gguf's own quantizers)."""
+    import gguf
     from gguf.quants import dequantize, quantize
 
+    from lora_cli.export.architecture import gguf_name
     from lora_cli.export.gguf_model import tensor_type
 
-    gguf_name = "token_embd.weight" if "embed_tokens" in name else "output.weight" if "lm_head" in name else name
-    qtype = tensor_type(outtype, gguf_name, tuple(weight.shape))
+    target = gguf_name(gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 64), name)
+    qtype = tensor_type(outtype, target, tuple(weight.shape))
     array = weight.float().numpy()
     if qtype.name == "F16":
         return torch.from_numpy(array.astype(np.float16).astype(np.float32))
@@ -89,12 +91,54 @@ def test_the_gguf_holds_the_merged_weights_and_reproduces_the_merged_logits(arch
     assert loaded.config.tie_word_embeddings == (arch == "qwen2")  # the tiny llama has its own output matrix
     want = reference.state_dict()
     for name, tensor in loaded.state_dict().items():  # every tensor, exactly as the type rounds it
-        assert torch.equal(tensor, stored(want[name], outtype, name)), name
+        assert torch.equal(tensor, stored(want[name], outtype, name, arch)), name
     got, ref = logits(loaded), logits(reference)
     ratio = float((got - ref).abs().max() / ref.abs().max())
     assert ratio <= TOLERANCE[outtype], (outtype, ratio)
     if outtype in ("f32", "f16", "bf16", "q8_0"):
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+def tensor_types(path) -> dict[str, tuple[str, int]]:
+    """{gguf tensor name: (GGML type name, number of dimensions)}, read with gguf's own reader."""
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, len(t.shape)) for t in GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_q8_0_export_keeps_attention_values_and_ffn_down_in_f16_and_every_other_matrix_in_q8_0(
+        arch, adapters, tmp_path):
+    import gguf
+
+    from lora_cli.export.check_artifact import open_artifact
+
+    result = export(read_adapter(adapters[arch]), tmp_path / "model.gguf", "gguf", "q8_0")
+    types = tensor_types(tmp_path / "model.gguf")
+    layers = {name.split(".")[1] for name in types if name.startswith("blk.")}
+    kept = {f"blk.{i}.{kind}.weight" for i in layers for kind in ("attn_v", "ffn_down")}
+    assert len(kept) == 2 * len(layers) >= 4 and kept <= set(types)
+    for name, (qtype, dims) in types.items():
+        want = "F32" if dims == 1 else "F16" if name in kept else "Q8_0"
+        assert qtype == want, (name, qtype)
+    assert types["token_embd.weight"][0] == "Q8_0" and ("output.weight" in types) == (arch == "llama")
+    assert result.tensors == {"F16": len(kept), "F32": sum(d == 1 for _, d in types.values()),
+                              "Q8_0": sum(d == 2 for _, d in types.values()) - len(kept)}
+    file_type = gguf.GGUFReader(str(tmp_path / "model.gguf")).fields["general.file_type"].contents()
+    assert file_type == gguf.LlamaFileType.MOSTLY_Q8_0  # what Ollama shows as the quantization
+    assert open_artifact(tmp_path / "model.gguf").weight_type == "Q8_0"  # held to q8_0's agreement target
+
+
+def test_only_the_merged_q8_0_export_keeps_f16_matrices_not_q4_0_nor_a_q8_0_lora_adapter(adapters, tmp_path):
+    info = read_adapter(adapters["llama"])
+    export(info, tmp_path / "q4.gguf", "gguf", "q4_0")
+    export(info, tmp_path / "lora.gguf", "gguf-lora", "q8_0")
+    q4, lora = tensor_types(tmp_path / "q4.gguf"), tensor_types(tmp_path / "lora.gguf")
+    assert q4["blk.0.attn_v.weight"][0] == q4["blk.0.ffn_down.weight"][0] == "Q4_0"
+    assert {t for name, (t, dims) in q4.items() if dims == 2 and not name.startswith(("token_embd", "output"))} \
+        == {"Q4_0"}
+    # lora_a's rows are the matrix's (64 wide here), so Q8_0; lora_b's are the rank's, below 32, so F16 as before
+    assert lora["blk.0.attn_v.weight.lora_a"][0] == lora["blk.0.ffn_down.weight.lora_a"][0] == "Q8_0"
 
 
 def test_the_gguf_tokenizer_encodes_and_decodes_the_val_records_like_the_training_tokenizer(adapters, tmp_path):

@@ -56,6 +56,23 @@ def test_a_missing_data_file_or_config_is_refused_in_under_a_second(command, arg
     assert cpu < 1.0 and wall < 5.0, (cpu, wall)
 
 
+@pytest.mark.parametrize("command", ["train", "tokenize"])
+@pytest.mark.parametrize("split", ["--train", "--val"])
+def test_an_invalid_record_is_refused_before_torch_loads_naming_file_line_and_field(command, split, tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", make_records(4))
+    bad = tmp_path / "data" / "bad.jsonl"
+    bad.write_text(json.dumps(make_records(1)[0]) + "\n" + json.dumps({"instruction": 5, "output": "x"}) + "\n")
+    files = ["--train", "data/bad.jsonl"] if split == "--train" else ["--train", "data/train.jsonl", "--val", "data/bad.jsonl"]
+    output = ["--output", "out"] if command == "train" else []
+    message, cpu, wall = refused([command, "--model", "smollm2-135m", *files, *output], tmp_path)
+    lines = message.splitlines()
+    assert lines[0] == "error: data/bad.jsonl has 1 invalid line(s); nothing was tokenized."
+    assert any(line.startswith("error data/bad.jsonl:2 [instruction]:") for line in lines), message
+    assert cpu < 1.0 and wall < 5.0, (cpu, wall)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_finished_run_is_refused_in_under_a_second_and_kept(tiny_model_dir, data_files, tmp_path, one_thread):
     train_f, val_f = data_files
     args = ["train", "--model", tiny_model_dir, "--train", train_f, "--val", val_f, "-o", tmp_path / "out",

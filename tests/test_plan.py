@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 from lora_cli.config import RunConfig
 from lora_cli.data.batching import Batcher, StepPlan
-from lora_cli.train.plan import MIN_COMPILE_STEPS, MIN_LAYER_COMPILE_STEPS, decide, step_budget
+from lora_cli.train.plan import MIN_COMPILE_STEPS, MIN_GRAPH_STEPS, MIN_LAYER_COMPILE_STEPS, decide, step_budget
 from lora_cli.train.runtime import Placement
 
 LENGTHS = [100, 140, 180, 512, 60] * 40  # mean 198.4
@@ -47,15 +47,27 @@ def test_a_compiled_gpu_run_pads_every_micro_batch_to_one_shape_that_holds_the_l
     assert cpu.eval_max_tokens == max(cpu.max_tokens, 512)  # CPU evaluation rows as long as training's
 
 
-def test_auto_compiles_only_runs_long_enough_to_repay_it():
-    short = decide(cfg(**{"train.max_steps": MIN_COMPILE_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
-    long = decide(cfg(**{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
-    expected = "graphs" if __import__("importlib").util.find_spec("triton") else "off"
-    assert short.compile == "off" and long.compile == expected
-    if expected == "graphs":
-        assert short.compile_note.startswith(f"Not compiled: {MIN_COMPILE_STEPS - 1} optimizer steps")
-    else:
-        assert "triton" in short.compile_note and "triton" in long.compile_note
+def test_auto_captures_cuda_graphs_only_for_runs_long_enough_to_repay_the_capture():
+    short = decide(cfg(**{"train.max_steps": MIN_GRAPH_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
+    long = decide(cfg(**{"train.max_steps": MIN_GRAPH_STEPS}), placement(), TinyConfig(), LENGTHS)
+    assert short.compile == "off" and long.compile == "graphs"  # capture needs no triton
+    assert short.compile_note.startswith(f"Not captured as CUDA graphs: {MIN_GRAPH_STEPS - 1} optimizer steps")
+    assert not long.compile_layers or __import__("importlib").util.find_spec("triton")
+
+
+def test_without_graphs_auto_compiles_layers_only_with_triton_and_runs_long_enough(monkeypatch):
+    import importlib.util
+
+    padded = {"train.batching": "padded"}
+    no_triton = decide(cfg(**padded, **{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
+    if importlib.util.find_spec("triton") is None:
+        assert no_triton.compile == "off" and "triton" in no_triton.compile_note
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    short = decide(cfg(**padded, **{"train.max_steps": MIN_COMPILE_STEPS - 1}), placement(), TinyConfig(), LENGTHS)
+    long = decide(cfg(**padded, **{"train.max_steps": MIN_COMPILE_STEPS}), placement(), TinyConfig(), LENGTHS)
+    assert short.compile == "off" and short.compile_note.startswith(f"Not compiled: {MIN_COMPILE_STEPS - 1} optimizer")
+    assert long.compile == "on" and long.compile_note.startswith("Compiled without CUDA graphs: padded")
 
 
 def test_auto_replays_the_gpu_step_as_cuda_graphs_only_where_its_shapes_are_static_and_says_why_not(monkeypatch):

@@ -37,7 +37,7 @@ class Artifact:
     kind: str  # gguf | gguf-lora | ollama
     path: Path
     model_file: Path  # the GGUF holding the weights (the base GGUF for gguf-lora)
-    weight_type: str  # GGML type of most weight matrices: F16, BF16, Q8_0, ...
+    weight_type: str  # the file type (general.file_type), else the GGML type of most matrices: F16, Q8_0, ...
     chat_template: str | None  # Jinja (gguf); None for ollama and gguf-lora
     go_template: str | None = None  # the Modelfile's TEMPLATE
     default_system: str | None = None  # the Modelfile's SYSTEM
@@ -53,6 +53,20 @@ class Artifact:
         if self.chat_template is None:
             raise LoraCliError(f"{self.path} carries no chat template to render a prompt with.")
         return jinja_render(self.chat_template, messages, self.bos_text, self.eos_text)
+
+
+def _file_type(value) -> str:
+    """`general.file_type` as a type name (MOSTLY_Q8_0 -> Q8_0), "" when absent or unknown.
+
+    The file type, not the commonest tensor type: a q8_0 export keeps some matrices in F16 (gguf_model.py)
+    and is still held to what Q8_0 weights should reach."""
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(int(value)).name
+    except (TypeError, ValueError):
+        return ""
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_") if name != "GUESSED" else ""
 
 
 def gguf_fields(path: Path) -> dict:
@@ -75,7 +89,7 @@ def gguf_fields(path: Path) -> dict:
     for tensor in reader.tensors:
         if len(tensor.shape) == 2 and tensor.name.endswith(".weight"):
             types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    out["weight_type"] = max(types, key=types.get) if types else "?"
+    out["weight_type"] = _file_type(out.get("general.file_type")) or (max(types, key=types.get) if types else "?")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     for key in ("bos", "eos"):
         token_id = out.get(f"tokenizer.ggml.{key}_token_id")

@@ -1,8 +1,16 @@
 """The merged model as one GGUF file, written with the `gguf` package (writer, name map, quantizers).
 
-Tensor types per --outtype (what llama.cpp's converter and quantizer do):
+Tensor types per --outtype (what llama.cpp's converter and quantizer do, but for q8_0's two F16 kinds):
 - f32 / f16 / bf16: every matrix in that type;
-- q8_0: every matrix in Q8_0 (blocks of 32 weights, one f16 scale: ~8.5 bits a weight);
+- q8_0: every matrix in Q8_0 (blocks of 32 weights, one f16 scale: ~8.5 bits a weight), except
+  the attention value and FFN down projections (attn_v, ffn_down), kept in F16. llama.cpp's Q8_0
+  matmul rounds the activations to 8 bits as well as the weights, and these two are the matrices
+  llama.cpp itself treats as the most sensitive to quantization (src/llama-quant.cpp gives them
+  more bits in its K-quant mixes). Measured in llama.cpp on the embedded model with a demo adapter:
+  teacher-forced next-token agreement with the trained model 96.7% -> 97.8% (12 val records) and
+  95.5% -> 97.2% (48 train records), mean logit error -35%, for 19% more file (144.8 -> 172.8 MB).
+  F16 for the tied token_embd/output instead (llama-quantize's --token-embedding-type) gained
+  nothing beyond noise there: that model's token_embd is exactly on the Q8_0 grid already;
 - q4_0: every matrix in Q4_0 (blocks of 32, 4 bits + one f16 scale), except token_embd and
   output, kept in Q8_0 (llama-quantize also keeps the output matrix above 4 bits; the gguf package
   has no K-quant quantizer, so Q8_0 it is).
@@ -22,6 +30,7 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
               "q4_0": "MOSTLY_Q4_0"}
 _MATRIX = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 _KEEP_8BIT = ("token_embd.weight", "output.weight")
+_KEEP_F16_IN_Q8 = (".attn_v.weight", ".ffn_down.weight")  # model matrices only: a LoRA's end in .lora_a/.lora_b
 
 
 @dataclass
@@ -41,6 +50,8 @@ def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
     qtype = Q[_MATRIX[outtype]]
     if outtype == "q4_0" and name in _KEEP_8BIT:
         qtype = Q.Q8_0
+    if outtype == "q8_0" and name.endswith(_KEEP_F16_IN_Q8):
+        return Q.F16
     block = GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else Q.F16
 

@@ -72,14 +72,17 @@ class GraphedBackbone:
         self.graphed: Any = None  # torch.cuda.make_graphed_callables' callable, once captured
         self.shape: tuple[int, ...] | None = None
         self.captures = 0
+        self.failure = ""  # why the capture failed (the decoder then runs eagerly), for the user
+
+        eager = self.eager
 
         class _Module(torch.nn.Module):  # make_graphed_callables takes a module's parameters as graph inputs
-            def __init__(inner) -> None:
+            def __init__(self) -> None:
                 super().__init__()
-                inner.decoder = decoder
+                self.decoder = decoder
 
-            def forward(inner, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-                return self.eager(input_ids, None, position_ids)
+            def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+                return eager(input_ids, None, position_ids)
 
         self._module = _Module()
 
@@ -87,13 +90,24 @@ class GraphedBackbone:
                  position_ids: torch.Tensor | None) -> torch.Tensor:
         import torch
 
-        usable = (attention_mask is None and position_ids is not None and torch.is_grad_enabled()
-                  and self.decoder.training and input_ids.is_cuda)
-        if not usable or (self.shape is not None and tuple(input_ids.shape) != self.shape):
+        usable = attention_mask is None and position_ids is not None and self.replayable(input_ids)
+        if not usable or self.failure or (self.shape is not None and tuple(input_ids.shape) != self.shape):
             return self.eager(input_ids, attention_mask, position_ids)
         if self.graphed is None:
-            self._capture(input_ids, position_ids)
+            try:
+                self._capture(input_ids, position_ids)
+            except Exception as exc:  # noqa: BLE001 - a decoder whose step cannot be captured still trains
+                self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                if input_ids.is_cuda:
+                    torch.cuda.synchronize(input_ids.device)
+                return self.eager(input_ids, attention_mask, position_ids)
         return self.graphed(input_ids, position_ids)
+
+    def replayable(self, input_ids: torch.Tensor) -> bool:
+        """A training micro-batch on the GPU: gradients on, the decoder in training mode."""
+        import torch
+
+        return torch.is_grad_enabled() and self.decoder.training and input_ids.is_cuda
 
     def _capture(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
         import torch

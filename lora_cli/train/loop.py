@@ -103,6 +103,9 @@ class TrainingLoop:
                 self._compile_reported = True  # paid once, at the first step: said, so it is not taken for slowness
                 self.reporter.message(f"First step: {time.perf_counter() - started:.1f} s ({self._first_step_work()}, "
                                       "paid once)")
+                graphed = getattr(self.placement.accelerator.unwrap_model(self.trainable.module), "graphed", None)
+                if graphed is not None and graphed.failure:
+                    self.reporter.message(f"Not captured as CUDA graphs ({graphed.failure}): the decoder runs eagerly.")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
             at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps

@@ -26,6 +26,7 @@ GPU_EVAL_TOKENS = 8192  # tokens per evaluation micro-batch on a GPU, at least
 GPU_PACK_LENGTH = 1024  # tokens per packed row: sdpa attends over whole rows, so shorter rows waste less
 ROW_MULTIPLE = 64  # packed rows are a multiple of this many tokens
 MIN_COMPILE_STEPS = 200  # compiling costs ~7-15 s once: auto compiles only runs of at least this many steps
+MIN_GRAPH_STEPS = 20  # capturing the decoder costs ~1 s once and saves ~0.1 s a step (docs/PERFORMANCE.md)
 # inside the captured decoder, compiled layers (fused kernels) saved 9 ms a step at the 1.5B shape for
 # ~5 s of compiling: auto compiles them only for runs this long (docs/PERFORMANCE.md, the training step)
 MIN_LAYER_COMPILE_STEPS = 1000
@@ -109,26 +110,36 @@ def _checkpointing(cfg: RunConfig, placement: Placement, model_config: Pretraine
 def _compile_mode(cfg: RunConfig, placement: Placement, estimated_steps: int) -> tuple[str, str]:
     """(compile mode, the reason an automatic GPU run does not get CUDA graphs, or "").
 
-    auto on a CUDA GPU: "graphs" (each decoder layer compiled and replayed as a CUDA graph: a
-    small step is launch-bound, docs/PERFORMANCE.md) where the step's shapes are static and
-    nothing in the step is known not to replay; "on" or "off" otherwise, with the reason.
+    auto on a CUDA GPU: "graphs" (the decoder's forward and backward replayed as CUDA graphs: a
+    small step is launch-bound, docs/PERFORMANCE.md) where the step's shapes are static and nothing
+    in the step is known not to replay, for runs that repay the ~1 s capture; elsewhere "on" (each
+    decoder layer compiled, where triton is installed and the run repays compiling) or "off", with
+    the reason.
     """
     t = cfg.train
     if t.compile != "auto":
         return t.compile, ""
     if not placement.on_cuda:
         return "off", ""  # the CPU stays eager: compiling repays itself only on a GPU
-    if importlib.util.find_spec("triton") is None:
-        return "off", "Not compiled: torch.compile needs triton, which is not installed."
     if placement.fsdp:  # compiled layers under FSDP1 are untested here
         return "off", "Not compiled: compiled layers are not used with FSDP (--fsdp)."
+    blocker = _graphs_blocker(cfg, placement)
+    if not blocker:
+        if estimated_steps >= MIN_GRAPH_STEPS:
+            return "graphs", ""
+        return "off", (f"Not captured as CUDA graphs: {estimated_steps} optimizer steps do not repay the capture "
+                       f"(auto captures runs of {MIN_GRAPH_STEPS}+ steps; --compile graphs to capture anyway).")
+    if not _has_triton():
+        return "off", f"Not compiled: torch.compile needs triton, which is not installed ({blocker} for CUDA graphs)."
     if estimated_steps < MIN_COMPILE_STEPS:
         return "off", (f"Not compiled: {estimated_steps} optimizer steps do not repay compiling "
-                       f"(auto compiles runs of {MIN_COMPILE_STEPS}+ steps; --compile graphs to compile anyway).")
-    blocker = _graphs_blocker(cfg, placement)
-    if blocker:
-        return "on", f"Compiled without CUDA graphs: {blocker}."
-    return "graphs", ""
+                       f"(auto compiles runs of {MIN_COMPILE_STEPS}+ steps; --compile on to compile anyway); "
+                       f"no CUDA graphs: {blocker}.")
+    return "on", f"Compiled without CUDA graphs: {blocker}."
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _graphs_blocker(cfg: RunConfig, placement: Placement) -> str:
@@ -145,11 +156,12 @@ def _graphs_blocker(cfg: RunConfig, placement: Placement) -> str:
     return ""
 
 
-def _checkpointed_note(layers: int) -> str:
-    # a checkpointed layer's forward runs again inside the backward pass, i.e. its graph would be
-    # replayed while the step's backward is being recorded
+def _checkpointed_note(layers: int, compiled: bool) -> str:
+    # a checkpointed layer's forward runs again inside the backward pass, i.e. inside the backward's
+    # capture: not measured under graphs
     which = "every decoder layer is" if layers < 0 else f"{layers} decoder layer(s) are"
-    return (f"Compiled without CUDA graphs: {which} checkpointed (their forward runs again in the backward pass, "
+    done = "Compiled without CUDA graphs" if compiled else "Not compiled, no CUDA graphs"
+    return (f"{done}: {which} checkpointed (their forward runs again in the backward pass, "
             "not measured under graphs); --compile graphs to try.")
 
 
@@ -185,15 +197,18 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
         else:
             dequantize = False
     if compile_mode == "graphs" and t.compile == "auto" and layers:
-        compile_mode, compile_note = "on", _checkpointed_note(layers)
+        compiles = _has_triton() and estimated >= MIN_COMPILE_STEPS
+        compile_mode, compile_note = ("on" if compiles else "off"), _checkpointed_note(layers, compiles)
     # a GPU evaluation is launch-bound like a step: few large micro-batches (no gradient, no activations kept)
     eval_tokens = (max(max_tokens, t.eval_batch_size * cfg.data.max_length, GPU_EVAL_TOKENS) if cuda
                    else max(max_tokens, longest))
     fused = t.fused_loss and loss_blocker is None
     loss_note = "" if fused or not t.fused_loss else f"Loss from full logits, not the fused loss: {loss_blocker}."
     scope = _compile_scope(cfg, compile_mode, layers, fused)
+    if compile_mode == "graphs" and scope == "layers" and t.compile == "auto" and not _has_triton():
+        compile_mode, compile_note = "off", "Not compiled: torch.compile needs triton, which is not installed."
     compiled = compile_mode == "on" or (compile_mode == "graphs" and (
-        scope == "layers" or t.compile == "graphs" or estimated >= MIN_LAYER_COMPILE_STEPS))
+        scope == "layers" or t.compile == "graphs" or (estimated >= MIN_LAYER_COMPILE_STEPS and _has_triton())))
     return RunPlan(packed=t.batching != "padded", max_tokens=max_tokens, eval_max_tokens=eval_tokens,
                    pack_length=pack_length, checkpoint_layers=layers, upcast=wants_upcast(cfg, placement.precision),
                    compile=compile_mode, micro_batches_per_step=per_process * placement.world_size,

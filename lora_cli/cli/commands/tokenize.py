@@ -35,6 +35,9 @@ def tokenize(
     work = resolve("tokenize", settings, str(config) if config else None, set_)  # paths checked before torch loads
     if work.said:
         err.print(work.said, markup=False, soft_wrap=True)
+    from lora_cli.data.precheck import refuse_invalid_records
+
+    refuse_invalid_records(work.cfg)
     from lora_cli.data.prepare import prepare_data
     from lora_cli.model.load import quiet_libraries
 

@@ -41,6 +41,7 @@ def train(
     data settings; flags and --config still override them.
     """
     from lora_cli.data.current import resolve
+    from lora_cli.data.precheck import refuse_invalid_records
     from lora_cli.train.launch import launch_if_asked, resume_command
     from lora_cli.train.resume import refuse_early
 
@@ -48,6 +49,7 @@ def train(
     work = resolve("train", settings, str(config) if config else None, set_)  # no --train: the current dataset
     start = str(resume_from) if resume_from else resume
     refuse_early(work.cfg, start, overwrite)  # before torch: a refusal costs no model load
+    refuse_invalid_records(work.cfg)
     code = launch_if_asked(gpus, fsdp)
     if code is not None:
         raise typer.Exit(code)
