@@ -94,7 +94,8 @@ def packed_prefill(model, cache, ids, valid, dtype):
         tokens = torch.cat([ids[i, width - lengths[i]:] for i in group])[None]
         positions = torch.cat([torch.arange(lengths[i]) for i in group])[None]
         segment = torch.cat([torch.full((lengths[i],), j) for j, i in enumerate(group)])
-        allowed = (segment[:, None] == segment[None, :]) & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+        causal = torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+        allowed = (segment[:, None] == segment[None, :]) & causal  # each prompt attends to itself only
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
         ends = torch.tensor(lengths)[group].cumsum(0)
         own = DynamicCache(config=model.config)
