@@ -105,7 +105,7 @@ def test_two_hosts_rendezvous_over_loopback(tiny_model_dir, data_files, tmp_path
     assert r1["decisions"]["world_size"] == 2 and r1["calls"] == []
 
 
-def test_gpus_flag_relaunches_through_accelerate(tiny_model_dir, data_files, tmp_path):
+def test_gpus_flag_relaunches_through_accelerate_and_the_run_is_summarised_once(tiny_model_dir, data_files, tmp_path):
     train_f, _ = data_files
     cmd = [sys.executable, "-m", "lora_cli", "train", "--gpus", "2", "--model", str(tiny_model_dir), "--train",
            str(train_f), "--precision", "fp32", "--max-tokens", "128", "--epochs", "1", "-o", str(tmp_path / "g"),
@@ -115,6 +115,7 @@ def test_gpus_flag_relaunches_through_accelerate(tiny_model_dir, data_files, tmp
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     saved = yaml.safe_load((tmp_path / "g" / "run_config.yaml").read_text())
     assert saved["run"]["world_size"] == 2
+    assert res.stdout.count("Adapter written to") == 1 and res.stdout.count("Trained ") == 1, res.stdout[-2000:]
 
 
 def test_fsdp_path_gives_the_same_adapter_and_resumes_exactly(tiny_model_dir, data_files, tmp_path):

@@ -51,6 +51,7 @@ class TrainResult:
     resumed_from: str | None
     decisions: RunDecisions
     param_summary: dict[str, Any]
+    is_main: bool = True  # this process reports the run (the others of `--gpus N` say nothing)
 
 
 @dataclass
@@ -268,7 +269,7 @@ class LoRARecipe:
             observer.on_end(finished=True)
         where.accelerator.wait_for_everyone()
         return TrainResult(str(self.out.path), summary, str(self.resume_from) if self.resume_from else None,
-                           self.decisions, self.params.to_dict())
+                           self.decisions, self.params.to_dict(), self.placement.is_main)
 
     def _best_result(self) -> tuple[BestEvaluation, dict[str, torch.Tensor] | None] | None:
         """Early stopping: put the best evaluation's adapter (from its checkpoint) in place of the last one.

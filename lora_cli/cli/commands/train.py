@@ -64,6 +64,8 @@ def train(
     except TrainingInterrupted as exc:
         exc.resume_command = resume_command(sys.argv[1:])
         raise
+    if not result.is_main:  # one summary for the run, not one per process
+        return
     d = result.decisions
     first = f"{result.summary.first_loss:.4f}" if result.summary.first_loss is not None else "-"
     last = f"{result.summary.last_loss:.4f}" if result.summary.last_loss is not None else "-"
