@@ -138,6 +138,8 @@ def test_train_killed_in_a_checkpoint_then_in_the_final_save_resumes_to_the_same
     # 3. resumed again: finishes, equal to the run that was never interrupted
     proc = lora(tmp_path, *args, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = next(line for line in proc.stdout.splitlines() if line.startswith("Resumed from "))
+    assert "the run is at step" in said and "this command trained for" in said  # counts vs this command's time
     assert temporaries(out) == [] and temporaries(out / "checkpoints") == []
     assert_same_run(out, reference)
     assert invoke("package", out, "-o", tmp_path / "a.zip").exit_code == 0

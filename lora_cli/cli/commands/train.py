@@ -12,11 +12,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from lora_cli.cli.options import ConfigOpt, SetOpt, config_flags
+
+if TYPE_CHECKING:
+    from lora_cli.train.recipe import TrainResult
 
 Opt = typer.Option
 
@@ -53,8 +56,7 @@ def train(
     code = launch_if_asked(gpus, fsdp)
     if code is not None:
         raise typer.Exit(code)
-    from lora_cli.adapter.folder import LOSS_CURVE
-    from lora_cli.cli.render import RichReporter, out
+    from lora_cli.cli.render import RichReporter
     from lora_cli.errors import TrainingInterrupted
     from lora_cli.train.recipe import train as run_training
 
@@ -64,14 +66,25 @@ def train(
     except TrainingInterrupted as exc:
         exc.resume_command = resume_command(sys.argv[1:])
         raise
-    if not result.is_main:  # one summary for the run, not one per process
-        return
-    d = result.decisions
-    first = f"{result.summary.first_loss:.4f}" if result.summary.first_loss is not None else "-"
-    last = f"{result.summary.last_loss:.4f}" if result.summary.last_loss is not None else "-"
-    evals = " -> ".join(f"{x:.4f}" for x in result.summary.eval_losses) or "-"
-    out.print(f"Trained {result.summary.steps} steps on {d.device} ({d.precision}, {d.batching}), "
-              f"{result.summary.tokens:,} tokens in {result.summary.seconds:.1f} s.")
+    if result.is_main:  # one summary for the run, not one per process
+        _summary(result, time.time() - started)
+
+
+def _summary(result: TrainResult, whole: float) -> None:
+    """What the run did, after it: steps, losses, stop rates, the probe's share, where the adapter is."""
+    from lora_cli.adapter.folder import LOSS_CURVE
+    from lora_cli.cli.render import out
+
+    d, s = result.decisions, result.summary
+    first = f"{s.first_loss:.4f}" if s.first_loss is not None else "-"
+    last = f"{s.last_loss:.4f}" if s.last_loss is not None else "-"
+    evals = " -> ".join(f"{x:.4f}" for x in s.eval_losses) or "-"
+    if result.resumed_from:  # the loop's counts are the run's, its seconds this command's: say which is which
+        out.print(f"Resumed from {result.resumed_from}: the run is at step {s.steps} ({s.tokens:,} tokens in all) "
+                  f"on {d.device} ({d.precision}, {d.batching}); this command trained for {s.seconds:.1f} s.")
+    else:
+        out.print(f"Trained {s.steps} steps on {d.device} ({d.precision}, {d.batching}), "
+                  f"{s.tokens:,} tokens in {s.seconds:.1f} s.")
     out.print(f"train loss {first} -> {last}; eval loss {evals}")
     stops = result.summary.stop_rates
     if stops:
@@ -82,7 +95,7 @@ def train(
         how = f"stopped early at step {best.last_step}" if best.stopped_early else "ran every step"
         out.print(f"Early stopping {how}; the adapter written is the best evaluation's: step {best.step}, "
                   f"eval loss {best.eval_loss:.4f} (checkpoint {best.checkpoint}).")
-    probe_s, whole = result.summary.probe_seconds, time.time() - started
+    probe_s = result.summary.probe_seconds
     if probe_s:
         out.print(f"The stop-rate probe took {probe_s:.1f} s of the command's {whole:.1f} s ({probe_s / whole:.0%}; "
                   "--eval-generate 0 turns it off).")
