@@ -30,7 +30,20 @@ def check_device_name(device: str) -> None:
 
 
 def _bad(section: str, key: str, value: Any, why: str) -> LoraCliError:
-    return LoraCliError(f"Invalid config value {section}.{key}={value!r}: {why}.")
+    return LoraCliError(f"Invalid config value {section}.{key}={value!r}{_as_flag(section, key)}: {why}.")
+
+
+def _as_flag(section: str, key: str) -> str:
+    """' (--flag)': the command-line flag of a config key, so that an error names what the user typed
+    whichever way the value came ("" for a key without a flag of its own)."""
+    model = RunConfig.model_fields.get(section) if "RunConfig" in globals() else None
+    field = model.annotation.model_fields.get(key) if model is not None else None
+    if field is None:
+        return ""
+    meta = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if meta.get("set_only"):
+        return ""
+    return f" ({(meta.get('flag') or '--' + key.replace('_', '-')).split('/')[0]})"
 
 
 def _on_off(value: Any) -> Any:
@@ -328,4 +341,5 @@ def _config_error(error: dict[str, Any], source: str) -> LoraCliError:
         why = str(context.get("error", error["msg"]))
     else:
         why = _WHY[kind].format(**context) if kind in _WHY else error["msg"]
-    return LoraCliError(f"{where}Invalid config value {'.'.join(loc[:2])}={error['input']!r}: {why}.")
+    flag = _as_flag(str(loc[0]), str(loc[1])) if len(loc) >= 2 else ""
+    return LoraCliError(f"{where}Invalid config value {'.'.join(map(str, loc[:2]))}={error['input']!r}{flag}: {why}.")

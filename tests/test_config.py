@@ -82,3 +82,14 @@ def test_an_unknown_set_key_suggests_the_settings_it_may_have_meant():
     with pytest.raises(LoraCliError) as err:
         RunConfig().replace({"lora.rank": 8})
     assert "lora.r" in str(err.value)
+
+
+@pytest.mark.parametrize("override, says", [
+    ({"train.epochs": 0}, "Invalid config value train.epochs=0 (--epochs): must be > 0."),
+    ({"lora.r": 0}, "Invalid config value lora.r=0 (--lora-r): must be > 0."),
+    ({"data.add_eos": "maybe"}, "(--add-eos)"),  # a bool flag: its on side
+])
+def test_a_bad_value_names_the_flag_a_user_typed_beside_its_config_key(override, says):
+    with pytest.raises(LoraCliError) as err:
+        RunConfig().replace(override)
+    assert says in str(err.value)

@@ -176,6 +176,16 @@ def test_a_file_that_is_not_json_lines_is_one_message_saying_what_it_is_and_how_
         read_examples(path)
 
 
+def test_the_conversion_hint_writes_beside_the_input_not_into_the_current_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, write, out in [("pretty.jsonl", KINDS["pretty-object"][0], "pretty.converted.jsonl"),
+                             ("t.csv", KINDS["csv"][0], "t.jsonl")]:
+        write(folder / name)
+        [issue] = validate_file(folder / name).issues
+        assert f"> {folder / out}" in issue.reason, issue.reason
+
+
 def test_tokenize_stops_on_such_a_file_with_that_one_message(tmp_path, tiny_model_dir):
     path = tmp_path / "train.jsonl.gz"
     path.write_bytes(gzip.compress(JSONL.encode()))

@@ -59,3 +59,10 @@ def test_bad_inputs(tmp_path):
     assert res.exit_code == 1 and "not an adapter folder" in res.output
     res = runner.invoke(app, ["param-report", "--model", "nobody/nothing-here"])
     assert res.exit_code == 1 and "Traceback" not in res.output and "--model" in res.output
+
+
+def test_a_missing_adapter_folder_is_worded_as_every_other_command_words_it(tmp_path):
+    missing = tmp_path / "adaptrs"
+    for args in (["param-report", str(missing)], ["package", str(missing), "-o", str(tmp_path / "a.zip")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and f"Adapter folder {missing} does not exist." in res.output, (args, res.output)

@@ -154,6 +154,8 @@ def check_config_matches_weights(path: str | Path) -> None:
 def read_adapter_config(path: str | Path) -> dict:
     """peft's adapter_config.json of a folder, as a dict (LoraCliError if absent or damaged)."""
     file = Path(path) / ADAPTER_CONFIG
+    if not Path(path).exists():  # worded as every command that takes an adapter words it (check_loadable)
+        raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
     if not file.is_file():
         raise LoraCliError(f"{path} is not an adapter folder (no {ADAPTER_CONFIG}).", TRAIN_HINT)
     return _read_json(file)

@@ -16,10 +16,12 @@ from typing import Iterator
 from rich.console import Console
 from rich.table import Table
 
-# Outside a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; give them room.
+# Outside a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; give them room, and
+# leave long lines whole (soft wrap): a log line cut mid-sentence reads as two messages.
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
-out = Console(highlight=False, width=_WIDTH)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _WIDTH)
+out = Console(highlight=False, width=_WIDTH, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _WIDTH,
+              soft_wrap=not sys.stderr.isatty())
 
 
 class _BarStage:

@@ -45,13 +45,14 @@ class NotJsonLines(LoraCliError):
 
 
 def _out_name(path: Path) -> str:
-    """Where a conversion should write: the name without its compression/format suffix, as .jsonl."""
+    """Where a conversion should write: beside the input, the name without its compression/format
+    suffix, as .jsonl (a hint that wrote into the current folder would scatter a user's data)."""
     name = path.name
     for suffix in (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z", ".parquet", ".arrow", ".feather", ".csv", ".tsv",
                    ".json", ".jsonl", ".txt"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
-    return name + (".converted.jsonl" if name + ".jsonl" == path.name else ".jsonl")
+    return str(path.with_name(name + (".converted.jsonl" if name + ".jsonl" == path.name else ".jsonl")))
 
 
 def _pyarrow(mod: str, reader: str, tail: str = "") -> Callable[[str, str], str]:  # hint(path, out)
