@@ -169,7 +169,7 @@ class TrainConfig(Section):
         "auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32.", panel="speed")
     seed: Annotated[int, Field(ge=0, lt=2**63)] = setting(
         42, "Seed of the shuffling, LoRA initialisation and dropout.", panel="optimisation")
-    log_every: Positive = setting(10, "Log the train loss every N optimizer steps.", panel="output")
+    log_every: Positive = setting(10, "Log the train loss every N optimizer steps (and after the first).", panel="output")
     max_steps: Annotated[int, Field(ge=0, le=10**9)] = setting(
         0, "Stop after this many optimizer steps (0: all epochs).", panel="schedule")
     save_every_steps: Annotated[int, Field(ge=0, le=10**9)] = setting(

@@ -20,6 +20,19 @@ def lora_tensors(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def test_the_first_step_is_logged_so_a_short_runs_first_and_last_loss_differ(tiny_model_dir, data_files, tmp_path):
+    train_f, val_f = data_files
+    out = tmp_path / "short"
+    result = train(tiny_config(tiny_model_dir, train_f, val_f, out, max_steps=5, log_every=10, lr=5e-3,
+                               max_tokens=256))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 5]
+    last_train, last_eval = [next(r for r in reversed(rows) if r["type"] == t) for t in ("train", "eval")]
+    assert last_eval["step"] == last_train["step"] == 5 and last_eval["epoch"] == last_train["epoch"]
+    assert last_eval["epoch"] != int(last_eval["epoch"])  # stopped within an epoch: both say how far into it
+    assert result.summary.first_loss != result.summary.last_loss
+
+
 def test_training_learns_and_writes_the_adapter_folder(tiny_model_dir, data_files, tmp_path):
     train_f, val_f = data_files
     out = tmp_path / "adapters"

@@ -195,7 +195,8 @@ class TrainingLoop:
         state.window_loss += loss_total
         state.window_targets += n_targets
         state.window_tokens += real_tokens
-        if state.step % self.train_cfg.log_every == 0 or state.step == self.total_steps:
+        # the first step is logged too: a short run's first and last train loss then mean something
+        if state.step % self.train_cfg.log_every == 0 or state.step in (1, self.total_steps):
             self._log_train(lr, grad_norm)
 
     def _clip(self) -> torch.Tensor | float:
@@ -214,12 +215,16 @@ class TrainingLoop:
         self._last_tok_s = state.window_tokens / max(now - self._last_log, 1e-9)
         state.first_loss = loss if state.first_loss is None else state.first_loss
         state.last_loss = loss
-        epoch = state.epoch + state.step_in_epoch / max(self.steps.steps_in(state.epoch), 1)
-        self._write({"type": "train", "step": state.step, "epoch": epoch, "loss": loss, "lr": lr,
+        self._write({"type": "train", "step": state.step, "epoch": self._epochs_done(), "loss": loss, "lr": lr,
                      "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": state.tokens_seen,
                      "tokens_per_s": round(self._last_tok_s, 2)})
         state.window_loss, state.window_targets, state.window_tokens = 0.0, 0, 0
         self._last_log = now
+
+    def _epochs_done(self) -> float:
+        """Epochs trained so far, a fraction within an epoch: the `epoch` of every metrics row alike."""
+        state = self.state
+        return state.epoch + state.step_in_epoch / max(self.steps.steps_in(state.epoch), 1)
 
     def _log_eval(self, value: float | None, checkpoint: str = "") -> None:
         """The evaluation's row (with what the observers measure: the probe's stop rate), its line, early stopping."""
@@ -228,7 +233,7 @@ class TrainingLoop:
         state = self.state
         state.eval_losses.append(value)
         self.reporter.message(f"eval loss at step {state.step}: {value:.4f}")
-        row = {"type": "eval", "step": state.step, "epoch": state.epoch, "eval_loss": value}
+        row = {"type": "eval", "step": state.step, "epoch": self._epochs_done(), "eval_loss": value}
         for observer in self.observers:
             row |= observer.on_eval(self.model)
         if "stop_rate" in row:
