@@ -227,3 +227,13 @@ def test_a_chat_template_that_refuses_a_system_message_is_named_before_the_model
     for cmd in (["generate", "--base-only", "--model", gemma, "-t", "chat", "--input", records],
                 ["eval", "--base-only", "--model", gemma, "-t", "chat", "--data", records, "--loss-only"]):
         assert f"{records}:1: the template cannot render this record: System role not supported" in fails(*cmd)
+
+
+def test_eval_cuts_a_long_answer_by_lines_as_well_as_by_characters():
+    from lora_cli.cli.commands.evaluate import _shorten
+
+    looping = "\n".join(["```"] * 50)  # 199 characters, 50 rows of a table
+    cut = _shorten(looping)
+    assert cut.endswith(" [...]") and cut.count("\n") == 7
+    assert _shorten("a" * 400) == "a" * 300 + " [...]"
+    assert _shorten("short\nanswer") == "short\nanswer"

@@ -21,9 +21,13 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _shorten(text: str, limit: int = 300) -> str:
-    """Long (often looping) answers are cut in the table; --json keeps every character."""
-    return text if len(text) <= limit else text[:limit].rstrip() + " [...]"
+def _shorten(text: str, limit: int = 300, lines: int = 8) -> str:
+    """Long (often looping) answers are cut in the table, at `limit` characters or `lines` lines,
+    whichever comes first (a loop of short lines is long in rows, not in characters); --json keeps
+    every character."""
+    kept = "\n".join(text.split("\n")[:lines])
+    kept = kept if len(kept) <= limit else kept[:limit]
+    return text if kept == text else kept.rstrip() + " [...]"
 
 
 def _how(sampling: dict) -> str:
