@@ -179,3 +179,9 @@ def test_help_usage_names_arguments_as_their_panel_does_and_shows_no_markup_esca
     text = _help(command)
     assert usage in text.splitlines()[1] and "{" not in text.splitlines()[1]
     assert "\\[" not in text and "[default: ]" not in text
+
+
+def test_the_top_level_help_shows_its_switches_as_switches():
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "120"})
+    assert res.exit_code == 0 and "--version" in res.output and "--help" in res.output
+    assert "<bool>" not in res.output

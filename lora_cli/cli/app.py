@@ -98,8 +98,8 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, metavar="",
+                                 help="Print the version and exit."),  # metavar "": a switch, not "<bool>"
 ) -> None:
     """QLoRA fine-tuning from instruction data."""
 

@@ -60,6 +60,12 @@ def suggestions(typed: str, known: list[str]) -> list[str]:
 class SuggestingGroup(typer.core.TyperGroup):
     """Typer's group, with an unknown flag's suggestions from `suggestions`."""
 
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # typer's group help would show the switch as taking a "<bool>"
+        return option
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
