@@ -36,14 +36,18 @@ def _bad(section: str, key: str, value: Any, why: str) -> LoraCliError:
 def _as_flag(section: str, key: str) -> str:
     """' (--flag)': the command-line flag of a config key, so that an error names what the user typed
     whichever way the value came ("" for a key without a flag of its own)."""
-    model = RunConfig.model_fields.get(section) if "RunConfig" in globals() else None
+    model = RunConfig.model_fields.get(section)  # called while validating, long after RunConfig exists
     field = model.annotation.model_fields.get(key) if model is not None else None
-    if field is None:
+    meta = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    if field is None or meta.get("set_only"):
         return ""
-    meta = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    if meta.get("set_only"):
-        return ""
-    return f" ({(meta.get('flag') or '--' + key.replace('_', '-')).split('/')[0]})"
+    return f" ({flag_for(key, meta).split('/')[0]})"
+
+
+def flag_for(name: str, meta: dict[str, Any]) -> str:
+    """A setting's flag as typed: its own (`setting(flag=...)`, `--on/--off` for a bool) or its name's
+    (`max_length` -> `--max-length`). The one rule, for the flags and for messages naming them."""
+    return meta.get("flag") or "--" + name.replace("_", "-")
 
 
 def _on_off(value: Any) -> Any:

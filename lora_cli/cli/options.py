@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Optional, get_args, get_origin
 
 import typer
 
-from lora_cli.config import HELP_PANELS, RunConfig
+from lora_cli.config import HELP_PANELS, RunConfig, flag_for
 
 CONTEXT = "click_context"  # typer hands the command's context to the parameter of this name
 
@@ -58,7 +58,7 @@ def config_fields() -> list[tuple[str, ConfigField]]:
 
 def flag_name(f: ConfigField) -> str:
     """The flag as typed, e.g. `--max-length`, or `--add-eos/--no-eos` for a bool."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return flag_for(f.name, f.metadata)
 
 
 def _shown(value: Any) -> Any:
