@@ -181,19 +181,17 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
 
         def forward(self, input_ids, targets, attention_mask=None, position_ids=None, target_index=None,
                     n_targets=None):
-            if graphed is not None:
+            if graphed is not None:  # builds the packed examples' mask itself, inside its graph
                 hidden = graphed(input_ids, attention_mask, position_ids)
-                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
-                                            keep=target_index, n=n_targets)
-            if attention_mask is None and position_ids is not None and self.own_mask:
-                attention_mask = block_causal_mask(position_ids)
-            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
-            if self.fused:
+            else:
+                if attention_mask is None and position_ids is not None and self.own_mask:
+                    attention_mask = block_causal_mask(position_ids)
+                kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+                if not self.fused:
+                    return plain_cross_entropy(self.model(**kwargs).logits, targets)
                 hidden = base.get_decoder()(**kwargs).last_hidden_state
-                return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
-                                            keep=target_index, n=n_targets)
-            logits = self.model(**kwargs).logits
-            return plain_cross_entropy(logits, targets)
+            return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,
+                                        keep=target_index, n=n_targets)
 
     return CausalLMLoss()
