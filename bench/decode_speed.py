@@ -73,6 +73,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _step_ops(decoder, ids, mask, layers: int) -> dict:
+    """Ops of one decoding step (the second, profiled): top-level aten ops and, on CUDA, kernels; per layer too."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_cli.infer.generation import Sampling
+
+    calls, counts = [0], {}
+    inner = decoder._forward
+
+    def counted(slot):
+        calls[0] += 1
+        if calls[0] != 2:
+            return inner(slot)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+        with profile(activities=acts) as prof:
+            inner(slot)
+            _sync()
+        events = prof.events()
+        counts["ops"] = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+        if ids.is_cuda:
+            counts["kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    graphs, decoder.graphs = decoder.graphs, False
+    decoder._forward = counted
+    try:
+        decoder.run(ids, mask.bool(), Sampling(max_new_tokens=4), [-1], 0)
+    finally:
+        decoder._forward, decoder.graphs = inner, graphs
+    return {f"step_{k}": v for k, v in counts.items()} | {f"{k}_per_layer": round(v / layers, 1)
+                                                         for k, v in counts.items()}
+
+
 def step(opts) -> None:
     import torch
 
@@ -80,10 +113,14 @@ def step(opts) -> None:
     from lora_cli.infer.generation import Sampling, _left_padded
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     base, what = _model(opts, device)
     model = _with_lora(base)
     t0 = time.perf_counter()
-    decoder, reason = build_decoder(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(opts.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    decoder, reason = build_decoder(model, device, dtype)
     build_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     for batch in [int(b) for b in opts.batches.split(",")]:
@@ -101,12 +138,18 @@ def step(opts) -> None:
                                       do_sample=False, pad_token_id=0)
 
         row = {"bench": "step", "model": what, "batch": batch, "device": torch.cuda.get_device_name()
-               if device.type == "cuda" else "cpu", "copy_build_s": round(build_s, 2), "fallback": reason}
+               if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)", "dtype": str(dtype)[6:],
+               "copy_build_s": round(build_s, 2), "fallback": reason}
         if decoder is not None:
+            row["step"] = decoder.step_kind  # fused (fused_step.py) or transformers (the model's own forward)
+            row |= _step_ops(decoder, ids, mask, model.config.num_hidden_layers)
             row["fast_first_call_s"] = round(_timed(lambda: fast(opts.short)), 2)  # capture included
             long_s, short_s = _timed(lambda: fast(opts.long)), _timed(lambda: fast(opts.short))
             row["fast_step_ms"] = round(1000 * (long_s - short_s) / (opts.long - opts.short), 3)
             row["notes"] = decoder.notes
+        if opts.no_eager:
+            print(json.dumps(row), flush=True)
+            continue
         eager(2)
         long_s, short_s = _timed(lambda: eager(opts.eager_long)), _timed(lambda: eager(opts.short))
         row["eager_step_ms"] = round(1000 * (long_s - short_s) / (opts.eager_long - opts.short), 3)
@@ -183,7 +226,8 @@ def probe(opts) -> None:
                                 Sampling(max_new_tokens=stop_probe.max_new_tokens), batch_size=len(stop_probe.prompts),
                                 decoder=decoder, caps=stop_probe.caps)
         _sync()
-        print(json.dumps({"bench": "probe", "model": what, "threads": decoder.cpu_threads or torch.get_num_threads(),
+        print(json.dumps({"bench": "probe", "model": what, "step": getattr(decoder, "step_kind", "transformers"),
+                          "threads": decoder.cpu_threads or torch.get_num_threads(),
                           "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
                           "prefill_s": round(sum(prefill), 2), "row_steps": getattr(decoder, "row_steps", None),
                           "caps": stop_probe.caps, "new_tokens": [len(a.token_ids) for a in answers],
@@ -201,6 +245,10 @@ def main() -> None:
     s.add_argument("--short", type=int, default=16)
     s.add_argument("--long", type=int, default=272)
     s.add_argument("--eager-long", type=int, default=48)
+    s.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the copy's dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the process's)")
+    s.add_argument("--no-eager", action="store_true", help="time the fast path only")
     e = sub.add_parser("eval")
     e.add_argument("adapter")
     e.add_argument("data")

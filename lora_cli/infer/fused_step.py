@@ -43,6 +43,13 @@ def add_delta(base, low, lora_b):
     return torch.matmul(low.to(lora_b.dtype), lora_b.t()).to(base.dtype).add_(base)
 
 
+def add_delta_(base, low, lora_b):
+    """add_delta into `base` in place (a column block of a fresh matmul output: no copy of it first). (rows, out)"""
+    if lora_b.dtype == base.dtype:
+        return base.addmm_(low, lora_b.t())
+    return base.add_(low.to(lora_b.dtype).mm(lora_b.t()).to(base.dtype))
+
+
 def why_not_fused(copy) -> str | None:
     """Why `copy` (a plain transformers model) cannot take the fused step, or None."""
     import torch
@@ -169,14 +176,12 @@ class FusedStep:
     def __call__(self, slot) -> None:
         import torch
 
-        batch = slot.tok.shape[0]
         inner = self.copy.model
         h = torch.nn.functional.embedding(slot.tok.view(-1), inner.embed_tokens.weight)
         cos, sin = inner.rotary_emb(h, slot.pos)  # (batch, 1, d): the step's positions, once for every layer
         sin = sin * self.sign
         width = self.attended(slot)
-        group = self.heads // self.kv_heads
-        mask = slot.mask[..., :width].expand(batch, self.kv_heads, group, width).reshape(-1, group, width)
+        mask = slot.mask[..., :width]  # (batch, 1, 1, width): every query of every head
         for layer, cache in zip(self.layers, slot.cache.layers):
             h = self._layer(layer, cache, h, (cos, sin), mask, slot.cache_pos, width)
         h = self._norm(h, inner.norm)
@@ -203,18 +208,22 @@ class FusedStep:
             return torch.nn.functional.linear(x, group.weight[:group.n],
                                               None if group.bias is None else group.bias[:group.n])
         y = torch.addmm(group.bias, x, group.weight.t()) if group.bias is not None else torch.mm(x, group.weight.t())
-        return add_delta(y[:, :group.n], y[:, group.n:], group.lora_b)
+        return add_delta_(y[:, :group.n], y[:, group.n:], group.lora_b)
 
     @staticmethod
     def _residual(h, x, module):
         """h + module(x) for an output projection (Linear or LoraLinear), the residual add inside the addmm."""
         import torch
 
-        if not hasattr(module, "lora_B") or module.b_zero:
-            out = torch.addmm(h, x, module.weight.t())
-            return out.add_(module.bias) if module.bias is not None else out
-        base, low = module.parts(x)
-        return h + add_delta(base, low, module.lora_B)
+        if not hasattr(module, "lora_B") or module.b_zero:  # h is this step's own tensor: added to in place
+            h.addmm_(x, module.weight.t())
+            return h.add_(module.bias) if module.bias is not None else h
+        if module.stacked is None:
+            base, low = module.parts(x)
+            return h + add_delta(base, low, module.lora_B)
+        y = torch.mm(x, module.stacked.t())
+        base = add_delta_(y[:, :module.out_features], y[:, module.out_features:], module.lora_B)
+        return h + (base + module.bias if module.bias is not None else base)
 
     def _layer(self, layer: _Layer, cache, h, rope, mask, cache_pos, width):
         import torch
@@ -226,11 +235,11 @@ class FusedStep:
         qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, -1), sin)
         cache.keys.index_copy_(2, cache_pos, qk[:, heads:].unsqueeze(2))
         cache.values.index_copy_(2, cache_pos, qkv[:, (heads + kv) * d:].view(batch, kv, 1, d))
-        keys = cache.keys[:, :, :width].reshape(-1, width, d)
-        values = cache.values[:, :, :width].reshape(-1, width, d)
-        q = qk[:, :heads].reshape(-1, heads // kv, d)  # (batch x kv heads, group, d): no repeat_kv
-        scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scaling)
-        att = torch.bmm(torch.softmax(scores, -1), values).view(batch, heads * d)
+        # the query heads of one kv head are that head's queries (one position: one mask row for all of them)
+        q = qk[:, :heads].view(batch, kv, heads // kv, d)
+        att = torch.nn.functional.scaled_dot_product_attention(
+            q, cache.keys[:, :, :width], cache.values[:, :, :width], attn_mask=mask, scale=self.scaling)
+        att = att.reshape(batch, heads * d)
         h = self._residual(h, att, layer.o_proj)
         gate_up = self._project(layer.gate_up, self._norm(h, layer.mlp_norm))
         half = gate_up.shape[-1] // 2
