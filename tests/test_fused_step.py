@@ -38,10 +38,11 @@ def _tokenizer(folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _one_step(model, ids, valid, nxt):
+def _one_step(model, ids, valid, nxt, rope_matmul: bool = False):
     """Prefill the left-padded prompts, feed `nxt` through the fused step: its logits and transformers'."""
     decoder = Decoder(build_copy(model, torch.float32, CPU), CPU)
     assert decoder.step_kind == "fused"
+    decoder.fused.rope_matmul = rope_matmul
     batch, width = ids.shape
     with torch.no_grad():
         slot = decoder._slot(batch, cache_length(width, 4))
@@ -72,6 +73,19 @@ def test_one_fused_step_gives_transformers_logits_to_fp32_tolerance(family, targ
         with model.disable_adapter():
             base, _ = _one_step(model, ids, valid, torch.tensor([[7], [30], [251]]))
         assert (base - got).abs().max() > 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_rotary_as_one_matmul_as_on_a_gpu_gives_transformers_logits(family, tiny_model_dir, tiny_llama_dir, one_thread):
+    model = _model(tiny_model_dir if family == "qwen2" else tiny_llama_dir, ("q_proj", "k_proj", "up_proj"))
+    ids = torch.randint(5, 300, (2, 9), generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False
+    nxt = torch.tensor([[12], [40]])
+    got, want = _one_step(model, ids, valid, nxt, rope_matmul=True)
+    by_roll, _ = _one_step(model, ids, valid, nxt)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got - by_roll).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_greedy_answers_of_the_tiny_llama_through_the_fused_step_equal_eager(tiny_llama_dir, one_thread):

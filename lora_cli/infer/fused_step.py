@@ -1,24 +1,25 @@
 """A decoding step written for the Llama family (Llama, Qwen2, Mistral): the same arithmetic, far fewer ops.
 
-transformers' forward runs ~44 small ops a layer for one new token (RMSNorm as seven, rotary as
-ten, five separate projections, repeat_kv copies, transposes); a decoding step of a small model
-is bound by their number (kernel launches on a GPU, a few microseconds of overhead each on a
-CPU), not by its arithmetic. Here a layer is ~22 ops:
+transformers' forward runs ~60 kernels a layer for one new token on a GPU (RMSNorm as seven ops,
+rotary as ten, five separate projections, repeat_kv copies, transposes); a decoding step of a
+small model is bound by their number (launches on a GPU, a few microseconds of overhead each on a
+CPU), not by its arithmetic. Here a layer is ~23 kernels with a LoRA on every projection:
 
 - q, k and v come from ONE matmul over a stacked [Wq; Wk; Wv; Aq; Ak; Av] (biases folded into
-  it), their LoRA B sides from ONE addmm with a block-diagonal B (zero where a projection has no
-  LoRA, scale folded in); gate and up likewise. The copy's modules hold views of these stacks,
-  so `plain_copy.refresh` writes into them in place and a captured CUDA graph stays valid.
+  it), their LoRA B sides from ONE in-place addmm with a block-diagonal B (zero where a projection
+  has no LoRA, scale folded in); gate and up likewise. The copy's modules hold views of these
+  stacks, so `plain_copy.refresh` writes into them in place and a captured CUDA graph stays valid.
 - RMSNorm is torch's rms_norm without its weight, then the weight: rounded as transformers'
-  LlamaRMSNorm rounds (fp32 inside, cast back, then the weight in the model's dtype).
-- Rotary on q and k at once (adjacent heads of the fused output): rotate_half(x) is roll(x, d/2)
-  with the first half negated, so a layer pays roll, mul and addcmul with a sign-folded sin; cos
-  and sin come from the model's own rotary module once per step (every RoPE scaling it knows).
-- Attention for the one query without repeat_kv: q viewed as (batch x kv heads, group, d), one
-  baddbmm against the cached keys that adds the additive mask and the 1/sqrt(d) scale, softmax
-  (fp32 inside), one bmm with the values. This step's key and value land in the cache with
-  index_copy_ at cache_pos (capture-safe).
-- The output projections add the residual inside their addmm; the logits of the one position.
+  LlamaRMSNorm rounds (fp32 inside, cast back, then the weight in the model's dtype; the fused
+  kernel with its weight rounds differently in bf16, on the CPU and on CUDA).
+- Rotary on q and k at once (adjacent heads of the fused output), cos and sin from the model's own
+  rotary module once per step (every RoPE scaling it knows): on a GPU one batched matmul by
+  R = diag(cos) + swap * sin; on the CPU roll + addcmul with a sign-folded sin (rotate_half(x) is
+  roll(x, d/2) with its first half negated): 10 us a layer there against 24 for the matmul (bf16, 8 rows).
+- Attention without repeat_kv: the query heads of one kv head are that head's query rows (one
+  position, one mask row for all), so one sdpa call over the cached keys and values, no copies.
+  This step's key and value land in the cache with index_copy_ at cache_pos (capture-safe).
+- The output projections add into the residual in place; the logits of the one position.
 
 Prefill stays transformers' forward writing the same StaticCache. Other architectures, and
 caches with sliding-window layers, decode with transformers' forward (`why_not_fused` says why).
@@ -165,6 +166,12 @@ class FusedStep:
         dtype, device = layers[0].qkv.weight.dtype, layers[0].qkv.weight.device
         # rotate_half(x) = roll(x, d/2) * sign: the sign is folded into sin once per step
         self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(dtype=dtype, device=device)
+        # on a GPU, where a layer's cost is its kernel count, rotary is one batched matmul per layer: x @ R with
+        # R = diag(cos) + swap * (sign * sin), swap[(i + d/2) % d, i] = 1 (only R's two terms per column are non-zero)
+        self.rope_matmul = not cpu
+        index = torch.arange(self.head_dim)
+        self.swap = torch.zeros(self.head_dim, self.head_dim, dtype=dtype, device=device)
+        self.swap[(index + half) % self.head_dim, index] = 1
         self.fp32 = dtype == torch.float32
 
     def sync(self) -> None:
@@ -180,10 +187,11 @@ class FusedStep:
         h = torch.nn.functional.embedding(slot.tok.view(-1), inner.embed_tokens.weight)
         cos, sin = inner.rotary_emb(h, slot.pos)  # (batch, 1, d): the step's positions, once for every layer
         sin = sin * self.sign
+        rope = torch.diag_embed(cos[:, 0]).add_(self.swap * sin) if self.rope_matmul else (cos, sin)
         width = self.attended(slot)
         mask = slot.mask[..., :width]  # (batch, 1, 1, width): every query of every head
         for layer, cache in zip(self.layers, slot.cache.layers):
-            h = self._layer(layer, cache, h, (cos, sin), mask, slot.cache_pos, width)
+            h = self._layer(layer, cache, h, rope, mask, slot.cache_pos, width)
         h = self._norm(h, inner.norm)
         slot.logits.copy_(self.copy.lm_head(h))
 
@@ -231,8 +239,10 @@ class FusedStep:
         batch, d, heads, kv = h.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self._project(layer.qkv, self._norm(h, layer.attn_norm))
         qk = qkv[:, :(heads + kv) * d].view(batch, heads + kv, d)
-        cos, sin = rope
-        qk = torch.addcmul(qk * cos, torch.roll(qk, d // 2, -1), sin)
+        if isinstance(rope, tuple):  # (cos, sign * sin), each (batch, 1, d)
+            qk = torch.addcmul(qk * rope[0], torch.roll(qk, d // 2, -1), rope[1])
+        else:  # R, (batch, d, d)
+            qk = torch.bmm(qk, rope)
         cache.keys.index_copy_(2, cache_pos, qk[:, heads:].unsqueeze(2))
         cache.values.index_copy_(2, cache_pos, qkv[:, (heads + kv) * d:].view(batch, kv, 1, d))
         # the query heads of one kv head are that head's queries (one position: one mask row for all of them)
