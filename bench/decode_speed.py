@@ -4,6 +4,7 @@
     python bench/decode_speed.py step --config bench/configs/qwen2.5-1.5b-instruct.json --batches 8
     python bench/decode_speed.py eval ADAPTER held_out.jsonl --max-new-tokens 512 --batch-size 52
     python bench/decode_speed.py probe val.jsonl --repeat 2
+    python bench/decode_speed.py agree --config bench/configs/smollm2-135m.json --batch 52 --tokens 64
 
 
 `step` puts a LoRA (rank 16, every linear layer, B drawn small so that it changes the answers) on
@@ -16,7 +17,10 @@ LORA_CLI_EAGER_GENERATE=1, and compares the answers: identical share, stop rates
 `probe` times the training probe's decoding (its first K prompts of a val file, each with its own
 cap, one batch) on the model with such a LoRA: wall and process CPU seconds (CPU seconds are what
 a shared machine cannot blur), of which the prefill, and the rows decoded summed over the steps
-(--zero-b: the adapter as at the first evaluation, B still zero).
+(--zero-b: the adapter as at the first evaluation, B still zero). `step` also prints which decoding
+step ran ("fused": fused_step.py; "transformers": the model's own forward, LORA_CLI_TRANSFORMERS_STEP=1
+asks for it) and its ops (and CUDA kernels) per layer. `agree` decodes the same prompts greedily with
+both steps on one model (bf16 on a GPU) and counts identical answers.
 Every result is one JSON line on stdout.
 """
 
@@ -158,6 +162,35 @@ def step(opts) -> None:
         print(json.dumps(row), flush=True)
 
 
+def agree(opts) -> None:
+    """Greedy answers of the fused step against transformers' forward as the step, same copy dtype, same prompts."""
+    import torch
+
+    from lora_cli.infer.decode import build_decoder
+    from lora_cli.infer.generation import Sampling, _left_padded
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, what = _model(opts, device)
+    model = _with_lora(base)
+    if opts.config:  # random weights give flat logits: sharpened, greedy answers depend on the whole step
+        with torch.no_grad():
+            model.get_base_model().get_output_embeddings().weight.mul_(30)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fused, _ = build_decoder(model, device, dtype)
+    os.environ["LORA_CLI_TRANSFORMERS_STEP"] = "1"
+    plain, _ = build_decoder(model, device, dtype)
+    del os.environ["LORA_CLI_TRANSFORMERS_STEP"]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, model.config.vocab_size - 10, (int(n),), generator=g).tolist()
+               for n in torch.randint(16, 129, (opts.batch,), generator=g)]
+    ids, mask = _left_padded(prompts, 0, device)
+    a, b = (d.run(ids, mask.bool(), Sampling(max_new_tokens=opts.tokens), [-1], 0) for d in (fused, plain))
+    print(json.dumps({"bench": "agree", "model": what, "dtype": str(dtype)[6:], "steps": [fused.step_kind,
+                      plain.step_kind], "rows": opts.batch, "tokens": opts.tokens,
+                      "identical_rows": sum(bool(torch.equal(x, y)) for x, y in zip(a, b)),
+                      "tokens_agree": round((a == b).float().mean().item(), 4)}), flush=True)
+
+
 def _eval_json(adapter: str, data: str, opts, eager: bool) -> tuple[dict, float]:
     env = dict(os.environ, LORA_CLI_EAGER_GENERATE="1" if eager else "0")
     cmd = [sys.executable, "-m", "lora_cli", "eval", "--adapter", adapter, "--data", data, "--json",
@@ -249,6 +282,12 @@ def main() -> None:
                    help="the copy's dtype (auto: bf16 on a GPU, fp32 on the CPU)")
     s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the process's)")
     s.add_argument("--no-eager", action="store_true", help="time the fast path only")
+    a = sub.add_parser("agree")
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--quantization", default="nf4")
+    a.add_argument("--config", default=None)
+    a.add_argument("--batch", type=int, default=52)
+    a.add_argument("--tokens", type=int, default=64)
     e = sub.add_parser("eval")
     e.add_argument("adapter")
     e.add_argument("data")
@@ -269,7 +308,7 @@ def main() -> None:
     from lora_cli.model.load import quiet_libraries
 
     quiet_libraries()
-    {"step": step, "eval": evaluate, "probe": probe}[opts.what](opts)
+    {"step": step, "agree": agree, "eval": evaluate, "probe": probe}[opts.what](opts)
 
 
 if __name__ == "__main__":
