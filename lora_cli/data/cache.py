@@ -176,7 +176,7 @@ def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate
           skip_invalid: bool, counters: dict[str, int], issues: list[Issue], left_out: list[int], progress: Stage,
           digests: RecordDigests | None = None, lost_eos: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
-    stats = ScanStats(str(path))
+    stats = ScanStats()
     pending = []
     rejected = []
     errors = [0]
@@ -221,7 +221,7 @@ def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate
             faults.point("tokenize:rows")
     if not (errors[0] and not skip_invalid):
         yield from flush()
-    counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
+    counters["records"], counters["invalid"] = stats.records, stats.records - stats.valid + len(rejected)
 
 
 def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path,
