@@ -22,19 +22,15 @@ add_bos (common/chat.cpp), transformers tokenizes it as the special token.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lora_cli.data.records import Example
-from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate, TextTemplate
+from lora_cli.data.templates import PLACEHOLDER, TURN_SEPARATOR, ChatTemplate, TextTemplate
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-_PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")  # the placeholders templates._fill substitutes
-
 
 @dataclass(frozen=True)
 class PromptShape:
@@ -52,13 +48,10 @@ class PromptShape:
             return instruction
         return instruction + self.separator + input
 
-    def prompt(self, content: str) -> str:
-        return self.head + content + self.tail
-
 
 def prompt_shape(template: TextTemplate) -> PromptShape:
     """The shape of a TextTemplate; LoraCliError for a layout no chat message can express."""
-    parts = _PLACEHOLDER.split(template.with_input)
+    parts = PLACEHOLDER.split(template.with_input)
     names = parts[1::2]
     where = f"The template {template.name}"
     if names.count("instruction") != 1 or names.count("input") > 1 or "output" in names:
@@ -130,32 +123,25 @@ def text_chat_template(shape: PromptShape, prefix: str, eos: str) -> str:
     ])
 
 
-def gguf_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase, prefix: str,
-                       eos: str) -> str:
-    """The chat template for the GGUF metadata: the tokenizer's own for `chat`, else the text template's.
+def training_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase,
+                           add_eos: bool) -> str:
+    """The chat template that renders conversations as training rendered them, for `tokenizer` (for the
+    GGUF metadata and a merged model): the tokenizer's own for `chat`, else the text template's.
 
-    For `chat`, the tokens training puts in front (a BOS) open the template, since training put them
-    before the template's text: llama.cpp strips one leading BOS text and adds the BOS token itself.
-    A template that writes its BOS itself (`{{ bos_token }}`) is kept as it is: training did not add
-    a second one either (tokenization.with_prefix).
+    `add_eos`: training appended the eos after answers. transformers' apply_chat_template(tokenize=True)
+    of the result gives training's tokens (the BOS included once). For `chat`, the tokens training puts
+    in front (a BOS) open the template, since training put them before the template's text: llama.cpp
+    strips one leading BOS text and adds the BOS token itself. A template that writes its BOS itself
+    (`{{ bos_token }}`) is kept as it is: training did not add a second one either (tokenization.with_prefix).
+    Errors: LoraCliError for a text template whose layout no chat message can express (prompt_shape),
+    or `chat` without a template.
     """
+    from lora_cli.data.tokenization import special_prefix
+
+    prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
     if isinstance(template, ChatTemplate):
         ChatTemplate.check(tokenizer)
         if prefix and not ChatTemplate.opens_with(tokenizer, prefix):
             return f"{{{{ {jinja_string(prefix)} }}}}" + tokenizer.chat_template
         return tokenizer.chat_template
-    return text_chat_template(prompt_shape(template), prefix, eos)
-
-
-def training_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase,
-                           add_eos: bool) -> str:
-    """The chat template that renders conversations as training rendered them, for `tokenizer`.
-
-    `add_eos`: training appended the eos after answers. transformers' apply_chat_template(tokenize=True)
-    of the result gives training's tokens (the BOS included once). Errors: LoraCliError for a text
-    template whose layout no chat message can express (prompt_shape), or `chat` without a template.
-    """
-    from lora_cli.data.tokenization import special_prefix
-
-    prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
-    return gguf_chat_template(template, tokenizer, prefix, tokenizer.eos_token if add_eos else "")
+    return text_chat_template(prompt_shape(template), prefix, tokenizer.eos_token if add_eos else "")
