@@ -259,17 +259,14 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: Path | str) -> int:
+def remove_stale_temporaries(folder: Path | str) -> None:
     """Delete leftovers of killed writers in `folder`: temporaries whose writer process is gone."""
     folder = Path(folder)
-    removed = 0
     if not folder.is_dir():
-        return 0
+        return
     for entry in folder.iterdir():
         if entry.name.startswith(TMP_PREFIX) and not _owner_alive(entry.name):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-            removed += 1
-    return removed

@@ -66,15 +66,14 @@ Share = Annotated[float, Field(ge=0, lt=1)]
 
 
 def setting(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
-            factory: Any = None, set_only: bool = False, panel: str | None = None, **limits: Any) -> Any:
+            set_only: bool = False, panel: str | None = None, **limits: Any) -> Any:
     """A config field with what its command-line flag needs: help text, and a flag name where the
     field's own name (`max_length` -> `--max-length`) would be unclear. A bool flag is written as
     `--on/--off`. `set_only`: no flag of its own, reachable only through --set section.key=value.
     `panel`: the --help panel it is listed in (one of HELP_PANELS; its section's by default).
-    `limits`: pydantic's numeric bounds (gt, ge, lt, le)."""
+    `limits`: pydantic's numeric bounds (gt, ge, lt, le). A mutable default (a list) is copied for each
+    config, as pydantic copies every default that is not hashable."""
     meta = {"help": help, "flag": flag, "short": short, "set_only": set_only, "panel": panel}
-    if factory is not None:
-        return Field(default_factory=factory, description=help, json_schema_extra=meta, **limits)
     return Field(default, description=help, json_schema_extra=meta, **limits)
 
 
@@ -124,7 +123,7 @@ class LoraSettings(Section):
     alpha: Positive = setting(32, "LoRA alpha (the update is scaled by alpha / rank).", flag="--lora-alpha")
     dropout: Share = setting(0.05, "Dropout on the LoRA input.", flag="--lora-dropout")
     target_modules: Annotated[list[str], BeforeValidator(_comma_list), Field(min_length=1)] = setting(
-        help="Comma-separated module names, or all-linear.", factory=lambda: ["q_proj", "v_proj"])
+        ["q_proj", "v_proj"], "Comma-separated module names, or all-linear.")
     bias: Literal["none", "all", "lora_only"] = setting(
         "none", "Biases trained too: none, all or lora_only.", flag="--lora-bias")
     use_dora: bool = setting(False, "DoRA: a trained magnitude per output feature on top of the LoRA direction "

@@ -29,6 +29,10 @@ NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 class OutputInUse(LoraCliError):
     """Another live lora-cli process holds the lock of the output this command would write."""
 
+    def __init__(self, what: str, owner: dict, hint: str = ""):
+        super().__init__(f"{what} is in use by another lora-cli process ({describe(owner)}).",
+                         hint or "Wait for it to finish, or choose another output.")
+
 
 def lock_path(target: Path | str) -> Path:
     """The lock file of `target`: `.<name>.lock` beside it (absolute, so `./a` and `a/` share one)."""
@@ -125,8 +129,7 @@ def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
     try:
         state, owner = _flock_shared(fd), _read(fd)
         if state is False or (state is None and owner and _alive(owner)):
-            raise OutputInUse(f"{what} is in use by another lora-cli process ({describe(owner)}).",
-                              hint or "Wait for it to finish, or choose another output.")
+            raise OutputInUse(what, owner, hint)
     finally:
         os.close(fd)
 
@@ -166,8 +169,7 @@ def exclusive(target: Path | str, what: str, hint: str = "", reporter=NULL_REPOR
         raise LoraCliError(f"Cannot lock {target}: {path}: {exc.strerror or exc}.",
                            "Choose a writable location.") from None
     if fd is None:
-        raise OutputInUse(f"{what} is in use by another lora-cli process ({describe(owner)}).",
-                          hint or "Wait for it to finish, or choose another output.")
+        raise OutputInUse(what, owner, hint)
     try:
         _record(fd)
     except OSError as exc:

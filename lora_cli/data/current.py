@@ -190,11 +190,6 @@ class Resolved:
     current: CurrentDataset | None  # None when the user named everything the command needs
     said: str | None  # the one line that tells the user what was taken from the current dataset
 
-    @property
-    def held_out(self) -> str | None:
-        """The validation file eval and generate read (the current dataset's, unless named)."""
-        return self.cfg.data.val
-
 
 # What each command takes over from the current dataset, said in words.
 _SAID = {"tokenize": "Tokenizing {what}", "validate-data": "Validating {what}", "train": "Training on {what}",

@@ -34,11 +34,6 @@ class PreparedData:
     current: current_dataset.CurrentDataset | None = None  # as recorded by this call, if it recorded one
 
 
-def label_policy(cfg: RunConfig) -> LabelPolicy:
-    d = cfg.data
-    return LabelPolicy(max_length=d.max_length, train_on_prompt=d.train_on_prompt, add_eos=d.add_eos)
-
-
 def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool = False, is_main: bool = True,
                  barrier: Callable[[], None] = lambda: None, record: bool = False,
                  current: current_dataset.CurrentDataset | None = None) -> PreparedData:
@@ -59,7 +54,7 @@ def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool
     resolved = resolve_model(cfg.model.name, reporter)
     tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code)
     template = get_template(cfg.data.template)
-    policy = label_policy(cfg)
+    policy = LabelPolicy(cfg.data.max_length, cfg.data.train_on_prompt, cfg.data.add_eos)
     entries = {}
     for split in ("train", "val"):
         path = getattr(cfg.data, split)

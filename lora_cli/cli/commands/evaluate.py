@@ -93,7 +93,7 @@ def evaluate(
     if data is None:
         work = resolve("eval")
         err.print(work.said, markup=False, soft_wrap=True)
-        data = Path(work.held_out)
+        data = Path(work.cfg.data.val)
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
     params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=load.repetition_penalty,

@@ -157,7 +157,7 @@ def generate(
     if prompt is None and input_file is None:
         work = resolve("generate")
         err.print(work.said, markup=False, soft_wrap=True)
-        input_file = Path(work.held_out)
+        input_file = Path(work.cfg.data.val)
     params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
