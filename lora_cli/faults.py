@@ -47,11 +47,6 @@ _kill_hits: dict[str, int] = {}
 _actions: list[tuple[str, Callable[[Any], Any]]] = []
 
 
-def is_registered(name: str) -> bool:
-    """Whether `name` (a point, or a pattern such as `dir:*`) is one of POINTS."""
-    return any(name == known or fnmatch.fnmatchcase(name, known) for known in POINTS)
-
-
 def point(name: str, value: Any = None) -> Any:
     """Reach point `name` (one of POINTS) carrying `value`; returns `value`, or what an injected action made of it."""
     want = os.environ.get(KILL_ENV)
@@ -78,7 +73,7 @@ def inject(name: str, action: Callable[[Any], Any]) -> Iterator[None]:
 
     Raises ValueError for a name that is not one of POINTS (nor matches one of its patterns).
     """
-    if not is_registered(name):
+    if not any(fnmatch.fnmatchcase(name, known) for known in POINTS):  # a point, or a pattern such as `dir:*`
         raise ValueError(f"{name!r} is not a fault point; the points: {', '.join(POINTS)}")
     entry = (name, action)
     _actions.append(entry)

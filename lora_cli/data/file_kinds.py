@@ -287,8 +287,7 @@ def _check_wrapped_line(path: Path, first: str, out: str) -> None:
     the whole dataset on one line, {"data": [...]}, not a record."""
     wrapped = _WRAPPED.match(first)
     if wrapped and wrapped.group(1) not in ("messages", "history"):
-        obj = json.loads(first)
-        if isinstance(obj, dict) and not any(k in obj for k in _RECORD_KEYS):
+        if not any(k in json.loads(first) for k in _RECORD_KEYS):  # a JSON object (_structure checked)
             raise _wrapped(path, wrapped.group(1), out)
 
 
@@ -312,13 +311,10 @@ def _check_multiline_object(path: Path, text: str, first: str, out: str) -> None
 
 
 def _not_json(path: Path, first: str, out: str) -> NotJsonLines:
-    if "\t" in first:
-        return NotJsonLines(path, "tab-separated text (TSV)",
-                            "Convert it (the first line names the fields): "
-                            + _CSV_ROWS.format(delim=", delimiter='\\t'", path=path, out=out))
-    if "," in first:
-        return NotJsonLines(path, "comma-separated text (CSV)",
-                            "Convert it (the first line names the fields): " + _CSV_ROWS.format(delim="", path=path,
-                                                                                               out=out))
+    for sep, what, delim in (("\t", "tab-separated text (TSV)", ", delimiter='\\t'"),
+                             (",", "comma-separated text (CSV)", "")):
+        if sep in first:
+            return NotJsonLines(path, what, "Convert it (the first line names the fields): "
+                                + _CSV_ROWS.format(delim=delim, path=path, out=out))
     return NotJsonLines(path, f"text that is not JSON (none of its first {TEXT_LINES} lines starts with {{ or [)",
                         'Each line must be one JSON object: {"instruction": "...", "input": "...", "output": "..."}')
