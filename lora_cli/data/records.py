@@ -153,27 +153,19 @@ def _is_encodable(text: str) -> bool:
 
 
 def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: bool) -> str | None:
+    value = obj.get(key)
+    if value is None and optional:  # absent or null
+        return ""
     if key not in obj:
-        if optional:
-            return ""
         alias = _found_instead(obj, key)
-        hint = f" (found '{alias}': rename it to '{key}')" if alias else ""
-        issue(key, f"missing field '{key}'{hint}")
-        return None
-    value = obj[key]
-    if value is None:
-        if optional:
-            return ""
-        issue(key, f"'{key}' is null; it must be a non-empty string")
-        return None
-    if not isinstance(value, str):
-        issue(key, f"'{key}' must be a string, not {type(value).__name__}")
-        return None
-    if not _is_encodable(value):
-        issue(key, f"'{key}' holds an invalid unicode escape (a lone surrogate)")
-        return None
-    if not optional and not value.strip():
-        issue(key, f"'{key}' is blank")
+        problem = f"missing field '{key}'" + (f" (found '{alias}': rename it to '{key}')" if alias else "")
+    else:
+        problem = (f"'{key}' is null; it must be a non-empty string" if value is None else
+                   f"'{key}' must be a string, not {type(value).__name__}" if not isinstance(value, str) else
+                   f"'{key}' holds an invalid unicode escape (a lone surrogate)" if not _is_encodable(value) else
+                   f"'{key}' is blank" if not optional and not value.strip() else None)
+    if problem:
+        issue(key, problem)
         return None
     return value
 
