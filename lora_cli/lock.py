@@ -121,27 +121,21 @@ def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
 
     For checks made before the lock is taken (a folder's contents read before torch loads): what a
     live run's folder holds is not yet what it will hold, so it is said to be in use, not judged."""
+    import fcntl
+
     path = lock_path(target)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return  # no lock file (or none readable): nobody holds it
-    try:
-        state, owner = _flock_shared(fd), _read(fd)
+    try:  # a shared flock tried and dropped at once: True free, False held, None no flock here
+        state, owner = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB), _read(fd)
+        if state:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         if state is False or (state is None and owner and _alive(owner)):
             raise OutputInUse(what, owner, hint)
     finally:
         os.close(fd)
-
-
-def _flock_shared(fd: int) -> bool | None:
-    """A shared flock tried and dropped at once: True free, False held, None no flock here."""
-    import fcntl
-
-    state = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    if state:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    return state
 
 
 @contextlib.contextmanager
