@@ -152,12 +152,6 @@ class CacheEntry:
                        + (f" (line{'s' if len(skipped) > 1 else ''} {shown})" if skipped else "") + ".")
         return out
 
-    def digests(self) -> RecordDigests | None:
-        """The entry's records as overlap.RecordDigests (None for an entry without them)."""
-        from lora_cli.data.overlap import RecordDigests
-
-        return RecordDigests.load(self.path)
-
     def load(self) -> Dataset:
         from datasets import load_from_disk
 

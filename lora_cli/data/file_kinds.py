@@ -102,8 +102,7 @@ def sniff(path: str | Path, head: bytes) -> str:
         raise NotJsonLines(path, "a Python pickle", "Write the records as JSON Lines first (lora-cli never unpickles).")
     _check_wide_text(path, head, out)
     _check_legacy_encoding(path, head, out)
-    text = head.decode("utf-8", errors="replace")
-    text = text[1:] if text.startswith("\ufeff") else text
+    text = head.decode("utf-8-sig", errors="replace")  # a byte-order mark dropped
     kind = _structure(path, text, out, whole=len(head) < SAMPLE)
     return JSONL_CR if kind == JSONL and b"\r" in head.rstrip(b"\r") and b"\n" not in head else kind
 

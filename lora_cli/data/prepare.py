@@ -83,9 +83,9 @@ def _moved_on(current: current_dataset.CurrentDataset | None, cfg: RunConfig, en
 
 def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter: Reporter) -> None:
     """A warning when validation records are also training records (from the entries' digests)."""
-    from lora_cli.data.overlap import shared, val_overlap_note
+    from lora_cli.data.overlap import RecordDigests, shared, val_overlap_note
 
-    train_digests, val_digests = train.digests(), val.digests()
+    train_digests, val_digests = RecordDigests.load(train.path), RecordDigests.load(val.path)
     if train_digests is None or val_digests is None:
         return
     pairs = shared(val_digests, train_digests)
