@@ -1,20 +1,12 @@
 """The training prompt as a Jinja chat template: what llama.cpp and transformers apply to a GGUF, and
 what a merged model folder carries as its tokenizer's chat template.
 
-How a record maps onto a chat message (one rule, used by the GGUF chat template and the Ollama
-TEMPLATE alike): a record becomes ONE user message, whose content is
-- for the `chat` template: the instruction, plus "\\n\\n" + the input when the input is not blank
-  (what training renders, templates.ChatTemplate._messages); the template is the tokenizer's own;
-- for a text template (alpaca, alpaca-seed, a template file), cut as
-  HEAD {instruction} SEPARATOR {input} TAIL: the instruction, plus SEPARATOR + the input. alpaca
-  leaves `SEPARATOR + input` out for a blank input, as its training prompt leaves the Input block
-  out; alpaca-seed and template files always had the block in training, so their user message
-  always carries the SEPARATOR (followed by an empty input if there is none). The prompt is then
-  HEAD + content + TAIL: the Input block travels inside the message, so no runtime needs to know
-  about inputs. For alpaca the SEPARATOR is "\\n\\n### Input:\\n".
-Conversations render as lora-cli renders `messages` records (TextTemplate.segments): system
-messages joined by "\\n\\n" before the first prompt, consecutive user messages joined by
-"\\n\\n", turns separated by "\\n\\n", every answer followed by the template's suffix and the eos.
+One rule maps a record onto ONE user message, in the GGUF's chat template and the Ollama TEMPLATE
+alike (the table in docs/EXPORT.md): a text template (alpaca, alpaca-seed, a template file) is cut
+as HEAD {instruction} SEPARATOR {input} TAIL (PromptShape) and the Input block travels inside the
+message, so no runtime needs to know about inputs; `chat` keeps the tokenizer's own template (the
+message as templates.ChatTemplate._messages builds it). Conversations render as lora-cli renders
+`messages` records (TextTemplate.segments), every answer followed by the template's suffix and the eos.
 The tokenizer's BOS (tokenization.special_prefix) opens the text, as it opens every training
 example: llama.cpp strips one leading BOS text from a rendered template before tokenizing with
 add_bos (common/chat.cpp), transformers tokenizes it as the special token.
