@@ -38,10 +38,9 @@ def _as_flag(section: str, key: str) -> str:
     whichever way the value came ("" for a key without a flag of its own)."""
     model = RunConfig.model_fields.get(section)  # called while validating, long after RunConfig exists
     field = model.annotation.model_fields.get(key) if model is not None else None
-    meta = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
-    if field is None or meta.get("set_only"):
+    if field is None or field.json_schema_extra["set_only"]:  # every field is a setting(): its meta is a dict
         return ""
-    return f" ({flag_for(key, meta).split('/')[0]})"
+    return f" ({flag_for(key, field.json_schema_extra).split('/')[0]})"
 
 
 def flag_for(name: str, meta: dict[str, Any]) -> str:
@@ -231,8 +230,7 @@ class TrainConfig(Section):
 
     def trackers(self) -> list[str]:
         """The experiment trackers asked for, in order, without duplicates ([] for none)."""
-        names = [n.strip().lower() for n in str(self.report_to).split(",") if n.strip()]
-        return list(dict.fromkeys(n for n in names if n != "none"))
+        return [] if self.report_to == "none" else self.report_to.split(",")  # as _trackers wrote it
 
 
 class OutputConfig(Section):
