@@ -104,8 +104,8 @@ def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
 def encode_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
                   add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
-    history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
-    return _encode_prompt_segments(template.segments(history, tokenizer)[:-1], tokenizer, add_eos)
+    return encode_example_prompt(Example(0, messages=[*messages, {"role": "assistant", "content": ""}]), tokenizer,
+                                 template, add_eos)
 
 
 def encode_example_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
@@ -115,10 +115,12 @@ def encode_example_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, 
     What generation and the stop rate start from; an instruction record keeps its Input block,
     system prompt and history.
     """
-    if example.is_chat:
-        return encode_prompt(list(example.messages or [])[:-1], tokenizer, template, add_eos)
-    blank = replace(example, output="")
-    return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
+    last = {"role": "assistant", "content": ""}  # the response left blank: only the prompt before it is kept
+    blank = (replace(example, messages=[*(example.messages or [])[:-1], last]) if example.is_chat else
+             replace(example, output=""))
+    segs = template.segments(blank, tokenizer)[:-1]
+    ids = tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"] if segs else []
+    return _joined(segs, ids, special_prefix(tokenizer), tokenizer.eos_token_id, LabelPolicy(add_eos=add_eos))[0]
 
 
 def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
@@ -152,12 +154,6 @@ def check_system_message(system: str, tokenizer: PreTrainedTokenizerBase, templa
 def reference_answer(example: Example) -> str:
     """The record's own answer (its output, or its last assistant message)."""
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
-
-
-def _encode_prompt_segments(segs: list[tuple[str, bool | None]], tokenizer: PreTrainedTokenizerBase,
-                            add_eos: bool) -> list[int]:
-    ids = tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"] if segs else []
-    return _joined(segs, ids, special_prefix(tokenizer), tokenizer.eos_token_id, LabelPolicy(add_eos=add_eos))[0]
 
 
 @dataclass(frozen=True)
