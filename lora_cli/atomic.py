@@ -56,12 +56,8 @@ def is_disk_full(exc: BaseException) -> bool:
     SafetensorError whose text says "os error 28", torch.save a RuntimeError whose context is
     the OSError, datasets a DatasetGenerationError caused by it.
     """
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(text in str(e).lower() for text in DISK_FULL_TEXT):
-            return True
-    return False
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+               or any(text in str(e).lower() for text in DISK_FULL_TEXT) for e in _chain(exc))
 
 
 def os_errno(exc: BaseException) -> int | None:
