@@ -98,9 +98,7 @@ def open_lines(path: str | Path, cr_only: bool = False) -> Iterator[tuple[int, b
     CRLF and LF line ends are."""
     with open_data_file(path) as fh:
         for number, raw in enumerate(_cr_lines(fh) if cr_only else fh, start=1):
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            yield number, raw.rstrip(b"\r\n")
+            yield number, raw.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n")
 
 
 def _cr_lines(fh: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -345,8 +343,8 @@ class ScanStats:
         self.chat += example is not None and example.is_chat
 
 
-def iter_examples(path: str | Path, on_issue: Callable[[Issue], None] | None = None,
-                  stats: ScanStats | None = None) -> Iterator[Example]:
+def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: ScanStats | None = None
+                  ) -> Iterator[Example]:
     """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
 
     A warning about a look-alike field is reported for the first line that has it, not for every one."""
@@ -365,8 +363,7 @@ def iter_examples(path: str | Path, on_issue: Callable[[Issue], None] | None = N
         warned.update(i.field for i in issues if i.severity == "warning")
         if stats is not None:
             stats.count(example)
-        if on_issue is not None:
-            for item in issues:
-                on_issue(item)
+        for item in issues:
+            on_issue(item)
         if example is not None:
             yield example
