@@ -49,22 +49,15 @@ _actions: list[tuple[str, Callable[[Any], Any]]] = []
 
 def point(name: str, value: Any = None) -> Any:
     """Reach point `name` (one of POINTS) carrying `value`; returns `value`, or what an injected action made of it."""
-    want = os.environ.get(KILL_ENV)
-    if want:
-        _maybe_kill(name, want)
+    kill_at, _, nth = os.environ.get(KILL_ENV, "").partition("#")
+    if kill_at and fnmatch.fnmatchcase(name, kill_at):
+        _kill_hits[kill_at] = _kill_hits.get(kill_at, 0) + 1
+        if _kill_hits[kill_at] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
     for pattern, action in list(_actions):
         if fnmatch.fnmatchcase(name, pattern):
             value = action(value)
     return value
-
-
-def _maybe_kill(name: str, want: str) -> None:
-    pattern, _, nth = want.partition("#")
-    if not fnmatch.fnmatchcase(name, pattern):
-        return
-    _kill_hits[pattern] = _kill_hits.get(pattern, 0) + 1
-    if _kill_hits[pattern] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager

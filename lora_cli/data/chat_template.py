@@ -71,8 +71,7 @@ def user_content(template: TextTemplate | ChatTemplate, instruction: str, input:
 def describe_mapping(template: TextTemplate | ChatTemplate) -> str:
     """One line for users: what to send as the user message (the prompt) for an instruction and input."""
     if isinstance(template, ChatTemplate):
-        sep = TURN_SEPARATOR
-        return f"the instruction, or the instruction + {sep!r} + the input (the tokenizer's chat template)"
+        return f"the instruction, or the instruction + {TURN_SEPARATOR!r} + the input (the tokenizer's chat template)"
     shape = prompt_shape(template)
     if shape.separator is None:
         return "the instruction (this template has no input)"

@@ -146,8 +146,7 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     raw = {"version": VERSION, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), "cwd": os.getcwd(),
            "settings": {k: flat[k] for k in SETTINGS}, "eos_token": eos_token, "files": files}
     path = current_path(cfg.data.cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(raw, indent=2) + "\n")
+    write_text(path, json.dumps(raw, indent=2) + "\n")  # its folder made if need be
     return _parse(raw, path)
 
 
