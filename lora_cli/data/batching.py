@@ -123,22 +123,13 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
     """
     import torch
 
-    packed_rows = rows if rows and isinstance(rows[0], list) else [rows]
-    built = []
-    for row in packed_rows:
-        ids, tgt, pos = [], [], []
-        for r in row:
-            x = list(r["input_ids"])
-            ids.extend(x)
-            tgt.extend(_shifted(list(r["labels"])))
-            pos.extend(range(len(x)))
-        built.append((ids, tgt, pos))
+    built = []  # (ids, targets, positions) of each row, unpadded
+    for row in rows if rows and isinstance(rows[0], list) else [rows]:
+        built.append(([t for r in row for t in r["input_ids"]], [t for r in row for t in _shifted(list(r["labels"]))],
+                      [p for r in row for p in range(len(r["input_ids"]))]))
     built += [([], [], [])] * max(0, static_rows - len(built))
     longest = max(len(b[0]) for b in built)
-    width = max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
-    if static_rows:
-        width = max(max_tokens, longest)
-    n_real = sum(len(b[0]) for b in built)
+    width = max(max_tokens if static_rows else min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
     out_ids, out_tgt, out_pos = [], [], []
     for ids, tgt, pos in built:
         extra = width - len(ids)
@@ -146,9 +137,8 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
         out_ids.append(ids + [pad_id] * extra)
         out_tgt.append(tgt + [IGNORE] * extra)
         out_pos.append(pos + list(range(extra)))
-    as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    ids_t, tgt_t = as_t(out_ids), as_t(out_tgt)
-    return MicroBatch(ids_t, tgt_t, None, as_t(out_pos), int((tgt_t != IGNORE).sum()), n_real)
+    ids_t, tgt_t, pos_t = (torch.tensor(v, dtype=torch.long) for v in (out_ids, out_tgt, out_pos))
+    return MicroBatch(ids_t, tgt_t, None, pos_t, int((tgt_t != IGNORE).sum()), sum(len(b[0]) for b in built))
 
 
 def collate_padded(rows: list[dict], pad_id: int, static_rows: int = 0) -> MicroBatch:
