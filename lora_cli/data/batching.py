@@ -156,14 +156,12 @@ def collate_padded(rows: list[dict], pad_id: int, static_rows: int = 0) -> Micro
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     tgt = torch.full((n_rows, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((n_rows, width), dtype=torch.long)
-    n_real = 0
     for b, r in enumerate(rows):
         x = list(r["input_ids"])
         ids[b, : len(x)] = torch.tensor(x)
         tgt[b, : len(x)] = torch.tensor(_shifted(list(r["labels"])))
         mask[b, : len(x)] = 1
-        n_real += len(x)
-    return MicroBatch(ids, tgt, mask, None, int((tgt != IGNORE).sum()), n_real)
+    return MicroBatch(ids, tgt, mask, None, int((tgt != IGNORE).sum()), int(mask.sum()))
 
 
 @dataclass
