@@ -238,20 +238,16 @@ def _owner_alive(name: str) -> bool:
     Names without an owner tag, or made on another host (a shared filesystem), count as alive:
     only what is certainly abandoned is removed.
     """
-    host, pid = _owner().split("~")[0], None
-    for part in name.split("."):
-        if "~" in part:
-            tag_host, _, tag_pid = part.partition("~")
-            if tag_host == host and tag_pid.isdigit():
-                pid = int(tag_pid)
-    if pid is None:
-        return True
+    host = _owner().split("~")[0]
+    tags = [part.partition("~") for part in name.split(".") if "~" in part]
+    pids = [int(pid) for tag_host, _, pid in tags if tag_host == host and pid.isdigit()]
     try:
-        os.kill(pid, 0)
+        if pids:
+            os.kill(pids[-1], 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process, alive
+        pass
     return True
 
 

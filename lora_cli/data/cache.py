@@ -246,14 +246,12 @@ def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBa
 
 def _hit(split: str, key: str, entry_dir: Path) -> CacheEntry | None:
     """The complete entry `key` in entry_dir, or None (absent, incomplete or unreadable: built again)."""
-    meta_path = entry_dir / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = CacheMeta.from_dict(json.loads(meta_path.read_text()))
-            if meta.key == key and (entry_dir / "data" / "dataset_info.json").is_file():
-                return CacheEntry(split, key, entry_dir, True, meta)
-        except (OSError, ValueError, TypeError, KeyError):  # not this format's meta.json
-            pass
+    try:
+        meta = CacheMeta.from_dict(json.loads((entry_dir / "meta.json").read_text()))
+        if meta.key == key and (entry_dir / "data" / "dataset_info.json").is_file():
+            return CacheEntry(split, key, entry_dir, True, meta)
+    except (OSError, ValueError, TypeError, KeyError):  # none, or not this format's meta.json
+        pass
     return None
 
 
