@@ -48,8 +48,7 @@ def describe(owner: dict) -> str:
 
 
 def _read(fd: int) -> dict:
-    os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 65536)
+    raw = os.pread(fd, 65536, 0)
     try:
         owner = json.loads(raw.decode("utf-8")) if raw.strip() else {}
     except ValueError:
@@ -112,8 +111,7 @@ def _record(fd: int) -> None:
           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
     os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(me).encode("utf-8"))
+    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
 
 
 def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
