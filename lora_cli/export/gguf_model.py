@@ -22,8 +22,6 @@ streamed to the file one at a time: memory holds the fp32 model plus one convert
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from lora_cli.progress import NULL_REPORTER
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -31,13 +29,6 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 _MATRIX = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 _KEEP_8BIT = ("token_embd.weight", "output.weight")
 _KEEP_F16_IN_Q8 = (".attn_v.weight", ".ffn_down.weight")  # model matrices only: a LoRA's end in .lora_a/.lora_b
-
-
-@dataclass
-class WrittenModel:
-    tensors: int
-    types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
-    vocab: object = None  # vocab.VocabInfo
 
 
 def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
@@ -62,10 +53,8 @@ def encode(array, qtype):
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
-    if qtype == Q.F32:
-        return np.ascontiguousarray(array, dtype=np.float32)
-    if qtype == Q.F16:
-        return np.ascontiguousarray(array, dtype=np.float16)
+    if qtype in (Q.F32, Q.F16):
+        return np.ascontiguousarray(array, dtype=np.float32 if qtype == Q.F32 else np.float16)
     return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 
@@ -105,8 +94,9 @@ def stream(writer, path, plan: list[tuple[str, object, object]], reporter=NULL_R
 
 
 def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: str, metadata: dict,
-                     reporter=NULL_REPORTER) -> WrittenModel:
-    """Write `model` (a merged transformers model, fp32) with its tokenizer and chat template to `path`."""
+                     reporter=NULL_REPORTER) -> dict[str, int]:
+    """Write `model` (a merged transformers model, fp32) with its tokenizer and chat template to `path`;
+    returns {GGML type name: tensor count}."""
     import gguf
 
     from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
@@ -127,22 +117,15 @@ def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: 
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hparams(writer, model.config, spec)
-    vocab = add_vocab(writer, tokenizer, model.config.vocab_size)
+    add_vocab(writer, tokenizer, model.config.vocab_size)
     writer.add_chat_template(chat_template)
     for key, value in metadata.items():
         writer.add_string(f"lora_cli.{key}", str(value))
     plan = []
     for hf_name, target in names.items():
-        shape = tuple(state[hf_name].shape)
-        qtype = tensor_type(outtype, target, shape)
-        declare(writer, target, shape, qtype)
-        plan.append((target, _producer(state[hf_name], target, spec, to_gguf_layout), qtype))
-    counts = stream(writer, path, plan, reporter, f"Writing {outtype} GGUF")
-    return WrittenModel(len(plan), counts, vocab)
-
-
-def _producer(tensor, target: str, spec, layout):
-    def produce():
-        return layout(target, tensor.detach().float().cpu().numpy(), spec)
-
-    return produce
+        tensor = state[hf_name]
+        qtype = tensor_type(outtype, target, tuple(tensor.shape))
+        declare(writer, target, tuple(tensor.shape), qtype)
+        plan.append((target, lambda t=tensor, n=target: to_gguf_layout(n, t.detach().float().cpu().numpy(), spec),
+                     qtype))
+    return stream(writer, path, plan, reporter, f"Writing {outtype} GGUF")

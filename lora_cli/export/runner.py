@@ -213,16 +213,16 @@ def _write(output: Path, fmt: str, replace: bool, model, tokenizer, spec, outtyp
 
     if fmt == "gguf":
         with atomic_path(output) as tmp:
-            return write_model_gguf(tmp, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter).types
+            return write_model_gguf(tmp, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
     from lora_cli.export.modelfile import modelfile_text
 
     notes = [f"Adapter: {meta['name']}; template {meta['template']}; base weights {meta['base_weights']}; "
              f"{outtype}.", f"Send as the prompt: {plan['prompt']}.", f"Create: ollama create NAME -f {MODELFILE}"]
     text = modelfile_text(OLLAMA_GGUF, plan["shape"], plan["stops"], notes)
     with atomic_dir(output, replace=replace) as tmp:
-        written = write_model_gguf(tmp / OLLAMA_GGUF, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
+        counts = write_model_gguf(tmp / OLLAMA_GGUF, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
         (tmp / MODELFILE).write_text(text, encoding="utf-8")
-    return written.types
+    return counts
 
 
 def _export_lora(info, output: Path, outtype: str, spec, template, t0: float, reporter) -> ExportResult:

@@ -12,7 +12,6 @@ name is refused rather than guessed, since a wrong split silently changes the to
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from lora_cli.errors import LoraCliError
 
@@ -24,15 +23,6 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 SPLITS = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
 HINT = ("Use --format gguf-lora with a base GGUF made by llama.cpp, or `lora-cli merge` and llama.cpp's "
         "convert_hf_to_gguf.py (which also writes SentencePiece vocabularies).")
-
-
-@dataclass
-class VocabInfo:
-    model: str  # tokenizer.ggml.model
-    pre: str  # tokenizer.ggml.pre
-    size: int  # tokens written (= the model's embedding rows)
-    add_bos: bool
-    special: dict[str, int]  # bos / eos / unk / pad ids written
 
 
 def _refuse(why: str) -> LoraCliError:
@@ -88,7 +78,7 @@ def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
     return backend, pre, bool(prefix)
 
 
-def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
+def add_vocab(writer, tokenizer, vocab_size: int) -> None:
     """Write the tokenizer's tokenizer.ggml.* keys; `vocab_size` is the model's embedding rows."""
     from gguf import TokenType
 
@@ -112,10 +102,9 @@ def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(backend.get("model") or {}))
-    special = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
-    special = {k: v for k, v in special.items() if isinstance(v, int)}
-    for kind, token_id in special.items():
-        getattr(writer, f"add_{kind}_token_id")(token_id)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if isinstance(token_id, int):
+            getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)  # training appends the eos itself, after the response only
-    return VocabInfo("gpt2", pre, vocab_size, add_bos, special)
