@@ -40,30 +40,10 @@ class OllamaShape:
     default_system: str | None  # the template's system text when the conversation has none (Modelfile SYSTEM)
 
     def render(self, messages: list[dict]) -> str:
-        """What Ollama's legacy Execute renders for `messages` (a Python model of this shape, for checks)."""
-        merged: list[dict] = []
-        for msg in messages:  # collate: consecutive messages of one role are joined
-            if merged and merged[-1]["role"] == msg["role"]:
-                merged[-1] = {"role": msg["role"], "content": merged[-1]["content"] + "\n\n" + msg["content"]}
-            else:
-                merged.append(dict(msg))
-        if self.default_system is not None and (not merged or merged[0]["role"] != "system"):
-            merged.insert(0, {"role": "system", "content": self.default_system})
-        out, turn = [], {"System": "", "Prompt": "", "Response": ""}
-        for msg in merged:
-            role = msg["role"]
-            if (role == "system" and (turn["Prompt"] or turn["Response"])) or (role == "user" and turn["Response"]):
-                out.append(self._turn(turn, last=False))
-                turn = {"System": "", "Prompt": "", "Response": ""}
-            field = {"system": "System", "user": "Prompt", "assistant": "Response"}.get(role)
-            if field:  # other roles (tool) are not rendered by a legacy template
-                turn[field] = msg["content"]
-        return "".join(out) + self._turn(turn, last=True)
+        """What Ollama's legacy Execute renders for `messages` with this shape's TEMPLATE (for checks)."""
+        from lora_cli.export.check_artifact import ollama_render
 
-    def _turn(self, v: dict, last: bool) -> str:
-        system = self.system_open + v["System"] + self.system_close if v["System"] else ""
-        text = system + self.user_open + v["Prompt"] + self.generation + v["Response"]
-        return text if last else text + self.after
+        return ollama_render(go_template(self), messages, self.default_system)
 
 
 def text_shape(template, eos: str) -> OllamaShape:
