@@ -25,6 +25,8 @@ greedy, stop_ids, add_bos and bos_text.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +36,6 @@ from lora_cli.progress import NULL_REPORTER
 
 AGREEMENT = {"F32": 0.99, "F16": 0.99, "BF16": 0.99, "Q8_0": 0.97}
 OTHER_AGREEMENT, WARN_MARGIN, STOP_SLACK = 0.90, 0.05, 2
-REPORT_SUFFIX = ".check.json"
 
 
 class Runtime(Protocol):
@@ -139,10 +140,7 @@ def prompt_fault(trained: list[int], export: list[int], bos_id, trained_text, ex
         return ""
 
     def strip(ids):
-        i = 0
-        while i < len(ids) and ids[i] == bos_id:
-            i += 1
-        return ids[i:]
+        return list(itertools.dropwhile(lambda i: i == bos_id, ids))
 
     if bos_id is not None and strip(trained) == strip(export):
         return "BOS"
@@ -150,12 +148,7 @@ def prompt_fault(trained: list[int], export: list[int], bos_id, trained_text, ex
 
 
 def _shared_prefix(a: str, b: str) -> float:
-    if not a and not b:
-        return 1.0
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n / max(len(a), len(b))
+    return len(os.path.commonprefix([a, b])) / max(len(a), len(b)) if a or b else 1.0
 
 
 def _teacher_forced(runtime: Runtime, reference: Runtime, ids: list[int]) -> tuple[int, float]:
@@ -269,17 +262,13 @@ def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: 
     return reasons
 
 
-def report_path(artifact_path) -> Path:
-    """Where the JSON report goes: beside the artifact (model.gguf -> model.gguf.check.json)."""
-    path = Path(artifact_path)
-    return path.parent / (path.name + REPORT_SUFFIX)
-
-
 def write_report(report: CheckReport) -> str:
+    """Write the JSON report beside the artifact (model.gguf -> model.gguf.check.json); returns its path."""
     import json
 
     from lora_cli.atomic import write_text
 
-    path = report_path(report.artifact)
+    artifact = Path(report.artifact)
+    path = artifact.parent / (artifact.name + ".check.json")
     write_text(path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return str(path)
