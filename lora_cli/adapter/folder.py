@@ -231,7 +231,7 @@ class AdapterInfo:
     @property
     def tokenizer_dir(self) -> Path | None:
         """The adapter's own copy of the tokenizer, if it has one (else the base model's is used)."""
-        return self.path if self.path is not None and (self.path / "tokenizer_config.json").is_file() else None
+        return self.path if self.path is not None and (self.path / TOKENIZER_CONFIG).is_file() else None
 
 
 def _saved_template(path: Path, override: str | None, warnings: list[str]) -> str | None:

@@ -48,22 +48,23 @@ class MergeResult:
     seconds: float
 
 
-def check_output(output: Path, adapter: Path, force: bool) -> bool:
-    """Whether an existing `output` will be replaced; refuse anything that would lose a user's files."""
-    if output.resolve() == adapter.resolve() or output.resolve().is_relative_to(adapter.resolve()):
-        raise LoraCliError(f"The merged model cannot be written into the adapter folder {adapter}.",
-                           "Choose another -o folder, e.g. -o merged.")
+def check_output(output: Path, adapter: Path, force: bool, what: str = "merged model", marker: str = "config.json",
+                 example: str = "merged") -> bool:
+    """Whether an existing folder `output` will be replaced by the `what` (a folder always holding `marker`);
+    refuse anything that would lose a user's files. Export's ollama folder is checked here too."""
+    if output.resolve().is_relative_to(adapter.resolve()):
+        raise LoraCliError(f"The {what} cannot be written into the adapter folder {adapter}.",
+                           f"Choose another -o folder, e.g. -o {example}.")
     if not output.exists():
         return False
     if not output.is_dir():
-        raise LoraCliError(f"{output} exists and is a file, not a folder.")
-    entries = list(output.iterdir())
-    if not entries:
+        raise LoraCliError(f"{output} exists and is a file; the {what} is a folder.")
+    if not any(output.iterdir()):
         return True
     if not force:
         raise LoraCliError(f"{output} already exists.", "Pass --force to replace it, or choose another -o folder.")
-    if not (output / "config.json").is_file():
-        raise LoraCliError(f"{output} is not empty and does not hold a model; refusing to replace it, even with --force.",
+    if not (output / marker).is_file():
+        raise LoraCliError(f"{output} is not empty and holds no {marker}; refusing to replace it, even with --force.",
                            "Choose another -o folder.")
     return True
 

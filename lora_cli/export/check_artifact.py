@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.errors import LoraCliError
+from lora_cli.export import MODELFILE, OLLAMA_GGUF
 
-MODELFILE, OLLAMA_GGUF = "Modelfile", "model.gguf"  # as runner.py writes them (runner imports torch's world)
 _STRING = re.compile(r'^"((?:[^"\\]|\\.)*)"$', re.S)
 _GO_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
 

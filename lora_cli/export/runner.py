@@ -22,16 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import TOKENIZER_CONFIG
+from lora_cli.adapter.folder import load_template
+from lora_cli.adapter.merging import BASE_WEIGHTS, check_output, merged_model, trained_base_weights
 from lora_cli.errors import LoraCliError
-from lora_cli.export import BASE_WEIGHTS, FORMATS, OUTTYPES
+from lora_cli.export import FORMATS, MODELFILE, OLLAMA_GGUF, OUTTYPES
 from lora_cli.lock import exclusive
 from lora_cli.progress import NULL_REPORTER
 from lora_cli.writable import check_writable
 
 GGUF_MAGIC = b"GGUF"
-MODELFILE = "Modelfile"
-OLLAMA_GGUF = "model.gguf"
 
 
 @dataclass
@@ -75,25 +74,6 @@ def check_file_output(output: Path, adapter: Path, force: bool) -> None:
                            "Choose another -o path.")
 
 
-def check_folder_output(output: Path, adapter: Path, force: bool) -> bool:
-    """An ollama folder destination; True when an existing export will be replaced."""
-    if output.resolve().is_relative_to(adapter.resolve()):
-        raise LoraCliError(f"The export cannot be written into the adapter folder {adapter}.",
-                           "Choose another -o folder, e.g. -o ollama-model.")
-    if not output.exists():
-        return False
-    if not output.is_dir():
-        raise LoraCliError(f"{output} exists and is a file; --format ollama writes a folder (GGUF + Modelfile).")
-    if not any(output.iterdir()):
-        return True
-    if not force:
-        raise LoraCliError(f"{output} already exists.", "Pass --force to replace it, or choose another -o folder.")
-    if not (output / MODELFILE).is_file():
-        raise LoraCliError(f"{output} is not empty and holds no Modelfile; refusing to replace it, even with --force.",
-                           "Choose another -o folder.")
-    return True
-
-
 def _validate(fmt: str, outtype: str, base_weights: str) -> None:
     for flag, value, allowed in (("--format", fmt, FORMATS), ("--outtype", outtype, OUTTYPES),
                                  ("--base-weights", base_weights, BASE_WEIGHTS)):
@@ -104,18 +84,6 @@ def _validate(fmt: str, outtype: str, base_weights: str) -> None:
     if fmt == "gguf-lora" and outtype not in LORA_OUTTYPES:
         raise LoraCliError(f"--outtype {outtype} is not offered for --format gguf-lora; use one of "
                            f"{', '.join(LORA_OUTTYPES)} (an adapter is small: f16 or f32 keeps it exact).")
-
-
-def _base_config(info, reporter):
-    from transformers import AutoConfig
-
-    from lora_cli.model.load import quiet_libraries
-    from lora_cli.model.resolve import resolve_model
-
-    quiet_libraries()
-    resolved = resolve_model(info.base_model, reporter)
-    config = AutoConfig.from_pretrained(str(resolved.path), trust_remote_code=info.trust_remote_code)
-    return resolved, config
 
 
 def _eos_texts(tokenizer, model_dir: Path) -> list[str]:
@@ -139,30 +107,34 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
     output, t0 = Path(output), time.time()
     check_writable(output, "folder" if fmt == "ollama" else "file", "-o")
     with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o path."):
-        replace = check_folder_output(output, info.path, force) if fmt == "ollama" else \
-            check_file_output(output, info.path, force)
+        replace = check_output(output, info.path, force, "ollama export", MODELFILE, "ollama-model") \
+            if fmt == "ollama" else check_file_output(output, info.path, force)
         return _export(info, output, fmt, outtype, base_weights, replace, t0, reporter)
 
 
 def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, replace: bool, t0: float,
             reporter) -> ExportResult:
-    from lora_cli.adapter.folder import load_template
+    from lora_cli.export.architecture import check_config
+    from lora_cli.model.load import quiet_libraries
+    from lora_cli.model.resolve import resolve_model
 
     template = load_template(info)
-    resolved, config = _base_config(info, reporter)
-    from lora_cli.export.architecture import check_config
+    from transformers import AutoConfig
 
+    quiet_libraries()
+    resolved = resolve_model(info.base_model, reporter)
+    config = AutoConfig.from_pretrained(str(resolved.path), trust_remote_code=info.trust_remote_code)
     spec = check_config(config, info.base_model)
     if fmt == "gguf-lora":
         return _export_lora(info, output, outtype, spec, template, t0, reporter)
-    weights = base_weights if base_weights != "auto" else auto_base_weights(info.quantization, outtype)
+    # --base-weights auto (module docstring): merge's, the weights training used, except NF4 under q4_0
+    weights = base_weights if base_weights != "auto" else \
+        "original" if outtype == "q4_0" else trained_base_weights(info.quantization)
     if info.quantization == "nf4" and weights != "nf4":
         reporter.message(f"Merging into the original base weights, not the NF4 weights the adapter was trained and "
                          f"evaluated on{' (q4_0 on NF4 values rounds twice to 4 bits)' if outtype == 'q4_0' else ''}: "
                          "the exported model is not exactly the one `lora-cli eval` measured.")
     plan = _prompt_plan(info, template, resolved.path, fmt)
-    from lora_cli.adapter.merging import merged_model
-
     model, tokenizer = merged_model(info, "fp32", weights, reporter)
     meta = {"name": f"{info.base_model} + {info.path.name}", "version": __version__, "template": info.template,
             "base_weights": weights, "prompt": plan["prompt"]}
@@ -172,14 +144,6 @@ def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, repla
     create = f"ollama create {_model_name(output)} -f {output / MODELFILE}" if fmt == "ollama" else ""
     return ExportResult(fmt, outtype, str(output), files, size, round(time.time() - t0, 2), info.base_model,
                         spec.arch_name, weights, info.template, plan["prompt"], counts, plan["stops"], create)
-
-
-def auto_base_weights(quantization: str, outtype: str) -> str:
-    """What --base-weights auto means (module docstring): merge's default, the weights training used
-    (merging.trained_base_weights), except NF4 under q4_0."""
-    from lora_cli.adapter.merging import trained_base_weights
-
-    return "original" if outtype == "q4_0" else trained_base_weights(quantization)
 
 
 def _model_name(output: Path) -> str:
@@ -194,8 +158,7 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     from lora_cli.export.vocab import check_tokenizer
     from lora_cli.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(info.path if (info.path / TOKENIZER_CONFIG).is_file() else model_dir,
-                               info.trust_remote_code)
+    tokenizer = load_tokenizer(info.tokenizer_dir or model_dir, info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""
     plan = {"jinja": ct.training_chat_template(template, tokenizer, info.add_eos), "prompt": ct.describe_mapping(template),
