@@ -19,7 +19,10 @@ literals, if/else/end, trim markers); any other construct is named in a LoraCliE
 
 from __future__ import annotations
 
+import ast
 import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,6 @@ from lora_cli.errors import LoraCliError
 from lora_cli.export import MODELFILE, OLLAMA_GGUF
 
 _STRING = re.compile(r'^"((?:[^"\\]|\\.)*)"$', re.S)
-_GO_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
 
 
 @dataclass
@@ -85,11 +87,8 @@ def gguf_fields(path: Path) -> dict:
                 out[name] = fld.contents()
             except Exception:  # a field type gguf cannot convert: not one the check reads
                 continue
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        if len(tensor.shape) == 2 and tensor.name.endswith(".weight"):
-            types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    out["weight_type"] = _file_type(out.get("general.file_type")) or (max(types, key=types.get) if types else "?")
+    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2 and t.name.endswith(".weight"))
+    out["weight_type"] = _file_type(out.get("general.file_type")) or (types.most_common(1)[0][0] if types else "?")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     for key in ("bos", "eos"):
         token_id = out.get(f"tokenizer.ggml.{key}_token_id")
@@ -181,19 +180,10 @@ def jinja_render(template: str, messages: list[dict], bos: str, eos: str) -> str
 
 
 def _go_unquote(body: str) -> str:
-    out, i = [], 0
-    while i < len(body):
-        if body[i] != "\\":
-            out.append(body[i])
-            i += 1
-        elif body[i + 1] in "uU":
-            width = 4 if body[i + 1] == "u" else 8
-            out.append(chr(int(body[i + 2:i + 2 + width], 16)))
-            i += 2 + width
-        else:
-            out.append(_GO_ESCAPES[body[i + 1]])
-            i += 2
-    return "".join(out)
+    """A Go string literal's value: the escapes lora-cli writes (\\n, \\", \\u00e9, \\U0001f600) are Python's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an escape Python lacks is kept as written (it warns of it)
+        return ast.literal_eval(f'"""{body}"""')
 
 
 def _go_items(template: str) -> list[tuple[str, str]]:
