@@ -47,10 +47,7 @@ def _tensor_progress(stage):
     writes `\r`-joined bars into logs; for the conversion it counts into the reporter's stage instead."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:  # another transformers: nothing of ours to route
-        yield
-        return
+    original = gguf_utils.tqdm
 
     def counted(iterable, *args, **kwargs):
         for item in iterable:
@@ -73,10 +70,6 @@ def ensure_converted(name: str, reporter=None) -> Path:
         return target
     gguf = _gguf_file(spec)
     reporter = reporter or NULL_REPORTER
-    import importlib
-
-    if importlib.util.find_spec("gguf") is None:
-        raise LoraCliError("Converting the embedded model needs the 'gguf' package.", "pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 

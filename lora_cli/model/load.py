@@ -27,13 +27,10 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|bitsandbytes|accelerate)")
-    try:
-        from transformers.utils import logging as tlog
+    from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
 
 
 def _load_error(exc: Exception, what: str, path: Path) -> LoraCliError:
@@ -127,7 +124,6 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
     sees an input that does (compiled layers then share one graph instead of two: layer 0's
     input would otherwise be the only one without).
     """
-    gc_kwargs = {"use_reentrant": False}
     if quantized and upcast:
         from peft import prepare_model_for_kbit_training
 
@@ -138,7 +134,7 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
     if input_grads and not checkpoint_layers:
         model.enable_input_require_grads()
     if checkpoint_layers:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         if checkpoint_layers > 0:
             for layer in decoder_layers(model)[checkpoint_layers:]:
@@ -202,7 +198,7 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     return dataclasses.replace(targets, lora_parameters=count)
 
 
-def lora_config(lora: LoraSettings, target_modules: list[str] | str, inference: bool = False):
+def lora_config(lora: LoraSettings, target_modules: list[str] | str):
     """peft's LoraConfig for our LoRA settings on `target_modules` (targets.resolve_targets' peft_value).
     init `default` is peft's True (kaiming A, zero B); loftq starts as default and is replaced by
     attach_lora (peft's replace_lora_weights_loftq, for a 4-bit base)."""
@@ -211,7 +207,7 @@ def lora_config(lora: LoraSettings, target_modules: list[str] | str, inference: 
     init = {"default": True, "loftq": True}.get(lora.init_lora_weights, lora.init_lora_weights)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules=target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
-                      use_rslora=lora.use_rslora, init_lora_weights=init, inference_mode=inference)
+                      use_rslora=lora.use_rslora, init_lora_weights=init)
 
 
 def attach_lora(model, lora: LoraSettings, model_name: str = "the model", model_path: Path | None = None):
