@@ -187,27 +187,17 @@ def _go_unquote(body: str) -> str:
 
 
 def _go_items(template: str) -> list[tuple[str, str]]:
-    """[("text", s) | ("action", s)], trim markers applied; string literals may hold braces (Go's lexer)."""
+    """[("text", s) | ("action", s)], trim markers applied. An action ends at the first "}}": the string
+    literals lora-cli writes hold no braces (modelfile.go_string escapes them)."""
     items, pos = [], 0
-    while (start := template.find("{{", pos)) >= 0:
-        end, i = -1, start + 2
-        while i < len(template) and end < 0:
-            if template[i] == '"':
-                i += 1
-                while i < len(template) and template[i] != '"':
-                    i += 2 if template[i] == "\\" else 1
-            elif template.startswith("}}", i):
-                end = i
-            i += 1
-        if end < 0:
-            raise LoraCliError("The Modelfile's TEMPLATE has an unclosed {{ action.")
-        body, text = template[start + 2:end], template[pos:start]
-        left, right = body.startswith("- "), body.endswith(" -")
-        items += [("text", text.rstrip(" \t\r\n") if left else text),
-                  ("action", body[2 if left else 0:len(body) - (2 if right else 0)].strip())]
-        pos = end + 2
-        if right:
+    for action in re.finditer(r"\{\{(- )?(.*?)( -)?\}\}", template, re.S):
+        text = template[pos:action.start()]
+        items += [("text", text.rstrip(" \t\r\n") if action[1] else text), ("action", action[2].strip())]
+        pos = action.end()
+        if action[3]:
             pos += len(template[pos:]) - len(template[pos:].lstrip(" \t\r\n"))
+    if "{{" in template[pos:]:
+        raise LoraCliError("The Modelfile's TEMPLATE has an unclosed {{ action.")
     return items + [("text", template[pos:])]
 
 
