@@ -20,6 +20,7 @@ literals, if/else/end, trim markers); any other construct is named in a LoraCliE
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 import warnings
 from collections import Counter
@@ -251,12 +252,8 @@ def ollama_render(template: str, messages: list[dict], default_system: str | Non
     nodes = parse_go_template(template)
     if default_system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": default_system}, *messages]
-    collated: list[dict] = []
-    for msg in messages:
-        if collated and collated[-1]["role"] == msg["role"]:
-            collated[-1] = {"role": msg["role"], "content": collated[-1]["content"] + "\n\n" + msg["content"]}
-        else:
-            collated.append(dict(msg))
+    collated = [{"role": role, "content": "\n\n".join(m["content"] for m in turn)}
+                for role, turn in itertools.groupby(messages, key=lambda m: m["role"])]
     out: list[str] = []
     values = {"System": "", "Prompt": "", "Response": ""}
     for msg in collated:
