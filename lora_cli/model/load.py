@@ -56,7 +56,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def guard_cpu_4bit(model) -> int:
+def guard_cpu_4bit(model) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see PLATFORM.md).
 
     On CPUs with avx512_bf16 the first eval()+no_grad forward repacks every Linear4bit into
@@ -64,13 +64,10 @@ def guard_cpu_4bit(model) -> int:
     """
     bnb_nn = sys.modules.get("bitsandbytes.nn")
     if bnb_nn is None:  # no 4-bit layer can exist before bitsandbytes is imported (and importing it costs seconds)
-        return 0
-    n = 0
+        return
     for module in model.modules():
         if isinstance(module, bnb_nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def load_model(path: Path, quantization: str, precision: str, device, trust_remote_code: bool = False,
@@ -141,18 +138,16 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
                 layer.gradient_checkpointing = False
 
 
-def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> int:
+def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> None:
     """torch.compile each decoder layer (fuses norms, activations, rotary embedding and LoRA glue).
 
     mode "graphs": inductor's reduce-overhead mode, each layer replayed as a CUDA graph (one
     launch instead of dozens; needs static shapes). static_shapes: compile for the one shape
     every micro-batch has (dynamic=False); otherwise a shape seen twice becomes dynamic.
     """
-    layers = decoder_layers(model)
     options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
-    for layer in layers:
+    for layer in decoder_layers(model):
         layer.compile(dynamic=False if static_shapes else None, **options)
-    return len(layers)
 
 
 def dequantized_bytes(model, precision: str) -> int:

@@ -50,11 +50,10 @@ def estimate_peak(config, tokens: int, checkpointed: int, weights_bytes: int) ->
 def plan_checkpointing(config, tokens: int, budget_bytes: float, weights_bytes: int) -> MemoryPlan:
     """The fewest checkpointed layers whose estimated peak fits the budget (all, if none fits)."""
     _, _, layers, _ = _dims(config)
-    for n in range(layers + 1):
-        peak = estimate_peak(config, tokens, n, weights_bytes)
-        if peak <= budget_bytes:
-            return MemoryPlan(n, peak / GIB, budget_bytes / GIB, True)
-    return MemoryPlan(layers, estimate_peak(config, tokens, layers, weights_bytes) / GIB, budget_bytes / GIB, False)
+    fitting = (n for n in range(layers + 1) if estimate_peak(config, tokens, n, weights_bytes) <= budget_bytes)
+    n = next(fitting, layers)
+    peak = estimate_peak(config, tokens, n, weights_bytes)
+    return MemoryPlan(n, peak / GIB, budget_bytes / GIB, peak <= budget_bytes)
 
 
 def default_budget_bytes(requested_gib: float) -> float:
