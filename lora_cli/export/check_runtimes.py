@@ -117,8 +117,7 @@ class LlamaCppRuntime:
             what = f"{model_file} with the adapter {lora_file}" if lora_file else str(model_file)
             raise LoraCliError(f"llama.cpp cannot load {what}: {exc}") from None
         vocab = self.llm._model.vocab
-        n_vocab = self.llm.n_vocab()
-        self.stop_ids = [i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        self.stop_ids = [i for i in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.bos_id = self.llm.token_bos()
         self.bos_text = self.detokenize([self.bos_id]) if self.bos_id >= 0 else ""

@@ -108,9 +108,8 @@ def chat_shape(tokenizer, eos: str, add_eos: bool) -> OllamaShape:
 
 def stop_strings(template, shape: OllamaShape, eos_texts: list[str]) -> list[str]:
     """The training eos (and the model's other end tokens), then the template's end-of-turn markers."""
-    markers = [shape.after.strip(), shape.user_open.strip()]
-    if not isinstance(template, ChatTemplate):
-        markers = [shape.user_open.strip()]  # e.g. "### Instruction:": the model starting a new turn
+    # a chat turn's end, and the next turn's start (e.g. "### Instruction:": the model starting a new turn)
+    markers = ([shape.after.strip()] if isinstance(template, ChatTemplate) else []) + [shape.user_open.strip()]
     stops = [text for i, text in enumerate(eos_texts) if text and text not in eos_texts[:i]]
     for text in (m.splitlines()[0].strip() for m in markers if m):
         if text and text not in stops and '"""' not in text and all(_printable(c) for c in text):

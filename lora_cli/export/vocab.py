@@ -88,15 +88,9 @@ def add_vocab(writer, tokenizer, vocab_size: int) -> None:
         raise _refuse(f"it has token ids up to {max(vocab.values())}, beyond the model's {vocab_size} embedding rows")
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL if i not in added else
-                         TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [TokenType.UNUSED if i not in by_id else TokenType.NORMAL if i not in added else
+             TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED for i in range(vocab_size)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
