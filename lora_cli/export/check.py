@@ -14,10 +14,8 @@ Artifact in a Runtime) are compared on held-out records, three ways:
     rate: the share of answers that end on a stop (an end-of-generation token, or a Modelfile
     stop text) in time. The check also reads the stop configuration: the eos the model was
     trained to end with must stop generation ("eos").
-The verdict is pass, warn or fail, with each reason's kind: template, BOS, tokenizer, eos, numerics.
-Agreement targets by weight type (AGREEMENT): 99% for 16- and 32-bit weights, 97% for q8_0,
-90% otherwise; below the target by up to 5 points is a warning, further a failure. The stop
-rate may differ by STOP_SLACK prompts.
+The verdict is pass, warn or fail, with each reason's kind: template, BOS, tokenizer, eos, numerics;
+agreement is held to AGREEMENT by weight type (WARN_MARGIN below it warns), the stop rates to STOP_SLACK.
 
 Runtime-independent: a Runtime (check_runtimes.py) is anything with tokenize, detokenize, logits,
 greedy, stop_ids, add_bos and bos_text.

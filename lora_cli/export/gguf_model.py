@@ -1,23 +1,14 @@
 """The merged model as one GGUF file, written with the `gguf` package (writer, name map, quantizers).
 
-Tensor types per --outtype (what llama.cpp's converter and quantizer do, but for q8_0's two F16 kinds):
-- f32 / f16 / bf16: every matrix in that type;
-- q8_0: every matrix in Q8_0 (blocks of 32 weights, one f16 scale: ~8.5 bits a weight), except
-  the attention value and FFN down projections (attn_v, ffn_down), kept in F16. llama.cpp's Q8_0
-  matmul rounds the activations to 8 bits as well as the weights, and these two are the matrices
-  llama.cpp itself treats as the most sensitive to quantization (src/llama-quant.cpp gives them
-  more bits in its K-quant mixes). Measured in llama.cpp on the embedded model with a demo adapter:
-  teacher-forced next-token agreement with the trained model 96.7% -> 97.8% (12 val records) and
-  95.5% -> 97.2% (48 train records), mean logit error -35%, for 19% more file (144.8 -> 172.8 MB).
-  F16 for the tied token_embd/output instead (llama-quantize's --token-embedding-type) gained
-  nothing beyond noise there: that model's token_embd is exactly on the Q8_0 grid already;
-- q4_0: every matrix in Q4_0 (blocks of 32, 4 bits + one f16 scale), except token_embd and
-  output, kept in Q8_0 (llama-quantize also keeps the output matrix above 4 bits; the gguf package
-  has no K-quant quantizer, so Q8_0 it is).
-Vectors (norms, biases) stay F32, and a matrix whose rows are not a multiple of the block size
-falls back to F16, both as in convert_hf_to_gguf.py. Quantizing starts from the fp32 merge, so
-nothing is rounded twice. The header is written first, then each tensor is converted and
-streamed to the file one at a time: memory holds the fp32 model plus one converted tensor.
+Tensor types per --outtype, as llama.cpp's converter and quantizer choose them (docs/EXPORT.md):
+every matrix in that type, except that q8_0 keeps attn_v and ffn_down in F16 (llama.cpp's Q8_0
+matmul rounds the activations to 8 bits too, and src/llama-quant.cpp treats these two as the most
+sensitive; measured in docs/EXPORT.md: 96.7% -> 97.8% next-token agreement for 19% more file) and
+q4_0 keeps token_embd and output in Q8_0 (the gguf package has no K-quant quantizer). Vectors stay
+F32, and a matrix whose rows are not a multiple of the block size falls back to F16
+(convert_hf_to_gguf.py). Quantizing starts from the fp32 merge, so nothing is rounded twice. Each
+tensor is converted and streamed to the file after the header, one at a time: memory holds the
+fp32 model plus one converted tensor.
 """
 
 from __future__ import annotations

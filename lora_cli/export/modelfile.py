@@ -1,19 +1,14 @@
 """An Ollama Modelfile whose TEMPLATE renders the training prompt, in Ollama's Go-template syntax.
 
-The TEMPLATE uses only `.System`, `.Prompt` and `.Response` (no `.Messages`), so Ollama runs it in
-its "legacy" mode (ollama/ollama template/template.go, Template.Execute): consecutive messages of
-one role are merged with "\\n\\n" (collate), then the template is executed once per turn with
-that turn's System (first turn only), Prompt and Response, and for the last turn everything
-after `{{ .Response }}` is cut. A template of the shape
+The TEMPLATE has the shape
 
     {{ if .System }}SYSTEM_OPEN{{ .System }}SYSTEM_CLOSE{{ end }}USER_OPEN{{ .Prompt }}GENERATION{{ .Response }}AFTER
 
-therefore renders a conversation turn by turn, AFTER closing every answered turn: for a text
-template AFTER is the suffix, the eos and the "\\n\\n" lora-cli puts between turns, which is
-exactly how training rendered `messages` records. `.Prompt` is the user message of the mapping in
-chat_template.py (the Input block travels inside it). For the `chat` template the pieces are
-found by rendering the tokenizer's Jinja template with marker strings, and checked by rendering
-conversations both ways; a template that does not fit the shape is refused (use --format gguf).
+and no `.Messages`, so Ollama runs it per turn in its legacy mode (template/template.go, Execute;
+docs/EXPORT.md): AFTER closes every answered turn as training did (for a text template the suffix,
+the eos and "\\n\\n"), and `.Prompt` is chat_template.py's user message. For the `chat` template the
+pieces are found by rendering the tokenizer's Jinja template with marker strings, and checked by
+rendering conversations both ways; a template that does not fit the shape is refused (use --format gguf).
 """
 
 from __future__ import annotations

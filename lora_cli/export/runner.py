@@ -4,14 +4,11 @@ Everything that can refuse runs before the merge, so a refusal costs seconds, no
 Files land atomically (atomic.py): a GGUF is written under a temporary name beside its destination
 and renamed when complete; the ollama folder (GGUF + Modelfile) the same way, as one folder.
 
-Base weights (`auto`, the default): a QLoRA adapter (trained on a 4-bit NF4 base) is merged into
-the NF4 weights it was trained against, de-quantized; an adapter trained on an unquantized base
-into the original weights. The exported model is then the model `lora-cli generate` and `eval`
-ran and measured, which is what an export promises; merging a QLoRA adapter into the original
-weights gives a model nobody evaluated (its corrections were learned against NF4's rounding).
-One exception, measured (README, Export): q4_0 would round the NF4 values a second time onto
-another 4-bit grid, which broke the embedded model's answers (val loss 1.84 -> 3.30, against 2.13
-from the original weights), so for q4_0 `auto` takes the original weights and says so.
+Base weights (`auto`, the default): those the adapter was trained against (merging.py), so the
+export is the model `lora-cli generate` and `eval` ran and measured. One exception, measured
+(docs/EXPORT.md): q4_0 would round NF4 values a second time onto another 4-bit grid, which broke
+the embedded model's answers (val loss 1.84 -> 3.30, against 2.13 from the original weights), so
+for q4_0 `auto` takes the original weights and says so.
 """
 
 from __future__ import annotations
