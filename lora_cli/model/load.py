@@ -179,12 +179,11 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     """LoRA's target modules checked against model `name` (hub id, folder, embedded name) before
     any weight loads: from its config.json on the meta device. LoraCliError names every name
     that is not a module LoRA can adapt (see targets.resolve_targets)."""
-    from lora_cli.model.resolve import resolve_model
-
     import dataclasses
 
-    resolved = resolve_model(name, need_weights=False)
-    model = meta_model(resolved.path, trust_remote_code)
+    from lora_cli.model.resolve import resolve_model
+
+    model = meta_model(resolve_model(name, need_weights=False).path, trust_remote_code)
     targets = resolve_targets(model, lora.target_modules, name)
     modules = dict(model.named_modules())
     shapes = [getattr(modules.get(n), "weight", None) for n in targets.adapted]

@@ -167,8 +167,6 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
         def __init__(self):
             super().__init__()
             self.model = peft_model
-            self.fused = fused
-            self.own_mask = own_mask
             self.graphed = graphed
 
         def forward(self, input_ids, targets, attention_mask=None, position_ids=None, target_index=None,
@@ -176,11 +174,11 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
             if graphed is not None:  # builds the packed examples' mask itself, inside its graph
                 hidden = graphed(input_ids, attention_mask, position_ids)
             else:
-                if attention_mask is None and position_ids is not None and self.own_mask:
+                if attention_mask is None and position_ids is not None and own_mask:
                     attention_mask = block_causal_mask(position_ids)
                 kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False)
-                if not self.fused:
+                if not fused:
                     return plain_cross_entropy(self.model(**kwargs).logits, targets)
                 hidden = base.get_decoder()(**kwargs).last_hidden_state
             return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,

@@ -31,19 +31,18 @@ class Targets:
     lora_parameters: int = 0  # LoRA's A and B entries over the adapted modules (check_targets fills it in)
 
 
-def _adaptable_types() -> tuple:
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    # what peft's LoRA can wrap (bitsandbytes' Linear4bit is a torch Linear)
-    return torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D
-
-
 def _linear_types() -> tuple:
     import torch
     from transformers.pytorch_utils import Conv1D
 
     return torch.nn.Linear, Conv1D
+
+
+def _adaptable_types() -> tuple:
+    import torch
+
+    # what peft's LoRA can wrap (bitsandbytes' Linear4bit is a torch Linear)
+    return _linear_types() + (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def _matches(key: str, name: str) -> bool:
