@@ -13,6 +13,7 @@ rendering conversations both ways; a template that does not fit the shape is ref
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from dataclasses import dataclass
 
@@ -118,18 +119,10 @@ def _printable(ch: str) -> bool:
 
 
 def go_string(text: str) -> str:
-    """A Go interpreted string literal whose value is `text`."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch in "\n\t\r":
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
-        elif not _printable(ch) or ch in "{}":  # braces too: no "{{" or "}}" even inside the literal
-            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    """A Go interpreted string literal whose value is `text`: JSON's escapes are Go's; braces (no "{{" or "}}"
+    even inside the literal) and what the Modelfile parser would drop become \\u escapes."""
+    return "".join(ch if _printable(ch) and ch not in "{}" else f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF
+                   else f"\\U{ord(ch):08x}" for ch in json.dumps(text, ensure_ascii=False))
 
 
 def go_literal(text: str) -> str:

@@ -57,11 +57,8 @@ def _short(key: str) -> str:
 def linear_names(model) -> list[str]:
     """Short names of the model's linear layers, in model order, each once (q_proj, ..., lm_head)."""
     linear = _linear_types()
-    seen: dict[str, None] = {}
-    for key, module in model.named_modules():
-        if key and isinstance(module, linear):
-            seen.setdefault(_short(key))
-    return list(seen)
+    return list(dict.fromkeys(_short(key) for key, module in model.named_modules()
+                              if key and isinstance(module, linear)))
 
 
 def _head_name(model) -> str | None:
