@@ -98,13 +98,10 @@ def llama_cpp_available() -> bool:
 
 
 class LlamaCppRuntime:
-    """A GGUF (and a GGUF LoRA adapter on it) in llama.cpp, through llama-cpp-python."""
+    """A GGUF (and a GGUF LoRA adapter on it) in llama.cpp, through llama-cpp-python (the commands refuse,
+    naming RUNTIME_EXTRA, before one is made without it: cli/commands/export.py check_plan)."""
 
     def __init__(self, model_file: Path, lora_file: Path | None = None, n_ctx: int = 2048, threads: int | None = None):
-        if not llama_cpp_available():
-            raise LoraCliError("Checking an export in llama.cpp needs llama-cpp-python, which is not installed.",
-                               f"Install it with: {RUNTIME_EXTRA}  (it compiles llama.cpp: 10-20 minutes on 2 cores), "
-                           "or check with transformers' GGUF loader now: --runtime transformers.")
         import llama_cpp
 
         self._lib = llama_cpp
