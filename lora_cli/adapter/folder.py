@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from lora_cli.adapter import consistency
 from lora_cli.adapter.record import SavedRun
 from lora_cli.config import DataConfig, LoraSettings, ModelConfig, RunConfig
 from lora_cli.errors import LoraCliError
@@ -137,8 +138,6 @@ def check_loadable(path: str | Path) -> Path:
 def check_config_matches_weights(path: str | Path) -> None:
     """LoraCliError when the folder's adapter_config.json does not describe its adapter_model.safetensors
     (rank, target modules, DoRA; see adapter.consistency). A folder without weights passes."""
-    from lora_cli.adapter import consistency
-
     path = Path(path)
     weights, config = path / ADAPTER_WEIGHTS, read_adapter_config(path)
     if not weights.is_file() or not consistency.is_lora(config):

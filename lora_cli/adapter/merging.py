@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
+from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo, attach_adapter, load_template
+from lora_cli.atomic import atomic_dir, umask
+from lora_cli.data.chat_template import training_chat_template
 from lora_cli.errors import LoraCliError
 from lora_cli.lock import exclusive
+from lora_cli.model.device import torch_dtype
+from lora_cli.model.load import load_model, load_tokenizer, meta_model, quiet_libraries
+from lora_cli.model.resolve import resolve_model
 from lora_cli.progress import NULL_REPORTER
 from lora_cli.writable import check_writable
 
@@ -76,9 +81,6 @@ def trained_base_weights(quantization: str) -> str:
 
 
 def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
-    from lora_cli.model.device import torch_dtype
-    from lora_cli.model.load import load_model
-
     if base_weights == "original":
         return load_model(path, "none", dtype, "cpu", trust_remote_code)
     model = load_model(path, "nf4", "fp32", "cpu", trust_remote_code)
@@ -120,10 +122,6 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     the module docstring. The tokenizer is the adapter folder's (saved by training), else the base's.
     Errors: LoraCliError when the base model cannot be found or the adapter does not fit it.
     """
-    from lora_cli.adapter.folder import attach_adapter
-    from lora_cli.model.load import load_tokenizer, quiet_libraries
-    from lora_cli.model.resolve import resolve_model
-
     quiet_libraries()
     resolved = resolve_model(info.base_model, reporter)
     tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
@@ -144,9 +142,6 @@ def carry_training_template(info: AdapterInfo, tokenizer: PreTrainedTokenizerBas
     alpaca-trained model in another format. Returns "training" or "base model" (a text template whose
     layout no chat message can express keeps the base model's, with a warning).
     """
-    from lora_cli.adapter.folder import load_template
-    from lora_cli.data.chat_template import training_chat_template
-
     try:
         tokenizer.chat_template = training_chat_template(load_template(info), tokenizer, info.add_eos)
     except LoraCliError as exc:
@@ -180,9 +175,6 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
 def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
     """The merged model's size in `dtype` (bytes), from the base's config on the meta device; 0 when
     the config cannot be read here (loading the base says why)."""
-    from lora_cli.model.load import meta_model
-    from lora_cli.model.resolve import resolve_model
-
     try:
         model = meta_model(resolve_model(info.base_model, need_weights=False).path, info.trust_remote_code)
     except LoraCliError:
@@ -192,8 +184,6 @@ def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
 
 def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool,
                 reporter: Reporter) -> MergeResult:
-    from lora_cli.atomic import atomic_dir, umask
-
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
     chat_template = carry_training_template(info, tokenizer, reporter)

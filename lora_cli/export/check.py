@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from lora_cli.atomic import write_text
+from lora_cli.data.chat_template import user_content
+from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt, special_prefix
 from lora_cli.progress import NULL_REPORTER
 
 AGREEMENT = {"F32": 0.99, "F16": 0.99, "BF16": 0.99, "Q8_0": 0.97}
@@ -109,8 +112,6 @@ class CheckReport:
 
 def _messages(example, template) -> list[dict]:
     """The conversation sent to the export for a record: user messages mapped as the export maps them."""
-    from lora_cli.data.chat_template import user_content
-
     if not example.is_chat:
         return [{"role": "user", "content": user_content(template, example.instruction, example.input)}]
     out: list[dict] = []
@@ -167,8 +168,6 @@ def check_export(artifact, runtime: Runtime, reference: Runtime, tokenizer, temp
     tokenizer, template, add_eos, max_length: the trained model's, as training used them (they
     give the prompt ids and the teacher-forced sequences). Returns the report with its verdict.
     """
-    from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt, special_prefix
-
     t0 = time.time()
     report = CheckReport(str(artifact.path), artifact.kind, artifact.weight_type, runtime.name, reference.name, data,
                          max_new_tokens=max_new_tokens,
@@ -263,8 +262,6 @@ def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: 
 def write_report(report: CheckReport) -> str:
     """Write the JSON report beside the artifact (model.gguf -> model.gguf.check.json); returns its path."""
     import json
-
-    from lora_cli.atomic import write_text
 
     artifact = Path(report.artifact)
     path = artifact.parent / (artifact.name + ".check.json")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lora_cli.errors import LoraCliError
 from lora_cli.export import MODELFILE, OLLAMA_GGUF
+from lora_cli.model.embedded import EMBEDDED, _gguf_file
 
 _STRING = re.compile(r'^"((?:[^"\\]|\\.)*)"$', re.S)
 
@@ -114,8 +115,6 @@ def artifact_kind(path: str | Path) -> str:
 def default_base_gguf(base_model: str) -> Path | None:
     """The GGUF a gguf-lora export of `base_model` is checked on when none is given: the embedded model's own file
     (its weights are the model's original weights: lora-cli converts the embedded model from it)."""
-    from lora_cli.model.embedded import EMBEDDED, _gguf_file
-
     return _gguf_file(EMBEDDED[base_model]) if base_model in EMBEDDED else None
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_cli.data.tokenization import special_prefix
 from lora_cli.errors import LoraCliError
+from lora_cli.export.check_artifact import gguf_fields
 
 RUNTIME_EXTRA = "pip install 'lora-cli[runtime]'"
 
@@ -33,8 +35,6 @@ class TransformersRuntime:
     """A transformers causal LM and its tokenizer; `stop_ids`: what its generation ends on (eval's stop ids)."""
 
     def __init__(self, model, tokenizer, stop_ids: list[int], name: str = "transformers", add_bos: bool | None = None):
-        from lora_cli.data.tokenization import special_prefix
-
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.stop_ids = list(stop_ids)
         prefix = special_prefix(tokenizer)
@@ -80,8 +80,6 @@ class TransformersRuntime:
 def gguf_transformers_runtime(model_file: Path) -> TransformersRuntime:
     """A GGUF loaded by transformers (de-quantized to fp32): the artifact side of the always-run tests."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_cli.export.check_artifact import gguf_fields
 
     meta = gguf_fields(model_file)
     tok = AutoTokenizer.from_pretrained(str(model_file.parent), gguf_file=model_file.name)

@@ -13,6 +13,9 @@ fp32 model plus one converted tensor.
 
 from __future__ import annotations
 
+from lora_cli.errors import LoraCliError
+from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
+from lora_cli.export.vocab import add_vocab
 from lora_cli.progress import NULL_REPORTER
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -90,16 +93,11 @@ def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: 
     returns {GGML type name: tensor count}."""
     import gguf
 
-    from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
-    from lora_cli.export.vocab import add_vocab
-
     metadata = dict(metadata)
     state = model.state_dict()
     names = tensor_names(list(state), spec)
     head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
     if spec.tied and head is not None and embed is not None and not head.equal(embed):
-        from lora_cli.errors import LoraCliError
-
         raise LoraCliError("The merged model's lm_head differs from its tied token embedding (an adapter on "
                            "lm_head?); a GGUF with tied embeddings cannot hold both.", "Use --format gguf-lora.")
     writer = gguf.GGUFWriter(None, spec.arch_name)

@@ -21,6 +21,7 @@ from lora_cli import __version__
 from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate
 from lora_cli.errors import LoraCliError
 from lora_cli.data.chat_template import prompt_shape
+from lora_cli.export.check_artifact import ollama_render
 
 GREEDY_PARAMETERS = (("temperature", "0"), ("repeat_penalty", "1"))  # lora-cli generate's default: plain greedy
 _U1, _U2, _R1, _SYS = "@@lora-cli-user-1@@", "@@lora-cli-user-2@@", "@@lora-cli-answer-1@@", "@@lora-cli-system@@"
@@ -37,8 +38,6 @@ class OllamaShape:
 
     def render(self, messages: list[dict]) -> str:
         """What Ollama's legacy Execute renders for `messages` with this shape's TEMPLATE (for checks)."""
-        from lora_cli.export.check_artifact import ollama_render
-
         return ollama_render(go_template(self), messages, self.default_system)
 
 

@@ -21,9 +21,18 @@ from pathlib import Path
 from lora_cli import __version__
 from lora_cli.adapter.folder import load_template
 from lora_cli.adapter.merging import BASE_WEIGHTS, check_output, merged_model, trained_base_weights
+from lora_cli.atomic import atomic_dir, atomic_path
+from lora_cli.data import chat_template as ct
 from lora_cli.errors import LoraCliError
 from lora_cli.export import FORMATS, MODELFILE, OLLAMA_GGUF, OUTTYPES
+from lora_cli.export import modelfile as mf
+from lora_cli.export.architecture import check_config
+from lora_cli.export.gguf_lora import LORA_OUTTYPES, write_lora_gguf
+from lora_cli.export.gguf_model import write_model_gguf
+from lora_cli.export.vocab import check_tokenizer
 from lora_cli.lock import exclusive
+from lora_cli.model.load import load_tokenizer, quiet_libraries
+from lora_cli.model.resolve import resolve_model
 from lora_cli.progress import NULL_REPORTER
 from lora_cli.writable import check_writable
 
@@ -76,8 +85,6 @@ def _validate(fmt: str, outtype: str, base_weights: str) -> None:
                                  ("--base-weights", base_weights, BASE_WEIGHTS)):
         if value not in allowed:
             raise LoraCliError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}.")
-    from lora_cli.export.gguf_lora import LORA_OUTTYPES
-
     if fmt == "gguf-lora" and outtype not in LORA_OUTTYPES:
         raise LoraCliError(f"--outtype {outtype} is not offered for --format gguf-lora; use one of "
                            f"{', '.join(LORA_OUTTYPES)} (an adapter is small: f16 or f32 keeps it exact).")
@@ -111,10 +118,6 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
 
 def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, replace: bool, t0: float,
             reporter) -> ExportResult:
-    from lora_cli.export.architecture import check_config
-    from lora_cli.model.load import quiet_libraries
-    from lora_cli.model.resolve import resolve_model
-
     template = load_template(info)
     from transformers import AutoConfig
 
@@ -150,11 +153,6 @@ def _model_name(output: Path) -> str:
 
 def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     """Chat template, Ollama shape and stops, from the tokenizer alone: template refusals come before the merge."""
-    from lora_cli.data import chat_template as ct
-    from lora_cli.export import modelfile as mf
-    from lora_cli.export.vocab import check_tokenizer
-    from lora_cli.model.load import load_tokenizer
-
     tokenizer = load_tokenizer(info.tokenizer_dir or model_dir, info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
     eos = tokenizer.eos_token if info.add_eos else ""
@@ -168,17 +166,12 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
 
 
 def _write(output: Path, fmt: str, replace: bool, model, tokenizer, spec, outtype, plan, meta, reporter) -> dict:
-    from lora_cli.atomic import atomic_dir, atomic_path
-    from lora_cli.export.gguf_model import write_model_gguf
-
     if fmt == "gguf":
         with atomic_path(output) as tmp:
             return write_model_gguf(tmp, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
-    from lora_cli.export.modelfile import modelfile_text
-
     notes = [f"Adapter: {meta['name']}; template {meta['template']}; base weights {meta['base_weights']}; "
              f"{outtype}.", f"Send as the prompt: {plan['prompt']}.", f"Create: ollama create NAME -f {MODELFILE}"]
-    text = modelfile_text(OLLAMA_GGUF, plan["shape"], plan["stops"], notes)
+    text = mf.modelfile_text(OLLAMA_GGUF, plan["shape"], plan["stops"], notes)
     with atomic_dir(output, replace=replace) as tmp:
         counts = write_model_gguf(tmp / OLLAMA_GGUF, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
         (tmp / MODELFILE).write_text(text, encoding="utf-8")
@@ -186,12 +179,8 @@ def _write(output: Path, fmt: str, replace: bool, model, tokenizer, spec, outtyp
 
 
 def _export_lora(info, output: Path, outtype: str, spec, template, t0: float, reporter) -> ExportResult:
-    from lora_cli.atomic import atomic_path
-    from lora_cli.data.chat_template import describe_mapping
-    from lora_cli.export.gguf_lora import write_lora_gguf
-
     try:
-        prompt = describe_mapping(template)
+        prompt = ct.describe_mapping(template)
     except LoraCliError:  # the adapter carries no template, so one no message can express is no obstacle here
         prompt = f"the prompt of the template {info.template}"
     with atomic_path(output) as tmp:

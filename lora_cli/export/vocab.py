@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from lora_cli.data.tokenization import special_prefix
 from lora_cli.errors import LoraCliError
 
 # Regexes of the Split pre-tokenizer in the models' tokenizer.json, and llama.cpp's name for them.
@@ -62,8 +63,6 @@ def _merges(model: dict) -> list[str]:
 
 def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
     """(tokenizer.json as a dict, llama.cpp pre-tokenizer name, whether a BOS is added); LoraCliError if unmappable."""
-    from lora_cli.data.tokenization import special_prefix
-
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend.get("model") or {}
     decoder = (backend.get("decoder") or {}).get("type")

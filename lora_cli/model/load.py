@@ -16,6 +16,7 @@ from pathlib import Path
 from lora_cli.config import LoraSettings
 from lora_cli.errors import LoraCliError
 from lora_cli.model.device import torch_dtype
+from lora_cli.model.resolve import resolve_model
 from lora_cli.model.targets import Targets, resolve_targets
 
 
@@ -180,8 +181,6 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     any weight loads: from its config.json on the meta device. LoraCliError names every name
     that is not a module LoRA can adapt (see targets.resolve_targets)."""
     import dataclasses
-
-    from lora_cli.model.resolve import resolve_model
 
     model = meta_model(resolve_model(name, need_weights=False).path, trust_remote_code)
     targets = resolve_targets(model, lora.target_modules, name)

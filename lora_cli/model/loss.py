@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
+
 IGNORE = -100  # label of a position without a target: torch's cross_entropy ignore_index, as in transformers
 
 
@@ -155,8 +157,6 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
     The module's `graphed` attribute is that backbone (None without it).
     """
     import torch
-
-    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
 
     base = peft_model.get_base_model()
     fused = fused and fused_blocker(base) is None

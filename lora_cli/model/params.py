@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from lora_cli.config import LoraSettings
+from lora_cli.model.load import attach_lora, meta_model
+from lora_cli.model.resolve import resolve_model
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _PEFT_PREFIX = "base_model.model."
@@ -78,9 +80,6 @@ def summary_for_model(name: str, lora_settings: LoraSettings, trust_remote_code:
     """Parameter counts of model `name` (hub id, folder, embedded name) with LoRA, from its config.json
     alone: built on the meta device (no weights are loaded or downloaded), LoRA attached (every target
     name checked: model/targets.py), counted."""
-    from lora_cli.model.load import attach_lora, meta_model
-    from lora_cli.model.resolve import resolve_model
-
     model = meta_model(resolve_model(name, need_weights=False).path, trust_remote_code)
     # counts do not depend on the initialisation, and pissa/olora/loftq would compute on meta tensors
     model = attach_lora(model, lora_settings.model_copy(update={"init_lora_weights": "default"}), name)
