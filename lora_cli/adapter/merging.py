@@ -29,14 +29,12 @@ from lora_cli.lock import exclusive
 from lora_cli.model.device import torch_dtype
 from lora_cli.model.load import load_model, load_tokenizer, meta_model, quiet_libraries
 from lora_cli.model.resolve import resolve_model
-from lora_cli.progress import NULL_REPORTER
+from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.writable import check_writable
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from lora_cli.progress import Reporter
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")

@@ -24,6 +24,7 @@ greedy, stop_ids, add_bos and bos_text.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -261,8 +262,6 @@ def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: 
 
 def write_report(report: CheckReport) -> str:
     """Write the JSON report beside the artifact (model.gguf -> model.gguf.check.json); returns its path."""
-    import json
-
     artifact = Path(report.artifact)
     path = artifact.parent / (artifact.name + ".check.json")
     write_text(path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")

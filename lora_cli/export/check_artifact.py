@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import itertools
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -278,8 +279,6 @@ def _unquote(raw: str) -> tuple[str, bool]:
 def parse_modelfile(text: str) -> list[tuple[str, str]]:
     """[(command, value)] as Ollama's parser reads them (parser/parser.go): `#` comments, quoted or
     bare values, PARAMETER NAME VALUE as (NAME, VALUE). LoraCliError for an unterminated value."""
-    import unicodedata
-
     commands, i = [], 0
     while i < len(text):
         if text[i] in " \t\r\n":

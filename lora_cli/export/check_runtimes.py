@@ -9,6 +9,7 @@ model and the answer, so the two sides differ only in their numbers.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,6 @@ def gguf_transformers_runtime(model_file: Path) -> TransformersRuntime:
 
 
 def llama_cpp_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("llama_cpp") is not None
 
 

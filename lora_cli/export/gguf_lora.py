@@ -13,6 +13,7 @@ so a base GGUF of other weights (another quantization) gives a slightly differen
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -62,8 +63,6 @@ def lora_alpha(peft_config: dict) -> float:
 
 def write_lora_gguf(path: Path, info, spec, outtype: str, reporter=NULL_REPORTER) -> dict:
     """Write the adapter of `info` for the architecture `spec` to `path`; returns {GGML type: count}."""
-    import json
-
     import gguf
 
     peft_config = json.loads((info.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))

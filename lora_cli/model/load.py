@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from lora_cli.config import LoraSettings
@@ -180,15 +181,13 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     """LoRA's target modules checked against model `name` (hub id, folder, embedded name) before
     any weight loads: from its config.json on the meta device. LoraCliError names every name
     that is not a module LoRA can adapt (see targets.resolve_targets)."""
-    import dataclasses
-
     model = meta_model(resolve_model(name, need_weights=False).path, trust_remote_code)
     targets = resolve_targets(model, lora.target_modules, name)
     modules = dict(model.named_modules())
     shapes = [getattr(modules.get(n), "weight", None) for n in targets.adapted]
     # r x (inputs + outputs) per adapted 2-D weight: the size of its A and B
     count = sum(lora.r * (w.shape[0] + w.shape[1]) for w in shapes if w is not None and w.dim() == 2)
-    return dataclasses.replace(targets, lora_parameters=count)
+    return replace(targets, lora_parameters=count)
 
 
 def lora_config(lora: LoraSettings, target_modules: list[str] | str):
