@@ -120,8 +120,7 @@ def check_loadable(path: str | Path) -> Path:
         raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
     if not path.is_dir():
         raise LoraCliError(f"{path} is a file, but neither an adapter folder nor an adapter zip.", TRAIN_HINT)
-    finished = is_finished(path)
-    if finished is False:
+    if is_finished(path) is False:
         raise LoraCliError(f"{path} holds a training run that has not finished: its adapter files may be missing, "
                            "partly written by this run, or from an earlier one.", RESUME_HINT)
     if not (path / ADAPTER_CONFIG).is_file():
@@ -147,7 +146,11 @@ def check_config_matches_weights(path: str | Path) -> None:
             header = consistency.read_header(fh, str(weights))
     except OSError as exc:
         raise LoraCliError(f"Cannot read {weights}: {exc.strerror or exc}.") from None
-    consistency.check(config, header, str(path / ADAPTER_CONFIG), str(weights))
+    problem = consistency.mismatch(config, header)
+    if problem:
+        raise LoraCliError(f"{path / ADAPTER_CONFIG} does not describe {weights}: {problem}. The files come from "
+                           "different runs (or the config was edited).",
+                           "Put back the config saved with these weights, or train the adapter again.")
 
 
 def read_adapter_config(path: str | Path) -> dict:

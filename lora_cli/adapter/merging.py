@@ -157,10 +157,9 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     Errors (LoraCliError, before the base loads): a bad dtype or base-weights choice; an output that
     exists (without `force`), cannot be written or has no room for the model; another process writes it.
     """
-    if dtype not in DTYPES:
-        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    if base_weights not in BASE_WEIGHTS:
-        raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
+    for flag, value, allowed in (("--dtype", dtype, DTYPES), ("--base-weights", base_weights, BASE_WEIGHTS)):
+        if value not in allowed:
+            raise LoraCliError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}.")
     if base_weights == "auto":
         base_weights = trained_base_weights(info.quantization)
     output = Path(output)

@@ -232,9 +232,8 @@ def eos_reasons(artifact, runtime: Runtime, reference: Runtime, tokenizer) -> li
 
 def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: Runtime, tokenizer) -> list[Reason]:
     reasons = []
-    faults = [r for r in report.rows if r.prompt_fault]
     for kind in ("template", "BOS", "tokenizer"):
-        hit = [r.line for r in faults if r.prompt_fault == kind]
+        hit = [r.line for r in report.rows if r.prompt_fault == kind]
         if hit:
             what = {"template": "renders other text than the training prompt",
                     "BOS": "differs from the training prompt in its BOS (lost or doubled)",

@@ -38,8 +38,7 @@ class TransformersRuntime:
     def __init__(self, model, tokenizer, stop_ids: list[int], name: str = "transformers", add_bos: bool | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.stop_ids = list(stop_ids)
-        prefix = special_prefix(tokenizer)
-        self.add_bos = bool(prefix) if add_bos is None else add_bos
+        self.add_bos = bool(special_prefix(tokenizer)) if add_bos is None else add_bos
         self.bos_id = tokenizer.bos_token_id
         self.bos_text = tokenizer.bos_token or ""
         self.device = next(model.parameters()).device
