@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from lora_cli.atomic import write_text
 from lora_cli.data.chat_template import user_content
 from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt, special_prefix
@@ -152,8 +154,6 @@ def _shared_prefix(a: str, b: str) -> float:
 
 
 def _teacher_forced(runtime: Runtime, reference: Runtime, ids: list[int]) -> tuple[int, float]:
-    import numpy as np
-
     got, ref = runtime.logits(ids), reference.logits(ids)
     vocab = min(got.shape[-1], ref.shape[-1])  # a GGUF may pad the vocabulary to the embedding rows
     got, ref = got[:, :vocab], ref[:, :vocab]

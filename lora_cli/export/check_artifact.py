@@ -28,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+
 from lora_cli.errors import LoraCliError
 from lora_cli.export import MODELFILE, OLLAMA_GGUF
 from lora_cli.model.embedded import EMBEDDED, _gguf_file
@@ -65,8 +67,6 @@ def _file_type(value) -> str:
 
     The file type, not the commonest tensor type: a q8_0 export keeps some matrices in F16 (gguf_model.py)
     and is still held to what Q8_0 weights should reach."""
-    import gguf
-
     try:
         name = gguf.LlamaFileType(int(value)).name
     except (TypeError, ValueError):
@@ -76,8 +76,6 @@ def _file_type(value) -> str:
 
 def gguf_fields(path: Path) -> dict:
     """The metadata of a GGUF file that the check needs (strings and numbers), and its weight type."""
-    import gguf
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # a truncated or foreign file

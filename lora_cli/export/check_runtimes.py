@@ -13,6 +13,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lora_cli.data.tokenization import special_prefix
 from lora_cli.errors import LoraCliError
 from lora_cli.export.check_artifact import gguf_fields
@@ -126,8 +128,6 @@ class LlamaCppRuntime:
         return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def logits(self, ids: list[int]):
-        import numpy as np
-
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)

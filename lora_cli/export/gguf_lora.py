@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 
+import gguf
+
 from lora_cli import __version__
 from lora_cli.adapter.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraCliError
@@ -29,7 +31,6 @@ LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def _adapter_pairs(info, spec) -> dict[str, dict]:
     """{gguf base tensor name: {"a": array, "b": array}} from adapter_model.safetensors."""
-    import gguf
     from safetensors.torch import load_file
 
     name_map = gguf.get_tensor_name_map(spec.arch, spec.layers)
@@ -63,8 +64,6 @@ def lora_alpha(peft_config: dict) -> float:
 
 def write_lora_gguf(path: Path, info, spec, outtype: str, reporter=NULL_REPORTER) -> dict:
     """Write the adapter of `info` for the architecture `spec` to `path`; returns {GGML type: count}."""
-    import gguf
-
     peft_config = json.loads((info.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     alpha = lora_alpha(peft_config)
     pairs = _adapter_pairs(info, spec)

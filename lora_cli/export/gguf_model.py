@@ -13,6 +13,12 @@ fp32 model plus one converted tensor.
 
 from __future__ import annotations
 
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quant_shape_to_byte_shape, quantize
+
 from lora_cli.errors import LoraCliError
 from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
 from lora_cli.export.vocab import add_vocab
@@ -27,9 +33,6 @@ _KEEP_F16_IN_Q8 = (".attn_v.weight", ".ffn_down.weight")  # model matrices only:
 
 def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
     """The GGML type a tensor is stored in (see the module docstring)."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as Q
-
     if len(shape) == 1:
         return Q.F32
     qtype = Q[_MATRIX[outtype]]
@@ -43,10 +46,6 @@ def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
 
 def encode(array, qtype):
     """`array` (float32, numpy) in `qtype`: float arrays for F32/F16, gguf's quantizer's bytes otherwise."""
-    import numpy as np
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
-
     if qtype in (Q.F32, Q.F16):
         return np.ascontiguousarray(array, dtype=np.float32 if qtype == Q.F32 else np.float16)
     return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
@@ -54,10 +53,6 @@ def encode(array, qtype):
 
 def declare(writer, name: str, shape: tuple[int, ...], qtype) -> None:
     """The tensor's entry in the header, before its data exists (shape and byte count from the type)."""
-    import numpy as np
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quant_shape_to_byte_shape
-
     if qtype in (Q.F32, Q.F16):
         dtype = np.float32 if qtype == Q.F32 else np.float16
         writer.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
@@ -91,8 +86,6 @@ def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: 
                      reporter=NULL_REPORTER) -> dict[str, int]:
     """Write `model` (a merged transformers model, fp32) with its tokenizer and chat template to `path`;
     returns {GGML type name: tensor count}."""
-    import gguf
-
     metadata = dict(metadata)
     state = model.state_dict()
     names = tensor_names(list(state), spec)

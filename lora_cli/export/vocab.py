@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from gguf import TokenType
+
 from lora_cli.data.tokenization import special_prefix
 from lora_cli.errors import LoraCliError
 
@@ -79,8 +81,6 @@ def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
 
 def add_vocab(writer, tokenizer, vocab_size: int) -> None:
     """Write the tokenizer's tokenizer.ggml.* keys; `vocab_size` is the model's embedding rows."""
-    from gguf import TokenType
-
     backend, pre, add_bos = check_tokenizer(tokenizer)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
