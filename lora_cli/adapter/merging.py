@@ -81,9 +81,8 @@ def trained_base_weights(quantization: str) -> str:
 def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
     if base_weights == "original":
         return load_model(path, "none", dtype, "cpu", trust_remote_code)
-    model = load_model(path, "nf4", "fp32", "cpu", trust_remote_code)
-    model = model.dequantize()  # every Linear4bit becomes a Linear holding exactly the NF4 values
-    return model.to(torch_dtype(dtype))
+    # de-quantized: every Linear4bit becomes a Linear holding exactly the NF4 values
+    return load_model(path, "nf4", "fp32", "cpu", trust_remote_code).dequantize().to(torch_dtype(dtype))
 
 
 def untie_adapted_head(peft_model: PeftModel) -> bool:

@@ -155,12 +155,11 @@ def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     """Chat template, Ollama shape and stops, from the tokenizer alone: template refusals come before the merge."""
     tokenizer = load_tokenizer(info.tokenizer_dir or model_dir, info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
-    eos = tokenizer.eos_token if info.add_eos else ""
     plan = {"jinja": ct.training_chat_template(template, tokenizer, info.add_eos), "prompt": ct.describe_mapping(template),
             "stops": [], "shape": None}
     if fmt == "ollama":
         shape = mf.chat_shape(tokenizer, tokenizer.eos_token, info.add_eos) if isinstance(template, ct.ChatTemplate) \
-            else mf.text_shape(template, eos)
+            else mf.text_shape(template, tokenizer.eos_token if info.add_eos else "")
         plan["shape"], plan["stops"] = shape, mf.stop_strings(template, shape, _eos_texts(tokenizer, model_dir))
     return plan
 
