@@ -55,14 +55,6 @@ def pre_tokenizer_name(backend: dict) -> str:
                   "(known: GPT-2's, SmolLM's, Qwen2's and Llama 3's)")
 
 
-def _merges(model: dict) -> list[str]:
-    merges = model.get("merges") or []
-    if merges and not isinstance(merges[0], str):  # [a, b] pairs (tokenizers >= 0.20): llama.cpp wants "a b"
-        merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
-                  for pair in merges]
-    return list(merges)
-
-
 def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
     """(tokenizer.json as a dict, llama.cpp pre-tokenizer name, whether a BOS is added); LoraCliError if unmappable."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -94,7 +86,9 @@ def add_vocab(writer, tokenizer, vocab_size: int) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(_merges(backend.get("model") or {}))
+    # tokenizers (>= 0.20, as transformers 5 requires) writes [a, b] pairs; llama.cpp wants "a b", a space as Ġ
+    writer.add_token_merges([" ".join(part.replace(" ", "\u0120") for part in pair)
+                             for pair in (backend.get("model") or {}).get("merges") or []])
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id")
         if isinstance(token_id, int):
