@@ -64,11 +64,10 @@ def _tensor_progress(stage):
 def ensure_converted(name: str, reporter=None) -> Path:
     """Folder of the converted model, converting it on first use (progress through `reporter`, a
     progress.Reporter: a bar in a terminal, a line at start and end elsewhere; nothing when None)."""
-    spec = EMBEDDED[name]
     target = home() / "models" / name
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = _gguf_file(spec)
+    gguf = _gguf_file(EMBEDDED[name])
     reporter = reporter or NULL_REPORTER
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging

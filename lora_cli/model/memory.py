@@ -30,11 +30,9 @@ class MemoryPlan:
 
 def _dims(config) -> tuple[int, int, int, int]:
     text = getattr(config, "text_config", None) or config
-    hidden = int(getattr(text, "hidden_size"))
-    inter = int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden)
-    layers = int(getattr(text, "num_hidden_layers"))
-    vocab = int(getattr(text, "vocab_size"))
-    return hidden, inter, layers, vocab
+    hidden = int(text.hidden_size)
+    inter = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    return hidden, inter, int(text.num_hidden_layers), int(text.vocab_size)
 
 
 def estimate_peak(config, tokens: int, checkpointed: int, weights_bytes: int) -> float:
