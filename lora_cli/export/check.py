@@ -118,12 +118,11 @@ def _messages(example, template) -> list[dict]:
     if not example.is_chat:
         return [{"role": "user", "content": user_content(template, example.instruction, example.input)}]
     out: list[dict] = []
-    for msg in list(example.messages or [])[:-1]:  # consecutive user messages joined first, as training joins them
-        if msg["role"] == "user" and out and out[-1]["role"] == "user":
-            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + msg["content"]}
-        else:
-            out.append({"role": msg["role"], "content": msg["content"]})
-    return [dict(m, content=user_content(template, m["content"], "")) if m["role"] == "user" else m for m in out]
+    for role, turn in itertools.groupby(list(example.messages or [])[:-1], key=lambda m: m["role"]):
+        contents = [m["content"] for m in turn]  # consecutive user messages joined first, as training joins them
+        out += [{"role": role, "content": user_content(template, "\n\n".join(contents), "")}] if role == "user" \
+            else [{"role": role, "content": content} for content in contents]
+    return out
 
 
 def export_prompt(artifact, runtime: Runtime, example, template, trained_text: str) -> list[int]:

@@ -8,10 +8,9 @@ An artifact is one of what `lora-cli export` writes:
 - `gguf-lora`: an adapter file, applied to a base GGUF of the same architecture; prompted with
   the base GGUF's chat template (a base model's template is not the training prompt, so the
   check renders the training prompt itself: what a user is told to send).
-- `ollama`: a folder with model.gguf and a Modelfile. Ollama renders its TEMPLATE (a Go
-  template; lora-cli writes one without `.Messages`, which Ollama executes per turn, its
-  "legacy" mode: template/template.go), tokenizes the text with the vocabulary's BOS added and
-  special tokens parsed, and stops on the PARAMETER stop strings and the end-of-generation tokens.
+- `ollama`: a folder with model.gguf and a Modelfile. Ollama renders its TEMPLATE per turn (modelfile.py),
+  tokenizes the text with the vocabulary's BOS added and special tokens parsed, and stops on the
+  PARAMETER stop strings and the end-of-generation tokens.
 
 The Go templates rendered here are the constructs lora-cli writes ({{ .Field }}, string
 literals, if/else/end, trim markers); any other construct is named in a LoraCliError.
