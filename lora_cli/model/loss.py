@@ -111,10 +111,9 @@ def plain_cross_entropy(logits, targets):
     import torch.nn.functional as F
 
     flat_t = targets.reshape(-1)
-    n = int((flat_t != IGNORE).sum())
     loss = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])), flat_t, ignore_index=IGNORE,
                            reduction="sum")
-    return loss, n
+    return loss, int((flat_t != IGNORE).sum())
 
 
 def fused_blocker(model, adapted=()) -> str | None:
