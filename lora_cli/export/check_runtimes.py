@@ -24,7 +24,6 @@ RUNTIME_EXTRA = "pip install 'lora-cli[runtime]'"
 
 @dataclass
 class Generation:
-    ids: list[int]  # new ids, without the stop token or stop text
     text: str
     stopped: bool  # an end-of-generation token or a stop text came within max_new_tokens
 
@@ -70,13 +69,13 @@ class TransformersRuntime:
                 out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, int(out.logits[0, -1].argmax())
                 if token in self.stop_ids:
-                    return Generation(new, self.tokenizer.decode(new, skip_special_tokens=True), True)
+                    return Generation(self.tokenizer.decode(new, skip_special_tokens=True), True)
                 new.append(token)
                 text, hit = _cut_at_stop_text(self.detokenize(new), stop_texts)
                 if hit:
-                    return Generation(new, text, True)
+                    return Generation(text, True)
                 step_ids = torch.tensor([[token]], device=self.device)
-        return Generation(new, self.tokenizer.decode(new, skip_special_tokens=True), False)
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), False)
 
 
 def gguf_transformers_runtime(model_file: Path) -> TransformersRuntime:
@@ -102,7 +101,6 @@ class LlamaCppRuntime:
     def __init__(self, model_file: Path, lora_file: Path | None = None, n_ctx: int = 2048, threads: int | None = None):
         import llama_cpp
 
-        self._lib = llama_cpp
         self.name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
         try:
             self.llm = llama_cpp.Llama(model_path=str(model_file), lora_path=str(lora_file) if lora_file else None,
@@ -139,13 +137,13 @@ class LlamaCppRuntime:
         for _ in range(max_new_tokens):
             token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
             if token in self.stop_ids:
-                return Generation(new, self.llm.detokenize(new).decode("utf-8", errors="replace"), True)
+                return Generation(self.llm.detokenize(new).decode("utf-8", errors="replace"), True)
             new.append(token)
             text, hit = _cut_at_stop_text(self.detokenize(new), stop_texts)
             if hit:
-                return Generation(new, text, True)
+                return Generation(text, True)
             self.llm.eval([token])
-        return Generation(new, self.llm.detokenize(new).decode("utf-8", errors="replace"), False)
+        return Generation(self.llm.detokenize(new).decode("utf-8", errors="replace"), False)
 
 
 def open_runtime(kind: str, artifact, n_ctx: int):
