@@ -111,7 +111,3 @@ def chat(
         err.print(f"Chatting with {who} (template {loaded.info.template}). /exit or Ctrl-D to leave, "
                   "/reset to start over.", markup=False, soft_wrap=True)
         chat_loop(loaded, params, system)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("chat")(handle_errors(chat))

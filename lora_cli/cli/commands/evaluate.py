@@ -108,7 +108,3 @@ def evaluate(
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
         print_result(result, show)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("eval")(handle_errors(evaluate))

@@ -172,7 +172,3 @@ def generate(
         answers, base = _answer_all(loaded, prompts, params, batch_size, compare)
         title = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
     _emit(_rows(examples, answers, base), single, compare, as_json, output_file, title)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("generate")(handle_errors(generate))

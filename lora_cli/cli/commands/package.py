@@ -63,7 +63,3 @@ def package(
     out.print(_summary_line(Path(target)), markup=False, soft_wrap=True)
     out.print(f"Wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB): {len(manifest['files'])} files "
               f"({total / 1e6:.1f} MB before compression) + {packaging.MANIFEST}", markup=False, soft_wrap=True)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("package")(handle_errors(package))

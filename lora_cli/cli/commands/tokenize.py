@@ -111,7 +111,3 @@ def _plain(spans: list) -> str:
             current = tag
         parts.append("<eos>" if span.eos else span.text)
     return "".join(parts) + (f"[/{current}]" if current else "")
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("tokenize")(handle_errors(tokenize))

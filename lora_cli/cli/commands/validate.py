@@ -121,7 +121,3 @@ def validate_data(
     else:
         _print_reports(reports, limit, failed)
     raise typer.Exit(1 if failed else 0)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("validate-data")(handle_errors(validate_data))
