@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.adapter.record import LoopSummary
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.model.backbone import detach_grads
-from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
+from lora_cli.train.checkpoint import checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.oom import StepMemory, out_of_memory_as_error
 
@@ -29,38 +29,16 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
-    from peft import PeftModel
 
-    from lora_cli.config import RunConfig
-    from lora_cli.data.batching import Batcher, StepPlan
-    from lora_cli.progress import Reporter, Stage
-    from lora_cli.train.optim import Trainable
-    from lora_cli.train.plan import RunPlan
+    from lora_cli.progress import Stage
     from lora_cli.train.observe import Observer
-    from lora_cli.train.run_folder import OutputFolder
-    from lora_cli.train.runtime import Placement
-
-
-class RecipeParts(Protocol):
-    """What the loop takes from the recipe (recipe.LoRARecipe, once its setup() has built them)."""
-
-    cfg: RunConfig
-    placement: Placement
-    plan: RunPlan
-    model: PeftModel
-    trainable: Trainable
-    steps: StepPlan
-    val: Batcher | None
-    out: OutputFolder
-    reporter: Reporter
-    state: LoopState
-    observers: list[Observer]
+    from lora_cli.train.recipe import LoRARecipe
 
 
 class TrainingLoop:
-    """The recipe's loop over its collaborators (`RecipeParts`)."""
+    """The recipe's loop over the collaborators its setup() built."""
 
-    def __init__(self, recipe: RecipeParts) -> None:
+    def __init__(self, recipe: LoRARecipe) -> None:
         self.cfg, self.train_cfg = recipe.cfg, recipe.cfg.train
         self.placement, self.plan = recipe.placement, recipe.plan
         self.model, self.trainable = recipe.model, recipe.trainable

@@ -85,11 +85,6 @@ class StopRate(Observer):
     def __init__(self, probe: StopProbe, placement: Placement, reporter: Reporter) -> None:
         self.probe, self.placement, self.reporter = probe, placement, reporter
 
-    @property
-    def seconds(self) -> float:
-        """Spent probing in this command, its warm-up included."""
-        return self.probe.seconds
-
     def on_eval(self, model: PeftModel) -> Row:
         result = self.probe.run(model, self.placement)
         if result is None:

@@ -222,16 +222,11 @@ def restore_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         optimizer.load_state_dict(checkpoint.optimizer)
     scheduler.load_state_dict(checkpoint.scheduler)
     if checkpoint.state.total_steps not in (0, total_steps):  # a run continued to a new length
-        restart_schedule(scheduler)
+        # the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
+        # one), which the next step would use: a step back and forth sets it from the new schedule
+        scheduler.last_epoch -= 1
+        scheduler.step()
     restore_rng(checkpoint.rng)
-
-
-def restart_schedule(scheduler: LRScheduler) -> None:
-    """The learning rate of the current step from the schedule as it now is (its length changed):
-    the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
-    one), which the next step would use. Stepping back and forth sets it from the new schedule."""
-    scheduler.last_epoch -= 1
-    scheduler.step()
 
 
 def restore_rng(rng: dict[str, torch.Tensor | list[torch.Tensor]]) -> None:
