@@ -72,11 +72,8 @@ def _shown(value: Any) -> Any:
 
 
 def _flag_type(f: ConfigField) -> type:
-    value = f.default
-    for kind in (bool, int, float):
-        if isinstance(value, kind):
-            return kind
-    return str  # strings, paths, and lists given comma-separated
+    """bool, int or float as the default is; str for strings, paths, and lists given comma-separated."""
+    return type(f.default) if isinstance(f.default, (bool, int, float)) else str
 
 
 def _parameter(section: str, f: ConfigField) -> inspect.Parameter:

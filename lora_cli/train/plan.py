@@ -86,10 +86,6 @@ def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int,
     return math.ceil(step_tokens / n), n
 
 
-def _round_up(n: int, multiple: int = ROW_MULTIPLE) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _checkpointing(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig, max_tokens: int,
                    weights_bytes: int) -> tuple[int, str, bool]:
     """(checkpointed layers, note, fits): auto on a GPU checkpoints only as many layers as the budget needs."""
@@ -184,7 +180,8 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
     if t.pack_length:
         pack_length = t.pack_length
     elif cuda:
-        pack_length = _round_up(max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0))
+        row = max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0)
+        pack_length = math.ceil(row / ROW_MULTIPLE) * ROW_MULTIPLE
     else:
         pack_length = 0
     layers, note, fits = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes)

@@ -11,16 +11,25 @@ import typer
 from lora_cli.cli.options import config_flags
 
 
-def _token_counter(model: str, template_name: str, local_only: bool = False):
+def _token_counter(model: str, template_name: str, at_hand: bool = False):
+    """Token counts with `model`'s tokenizer. at_hand (the current dataset's model): only when it is on this
+    machine (nothing is downloaded); else None, and said."""
+    from lora_cli.cli.render import err
     from lora_cli.data.templates import get_template
     from lora_cli.data.tokenization import token_counts
+    from lora_cli.errors import LoraCliError
     from lora_cli.model.load import load_tokenizer, quiet_libraries
     from lora_cli.model.resolve import resolve_model
 
     quiet_libraries()
-    resolved = resolve_model(model, need_weights=False, local_only=local_only)
-    tokenizer = load_tokenizer(resolved.path)
-    template = get_template(template_name)
+    try:
+        tokenizer = load_tokenizer(resolve_model(model, need_weights=False, local_only=at_hand).path)
+        template = get_template(template_name)
+    except LoraCliError as exc:
+        if not at_hand:
+            raise
+        err.print(f"Token statistics left out: {exc.message}", markup=False, soft_wrap=True)
+        return None
     return lambda examples: token_counts(examples, tokenizer, template)
 
 
@@ -35,18 +44,6 @@ def _current_files(settings: dict) -> tuple[list[Path], dict]:
     files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
     return files, {"model.name": cfg.model.name, "data.template": cfg.data.template,
                    "data.max_length": cfg.data.max_length, **settings}
-
-
-def _counter_at_hand(model: str, template: str):
-    """The current dataset's model's token counts when it is on this machine (nothing is downloaded)."""
-    from lora_cli.cli.render import err
-    from lora_cli.errors import LoraCliError
-
-    try:
-        return _token_counter(model, template, local_only=True)
-    except LoraCliError as exc:
-        err.print(f"Token statistics left out: {exc.message}", markup=False, soft_wrap=True)
-        return None
 
 
 def _print_reports(reports: list, limit: int, failed: bool) -> None:
@@ -101,10 +98,8 @@ def validate_data(
         files, settings = _current_files(settings)
     cfg = RunConfig().replace(settings)
     counter = None
-    if typed_model:
-        counter = _token_counter(cfg.model.name, cfg.data.template)
-    elif "model.name" in settings:
-        counter = _counter_at_hand(cfg.model.name, cfg.data.template)
+    if "model.name" in settings:  # typed, or the current dataset's model
+        counter = _token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
     limit = cfg.data.max_length
     reports = []
     for path in files:
