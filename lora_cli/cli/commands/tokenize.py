@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict
 from typing import Annotated
@@ -101,13 +102,5 @@ def print_shown(shown: list) -> None:
 
 def _plain(spans: list) -> str:
     """Runs of spans with the same trained state in one bracket: [trained]Paris.<eos>[/trained]."""
-    parts, current = [], None
-    for span in spans:
-        tag = "trained" if span.trained else "prompt"
-        if tag != current:
-            if current:
-                parts.append(f"[/{current}]")
-            parts.append(f"[{tag}]")
-            current = tag
-        parts.append("<eos>" if span.eos else span.text)
-    return "".join(parts) + (f"[/{current}]" if current else "")
+    runs = itertools.groupby(spans, key=lambda span: "trained" if span.trained else "prompt")
+    return "".join(f"[{tag}]" + "".join("<eos>" if s.eos else s.text for s in run) + f"[/{tag}]" for tag, run in runs)
