@@ -33,16 +33,15 @@ def names(param: Any, ctx: Any) -> str:
 
 
 def default_text(param: Any) -> str | None:
-    """The default as the help shows it: the switch that is on for a boolean, a list comma-joined."""
+    """The default as the help shows it: the switch that is on for a boolean (a list's is already comma-joined:
+    options._shown)."""
     default = param.default
     if getattr(param, "is_flag", False):
         if not param.secondary_opts or default is None:
             return None
         return (param.opts if default else param.secondary_opts)[0].lstrip("-")
-    if default is None or getattr(param, "show_default", True) is False or callable(default):
+    if default is None or getattr(param, "show_default", True) is False:
         return None
-    if isinstance(default, (list, tuple)):
-        return ",".join(str(d) for d in default) or None
     return str(default) or None  # an empty text default says nothing
 
 

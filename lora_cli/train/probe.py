@@ -165,15 +165,9 @@ class StopProbe:
         result = None
         if placement.is_main:
             t0, first = time.time(), self.decoder is None
-            rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if placement.on_cuda else None
-            try:
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if placement.on_cuda else []):
                 decoder = self._decoder(peft_model, placement)
                 answers = self._answers(peft_model, placement, decoder)
-            finally:
-                torch.set_rng_state(rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state_all(cuda_rng)
             seconds = time.time() - t0
             self.seconds += seconds
             warmup = decoder.warmup_seconds if (first and decoder is not None) else 0.0
