@@ -1,17 +1,10 @@
-"""Experiment trackers (--report-to) through accelerate's tracker API, each working offline.
+"""Experiment trackers (--report-to: tensorboard, wandb, mlflow) through accelerate's tracker API, each
+working offline under OUTPUT/logs/ (docs/TRAINING.md says where each writes and how to read it back).
 
-- tensorboard: event files in OUTPUT/logs/tensorboard/lora-cli/ (`tensorboard --logdir OUTPUT/logs/tensorboard`);
-- wandb: offline mode, files in OUTPUT/logs/wandb/ (`wandb sync` uploads them later);
-- mlflow: a local file store, OUTPUT/logs/mlruns (`mlflow ui --backend-store-uri file://...`), unless
-  MLFLOW_TRACKING_URI names another store.
-
-Each tracker is an optional extra (pip install 'lora-cli[tensorboard]', ...); a missing one is a
-message before any model loads. What is logged is what metrics.jsonl gets: every train row
-(train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/epoch) and every evaluation
-(eval/loss, eval/stop_rate, eval/generate_s, and the first answer as text where the tracker
-takes text), at the row's optimizer step, plus the run's settings as hyperparameters. On a
-resumed run TensorBoard drops the events past the checkpoint (purge_step), so the steps that
-are done again are not shown twice; W&B and MLflow start a new run.
+Each is an optional extra; a missing one is a message before any model loads. They get what
+metrics.jsonl gets (`KEYS`), at the row's optimizer step, and the run's settings as hyperparameters.
+On a resumed run TensorBoard drops the events past the checkpoint (purge_step); W&B and MLflow start
+a new run.
 """
 
 from __future__ import annotations
