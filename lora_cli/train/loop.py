@@ -4,10 +4,6 @@ Loss normalisation: every optimizer step divides the summed token losses of all 
 micro-batches (on all processes) by their total number of target tokens, known in advance
 from the plan. Each token weighs the same whatever the packing, the accumulation or the
 number of GPUs, so changing those levers does not change what is optimised.
-
-The loop is built ready: the recipe's setup made the wrapped module, optimizer and schedule
-(optim.prepare_trainable), the loop state (fresh, or a checkpoint's) and the observers it tells
-of every metrics row and evaluation (observe.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """What the loop steps: the wrapped loss module, its optimizer and schedule, ready (and restored).
 
-`prepare_trainable` is the one setup call between a model with LoRA attached and the training
-loop: it puts a checkpoint's adapter weights in (before wrapping: FSDP shards them), wraps the
-loss module for the processes (DDP, FSDP or nothing), builds AdamW and the schedule over the
-wrapped module's parameters (FSDP replaces them with flat shards), then restores the
-optimizer, schedule and RNG of the checkpoint (resume.py).
+`prepare_trainable` puts a checkpoint's adapter weights in before wrapping (FSDP shards them), and
+its optimizer, schedule and RNG after (resume.py): AdamW and the schedule are built over the wrapped
+module's parameters, which FSDP replaces with flat shards.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 `decide` turns every "auto" of the training config into a value: the step's token budget and its
 micro-batches, packed row length and static shapes, gradient checkpointing, the fp32 upcast,
-keeping the NF4 base dequantized, torch.compile. It runs once
-the base model is loaded (the memory plan needs its size on the GPU) and the tokenized lengths
-are known; the result is frozen and saved in run_config.yaml, so what a run printed is what it did.
+keeping the NF4 base dequantized, torch.compile. It runs once the base model is loaded (the memory
+plan needs its size on the GPU) and the tokenized lengths are known; the result is frozen and saved
+in run_config.yaml, so what a run printed is what it did.
 """
 
 from __future__ import annotations

@@ -126,6 +126,7 @@ class LoRARecipe:
         """Every collaborator of the run, built once. `placement` and `data` given (benchmarks: tokenized
         data in memory): used as they are, without the checks made before loading and the folder's lock."""
         from lora_cli.train import resume
+        from lora_cli.train.observe import observers_for
         from lora_cli.train.run_folder import OutputFolder, output_lock
 
         self.placement = placement or self._place()
@@ -143,7 +144,9 @@ class LoRARecipe:
         self._model_and_plan()
         self._batches()
         self._trainable_and_state()
-        self._observers()
+        resumed_step = self.state.step if self.checkpoint else None
+        self.observers = observers_for(self.cfg, self.placement, self.out.path, self.out.metrics_path,
+                                       self.decisions, resumed_step, self.probe, self.reporter)
 
     def _place(self) -> Placement:
         """Device, precision and processes; the checks that need no weights."""
@@ -179,7 +182,9 @@ class LoRARecipe:
 
     def _model_and_plan(self) -> None:
         """The base loaded, every automatic setting decided once (plan.decide), then applied; LoRA on top."""
-        from lora_cli.model.load import load_model
+        import torch
+
+        from lora_cli.model.load import dequantized_bytes, load_model
         from lora_cli.model.loss import fused_blocker
         from lora_cli.model.params import count_parameters
         from lora_cli.model.targets import resolve_targets
@@ -192,8 +197,10 @@ class LoRARecipe:
                                cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=where.fsdp)
         # why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None
         blocker = fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
-        self.plan = decide(cfg, where, model.config, list(self.data.train["length"]), *_memory(where, model),
-                           loss_blocker=blocker)
+        # the GPU memory the loaded base holds, and what its 4-bit weights dequantized would add (bytes)
+        memory = ((torch.cuda.memory_allocated(where.device), dequantized_bytes(model, where.precision))
+                  if where.on_cuda else (0, 0))
+        self.plan = decide(cfg, where, model.config, list(self.data.train["length"]), *memory, loss_blocker=blocker)
         for note in (self.plan.memory_note, self.plan.loss_note, self.plan.compile_note):
             if note:
                 reporter.message(note)
@@ -240,13 +247,6 @@ class LoRARecipe:
         self.out.start(self.decisions, resuming=self.checkpoint is not None)
         if self.checkpoint is not None:
             resume.announce(self.out, self.checkpoint, note, self.reporter)
-
-    def _observers(self) -> None:
-        from lora_cli.train.observe import observers_for
-
-        resumed_step = self.state.step if self.checkpoint else None
-        self.observers = observers_for(self.cfg, self.placement, self.out.path, self.out.metrics_path,
-                                       self.decisions, resumed_step, self.probe, self.reporter)
 
     # ---- train, finish ---------------------------------------------------------------------
     def train(self) -> None:
@@ -331,14 +331,3 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
         mode = "on" if plan.compile_scope == "backbone" else plan.compile
         compile_layers(model, mode, plan.static_shapes and plan.packed)
     return model, initial
-
-
-def _memory(placement: Placement, model: PreTrainedModel) -> tuple[int, int]:
-    """(bytes the loaded base holds on the GPU, bytes its dequantized 4-bit weights would add); CPU: (0, 0)."""
-    import torch
-
-    from lora_cli.model.load import dequantized_bytes
-
-    if not placement.on_cuda:
-        return 0, 0
-    return torch.cuda.memory_allocated(placement.device), dequantized_bytes(model, placement.precision)
