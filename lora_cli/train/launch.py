@@ -21,7 +21,7 @@ def resume_command(argv: list[str], env: Mapping[str, str] | None = None) -> str
     """The command line that continues this run from its latest checkpoint: the same flags, with
     --resume in place of --overwrite / --resume / --resume-from PATH (which would go back to the
     older checkpoint). A run started with --gpus N runs as N processes whose own argv lacks it
-    (strip_gpus); it is put back, since a checkpoint resumes only on as many processes."""
+    (launch_command); it is put back, since a checkpoint resumes only on as many processes."""
     env = os.environ if env is None else env
     kept = _without(argv, START_FLAGS, START_OPTIONS)
     world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "1")
@@ -47,11 +47,6 @@ def launch_if_asked(gpus: int | None, fsdp: bool) -> int | None:
     return None
 
 
-def strip_gpus(argv: list[str]) -> list[str]:
-    """The workers' argv: without --gpus N and --fsdp, which the launcher's own flags carry."""
-    return _without(argv, ("--fsdp",), ("--gpus",))
-
-
 def _without(argv: list[str], flags: tuple[str, ...], options: tuple[str, ...]) -> list[str]:
     """`argv` less `flags`, and less `options` with their values (--option VALUE or --option=VALUE)."""
     kept, skip = [], False
@@ -75,7 +70,7 @@ def launch_command(n: int, argv: list[str], fsdp: bool = False) -> list[str]:
     mode = LAUNCH_FLAGS if fsdp else ["--multi_gpu"]
     return [sys.executable, "-m", "lora_cli.train.launch", *mode, "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli",
-            *strip_gpus(argv)]
+            *_without(argv, ("--fsdp",), ("--gpus",))]  # the launcher's own flags carry --gpus N and --fsdp
 
 
 def relaunch_with_accelerate(n: int, fsdp: bool = False) -> int:

@@ -14,6 +14,7 @@ a barrier); under FSDP the probe is off.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -104,13 +105,11 @@ class StopProbe:
             reporter.message("--eval-generate is off under --fsdp: the weights are sharded over the processes, and "
                              "generating needs them whole. Run lora-cli eval on the adapter instead.")
             return None
-        examples, template = [], get_template(cfg.data.template)
-        for example in iter_examples(cfg.data.val, on_issue=lambda issue: None):
-            # a record training left out (--skip-invalid) because the template refuses it: not asked either
-            if not template_issues([example], tokenizer, template, cfg.data.val):
-                examples.append(example)
-            if len(examples) == k:
-                break
+        template = get_template(cfg.data.template)
+        # a record training left out (--skip-invalid) because the template refuses it: not asked either
+        asked = (ex for ex in iter_examples(cfg.data.val, on_issue=lambda issue: None)
+                 if not template_issues([ex], tokenizer, template, cfg.data.val))
+        examples = list(itertools.islice(asked, k))
         if not examples:
             return None
         prompts = [encode_example_prompt(ex, tokenizer, template, cfg.data.add_eos) for ex in examples]

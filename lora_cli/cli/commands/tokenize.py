@@ -40,13 +40,14 @@ def tokenize(
 
     refuse_invalid_records(work.cfg)
     from lora_cli.data.prepare import prepare_data
+    from lora_cli.data.show import show_examples
     from lora_cli.model.load import quiet_libraries
 
     quiet_libraries()
     cfg = work.cfg
     data = prepare_data(cfg, RichReporter(), force=force, record=True)
     entries = [e for e in (data.train, data.val) if e is not None]
-    shown = _shown(data, show)
+    shown = show_examples(data.train.load(), data.tokenizer, show) if show else []
     if as_json:
         typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
                                 "counts": asdict(e.meta.counts), "left_out_lines": e.meta.left_out_lines,
@@ -66,12 +67,6 @@ def tokenize(
     out.print(f"Recorded as the current dataset ({data.current.file}): lora-cli train, validate-data, "
               "param-report, eval and generate use it when given no data.")
     print_shown(shown)
-
-
-def _shown(data, n: int) -> list:
-    from lora_cli.data.show import show_examples
-
-    return show_examples(data.train.load(), data.tokenizer, n) if n else []
 
 
 def print_shown(shown: list) -> None:
