@@ -24,7 +24,6 @@ from lora_cli.cli.commands.inference_options import (
     TopKOpt,
     TopPOpt,
     loaded_model,
-    sampling,
     with_load_options,
 )
 
@@ -101,10 +100,10 @@ def chat(
 ) -> None:
     """Talk to base model + adapter, turn by turn, with streamed answers. /exit or Ctrl-D leaves, /reset starts over."""
     from lora_cli.cli.render import err
-
     from lora_cli.data.tokenization import check_system_message
+    from lora_cli.infer.generation import Sampling
 
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
+    params = Sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     check = (lambda tokenizer, template: check_system_message(system, tokenizer, template)) if system else None
     with loaded_model(adapter, load, not base_only, check) as loaded:
         who = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model

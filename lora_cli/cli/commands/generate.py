@@ -23,7 +23,6 @@ from lora_cli.cli.commands.inference_options import (
     TopKOpt,
     TopPOpt,
     loaded_model,
-    sampling,
     with_load_options,
 )
 
@@ -152,17 +151,16 @@ def generate(
     from lora_cli.data.current import resolve
     from lora_cli.data.records import Example
     from lora_cli.infer.evaluation import read_examples
+    from lora_cli.infer.generation import Sampling, check_records
 
     _check_args(prompt, input_file, compare, base_only)
     if prompt is None and input_file is None:
         work = resolve("generate")
         err.print(work.said, markup=False, soft_wrap=True)
         input_file = Path(work.held_out)
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
+    params = Sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
-    from lora_cli.infer.generation import check_records
-
     check = None if input_file is None else lambda tok, template: check_records(examples, tok, template, str(input_file))
     with loaded_model(adapter, load, not base_only, check) as loaded:
         prompts = [loaded.example_prompt(ex) for ex in examples]
