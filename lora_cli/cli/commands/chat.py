@@ -44,14 +44,13 @@ def _read_line() -> str | None:
         return None
 
 
-def chat_loop(loaded, params, system: str | None) -> int:
-    """Run the conversation until /exit or end of input; return the number of answers given."""
+def chat_loop(loaded, params, system: str | None) -> None:
+    """Run the conversation until /exit or end of input."""
     from lora_cli.cli.render import err, out
     from lora_cli.infer.generation import fit_history, generate
 
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    answered = 0
     while True:
         line = _read_line()
         if line is None:
@@ -82,8 +81,6 @@ def chat_loop(loaded, params, system: str | None) -> int:
         if not answer.stopped:
             err.print(f"(cut at --max-new-tokens {params.max_new_tokens}: no eos)", markup=False)
         history.append({"role": "assistant", "content": answer.text})
-        answered += 1
-    return answered
 
 
 @with_load_options
