@@ -33,19 +33,6 @@ def _token_counter(model: str, template_name: str, at_hand: bool = False):
     return lambda examples: token_counts(examples, tokenizer, template)
 
 
-def _current_files(settings: dict) -> tuple[list[Path], dict]:
-    """No file given: the current dataset's files, and its model, template and max length under the typed flags."""
-    from lora_cli.cli.render import err
-    from lora_cli.data.current import resolve
-
-    work = resolve("validate-data", settings)
-    err.print(work.said, markup=False, soft_wrap=True)
-    cfg = work.cfg
-    files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
-    return files, {"model.name": cfg.model.name, "data.template": cfg.data.template,
-                   "data.max_length": cfg.data.max_length, **settings}
-
-
 def _print_reports(reports: list, limit: int, failed: bool) -> None:
     """The table (character and, with a model, token lengths per file) and the verdict."""
     from lora_cli.cli.render import err, out, table
@@ -89,16 +76,21 @@ def validate_data(
     With no file: the current dataset's files (what lora-cli tokenize tokenized last), with its
     model's token lengths when the model is on this machine. Exit 0 when every file is clean, 1 when not.
     """
-    from lora_cli.cli.render import out, print_issues
+    from lora_cli.cli.render import err, out, print_issues
     from lora_cli.config import RunConfig
+    from lora_cli.data.current import resolve
     from lora_cli.data.report import cross_file_issues, validate_file
 
-    typed_model = "model.name" in settings
-    if not files:
-        files, settings = _current_files(settings)
-    cfg = RunConfig().replace(settings)
+    typed_model, current = "model.name" in settings, not files
+    if current:  # the current dataset's files, model, template and max length, under the typed flags
+        work = resolve("validate-data", settings)
+        err.print(work.said, markup=False, soft_wrap=True)
+        cfg = work.cfg
+        files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
+    else:
+        cfg = RunConfig().replace(settings)
     counter = None
-    if "model.name" in settings:  # typed, or the current dataset's model
+    if typed_model or current:  # the current dataset's model: only when it is at hand
         counter = _token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
     limit = cfg.data.max_length
     reports = []
