@@ -47,13 +47,9 @@ class ProbeResult:
     seconds: float
     warmup_seconds: float = 0.0  # of `seconds`: building the copy and capturing the decode step (first evaluation)
 
-    @property
-    def stop_rate(self) -> float:
-        return self.stopped / self.prompts if self.prompts else 0.0
-
     def row(self) -> dict:
         """The fields it adds to the evaluation's line of metrics.jsonl."""
-        return {"stop_rate": self.stop_rate, "stopped": self.stopped, "generated": self.prompts,
+        return {"stop_rate": self.stopped / self.prompts if self.prompts else 0.0, "stopped": self.stopped, "generated": self.prompts,
                 "max_new_tokens": self.max_new_tokens, "generate_s": round(self.seconds, 2),
                 "generate_warmup_s": round(self.warmup_seconds, 4), "sample": self.sample,
                 "sample_stopped": self.sample_stopped}
