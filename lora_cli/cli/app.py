@@ -67,16 +67,15 @@ def handle_errors(fn):
             from rich.markup import escape
 
             from lora_cli.atomic import filesystem_failure
+            from lora_cli.errors import OutOfMemory
             from lora_cli.train.oom import is_oom, oom_message
 
             # a file that could not be written or read where the core did not expect it (a read-only
-            # folder, a file too large for its file system, a file in the path): one line naming the path
-            failure = filesystem_failure(exc)
+            # folder, a file too large for its file system, a file in the path): one line naming the path;
+            # out of memory outside the training loop (loading the model): no settings to quote
+            failure = filesystem_failure(exc) or (OutOfMemory(oom_message(exc)) if is_oom(exc) else None)
             if failure is not None:
                 raise _report(failure) from None
-            if is_oom(exc):  # outside the training loop (loading the model): no settings to quote
-                err.print(f"[bold red]error:[/] {escape(oom_message(exc))}", soft_wrap=True)
-                raise typer.Exit(1) from None
             err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                       "This is a bug in lora-cli; set LORA_CLI_DEBUG=1 to see the traceback.")
             raise typer.Exit(2) from None
