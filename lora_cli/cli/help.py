@@ -21,9 +21,7 @@ def names(param: Any, ctx: Any) -> str:
     """`--long, -s METAVAR`, or `--flag / --no-flag` for a boolean with an off switch; an argument's NAME."""
     if isinstance(param, typer.core.TyperArgument):
         return (param.display_name_raw or param.name or "").upper() + ("..." if param.nargs != 1 else "")
-    longs = [o for o in param.opts if o.startswith("--")]
-    shorts = [o for o in param.opts if not o.startswith("--")]
-    text = ", ".join(longs + shorts)
+    text = ", ".join(sorted(param.opts, key=lambda o: not o.startswith("--")))  # long names first
     if getattr(param, "secondary_opts", None):
         text += " / " + ", ".join(param.secondary_opts)
     if not getattr(param, "is_flag", False):
