@@ -104,6 +104,10 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     overrides = dict(overrides)
     on_prompt = overrides.pop("data.train_on_prompt", False)
     scope = overrides.pop("bench.compile_scope", None)
+    if overrides.pop("bench.read_each_step", False):  # the loop's immediate read of each step's loss (a host sync)
+        from lora_cli import faults
+
+        faults.inject("train:begin", lambda loop: setattr(loop, "late_read", False)).__enter__()
     if scope:  # not a user setting: the plan's choice, forced to compare the two scopes
         import lora_cli.train.plan
 
@@ -176,6 +180,7 @@ def _profiler(warmup: int):
             fh.write("4 optimizer steps, sorted by GPU time\n")
             fh.write(averages.table(sort_by="cuda_time_total", row_limit=30) + "\n\n")
             fh.write("sorted by host time\n" + averages.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+        prof.export_chrome_trace(path.removesuffix(".txt") + ".trace.json")  # the timeline: gaps show host-bound time
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                    schedule=schedule(wait=warmup - 5, warmup=1, active=4, repeat=1), on_trace_ready=done)
@@ -190,6 +195,7 @@ class _TimingReporter:
 
     def stage(self, name, total=None, unit=""):
         import contextlib
+        import os
 
         reporter = self
 
@@ -197,7 +203,8 @@ class _TimingReporter:
             def update(self, advance=1, **fields):
                 if name != "Training":
                     return
-                _sync()
+                if not os.environ.get("BENCH_HOST_CLOCK"):  # else: the host's pace, no sync added per step
+                    _sync()
                 reporter.times.append(time.perf_counter())
                 if reporter.prof is not None and advance:
                     reporter.prof.step()

@@ -49,6 +49,8 @@ VARIANTS = {
     "eager": {"train.compile": "off"},  # the baseline of "same result": no compile, no graphs
     "layer-graphs": {"bench.compile_scope": "layers"},  # CUDA graphs one decoder layer at a time (the old default)
     "capture-compiled": {"train.compile": "graphs"},  # the decoder captured whole, its layers compiled inside
+    "read-each-step": {"bench.read_each_step": True},  # each step's loss read at once (the GPU waits for the host)
+    "compiled-read-each-step": {"train.compile": "graphs", "bench.read_each_step": True},
     "nf4-kept": {"model.dequantize": "off"},  # the base stays 4-bit (a model whose bf16 copy does not fit)
     "dora": {"lora.use_dora": True},
     "no-compile": {"train.compile": "off"},
@@ -172,6 +174,9 @@ def main() -> None:
     ap.add_argument("--compare", default="", help="A,B: the largest per-step relative loss difference of B from A")
     ap.add_argument("--profile", default="", help="a variant to profile (torch.profiler, 4 steps inside its "
                                                   "warm-up, which must be >= 6): tables in WORK/profile-VARIANT.txt")
+    ap.add_argument("--host-clock", action="store_true",
+                    help="time steps at the host's pace (no added sync per step; a run's own syncs only), as a "
+                         "user's run goes: needed to see what reading a step's loss late gains")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per variant")
     ap.add_argument("--budget", type=int, default=0, help="start no variant after this many seconds (0: no limit)")
     ap.add_argument("--work", default="/tmp/lora-cli-bench")
@@ -226,7 +231,7 @@ def main() -> None:
         steps = args.ref_steps if name == "ref" and args.ref_steps else args.steps
         worker_args = [__file__, "--worker", name, "--model-dir", str(model_dir), "--data-file", str(data_file),
                        "--warmup", str(args.warmup), "--steps", str(steps), "--out", str(out)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"BENCH_HOST_CLOCK": "1"} if args.host_clock else {})}
         if spec == args.profile:
             env["BENCH_PROFILE"] = str(work / f"profile-{name}.txt")
         from lora_cli.train.sharding import LAUNCH_FLAGS

@@ -19,6 +19,7 @@ from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.model.backbone import detach_grads
 from lora_cli.train.checkpoint import checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
+from lora_cli.train.late_read import StepNumbers, step_with_skip, supports_late_read
 from lora_cli.train.oom import StepMemory, out_of_memory_as_error
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class TrainingLoop:
         self.last_checkpoint: Path | None = None
         self._last_log, self._last_tok_s = time.time(), None
         self._compile_reported = False
+        self.late_read = supports_late_read(recipe.trainable.optimizer, recipe.placement.world_size,
+                                            recipe.placement.precision)
+        self._pending: StepNumbers | None = None  # the last step's numbers, not yet read (late_read.py)
 
     @property
     def total_steps(self) -> int:
@@ -88,6 +92,7 @@ class TrainingLoop:
             every = self.train_cfg.save_every_steps
             if every and state.step % every == 0 and not at_end:
                 self._checkpoint(f"step-{state.step}")
+        self.settle()
         self._end_epoch(partial=state.step_in_epoch < n_steps)
         self._sync_flag(flag)  # a signal during the evaluation reached only some processes
         if flag.set and state.step < self.total_steps and not state.stopped_early:
@@ -135,7 +140,7 @@ class TrainingLoop:
                 loss_sum += loss.detach().float()
                 real += mb.n_real
         # the gradient norm is taken before the loss is checked (clipping only scales the gradients, and a
-        # non-finite loss raises before they are applied), so one host sync per step reads both
+        # non-finite loss raises before they are applied), so one host read per step gets both
         grad_norm = self._clip() if self.train_cfg.max_grad_norm else None
         norm = (torch.zeros((), device=where.device) if grad_norm is None
                 else torch.as_tensor(grad_norm, dtype=torch.float32, device=where.device))
@@ -143,35 +148,61 @@ class TrainingLoop:
             shared = torch.tensor([float(real), float(flag.set)], device=where.device)
             stats = acc.reduce(torch.cat([loss_sum.reshape(1), shared]), reduction="sum")
             loss_total, real_total, interrupted, norm_value = torch.cat([stats, norm.reshape(1)]).tolist()
+            flag.set = flag.set or interrupted > 0
+        elif self.late_read:  # read one step late (late_read.py): the GPU is never left waiting for the host
+            stats = torch.stack([loss_sum.float(), norm.float()])
+            self.settle()  # the previous step's numbers, copied while this step's work was queued
+            place = self._update(found_inf=(~torch.isfinite(stats).all()).float())
+            self._pending = StepNumbers.start(stats, n_targets=n_global, real_tokens=real,
+                                              clipped=grad_norm is not None, **place)
+            return
         else:  # a host value copied to the GPU would cost a sync of its own
             loss_total, norm_value = torch.stack([loss_sum, norm]).tolist()
-            real_total, interrupted = real, float(flag.set)
-        flag.set = flag.set or interrupted > 0
-        if not math.isfinite(loss_total):
-            raise NonFiniteLoss(self._nonfinite_message(state.step + 1))
+            real_total = real
         grad_norm = None if grad_norm is None else norm_value
-        # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
-        if grad_norm is not None and where.precision != "fp16" and not math.isfinite(grad_norm):
-            raise NonFiniteLoss(self._nonfinite_message(state.step + 1, "gradient norm"))
-        self._apply(loss_total, n_global, int(real_total), grad_norm)
+        self._check_finite(loss_total, grad_norm, state.step + 1)
+        self._account(loss_total, n_global, int(real_total), grad_norm, **self._update())
 
-    def _apply(self, loss_total: float, n_targets: int, real_tokens: int,
-               grad_norm: torch.Tensor | float | None) -> None:
-        """Optimizer and schedule step, then the loop's counters and, when due, a log line."""
+    def settle(self) -> None:
+        """Take in the numbers of a step read late (late_read.py): before anything reads the loop's counters."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        loss_total, grad_norm = pending.read()
+        self._check_finite(loss_total, grad_norm, pending.step)
+        self._account(loss_total, pending.n_targets, pending.real_tokens, grad_norm, pending.lr, pending.step,
+                      pending.epoch)
+
+    def _check_finite(self, loss_total: float, grad_norm: float | None, step: int) -> None:
+        if not math.isfinite(loss_total):
+            raise NonFiniteLoss(self._nonfinite_message(step))
+        # fp16's loss scaler skips steps with inf gradients by design; elsewhere they would poison the weights
+        if grad_norm is not None and self.placement.precision != "fp16" and not math.isfinite(grad_norm):
+            raise NonFiniteLoss(self._nonfinite_message(step, "gradient norm"))
+
+    def _update(self, found_inf: torch.Tensor | None = None) -> dict[str, float]:
+        """Optimizer and schedule step (skipped on the device where `found_inf` is 1), the step counters;
+        the step's learning rate and place, for its log row."""
         state, trainable = self.state, self.trainable
         lr = trainable.scheduler.get_last_lr()[0]
-        trainable.optimizer.step()
+        step_with_skip(trainable.optimizer, found_inf)
         trainable.scheduler.step()
         trainable.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.step_in_epoch += 1
+        return {"lr": lr, "step": state.step, "epoch": self._epochs_done()}
+
+    def _account(self, loss_total: float, n_targets: int, real_tokens: int, grad_norm: float | None, lr: float,
+                 step: int, epoch: float) -> None:
+        """A step's numbers, on the host: the token counts, the loss window and, when due, its log row."""
+        state = self.state
         state.tokens_seen += real_tokens
         state.window_loss += loss_total
         state.window_targets += n_targets
         state.window_tokens += real_tokens
         # the first step is logged too: a short run's first and last train loss then mean something
-        if state.step % self.train_cfg.log_every == 0 or state.step in (1, self.total_steps):
-            self._log_train(lr, grad_norm)
+        if step % self.train_cfg.log_every == 0 or step in (1, self.total_steps):
+            self._log_train(lr, grad_norm, step, epoch)
 
     def _clip(self) -> torch.Tensor | float:
         """Clip by the global gradient norm; under FSDP each process holds a shard of the gradients,
@@ -182,14 +213,14 @@ class TrainingLoop:
             return self.trainable.module.clip_grad_norm_(max_norm)
         return acc.clip_grad_norm_(self.trainable.params, max_norm)
 
-    def _log_train(self, lr: float, grad_norm: torch.Tensor | float | None) -> None:
+    def _log_train(self, lr: float, grad_norm: float | None, step: int, epoch: float) -> None:
         state = self.state
         now = time.time()
         loss = state.window_loss / max(state.window_targets, 1)
         self._last_tok_s = state.window_tokens / max(now - self._last_log, 1e-9)
         state.first_loss = loss if state.first_loss is None else state.first_loss
         state.last_loss = loss
-        self._write({"type": "train", "step": state.step, "epoch": self._epochs_done(), "loss": loss, "lr": lr,
+        self._write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
                      "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": state.tokens_seen,
                      "tokens_per_s": round(self._last_tok_s, 2)})
         state.window_loss, state.window_targets, state.window_tokens = 0.0, 0, 0
@@ -264,6 +295,7 @@ class TrainingLoop:
     def _checkpoint(self, name: str) -> Path:
         from peft import get_peft_model_state_dict
 
+        self.settle()  # the counters a checkpoint saves include the last step's
         acc = self.placement.accelerator
         acc.wait_for_everyone()
         lora, optim = self.adapter_state()
@@ -278,6 +310,7 @@ class TrainingLoop:
         return self.last_checkpoint
 
     def _interrupt(self, flag: InterruptFlag, saved: bool = False) -> None:
+        self.settle()
         path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
         raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
                                   str(path), None, exit_code=128 + int(flag.signum))

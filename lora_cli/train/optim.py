@@ -30,9 +30,12 @@ class Trainable:
     adapter_names: dict[str, str] | None = None  # FSDP: state-dict name -> adapter-file name (sharding.adapter_names)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, on_cuda: bool,
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
                    peft_model: PeftModel) -> torch.optim.Optimizer:
-    """AdamW (torch; fused on CUDA) over the parameters that require a gradient.
+    """AdamW (torch's fused kernel, on CUDA and the CPU alike) over the parameters that require a gradient.
+
+    Fused, so that a step's update can be skipped on the device's word (late_read.py), and one
+    code path runs in the CPU tests and on a GPU.
 
     With train.loraplus_lr_ratio (LoRA+), peft's create_loraplus_optimizer builds it from
     `peft_model` instead: lora_B (and DoRA's magnitudes) at lr x ratio, lora_A at lr.
@@ -42,7 +45,7 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, on_cuda
     params = [p for p in params if p.requires_grad]
     if not params:
         raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
-    kwargs = dict(betas=(0.9, 0.999), eps=1e-8, fused=on_cuda or None)
+    kwargs = dict(betas=(0.9, 0.999), eps=1e-8, fused=True)
     if train.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
@@ -105,7 +108,7 @@ def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placemen
         names = sharding.adapter_names(peft_model)
     module = acc.prepare(make_loss_module(peft_model, fused_loss, graphed_backbone))
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.train, placement.on_cuda, peft_model)
+    optimizer = make_optimizer(params, cfg.train, peft_model)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)
     optimizer = acc.prepare(optimizer)
     if checkpoint is not None:
