@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lora_cli import faults
 from lora_cli.adapter.record import LoopSummary
@@ -26,16 +26,40 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
+    from peft import PeftModel
 
-    from lora_cli.progress import Stage
+    from lora_cli.config import RunConfig
+    from lora_cli.data.batching import Batcher, StepPlan
+    from lora_cli.progress import Reporter, Stage
+    from lora_cli.train.checkpoint import LoopState
+    from lora_cli.train.optim import Trainable
+    from lora_cli.train.plan import RunPlan
     from lora_cli.train.observe import Observer
-    from lora_cli.train.recipe import LoRARecipe
+    from lora_cli.train.run_folder import OutputFolder
+    from lora_cli.train.runtime import Placement
+
+
+class RecipeParts(Protocol):
+    """What the loop takes from the recipe (recipe.LoRARecipe, once its setup() has built them); a
+    Protocol, not the recipe's own type, which would import the recipe back (an import cycle)."""
+
+    cfg: RunConfig
+    placement: Placement
+    plan: RunPlan
+    model: PeftModel
+    trainable: Trainable
+    steps: StepPlan
+    val: Batcher | None
+    out: OutputFolder
+    reporter: Reporter
+    state: LoopState
+    observers: list[Observer]
 
 
 class TrainingLoop:
-    """The recipe's loop over the collaborators its setup() built."""
+    """The recipe's loop over its collaborators (`RecipeParts`)."""
 
-    def __init__(self, recipe: LoRARecipe) -> None:
+    def __init__(self, recipe: RecipeParts) -> None:
         self.cfg, self.train_cfg = recipe.cfg, recipe.cfg.train
         self.placement, self.plan = recipe.placement, recipe.plan
         self.model, self.trainable = recipe.model, recipe.trainable
