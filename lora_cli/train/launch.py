@@ -33,14 +33,27 @@ def resume_command(argv: list[str], env: Mapping[str, str] | None = None) -> str
 
 
 def launch_if_asked(gpus: int | None, fsdp: bool) -> int | None:
-    """With --gpus N (N >= 2): run this command as N processes and return their exit code.
-    Otherwise None: this process trains. Refuses --fsdp where it cannot work, before any process starts."""
+    """With --gpus N (N >= 2): run this command as N processes through accelerate's launcher and return
+    their exit code. Otherwise None: this process trains. Refuses --fsdp where it cannot work, before
+    any process starts."""
     if gpus and gpus > 1:
+        import signal
+
         if fsdp:
             import torch
 
             check_fsdp_setup(None, on_cuda=torch.cuda.is_available())  # before N processes fail the same way
-        return relaunch_with_accelerate(gpus, fsdp)
+        env = dict(os.environ)
+        env.setdefault("NCCL_NVLS_ENABLE", "0")
+        env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        proc = subprocess.Popen(launch_command(gpus, sys.argv[1:], fsdp), env=env)
+        # Ctrl-C reaches the workers (same process group), which save a checkpoint and exit; this
+        # parent must not die first and take the launcher down with it
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if fsdp and not fsdp_requested():
         raise LoraCliError("--fsdp shards the model over several processes: give it with --gpus N (N >= 2), "
                            "or start lora-cli with accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml.")
@@ -71,22 +84,6 @@ def launch_command(n: int, argv: list[str], fsdp: bool = False) -> list[str]:
     return [sys.executable, "-m", "lora_cli.train.launch", *mode, "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli",
             *_without(argv, ("--fsdp",), ("--gpus",))]  # the launcher's own flags carry --gpus N and --fsdp
-
-
-def relaunch_with_accelerate(n: int, fsdp: bool = False) -> int:
-    """Run the launcher and wait. Ctrl-C reaches the workers (same process group), which save a
-    checkpoint and exit; this parent must not die first and take the launcher down with it."""
-    import signal
-
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    proc = subprocess.Popen(launch_command(n, sys.argv[1:], fsdp), env=env)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return proc.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def accelerate_launch(argv: list[str]) -> int:

@@ -31,17 +31,13 @@ KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/gr
                  "sample": "eval/sample"}}
 
 
-def _available(name: str) -> bool:
-    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
-
-    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
-            "mlflow": is_mlflow_available}[name]()
-
-
 def check_installed(names: list[str]) -> None:
     """LoraCliError naming the pip command for the first tracker whose package is missing."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
     for name in names:
-        if not _available(name):
+        if not available[name]():
             raise LoraCliError(f"--report-to {name} needs the {PACKAGES[name]} package, which is not installed.",
                                f"pip install 'lora-cli[{name}]' (or pip install {PACKAGES[name]}), or leave "
                                f"{name} out of --report-to.")
