@@ -43,13 +43,6 @@ def default_text(param: Any) -> str | None:
     return str(default) or None  # an empty text default says nothing
 
 
-def _console():
-    from rich.console import Console
-
-    width = os.environ.get("TERMINAL_WIDTH")
-    return Console(highlight=False, width=int(width) if width and width.isdigit() else None)
-
-
 def _table(params: list[Any], ctx: Any):
     from rich.table import Table
     from rich.text import Text
@@ -70,11 +63,13 @@ class PanelledCommand(typer.core.TyperCommand):
     """A command whose --help groups its options into panels that fit the terminal (see module doc)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
+        from rich.console import Console
         from rich.padding import Padding
         from rich.panel import Panel
         from rich.text import Text
 
-        console = _console()
+        width = os.environ.get("TERMINAL_WIDTH")
+        console = Console(highlight=False, width=int(width) if width and width.isdigit() else None)
         arguments = [names(p, ctx) for p in self.get_params(ctx) if isinstance(p, typer.core.TyperArgument)]
         usage = " ".join([ctx.command_path, self.options_metavar or "[OPTIONS]", *arguments])
         console.print(Padding(Text(f"Usage: {usage}", style="bold"), (1, 1, 0, 1)))

@@ -63,11 +63,6 @@ def _shown(value: Any) -> Any:
     return value
 
 
-def _flag_type(f: ConfigField) -> type:
-    """bool, int or float as the default is; str for strings, paths, and lists given comma-separated."""
-    return type(f.default) if isinstance(f.default, (bool, int, float)) else str
-
-
 def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     from rich.markup import escape
 
@@ -75,8 +70,9 @@ def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     panel = f.metadata.get("panel") or section
     option = typer.Option(_shown(f.default), *decls, help=escape(f.metadata.get("help", "")),
                           rich_help_panel=HELP_PANELS.get(panel, panel))
+    kind = type(f.default) if isinstance(f.default, (bool, int, float)) else str  # str: also paths, lists (a,b)
     return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
-                             annotation=Optional[_flag_type(f)])
+                             annotation=Optional[kind])
 
 
 def select(patterns: tuple[str, ...]) -> list[tuple[str, ConfigField]]:

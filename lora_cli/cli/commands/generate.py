@@ -62,10 +62,6 @@ def _prompt_text(row: dict) -> str:
     return row["instruction"] + (f"\n[input] {row['input']}" if row["input"].strip() else "")
 
 
-def _status(answer) -> str:
-    return f"eos after {len(answer.token_ids)} tokens" if answer.stopped else f"no eos within {len(answer.token_ids)} tokens"
-
-
 def _print_table(rows: list[dict], compare: bool, title: str) -> None:
     from lora_cli.cli.commands.inference_options import plain_table
     from lora_cli.cli.render import out
@@ -87,7 +83,7 @@ def _stream_one(loaded, prompt_ids, params) -> None:
     answer = run(loaded, [prompt_ids], params,
                  on_text=lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))[0]
     out.print()
-    err.print(f"({_status(answer)})", markup=False)
+    err.print(f"({'eos after' if answer.stopped else 'no eos within'} {len(answer.token_ids)} tokens)", markup=False)
 
 
 def _answer_all(loaded, prompts, params, batch_size: int, compare: bool):
