@@ -214,8 +214,3 @@ def print_check(report) -> None:
     for reason in report.reasons:
         out.print(f"  {reason.level} ({reason.kind}): {escape(reason.message)}", soft_wrap=True)
     out.print(f"Report: {escape(report.report_file)}", soft_wrap=True)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("export")(handle_errors(export))
-    app.command("check-export")(handle_errors(check_export))
