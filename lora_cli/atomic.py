@@ -56,12 +56,8 @@ def is_disk_full(exc: BaseException) -> bool:
     SafetensorError whose text says "os error 28", torch.save a RuntimeError whose context is
     the OSError, datasets a DatasetGenerationError caused by it.
     """
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(text in str(e).lower() for text in DISK_FULL_TEXT):
-            return True
-    return False
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+               or any(text in str(e).lower() for text in DISK_FULL_TEXT) for e in _chain(exc))
 
 
 def os_errno(exc: BaseException) -> int | None:
@@ -242,34 +238,27 @@ def _owner_alive(name: str) -> bool:
     Names without an owner tag, or made on another host (a shared filesystem), count as alive:
     only what is certainly abandoned is removed.
     """
-    host, pid = _owner().split("~")[0], None
-    for part in name.split("."):
-        if "~" in part:
-            tag_host, _, tag_pid = part.partition("~")
-            if tag_host == host and tag_pid.isdigit():
-                pid = int(tag_pid)
-    if pid is None:
-        return True
+    host = _owner().split("~")[0]
+    tags = [part.partition("~") for part in name.split(".") if "~" in part]
+    pids = [int(pid) for tag_host, _, pid in tags if tag_host == host and pid.isdigit()]
     try:
-        os.kill(pid, 0)
+        if pids:
+            os.kill(pids[-1], 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process, alive
+        pass
     return True
 
 
-def remove_stale_temporaries(folder: Path | str) -> int:
+def remove_stale_temporaries(folder: Path | str) -> None:
     """Delete leftovers of killed writers in `folder`: temporaries whose writer process is gone."""
     folder = Path(folder)
-    removed = 0
     if not folder.is_dir():
-        return 0
+        return
     for entry in folder.iterdir():
         if entry.name.startswith(TMP_PREFIX) and not _owner_alive(entry.name):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-            removed += 1
-    return removed

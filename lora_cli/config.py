@@ -38,10 +38,9 @@ def _as_flag(section: str, key: str) -> str:
     whichever way the value came ("" for a key without a flag of its own)."""
     model = RunConfig.model_fields.get(section)  # called while validating, long after RunConfig exists
     field = model.annotation.model_fields.get(key) if model is not None else None
-    meta = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
-    if field is None or meta.get("set_only"):
+    if field is None or field.json_schema_extra["set_only"]:  # every field is a setting(): its meta is a dict
         return ""
-    return f" ({flag_for(key, meta).split('/')[0]})"
+    return f" ({flag_for(key, field.json_schema_extra).split('/')[0]})"
 
 
 def flag_for(name: str, meta: dict[str, Any]) -> str:
@@ -66,15 +65,14 @@ Share = Annotated[float, Field(ge=0, lt=1)]
 
 
 def setting(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
-            factory: Any = None, set_only: bool = False, panel: str | None = None, **limits: Any) -> Any:
+            set_only: bool = False, panel: str | None = None, **limits: Any) -> Any:
     """A config field with what its command-line flag needs: help text, and a flag name where the
     field's own name (`max_length` -> `--max-length`) would be unclear. A bool flag is written as
     `--on/--off`. `set_only`: no flag of its own, reachable only through --set section.key=value.
     `panel`: the --help panel it is listed in (one of HELP_PANELS; its section's by default).
-    `limits`: pydantic's numeric bounds (gt, ge, lt, le)."""
+    `limits`: pydantic's numeric bounds (gt, ge, lt, le). A mutable default (a list) is copied for each
+    config, as pydantic copies every default that is not hashable."""
     meta = {"help": help, "flag": flag, "short": short, "set_only": set_only, "panel": panel}
-    if factory is not None:
-        return Field(default_factory=factory, description=help, json_schema_extra=meta, **limits)
     return Field(default, description=help, json_schema_extra=meta, **limits)
 
 
@@ -124,7 +122,7 @@ class LoraSettings(Section):
     alpha: Positive = setting(32, "LoRA alpha (the update is scaled by alpha / rank).", flag="--lora-alpha")
     dropout: Share = setting(0.05, "Dropout on the LoRA input.", flag="--lora-dropout")
     target_modules: Annotated[list[str], BeforeValidator(_comma_list), Field(min_length=1)] = setting(
-        help="Comma-separated module names, or all-linear.", factory=lambda: ["q_proj", "v_proj"])
+        ["q_proj", "v_proj"], "Comma-separated module names, or all-linear.")
     bias: Literal["none", "all", "lora_only"] = setting(
         "none", "Biases trained too: none, all or lora_only.", flag="--lora-bias")
     use_dora: bool = setting(False, "DoRA: a trained magnitude per output feature on top of the LoRA direction "
@@ -232,8 +230,7 @@ class TrainConfig(Section):
 
     def trackers(self) -> list[str]:
         """The experiment trackers asked for, in order, without duplicates ([] for none)."""
-        names = [n.strip().lower() for n in str(self.report_to).split(",") if n.strip()]
-        return list(dict.fromkeys(n for n in names if n != "none"))
+        return [] if self.report_to == "none" else self.report_to.split(",")  # as _trackers wrote it
 
 
 class OutputConfig(Section):

@@ -28,10 +28,6 @@ def _read_config_file(path: Path) -> Any:
         raise LoraCliError(f"Config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
 
 
-def load_config_file(path: str | Path) -> RunConfig:
-    return RunConfig.from_dict(_read_config_file(Path(path)), source=str(path))
-
-
 def parse_set_options(items: list[str] | None) -> dict[str, Any]:
     """`--set train.lr=1e-4` strings into a dict of dotted keys; values parsed as YAML scalars."""
     import yaml

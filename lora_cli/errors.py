@@ -34,8 +34,6 @@ class TrainingInterrupted(LoraCliError):
     """Ctrl-C (or SIGTERM) during training: a checkpoint was saved; exit 128 + the signal's number
     (130 for Ctrl-C) like any program a signal stopped."""
 
-    exit_code = 130
-
     def __init__(self, message: str, checkpoint: str | None, resume_command: str | None, exit_code: int = 130):
         super().__init__(message)
         self.checkpoint = checkpoint

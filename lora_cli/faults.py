@@ -47,29 +47,17 @@ _kill_hits: dict[str, int] = {}
 _actions: list[tuple[str, Callable[[Any], Any]]] = []
 
 
-def is_registered(name: str) -> bool:
-    """Whether `name` (a point, or a pattern such as `dir:*`) is one of POINTS."""
-    return any(name == known or fnmatch.fnmatchcase(name, known) for known in POINTS)
-
-
 def point(name: str, value: Any = None) -> Any:
     """Reach point `name` (one of POINTS) carrying `value`; returns `value`, or what an injected action made of it."""
-    want = os.environ.get(KILL_ENV)
-    if want:
-        _maybe_kill(name, want)
+    kill_at, _, nth = os.environ.get(KILL_ENV, "").partition("#")
+    if kill_at and fnmatch.fnmatchcase(name, kill_at):
+        _kill_hits[kill_at] = _kill_hits.get(kill_at, 0) + 1
+        if _kill_hits[kill_at] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
     for pattern, action in list(_actions):
         if fnmatch.fnmatchcase(name, pattern):
             value = action(value)
     return value
-
-
-def _maybe_kill(name: str, want: str) -> None:
-    pattern, _, nth = want.partition("#")
-    if not fnmatch.fnmatchcase(name, pattern):
-        return
-    _kill_hits[pattern] = _kill_hits.get(pattern, 0) + 1
-    if _kill_hits[pattern] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -78,7 +66,7 @@ def inject(name: str, action: Callable[[Any], Any]) -> Iterator[None]:
 
     Raises ValueError for a name that is not one of POINTS (nor matches one of its patterns).
     """
-    if not is_registered(name):
+    if not any(fnmatch.fnmatchcase(name, known) for known in POINTS):  # a point, or a pattern such as `dir:*`
         raise ValueError(f"{name!r} is not a fault point; the points: {', '.join(POINTS)}")
     entry = (name, action)
     _actions.append(entry)

@@ -29,6 +29,10 @@ NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 class OutputInUse(LoraCliError):
     """Another live lora-cli process holds the lock of the output this command would write."""
 
+    def __init__(self, what: str, owner: dict, hint: str = ""):
+        super().__init__(f"{what} is in use by another lora-cli process ({describe(owner)}).",
+                         hint or "Wait for it to finish, or choose another output.")
+
 
 def lock_path(target: Path | str) -> Path:
     """The lock file of `target`: `.<name>.lock` beside it (absolute, so `./a` and `a/` share one)."""
@@ -44,8 +48,7 @@ def describe(owner: dict) -> str:
 
 
 def _read(fd: int) -> dict:
-    os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 65536)
+    raw = os.pread(fd, 65536, 0)
     try:
         owner = json.loads(raw.decode("utf-8")) if raw.strip() else {}
     except ValueError:
@@ -108,8 +111,7 @@ def _record(fd: int) -> None:
           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
     os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(me).encode("utf-8"))
+    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
 
 
 def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
@@ -117,28 +119,21 @@ def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
 
     For checks made before the lock is taken (a folder's contents read before torch loads): what a
     live run's folder holds is not yet what it will hold, so it is said to be in use, not judged."""
+    import fcntl
+
     path = lock_path(target)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return  # no lock file (or none readable): nobody holds it
-    try:
-        state, owner = _flock_shared(fd), _read(fd)
+    try:  # a shared flock tried and dropped at once: True free, False held, None no flock here
+        state, owner = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB), _read(fd)
+        if state:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         if state is False or (state is None and owner and _alive(owner)):
-            raise OutputInUse(f"{what} is in use by another lora-cli process ({describe(owner)}).",
-                              hint or "Wait for it to finish, or choose another output.")
+            raise OutputInUse(what, owner, hint)
     finally:
         os.close(fd)
-
-
-def _flock_shared(fd: int) -> bool | None:
-    """A shared flock tried and dropped at once: True free, False held, None no flock here."""
-    import fcntl
-
-    state = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    if state:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    return state
 
 
 @contextlib.contextmanager
@@ -166,8 +161,7 @@ def exclusive(target: Path | str, what: str, hint: str = "", reporter=NULL_REPOR
         raise LoraCliError(f"Cannot lock {target}: {path}: {exc.strerror or exc}.",
                            "Choose a writable location.") from None
     if fd is None:
-        raise OutputInUse(f"{what} is in use by another lora-cli process ({describe(owner)}).",
-                          hint or "Wait for it to finish, or choose another output.")
+        raise OutputInUse(what, owner, hint)
     try:
         _record(fd)
     except OSError as exc:

@@ -20,15 +20,15 @@ class Reporter(Protocol):
     def message(self, text: str) -> None: ...
 
 
-class _NullStage:
-    def update(self, advance: float = 1, **fields) -> None:
-        pass
-
-
 class NullReporter:
+    """Says nothing: each stage is the reporter itself, whose updates go nowhere."""
+
     @contextlib.contextmanager
     def stage(self, name: str, total: float | None = None, unit: str = "") -> Iterator[Stage]:
-        yield _NullStage()
+        yield self
+
+    def update(self, advance: float = 1, **fields) -> None:
+        pass
 
     def message(self, text: str) -> None:
         pass

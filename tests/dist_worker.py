@@ -50,7 +50,7 @@ def main() -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from lora_cli.config_files import load_config_file
+    from lora_cli.config_files import build_config
     from lora_cli.train import checkpoint, observe, recipe, run_folder
 
     config, report = sys.argv[1], Path(sys.argv[2])
@@ -104,7 +104,7 @@ def main() -> None:
 
     dataset_cache._build = build_spy
     resume = "resume" in sys.argv[3:]
-    result = recipe.train(load_config_file(config), resume=resume, overwrite=not resume)
+    result = recipe.train(build_config(config, None, {}), resume=resume, overwrite=not resume)
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
     (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.summary.steps,

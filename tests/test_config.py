@@ -4,7 +4,7 @@ import pytest
 
 from lora_cli.adapter.folder import run_fingerprint
 from lora_cli.config import RunConfig
-from lora_cli.config_files import build_config, load_config_file
+from lora_cli.config_files import build_config
 from lora_cli.errors import LoraCliError
 
 
@@ -32,7 +32,7 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = RunConfig().replace({"train.lr": 1e-3, "data.template": "chat"})
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
-    assert load_config_file(path) == cfg
+    assert build_config(path, None, {}) == cfg
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -49,7 +49,7 @@ def test_bad_config_files_name_the_setting(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(LoraCliError) as info:
-        load_config_file(path)
+        build_config(path, None, {})
     assert needle in str(info.value)
 
 
@@ -59,7 +59,7 @@ def test_unknown_set_key_and_missing_file(tmp_path):
     with pytest.raises(LoraCliError, match="section.key=value"):
         build_config(None, ["lr=1"], {})
     with pytest.raises(LoraCliError, match="does not exist"):
-        load_config_file(tmp_path / "missing.yaml")
+        build_config(tmp_path / "missing.yaml", None, {})
 
 
 def test_fingerprint_ignores_output_but_not_settings():

@@ -39,7 +39,7 @@ def test_packed_per_example_loss_equals_unpacked(tiny_model_dir):
     rows = _rows(6, model.config.vocab_size)
     packed = collate_packed(rows, pad_id=2, max_tokens=512)
     with torch.no_grad():
-        hidden = model.model(**packed.model_inputs(), use_cache=False).last_hidden_state
+        hidden = model.model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
         spans, start = [], 0
         for r in rows:
             spans.append((start, start + len(r["input_ids"])))
@@ -48,7 +48,8 @@ def test_packed_per_example_loss_equals_unpacked(tiny_model_dir):
         alone = []
         for r in rows:
             single = collate_padded([r], pad_id=2)
-            h = model.model(**single.model_inputs(), use_cache=False).last_hidden_state
+            h = model.model(input_ids=single.input_ids, attention_mask=single.attention_mask,
+                            use_cache=False).last_hidden_state
             alone += _per_example_losses(model, h, single.targets, [(0, len(r["input_ids"]))])
     assert packed_losses == pytest.approx(alone, abs=1e-5)
     # the control: the same row with plain causal attention across examples differs

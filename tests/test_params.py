@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 from lora_cli.config import LoraSettings
-from lora_cli.model.params import count_parameters, summary_from_config
+from lora_cli.model.params import count_parameters, summary_for_model
 
 runner = CliRunner()
 
@@ -45,7 +45,7 @@ def test_4bit_counts_are_not_halved(tiny_model_dir):
     from lora_cli.model.load import attach_lora, load_model, prepare_for_training
 
     lora = LoraSettings()
-    meta = summary_from_config(tiny_model_dir, lora)
+    meta = summary_for_model(str(tiny_model_dir), lora)
     model = load_model(tiny_model_dir, "nf4", "fp32", "cpu")
     prepare_for_training(model, True, False, 0)
     model = attach_lora(model, lora)

@@ -110,11 +110,3 @@ def mismatch(config: dict, header: dict) -> str | None:
                 f"{'hold' if dora else 'do not hold'} DoRA magnitude vectors")
     return None
 
-
-def check(config: dict, header: dict, config_name: str, weights_name: str) -> None:
-    """LoraCliError naming both files when the config does not describe the weights (see `mismatch`)."""
-    problem = mismatch(config, header)
-    if problem:
-        raise LoraCliError(f"{config_name} does not describe {weights_name}: {problem}. The files come from "
-                           "different runs (or the config was edited).",
-                           "Put back the config saved with these weights, or train the adapter again.")

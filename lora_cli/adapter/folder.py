@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from lora_cli.adapter import consistency
 from lora_cli.adapter.record import SavedRun
 from lora_cli.config import DataConfig, LoraSettings, ModelConfig, RunConfig
 from lora_cli.errors import LoraCliError
@@ -119,8 +120,7 @@ def check_loadable(path: str | Path) -> Path:
         raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
     if not path.is_dir():
         raise LoraCliError(f"{path} is a file, but neither an adapter folder nor an adapter zip.", TRAIN_HINT)
-    finished = is_finished(path)
-    if finished is False:
+    if is_finished(path) is False:
         raise LoraCliError(f"{path} holds a training run that has not finished: its adapter files may be missing, "
                            "partly written by this run, or from an earlier one.", RESUME_HINT)
     if not (path / ADAPTER_CONFIG).is_file():
@@ -137,8 +137,6 @@ def check_loadable(path: str | Path) -> Path:
 def check_config_matches_weights(path: str | Path) -> None:
     """LoraCliError when the folder's adapter_config.json does not describe its adapter_model.safetensors
     (rank, target modules, DoRA; see adapter.consistency). A folder without weights passes."""
-    from lora_cli.adapter import consistency
-
     path = Path(path)
     weights, config = path / ADAPTER_WEIGHTS, read_adapter_config(path)
     if not weights.is_file() or not consistency.is_lora(config):
@@ -148,7 +146,11 @@ def check_config_matches_weights(path: str | Path) -> None:
             header = consistency.read_header(fh, str(weights))
     except OSError as exc:
         raise LoraCliError(f"Cannot read {weights}: {exc.strerror or exc}.") from None
-    consistency.check(config, header, str(path / ADAPTER_CONFIG), str(weights))
+    problem = consistency.mismatch(config, header)
+    if problem:
+        raise LoraCliError(f"{path / ADAPTER_CONFIG} does not describe {weights}: {problem}. The files come from "
+                           "different runs (or the config was edited).",
+                           "Put back the config saved with these weights, or train the adapter again.")
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -231,7 +233,7 @@ class AdapterInfo:
     @property
     def tokenizer_dir(self) -> Path | None:
         """The adapter's own copy of the tokenizer, if it has one (else the base model's is used)."""
-        return self.path if self.path is not None and (self.path / "tokenizer_config.json").is_file() else None
+        return self.path if self.path is not None and (self.path / TOKENIZER_CONFIG).is_file() else None
 
 
 def _saved_template(path: Path, override: str | None, warnings: list[str]) -> str | None:

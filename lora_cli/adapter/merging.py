@@ -21,17 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo
+from lora_cli.adapter.folder import MERGE_INFO, TEMPLATE_FILE, AdapterInfo, attach_adapter, load_template
+from lora_cli.atomic import atomic_dir, umask
+from lora_cli.data.chat_template import training_chat_template
 from lora_cli.errors import LoraCliError
 from lora_cli.lock import exclusive
-from lora_cli.progress import NULL_REPORTER
+from lora_cli.model.device import torch_dtype
+from lora_cli.model.load import load_model, load_tokenizer, meta_model, quiet_libraries
+from lora_cli.model.resolve import resolve_model
+from lora_cli.progress import NULL_REPORTER, Reporter
 from lora_cli.writable import check_writable
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from lora_cli.progress import Reporter
 
 DTYPES = ("bf16", "fp16", "fp32")
 BASE_WEIGHTS = ("auto", "original", "nf4")
@@ -48,22 +51,23 @@ class MergeResult:
     seconds: float
 
 
-def check_output(output: Path, adapter: Path, force: bool) -> bool:
-    """Whether an existing `output` will be replaced; refuse anything that would lose a user's files."""
-    if output.resolve() == adapter.resolve() or output.resolve().is_relative_to(adapter.resolve()):
-        raise LoraCliError(f"The merged model cannot be written into the adapter folder {adapter}.",
-                           "Choose another -o folder, e.g. -o merged.")
+def check_output(output: Path, adapter: Path, force: bool, what: str = "merged model", marker: str = "config.json",
+                 example: str = "merged") -> bool:
+    """Whether an existing folder `output` will be replaced by the `what` (a folder always holding `marker`);
+    refuse anything that would lose a user's files. Export's ollama folder is checked here too."""
+    if output.resolve().is_relative_to(adapter.resolve()):
+        raise LoraCliError(f"The {what} cannot be written into the adapter folder {adapter}.",
+                           f"Choose another -o folder, e.g. -o {example}.")
     if not output.exists():
         return False
     if not output.is_dir():
-        raise LoraCliError(f"{output} exists and is a file, not a folder.")
-    entries = list(output.iterdir())
-    if not entries:
+        raise LoraCliError(f"{output} exists and is a file; the {what} is a folder.")
+    if not any(output.iterdir()):
         return True
     if not force:
         raise LoraCliError(f"{output} already exists.", "Pass --force to replace it, or choose another -o folder.")
-    if not (output / "config.json").is_file():
-        raise LoraCliError(f"{output} is not empty and does not hold a model; refusing to replace it, even with --force.",
+    if not (output / marker).is_file():
+        raise LoraCliError(f"{output} is not empty and holds no {marker}; refusing to replace it, even with --force.",
                            "Choose another -o folder.")
     return True
 
@@ -75,14 +79,10 @@ def trained_base_weights(quantization: str) -> str:
 
 
 def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
-    from lora_cli.model.device import torch_dtype
-    from lora_cli.model.load import load_model
-
     if base_weights == "original":
         return load_model(path, "none", dtype, "cpu", trust_remote_code)
-    model = load_model(path, "nf4", "fp32", "cpu", trust_remote_code)
-    model = model.dequantize()  # every Linear4bit becomes a Linear holding exactly the NF4 values
-    return model.to(torch_dtype(dtype))
+    # de-quantized: every Linear4bit becomes a Linear holding exactly the NF4 values
+    return load_model(path, "nf4", "fp32", "cpu", trust_remote_code).dequantize().to(torch_dtype(dtype))
 
 
 def untie_adapted_head(peft_model: PeftModel) -> bool:
@@ -119,10 +119,6 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     the module docstring. The tokenizer is the adapter folder's (saved by training), else the base's.
     Errors: LoraCliError when the base model cannot be found or the adapter does not fit it.
     """
-    from lora_cli.adapter.folder import attach_adapter
-    from lora_cli.model.load import load_tokenizer, quiet_libraries
-    from lora_cli.model.resolve import resolve_model
-
     quiet_libraries()
     resolved = resolve_model(info.base_model, reporter)
     tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
@@ -143,9 +139,6 @@ def carry_training_template(info: AdapterInfo, tokenizer: PreTrainedTokenizerBas
     alpaca-trained model in another format. Returns "training" or "base model" (a text template whose
     layout no chat message can express keeps the base model's, with a warning).
     """
-    from lora_cli.adapter.folder import load_template
-    from lora_cli.data.chat_template import training_chat_template
-
     try:
         tokenizer.chat_template = training_chat_template(load_template(info), tokenizer, info.add_eos)
     except LoraCliError as exc:
@@ -163,10 +156,9 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
     Errors (LoraCliError, before the base loads): a bad dtype or base-weights choice; an output that
     exists (without `force`), cannot be written or has no room for the model; another process writes it.
     """
-    if dtype not in DTYPES:
-        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    if base_weights not in BASE_WEIGHTS:
-        raise LoraCliError(f"--base-weights must be one of {', '.join(BASE_WEIGHTS)}, not {base_weights!r}.")
+    for flag, value, allowed in (("--dtype", dtype, DTYPES), ("--base-weights", base_weights, BASE_WEIGHTS)):
+        if value not in allowed:
+            raise LoraCliError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}.")
     if base_weights == "auto":
         base_weights = trained_base_weights(info.quantization)
     output = Path(output)
@@ -179,9 +171,6 @@ def merge(info: AdapterInfo, output: str | Path, dtype: str = "bf16", base_weigh
 def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
     """The merged model's size in `dtype` (bytes), from the base's config on the meta device; 0 when
     the config cannot be read here (loading the base says why)."""
-    from lora_cli.model.load import meta_model
-    from lora_cli.model.resolve import resolve_model
-
     try:
         model = meta_model(resolve_model(info.base_model, need_weights=False).path, info.trust_remote_code)
     except LoraCliError:
@@ -191,8 +180,6 @@ def _merged_bytes(info: AdapterInfo, dtype: str) -> int:
 
 def _merge_into(info: AdapterInfo, output: Path, dtype: str, base_weights: str, replace: bool,
                 reporter: Reporter) -> MergeResult:
-    from lora_cli.atomic import atomic_dir, umask
-
     t0 = time.time()
     merged, tokenizer = merged_model(info, dtype, base_weights, reporter)
     chat_template = carry_training_template(info, tokenizer, reporter)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import time
 import zipfile
@@ -41,14 +42,10 @@ EXCLUDED_DIRS = (CHECKPOINTS, LOGS)
 
 
 def adapter_files(folder: Path) -> list[Path]:
-    files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if rel.parts[0] in EXCLUDED_DIRS or any(p.startswith(TMP_PREFIX) for p in rel.parts):
-            continue
-        if path.is_file() and not path.is_symlink():
-            files.append(path)
-    return files
+    """The files the zip holds: no links, nothing under EXCLUDED_DIRS, no temporaries of a killed write."""
+    return [path for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()
+            and path.relative_to(folder).parts[0] not in EXCLUDED_DIRS
+            and not any(part.startswith(TMP_PREFIX) for part in path.relative_to(folder).parts)]
 
 
 def _sha256_file(path: Path) -> str:
@@ -188,8 +185,7 @@ def extract(path: str | Path, target: str | Path) -> Path:
             dest = root / info.filename
             dest.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(dest) as tmp, zf.open(info) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
+                shutil.copyfileobj(src, dst)
     return target
 
 

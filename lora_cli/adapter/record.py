@@ -119,8 +119,7 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """As run_config.yaml holds it: the named fields, the decisions, then the summary if any."""
-        skip = ("decisions", "summary")
-        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("decisions", "summary")}
         decisions = self.decisions.to_dict() if self.decisions is not None else {}
         return raw | decisions | ({"summary": self.summary.to_dict()} if self.summary is not None else {})
 

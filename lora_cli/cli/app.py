@@ -13,7 +13,6 @@ import os
 import sys
 
 import typer
-import typer.core
 
 from lora_cli import __version__
 from lora_cli.cli.suggest import SuggestingGroup
@@ -30,18 +29,20 @@ app = typer.Typer(
 )
 
 
-def _filesystem_errors_as_messages(fn, args, kwargs):
-    """A file that could not be written or read where the core did not expect it (a read-only
-    folder, a file too large for its file system, a file in the path): one line naming the path."""
-    from lora_cli.atomic import filesystem_failure
+def _report(exc: LoraCliError) -> typer.Exit:
+    """Print an error the user can act on (message, hint, data defects, resume command); the exit to raise."""
+    from rich.markup import escape
 
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        failure = filesystem_failure(exc)
-        if failure is None or os.environ.get("LORA_CLI_DEBUG"):
-            raise
-        raise failure from exc
+    from lora_cli.cli.render import err, print_issues
+
+    err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
+    if exc.hint:
+        err.print(exc.hint, markup=False, soft_wrap=True)
+    print_issues(getattr(exc, "issues", None) or [], err)
+    extra = getattr(exc, "resume_command", None)
+    if extra:
+        err.print(f"Resume with:\n  {extra}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
 
 
 def handle_errors(fn):
@@ -52,24 +53,11 @@ def handle_errors(fn):
         from lora_cli.cli.render import err
 
         try:
-            return _filesystem_errors_as_messages(fn, args, kwargs)
+            return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except LoraCliError as exc:
-            from rich.markup import escape
-
-            err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, soft_wrap=True)
-            if exc.hint:
-                err.print(exc.hint, markup=False, soft_wrap=True)
-            issues = getattr(exc, "issues", None)
-            if issues:
-                from lora_cli.cli.render import print_issues
-
-                print_issues(issues, err)
-            extra = getattr(exc, "resume_command", None)
-            if extra:
-                err.print(f"Resume with:\n  {extra}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise _report(exc) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
@@ -78,11 +66,16 @@ def handle_errors(fn):
                 raise
             from rich.markup import escape
 
+            from lora_cli.atomic import filesystem_failure
+            from lora_cli.errors import OutOfMemory
             from lora_cli.train.oom import is_oom, oom_message
 
-            if is_oom(exc):  # outside the training loop (loading the model): no settings to quote
-                err.print(f"[bold red]error:[/] {escape(oom_message(exc))}", soft_wrap=True)
-                raise typer.Exit(1) from None
+            # a file that could not be written or read where the core did not expect it (a read-only
+            # folder, a file too large for its file system, a file in the path): one line naming the path;
+            # out of memory outside the training loop (loading the model): no settings to quote
+            failure = filesystem_failure(exc) or (OutOfMemory(oom_message(exc)) if is_oom(exc) else None)
+            if failure is not None:
+                raise _report(failure) from None
             err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                       "This is a bug in lora-cli; set LORA_CLI_DEBUG=1 to see the traceback.")
             raise typer.Exit(2) from None
@@ -104,28 +97,23 @@ def main_options(
     """QLoRA fine-tuning from instruction data."""
 
 
-def _register() -> None:
-    from lora_cli.cli.commands import (
-        chat,
-        evaluate,
-        export,
-        generate,
-        merge,
-        package,
-        param_report,
-        plot,
-        tokenize,
-        train,
-        validate,
-    )
+# command -> its function (lora_cli.cli.commands module:function), in the order --help lists them
+COMMANDS = {"validate-data": "validate:validate_data", "tokenize": "tokenize:tokenize", "train": "train:train",
+            "param-report": "param_report:param_report", "package": "package:package",
+            "generate": "generate:generate", "chat": "chat:chat", "eval": "evaluate:evaluate", "merge": "merge:merge",
+            "export": "export:export", "check-export": "export:check_export", "plot": "plot:plot"}
 
-    for module in (validate, tokenize, train, param_report, package, generate, chat, evaluate, merge, export, plot):
-        module.register(app, handle_errors)
+
+def _register() -> None:
+    import importlib
+
     from lora_cli.cli.help import PanelledCommand
 
-    for command in app.registered_commands:  # every command's --help in panels that fit 80 columns
-        if command.cls in (None, typer.core.TyperCommand):
-            command.cls = PanelledCommand
+    for name, target in COMMANDS.items():
+        module, _, function = target.partition(":")
+        command = getattr(importlib.import_module(f"lora_cli.cli.commands.{module}"), function)
+        # PanelledCommand: every command's --help in panels that fit 80 columns
+        app.command(name, cls=PanelledCommand)(handle_errors(command))
 
 
 _register()

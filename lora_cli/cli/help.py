@@ -21,9 +21,7 @@ def names(param: Any, ctx: Any) -> str:
     """`--long, -s METAVAR`, or `--flag / --no-flag` for a boolean with an off switch; an argument's NAME."""
     if isinstance(param, typer.core.TyperArgument):
         return (param.display_name_raw or param.name or "").upper() + ("..." if param.nargs != 1 else "")
-    longs = [o for o in param.opts if o.startswith("--")]
-    shorts = [o for o in param.opts if not o.startswith("--")]
-    text = ", ".join(longs + shorts)
+    text = ", ".join(sorted(param.opts, key=lambda o: not o.startswith("--")))  # long names first
     if getattr(param, "secondary_opts", None):
         text += " / " + ", ".join(param.secondary_opts)
     if not getattr(param, "is_flag", False):
@@ -33,24 +31,16 @@ def names(param: Any, ctx: Any) -> str:
 
 
 def default_text(param: Any) -> str | None:
-    """The default as the help shows it: the switch that is on for a boolean, a list comma-joined."""
+    """The default as the help shows it: the switch that is on for a boolean (a list's is already comma-joined:
+    options._shown)."""
     default = param.default
     if getattr(param, "is_flag", False):
         if not param.secondary_opts or default is None:
             return None
         return (param.opts if default else param.secondary_opts)[0].lstrip("-")
-    if default is None or getattr(param, "show_default", True) is False or callable(default):
+    if default is None or getattr(param, "show_default", True) is False:
         return None
-    if isinstance(default, (list, tuple)):
-        return ",".join(str(d) for d in default) or None
     return str(default) or None  # an empty text default says nothing
-
-
-def _console():
-    from rich.console import Console
-
-    width = os.environ.get("TERMINAL_WIDTH")
-    return Console(highlight=False, width=int(width) if width and width.isdigit() else None)
 
 
 def _table(params: list[Any], ctx: Any):
@@ -73,11 +63,13 @@ class PanelledCommand(typer.core.TyperCommand):
     """A command whose --help groups its options into panels that fit the terminal (see module doc)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
+        from rich.console import Console
         from rich.padding import Padding
         from rich.panel import Panel
         from rich.text import Text
 
-        console = _console()
+        width = os.environ.get("TERMINAL_WIDTH")
+        console = Console(highlight=False, width=int(width) if width and width.isdigit() else None)
         arguments = [names(p, ctx) for p in self.get_params(ctx) if isinstance(p, typer.core.TyperArgument)]
         usage = " ".join([ctx.command_path, self.options_metavar or "[OPTIONS]", *arguments])
         console.print(Padding(Text(f"Usage: {usage}", style="bold"), (1, 1, 0, 1)))

@@ -14,7 +14,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args, get_origin
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -29,26 +29,18 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 
 @dataclass(frozen=True)
 class ConfigField:
-    """A field of the run config as its flag sees it: name, default, the choices a Literal type allows,
-    and what `config.setting` recorded (help, flag, short, set_only, panel)."""
+    """A field of the run config as its flag sees it: name, default, and what `config.setting` recorded
+    (help, flag, short, set_only, panel)."""
 
     name: str
     default: Any
-    choices: tuple[str, ...]
     metadata: dict[str, Any]
-
-
-def _choices(annotation: Any) -> tuple[str, ...]:
-    """The values of a Literal type, also inside Annotated[...]; () for any other type."""
-    if get_origin(annotation) is Literal:
-        return tuple(get_args(annotation))
-    return next((c for c in map(_choices, get_args(annotation)) if c), ())
 
 
 def model_fields(model: Any) -> list[ConfigField]:
     """The fields of a pydantic model whose fields are declared with config.setting, in declaration order."""
-    return [ConfigField(name, f.get_default(call_default_factory=True), _choices(f.annotation),
-                        dict(f.json_schema_extra or {})) for name, f in model.model_fields.items()]
+    return [ConfigField(name, f.get_default(call_default_factory=True), dict(f.json_schema_extra or {}))
+            for name, f in model.model_fields.items()]
 
 
 def config_fields() -> list[tuple[str, ConfigField]]:
@@ -71,14 +63,6 @@ def _shown(value: Any) -> Any:
     return value
 
 
-def _flag_type(f: ConfigField) -> type:
-    value = f.default
-    for kind in (bool, int, float):
-        if isinstance(value, kind):
-            return kind
-    return str  # strings, paths, and lists given comma-separated
-
-
 def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     from rich.markup import escape
 
@@ -86,8 +70,9 @@ def _parameter(section: str, f: ConfigField) -> inspect.Parameter:
     panel = f.metadata.get("panel") or section
     option = typer.Option(_shown(f.default), *decls, help=escape(f.metadata.get("help", "")),
                           rich_help_panel=HELP_PANELS.get(panel, panel))
+    kind = type(f.default) if isinstance(f.default, (bool, int, float)) else str  # str: also paths, lists (a,b)
     return inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY, default=option,
-                             annotation=Optional[_flag_type(f)])
+                             annotation=Optional[kind])
 
 
 def select(patterns: tuple[str, ...]) -> list[tuple[str, ConfigField]]:

@@ -25,26 +25,27 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 
 class _BarStage:
-    def __init__(self, progress, task, fields):
-        self.progress, self.task, self.fields = progress, task, fields
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
 
     def update(self, advance: float = 1, **fields) -> None:
-        shown = {k: v for k, v in fields.items() if v is not None}
-        text = "  ".join(_fmt(k, v) for k, v in shown.items())
-        self.progress.update(self.task, advance=advance, info=text)
+        self.progress.update(self.task, advance=advance, info=_info(fields))
 
 
 class _LineStage:
     """Non-terminal output (CI logs, pipes): a line at start and end, no animation."""
 
-    def __init__(self, name: str):
-        self.name, self.done, self.info = name, 0.0, ""
+    def __init__(self):
+        self.done, self.info = 0.0, ""
 
     def update(self, advance: float = 1, **fields) -> None:
         self.done += advance
-        shown = {k: v for k, v in fields.items() if v is not None}
-        if shown:
-            self.info = "  ".join(_fmt(k, v) for k, v in shown.items())
+        self.info = _info(fields) or self.info
+
+
+def _info(fields: dict) -> str:
+    """The fields given (None: not measured) as `key value` pairs."""
+    return "  ".join(_fmt(k, v) for k, v in fields.items() if v is not None)
 
 
 def _fmt(key: str, value) -> str:
@@ -75,10 +76,10 @@ class RichReporter:
                        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task(name, total=total, info="")
-                yield _BarStage(progress, task, {})
+                yield _BarStage(progress, task)
             return
         self.console.print(f"{name} ...", markup=False)
-        stage = _LineStage(name)
+        stage = _LineStage()
         yield stage
         unit_text = f", {stage.done:,.0f} {unit}" if unit and stage.done else ""
         info = f"  {stage.info}" if stage.info else ""

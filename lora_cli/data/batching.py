@@ -35,7 +35,6 @@ class MicroBatch:
     position_ids: torch.Tensor | None
     n_targets: int
     n_real: int  # tokens that belong to examples
-    n_padded: int  # tokens processed, padding included
     target_index: torch.Tensor | None = None  # flat positions with a target: the loss needs no device sync to find them
 
     def __post_init__(self) -> None:
@@ -51,20 +50,12 @@ class MicroBatch:
             return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids),
-                          self.n_targets, self.n_real, self.n_padded, move(self.target_index))
+                          self.n_targets, self.n_real, move(self.target_index))
 
     def loss_args(self) -> tuple[Any, ...]:
         """Arguments of the loss module (see loss.make_loss_module)."""
         return (self.input_ids, self.targets, self.attention_mask, self.position_ids, self.target_index,
                 self.n_targets)
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        out = {"input_ids": self.input_ids}
-        if self.attention_mask is not None:
-            out["attention_mask"] = self.attention_mask
-        if self.position_ids is not None:
-            out["position_ids"] = self.position_ids
-        return out
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -77,20 +68,22 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
-def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int, budget: int
+def _first_fit(lengths: list[int], order: list[int], max_tokens: int, row_tokens: int = 0
                ) -> Iterator[tuple[list[int], list[list[int]]]]:
     """Yield (micro-batch, its rows): examples placed in the first row they fit, in order.
 
-    A micro-batch is at most `rows` rows of at most `row_tokens` tokens, and at most `budget`
-    tokens in all (rows may be longer than the budget when an example is: a micro-batch of ~4
-    examples in one row as long as the longest example). Deterministic, so collate can rebuild
-    the rows of a planned micro-batch exactly.
+    A micro-batch is at most max_tokens // row_tokens rows of at most `row_tokens` tokens (0: one
+    row of max_tokens), and at most `max_tokens` tokens in all (rows may be longer than that when
+    an example is: a micro-batch of ~4 examples in one row as long as the longest example).
+    Deterministic, so collate can rebuild the rows of a planned micro-batch exactly.
     """
+    row_tokens = row_tokens or max_tokens
+    rows = max(1, max_tokens // row_tokens)
     batch, placed, total = [], [], 0  # placed: [[indices], used]
     for i in order:
         n = lengths[i]
         target = next((r for r in placed if r[1] + n <= row_tokens), None)
-        if batch and ((target is None and len(placed) >= rows) or total + n > budget):
+        if batch and ((target is None and len(placed) >= rows) or total + n > max_tokens):
             yield batch, [r[0] for r in placed]
             batch, placed, total = [], [], 0
             target = None
@@ -105,23 +98,13 @@ def _first_fit(lengths: list[int], order: list[int], row_tokens: int, rows: int,
         yield batch, [r[0] for r in placed]
 
 
-def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
-    """Micro-batches of about max_tokens tokens, in rows of row_tokens (default: one row).
+def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_tokens: int = 0) -> list[list[int]]:
+    """Micro-batches of about max_tokens tokens, in rows of row_tokens (0: one row).
 
     An example longer than a row gets a row of its own (it is never cut here: the tokenizer
     already truncated it at --max-length).
     """
-    row_tokens = row_tokens or max_tokens
-    rows = max(1, max_tokens // row_tokens)
-    return [batch for batch, _ in _first_fit(lengths, order, row_tokens, rows, max_tokens)]
-
-
-def pack_rows(indices: list[int], lengths: list[int], max_tokens: int, row_tokens: int | None = None) -> list[list[int]]:
-    """The rows of one planned micro-batch (same first-fit as the planner)."""
-    row_tokens = row_tokens or max_tokens
-    rows = max(1, max_tokens // row_tokens)
-    (_, placed), = list(_first_fit(lengths, indices, row_tokens, rows, max_tokens)) or [([], [])]
-    return placed
+    return [batch for batch, _ in _first_fit(lengths, order, max_tokens, row_tokens)]
 
 
 def plan_padded(order: list[int], batch_size: int) -> list[list[int]]:
@@ -140,22 +123,13 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
     """
     import torch
 
-    packed_rows = rows if rows and isinstance(rows[0], list) else [rows]
-    built = []
-    for row in packed_rows:
-        ids, tgt, pos = [], [], []
-        for r in row:
-            x = list(r["input_ids"])
-            ids.extend(x)
-            tgt.extend(_shifted(list(r["labels"])))
-            pos.extend(range(len(x)))
-        built.append((ids, tgt, pos))
+    built = []  # (ids, targets, positions) of each row, unpadded
+    for row in rows if rows and isinstance(rows[0], list) else [rows]:
+        built.append(([t for r in row for t in r["input_ids"]], [t for r in row for t in _shifted(list(r["labels"]))],
+                      [p for r in row for p in range(len(r["input_ids"]))]))
     built += [([], [], [])] * max(0, static_rows - len(built))
     longest = max(len(b[0]) for b in built)
-    width = max(min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
-    if static_rows:
-        width = max(max_tokens, longest)
-    n_real = sum(len(b[0]) for b in built)
+    width = max(max_tokens if static_rows else min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
     out_ids, out_tgt, out_pos = [], [], []
     for ids, tgt, pos in built:
         extra = width - len(ids)
@@ -163,9 +137,8 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
         out_ids.append(ids + [pad_id] * extra)
         out_tgt.append(tgt + [IGNORE] * extra)
         out_pos.append(pos + list(range(extra)))
-    as_t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    ids_t, tgt_t = as_t(out_ids), as_t(out_tgt)
-    return MicroBatch(ids_t, tgt_t, None, as_t(out_pos), int((tgt_t != IGNORE).sum()), n_real, width * len(built))
+    ids_t, tgt_t, pos_t = (torch.tensor(v, dtype=torch.long) for v in (out_ids, out_tgt, out_pos))
+    return MicroBatch(ids_t, tgt_t, None, pos_t, int((tgt_t != IGNORE).sum()), sum(len(b[0]) for b in built))
 
 
 def collate_padded(rows: list[dict], pad_id: int, static_rows: int = 0) -> MicroBatch:
@@ -183,15 +156,12 @@ def collate_padded(rows: list[dict], pad_id: int, static_rows: int = 0) -> Micro
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     tgt = torch.full((n_rows, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((n_rows, width), dtype=torch.long)
-    n_real = 0
     for b, r in enumerate(rows):
         x = list(r["input_ids"])
         ids[b, : len(x)] = torch.tensor(x)
         tgt[b, : len(x)] = torch.tensor(_shifted(list(r["labels"])))
         mask[b, : len(x)] = 1
-        n_real += len(x)
-    n_targets = int((tgt != IGNORE).sum())
-    return MicroBatch(ids, tgt, mask, None, n_targets, n_real, n_rows * width)
+    return MicroBatch(ids, tgt, mask, None, int((tgt != IGNORE).sum()), int(mask.sum()))
 
 
 @dataclass
@@ -217,7 +187,7 @@ class Batcher:
     def plan(self, epoch: int, shuffle: bool = True) -> list[list[int]]:
         order = epoch_order(len(self.lengths), self.seed, epoch, shuffle)
         if self.packed:
-            return plan_packed(order, self.lengths, self.max_tokens, self.row_tokens or None)
+            return plan_packed(order, self.lengths, self.max_tokens, self.row_tokens)
         return plan_padded(order, self.batch_size)
 
     def collate(self, indices: list[int]) -> MicroBatch:
@@ -225,7 +195,7 @@ class Batcher:
         by_index = {i: {"input_ids": a, "labels": b} for i, a, b in zip(indices, data["input_ids"], data["labels"])}
         if self.packed:
             row_len = self.row_tokens or self.max_tokens
-            rows = pack_rows(indices, self.lengths, self.max_tokens, row_len)
+            (_, rows), = _first_fit(self.lengths, indices, self.max_tokens, row_len)  # the planned micro-batch
             static_rows = max(1, self.max_tokens // row_len) if self.static else 0
             return collate_packed([[by_index[i] for i in row] for row in rows], self.pad_id, row_len, static_rows)
         return collate_padded([by_index[i] for i in indices], self.pad_id, self.batch_size if self.static else 0)

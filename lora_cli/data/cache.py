@@ -152,12 +152,6 @@ class CacheEntry:
                        + (f" (line{'s' if len(skipped) > 1 else ''} {shown})" if skipped else "") + ".")
         return out
 
-    def digests(self) -> RecordDigests | None:
-        """The entry's records as overlap.RecordDigests (None for an entry without them)."""
-        from lora_cli.data.overlap import RecordDigests
-
-        return RecordDigests.load(self.path)
-
     def load(self) -> Dataset:
         from datasets import load_from_disk
 
@@ -173,55 +167,52 @@ def _key(parts: dict[str, Any]) -> str:
 
 
 def _rows(path: Path, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate, policy: LabelPolicy,
-          skip_invalid: bool, counters: dict[str, int], issues: list[Issue], left_out: list[int], progress: Stage,
-          digests: RecordDigests | None = None, lost_eos: list[int] | None = None) -> Iterator[dict[str, Any]]:
-    """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result."""
-    stats = ScanStats(str(path))
-    pending = []
-    rejected = []
-    errors = [0]
+          skip_invalid: bool, counts: TokenCounts, issues: list[Issue], left_out: list[int], lost_eos: list[int],
+          digests: RecordDigests, progress: Stage) -> Iterator[dict[str, Any]]:
+    """Generator of dataset rows; stops tokenizing (but keeps scanning) once an error rules out a result.
 
-    def on_issue(issue: Issue) -> None:
-        issues.append(issue)
-        errors[0] += issue.severity == "error"
+    What it finds goes into `counts`, `issues`, the first KEPT_LINES lines of `left_out` and
+    `lost_eos`, and `digests` (datasets calls it with these through gen_kwargs)."""
+    stats, pending = ScanStats(), []
 
-    def flush() -> None:
+    def failed() -> bool:  # the run will fail: find every defect, tokenize nothing more
+        return not skip_invalid and any(i.severity == "error" for i in issues)  # warnings: one per field at most
+
+    def flush() -> Iterator[dict[str, Any]]:
         encoded, refused = apply_or_reject(pending, lambda exs: encode_batch(exs, tokenizer, template, policy),
                                            str(path))
         issues.extend(refused)
-        rejected.extend(refused)
-        errors[0] += len(refused)
+        counts.invalid += len(refused)
         for enc in encoded:
-            counters["truncated"] += int(enc.truncated)
+            counts.truncated += enc.truncated
             if enc.truncated and enc.n_targets and policy.add_eos:  # the cut took the eos: it never learns to stop there
-                counters["lost_eos"] += 1
+                counts.lost_eos += 1
                 if len(lost_eos) < KEPT_LINES:
                     lost_eos.append(enc.line)
             if enc.n_targets == 0:
-                counters["no_target"] += 1
+                counts.no_target += 1
                 if len(left_out) < KEPT_LINES:
                     left_out.append(enc.line)
                 continue
-            counters["examples"] += 1
-            counters["tokens"] += len(enc.input_ids)
-            counters["targets"] += enc.n_targets
+            counts.examples += 1
+            counts.tokens += len(enc.input_ids)
+            counts.targets += enc.n_targets
             yield {"input_ids": enc.input_ids, "labels": enc.labels, "line": enc.line,
                    "length": len(enc.input_ids), "n_targets": enc.n_targets}
         progress.update(len(pending))
         pending.clear()
 
-    for example in iter_examples(path, on_issue=on_issue, stats=stats):
-        if digests is not None:
-            digests.add(example)
-        if errors[0] and not skip_invalid:
-            continue  # the run will fail: find every defect, tokenize nothing more
+    for example in iter_examples(path, on_issue=issues.append, stats=stats):
+        digests.add(example)
+        if failed():
+            continue
         pending.append(example)
         if len(pending) >= BATCH:
             yield from flush()
             faults.point("tokenize:rows")
-    if not (errors[0] and not skip_invalid):
+    if not failed():
         yield from flush()
-    counters["records"], counters["invalid"] = stats.records, stats.invalid + len(rejected)
+    counts.records, counts.invalid = stats.records, counts.invalid + stats.records - stats.valid
 
 
 def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path,
@@ -255,14 +246,12 @@ def build_or_load(split: str, path: str | Path, tokenizer: PreTrainedTokenizerBa
 
 def _hit(split: str, key: str, entry_dir: Path) -> CacheEntry | None:
     """The complete entry `key` in entry_dir, or None (absent, incomplete or unreadable: built again)."""
-    meta_path = entry_dir / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = CacheMeta.from_dict(json.loads(meta_path.read_text()))
-            if meta.key == key and (entry_dir / "data" / "dataset_info.json").is_file():
-                return CacheEntry(split, key, entry_dir, True, meta)
-        except (OSError, ValueError, TypeError, KeyError):  # not this format's meta.json
-            pass
+    try:
+        meta = CacheMeta.from_dict(json.loads((entry_dir / "meta.json").read_text()))
+        if meta.key == key and (entry_dir / "data" / "dataset_info.json").is_file():
+            return CacheEntry(split, key, entry_dir, True, meta)
+    except (OSError, ValueError, TypeError, KeyError):  # none, or not this format's meta.json
+        pass
     return None
 
 
@@ -295,36 +284,34 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
     from lora_cli.data.overlap import RecordDigests
 
     disable_progress_bar()
-    counters = dict(records=0, invalid=0, examples=0, tokens=0, targets=0, truncated=0, no_target=0, lost_eos=0)
-    issues: list[Issue] = []
-    left_out: list[int] = []
-    digests, lost_eos = RecordDigests(), []
+    counts, digests = TokenCounts(), RecordDigests()
+    issues, left_out, lost_eos = [], [], []  # filled by _rows: defects, lines of left-out and of eos-less examples
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                          "line": Value("int64"), "length": Value("int32"), "n_targets": Value("int32")})
     t0 = time.time()
     with reporter.stage(f"Tokenizing {path.name}", total=n_lines or None, unit="records") as progress:
         with atomic_dir(entry_dir, replace=True) as tmp:
-            gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy,
-                              skip_invalid=skip_invalid, counters=counters, issues=issues, left_out=left_out,
-                              progress=progress, digests=digests, lost_eos=lost_eos)
+            gen_kwargs = dict(path=path, tokenizer=tokenizer, template=template, policy=policy, skip_invalid=skip_invalid,
+                              counts=counts, issues=issues, left_out=left_out, lost_eos=lost_eos, digests=digests,
+                              progress=progress)
             try:
                 ds = _generate(gen_kwargs, features, key, tmp / "build")
             except ValueError:
-                if counters["examples"]:  # not the "generator yielded nothing" case
+                if counts.examples:  # not the "generator yielded nothing" case
                     raise
                 ds = None
             errors = [i for i in issues if i.severity == "error"]
             if errors and not skip_invalid:
                 raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,
                                 hint="Fix them (lora-cli validate-data lists every one) or pass --skip-invalid.")
-            if counters["examples"] == 0:
-                raise _no_examples(path, counters, left_out, policy, errors)
+            if counts.examples == 0:
+                raise _no_examples(path, counts, left_out, policy, errors)
             ds.save_to_disk(str(tmp / "data"))
             digests.save(tmp)
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
             warnings = [str(i) for i in issues if i.severity == "warning"]
-            meta = CacheMeta(key, split, str(path), parts, TokenCounts(**counters), [i.line for i in errors][:1000],
+            meta = CacheMeta(key, split, str(path), parts, counts, [i.line for i in errors][:1000],
                              left_out, lost_eos, warnings[:KEPT_WARNINGS], round(time.time() - t0, 3),
                              time.strftime("%Y-%m-%dT%H:%M:%S"))
             write_text(tmp / "meta.json", json.dumps(asdict(meta), indent=2))
@@ -332,17 +319,17 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
 
 
 
-def _no_examples(path: Path, counters: dict, left_out: list[int], policy: LabelPolicy, errors: list) -> DataError:
+def _no_examples(path: Path, counts: TokenCounts, left_out: list[int], policy: LabelPolicy, errors: list) -> DataError:
     """Why a file gave no example to train on: no records at all, only invalid ones, or truncation."""
-    if counters["no_target"]:
-        note = left_out_note(counters["no_target"], left_out, policy.max_length)
+    if counts.no_target:
+        note = left_out_note(counts.no_target, left_out, policy.max_length)
         return DataError(f"{path} has no usable examples. {note}", errors)
-    if not counters["records"]:
+    if not counts.records:
         return DataError(f"{path} holds no records.", errors,
                          hint="It needs one JSON object a line, e.g. {\"instruction\": ..., \"input\": ..., "
                               "\"output\": ...} (or a JSON array of them).")
-    if counters["invalid"] >= counters["records"]:
-        return DataError(f"{path} has no usable examples: all {counters['records']} record(s) are invalid.", errors,
+    if counts.invalid >= counts.records:
+        return DataError(f"{path} has no usable examples: all {counts.records} record(s) are invalid.", errors,
                          hint="Fix them (lora-cli validate-data lists every one).")
     return DataError(f"{path} has no usable examples.", errors,
                      hint="Every example needs a response that survives truncation at --max-length.")

@@ -1,20 +1,12 @@
 """The training prompt as a Jinja chat template: what llama.cpp and transformers apply to a GGUF, and
 what a merged model folder carries as its tokenizer's chat template.
 
-How a record maps onto a chat message (one rule, used by the GGUF chat template and the Ollama
-TEMPLATE alike): a record becomes ONE user message, whose content is
-- for the `chat` template: the instruction, plus "\\n\\n" + the input when the input is not blank
-  (what training renders, templates.ChatTemplate._messages); the template is the tokenizer's own;
-- for a text template (alpaca, alpaca-seed, a template file), cut as
-  HEAD {instruction} SEPARATOR {input} TAIL: the instruction, plus SEPARATOR + the input. alpaca
-  leaves `SEPARATOR + input` out for a blank input, as its training prompt leaves the Input block
-  out; alpaca-seed and template files always had the block in training, so their user message
-  always carries the SEPARATOR (followed by an empty input if there is none). The prompt is then
-  HEAD + content + TAIL: the Input block travels inside the message, so no runtime needs to know
-  about inputs. For alpaca the SEPARATOR is "\\n\\n### Input:\\n".
-Conversations render as lora-cli renders `messages` records (TextTemplate.segments): system
-messages joined by "\\n\\n" before the first prompt, consecutive user messages joined by
-"\\n\\n", turns separated by "\\n\\n", every answer followed by the template's suffix and the eos.
+One rule maps a record onto ONE user message, in the GGUF's chat template and the Ollama TEMPLATE
+alike (the table in docs/EXPORT.md): a text template (alpaca, alpaca-seed, a template file) is cut
+as HEAD {instruction} SEPARATOR {input} TAIL (PromptShape) and the Input block travels inside the
+message, so no runtime needs to know about inputs; `chat` keeps the tokenizer's own template (the
+message as templates.ChatTemplate._messages builds it). Conversations render as lora-cli renders
+`messages` records (TextTemplate.segments), every answer followed by the template's suffix and the eos.
 The tokenizer's BOS (tokenization.special_prefix) opens the text, as it opens every training
 example: llama.cpp strips one leading BOS text from a rendered template before tokenizing with
 add_bos (common/chat.cpp), transformers tokenizes it as the special token.
@@ -22,19 +14,15 @@ add_bos (common/chat.cpp), transformers tokenizes it as the special token.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lora_cli.data.records import Example
-from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate, TextTemplate
+from lora_cli.data.templates import PLACEHOLDER, TURN_SEPARATOR, ChatTemplate, TextTemplate
 from lora_cli.errors import LoraCliError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-_PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")  # the placeholders templates._fill substitutes
-
 
 @dataclass(frozen=True)
 class PromptShape:
@@ -52,13 +40,10 @@ class PromptShape:
             return instruction
         return instruction + self.separator + input
 
-    def prompt(self, content: str) -> str:
-        return self.head + content + self.tail
-
 
 def prompt_shape(template: TextTemplate) -> PromptShape:
     """The shape of a TextTemplate; LoraCliError for a layout no chat message can express."""
-    parts = _PLACEHOLDER.split(template.with_input)
+    parts = PLACEHOLDER.split(template.with_input)
     names = parts[1::2]
     where = f"The template {template.name}"
     if names.count("instruction") != 1 or names.count("input") > 1 or "output" in names:
@@ -86,8 +71,7 @@ def user_content(template: TextTemplate | ChatTemplate, instruction: str, input:
 def describe_mapping(template: TextTemplate | ChatTemplate) -> str:
     """One line for users: what to send as the user message (the prompt) for an instruction and input."""
     if isinstance(template, ChatTemplate):
-        sep = TURN_SEPARATOR
-        return f"the instruction, or the instruction + {sep!r} + the input (the tokenizer's chat template)"
+        return f"the instruction, or the instruction + {TURN_SEPARATOR!r} + the input (the tokenizer's chat template)"
     shape = prompt_shape(template)
     if shape.separator is None:
         return "the instruction (this template has no input)"
@@ -130,32 +114,25 @@ def text_chat_template(shape: PromptShape, prefix: str, eos: str) -> str:
     ])
 
 
-def gguf_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase, prefix: str,
-                       eos: str) -> str:
-    """The chat template for the GGUF metadata: the tokenizer's own for `chat`, else the text template's.
+def training_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase,
+                           add_eos: bool) -> str:
+    """The chat template that renders conversations as training rendered them, for `tokenizer` (for the
+    GGUF metadata and a merged model): the tokenizer's own for `chat`, else the text template's.
 
-    For `chat`, the tokens training puts in front (a BOS) open the template, since training put them
-    before the template's text: llama.cpp strips one leading BOS text and adds the BOS token itself.
-    A template that writes its BOS itself (`{{ bos_token }}`) is kept as it is: training did not add
-    a second one either (tokenization.with_prefix).
+    `add_eos`: training appended the eos after answers. transformers' apply_chat_template(tokenize=True)
+    of the result gives training's tokens (the BOS included once). For `chat`, the tokens training puts
+    in front (a BOS) open the template, since training put them before the template's text: llama.cpp
+    strips one leading BOS text and adds the BOS token itself. A template that writes its BOS itself
+    (`{{ bos_token }}`) is kept as it is: training did not add a second one either (tokenization.with_prefix).
+    Errors: LoraCliError for a text template whose layout no chat message can express (prompt_shape),
+    or `chat` without a template.
     """
+    from lora_cli.data.tokenization import special_prefix
+
+    prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
     if isinstance(template, ChatTemplate):
         ChatTemplate.check(tokenizer)
         if prefix and not ChatTemplate.opens_with(tokenizer, prefix):
             return f"{{{{ {jinja_string(prefix)} }}}}" + tokenizer.chat_template
         return tokenizer.chat_template
-    return text_chat_template(prompt_shape(template), prefix, eos)
-
-
-def training_chat_template(template: TextTemplate | ChatTemplate, tokenizer: PreTrainedTokenizerBase,
-                           add_eos: bool) -> str:
-    """The chat template that renders conversations as training rendered them, for `tokenizer`.
-
-    `add_eos`: training appended the eos after answers. transformers' apply_chat_template(tokenize=True)
-    of the result gives training's tokens (the BOS included once). Errors: LoraCliError for a text
-    template whose layout no chat message can express (prompt_shape), or `chat` without a template.
-    """
-    from lora_cli.data.tokenization import special_prefix
-
-    prefix = tokenizer.decode(special_prefix(tokenizer), skip_special_tokens=False)
-    return gguf_chat_template(template, tokenizer, prefix, tokenizer.eos_token if add_eos else "")
+    return text_chat_template(prompt_shape(template), prefix, tokenizer.eos_token if add_eos else "")

@@ -146,8 +146,7 @@ def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDatas
     raw = {"version": VERSION, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), "cwd": os.getcwd(),
            "settings": {k: flat[k] for k in SETTINGS}, "eos_token": eos_token, "files": files}
     path = current_path(cfg.data.cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(raw, indent=2) + "\n")
+    write_text(path, json.dumps(raw, indent=2) + "\n")  # its folder made if need be
     return _parse(raw, path)
 
 
@@ -189,11 +188,6 @@ class Resolved:
     cfg: RunConfig
     current: CurrentDataset | None  # None when the user named everything the command needs
     said: str | None  # the one line that tells the user what was taken from the current dataset
-
-    @property
-    def held_out(self) -> str | None:
-        """The validation file eval and generate read (the current dataset's, unless named)."""
-        return self.cfg.data.val
 
 
 # What each command takes over from the current dataset, said in words.

@@ -102,8 +102,7 @@ def sniff(path: str | Path, head: bytes) -> str:
         raise NotJsonLines(path, "a Python pickle", "Write the records as JSON Lines first (lora-cli never unpickles).")
     _check_wide_text(path, head, out)
     _check_legacy_encoding(path, head, out)
-    text = head.decode("utf-8", errors="replace")
-    text = text[1:] if text.startswith("\ufeff") else text
+    text = head.decode("utf-8-sig", errors="replace")  # a byte-order mark dropped
     kind = _structure(path, text, out, whole=len(head) < SAMPLE)
     return JSONL_CR if kind == JSONL and b"\r" in head.rstrip(b"\r") and b"\n" not in head else kind
 
@@ -165,38 +164,29 @@ def _check_legacy_encoding(path: Path, head: bytes, out: str) -> None:
     lines = head.split(b"\n")
     if len(head) >= SAMPLE:
         lines = lines[:-1]  # the last one may be cut in the middle of a character
-    bad = utf8_beyond_ascii = 0
-    for raw in lines:
-        if raw.isascii():
-            continue
-        try:
-            raw.decode("utf-8")
-            utf8_beyond_ascii += 1
-        except UnicodeDecodeError:
-            bad += 1
-    if bad >= 2 and not utf8_beyond_ascii:
+    beyond_ascii = [(number, raw) for number, raw in enumerate(lines, start=1) if not raw.isascii()]
+    bad = [(number, raw, exc) for number, raw in beyond_ascii if (exc := _utf8_error(raw))]
+    if len(bad) >= 2 and len(bad) == len(beyond_ascii):
         codec = _confident_encoding(b"\n".join(lines))
         sampled = sum(1 for ln in lines if ln)
-        what = f"({bad} of its first {sampled} lines are not UTF-8, and none holds UTF-8 text beyond ASCII)"
+        what = f"({len(bad)} of its first {sampled} lines are not UTF-8, and none holds UTF-8 text beyond ASCII)"
         if codec:
             raise NotJsonLines(path, f"text in the {codec} encoding {what}", _iconv(codec, path, out))
-        line, offset, shown = _first_bad_bytes(lines)
+        line, raw, exc = bad[0]  # where UTF-8 decoding first fails, and the bytes there
         raise NotJsonLines(
             path, f"text that is not UTF-8 {what}; its encoding cannot be told with confidence (line {line}, "
-                  f"byte {offset}: {shown})",
+                  f"byte {exc.start + 1}: {' '.join(f'{b:02x}' for b in raw[exc.start: exc.start + 8])})",
             f"Convert it to UTF-8 from the encoding it was written in: iconv -f ENCODING -t UTF-8 {path} > {out}   "
             "(ENCODING e.g. CP1252 for Western European text, GBK for Chinese, SHIFT_JIS for Japanese, CP1251 "
             "for Cyrillic); check the converted text before training on it")
 
 
-def _first_bad_bytes(lines: list[bytes]) -> tuple[int, int, str]:
-    """(line number, 1-based byte of the line, the bytes there in hex) where UTF-8 decoding first fails."""
-    for number, raw in enumerate(lines, start=1):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return number, exc.start + 1, " ".join(f"{b:02x}" for b in raw[exc.start: exc.start + 8])
-    return 0, 0, ""
+def _utf8_error(raw: bytes) -> UnicodeDecodeError | None:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc
+    return None
 
 
 # Python codec names as iconv spells them, where the two differ by more than case and "_" for "-"
@@ -287,8 +277,7 @@ def _check_wrapped_line(path: Path, first: str, out: str) -> None:
     the whole dataset on one line, {"data": [...]}, not a record."""
     wrapped = _WRAPPED.match(first)
     if wrapped and wrapped.group(1) not in ("messages", "history"):
-        obj = json.loads(first)
-        if isinstance(obj, dict) and not any(k in obj for k in _RECORD_KEYS):
+        if not any(k in json.loads(first) for k in _RECORD_KEYS):  # a JSON object (_structure checked)
             raise _wrapped(path, wrapped.group(1), out)
 
 
@@ -312,13 +301,10 @@ def _check_multiline_object(path: Path, text: str, first: str, out: str) -> None
 
 
 def _not_json(path: Path, first: str, out: str) -> NotJsonLines:
-    if "\t" in first:
-        return NotJsonLines(path, "tab-separated text (TSV)",
-                            "Convert it (the first line names the fields): "
-                            + _CSV_ROWS.format(delim=", delimiter='\\t'", path=path, out=out))
-    if "," in first:
-        return NotJsonLines(path, "comma-separated text (CSV)",
-                            "Convert it (the first line names the fields): " + _CSV_ROWS.format(delim="", path=path,
-                                                                                               out=out))
+    for sep, what, delim in (("\t", "tab-separated text (TSV)", ", delimiter='\\t'"),
+                             (",", "comma-separated text (CSV)", "")):
+        if sep in first:
+            return NotJsonLines(path, what, "Convert it (the first line names the fields): "
+                                + _CSV_ROWS.format(delim=delim, path=path, out=out))
     return NotJsonLines(path, f"text that is not JSON (none of its first {TEXT_LINES} lines starts with {{ or [)",
                         'Each line must be one JSON object: {"instruction": "...", "input": "...", "output": "..."}')

@@ -97,26 +97,21 @@ def iter_json_array(fh: BinaryIO) -> Iterator[tuple[int, object]]:
     if text.peek() != "[":
         raise ArrayReadError(text.line, "expected a JSON array")
     text.advance(1)
-    first, after_comma = True, False  # after_comma is read only once an element was seen
-    while True:
-        ch = text.peek()
+    ch = text.peek()
+    while ch != "]":  # at an element
         if ch is None:
             raise ArrayReadError(text.line, "the file ends inside the JSON array (no closing ']')")
-        if ch == "]":
-            if not first and after_comma:
+        yield text.line, text.value()
+        ch = text.peek()
+        if ch == ",":
+            text.advance(1)
+            ch = text.peek()
+            if ch == "]":
                 raise ArrayReadError(text.line, "a comma before ']': JSON allows no trailing comma")
-            text.advance(1)
-            break
-        if not first and not after_comma:
-            if ch != ",":
-                raise ArrayReadError(text.line, f"invalid JSON: expected ',' or ']' after an element, found {ch!r}; "
-                                                "the rest of the array was not read")
-            text.advance(1)
-            after_comma = True
-            continue
-        line = text.line
-        yield line, text.value()
-        first, after_comma = False, False
+        elif ch not in ("]", None):
+            raise ArrayReadError(text.line, f"invalid JSON: expected ',' or ']' after an element, found {ch!r}; "
+                                            "the rest of the array was not read")
+    text.advance(1)
     if text.peek() is not None:
         raise ArrayReadError(text.line, "more data after the JSON array's closing ']': a file holds one JSON array "
                                         "or JSON Lines, not both")

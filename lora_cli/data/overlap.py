@@ -32,9 +32,8 @@ def digest(example: Example) -> int:
 class RecordDigests:
     """The digests and line numbers of a file's records, in file order."""
 
-    def __init__(self, digests: Iterable[int] | None = None, lines: Iterable[int] | None = None) -> None:
-        self._d = array("Q", digests if digests is not None else [])
-        self._l = array("I", lines if lines is not None else [])
+    def __init__(self, digests: Iterable[int] = (), lines: Iterable[int] = ()) -> None:
+        self._d, self._l = array("Q", digests), array("I", lines)
 
     def add(self, example: Example) -> None:
         self._d.append(digest(example))

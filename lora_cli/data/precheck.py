@@ -22,9 +22,8 @@ def refuse_invalid_records(cfg: RunConfig) -> None:
     field), unless --skip-invalid leaves them out. Reads only; changes nothing."""
     if cfg.data.skip_invalid:
         return
-    for name in (cfg.data.train, cfg.data.val):
-        path = Path(name) if name else None
-        if path is None or not path.is_file() or path.stat().st_size > PRECHECK_BYTES:
+    for path in [Path(name) for name in (cfg.data.train, cfg.data.val) if name]:
+        if not path.is_file() or path.stat().st_size > PRECHECK_BYTES:
             continue  # a missing file is the resolver's to name; a huge one tokenizing checks
         errors: list[Issue] = []
         for _ in iter_examples(path, on_issue=lambda i: errors.append(i) if i.severity == "error" else None):

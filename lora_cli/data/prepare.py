@@ -34,11 +34,6 @@ class PreparedData:
     current: current_dataset.CurrentDataset | None = None  # as recorded by this call, if it recorded one
 
 
-def label_policy(cfg: RunConfig) -> LabelPolicy:
-    d = cfg.data
-    return LabelPolicy(max_length=d.max_length, train_on_prompt=d.train_on_prompt, add_eos=d.add_eos)
-
-
 def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool = False, is_main: bool = True,
                  barrier: Callable[[], None] = lambda: None, record: bool = False,
                  current: current_dataset.CurrentDataset | None = None) -> PreparedData:
@@ -59,7 +54,7 @@ def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool
     resolved = resolve_model(cfg.model.name, reporter)
     tokenizer = load_tokenizer(resolved.path, cfg.model.trust_remote_code)
     template = get_template(cfg.data.template)
-    policy = label_policy(cfg)
+    policy = LabelPolicy(cfg.data.max_length, cfg.data.train_on_prompt, cfg.data.add_eos)
     entries = {}
     for split in ("train", "val"):
         path = getattr(cfg.data, split)
@@ -88,9 +83,9 @@ def _moved_on(current: current_dataset.CurrentDataset | None, cfg: RunConfig, en
 
 def _say_val_overlap(train: CacheEntry, val: CacheEntry, reporter: Reporter) -> None:
     """A warning when validation records are also training records (from the entries' digests)."""
-    from lora_cli.data.overlap import shared, val_overlap_note
+    from lora_cli.data.overlap import RecordDigests, shared, val_overlap_note
 
-    train_digests, val_digests = train.digests(), val.digests()
+    train_digests, val_digests = RecordDigests.load(train.path), RecordDigests.load(val.path)
     if train_digests is None or val_digests is None:
         return
     pairs = shared(val_digests, train_digests)

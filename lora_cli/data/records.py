@@ -46,9 +46,6 @@ class Issue:
         what = f" [{self.field}]" if self.field else ""
         return f"{where}{what}: {self.reason}"
 
-    def to_dict(self) -> dict:
-        return {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason, "severity": self.severity}
-
 
 @dataclass
 class Example:
@@ -101,9 +98,7 @@ def open_lines(path: str | Path, cr_only: bool = False) -> Iterator[tuple[int, b
     CRLF and LF line ends are."""
     with open_data_file(path) as fh:
         for number, raw in enumerate(_cr_lines(fh) if cr_only else fh, start=1):
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            yield number, raw.rstrip(b"\r\n")
+            yield number, raw.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n")
 
 
 def _cr_lines(fh: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -156,27 +151,19 @@ def _is_encodable(text: str) -> bool:
 
 
 def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: bool) -> str | None:
+    value = obj.get(key)
+    if value is None and optional:  # absent or null
+        return ""
     if key not in obj:
-        if optional:
-            return ""
         alias = _found_instead(obj, key)
-        hint = f" (found '{alias}': rename it to '{key}')" if alias else ""
-        issue(key, f"missing field '{key}'{hint}")
-        return None
-    value = obj[key]
-    if value is None:
-        if optional:
-            return ""
-        issue(key, f"'{key}' is null; it must be a non-empty string")
-        return None
-    if not isinstance(value, str):
-        issue(key, f"'{key}' must be a string, not {type(value).__name__}")
-        return None
-    if not _is_encodable(value):
-        issue(key, f"'{key}' holds an invalid unicode escape (a lone surrogate)")
-        return None
-    if not optional and not value.strip():
-        issue(key, f"'{key}' is blank")
+        problem = f"missing field '{key}'" + (f" (found '{alias}': rename it to '{key}')" if alias else "")
+    else:
+        problem = (f"'{key}' is null; it must be a non-empty string" if value is None else
+                   f"'{key}' must be a string, not {type(value).__name__}" if not isinstance(value, str) else
+                   f"'{key}' holds an invalid unicode escape (a lone surrogate)" if not _is_encodable(value) else
+                   f"'{key}' is blank" if not optional and not value.strip() else None)
+    if problem:
+        issue(key, problem)
         return None
     return value
 
@@ -185,44 +172,40 @@ def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None
     if not isinstance(value, list) or not value:
         issue("messages", "'messages' must be a non-empty list of {role, content} objects")
         return None
-    ok = True
+    found: list[str] = []  # the fields with a defect: once there is one, the record is invalid
+
+    def bad(where: str, reason: str) -> None:
+        found.append(where)
+        issue(where, reason)
+
     out = []
     for i, msg in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
-            issue(where, f"each message must be an object, not {type(msg).__name__}")
-            ok = False
+            bad(where, f"each message must be an object, not {type(msg).__name__}")
             continue
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
-            issue(f"{where}.role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
-            ok = False
+            bad(f"{where}.role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if not isinstance(content, str):
-            issue(f"{where}.content", "content must be a string" + (" (missing)" if "content" not in msg else ""))
-            ok = False
+            bad(f"{where}.content", "content must be a string" + (" (missing)" if "content" not in msg else ""))
         elif not _is_encodable(content):
-            issue(f"{where}.content", "content holds an invalid unicode escape (a lone surrogate)")
-            ok = False
+            bad(f"{where}.content", "content holds an invalid unicode escape (a lone surrogate)")
         elif role == "assistant" and not content.strip():
-            issue(f"{where}.content", "assistant content is blank")
-            ok = False
+            bad(f"{where}.content", "assistant content is blank")
         weight = msg.get("weight", 1)
         if "weight" in msg and (role != "assistant" or isinstance(weight, bool) or weight not in (0, 1)):
-            issue(f"{where}.weight", "weight must be 0 (do not train this turn) or 1, on an assistant message; "
-                                     f"not {weight!r}" + ("" if role == "assistant" else f" on a {role} message"))
-            ok = False
-        if ok:
+            bad(f"{where}.weight", "weight must be 0 (do not train this turn) or 1, on an assistant message; "
+                                   f"not {weight!r}" + ("" if role == "assistant" else f" on a {role} message"))
+        if not found:
             out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
-    if ok and not any(m["role"] == "assistant" for m in out):
-        issue("messages", "no assistant message: there is nothing to learn from this record")
-        ok = False
-    if ok and all(m.get("weight") == 0 for m in out if m["role"] == "assistant"):
-        issue("messages", "every assistant message has weight 0: there is nothing to learn from this record")
-        ok = False
-    if ok and out[-1]["role"] != "assistant":
-        issue("messages", "the last message must be the assistant's")
-        ok = False
-    return out if ok else None
+    if not found and not any(m["role"] == "assistant" for m in out):
+        bad("messages", "no assistant message: there is nothing to learn from this record")
+    if not found and all(m.get("weight") == 0 for m in out if m["role"] == "assistant"):
+        bad("messages", "every assistant message has weight 0: there is nothing to learn from this record")
+    if not found and out[-1]["role"] != "assistant":
+        bad("messages", "the last message must be the assistant's")
+    return None if found else out
 
 
 def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
@@ -348,28 +331,26 @@ def _lookalike_warnings(obj: dict, file: str, number: int) -> list[Issue]:
 
 @dataclass
 class ScanStats:
-    """Counts and lengths gathered while streaming, kept compact (a few bytes per record)."""
+    """Counts gathered while streaming a file (records: valid or invalid, blank lines left out)."""
 
-    file: str
-    lines: int = 0
     records: int = 0
     valid: int = 0
-    invalid: int = 0
     chat: int = 0
-    errors: int = 0
-    warnings: int = 0
+
+    def count(self, example: Example | None) -> None:
+        self.records += 1
+        self.valid += example is not None
+        self.chat += example is not None and example.is_chat
 
 
-def iter_examples(path: str | Path, on_issue: Callable[[Issue], None] | None = None,
-                  stats: ScanStats | None = None) -> Iterator[Example]:
+def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: ScanStats | None = None
+                  ) -> Iterator[Example]:
     """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
 
     A warning about a look-alike field is reported for the first line that has it, not for every one."""
     path = Path(path)
     name, warned = str(path), set[str]()
     for number, unit in read_units(path):
-        if stats is not None:
-            stats.lines = number
         if isinstance(unit, Issue):
             example, issues = None, [unit]
         elif isinstance(unit, Element):
@@ -381,19 +362,8 @@ def iter_examples(path: str | Path, on_issue: Callable[[Issue], None] | None = N
         issues = [i for i in issues if i.severity == "error" or i.field not in warned]
         warned.update(i.field for i in issues if i.severity == "warning")
         if stats is not None:
-            _count(stats, example, issues)
-        if on_issue is not None:
-            for item in issues:
-                on_issue(item)
+            stats.count(example)
+        for item in issues:
+            on_issue(item)
         if example is not None:
             yield example
-
-
-def _count(stats: ScanStats, example: Example | None, issues: list[Issue]) -> None:
-    stats.records += 1
-    errors = sum(1 for i in issues if i.severity == "error")
-    stats.errors += errors
-    stats.warnings += len(issues) - errors
-    stats.invalid += example is None
-    stats.valid += example is not None
-    stats.chat += int(example is not None and example.is_chat)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 from lora_cli.data.duplicates import DuplicateFinder
 from lora_cli.data.file_kinds import NOT_JSONL, NotJsonLines
@@ -43,10 +44,7 @@ class LengthStats:
         if n == 0:
             return cls(unit)
         values = sorted(counts)
-        cumulative, total = [], 0
-        for v in values:
-            total += counts[v]
-            cumulative.append(total)
+        cumulative = list(accumulate(counts[v] for v in values))
         mean = sum(v * c for v, c in counts.items()) / n
         return cls(unit, n, mean, _percentile(values, cumulative, n, 50), _percentile(values, cumulative, n, 90),
                    int(values[-1]))
@@ -86,23 +84,15 @@ class DataReport:
         return self.errors == 0
 
     def to_dict(self) -> dict:
-        def stats(s: LengthStats | None) -> dict[str, Any] | None:
-            return None if s is None else {k: getattr(s, k) for k in ("unit", "count", "mean", "p50", "p90", "max")}
-
         return {
             "file": self.file, "records": self.records, "valid": self.valid, "invalid": self.records - self.valid,
             "chat_records": self.chat, "errors": self.errors, "warnings": self.warnings,
-            "issues": [i.to_dict() for i in self.issues], "issues_not_listed": self.issues_dropped,
-            "length_chars": stats(self.chars), "length_tokens": stats(self.tokens),
+            "issues": [asdict(i) for i in self.issues], "issues_not_listed": self.issues_dropped,
+            "length_chars": self.chars and asdict(self.chars), "length_tokens": self.tokens and asdict(self.tokens),
             "max_length": self.max_length, "would_truncate": self.truncated if self.tokens else None,
             "would_leave_out": self.left_out if self.tokens else None,
             "left_out_lines": self.left_out_lines if self.tokens else None,
         }
-
-
-def _duplicate_issues(file: str, finder: DuplicateFinder) -> Iterator[Issue]:
-    for line, orig in finder.pairs():
-        yield Issue(file, line, "", f"duplicate of line {orig}", "warning")
 
 
 def validate_file(
@@ -117,11 +107,15 @@ def validate_file(
     statistics and the examples --max-length would leave out."""
     path = Path(path)
     report = DataReport(str(path), max_length=max_length)
-    stats = ScanStats(str(path))
+    stats = ScanStats()
     finder, chars, tokens = DuplicateFinder(), Counter(), Counter()
     pending: list[Example] = []
 
     def keep(issue: Issue) -> None:
+        if issue.severity == "error":
+            report.errors += 1
+        else:
+            report.warnings += 1
         if len(report.issues) < MAX_KEPT_ISSUES:
             report.issues.append(issue)
         else:
@@ -133,7 +127,7 @@ def validate_file(
 
     def flush() -> None:
         nonlocal rejected
-        if pending and token_counts is not None:
+        if pending:
             counts, refused = apply_or_reject(pending, token_counts, str(path))
             _tally(report, tokens, counts)
             for issue in refused:  # valid JSON the template cannot render: an error of that line
@@ -151,16 +145,13 @@ def validate_file(
                 if len(pending) >= 512:
                     flush()
         flush()
-        for dup in _duplicate_issues(str(path), finder):
-            keep(dup)
-            report.warnings += 1
+        for line, orig in finder.pairs():
+            keep(Issue(str(path), line, "", f"duplicate of line {orig}", "warning"))
     except NotJsonLines as exc:  # the whole file: one error, and the other files are still checked
         keep(Issue(str(path), 0, "", f"this is {exc.what}, {NOT_JSONL}. {exc.hint}"))
-        stats.errors += 1
     finally:
         finder.close()
     report.records, report.valid, report.chat = stats.records, stats.valid - rejected, stats.chat
-    report.errors, report.warnings = stats.errors + rejected, report.warnings + stats.warnings
     report.chars = LengthStats.from_counts(chars, "chars")
     if token_counts is not None:
         _token_summary(report, tokens, keep)
@@ -187,7 +178,6 @@ def _token_summary(report: DataReport, tokens: Counter, keep: Callable[[Issue], 
     if report.left_out and report.max_length:
         keep(Issue(report.file, 0, "", left_out_note(report.left_out, report.left_out_lines, report.max_length),
                    "warning"))
-        report.warnings += 1
 
 
 def cross_file_issues(reports: list[DataReport]) -> list[Issue]:

@@ -27,17 +27,12 @@ if TYPE_CHECKING:
 ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 TURN_SEPARATOR = "\n\n"
-_PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")
+PLACEHOLDER = re.compile(r"\{(instruction|input|output)\}")  # a text template's placeholders
 
 # (text, trained): True for an answer the loss sees, False for prompt text, UNTRAINED for an answer
 # the loss leaves out ("weight": 0), which is still closed by the eos like every answer
 UNTRAINED = None
 Segments = list[tuple[str, "bool | None"]]
-
-
-def _fill(template: str, values: dict[str, str]) -> str:
-    """Substitute placeholders in one pass, so braces inside the data are never re-expanded."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)
 
 
 def trained(message: dict) -> bool:
@@ -82,17 +77,16 @@ class TextTemplate:
 
     def prompt_text(self, instruction: str, input: str = "") -> str:
         use = self.with_input if (input.strip() or self.without_input is None) else self.without_input
-        return _fill(use, {"instruction": instruction, "input": input})
+        values = {"instruction": instruction, "input": input}
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), use)  # one pass: braces in the data stay as they are
 
     def segments(self, example: Example, tokenizer: PreTrainedTokenizerBase | None = None) -> Segments:
         system, turns = _turns(example)
         out: Segments = []
-        prefix = system + TURN_SEPARATOR if system else ""
         for i, ((instruction, input), answer, learn) in enumerate(turns):
-            sep = TURN_SEPARATOR if i else ""
-            out.append((prefix + sep + self.prompt_text(instruction, input), False))
+            opener = TURN_SEPARATOR if i else (system + TURN_SEPARATOR if system else "")
+            out.append((opener + self.prompt_text(instruction, input), False))
             out.append((answer + self.suffix, True if learn else UNTRAINED))
-            prefix = ""
         return out
 
 
@@ -161,7 +155,7 @@ class ChatTemplate:
 
 def template_from_text(text: str, name: str) -> TextTemplate:
     """A template file's text as a template; `name` (its path) names it in messages and the cache key."""
-    found = _PLACEHOLDER.findall(text)
+    found = PLACEHOLDER.findall(text)
     if found.count("output") != 1 or "instruction" not in found:
         raise LoraCliError(
             f"Template file {name} must contain {{instruction}} and exactly one {{output}} "
@@ -169,14 +163,6 @@ def template_from_text(text: str, name: str) -> TextTemplate:
         )
     head, _, tail = text.partition("{output}")
     return TextTemplate(name=name, with_input=head, without_input=None, suffix=tail, source=text)
-
-
-def _load_file_template(path: Path) -> TextTemplate:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LoraCliError(f"Cannot read template file {path}: {exc}.") from None
-    return template_from_text(text, str(path))
 
 
 BUILTIN = {
@@ -192,7 +178,11 @@ def get_template(name: str) -> TextTemplate | ChatTemplate:
         return BUILTIN[name]()
     path = Path(name)
     if path.is_file():
-        return _load_file_template(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LoraCliError(f"Cannot read template file {path}: {exc}.") from None
+        return template_from_text(text, str(path))
     import difflib
 
     close = difflib.get_close_matches(name, list(BUILTIN), n=1)

@@ -73,25 +73,29 @@ def _closed(piece: list[int], trainable: bool | None, add_eos: bool, eos: int | 
     return list(piece)
 
 
+def _joined(segs: list[tuple[str, bool | None]], ids: list[list[int]], prefix: list[int], eos: int | None,
+            policy: LabelPolicy) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of segments whose texts tokenized to `ids`: each closed by its eos, labels
+    on the trained ones (on all with train_on_prompt), the special prefix in front, untruncated."""
+    input_ids, labels = [], []
+    for (_, trainable), piece in zip(segs, ids):
+        piece = _closed(piece, trainable, policy.add_eos, eos)
+        input_ids.extend(piece)
+        labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
+    opened = with_prefix(prefix, input_ids)
+    return opened, [IGNORE] * (len(opened) - len(input_ids)) + labels
+
+
 def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
                  policy: LabelPolicy) -> list[Encoded]:
     """Encode many examples with one tokenizer call over all of their segments."""
     per_example = [template.segments(ex, tokenizer) for ex in examples]
     texts = [text for segs in per_example for text, _ in segs]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    prefix = special_prefix(tokenizer)
-    eos = tokenizer.eos_token_id
-    out, k = [], 0
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    out = []
     for example, segs in zip(examples, per_example):
-        input_ids, labels = [], []
-        for _, trainable in segs:
-            piece = _closed(ids[k], trainable, policy.add_eos, eos)
-            k += 1
-            input_ids.extend(piece)
-            labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
-        opened = with_prefix(prefix, input_ids)
-        labels = [IGNORE] * (len(opened) - len(input_ids)) + labels
-        input_ids = opened
+        input_ids, labels = _joined(segs, [next(ids) for _ in segs], prefix, eos, policy)
         truncated = len(input_ids) > policy.max_length
         out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
     return out
@@ -100,8 +104,8 @@ def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
 def encode_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
                   add_eos: bool = True) -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as training renders it."""
-    history = Example(0, messages=[*messages, {"role": "assistant", "content": ""}])
-    return _encode_prompt_segments(template.segments(history, tokenizer)[:-1], tokenizer, add_eos)
+    return encode_example_prompt(Example(0, messages=[*messages, {"role": "assistant", "content": ""}]), tokenizer,
+                                 template, add_eos)
 
 
 def encode_example_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
@@ -111,10 +115,12 @@ def encode_example_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, 
     What generation and the stop rate start from; an instruction record keeps its Input block,
     system prompt and history.
     """
-    if example.is_chat:
-        return encode_prompt(list(example.messages or [])[:-1], tokenizer, template, add_eos)
-    blank = replace(example, output="")
-    return _encode_prompt_segments(template.segments(blank, tokenizer)[:-1], tokenizer, add_eos)
+    last = {"role": "assistant", "content": ""}  # the response left blank: only the prompt before it is kept
+    blank = (replace(example, messages=[*(example.messages or [])[:-1], last]) if example.is_chat else
+             replace(example, output=""))
+    segs = template.segments(blank, tokenizer)[:-1]
+    ids = tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"] if segs else []
+    return _joined(segs, ids, special_prefix(tokenizer), tokenizer.eos_token_id, LabelPolicy(add_eos=add_eos))[0]
 
 
 def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
@@ -150,24 +156,6 @@ def reference_answer(example: Example) -> str:
     return (example.messages or [{}])[-1].get("content", "") if example.is_chat else example.output
 
 
-def _encode_prompt_segments(segs: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase,
-                            add_eos: bool) -> list[int]:
-    texts = [text for text, _ in segs]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    eos = tokenizer.eos_token_id
-    out: list[int] = []
-    for (_, trainable), piece in zip(segs, ids):
-        out.extend(_closed(piece, trainable, add_eos, eos))
-    return with_prefix(special_prefix(tokenizer), out)
-
-
-def token_lengths(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
-                  template: TextTemplate | ChatTemplate) -> list[int]:
-    """Untruncated token counts (prompt + response + eos), for validate-data's statistics."""
-    policy = LabelPolicy(max_length=2**31 - 1)
-    return [len(e.input_ids) for e in encode_batch(examples, tokenizer, template, policy)]
-
-
 @dataclass(frozen=True)
 class TokenCount:
     """One example's untruncated token count and where its first trained token sits."""
@@ -183,7 +171,8 @@ class TokenCount:
 
 def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
                  policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:
-    """TokenCount per example under `policy`'s labels, for validate-data's statistics."""
+    """TokenCount per example under `policy`'s labels (untruncated: prompt + response + eos), for
+    validate-data's statistics and the context an export check needs."""
     untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
     out = []
     for enc in encode_batch(examples, tokenizer, template, untruncated):
@@ -192,23 +181,24 @@ def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
     return out
 
 
+def _where(count: int, lines: list[int]) -> str:
+    """' (lines 3, 9 and 12 more)': the first ten of `lines`, of `count` examples ('' without lines)."""
+    more = f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else ""
+    return f" (line{'s' if count > 1 else ''} {', '.join(str(n) for n in lines[:10])}{more})" if lines else ""
+
+
 def left_out_note(count: int, lines: list[int], max_length: int, split: str = "", purpose: str = "train on") -> str:
     """The one sentence every command that tokenizes says about examples truncation leaves empty."""
-    shown = ", ".join(str(n) for n in lines[:10])
-    more = f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else ""
-    where = f" (line{'s' if count > 1 else ''} {shown}{more})" if lines else ""
     return (f"{count:,} {split + ' ' if split else ''}example(s) left out: the prompt fills --max-length "
-            f"({max_length} tokens), so no response token is left to {purpose}{where}. "
+            f"({max_length} tokens), so no response token is left to {purpose}{_where(count, lines)}. "
             "Raise --max-length or shorten those prompts.")
 
 
 def lost_eos_note(count: int, lines: list[int], max_length: int, split: str = "") -> str:
     """The sentence tokenize and train say about examples whose answer --max-length cut before its eos."""
-    shown = ", ".join(str(n) for n in lines[:10]) + (f" and {count - len(lines[:10]):,} more" if count > len(lines[:10]) else "")
-    where = f" (line{'s' if count > 1 else ''} {shown})" if lines else ""
     return (f"{count:,} {split + ' ' if split else ''}example(s) cut by --max-length ({max_length} tokens) before "
-            f"the end of the answer{where}: they train without their eos, teaching the model not to stop there. "
-            "Raise --max-length or shorten those answers.")
+            f"the end of the answer{_where(count, lines)}: they train without their eos, teaching the model not to "
+            "stop there. Raise --max-length or shorten those answers.")
 
 
 def apply_or_reject(examples: list[Example], fn: Callable[[list[Example]], list],

@@ -15,4 +15,4 @@ from __future__ import annotations
 
 FORMATS = ("gguf", "gguf-lora", "ollama")
 OUTTYPES = ("f16", "bf16", "q8_0", "q4_0", "f32")
-BASE_WEIGHTS = ("auto", "original", "nf4")
+MODELFILE, OLLAMA_GGUF = "Modelfile", "model.gguf"  # an ollama export: its folder's Modelfile and the GGUF beside it

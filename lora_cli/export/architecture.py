@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
+
 from lora_cli.errors import LoraCliError
 
 SUPPORTED = {"llama": "LLAMA", "qwen2": "QWEN2"}
@@ -34,8 +36,6 @@ class ArchSpec:
 
     @property
     def arch(self):
-        import gguf
-
         return getattr(gguf.MODEL_ARCH, SUPPORTED[self.model_type])
 
 
@@ -70,8 +70,6 @@ def check_config(config, name: str) -> ArchSpec:
         reasons.append(f"head_dim {head_dim} != hidden_size / heads")
     if reasons:
         raise LoraCliError(f"Cannot export {name} ({model_type}) to GGUF: " + "; ".join(reasons) + ".", HINT)
-    import gguf
-
     arch_name = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, SUPPORTED[model_type])]
     return ArchSpec(model_type, arch_name, config.num_hidden_layers, heads, config.num_key_value_heads, head_dim,
                     bool(getattr(config, "tie_word_embeddings", False)))
@@ -115,8 +113,6 @@ def gguf_name(name_map, hf_name: str) -> str | None:
 
 def tensor_names(hf_names: list[str], spec: ArchSpec) -> dict[str, str]:
     """{hf name: gguf name} for a state dict; LoraCliError unless it is exactly the architecture's set."""
-    import gguf
-
     name_map = gguf.get_tensor_name_map(spec.arch, spec.layers)
     mapping, unmapped = {}, []
     for hf in hf_names:

@@ -14,10 +14,8 @@ Artifact in a Runtime) are compared on held-out records, three ways:
     rate: the share of answers that end on a stop (an end-of-generation token, or a Modelfile
     stop text) in time. The check also reads the stop configuration: the eos the model was
     trained to end with must stop generation ("eos").
-The verdict is pass, warn or fail, with each reason's kind: template, BOS, tokenizer, eos, numerics.
-Agreement targets by weight type (AGREEMENT): 99% for 16- and 32-bit weights, 97% for q8_0,
-90% otherwise; below the target by up to 5 points is a warning, further a failure. The stop
-rate may differ by STOP_SLACK prompts.
+The verdict is pass, warn or fail, with each reason's kind: template, BOS, tokenizer, eos, numerics;
+agreement is held to AGREEMENT by weight type (WARN_MARGIN below it warns), the stop rates to STOP_SLACK.
 
 Runtime-independent: a Runtime (check_runtimes.py) is anything with tokenize, detokenize, logits,
 greedy, stop_ids, add_bos and bos_text.
@@ -25,16 +23,23 @@ greedy, stop_ids, add_bos and bos_text.
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
+from lora_cli.atomic import write_text
+from lora_cli.data.chat_template import user_content
+from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt, special_prefix
 from lora_cli.progress import NULL_REPORTER
 
 AGREEMENT = {"F32": 0.99, "F16": 0.99, "BF16": 0.99, "Q8_0": 0.97}
 OTHER_AGREEMENT, WARN_MARGIN, STOP_SLACK = 0.90, 0.05, 2
-REPORT_SUFFIX = ".check.json"
 
 
 class Runtime(Protocol):
@@ -110,17 +115,14 @@ class CheckReport:
 
 def _messages(example, template) -> list[dict]:
     """The conversation sent to the export for a record: user messages mapped as the export maps them."""
-    from lora_cli.data.chat_template import user_content
-
     if not example.is_chat:
         return [{"role": "user", "content": user_content(template, example.instruction, example.input)}]
     out: list[dict] = []
-    for msg in list(example.messages or [])[:-1]:  # consecutive user messages joined first, as training joins them
-        if msg["role"] == "user" and out and out[-1]["role"] == "user":
-            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + msg["content"]}
-        else:
-            out.append({"role": msg["role"], "content": msg["content"]})
-    return [dict(m, content=user_content(template, m["content"], "")) if m["role"] == "user" else m for m in out]
+    for role, turn in itertools.groupby(list(example.messages or [])[:-1], key=lambda m: m["role"]):
+        contents = [m["content"] for m in turn]  # consecutive user messages joined first, as training joins them
+        out += [{"role": role, "content": user_content(template, "\n\n".join(contents), "")}] if role == "user" \
+            else [{"role": role, "content": content} for content in contents]
+    return out
 
 
 def export_prompt(artifact, runtime: Runtime, example, template, trained_text: str) -> list[int]:
@@ -139,10 +141,7 @@ def prompt_fault(trained: list[int], export: list[int], bos_id, trained_text, ex
         return ""
 
     def strip(ids):
-        i = 0
-        while i < len(ids) and ids[i] == bos_id:
-            i += 1
-        return ids[i:]
+        return list(itertools.dropwhile(lambda i: i == bos_id, ids))
 
     if bos_id is not None and strip(trained) == strip(export):
         return "BOS"
@@ -150,17 +149,10 @@ def prompt_fault(trained: list[int], export: list[int], bos_id, trained_text, ex
 
 
 def _shared_prefix(a: str, b: str) -> float:
-    if not a and not b:
-        return 1.0
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n / max(len(a), len(b))
+    return len(os.path.commonprefix([a, b])) / max(len(a), len(b)) if a or b else 1.0
 
 
 def _teacher_forced(runtime: Runtime, reference: Runtime, ids: list[int]) -> tuple[int, float]:
-    import numpy as np
-
     got, ref = runtime.logits(ids), reference.logits(ids)
     vocab = min(got.shape[-1], ref.shape[-1])  # a GGUF may pad the vocabulary to the embedding rows
     got, ref = got[:, :vocab], ref[:, :vocab]
@@ -176,8 +168,6 @@ def check_export(artifact, runtime: Runtime, reference: Runtime, tokenizer, temp
     tokenizer, template, add_eos, max_length: the trained model's, as training used them (they
     give the prompt ids and the teacher-forced sequences). Returns the report with its verdict.
     """
-    from lora_cli.data.tokenization import LabelPolicy, encode_batch, encode_example_prompt, special_prefix
-
     t0 = time.time()
     report = CheckReport(str(artifact.path), artifact.kind, artifact.weight_type, runtime.name, reference.name, data,
                          max_new_tokens=max_new_tokens,
@@ -241,9 +231,8 @@ def eos_reasons(artifact, runtime: Runtime, reference: Runtime, tokenizer) -> li
 
 def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: Runtime, tokenizer) -> list[Reason]:
     reasons = []
-    faults = [r for r in report.rows if r.prompt_fault]
     for kind in ("template", "BOS", "tokenizer"):
-        hit = [r.line for r in faults if r.prompt_fault == kind]
+        hit = [r.line for r in report.rows if r.prompt_fault == kind]
         if hit:
             what = {"template": "renders other text than the training prompt",
                     "BOS": "differs from the training prompt in its BOS (lost or doubled)",
@@ -269,17 +258,9 @@ def verdict_reasons(report: CheckReport, artifact, runtime: Runtime, reference: 
     return reasons
 
 
-def report_path(artifact_path) -> Path:
-    """Where the JSON report goes: beside the artifact (model.gguf -> model.gguf.check.json)."""
-    path = Path(artifact_path)
-    return path.parent / (path.name + REPORT_SUFFIX)
-
-
 def write_report(report: CheckReport) -> str:
-    import json
-
-    from lora_cli.atomic import write_text
-
-    path = report_path(report.artifact)
+    """Write the JSON report beside the artifact (model.gguf -> model.gguf.check.json); returns its path."""
+    artifact = Path(report.artifact)
+    path = artifact.parent / (artifact.name + ".check.json")
     write_text(path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return str(path)

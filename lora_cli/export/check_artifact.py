@@ -8,10 +8,9 @@ An artifact is one of what `lora-cli export` writes:
 - `gguf-lora`: an adapter file, applied to a base GGUF of the same architecture; prompted with
   the base GGUF's chat template (a base model's template is not the training prompt, so the
   check renders the training prompt itself: what a user is told to send).
-- `ollama`: a folder with model.gguf and a Modelfile. Ollama renders its TEMPLATE (a Go
-  template; lora-cli writes one without `.Messages`, which Ollama executes per turn, its
-  "legacy" mode: template/template.go), tokenizes the text with the vocabulary's BOS added and
-  special tokens parsed, and stops on the PARAMETER stop strings and the end-of-generation tokens.
+- `ollama`: a folder with model.gguf and a Modelfile. Ollama renders its TEMPLATE per turn (modelfile.py),
+  tokenizes the text with the vocabulary's BOS added and special tokens parsed, and stops on the
+  PARAMETER stop strings and the end-of-generation tokens.
 
 The Go templates rendered here are the constructs lora-cli writes ({{ .Field }}, string
 literals, if/else/end, trim markers); any other construct is named in a LoraCliError.
@@ -19,15 +18,22 @@ literals, if/else/end, trim markers); any other construct is named in a LoraCliE
 
 from __future__ import annotations
 
+import ast
+import itertools
 import re
+import unicodedata
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.errors import LoraCliError
+import gguf
 
-MODELFILE, OLLAMA_GGUF = "Modelfile", "model.gguf"  # as runner.py writes them (runner imports torch's world)
+from lora_cli.errors import LoraCliError
+from lora_cli.export import MODELFILE, OLLAMA_GGUF
+from lora_cli.model.embedded import EMBEDDED, _gguf_file
+
 _STRING = re.compile(r'^"((?:[^"\\]|\\.)*)"$', re.S)
-_GO_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
 
 
 @dataclass
@@ -60,8 +66,6 @@ def _file_type(value) -> str:
 
     The file type, not the commonest tensor type: a q8_0 export keeps some matrices in F16 (gguf_model.py)
     and is still held to what Q8_0 weights should reach."""
-    import gguf
-
     try:
         name = gguf.LlamaFileType(int(value)).name
     except (TypeError, ValueError):
@@ -71,8 +75,6 @@ def _file_type(value) -> str:
 
 def gguf_fields(path: Path) -> dict:
     """The metadata of a GGUF file that the check needs (strings and numbers), and its weight type."""
-    import gguf
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # a truncated or foreign file
@@ -85,11 +87,8 @@ def gguf_fields(path: Path) -> dict:
                 out[name] = fld.contents()
             except Exception:  # a field type gguf cannot convert: not one the check reads
                 continue
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        if len(tensor.shape) == 2 and tensor.name.endswith(".weight"):
-            types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    out["weight_type"] = _file_type(out.get("general.file_type")) or (max(types, key=types.get) if types else "?")
+    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) == 2 and t.name.endswith(".weight"))
+    out["weight_type"] = _file_type(out.get("general.file_type")) or (types.most_common(1)[0][0] if types else "?")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     for key in ("bos", "eos"):
         token_id = out.get(f"tokenizer.ggml.{key}_token_id")
@@ -114,8 +113,6 @@ def artifact_kind(path: str | Path) -> str:
 def default_base_gguf(base_model: str) -> Path | None:
     """The GGUF a gguf-lora export of `base_model` is checked on when none is given: the embedded model's own file
     (its weights are the model's original weights: lora-cli converts the embedded model from it)."""
-    from lora_cli.model.embedded import EMBEDDED, _gguf_file
-
     return _gguf_file(EMBEDDED[base_model]) if base_model in EMBEDDED else None
 
 
@@ -181,43 +178,24 @@ def jinja_render(template: str, messages: list[dict], bos: str, eos: str) -> str
 
 
 def _go_unquote(body: str) -> str:
-    out, i = [], 0
-    while i < len(body):
-        if body[i] != "\\":
-            out.append(body[i])
-            i += 1
-        elif body[i + 1] in "uU":
-            width = 4 if body[i + 1] == "u" else 8
-            out.append(chr(int(body[i + 2:i + 2 + width], 16)))
-            i += 2 + width
-        else:
-            out.append(_GO_ESCAPES[body[i + 1]])
-            i += 2
-    return "".join(out)
+    """A Go string literal's value: the escapes lora-cli writes (\\n, \\", \\u00e9, \\U0001f600) are Python's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an escape Python lacks is kept as written (it warns of it)
+        return ast.literal_eval(f'"""{body}"""')
 
 
 def _go_items(template: str) -> list[tuple[str, str]]:
-    """[("text", s) | ("action", s)], trim markers applied; string literals may hold braces (Go's lexer)."""
+    """[("text", s) | ("action", s)], trim markers applied. An action ends at the first "}}": the string
+    literals lora-cli writes hold no braces (modelfile.go_string escapes them)."""
     items, pos = [], 0
-    while (start := template.find("{{", pos)) >= 0:
-        end, i = -1, start + 2
-        while i < len(template) and end < 0:
-            if template[i] == '"':
-                i += 1
-                while i < len(template) and template[i] != '"':
-                    i += 2 if template[i] == "\\" else 1
-            elif template.startswith("}}", i):
-                end = i
-            i += 1
-        if end < 0:
-            raise LoraCliError("The Modelfile's TEMPLATE has an unclosed {{ action.")
-        body, text = template[start + 2:end], template[pos:start]
-        left, right = body.startswith("- "), body.endswith(" -")
-        items += [("text", text.rstrip(" \t\r\n") if left else text),
-                  ("action", body[2 if left else 0:len(body) - (2 if right else 0)].strip())]
-        pos = end + 2
-        if right:
+    for action in re.finditer(r"\{\{(- )?(.*?)( -)?\}\}", template, re.S):
+        text = template[pos:action.start()]
+        items += [("text", text.rstrip(" \t\r\n") if action[1] else text), ("action", action[2].strip())]
+        pos = action.end()
+        if action[3]:
             pos += len(template[pos:]) - len(template[pos:].lstrip(" \t\r\n"))
+    if "{{" in template[pos:]:
+        raise LoraCliError("The Modelfile's TEMPLATE has an unclosed {{ action.")
     return items + [("text", template[pos:])]
 
 
@@ -271,12 +249,8 @@ def ollama_render(template: str, messages: list[dict], default_system: str | Non
     nodes = parse_go_template(template)
     if default_system is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": default_system}, *messages]
-    collated: list[dict] = []
-    for msg in messages:
-        if collated and collated[-1]["role"] == msg["role"]:
-            collated[-1] = {"role": msg["role"], "content": collated[-1]["content"] + "\n\n" + msg["content"]}
-        else:
-            collated.append(dict(msg))
+    collated = [{"role": role, "content": "\n\n".join(m["content"] for m in turn)}
+                for role, turn in itertools.groupby(messages, key=lambda m: m["role"])]
     out: list[str] = []
     values = {"System": "", "Prompt": "", "Response": ""}
     for msg in collated:
@@ -302,8 +276,6 @@ def _unquote(raw: str) -> tuple[str, bool]:
 def parse_modelfile(text: str) -> list[tuple[str, str]]:
     """[(command, value)] as Ollama's parser reads them (parser/parser.go): `#` comments, quoted or
     bare values, PARAMETER NAME VALUE as (NAME, VALUE). LoraCliError for an unterminated value."""
-    import unicodedata
-
     commands, i = [], 0
     while i < len(text):
         if text[i] in " \t\r\n":

@@ -9,17 +9,21 @@ model and the answer, so the two sides differ only in their numbers.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from lora_cli.data.tokenization import special_prefix
 from lora_cli.errors import LoraCliError
+from lora_cli.export.check_artifact import gguf_fields
 
 RUNTIME_EXTRA = "pip install 'lora-cli[runtime]'"
 
 
 @dataclass
 class Generation:
-    ids: list[int]  # new ids, without the stop token or stop text
     text: str
     stopped: bool  # an end-of-generation token or a stop text came within max_new_tokens
 
@@ -33,12 +37,9 @@ class TransformersRuntime:
     """A transformers causal LM and its tokenizer; `stop_ids`: what its generation ends on (eval's stop ids)."""
 
     def __init__(self, model, tokenizer, stop_ids: list[int], name: str = "transformers", add_bos: bool | None = None):
-        from lora_cli.data.tokenization import special_prefix
-
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.stop_ids = list(stop_ids)
-        prefix = special_prefix(tokenizer)
-        self.add_bos = bool(prefix) if add_bos is None else add_bos
+        self.add_bos = bool(special_prefix(tokenizer)) if add_bos is None else add_bos
         self.bos_id = tokenizer.bos_token_id
         self.bos_text = tokenizer.bos_token or ""
         self.device = next(model.parameters()).device
@@ -68,20 +69,18 @@ class TransformersRuntime:
                 out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, int(out.logits[0, -1].argmax())
                 if token in self.stop_ids:
-                    return Generation(new, self.tokenizer.decode(new, skip_special_tokens=True), True)
+                    return Generation(self.tokenizer.decode(new, skip_special_tokens=True), True)
                 new.append(token)
                 text, hit = _cut_at_stop_text(self.detokenize(new), stop_texts)
                 if hit:
-                    return Generation(new, text, True)
+                    return Generation(text, True)
                 step_ids = torch.tensor([[token]], device=self.device)
-        return Generation(new, self.tokenizer.decode(new, skip_special_tokens=True), False)
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), False)
 
 
 def gguf_transformers_runtime(model_file: Path) -> TransformersRuntime:
     """A GGUF loaded by transformers (de-quantized to fp32): the artifact side of the always-run tests."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_cli.export.check_artifact import gguf_fields
 
     meta = gguf_fields(model_file)
     tok = AutoTokenizer.from_pretrained(str(model_file.parent), gguf_file=model_file.name)
@@ -92,22 +91,16 @@ def gguf_transformers_runtime(model_file: Path) -> TransformersRuntime:
 
 
 def llama_cpp_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("llama_cpp") is not None
 
 
 class LlamaCppRuntime:
-    """A GGUF (and a GGUF LoRA adapter on it) in llama.cpp, through llama-cpp-python."""
+    """A GGUF (and a GGUF LoRA adapter on it) in llama.cpp, through llama-cpp-python (the commands refuse,
+    naming RUNTIME_EXTRA, before one is made without it: cli/commands/export.py check_plan)."""
 
     def __init__(self, model_file: Path, lora_file: Path | None = None, n_ctx: int = 2048, threads: int | None = None):
-        if not llama_cpp_available():
-            raise LoraCliError("Checking an export in llama.cpp needs llama-cpp-python, which is not installed.",
-                               f"Install it with: {RUNTIME_EXTRA}  (it compiles llama.cpp: 10-20 minutes on 2 cores), "
-                           "or check with transformers' GGUF loader now: --runtime transformers.")
         import llama_cpp
 
-        self._lib = llama_cpp
         self.name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
         try:
             self.llm = llama_cpp.Llama(model_path=str(model_file), lora_path=str(lora_file) if lora_file else None,
@@ -117,8 +110,7 @@ class LlamaCppRuntime:
             what = f"{model_file} with the adapter {lora_file}" if lora_file else str(model_file)
             raise LoraCliError(f"llama.cpp cannot load {what}: {exc}") from None
         vocab = self.llm._model.vocab
-        n_vocab = self.llm.n_vocab()
-        self.stop_ids = [i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        self.stop_ids = [i for i in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.bos_id = self.llm.token_bos()
         self.bos_text = self.detokenize([self.bos_id]) if self.bos_id >= 0 else ""
@@ -134,8 +126,6 @@ class LlamaCppRuntime:
         return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def logits(self, ids: list[int]):
-        import numpy as np
-
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
@@ -147,13 +137,13 @@ class LlamaCppRuntime:
         for _ in range(max_new_tokens):
             token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
             if token in self.stop_ids:
-                return Generation(new, self.llm.detokenize(new).decode("utf-8", errors="replace"), True)
+                return Generation(self.llm.detokenize(new).decode("utf-8", errors="replace"), True)
             new.append(token)
             text, hit = _cut_at_stop_text(self.detokenize(new), stop_texts)
             if hit:
-                return Generation(new, text, True)
+                return Generation(text, True)
             self.llm.eval([token])
-        return Generation(new, self.llm.detokenize(new).decode("utf-8", errors="replace"), False)
+        return Generation(self.llm.detokenize(new).decode("utf-8", errors="replace"), False)
 
 
 def open_runtime(kind: str, artifact, n_ctx: int):

@@ -13,11 +13,17 @@ so a base GGUF of other weights (another quantization) gives a slightly differen
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import gguf
+
+from lora_cli import __version__
 from lora_cli.adapter.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraCliError
+from lora_cli.export.architecture import gguf_name, to_gguf_layout
+from lora_cli.export.gguf_model import declare, stream, tensor_type
 from lora_cli.progress import NULL_REPORTER
 
 LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -25,10 +31,7 @@ LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def _adapter_pairs(info, spec) -> dict[str, dict]:
     """{gguf base tensor name: {"a": array, "b": array}} from adapter_model.safetensors."""
-    import gguf
     from safetensors.torch import load_file
-
-    from lora_cli.export.architecture import gguf_name
 
     name_map = gguf.get_tensor_name_map(spec.arch, spec.layers)
     pairs: dict[str, dict] = {}
@@ -61,14 +64,6 @@ def lora_alpha(peft_config: dict) -> float:
 
 def write_lora_gguf(path: Path, info, spec, outtype: str, reporter=NULL_REPORTER) -> dict:
     """Write the adapter of `info` for the architecture `spec` to `path`; returns {GGML type: count}."""
-    import json
-
-    import gguf
-
-    from lora_cli import __version__
-    from lora_cli.export.architecture import to_gguf_layout
-    from lora_cli.export.gguf_model import declare, stream, tensor_type
-
     peft_config = json.loads((info.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     alpha = lora_alpha(peft_config)
     pairs = _adapter_pairs(info, spec)

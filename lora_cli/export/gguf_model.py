@@ -1,29 +1,27 @@
 """The merged model as one GGUF file, written with the `gguf` package (writer, name map, quantizers).
 
-Tensor types per --outtype (what llama.cpp's converter and quantizer do, but for q8_0's two F16 kinds):
-- f32 / f16 / bf16: every matrix in that type;
-- q8_0: every matrix in Q8_0 (blocks of 32 weights, one f16 scale: ~8.5 bits a weight), except
-  the attention value and FFN down projections (attn_v, ffn_down), kept in F16. llama.cpp's Q8_0
-  matmul rounds the activations to 8 bits as well as the weights, and these two are the matrices
-  llama.cpp itself treats as the most sensitive to quantization (src/llama-quant.cpp gives them
-  more bits in its K-quant mixes). Measured in llama.cpp on the embedded model with a demo adapter:
-  teacher-forced next-token agreement with the trained model 96.7% -> 97.8% (12 val records) and
-  95.5% -> 97.2% (48 train records), mean logit error -35%, for 19% more file (144.8 -> 172.8 MB).
-  F16 for the tied token_embd/output instead (llama-quantize's --token-embedding-type) gained
-  nothing beyond noise there: that model's token_embd is exactly on the Q8_0 grid already;
-- q4_0: every matrix in Q4_0 (blocks of 32, 4 bits + one f16 scale), except token_embd and
-  output, kept in Q8_0 (llama-quantize also keeps the output matrix above 4 bits; the gguf package
-  has no K-quant quantizer, so Q8_0 it is).
-Vectors (norms, biases) stay F32, and a matrix whose rows are not a multiple of the block size
-falls back to F16, both as in convert_hf_to_gguf.py. Quantizing starts from the fp32 merge, so
-nothing is rounded twice. The header is written first, then each tensor is converted and
-streamed to the file one at a time: memory holds the fp32 model plus one converted tensor.
+Tensor types per --outtype, as llama.cpp's converter and quantizer choose them (docs/EXPORT.md):
+every matrix in that type, except that q8_0 keeps attn_v and ffn_down in F16 (llama.cpp's Q8_0
+matmul rounds the activations to 8 bits too, and src/llama-quant.cpp treats these two as the most
+sensitive; measured in docs/EXPORT.md: 96.7% -> 97.8% next-token agreement for 19% more file) and
+q4_0 keeps token_embd and output in Q8_0 (the gguf package has no K-quant quantizer). Vectors stay
+F32, and a matrix whose rows are not a multiple of the block size falls back to F16
+(convert_hf_to_gguf.py). Quantizing starts from the fp32 merge, so nothing is rounded twice. Each
+tensor is converted and streamed to the file after the header, one at a time: memory holds the
+fp32 model plus one converted tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quant_shape_to_byte_shape, quantize
 
+from lora_cli.errors import LoraCliError
+from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
+from lora_cli.export.vocab import add_vocab
 from lora_cli.progress import NULL_REPORTER
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -33,18 +31,8 @@ _KEEP_8BIT = ("token_embd.weight", "output.weight")
 _KEEP_F16_IN_Q8 = (".attn_v.weight", ".ffn_down.weight")  # model matrices only: a LoRA's end in .lora_a/.lora_b
 
 
-@dataclass
-class WrittenModel:
-    tensors: int
-    types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
-    vocab: object = None  # vocab.VocabInfo
-
-
 def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
     """The GGML type a tensor is stored in (see the module docstring)."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as Q
-
     if len(shape) == 1:
         return Q.F32
     qtype = Q[_MATRIX[outtype]]
@@ -58,23 +46,13 @@ def tensor_type(outtype: str, name: str, shape: tuple[int, ...]):
 
 def encode(array, qtype):
     """`array` (float32, numpy) in `qtype`: float arrays for F32/F16, gguf's quantizer's bytes otherwise."""
-    import numpy as np
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quantize
-
-    if qtype == Q.F32:
-        return np.ascontiguousarray(array, dtype=np.float32)
-    if qtype == Q.F16:
-        return np.ascontiguousarray(array, dtype=np.float16)
+    if qtype in (Q.F32, Q.F16):
+        return np.ascontiguousarray(array, dtype=np.float32 if qtype == Q.F32 else np.float16)
     return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 
 def declare(writer, name: str, shape: tuple[int, ...], qtype) -> None:
     """The tensor's entry in the header, before its data exists (shape and byte count from the type)."""
-    import numpy as np
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import quant_shape_to_byte_shape
-
     if qtype in (Q.F32, Q.F16):
         dtype = np.float32 if qtype == Q.F32 else np.float16
         writer.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
@@ -105,20 +83,14 @@ def stream(writer, path, plan: list[tuple[str, object, object]], reporter=NULL_R
 
 
 def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: str, metadata: dict,
-                     reporter=NULL_REPORTER) -> WrittenModel:
-    """Write `model` (a merged transformers model, fp32) with its tokenizer and chat template to `path`."""
-    import gguf
-
-    from lora_cli.export.architecture import add_hparams, tensor_names, to_gguf_layout
-    from lora_cli.export.vocab import add_vocab
-
+                     reporter=NULL_REPORTER) -> dict[str, int]:
+    """Write `model` (a merged transformers model, fp32) with its tokenizer and chat template to `path`;
+    returns {GGML type name: tensor count}."""
     metadata = dict(metadata)
     state = model.state_dict()
     names = tensor_names(list(state), spec)
     head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
     if spec.tied and head is not None and embed is not None and not head.equal(embed):
-        from lora_cli.errors import LoraCliError
-
         raise LoraCliError("The merged model's lm_head differs from its tied token embedding (an adapter on "
                            "lm_head?); a GGUF with tied embeddings cannot hold both.", "Use --format gguf-lora.")
     writer = gguf.GGUFWriter(None, spec.arch_name)
@@ -127,22 +99,15 @@ def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: 
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[outtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hparams(writer, model.config, spec)
-    vocab = add_vocab(writer, tokenizer, model.config.vocab_size)
+    add_vocab(writer, tokenizer, model.config.vocab_size)
     writer.add_chat_template(chat_template)
     for key, value in metadata.items():
         writer.add_string(f"lora_cli.{key}", str(value))
     plan = []
     for hf_name, target in names.items():
-        shape = tuple(state[hf_name].shape)
-        qtype = tensor_type(outtype, target, shape)
-        declare(writer, target, shape, qtype)
-        plan.append((target, _producer(state[hf_name], target, spec, to_gguf_layout), qtype))
-    counts = stream(writer, path, plan, reporter, f"Writing {outtype} GGUF")
-    return WrittenModel(len(plan), counts, vocab)
-
-
-def _producer(tensor, target: str, spec, layout):
-    def produce():
-        return layout(target, tensor.detach().float().cpu().numpy(), spec)
-
-    return produce
+        tensor = state[hf_name]
+        qtype = tensor_type(outtype, target, tuple(tensor.shape))
+        declare(writer, target, tuple(tensor.shape), qtype)
+        plan.append((target, lambda t=tensor, n=target: to_gguf_layout(n, t.detach().float().cpu().numpy(), spec),
+                     qtype))
+    return stream(writer, path, plan, reporter, f"Writing {outtype} GGUF")

@@ -1,23 +1,19 @@
 """An Ollama Modelfile whose TEMPLATE renders the training prompt, in Ollama's Go-template syntax.
 
-The TEMPLATE uses only `.System`, `.Prompt` and `.Response` (no `.Messages`), so Ollama runs it in
-its "legacy" mode (ollama/ollama template/template.go, Template.Execute): consecutive messages of
-one role are merged with "\\n\\n" (collate), then the template is executed once per turn with
-that turn's System (first turn only), Prompt and Response, and for the last turn everything
-after `{{ .Response }}` is cut. A template of the shape
+The TEMPLATE has the shape
 
     {{ if .System }}SYSTEM_OPEN{{ .System }}SYSTEM_CLOSE{{ end }}USER_OPEN{{ .Prompt }}GENERATION{{ .Response }}AFTER
 
-therefore renders a conversation turn by turn, AFTER closing every answered turn: for a text
-template AFTER is the suffix, the eos and the "\\n\\n" lora-cli puts between turns, which is
-exactly how training rendered `messages` records. `.Prompt` is the user message of the mapping in
-chat_template.py (the Input block travels inside it). For the `chat` template the pieces are
-found by rendering the tokenizer's Jinja template with marker strings, and checked by rendering
-conversations both ways; a template that does not fit the shape is refused (use --format gguf).
+and no `.Messages`, so Ollama runs it per turn in its legacy mode (template/template.go, Execute;
+docs/EXPORT.md): AFTER closes every answered turn as training did (for a text template the suffix,
+the eos and "\\n\\n"), and `.Prompt` is chat_template.py's user message. For the `chat` template the
+pieces are found by rendering the tokenizer's Jinja template with marker strings, and checked by
+rendering conversations both ways; a template that does not fit the shape is refused (use --format gguf).
 """
 
 from __future__ import annotations
 
+import json
 import unicodedata
 from dataclasses import dataclass
 
@@ -25,6 +21,7 @@ from lora_cli import __version__
 from lora_cli.data.templates import TURN_SEPARATOR, ChatTemplate
 from lora_cli.errors import LoraCliError
 from lora_cli.data.chat_template import prompt_shape
+from lora_cli.export.check_artifact import ollama_render
 
 GREEDY_PARAMETERS = (("temperature", "0"), ("repeat_penalty", "1"))  # lora-cli generate's default: plain greedy
 _U1, _U2, _R1, _SYS = "@@lora-cli-user-1@@", "@@lora-cli-user-2@@", "@@lora-cli-answer-1@@", "@@lora-cli-system@@"
@@ -40,30 +37,8 @@ class OllamaShape:
     default_system: str | None  # the template's system text when the conversation has none (Modelfile SYSTEM)
 
     def render(self, messages: list[dict]) -> str:
-        """What Ollama's legacy Execute renders for `messages` (a Python model of this shape, for checks)."""
-        merged: list[dict] = []
-        for msg in messages:  # collate: consecutive messages of one role are joined
-            if merged and merged[-1]["role"] == msg["role"]:
-                merged[-1] = {"role": msg["role"], "content": merged[-1]["content"] + "\n\n" + msg["content"]}
-            else:
-                merged.append(dict(msg))
-        if self.default_system is not None and (not merged or merged[0]["role"] != "system"):
-            merged.insert(0, {"role": "system", "content": self.default_system})
-        out, turn = [], {"System": "", "Prompt": "", "Response": ""}
-        for msg in merged:
-            role = msg["role"]
-            if (role == "system" and (turn["Prompt"] or turn["Response"])) or (role == "user" and turn["Response"]):
-                out.append(self._turn(turn, last=False))
-                turn = {"System": "", "Prompt": "", "Response": ""}
-            field = {"system": "System", "user": "Prompt", "assistant": "Response"}.get(role)
-            if field:  # other roles (tool) are not rendered by a legacy template
-                turn[field] = msg["content"]
-        return "".join(out) + self._turn(turn, last=True)
-
-    def _turn(self, v: dict, last: bool) -> str:
-        system = self.system_open + v["System"] + self.system_close if v["System"] else ""
-        text = system + self.user_open + v["Prompt"] + self.generation + v["Response"]
-        return text if last else text + self.after
+        """What Ollama's legacy Execute renders for `messages` with this shape's TEMPLATE (for checks)."""
+        return ollama_render(go_template(self), messages, self.default_system)
 
 
 def text_shape(template, eos: str) -> OllamaShape:
@@ -128,9 +103,8 @@ def chat_shape(tokenizer, eos: str, add_eos: bool) -> OllamaShape:
 
 def stop_strings(template, shape: OllamaShape, eos_texts: list[str]) -> list[str]:
     """The training eos (and the model's other end tokens), then the template's end-of-turn markers."""
-    markers = [shape.after.strip(), shape.user_open.strip()]
-    if not isinstance(template, ChatTemplate):
-        markers = [shape.user_open.strip()]  # e.g. "### Instruction:": the model starting a new turn
+    # a chat turn's end, and the next turn's start (e.g. "### Instruction:": the model starting a new turn)
+    markers = ([shape.after.strip()] if isinstance(template, ChatTemplate) else []) + [shape.user_open.strip()]
     stops = [text for i, text in enumerate(eos_texts) if text and text not in eos_texts[:i]]
     for text in (m.splitlines()[0].strip() for m in markers if m):
         if text and text not in stops and '"""' not in text and all(_printable(c) for c in text):
@@ -144,18 +118,10 @@ def _printable(ch: str) -> bool:
 
 
 def go_string(text: str) -> str:
-    """A Go interpreted string literal whose value is `text`."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch in "\n\t\r":
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
-        elif not _printable(ch) or ch in "{}":  # braces too: no "{{" or "}}" even inside the literal
-            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    """A Go interpreted string literal whose value is `text`: JSON's escapes are Go's; braces (no "{{" or "}}"
+    even inside the literal) and what the Modelfile parser would drop become \\u escapes."""
+    return "".join(ch if _printable(ch) and ch not in "{}" else f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF
+                   else f"\\U{ord(ch):08x}" for ch in json.dumps(text, ensure_ascii=False))
 
 
 def go_literal(text: str) -> str:

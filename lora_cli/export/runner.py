@@ -4,14 +4,11 @@ Everything that can refuse runs before the merge, so a refusal costs seconds, no
 Files land atomically (atomic.py): a GGUF is written under a temporary name beside its destination
 and renamed when complete; the ollama folder (GGUF + Modelfile) the same way, as one folder.
 
-Base weights (`auto`, the default): a QLoRA adapter (trained on a 4-bit NF4 base) is merged into
-the NF4 weights it was trained against, de-quantized; an adapter trained on an unquantized base
-into the original weights. The exported model is then the model `lora-cli generate` and `eval`
-ran and measured, which is what an export promises; merging a QLoRA adapter into the original
-weights gives a model nobody evaluated (its corrections were learned against NF4's rounding).
-One exception, measured (README, Export): q4_0 would round the NF4 values a second time onto
-another 4-bit grid, which broke the embedded model's answers (val loss 1.84 -> 3.30, against 2.13
-from the original weights), so for q4_0 `auto` takes the original weights and says so.
+Base weights (`auto`, the default): those the adapter was trained against (merging.py), so the
+export is the model `lora-cli generate` and `eval` ran and measured. One exception, measured
+(docs/EXPORT.md): q4_0 would round NF4 values a second time onto another 4-bit grid, which broke
+the embedded model's answers (val loss 1.84 -> 3.30, against 2.13 from the original weights), so
+for q4_0 `auto` takes the original weights and says so.
 """
 
 from __future__ import annotations
@@ -22,16 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.adapter.folder import TOKENIZER_CONFIG
+from lora_cli.adapter.folder import load_template
+from lora_cli.adapter.merging import BASE_WEIGHTS, check_output, merged_model, trained_base_weights
+from lora_cli.atomic import atomic_dir, atomic_path
+from lora_cli.data import chat_template as ct
 from lora_cli.errors import LoraCliError
-from lora_cli.export import BASE_WEIGHTS, FORMATS, OUTTYPES
+from lora_cli.export import FORMATS, MODELFILE, OLLAMA_GGUF, OUTTYPES
+from lora_cli.export import modelfile as mf
+from lora_cli.export.architecture import check_config
+from lora_cli.export.gguf_lora import LORA_OUTTYPES, write_lora_gguf
+from lora_cli.export.gguf_model import write_model_gguf
+from lora_cli.export.vocab import check_tokenizer
 from lora_cli.lock import exclusive
+from lora_cli.model.load import load_tokenizer, quiet_libraries
+from lora_cli.model.resolve import resolve_model
 from lora_cli.progress import NULL_REPORTER
 from lora_cli.writable import check_writable
 
 GGUF_MAGIC = b"GGUF"
-MODELFILE = "Modelfile"
-OLLAMA_GGUF = "model.gguf"
 
 
 @dataclass
@@ -75,47 +80,14 @@ def check_file_output(output: Path, adapter: Path, force: bool) -> None:
                            "Choose another -o path.")
 
 
-def check_folder_output(output: Path, adapter: Path, force: bool) -> bool:
-    """An ollama folder destination; True when an existing export will be replaced."""
-    if output.resolve().is_relative_to(adapter.resolve()):
-        raise LoraCliError(f"The export cannot be written into the adapter folder {adapter}.",
-                           "Choose another -o folder, e.g. -o ollama-model.")
-    if not output.exists():
-        return False
-    if not output.is_dir():
-        raise LoraCliError(f"{output} exists and is a file; --format ollama writes a folder (GGUF + Modelfile).")
-    if not any(output.iterdir()):
-        return True
-    if not force:
-        raise LoraCliError(f"{output} already exists.", "Pass --force to replace it, or choose another -o folder.")
-    if not (output / MODELFILE).is_file():
-        raise LoraCliError(f"{output} is not empty and holds no Modelfile; refusing to replace it, even with --force.",
-                           "Choose another -o folder.")
-    return True
-
-
 def _validate(fmt: str, outtype: str, base_weights: str) -> None:
     for flag, value, allowed in (("--format", fmt, FORMATS), ("--outtype", outtype, OUTTYPES),
                                  ("--base-weights", base_weights, BASE_WEIGHTS)):
         if value not in allowed:
             raise LoraCliError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}.")
-    from lora_cli.export.gguf_lora import LORA_OUTTYPES
-
     if fmt == "gguf-lora" and outtype not in LORA_OUTTYPES:
         raise LoraCliError(f"--outtype {outtype} is not offered for --format gguf-lora; use one of "
                            f"{', '.join(LORA_OUTTYPES)} (an adapter is small: f16 or f32 keeps it exact).")
-
-
-def _base_config(info, reporter):
-    from transformers import AutoConfig
-
-    from lora_cli.model.load import quiet_libraries
-    from lora_cli.model.resolve import resolve_model
-
-    quiet_libraries()
-    resolved = resolve_model(info.base_model, reporter)
-    config = AutoConfig.from_pretrained(str(resolved.path), trust_remote_code=info.trust_remote_code)
-    return resolved, config
 
 
 def _eos_texts(tokenizer, model_dir: Path) -> list[str]:
@@ -139,30 +111,30 @@ def export(info, output: str | Path, fmt: str = "gguf", outtype: str = "f16", ba
     output, t0 = Path(output), time.time()
     check_writable(output, "folder" if fmt == "ollama" else "file", "-o")
     with exclusive(output, f"{output}", "Wait for that command to finish, or choose another -o path."):
-        replace = check_folder_output(output, info.path, force) if fmt == "ollama" else \
-            check_file_output(output, info.path, force)
+        replace = check_output(output, info.path, force, "ollama export", MODELFILE, "ollama-model") \
+            if fmt == "ollama" else check_file_output(output, info.path, force)
         return _export(info, output, fmt, outtype, base_weights, replace, t0, reporter)
 
 
 def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, replace: bool, t0: float,
             reporter) -> ExportResult:
-    from lora_cli.adapter.folder import load_template
-
     template = load_template(info)
-    resolved, config = _base_config(info, reporter)
-    from lora_cli.export.architecture import check_config
+    from transformers import AutoConfig
 
+    quiet_libraries()
+    resolved = resolve_model(info.base_model, reporter)
+    config = AutoConfig.from_pretrained(str(resolved.path), trust_remote_code=info.trust_remote_code)
     spec = check_config(config, info.base_model)
     if fmt == "gguf-lora":
         return _export_lora(info, output, outtype, spec, template, t0, reporter)
-    weights = base_weights if base_weights != "auto" else auto_base_weights(info.quantization, outtype)
+    # --base-weights auto (module docstring): merge's, the weights training used, except NF4 under q4_0
+    weights = base_weights if base_weights != "auto" else \
+        "original" if outtype == "q4_0" else trained_base_weights(info.quantization)
     if info.quantization == "nf4" and weights != "nf4":
         reporter.message(f"Merging into the original base weights, not the NF4 weights the adapter was trained and "
                          f"evaluated on{' (q4_0 on NF4 values rounds twice to 4 bits)' if outtype == 'q4_0' else ''}: "
                          "the exported model is not exactly the one `lora-cli eval` measured.")
     plan = _prompt_plan(info, template, resolved.path, fmt)
-    from lora_cli.adapter.merging import merged_model
-
     model, tokenizer = merged_model(info, "fp32", weights, reporter)
     meta = {"name": f"{info.base_model} + {info.path.name}", "version": __version__, "template": info.template,
             "base_weights": weights, "prompt": plan["prompt"]}
@@ -174,14 +146,6 @@ def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, repla
                         spec.arch_name, weights, info.template, plan["prompt"], counts, plan["stops"], create)
 
 
-def auto_base_weights(quantization: str, outtype: str) -> str:
-    """What --base-weights auto means (module docstring): merge's default, the weights training used
-    (merging.trained_base_weights), except NF4 under q4_0."""
-    from lora_cli.adapter.merging import trained_base_weights
-
-    return "original" if outtype == "q4_0" else trained_base_weights(quantization)
-
-
 def _model_name(output: Path) -> str:
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in output.resolve().name.lower())
     return name.strip("-.") or "lora-cli-model"
@@ -189,49 +153,33 @@ def _model_name(output: Path) -> str:
 
 def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:
     """Chat template, Ollama shape and stops, from the tokenizer alone: template refusals come before the merge."""
-    from lora_cli.data import chat_template as ct
-    from lora_cli.export import modelfile as mf
-    from lora_cli.export.vocab import check_tokenizer
-    from lora_cli.model.load import load_tokenizer
-
-    tokenizer = load_tokenizer(info.path if (info.path / TOKENIZER_CONFIG).is_file() else model_dir,
-                               info.trust_remote_code)
+    tokenizer = load_tokenizer(info.tokenizer_dir or model_dir, info.trust_remote_code)
     check_tokenizer(tokenizer)  # refused here, before the merge, rather than while writing
-    eos = tokenizer.eos_token if info.add_eos else ""
     plan = {"jinja": ct.training_chat_template(template, tokenizer, info.add_eos), "prompt": ct.describe_mapping(template),
             "stops": [], "shape": None}
     if fmt == "ollama":
         shape = mf.chat_shape(tokenizer, tokenizer.eos_token, info.add_eos) if isinstance(template, ct.ChatTemplate) \
-            else mf.text_shape(template, eos)
+            else mf.text_shape(template, tokenizer.eos_token if info.add_eos else "")
         plan["shape"], plan["stops"] = shape, mf.stop_strings(template, shape, _eos_texts(tokenizer, model_dir))
     return plan
 
 
 def _write(output: Path, fmt: str, replace: bool, model, tokenizer, spec, outtype, plan, meta, reporter) -> dict:
-    from lora_cli.atomic import atomic_dir, atomic_path
-    from lora_cli.export.gguf_model import write_model_gguf
-
     if fmt == "gguf":
         with atomic_path(output) as tmp:
-            return write_model_gguf(tmp, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter).types
-    from lora_cli.export.modelfile import modelfile_text
-
+            return write_model_gguf(tmp, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
     notes = [f"Adapter: {meta['name']}; template {meta['template']}; base weights {meta['base_weights']}; "
              f"{outtype}.", f"Send as the prompt: {plan['prompt']}.", f"Create: ollama create NAME -f {MODELFILE}"]
-    text = modelfile_text(OLLAMA_GGUF, plan["shape"], plan["stops"], notes)
+    text = mf.modelfile_text(OLLAMA_GGUF, plan["shape"], plan["stops"], notes)
     with atomic_dir(output, replace=replace) as tmp:
-        written = write_model_gguf(tmp / OLLAMA_GGUF, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
+        counts = write_model_gguf(tmp / OLLAMA_GGUF, model, tokenizer, spec, outtype, plan["jinja"], meta, reporter)
         (tmp / MODELFILE).write_text(text, encoding="utf-8")
-    return written.types
+    return counts
 
 
 def _export_lora(info, output: Path, outtype: str, spec, template, t0: float, reporter) -> ExportResult:
-    from lora_cli.atomic import atomic_path
-    from lora_cli.data.chat_template import describe_mapping
-    from lora_cli.export.gguf_lora import write_lora_gguf
-
     try:
-        prompt = describe_mapping(template)
+        prompt = ct.describe_mapping(template)
     except LoraCliError:  # the adapter carries no template, so one no message can express is no obstacle here
         prompt = f"the prompt of the template {info.template}"
     with atomic_path(output) as tmp:

@@ -12,8 +12,10 @@ name is refused rather than guessed, since a wrong split silently changes the to
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
+from gguf import TokenType
+
+from lora_cli.data.tokenization import special_prefix
 from lora_cli.errors import LoraCliError
 
 # Regexes of the Split pre-tokenizer in the models' tokenizer.json, and llama.cpp's name for them.
@@ -24,15 +26,6 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 SPLITS = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}
 HINT = ("Use --format gguf-lora with a base GGUF made by llama.cpp, or `lora-cli merge` and llama.cpp's "
         "convert_hf_to_gguf.py (which also writes SentencePiece vocabularies).")
-
-
-@dataclass
-class VocabInfo:
-    model: str  # tokenizer.ggml.model
-    pre: str  # tokenizer.ggml.pre
-    size: int  # tokens written (= the model's embedding rows)
-    add_bos: bool
-    special: dict[str, int]  # bos / eos / unk / pad ids written
 
 
 def _refuse(why: str) -> LoraCliError:
@@ -62,18 +55,8 @@ def pre_tokenizer_name(backend: dict) -> str:
                   "(known: GPT-2's, SmolLM's, Qwen2's and Llama 3's)")
 
 
-def _merges(model: dict) -> list[str]:
-    merges = model.get("merges") or []
-    if merges and not isinstance(merges[0], str):  # [a, b] pairs (tokenizers >= 0.20): llama.cpp wants "a b"
-        merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
-                  for pair in merges]
-    return list(merges)
-
-
 def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
     """(tokenizer.json as a dict, llama.cpp pre-tokenizer name, whether a BOS is added); LoraCliError if unmappable."""
-    from lora_cli.data.tokenization import special_prefix
-
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend.get("model") or {}
     decoder = (backend.get("decoder") or {}).get("type")
@@ -88,34 +71,27 @@ def check_tokenizer(tokenizer) -> tuple[dict, str, bool]:
     return backend, pre, bool(prefix)
 
 
-def add_vocab(writer, tokenizer, vocab_size: int) -> VocabInfo:
+def add_vocab(writer, tokenizer, vocab_size: int) -> None:
     """Write the tokenizer's tokenizer.ggml.* keys; `vocab_size` is the model's embedding rows."""
-    from gguf import TokenType
-
     backend, pre, add_bos = check_tokenizer(tokenizer)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise _refuse(f"it has token ids up to {max(vocab.values())}, beyond the model's {vocab_size} embedding rows")
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL if i not in added else
-                         TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [TokenType.UNUSED if i not in by_id else TokenType.NORMAL if i not in added else
+             TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED for i in range(vocab_size)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(_merges(backend.get("model") or {}))
-    special = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
-    special = {k: v for k, v in special.items() if isinstance(v, int)}
-    for kind, token_id in special.items():
-        getattr(writer, f"add_{kind}_token_id")(token_id)
+    # tokenizers (>= 0.20, as transformers 5 requires) writes [a, b] pairs; llama.cpp wants "a b", a space as Ġ
+    writer.add_token_merges([" ".join(part.replace(" ", "\u0120") for part in pair)
+                             for pair in (backend.get("model") or {}).get("merges") or []])
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if isinstance(token_id, int):
+            getattr(writer, f"add_{kind}_token_id")(token_id)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)  # training appends the eos itself, after the response only
-    return VocabInfo("gpt2", pre, vocab_size, add_bos, special)

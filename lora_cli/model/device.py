@@ -23,13 +23,10 @@ def cpu_has_fast_bf16() -> bool:
         return forced == "1"
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
     except OSError:
-        pass
-    return False
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def pick_device(device: str = "auto"):

@@ -47,10 +47,7 @@ def _tensor_progress(stage):
     writes `\r`-joined bars into logs; for the conversion it counts into the reporter's stage instead."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:  # another transformers: nothing of ours to route
-        yield
-        return
+    original = gguf_utils.tqdm
 
     def counted(iterable, *args, **kwargs):
         for item in iterable:
@@ -67,16 +64,11 @@ def _tensor_progress(stage):
 def ensure_converted(name: str, reporter=None) -> Path:
     """Folder of the converted model, converting it on first use (progress through `reporter`, a
     progress.Reporter: a bar in a terminal, a line at start and end elsewhere; nothing when None)."""
-    spec = EMBEDDED[name]
     target = home() / "models" / name
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = _gguf_file(spec)
+    gguf = _gguf_file(EMBEDDED[name])
     reporter = reporter or NULL_REPORTER
-    import importlib
-
-    if importlib.util.find_spec("gguf") is None:
-        raise LoraCliError("Converting the embedded model needs the 'gguf' package.", "pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 

@@ -39,12 +39,8 @@ def _file_digest(path: Path) -> str:
 def weights_digest(folder: Path) -> str:
     """Digest (16 hex digits) of the *.safetensors files of `folder` (see the module); "" when none."""
     files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return ""
-    h = hashlib.sha256()
-    for path in files:
-        h.update(_file_digest(path).encode())
-    return h.hexdigest()[:16]
+    digests = "".join(_file_digest(path) for path in files)  # one sha256 over each file's digest in turn
+    return hashlib.sha256(digests.encode()).hexdigest()[:16] if files else ""
 
 
 def base_identity(resolved) -> dict:

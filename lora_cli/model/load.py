@@ -11,11 +11,13 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from lora_cli.config import LoraSettings
 from lora_cli.errors import LoraCliError
 from lora_cli.model.device import torch_dtype
+from lora_cli.model.resolve import resolve_model
 from lora_cli.model.targets import Targets, resolve_targets
 
 
@@ -27,13 +29,10 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|bitsandbytes|accelerate)")
-    try:
-        from transformers.utils import logging as tlog
+    from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
 
 
 def _load_error(exc: Exception, what: str, path: Path) -> LoraCliError:
@@ -59,7 +58,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def guard_cpu_4bit(model) -> int:
+def guard_cpu_4bit(model) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference (see PLATFORM.md).
 
     On CPUs with avx512_bf16 the first eval()+no_grad forward repacks every Linear4bit into
@@ -67,13 +66,10 @@ def guard_cpu_4bit(model) -> int:
     """
     bnb_nn = sys.modules.get("bitsandbytes.nn")
     if bnb_nn is None:  # no 4-bit layer can exist before bitsandbytes is imported (and importing it costs seconds)
-        return 0
-    n = 0
+        return
     for module in model.modules():
         if isinstance(module, bnb_nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def load_model(path: Path, quantization: str, precision: str, device, trust_remote_code: bool = False,
@@ -127,7 +123,6 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
     sees an input that does (compiled layers then share one graph instead of two: layer 0's
     input would otherwise be the only one without).
     """
-    gc_kwargs = {"use_reentrant": False}
     if quantized and upcast:
         from peft import prepare_model_for_kbit_training
 
@@ -138,25 +133,23 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
     if input_grads and not checkpoint_layers:
         model.enable_input_require_grads()
     if checkpoint_layers:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         if checkpoint_layers > 0:
             for layer in decoder_layers(model)[checkpoint_layers:]:
                 layer.gradient_checkpointing = False
 
 
-def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> int:
+def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> None:
     """torch.compile each decoder layer (fuses norms, activations, rotary embedding and LoRA glue).
 
     mode "graphs": inductor's reduce-overhead mode, each layer replayed as a CUDA graph (one
     launch instead of dozens; needs static shapes). static_shapes: compile for the one shape
     every micro-batch has (dynamic=False); otherwise a shape seen twice becomes dynamic.
     """
-    layers = decoder_layers(model)
     options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
-    for layer in layers:
+    for layer in decoder_layers(model):
         layer.compile(dynamic=False if static_shapes else None, **options)
-    return len(layers)
 
 
 def dequantized_bytes(model, precision: str) -> int:
@@ -188,21 +181,16 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     """LoRA's target modules checked against model `name` (hub id, folder, embedded name) before
     any weight loads: from its config.json on the meta device. LoraCliError names every name
     that is not a module LoRA can adapt (see targets.resolve_targets)."""
-    from lora_cli.model.resolve import resolve_model
-
-    import dataclasses
-
-    resolved = resolve_model(name, need_weights=False)
-    model = meta_model(resolved.path, trust_remote_code)
+    model = meta_model(resolve_model(name, need_weights=False).path, trust_remote_code)
     targets = resolve_targets(model, lora.target_modules, name)
     modules = dict(model.named_modules())
     shapes = [getattr(modules.get(n), "weight", None) for n in targets.adapted]
     # r x (inputs + outputs) per adapted 2-D weight: the size of its A and B
     count = sum(lora.r * (w.shape[0] + w.shape[1]) for w in shapes if w is not None and w.dim() == 2)
-    return dataclasses.replace(targets, lora_parameters=count)
+    return replace(targets, lora_parameters=count)
 
 
-def lora_config(lora: LoraSettings, target_modules: list[str] | str, inference: bool = False):
+def lora_config(lora: LoraSettings, target_modules: list[str] | str):
     """peft's LoraConfig for our LoRA settings on `target_modules` (targets.resolve_targets' peft_value).
     init `default` is peft's True (kaiming A, zero B); loftq starts as default and is replaced by
     attach_lora (peft's replace_lora_weights_loftq, for a 4-bit base)."""
@@ -211,7 +199,7 @@ def lora_config(lora: LoraSettings, target_modules: list[str] | str, inference: 
     init = {"default": True, "loftq": True}.get(lora.init_lora_weights, lora.init_lora_weights)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       target_modules=target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
-                      use_rslora=lora.use_rslora, init_lora_weights=init, inference_mode=inference)
+                      use_rslora=lora.use_rslora, init_lora_weights=init)
 
 
 def attach_lora(model, lora: LoraSettings, model_name: str = "the model", model_path: Path | None = None):

@@ -9,6 +9,10 @@ pass (the lm_head weight is frozen), so no logits are kept for the backward.
 
 from __future__ import annotations
 
+import functools
+
+from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
+
 IGNORE = -100  # label of a position without a target: torch's cross_entropy ignore_index, as in transformers
 
 
@@ -22,7 +26,8 @@ def _chunk_rows(vocab: int, budget_bytes: int = 1 << 30) -> int:
     return max(128, budget_bytes // (4 * max(vocab, 1)))
 
 
-def _make_function():
+@functools.cache
+def _linear_cross_entropy_function():
     import torch
 
     class _LinearCrossEntropy(torch.autograd.Function):
@@ -54,9 +59,6 @@ def _make_function():
     return _LinearCrossEntropy
 
 
-_FN = None
-
-
 def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None, keep=None, n: int | None = None):
     """Sum of CE(hidden @ weight.T, targets) over targets != -100, and their count.
 
@@ -64,9 +66,6 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None, keep
     keep/n: the flat positions with a target and their number, when the caller knows them
     (finding them on the GPU would stall the CPU until the forward pass has finished).
     """
-    global _FN
-    if _FN is None:
-        _FN = _make_function()
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)
     if keep is None:
@@ -80,7 +79,7 @@ def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None, keep
         import torch.nn.functional as F
 
         return F.cross_entropy(_at_least_fp32(h @ weight.t()), t, reduction="sum"), n
-    return _FN.apply(h, weight, t, chunk or _chunk_rows(weight.shape[0])), n
+    return _linear_cross_entropy_function().apply(h, weight, t, chunk or _chunk_rows(weight.shape[0])), n
 
 
 def token_losses(model, input_ids, attention_mask, targets):
@@ -89,14 +88,14 @@ def token_losses(model, input_ids, attention_mask, targets):
     model: a transformers causal LM (not peft-wrapped); input_ids, attention_mask, targets:
     [B, L], targets already shifted with -100 where there is none. Returns (losses [n] fp32,
     targets [n]) over the n positions with a target, in row-major order. Logits are computed
-    only at those positions, in chunks, where the head is a plain Linear (supports_fused).
+    only at those positions, in chunks, where the head is a plain Linear (fused_blocker).
     """
     import torch
     import torch.nn.functional as F
 
     keep = targets != IGNORE
     wanted = targets[keep]
-    if not supports_fused(model):
+    if fused_blocker(model) is not None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return F.cross_entropy(_at_least_fp32(logits[keep]), wanted, reduction="none"), wanted
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -112,10 +111,9 @@ def plain_cross_entropy(logits, targets):
     import torch.nn.functional as F
 
     flat_t = targets.reshape(-1)
-    n = int((flat_t != IGNORE).sum())
     loss = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])), flat_t, ignore_index=IGNORE,
                            reduction="sum")
-    return loss, n
+    return loss, int((flat_t != IGNORE).sum())
 
 
 def fused_blocker(model, adapted=()) -> str | None:
@@ -148,11 +146,6 @@ def fused_blocker(model, adapted=()) -> str | None:
     return None
 
 
-def supports_fused(model) -> bool:
-    """The fused path skips the model's own head; only use it where the head is a plain Linear."""
-    return fused_blocker(model) is None
-
-
 def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
     """An nn.Module computing (summed loss, n_targets): the unit DDP wraps.
 
@@ -164,10 +157,8 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
     """
     import torch
 
-    from lora_cli.model.backbone import GraphedBackbone, block_causal_mask
-
     base = peft_model.get_base_model()
-    fused = fused and supports_fused(base)
+    fused = fused and fused_blocker(base) is None
     own_mask = getattr(base.config, "_attn_implementation", "sdpa") == "sdpa"
     graphed = GraphedBackbone(base.get_decoder(), own_mask) if graphed_backbone and fused else None
 
@@ -175,8 +166,6 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
         def __init__(self):
             super().__init__()
             self.model = peft_model
-            self.fused = fused
-            self.own_mask = own_mask
             self.graphed = graphed
 
         def forward(self, input_ids, targets, attention_mask=None, position_ids=None, target_index=None,
@@ -184,11 +173,11 @@ def make_loss_module(peft_model, fused: bool, graphed_backbone: bool = False):
             if graphed is not None:  # builds the packed examples' mask itself, inside its graph
                 hidden = graphed(input_ids, attention_mask, position_ids)
             else:
-                if attention_mask is None and position_ids is not None and self.own_mask:
+                if attention_mask is None and position_ids is not None and own_mask:
                     attention_mask = block_causal_mask(position_ids)
                 kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False)
-                if not self.fused:
+                if not fused:
                     return plain_cross_entropy(self.model(**kwargs).logits, targets)
                 hidden = base.get_decoder()(**kwargs).last_hidden_state
             return linear_cross_entropy(hidden, base.get_output_embeddings().weight, targets,

@@ -30,11 +30,9 @@ class MemoryPlan:
 
 def _dims(config) -> tuple[int, int, int, int]:
     text = getattr(config, "text_config", None) or config
-    hidden = int(getattr(text, "hidden_size"))
-    inter = int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden)
-    layers = int(getattr(text, "num_hidden_layers"))
-    vocab = int(getattr(text, "vocab_size"))
-    return hidden, inter, layers, vocab
+    hidden = int(text.hidden_size)
+    inter = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    return hidden, inter, int(text.num_hidden_layers), int(text.vocab_size)
 
 
 def estimate_peak(config, tokens: int, checkpointed: int, weights_bytes: int) -> float:
@@ -50,11 +48,10 @@ def estimate_peak(config, tokens: int, checkpointed: int, weights_bytes: int) ->
 def plan_checkpointing(config, tokens: int, budget_bytes: float, weights_bytes: int) -> MemoryPlan:
     """The fewest checkpointed layers whose estimated peak fits the budget (all, if none fits)."""
     _, _, layers, _ = _dims(config)
-    for n in range(layers + 1):
-        peak = estimate_peak(config, tokens, n, weights_bytes)
-        if peak <= budget_bytes:
-            return MemoryPlan(n, peak / GIB, budget_bytes / GIB, True)
-    return MemoryPlan(layers, estimate_peak(config, tokens, layers, weights_bytes) / GIB, budget_bytes / GIB, False)
+    fitting = (n for n in range(layers + 1) if estimate_peak(config, tokens, n, weights_bytes) <= budget_bytes)
+    n = next(fitting, layers)
+    peak = estimate_peak(config, tokens, n, weights_bytes)
+    return MemoryPlan(n, peak / GIB, budget_bytes / GIB, peak <= budget_bytes)
 
 
 def default_budget_bytes(requested_gib: float) -> float:

@@ -8,11 +8,13 @@ any weights are downloaded.
 
 from __future__ import annotations
 
-
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
 from lora_cli.config import LoraSettings
+from lora_cli.model.load import attach_lora, meta_model
+from lora_cli.model.resolve import resolve_model
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _PEFT_PREFIX = "base_model.model."
@@ -54,10 +56,7 @@ class ParamSummary:
 def true_numel(param) -> int:
     state = getattr(param, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
-        n = 1
-        for s in state.shape:
-            n *= int(s)
-        return n
+        return math.prod(int(s) for s in state.shape)
     return param.numel()
 
 
@@ -69,8 +68,7 @@ def count_parameters(model, base_model: str = "", lora: LoraSettings | None = No
         total += n
         t = n if param.requires_grad else 0
         trainable += t
-        module = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-        module = _LAYER_INDEX.sub(".*.", module)
+        module = _LAYER_INDEX.sub(".*.", name.removeprefix(_PEFT_PREFIX))
         row = rows.setdefault(module, ModuleRow(module, 0, 0, 0))
         row.count += 1
         row.params += n
@@ -80,19 +78,9 @@ def count_parameters(model, base_model: str = "", lora: LoraSettings | None = No
 
 def summary_for_model(name: str, lora_settings: LoraSettings, trust_remote_code: bool = False) -> ParamSummary:
     """Parameter counts of model `name` (hub id, folder, embedded name) with LoRA, from its config.json
-    alone: no weights are loaded or downloaded."""
-    from lora_cli.model.resolve import resolve_model
-
-    resolved = resolve_model(name, need_weights=False)
-    return summary_from_config(resolved.path, lora_settings, name, trust_remote_code)
-
-
-def summary_from_config(config_dir, lora_settings, base_model: str = "", trust_remote_code: bool = False) -> ParamSummary:
-    """Build the model on the meta device from config.json alone, attach LoRA (every target
-    name checked: model/targets.py), count."""
-    from lora_cli.model.load import attach_lora, meta_model
-
+    alone: built on the meta device (no weights are loaded or downloaded), LoRA attached (every target
+    name checked: model/targets.py), counted."""
+    model = meta_model(resolve_model(name, need_weights=False).path, trust_remote_code)
     # counts do not depend on the initialisation, and pissa/olora/loftq would compute on meta tensors
-    model = attach_lora(meta_model(config_dir, trust_remote_code),
-                        lora_settings.model_copy(update={"init_lora_weights": "default"}), base_model or str(config_dir))
-    return count_parameters(model, base_model, lora_settings)
+    model = attach_lora(model, lora_settings.model_copy(update={"init_lora_weights": "default"}), name)
+    return count_parameters(model, name, lora_settings)

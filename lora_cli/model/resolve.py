@@ -22,11 +22,6 @@ class ResolvedModel:
     source: str  # embedded | local | hub
 
 
-def _looks_like_path(name: str) -> bool:
-    # hub ids are "name" or "org/name"; anything else with a slash is meant as a folder
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def resolve_model(name: str, reporter=None, need_weights: bool = True, local_only: bool = False) -> ResolvedModel:
     """The local folder of model `name` (hub id, folder or embedded name); LoraCliError when there is none.
     `local_only`: a hub model only from the local Hub cache, never downloaded."""
@@ -44,7 +39,7 @@ def resolve_model(name: str, reporter=None, need_weights: bool = True, local_onl
                 "lora-cli loads weights from safetensors only (pickled .bin files can run code); convert them first.",
             )
         return ResolvedModel(name, path, "local")
-    if _looks_like_path(name):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a hub id is "name" or "org/name"
         raise LoraCliError(f"Model folder {name} does not exist.")
     return ResolvedModel(name, _from_hub(name, need_weights, local_only), "hub")
 

@@ -31,19 +31,18 @@ class Targets:
     lora_parameters: int = 0  # LoRA's A and B entries over the adapted modules (check_targets fills it in)
 
 
-def _adaptable_types() -> tuple:
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    # what peft's LoRA can wrap (bitsandbytes' Linear4bit is a torch Linear)
-    return torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D
-
-
 def _linear_types() -> tuple:
     import torch
     from transformers.pytorch_utils import Conv1D
 
     return torch.nn.Linear, Conv1D
+
+
+def _adaptable_types() -> tuple:
+    import torch
+
+    # what peft's LoRA can wrap (bitsandbytes' Linear4bit is a torch Linear)
+    return _linear_types() + (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def _matches(key: str, name: str) -> bool:
@@ -58,11 +57,8 @@ def _short(key: str) -> str:
 def linear_names(model) -> list[str]:
     """Short names of the model's linear layers, in model order, each once (q_proj, ..., lm_head)."""
     linear = _linear_types()
-    seen: dict[str, None] = {}
-    for key, module in model.named_modules():
-        if key and isinstance(module, linear):
-            seen.setdefault(_short(key))
-    return list(seen)
+    return list(dict.fromkeys(_short(key) for key, module in model.named_modules()
+                              if key and isinstance(module, linear)))
 
 
 def _head_name(model) -> str | None:
@@ -71,18 +67,13 @@ def _head_name(model) -> str | None:
 
 
 def all_linear(model) -> list[str]:
-    """peft's expansion of all-linear on this model, as short names where they are unambiguous
-    (full module names otherwise). peft's own function where reachable, else the same rule:
-    every Linear/Conv1D layer except the output head."""
-    try:
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    """peft's expansion of all-linear on this model (every Linear/Conv1D layer except the output
+    head), as short names where they are unambiguous (full module names otherwise)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers  # private, hence peft's pin
 
-        chosen = set(_maybe_include_all_linear_layers(LoraConfig(target_modules=ALL_LINEAR, task_type="CAUSAL_LM"),
-                                                      model).target_modules)
-    except (ImportError, AttributeError, TypeError):  # a private helper of peft: fall back to its rule
-        linear, head = _linear_types(), _head_name(model)
-        chosen = {k for k, m in model.named_modules() if isinstance(m, linear) and k != head}
+    config = LoraConfig(target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+    chosen = set(_maybe_include_all_linear_layers(config, model).target_modules)
     others = {_short(k) for k, m in model.named_modules() if k and k not in chosen and isinstance(m, _linear_types())}
     short = {_short(k) for k in chosen}
     order = [k for k, _ in model.named_modules() if k in chosen]
@@ -106,7 +97,7 @@ def _problem(model, name: str, candidates: list[str], model_name: str) -> str | 
     wrong = [(k, m) for k, m in found if not isinstance(m, adaptable)]
     if wrong:
         key, module = wrong[0]
-        inner = [n for n in linear_names(module)]
+        inner = linear_names(module)
         inside = f"; its linear layers are {', '.join(inner)}" if inner else ""
         return f"'{name}' names {key}, a {type(module).__name__}, which LoRA cannot adapt{inside}"
     return None

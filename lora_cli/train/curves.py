@@ -10,6 +10,7 @@ evaluation and at the end; the PNG is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def _epoch_ends(rows: list[MetricsRow]) -> list[tuple[int, int]]:
     return ends
 
 
-def draw(runs: list[tuple[str, list[MetricsRow]]], dest: str | Path, title: str | None = None) -> Path:
+def draw(runs: list[tuple[str, list[MetricsRow]]], dest: Path, title: str | None = None) -> None:
     """Draw one or several runs' metrics rows on one figure and write it to `dest` (PNG, atomically).
 
     runs: (label, metrics rows) pairs. Errors: LoraCliError when no run has a loss to draw, or when
@@ -119,19 +120,12 @@ def draw(runs: list[tuple[str, list[MetricsRow]]], dest: str | Path, title: str 
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
     ax.set_title(title or ", ".join(label for label, _ in runs), fontsize=10)
     ax.grid(alpha=0.3)
-    dest = Path(dest)
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png")
-    return dest
 
 
-def refresh(folder: str | Path) -> Path | None:
-    """Redraw a run folder's loss_curve.png from its metrics.jsonl (None while there is nothing to draw)."""
-    folder = Path(folder)
+def refresh(folder: Path) -> None:
+    """Redraw a run folder's loss_curve.png from its metrics.jsonl; nothing while there is nothing to draw."""
     rows = read_metrics(folder)
-    if not any(r.type in ("train", "eval") for r in rows):
-        return None
-    try:
-        return draw([(folder.name, rows)], folder / LOSS_CURVE)
-    except LoraCliError:
-        return None
+    with contextlib.suppress(LoraCliError):  # no loss yet, or no matplotlib: the run goes on without its picture
+        draw([(folder.name, rows)], folder / LOSS_CURVE)

@@ -16,8 +16,6 @@ class InterruptFlag:
     """First Ctrl-C (or SIGTERM, as schedulers and spot instances send before a kill): finish the
     step, checkpoint, stop. A second one: stop at once."""
 
-    SIGNALS: tuple[str, ...] = ("SIGINT", "SIGTERM")
-
     def __init__(self, reporter: Reporter):
         self.reporter = reporter
         self.set = False
@@ -31,9 +29,8 @@ class InterruptFlag:
         self.reporter.message("Interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort).")
 
     def __enter__(self) -> InterruptFlag:
-        for name in self.SIGNALS:
-            with contextlib.suppress(ValueError, AttributeError):  # not the main thread: no handler
-                sig = getattr(signal, name)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
                 self._old[sig] = signal.signal(sig, self._handler)
         return self
 

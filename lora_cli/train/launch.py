@@ -21,7 +21,7 @@ def resume_command(argv: list[str], env: Mapping[str, str] | None = None) -> str
     """The command line that continues this run from its latest checkpoint: the same flags, with
     --resume in place of --overwrite / --resume / --resume-from PATH (which would go back to the
     older checkpoint). A run started with --gpus N runs as N processes whose own argv lacks it
-    (strip_gpus); it is put back, since a checkpoint resumes only on as many processes."""
+    (launch_command); it is put back, since a checkpoint resumes only on as many processes."""
     env = os.environ if env is None else env
     kept = _without(argv, START_FLAGS, START_OPTIONS)
     world, local = env.get("WORLD_SIZE", "1"), env.get("LOCAL_WORLD_SIZE", "1")
@@ -33,23 +33,31 @@ def resume_command(argv: list[str], env: Mapping[str, str] | None = None) -> str
 
 
 def launch_if_asked(gpus: int | None, fsdp: bool) -> int | None:
-    """With --gpus N (N >= 2): run this command as N processes and return their exit code.
-    Otherwise None: this process trains. Refuses --fsdp where it cannot work, before any process starts."""
+    """With --gpus N (N >= 2): run this command as N processes through accelerate's launcher and return
+    their exit code. Otherwise None: this process trains. Refuses --fsdp where it cannot work, before
+    any process starts."""
     if gpus and gpus > 1:
+        import signal
+
         if fsdp:
             import torch
 
             check_fsdp_setup(None, on_cuda=torch.cuda.is_available())  # before N processes fail the same way
-        return relaunch_with_accelerate(gpus, fsdp)
+        env = dict(os.environ)
+        env.setdefault("NCCL_NVLS_ENABLE", "0")
+        env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        proc = subprocess.Popen(launch_command(gpus, sys.argv[1:], fsdp), env=env)
+        # Ctrl-C reaches the workers (same process group), which save a checkpoint and exit; this
+        # parent must not die first and take the launcher down with it
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if fsdp and not fsdp_requested():
         raise LoraCliError("--fsdp shards the model over several processes: give it with --gpus N (N >= 2), "
                            "or start lora-cli with accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml.")
     return None
-
-
-def strip_gpus(argv: list[str]) -> list[str]:
-    """The workers' argv: without --gpus N and --fsdp, which the launcher's own flags carry."""
-    return _without(argv, ("--fsdp",), ("--gpus",))
 
 
 def _without(argv: list[str], flags: tuple[str, ...], options: tuple[str, ...]) -> list[str]:
@@ -75,23 +83,7 @@ def launch_command(n: int, argv: list[str], fsdp: bool = False) -> list[str]:
     mode = LAUNCH_FLAGS if fsdp else ["--multi_gpu"]
     return [sys.executable, "-m", "lora_cli.train.launch", *mode, "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_cli",
-            *strip_gpus(argv)]
-
-
-def relaunch_with_accelerate(n: int, fsdp: bool = False) -> int:
-    """Run the launcher and wait. Ctrl-C reaches the workers (same process group), which save a
-    checkpoint and exit; this parent must not die first and take the launcher down with it."""
-    import signal
-
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    proc = subprocess.Popen(launch_command(n, sys.argv[1:], fsdp), env=env)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return proc.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            *_without(argv, ("--fsdp",), ("--gpus",))]  # the launcher's own flags carry --gpus N and --fsdp
 
 
 def accelerate_launch(argv: list[str]) -> int:

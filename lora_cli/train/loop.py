@@ -4,10 +4,6 @@ Loss normalisation: every optimizer step divides the summed token losses of all 
 micro-batches (on all processes) by their total number of target tokens, known in advance
 from the plan. Each token weighs the same whatever the packing, the accumulation or the
 number of GPUs, so changing those levers does not change what is optimised.
-
-The loop is built ready: the recipe's setup made the wrapped module, optimizer and schedule
-(optim.prepare_trainable), the loop state (fresh, or a checkpoint's) and the observers it tells
-of every metrics row and evaluation (observe.py).
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from lora_cli import faults
 from lora_cli.adapter.record import LoopSummary
 from lora_cli.errors import NonFiniteLoss, TrainingInterrupted
 from lora_cli.model.backbone import detach_grads
-from lora_cli.train.checkpoint import LoopState, checkpoint_dir, save_checkpoint
+from lora_cli.train.checkpoint import checkpoint_dir, save_checkpoint
 from lora_cli.train.interrupt import InterruptFlag
 from lora_cli.train.late_read import StepNumbers, step_with_skip, supports_late_read
 from lora_cli.train.oom import StepMemory, out_of_memory_as_error
@@ -35,6 +31,7 @@ if TYPE_CHECKING:
     from lora_cli.config import RunConfig
     from lora_cli.data.batching import Batcher, StepPlan
     from lora_cli.progress import Reporter, Stage
+    from lora_cli.train.checkpoint import LoopState
     from lora_cli.train.optim import Trainable
     from lora_cli.train.plan import RunPlan
     from lora_cli.train.observe import Observer
@@ -43,7 +40,8 @@ if TYPE_CHECKING:
 
 
 class RecipeParts(Protocol):
-    """What the loop takes from the recipe (recipe.LoRARecipe, once its setup() has built them)."""
+    """What the loop takes from the recipe (recipe.LoRARecipe, once its setup() has built them); a
+    Protocol, not the recipe's own type, which would import the recipe back (an import cycle)."""
 
     cfg: RunConfig
     placement: Placement

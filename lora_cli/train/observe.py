@@ -4,8 +4,8 @@ and the loss-curve picture.
 The loop holds a list of observers and tells each the same three things: each evaluation
 (`on_eval`, where an observer may add fields to the evaluation's row: the probe's stop rate),
 every metrics row (`on_row`: a train row at each log step, an eval row at each evaluation), and
-the run's end (`on_end`). Only the main process writes; every process calls, so that the probe's
-barrier is met. The order of the list is the order they are told: the metrics file comes before
+the run's end (`on_end`). The writers (metrics file, picture) are the main process's alone; every
+process tells the probe, so that its barrier is met. The order of the list is the order they are told: the metrics file comes before
 the picture drawn from it.
 """
 
@@ -46,17 +46,14 @@ class Observer:
 
 
 class MetricsFile(Observer):
-    """metrics.jsonl, one JSON object a line, appended and flushed as the rows come (main process)."""
+    """metrics.jsonl, one JSON object a line, appended as the rows come."""
 
-    def __init__(self, path: Path, is_main: bool) -> None:
-        self.path, self.is_main = path, is_main
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def on_row(self, row: Row) -> None:
-        if not self.is_main:
-            return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-            fh.flush()
 
 
 class Trackers(Observer):
@@ -85,11 +82,6 @@ class StopRate(Observer):
     def __init__(self, probe: StopProbe, placement: Placement, reporter: Reporter) -> None:
         self.probe, self.placement, self.reporter = probe, placement, reporter
 
-    @property
-    def seconds(self) -> float:
-        """Spent probing in this command, its warm-up included."""
-        return self.probe.seconds
-
     def on_eval(self, model: PeftModel) -> Row:
         result = self.probe.run(model, self.placement)
         if result is None:
@@ -99,10 +91,10 @@ class StopRate(Observer):
 
 
 class LossPicture(Observer):
-    """loss_curve.png, redrawn from metrics.jsonl at each evaluation and at the end (main process)."""
+    """loss_curve.png, redrawn from metrics.jsonl at each evaluation and at the end."""
 
-    def __init__(self, folder: Path, is_main: bool) -> None:
-        self.folder, self.is_main = folder, is_main
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.rows, self.drawn = 0, -1  # rows seen, and how many there were at the last drawing
 
     def on_row(self, row: Row) -> None:
@@ -115,18 +107,17 @@ class LossPicture(Observer):
             self._draw()
 
     def _draw(self) -> None:
-        if self.is_main:
-            curves.refresh(self.folder)
+        curves.refresh(self.folder)
         self.drawn = self.rows
 
 
 def observers_for(cfg: RunConfig, placement: Placement, folder: Path, metrics: Path, decisions: RunDecisions,
                   resumed_step: int | None, probe: StopProbe | None, reporter: Reporter) -> list[Observer]:
     """The observers of a run, in the order they are told: the metrics file, the trackers it asked for
-    (started here), the stop-rate probe it asked for, the picture."""
-    found: list[Observer] = [MetricsFile(metrics, placement.is_main)]
+    (started here), the stop-rate probe it asked for, the picture (the writers on the main process only)."""
+    found: list[Observer] = [MetricsFile(metrics)] if placement.is_main else []
     if trackers.start(placement.accelerator, cfg, decisions, resumed_step):
         found.append(Trackers(placement.accelerator))
     if probe is not None:
         found.append(StopRate(probe, placement, reporter))
-    return found + [LossPicture(folder, placement.is_main)]
+    return found + ([LossPicture(folder)] if placement.is_main else [])

@@ -1,10 +1,8 @@
 """What the loop steps: the wrapped loss module, its optimizer and schedule, ready (and restored).
 
-`prepare_trainable` is the one setup call between a model with LoRA attached and the training
-loop: it puts a checkpoint's adapter weights in (before wrapping: FSDP shards them), wraps the
-loss module for the processes (DDP, FSDP or nothing), builds AdamW and the schedule over the
-wrapped module's parameters (FSDP replaces them with flat shards), then restores the
-optimizer, schedule and RNG of the checkpoint (resume.py).
+`prepare_trainable` puts a checkpoint's adapter weights in before wrapping (FSDP shards them), and
+its optimizer, schedule and RNG after (resume.py): AdamW and the schedule are built over the wrapped
+module's parameters, which FSDP replaces with flat shards.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ class Trainable:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
-                   peft_model: PeftModel | None = None) -> torch.optim.Optimizer:
+                   peft_model: PeftModel) -> torch.optim.Optimizer:
     """AdamW (torch's fused kernel, on CUDA and the CPU alike) over the parameters that require a gradient.
 
     Fused, so that a step's update can be skipped on the device's word (late_read.py), and one
@@ -48,7 +46,7 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
     if not params:
         raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
     kwargs = dict(betas=(0.9, 0.999), eps=1e-8, fused=True)
-    if train.loraplus_lr_ratio and peft_model is not None:
+    if train.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
         return create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=train.lr,
@@ -93,10 +91,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_s
 
 
 def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placement, total_steps: int,
-                      checkpoint: Checkpoint | None = None, fused_loss: bool | None = None,
-                      graphed_backbone: bool = False) -> Trainable:
-    """fused_loss: the run plan's choice of loss (None: as train.fused_loss asks); graphed_backbone:
-    the plan's compile scope is the whole decoder, captured as one CUDA graph (model/backbone.py)."""
+                      checkpoint: Checkpoint | None, fused_loss: bool, graphed_backbone: bool) -> Trainable:
+    """fused_loss: the run plan's choice of loss; graphed_backbone: the plan's compile scope is the whole
+    decoder, captured as one CUDA graph (model/backbone.py)."""
     from lora_cli.model.loss import make_loss_module
     from lora_cli.train import resume
 
@@ -109,8 +106,7 @@ def prepare_trainable(peft_model: PeftModel, cfg: RunConfig, placement: Placemen
 
         sharding.configure(acc, peft_model, placement.precision)
         names = sharding.adapter_names(peft_model)
-    fused = cfg.train.fused_loss if fused_loss is None else fused_loss
-    module = acc.prepare(make_loss_module(peft_model, fused, graphed_backbone))
+    module = acc.prepare(make_loss_module(peft_model, fused_loss, graphed_backbone))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train, peft_model)
     scheduler = make_scheduler(optimizer, cfg.train, total_steps)

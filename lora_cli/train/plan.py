@@ -2,9 +2,9 @@
 
 `decide` turns every "auto" of the training config into a value: the step's token budget and its
 micro-batches, packed row length and static shapes, gradient checkpointing, the fp32 upcast,
-keeping the NF4 base dequantized, torch.compile. It runs once
-the base model is loaded (the memory plan needs its size on the GPU) and the tokenized lengths
-are known; the result is frozen and saved in run_config.yaml, so what a run printed is what it did.
+keeping the NF4 base dequantized, torch.compile. It runs once the base model is loaded (the memory
+plan needs its size on the GPU) and the tokenized lengths are known; the result is frozen and saved
+in run_config.yaml, so what a run printed is what it did.
 """
 
 from __future__ import annotations
@@ -84,10 +84,6 @@ def step_budget(cfg: RunConfig, lengths: list[int], on_cuda: bool) -> tuple[int,
     step_tokens = math.ceil(t.batch_size * t.grad_accum * sum(lengths) / len(lengths))
     n = math.ceil(step_tokens / (GPU_MAX_TOKENS if on_cuda else CPU_MAX_TOKENS))
     return math.ceil(step_tokens / n), n
-
-
-def _round_up(n: int, multiple: int = ROW_MULTIPLE) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _checkpointing(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig, max_tokens: int,
@@ -184,7 +180,8 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
     if t.pack_length:
         pack_length = t.pack_length
     elif cuda:
-        pack_length = _round_up(max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0))
+        row = max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0)
+        pack_length = math.ceil(row / ROW_MULTIPLE) * ROW_MULTIPLE
     else:
         pack_length = 0
     layers, note, fits = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes)

@@ -1,32 +1,20 @@
 """The stop rate during training: greedy answers for the first K val prompts at each evaluation.
 
-The eval loss does not show whether the model has learned to stop; generating does. At each
-evaluation the model being trained answers the first K valid records of the val file, greedily,
-prompted exactly as `generate` and `eval` prompt them. The stop rate is the share of answers that
-end with eos within the cap; the first answer is kept as a sample.
-
-Each answer has its own cap: one and a half times its own reference answer, in tokens with the
-eos, at least 16 and at most --max-length (training never sees a longer response). The probe asks
-whether the model stops, not what it says: an answer still going half again past the length of
-the real one is counted as one that does not stop, and every step past that would only cost time
-(on the CPU each costs a pass over all the weights). The batch ends as soon as every answer has
-stopped or reached its cap (the longest cap is the run's eval_generate_max_new_tokens).
-
-The answers come from the fast decoding path (lora_cli/infer/decode.py): a plain copy of the
-model in the compute dtype, the 4-bit base dequantized and the adapter kept beside it, built at the
-first evaluation and refreshed in place at each later one (on a GPU its captured decode step is
-reused: the warm-up is paid once per command, and said). All K prompts go in one batch. Where
-the copy cannot be made (memory, DoRA, ...) the probe generates eagerly on the unwrapped peft
-model in eval mode (no dropout, no NEFTune noise), compiled layers run eagerly (they would
-recompile for every new length), and says why once. The RNG state is put back, so a run with
-and without the probe trains identically. With several processes only the main process
-generates; the others wait at a barrier. Under FSDP the weights are sharded over the processes
-and the probe is off.
+The eval loss does not show whether the model has learned to stop; generating does (docs/TRAINING.md).
+The first K valid val records are prompted as `generate` prompts them, all in one batch; each answer
+is capped at CAP_FACTOR times its reference answer (with its eos), at least 16 and at most --max-length:
+an answer still going that far past the real one is counted as not stopping. The answers come from
+the fast decoding path (infer/decode.py: a plain copy of the model, refreshed in place at each
+evaluation, its warm-up paid once per command and said; docs/PERFORMANCE.md); where no copy can be
+made, eagerly on the peft model in eval mode, said once. Training's RNG state is put back, so a run
+trains identically with and without the probe. Only the main process generates (the others wait at
+a barrier); under FSDP the probe is off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -59,13 +47,9 @@ class ProbeResult:
     seconds: float
     warmup_seconds: float = 0.0  # of `seconds`: building the copy and capturing the decode step (first evaluation)
 
-    @property
-    def stop_rate(self) -> float:
-        return self.stopped / self.prompts if self.prompts else 0.0
-
     def row(self) -> dict:
         """The fields it adds to the evaluation's line of metrics.jsonl."""
-        return {"stop_rate": self.stop_rate, "stopped": self.stopped, "generated": self.prompts,
+        return {"stop_rate": self.stopped / self.prompts if self.prompts else 0.0, "stopped": self.stopped, "generated": self.prompts,
                 "max_new_tokens": self.max_new_tokens, "generate_s": round(self.seconds, 2),
                 "generate_warmup_s": round(self.warmup_seconds, 4), "sample": self.sample,
                 "sample_stopped": self.sample_stopped}
@@ -117,13 +101,11 @@ class StopProbe:
             reporter.message("--eval-generate is off under --fsdp: the weights are sharded over the processes, and "
                              "generating needs them whole. Run lora-cli eval on the adapter instead.")
             return None
-        examples, template = [], get_template(cfg.data.template)
-        for example in iter_examples(cfg.data.val, on_issue=lambda issue: None):
-            # a record training left out (--skip-invalid) because the template refuses it: not asked either
-            if not template_issues([example], tokenizer, template, cfg.data.val):
-                examples.append(example)
-            if len(examples) == k:
-                break
+        template = get_template(cfg.data.template)
+        # a record training left out (--skip-invalid) because the template refuses it: not asked either
+        asked = (ex for ex in iter_examples(cfg.data.val, on_issue=lambda issue: None)
+                 if not template_issues([ex], tokenizer, template, cfg.data.val))
+        examples = list(itertools.islice(asked, k))
         if not examples:
             return None
         prompts = [encode_example_prompt(ex, tokenizer, template, cfg.data.add_eos) for ex in examples]
@@ -140,7 +122,9 @@ class StopProbe:
         from lora_cli.model.device import torch_dtype
 
         dtype = torch_dtype(placement.precision)
-        if self.decoder is None:
+        if self.decoder:
+            refresh(self.decoder.model, peft_model)
+        elif self.decoder is None:
             reason = None
             if placement.on_cuda:
                 free = torch.cuda.mem_get_info(placement.device)[0]
@@ -153,9 +137,6 @@ class StopProbe:
             if reason:
                 self.decoder = False
                 self.reporter.message(f"The stop-rate probe generates eagerly (slower): {reason}.")
-            return self.decoder or None
-        if self.decoder:
-            refresh(self.decoder.model, peft_model)
         return self.decoder or None
 
     def run(self, peft_model: PeftModel, placement: Placement) -> ProbeResult | None:
@@ -165,15 +146,9 @@ class StopProbe:
         result = None
         if placement.is_main:
             t0, first = time.time(), self.decoder is None
-            rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if placement.on_cuda else None
-            try:
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if placement.on_cuda else []):
                 decoder = self._decoder(peft_model, placement)
                 answers = self._answers(peft_model, placement, decoder)
-            finally:
-                torch.set_rng_state(rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state_all(cuda_rng)
             seconds = time.time() - t0
             self.seconds += seconds
             warmup = decoder.warmup_seconds if (first and decoder is not None) else 0.0

@@ -69,11 +69,11 @@ class TrainingData:
 
 
 def train(cfg: RunConfig, resume: bool | str = False, overwrite: bool = False, reporter: Reporter = NULL_REPORTER,
-          force_tokenize: bool = False, current: CurrentDataset | None = None) -> TrainResult:
+          current: CurrentDataset | None = None) -> TrainResult:
     """Tokenize (or reuse the cache), then train. `current`: the current dataset (data/current.py) the
     data came from, said in one line before anything loads."""
     with LoRARecipe(cfg, resume, overwrite, reporter) as recipe:
-        recipe.setup(force_tokenize=force_tokenize, current=current)
+        recipe.setup(current=current)
         recipe.train()
         return recipe.finish()
 
@@ -121,11 +121,12 @@ class LoRARecipe:
             self._held.close()
 
     # ---- setup ----------------------------------------------------------------------------
-    def setup(self, force_tokenize: bool = False, current: CurrentDataset | None = None,
-              placement: Placement | None = None, data: TrainingData | None = None) -> None:
+    def setup(self, current: CurrentDataset | None = None, placement: Placement | None = None,
+              data: TrainingData | None = None) -> None:
         """Every collaborator of the run, built once. `placement` and `data` given (benchmarks: tokenized
         data in memory): used as they are, without the checks made before loading and the folder's lock."""
         from lora_cli.train import resume
+        from lora_cli.train.observe import observers_for
         from lora_cli.train.run_folder import OutputFolder, output_lock
 
         self.placement = placement or self._place()
@@ -133,7 +134,7 @@ class LoRARecipe:
             self.reporter.message(f"Training on {current.describe(self.cfg)}")
         if placement is None:  # one run writes this output folder, from here to its end
             self._held.enter_context(output_lock(self.cfg, self.placement, self.reporter))
-        self.data = data or self._prepare_data(force_tokenize, current)
+        self.data = data or self._prepare_data(current)
         d = self.data
         # the folder's rules, before any expensive work
         self.out = OutputFolder(self.cfg.output.dir, self.cfg, self.placement.is_main, d.cache_keys, d.data_sha256,
@@ -143,7 +144,9 @@ class LoRARecipe:
         self._model_and_plan()
         self._batches()
         self._trainable_and_state()
-        self._observers()
+        resumed_step = self.state.step if self.checkpoint else None
+        self.observers = observers_for(self.cfg, self.placement, self.out.path, self.out.metrics_path,
+                                       self.decisions, resumed_step, self.probe, self.reporter)
 
     def _place(self) -> Placement:
         """Device, precision and processes; the checks that need no weights."""
@@ -163,14 +166,14 @@ class LoRARecipe:
         torch.manual_seed(cfg.train.seed)
         return placement
 
-    def _prepare_data(self, force_tokenize: bool, current: CurrentDataset | None) -> TrainingData:
+    def _prepare_data(self, current: CurrentDataset | None) -> TrainingData:
         """Tokenized once (main process), read from the cache by everyone."""
         from lora_cli.data.prepare import prepare_data
         from lora_cli.model.identity import base_identity
 
         where = self.placement
-        data = prepare_data(self.cfg, self.reporter, force_tokenize, where.is_main,
-                            where.accelerator.wait_for_everyone, current=current)
+        data = prepare_data(self.cfg, self.reporter, is_main=where.is_main, barrier=where.accelerator.wait_for_everyone,
+                            current=current)
         entries = {"train": data.train, "val": data.val}
         return TrainingData(data.train.load(), data.val.load() if data.val else None, data.tokenizer,
                             data.model.path, {k: e.key if e else None for k, e in entries.items()},
@@ -179,13 +182,25 @@ class LoRARecipe:
 
     def _model_and_plan(self) -> None:
         """The base loaded, every automatic setting decided once (plan.decide), then applied; LoRA on top."""
+        import torch
+
+        from lora_cli.model.load import dequantized_bytes, load_model
+        from lora_cli.model.loss import fused_blocker
         from lora_cli.model.params import count_parameters
+        from lora_cli.model.targets import resolve_targets
         from lora_cli.train.plan import decide
 
         cfg, where, reporter = self.cfg, self.placement, self.reporter
-        model = _load_model(cfg, where, self.data, reporter)
-        self.plan = decide(cfg, where, model.config, list(self.data.train["length"]), *_memory(where, model),
-                           loss_blocker=_loss_blocker(cfg, model))
+        quant = "4-bit NF4" if cfg.model.quantization == "nf4" else where.precision
+        with reporter.stage(f"Loading {cfg.model.name} ({quant})"):  # FSDP: on the CPU, sharded later
+            model = load_model(self.data.model_path, cfg.model.quantization, where.precision, where.device,
+                               cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=where.fsdp)
+        # why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None
+        blocker = fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
+        # the GPU memory the loaded base holds, and what its 4-bit weights dequantized would add (bytes)
+        memory = ((torch.cuda.memory_allocated(where.device), dequantized_bytes(model, where.precision))
+                  if where.on_cuda else (0, 0))
+        self.plan = decide(cfg, where, model.config, list(self.data.train["length"]), *memory, loss_blocker=blocker)
         for note in (self.plan.memory_note, self.plan.loss_note, self.plan.compile_note):
             if note:
                 reporter.message(note)
@@ -233,13 +248,6 @@ class LoRARecipe:
         if self.checkpoint is not None:
             resume.announce(self.out, self.checkpoint, note, self.reporter)
 
-    def _observers(self) -> None:
-        from lora_cli.train.observe import observers_for
-
-        resumed_step = self.state.step if self.checkpoint else None
-        self.observers = observers_for(self.cfg, self.placement, self.out.path, self.out.metrics_path,
-                                       self.decisions, resumed_step, self.probe, self.reporter)
-
     # ---- train, finish ---------------------------------------------------------------------
     def train(self) -> None:
         """Run the loop to the run's end (or early stopping); its summary is `self.summary`."""
@@ -250,12 +258,9 @@ class LoRARecipe:
 
     def finish(self) -> TrainResult:
         """Put the best adapter in place under early stopping, write the adapter folder; the run's result."""
-        from lora_cli.train.observe import StopRate
-
         summary, where = self.summary, self.placement
         summary.tokenize_cache = self.data.cache_keys
-        probes = [o for o in self.observers if isinstance(o, StopRate)]
-        summary.probe_seconds = round(probes[0].seconds, 2) if probes else 0.0
+        summary.probe_seconds = round(self.probe.seconds, 2) if self.probe else 0.0
         lora, _ = self.loop.adapter_state()
         best = self._best_result()
         if best is not None:
@@ -297,24 +302,6 @@ class LoRARecipe:
 
 
 # ---- the model, for the recipe ---------------------------------------------------------------
-def _load_model(cfg: RunConfig, placement: Placement, data: TrainingData, reporter: Reporter) -> PreTrainedModel:
-    """The base model, 4-bit or not, on this process's device (FSDP: on the CPU, sharded later)."""
-    from lora_cli.model.load import load_model
-
-    quant = "4-bit NF4" if cfg.model.quantization == "nf4" else placement.precision
-    with reporter.stage(f"Loading {cfg.model.name} ({quant})"):
-        return load_model(data.model_path, cfg.model.quantization, placement.precision, placement.device,
-                          cfg.model.trust_remote_code, cfg.model.attn_implementation, sharded=placement.fsdp)
-
-
-def _loss_blocker(cfg: RunConfig, model: PreTrainedModel) -> str | None:
-    """Why the fused loss would compute this run's logits wrongly (LoRA on the head, say), or None."""
-    from lora_cli.model.loss import fused_blocker
-    from lora_cli.model.targets import resolve_targets
-
-    return fused_blocker(model, resolve_targets(model, cfg.lora.target_modules, cfg.model.name).adapted)
-
-
 def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: Path
             ) -> tuple[PeftModel, dict[str, torch.Tensor] | None]:
     """Dequantize, freeze, upcast and checkpoint the base as planned, put LoRA on top (NEFTune's hook
@@ -344,14 +331,3 @@ def _attach(cfg: RunConfig, model: PreTrainedModel, plan: RunPlan, model_path: P
         mode = "on" if plan.compile_scope == "backbone" else plan.compile
         compile_layers(model, mode, plan.static_shapes and plan.packed)
     return model, initial
-
-
-def _memory(placement: Placement, model: PreTrainedModel) -> tuple[int, int]:
-    """(bytes the loaded base holds on the GPU, bytes its dequantized 4-bit weights would add); CPU: (0, 0)."""
-    import torch
-
-    from lora_cli.model.load import dequantized_bytes
-
-    if not placement.on_cuda:
-        return 0, 0
-    return torch.cuda.memory_allocated(placement.device), dequantized_bytes(model, placement.precision)

@@ -191,8 +191,11 @@ def announce(folder: OutputFolder, checkpoint: Checkpoint, note: str, reporter: 
         reporter.message(note)
 
 
-def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
-    """A checkpoint resumes only on as many processes, sharded the same way."""
+def restore_adapter(peft_model: PeftModel, checkpoint: Checkpoint, placement: Placement) -> None:
+    """The checkpoint's LoRA weights into the model, before it is wrapped (under FSDP it waits on the CPU).
+    A checkpoint resumes only on as many processes, sharded the same way (LoraCliError otherwise)."""
+    from peft import set_peft_model_state_dict
+
     state = checkpoint.state
     if state.world_size != placement.world_size:
         raise LoraCliError(f"Checkpoint {checkpoint.path} was made with {state.world_size} process(es); "
@@ -200,13 +203,6 @@ def check_resumable(checkpoint: Checkpoint, placement: Placement) -> None:
     if state.fsdp != placement.fsdp:
         how = "with FSDP" if state.fsdp else "without FSDP"
         raise LoraCliError(f"Checkpoint {checkpoint.path} was made {how}; resume it the same way.")
-
-
-def restore_adapter(peft_model: PeftModel, checkpoint: Checkpoint, placement: Placement) -> None:
-    """The checkpoint's LoRA weights into the model, before it is wrapped (under FSDP it waits on the CPU)."""
-    from peft import set_peft_model_state_dict
-
-    check_resumable(checkpoint, placement)
     device = "cpu" if placement.fsdp else placement.device
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in checkpoint.adapter.items()})
 
@@ -214,6 +210,8 @@ def restore_adapter(peft_model: PeftModel, checkpoint: Checkpoint, placement: Pl
 def restore_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
                      checkpoint: Checkpoint, placement: Placement, total_steps: int) -> None:
     """The optimizer, schedule and RNG of the checkpoint, into the wrapped module's optimizer and schedule."""
+    import torch
+
     if placement.fsdp:
         from lora_cli.train import sharding
 
@@ -222,26 +220,14 @@ def restore_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         optimizer.load_state_dict(checkpoint.optimizer)
     scheduler.load_state_dict(checkpoint.scheduler)
     if checkpoint.state.total_steps not in (0, total_steps):  # a run continued to a new length
-        restart_schedule(scheduler)
-    restore_rng(checkpoint.rng)
-
-
-def restart_schedule(scheduler: LRScheduler) -> None:
-    """The learning rate of the current step from the schedule as it now is (its length changed):
-    the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
-    one), which the next step would use. Stepping back and forth sets it from the new schedule."""
-    scheduler.last_epoch -= 1
-    scheduler.step()
-
-
-def restore_rng(rng: dict[str, torch.Tensor | list[torch.Tensor]]) -> None:
-    import torch
-
+        # the optimizer still holds the rate the old schedule gave this step (0 at the end of a linear
+        # one), which the next step would use: a step back and forth sets it from the new schedule
+        scheduler.last_epoch -= 1
+        scheduler.step()
+    rng = checkpoint.rng  # its "cuda" states saved where CUDA was available: restored on as many devices
     torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        states = rng["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def refuse_early(cfg: RunConfig, resume: bool | str, overwrite: bool) -> None:

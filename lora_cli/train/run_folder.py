@@ -42,20 +42,9 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
+    from lora_cli.model.params import ParamSummary
     from lora_cli.progress import Reporter
     from lora_cli.train.runtime import Placement
-
-
-
-# a checkpoint holds the LoRA weights and AdamW's two moments, fp32 each
-CHECKPOINT_BYTES_PER_PARAMETER = 12
-
-
-def checkpoint_bytes(lora_parameters: int) -> int:
-    """The room one checkpoint of `lora_parameters` LoRA entries takes (bytes, an estimate: the
-    tensors alone, so a lower bound). The previous checkpoint stays until the next is complete,
-    so this is what a run needs free beside what its folder already holds."""
-    return CHECKPOINT_BYTES_PER_PARAMETER * lora_parameters
 
 
 def check_output(cfg: RunConfig, lora_parameters: int, is_main: bool = True) -> None:
@@ -63,7 +52,9 @@ def check_output(cfg: RunConfig, lora_parameters: int, is_main: bool = True) -> 
     naming --output) otherwise. (The tokenize cache is checked where an entry is built.)"""
     if not is_main:
         return
-    need = checkpoint_bytes(lora_parameters)
+    # one checkpoint: the LoRA weights and AdamW's two moments, fp32 each (the tensors alone, a lower bound);
+    # the previous checkpoint stays until the next is complete, so this is needed beside what the folder holds
+    need = 12 * lora_parameters
     check_writable(cfg.output.dir, "folder", "--output", need, f"one checkpoint of {lora_parameters:,} LoRA "
                    "parameters with their optimizer state", inside=True)
 
@@ -82,15 +73,17 @@ def output_lock(cfg: RunConfig, placement: Placement, reporter: Reporter) -> Abs
                      enabled=placement.is_main)
 
 
-def write_adapter(peft_model: PeftModel, tensors: dict, folder: Path) -> None:
-    """What peft's save_pretrained writes (adapter_config.json, adapter_model.safetensors), for
-    adapter tensors that were gathered rather than read from the model."""
+def write_adapter(peft_model: PeftModel, tensors: dict[str, torch.Tensor], folder: Path, **changes: Any) -> None:
+    """What peft's save_pretrained writes (adapter_config.json, adapter_model.safetensors), for adapter
+    tensors not read from the model (gathered from shards, or the initial ones); `changes`: config
+    fields saved with another value."""
     import copy
 
     from safetensors.torch import save_file
 
-    config = copy.copy(peft_model.peft_config["default"])
-    config.inference_mode = True
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    for key, value in changes.items():
+        setattr(config, key, value)
     config.save_pretrained(str(folder))
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
@@ -103,15 +96,9 @@ def save_converted(peft_model: PeftModel, initial: dict, folder: Path) -> None:
     turns the trained adapter into the update of the original W (B A - B0 A0, as [B | -B0] [A ; A0])
     given the initial adapter, written here for it in a folder of its own and removed after.
     """
-    import copy
-
-    from safetensors.torch import save_file
-
     initial_dir = folder / "initial_adapter"
-    config = copy.deepcopy(peft_model.peft_config["default"])
-    config.init_lora_weights = True  # so that loading it does not decompose the base a second time
-    config.save_pretrained(str(initial_dir))
-    save_file({k: v.contiguous() for k, v in initial.items()}, str(initial_dir / ADAPTER_WEIGHTS))
+    # init_lora_weights True: loading it does not decompose the base a second time
+    write_adapter(peft_model, initial, initial_dir, init_lora_weights=True)
     try:
         peft_model.save_pretrained(str(folder), safe_serialization=True,
                                    path_initial_model_for_weight_conversion=str(initial_dir))
@@ -169,7 +156,8 @@ class OutputFolder:
         return yaml.safe_dump(data, sort_keys=False)
 
     def finish(self, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase, decisions: RunDecisions,
-               summary: LoopSummary, param_summary: dict, adapter_state: dict | None = None, initial_adapter: dict | None = None) -> None:
+               summary: LoopSummary, param_summary: ParamSummary, adapter_state: dict[str, torch.Tensor] | None = None,
+               initial_adapter: dict[str, torch.Tensor] | None = None) -> None:
         """Stage every final file, then rename them into the folder (the old adapter stays until then).
 
         run_config.yaml, which says `finished: true`, is renamed last: a run killed while the
@@ -183,8 +171,20 @@ class OutputFolder:
         hint = (f"The previous files in {self.path} are intact and training is saved in {self.path / CHECKPOINTS}: "
                 "free some disk space and run the same command with --resume to write the adapter.")
         try:
-            self._stage(staging, peft_model, tokenizer, decisions, summary, param_summary, adapter_state,
-                        initial_adapter)
+            if initial_adapter is not None:
+                save_converted(peft_model, initial_adapter, staging)
+            elif adapter_state is None:
+                peft_model.save_pretrained(str(staging), safe_serialization=True)
+            else:  # gathered from FSDP shards, already under the adapter file's names
+                write_adapter(peft_model, adapter_state, staging, inference_mode=True)
+            faults.point("adapter:staged")
+            tokenizer.save_pretrained(str(staging))
+            (staging / "README.md").unlink(missing_ok=True)
+            write_param_summary(staging, param_summary)
+            if self.template_text is not None:  # generate/eval/merge prompt as trained, even if the file changes
+                (staging / TEMPLATE_FILE).write_text(self.template_text, encoding="utf-8")
+            text = self.run_config_text(decisions, finished=True, summary=summary)
+            (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
             self._commit(staging)
         except Exception as exc:
             failure = write_failure(exc, self.path, hint)
@@ -193,25 +193,6 @@ class OutputFolder:
             raise failure from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-    def _stage(self, staging: Path, peft_model: PeftModel, tokenizer: PreTrainedTokenizerBase,
-               decisions: RunDecisions, summary: LoopSummary, param_summary: dict[str, Any],
-               adapter_state: dict[str, torch.Tensor] | None, initial_adapter: dict[str, torch.Tensor] | None = None
-               ) -> None:
-        if initial_adapter is not None:
-            save_converted(peft_model, initial_adapter, staging)
-        elif adapter_state is None:
-            peft_model.save_pretrained(str(staging), safe_serialization=True)
-        else:  # gathered from FSDP shards, already under the adapter file's names
-            write_adapter(peft_model, adapter_state, staging)
-        faults.point("adapter:staged")
-        tokenizer.save_pretrained(str(staging))
-        (staging / "README.md").unlink(missing_ok=True)
-        write_param_summary(staging, param_summary)
-        if self.template_text is not None:  # generate/eval/merge prompt as trained, even if the file changes
-            (staging / TEMPLATE_FILE).write_text(self.template_text, encoding="utf-8")
-        text = self.run_config_text(decisions, finished=True, summary=summary)
-        (staging / RUN_CONFIG).write_text(text, encoding="utf-8")
 
     def _commit(self, staging: Path) -> None:
         mode = 0o666 & ~umask()

@@ -1,17 +1,10 @@
-"""Experiment trackers (--report-to) through accelerate's tracker API, each working offline.
+"""Experiment trackers (--report-to: tensorboard, wandb, mlflow) through accelerate's tracker API, each
+working offline under OUTPUT/logs/ (docs/TRAINING.md says where each writes and how to read it back).
 
-- tensorboard: event files in OUTPUT/logs/tensorboard/lora-cli/ (`tensorboard --logdir OUTPUT/logs/tensorboard`);
-- wandb: offline mode, files in OUTPUT/logs/wandb/ (`wandb sync` uploads them later);
-- mlflow: a local file store, OUTPUT/logs/mlruns (`mlflow ui --backend-store-uri file://...`), unless
-  MLFLOW_TRACKING_URI names another store.
-
-Each tracker is an optional extra (pip install 'lora-cli[tensorboard]', ...); a missing one is a
-message before any model loads. What is logged is what metrics.jsonl gets: every train row
-(train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/epoch) and every evaluation
-(eval/loss, eval/stop_rate, eval/generate_s, and the first answer as text where the tracker
-takes text), at the row's optimizer step, plus the run's settings as hyperparameters. On a
-resumed run TensorBoard drops the events past the checkpoint (purge_step), so the steps that
-are done again are not shown twice; W&B and MLflow start a new run.
+Each is an optional extra; a missing one is a message before any model loads. They get what
+metrics.jsonl gets (`KEYS`), at the row's optimizer step, and the run's settings as hyperparameters.
+On a resumed run TensorBoard drops the events past the checkpoint (purge_step); W&B and MLflow start
+a new run.
 """
 
 from __future__ import annotations
@@ -38,17 +31,13 @@ KEYS = {"train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/gr
                  "sample": "eval/sample"}}
 
 
-def _available(name: str) -> bool:
-    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
-
-    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available,
-            "mlflow": is_mlflow_available}[name]()
-
-
 def check_installed(names: list[str]) -> None:
     """LoraCliError naming the pip command for the first tracker whose package is missing."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
     for name in names:
-        if not _available(name):
+        if not available[name]():
             raise LoraCliError(f"--report-to {name} needs the {PACKAGES[name]} package, which is not installed.",
                                f"pip install 'lora-cli[{name}]' (or pip install {PACKAGES[name]}), or leave "
                                f"{name} out of --report-to.")
@@ -68,11 +57,8 @@ def accelerator_kwargs(cfg: RunConfig) -> dict:
 
 def _hyperparameters(cfg: RunConfig, decisions: RunDecisions) -> dict:
     """The run's settings as flat scalars (trackers take no lists or None)."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value
-    flat.update({f"run.{key}": value for key, value in decisions.to_dict().items()})
+    flat = {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+    flat |= {f"run.{key}": value for key, value in decisions.to_dict().items()}
     return {k: ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for k, v in flat.items()}
 
 

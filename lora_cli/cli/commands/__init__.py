@@ -1,1 +1,1 @@
-"""One module per command; each exposes `register(app, handle_errors)`."""
+"""One module per command; lora_cli.cli.app.COMMANDS names each command's function."""

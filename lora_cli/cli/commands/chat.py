@@ -24,7 +24,6 @@ from lora_cli.cli.commands.inference_options import (
     TopKOpt,
     TopPOpt,
     loaded_model,
-    sampling,
     with_load_options,
 )
 
@@ -45,14 +44,13 @@ def _read_line() -> str | None:
         return None
 
 
-def chat_loop(loaded, params, system: str | None) -> int:
-    """Run the conversation until /exit or end of input; return the number of answers given."""
+def chat_loop(loaded, params, system: str | None) -> None:
+    """Run the conversation until /exit or end of input."""
     from lora_cli.cli.render import err, out
     from lora_cli.infer.generation import fit_history, generate
 
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    answered = 0
     while True:
         line = _read_line()
         if line is None:
@@ -83,8 +81,6 @@ def chat_loop(loaded, params, system: str | None) -> int:
         if not answer.stopped:
             err.print(f"(cut at --max-new-tokens {params.max_new_tokens}: no eos)", markup=False)
         history.append({"role": "assistant", "content": answer.text})
-        answered += 1
-    return answered
 
 
 @with_load_options
@@ -101,17 +97,13 @@ def chat(
 ) -> None:
     """Talk to base model + adapter, turn by turn, with streamed answers. /exit or Ctrl-D leaves, /reset starts over."""
     from lora_cli.cli.render import err
-
     from lora_cli.data.tokenization import check_system_message
+    from lora_cli.infer.generation import Sampling
 
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
+    params = Sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     check = (lambda tokenizer, template: check_system_message(system, tokenizer, template)) if system else None
     with loaded_model(adapter, load, not base_only, check) as loaded:
         who = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
         err.print(f"Chatting with {who} (template {loaded.info.template}). /exit or Ctrl-D to leave, "
                   "/reset to start over.", markup=False, soft_wrap=True)
         chat_loop(loaded, params, system)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("chat")(handle_errors(chat))

@@ -25,8 +25,7 @@ def _shorten(text: str, limit: int = 300, lines: int = 8) -> str:
     """Long (often looping) answers are cut in the table, at `limit` characters or `lines` lines,
     whichever comes first (a loop of short lines is long in rows, not in characters); --json keeps
     every character."""
-    kept = "\n".join(text.split("\n")[:lines])
-    kept = kept if len(kept) <= limit else kept[:limit]
+    kept = "\n".join(text.split("\n")[:lines])[:limit]
     return text if kept == text else kept.rstrip() + " [...]"
 
 
@@ -93,7 +92,7 @@ def evaluate(
     if data is None:
         work = resolve("eval")
         err.print(work.said, markup=False, soft_wrap=True)
-        data = Path(work.held_out)
+        data = Path(work.cfg.data.val)
     if show < 0:
         raise LoraCliError(f"--show must be at least 0, not {show}.")
     params = Sampling(max_new_tokens=max_new_tokens, repetition_penalty=load.repetition_penalty,
@@ -108,7 +107,3 @@ def evaluate(
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
         print_result(result, show)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("eval")(handle_errors(evaluate))

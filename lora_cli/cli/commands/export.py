@@ -160,7 +160,7 @@ def check_plan(info, lora: bool, data: Path | None, base_gguf: Path | None, runt
 def run_check(info, artifact_path: Path, data: Path, base_gguf: Path | None, runtime: str, max_new_tokens: int):
     """Load the trained model as eval does, the export in `runtime`; compare them; write the JSON report."""
     from lora_cli.cli.render import RichReporter
-    from lora_cli.data.tokenization import token_lengths
+    from lora_cli.data.tokenization import token_counts
     from lora_cli.export.check import check_export as compare
     from lora_cli.export.check import write_report
     from lora_cli.export.check_artifact import open_artifact
@@ -177,7 +177,7 @@ def run_check(info, artifact_path: Path, data: Path, base_gguf: Path | None, run
     weights = "4-bit NF4, fp32 arithmetic" if info.quantization == "nf4" else "fp32"
     reference = TransformersRuntime(loaded.model, loaded.tokenizer, loaded.stop_ids,
                                     f"transformers: {info.base_model} ({weights}) + {info.path.name}")
-    n_ctx = max(token_lengths(examples, loaded.tokenizer, loaded.template)) + max_new_tokens + 8
+    n_ctx = max(c.length for c in token_counts(examples, loaded.tokenizer, loaded.template)) + max_new_tokens + 8
     with reporter.stage(f"Loading {artifact.model_file.name} in {runtime}"):
         engine = open_runtime(runtime, artifact, n_ctx)
     try:
@@ -214,8 +214,3 @@ def print_check(report) -> None:
     for reason in report.reasons:
         out.print(f"  {reason.level} ({reason.kind}): {escape(reason.message)}", soft_wrap=True)
     out.print(f"Report: {escape(report.report_file)}", soft_wrap=True)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("export")(handle_errors(export))
-    app.command("check-export")(handle_errors(check_export))

@@ -23,7 +23,6 @@ from lora_cli.cli.commands.inference_options import (
     TopKOpt,
     TopPOpt,
     loaded_model,
-    sampling,
     with_load_options,
 )
 
@@ -63,10 +62,6 @@ def _prompt_text(row: dict) -> str:
     return row["instruction"] + (f"\n[input] {row['input']}" if row["input"].strip() else "")
 
 
-def _status(answer) -> str:
-    return f"eos after {len(answer.token_ids)} tokens" if answer.stopped else f"no eos within {len(answer.token_ids)} tokens"
-
-
 def _print_table(rows: list[dict], compare: bool, title: str) -> None:
     from lora_cli.cli.commands.inference_options import plain_table
     from lora_cli.cli.render import out
@@ -88,7 +83,7 @@ def _stream_one(loaded, prompt_ids, params) -> None:
     answer = run(loaded, [prompt_ids], params,
                  on_text=lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))[0]
     out.print()
-    err.print(f"({_status(answer)})", markup=False)
+    err.print(f"({'eos after' if answer.stopped else 'no eos within'} {len(answer.token_ids)} tokens)", markup=False)
 
 
 def _answer_all(loaded, prompts, params, batch_size: int, compare: bool):
@@ -152,17 +147,16 @@ def generate(
     from lora_cli.data.current import resolve
     from lora_cli.data.records import Example
     from lora_cli.infer.evaluation import read_examples
+    from lora_cli.infer.generation import Sampling, check_records
 
     _check_args(prompt, input_file, compare, base_only)
     if prompt is None and input_file is None:
         work = resolve("generate")
         err.print(work.said, markup=False, soft_wrap=True)
-        input_file = Path(work.held_out)
-    params = sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
+        input_file = Path(work.cfg.data.val)
+    params = Sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
     examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
-    from lora_cli.infer.generation import check_records
-
     check = None if input_file is None else lambda tok, template: check_records(examples, tok, template, str(input_file))
     with loaded_model(adapter, load, not base_only, check) as loaded:
         prompts = [loaded.example_prompt(ex) for ex in examples]
@@ -172,7 +166,3 @@ def generate(
         answers, base = _answer_all(loaded, prompts, params, batch_size, compare)
         title = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model
     _emit(_rows(examples, answers, base), single, compare, as_json, output_file, title)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("generate")(handle_errors(generate))

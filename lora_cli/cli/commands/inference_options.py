@@ -60,14 +60,6 @@ TemplateOverrideOpt = Annotated[Optional[str], typer.Option(
     "--template", "-t", rich_help_panel=LOAD, help=LoadChoice.model_fields["template"].description)]
 
 
-def sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
-    from lora_cli.infer.generation import Sampling
-
-    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                    repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-
-
 def print_notes(info) -> None:
     from lora_cli.cli.render import err
 

@@ -42,7 +42,3 @@ def merge(
               f"in {result.seconds:.1f} s.", markup=False)
     out.print(f"Wrote {result.output}: {', '.join(result.files)} ({result.size_bytes / 1e6:.1f} MB)", markup=False)
     out.print(f"Load it without peft: AutoModelForCausalLM.from_pretrained({str(result.output)!r})", markup=False)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("merge")(handle_errors(merge))

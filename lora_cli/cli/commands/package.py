@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,9 +37,7 @@ def package(
     if verify:
         result = packaging.verify(target)
         if as_json:
-            typer.echo(json.dumps({"ok": result.ok, "changed": result.changed, "missing": result.missing,
-                                   "extra": result.extra, "unsafe": result.unsafe,
-                                   "config_mismatch": result.config_mismatch}, indent=2))
+            typer.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "manifest"}, indent=2))
         else:
             for label, names in (("changed", result.changed), ("missing", result.missing), ("extra", result.extra),
                                  ("unsafe path", result.unsafe)):
@@ -63,7 +62,3 @@ def package(
     out.print(_summary_line(Path(target)), markup=False, soft_wrap=True)
     out.print(f"Wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB): {len(manifest['files'])} files "
               f"({total / 1e6:.1f} MB before compression) + {packaging.MANIFEST}", markup=False, soft_wrap=True)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("package")(handle_errors(package))

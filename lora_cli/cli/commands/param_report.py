@@ -75,7 +75,3 @@ def param_report(
         out.print(t)
     out.print(f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || "
               f"trainable%: {summary.percent:.4f}")
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("param-report")(handle_errors(param_report))

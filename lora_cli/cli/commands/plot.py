@@ -29,7 +29,3 @@ def plot(
     named = [(run.name if run.is_dir() else run.parent.name, read_metrics(run)) for run in runs]
     draw(named, output, title or None)
     err.print(f"Wrote {output} ({len(runs)} run(s))", markup=False)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("plot")(handle_errors(plot))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict
 from typing import Annotated
@@ -39,13 +40,14 @@ def tokenize(
 
     refuse_invalid_records(work.cfg)
     from lora_cli.data.prepare import prepare_data
+    from lora_cli.data.show import show_examples
     from lora_cli.model.load import quiet_libraries
 
     quiet_libraries()
     cfg = work.cfg
     data = prepare_data(cfg, RichReporter(), force=force, record=True)
     entries = [e for e in (data.train, data.val) if e is not None]
-    shown = _shown(data, show)
+    shown = show_examples(data.train.load(), data.tokenizer, show) if show else []
     if as_json:
         typer.echo(json.dumps([{"split": e.split, "key": e.key, "path": str(e.path), "cache_hit": e.hit,
                                 "counts": asdict(e.meta.counts), "left_out_lines": e.meta.left_out_lines,
@@ -65,12 +67,6 @@ def tokenize(
     out.print(f"Recorded as the current dataset ({data.current.file}): lora-cli train, validate-data, "
               "param-report, eval and generate use it when given no data.")
     print_shown(shown)
-
-
-def _shown(data, n: int) -> list:
-    from lora_cli.data.show import show_examples
-
-    return show_examples(data.train.load(), data.tokenizer, n) if n else []
 
 
 def print_shown(shown: list) -> None:
@@ -101,17 +97,5 @@ def print_shown(shown: list) -> None:
 
 def _plain(spans: list) -> str:
     """Runs of spans with the same trained state in one bracket: [trained]Paris.<eos>[/trained]."""
-    parts, current = [], None
-    for span in spans:
-        tag = "trained" if span.trained else "prompt"
-        if tag != current:
-            if current:
-                parts.append(f"[/{current}]")
-            parts.append(f"[{tag}]")
-            current = tag
-        parts.append("<eos>" if span.eos else span.text)
-    return "".join(parts) + (f"[/{current}]" if current else "")
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("tokenize")(handle_errors(tokenize))
+    runs = itertools.groupby(spans, key=lambda span: "trained" if span.trained else "prompt")
+    return "".join(f"[{tag}]" + "".join("<eos>" if s.eos else s.text for s in run) + f"[/{tag}]" for tag, run in runs)

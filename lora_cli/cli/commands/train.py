@@ -100,7 +100,3 @@ def _summary(result: TrainResult, whole: float) -> None:
         out.print(f"The stop-rate probe took {probe_s:.1f} s of the command's {whole:.1f} s ({probe_s / whole:.0%}; "
                   "--eval-generate 0 turns it off).")
     out.print(f"Adapter written to {result.output} (loss curve: {Path(result.output) / LOSS_CURVE})")
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("train")(handle_errors(train))

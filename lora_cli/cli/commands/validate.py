@@ -11,42 +11,26 @@ import typer
 from lora_cli.cli.options import config_flags
 
 
-def _token_counter(model: str, template_name: str, local_only: bool = False):
+def _token_counter(model: str, template_name: str, at_hand: bool = False):
+    """Token counts with `model`'s tokenizer. at_hand (the current dataset's model): only when it is on this
+    machine (nothing is downloaded); else None, and said."""
+    from lora_cli.cli.render import err
     from lora_cli.data.templates import get_template
     from lora_cli.data.tokenization import token_counts
+    from lora_cli.errors import LoraCliError
     from lora_cli.model.load import load_tokenizer, quiet_libraries
     from lora_cli.model.resolve import resolve_model
 
     quiet_libraries()
-    resolved = resolve_model(model, need_weights=False, local_only=local_only)
-    tokenizer = load_tokenizer(resolved.path)
-    template = get_template(template_name)
-    return lambda examples: token_counts(examples, tokenizer, template)
-
-
-def _current_files(settings: dict) -> tuple[list[Path], dict]:
-    """No file given: the current dataset's files, and its model, template and max length under the typed flags."""
-    from lora_cli.cli.render import err
-    from lora_cli.data.current import resolve
-
-    work = resolve("validate-data", settings)
-    err.print(work.said, markup=False, soft_wrap=True)
-    cfg = work.cfg
-    files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
-    return files, {"model.name": cfg.model.name, "data.template": cfg.data.template,
-                   "data.max_length": cfg.data.max_length, **settings}
-
-
-def _counter_at_hand(model: str, template: str):
-    """The current dataset's model's token counts when it is on this machine (nothing is downloaded)."""
-    from lora_cli.cli.render import err
-    from lora_cli.errors import LoraCliError
-
     try:
-        return _token_counter(model, template, local_only=True)
+        tokenizer = load_tokenizer(resolve_model(model, need_weights=False, local_only=at_hand).path)
+        template = get_template(template_name)
     except LoraCliError as exc:
+        if not at_hand:
+            raise
         err.print(f"Token statistics left out: {exc.message}", markup=False, soft_wrap=True)
         return None
+    return lambda examples: token_counts(examples, tokenizer, template)
 
 
 def _print_reports(reports: list, limit: int, failed: bool) -> None:
@@ -92,19 +76,22 @@ def validate_data(
     With no file: the current dataset's files (what lora-cli tokenize tokenized last), with its
     model's token lengths when the model is on this machine. Exit 0 when every file is clean, 1 when not.
     """
-    from lora_cli.cli.render import out, print_issues
+    from lora_cli.cli.render import err, out, print_issues
     from lora_cli.config import RunConfig
+    from lora_cli.data.current import resolve
     from lora_cli.data.report import cross_file_issues, validate_file
 
-    typed_model = "model.name" in settings
-    if not files:
-        files, settings = _current_files(settings)
-    cfg = RunConfig().replace(settings)
+    typed_model, current = "model.name" in settings, not files
+    if current:  # the current dataset's files, model, template and max length, under the typed flags
+        work = resolve("validate-data", settings)
+        err.print(work.said, markup=False, soft_wrap=True)
+        cfg = work.cfg
+        files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
+    else:
+        cfg = RunConfig().replace(settings)
     counter = None
-    if typed_model:
-        counter = _token_counter(cfg.model.name, cfg.data.template)
-    elif "model.name" in settings:
-        counter = _counter_at_hand(cfg.model.name, cfg.data.template)
+    if typed_model or current:  # the current dataset's model: only when it is at hand
+        counter = _token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
     limit = cfg.data.max_length
     reports = []
     for path in files:
@@ -121,7 +108,3 @@ def validate_data(
     else:
         _print_reports(reports, limit, failed)
     raise typer.Exit(1 if failed else 0)
-
-
-def register(app: typer.Typer, handle_errors) -> None:
-    app.command("validate-data")(handle_errors(validate_data))
