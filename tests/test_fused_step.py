@@ -19,6 +19,20 @@ def tiny_llama_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_mistral_dir(tmp_path_factory):
+    """A random Mistral without a sliding window (as Mistral v0.3): GQA, untied output matrix."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-mistral")
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, initializer_range=0.3,
+                        tie_word_embeddings=False, eos_token_id=2, pad_token_id=2)
+    MistralForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def _model(folder, targets, seed: int = 0):
     """The tiny model in fp32, with a LoRA (B drawn, not zero) on `targets`, or none."""
     from peft import LoraConfig, get_peft_model
@@ -56,12 +70,16 @@ def _one_step(model, ids, valid, nxt, rope_matmul: bool = False):
     return slot.logits.clone(), want
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-@pytest.mark.parametrize("targets", [(), ("q_proj", "v_proj"), ("gate_proj", "up_proj"),
-                                     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")])
-def test_one_fused_step_gives_transformers_logits_to_fp32_tolerance(family, targets, tiny_model_dir, tiny_llama_dir,
-                                                                    one_thread):
-    model = _model(tiny_model_dir if family == "qwen2" else tiny_llama_dir, targets)
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("family, targets", [(f, t) for f in ("qwen2", "llama") for t in
+                                             [(), ("q_proj", "v_proj"), ("gate_proj", "up_proj"), ALL]]
+                         + [("mistral", ()), ("mistral", ALL)])
+def test_one_fused_step_gives_transformers_logits_to_fp32_tolerance(family, targets, request, one_thread):
+    folder = {"qwen2": "tiny_model_dir", "llama": "tiny_llama_dir", "mistral": "tiny_mistral_dir"}[family]
+    model = _model(request.getfixturevalue(folder), targets)
+    assert model.config.model_type == family
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(5, 300, (3, 11), generator=g)
     valid = torch.ones(3, 11, dtype=torch.bool)
@@ -148,3 +166,14 @@ def test_transformers_step_is_kept_when_asked_for(tiny_model_dir, monkeypatch):
     decoder = Decoder(build_copy(_model(tiny_model_dir, ("q_proj",)), torch.float32, CPU), CPU)
     assert decoder.step_kind == "transformers"
     assert decoder.notes == ["decoding step: transformers' forward (LORA_CLI_TRANSFORMERS_STEP=1 is set)"]
+
+
+def test_a_model_with_sliding_window_layers_keeps_transformers_step(one_thread):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
+                      max_window_layers=1, eos_token_id=2, pad_token_id=2)
+    decoder = Decoder(build_copy(Qwen2ForCausalLM(cfg).eval(), torch.float32, CPU), CPU)
+    assert decoder.step_kind == "transformers"
+    assert decoder.notes == ["decoding step: transformers' forward (the model has sliding-window attention layers)"]
