@@ -3,7 +3,7 @@
 transformers' forward runs ~60 kernels a layer for one new token on a GPU (RMSNorm as seven ops,
 rotary as ten, five separate projections, repeat_kv copies, transposes); a decoding step of a
 small model is bound by their number (launches on a GPU, a few microseconds of overhead each on a
-CPU), not by its arithmetic. Here a layer is ~23 kernels with a LoRA on every projection:
+CPU), not by its arithmetic. Here a layer is ~22 kernels with a LoRA on every projection:
 
 - q, k and v come from ONE matmul over a stacked [Wq; Wk; Wv; Aq; Ak; Av] (biases folded into
   it), their LoRA B sides from ONE in-place addmm with a block-diagonal B (zero where a projection
