@@ -278,9 +278,6 @@ class RunConfig(BaseModel):
         return self
 
     # ---- conversion -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
         """Validate `raw` ({section: {key: value}}, as YAML reads it); LoraCliError naming the first bad key."""
@@ -293,7 +290,7 @@ class RunConfig(BaseModel):
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied (`{"train.lr": 1e-4}`), validated again."""
-        raw = self.to_dict()
+        raw = self.model_dump()
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
             if section not in raw or key not in raw[section]:
@@ -309,7 +306,7 @@ class RunConfig(BaseModel):
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
 # What a pydantic error type means for a setting, in the words of lora-cli's other messages.

@@ -47,7 +47,7 @@ def test_an_equal_stop_rate_is_better_only_with_a_lower_eval_loss():
 @pytest.mark.parametrize("train, match", [({"select_by": "accuracy"}, "select_by"),
                                           ({"select_by": "stop-rate", "eval_generate": 0}, "--eval-generate is 0")])
 def test_bad_select_by_settings_are_one_clear_error(train, match):
-    raw = RunConfig().to_dict()
+    raw = RunConfig().model_dump()
     raw["data"]["val"] = "val.jsonl"
     raw["train"].update(train)
     with pytest.raises(LoraCliError, match=match):

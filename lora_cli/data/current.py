@@ -60,7 +60,7 @@ def current_path(cache_dir: str | Path) -> Path:
 
 
 def _flat(cfg: RunConfig) -> dict:
-    return {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+    return {f"{s}.{k}": v for s, values in cfg.model_dump().items() for k, v in values.items()}
 
 
 def _when(stamp: str) -> str:

@@ -337,7 +337,7 @@ class TrainingLoop:
         self.settle()
         path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
         raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
-                                  str(path), None, exit_code=128 + int(flag.signum))
+                                  str(path), exit_code=128 + int(flag.signum))
 
     def _nonfinite_message(self, step: int, what: str = "loss") -> str:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint

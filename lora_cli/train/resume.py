@@ -51,7 +51,7 @@ def _same_run(folder: OutputFolder, fingerprint: str | None) -> bool:
 
 
 def _describe_difference(folder: OutputFolder, saved: SavedRun, skip: tuple[str, ...] = RESUME_FREE) -> str:
-    mine = folder.cfg.to_dict()
+    mine = folder.cfg.model_dump()
     diffs = [f"{section}.{key}: {value!r} there, {mine[section][key]!r} now"
              for section, values in saved.settings().items() for key, value in values.items()
              if key not in skip and mine[section][key] != value]

@@ -150,7 +150,7 @@ class OutputFolder:
             write_text(self.metrics_path, "")
 
     def run_config_text(self, decisions: RunDecisions, finished: bool, summary: LoopSummary | None = None) -> str:
-        data = self.cfg.to_dict()
+        data = self.cfg.model_dump()
         data["run"] = RunRecord(self.fingerprint, __version__, finished, self.cache_keys, self.data_sha256,
                                 self.base_identity, decisions, summary).to_dict()
         return yaml.safe_dump(data, sort_keys=False)
