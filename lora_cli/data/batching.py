@@ -107,10 +107,6 @@ def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_token
     return [batch for batch, _ in _first_fit(lengths, order, max_tokens, row_tokens)]
 
 
-def plan_padded(order: list[int], batch_size: int) -> list[list[int]]:
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def _shifted(labels: list[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE]
 
@@ -188,7 +184,7 @@ class Batcher:
         order = epoch_order(len(self.lengths), self.seed, epoch, shuffle)
         if self.packed:
             return plan_packed(order, self.lengths, self.max_tokens, self.row_tokens)
-        return plan_padded(order, self.batch_size)
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def collate(self, indices: list[int]) -> MicroBatch:
         data = self.dataset[indices]
