@@ -30,7 +30,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 @dataclass(frozen=True)
 class ConfigField:
     """A field of the run config as its flag sees it: name, default, and what `config.setting` recorded
-    (help, flag, short, set_only, panel)."""
+    (help, flag, short, panel)."""
 
     name: str
     default: Any
@@ -82,7 +82,7 @@ def select(patterns: tuple[str, ...]) -> list[tuple[str, ConfigField]]:
     unknown = set(patterns) - {"*"} - {f"{s}.*" for s, _ in chosen} - {f"{s}.{f.name}" for s, f in chosen}
     if unknown:
         raise ValueError(f"no such config field: {', '.join(sorted(unknown))}")
-    return [(s, f) for s, f in chosen if not f.metadata.get("set_only")]
+    return chosen
 
 
 def config_flags(*patterns: str):

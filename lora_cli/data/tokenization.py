@@ -92,13 +92,10 @@ def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
     per_example = [template.segments(ex, tokenizer) for ex in examples]
     texts = [text for segs in per_example for text, _ in segs]
     ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
-    out = []
-    for example, segs in zip(examples, per_example):
-        input_ids, labels = _joined(segs, [next(ids) for _ in segs], prefix, eos, policy)
-        truncated = len(input_ids) > policy.max_length
-        out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
-    return out
+    prefix, eos, n = special_prefix(tokenizer), tokenizer.eos_token_id, policy.max_length
+    joined = (_joined(segs, [next(ids) for _ in segs], prefix, eos, policy) for segs in per_example)
+    return [Encoded(input_ids[:n], labels[:n], example.line, truncated=len(input_ids) > n)
+            for example, (input_ids, labels) in zip(examples, joined)]
 
 
 def encode_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
