@@ -40,11 +40,9 @@ class ArchSpec:
 
 
 def _rope(config) -> tuple[float, str]:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0), kind
+    """(theta, rope type): transformers 5 holds both in rope_parameters, whichever keys config.json used."""
+    params = config.rope_parameters or {}
+    return float(params.get("rope_theta", 10000.0)), params.get("rope_type", "default")
 
 
 def check_config(config, name: str) -> ArchSpec:
