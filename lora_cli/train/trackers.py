@@ -50,9 +50,7 @@ def logs_dir(cfg: RunConfig) -> Path:
 def accelerator_kwargs(cfg: RunConfig) -> dict:
     """What Accelerator(...) needs for the run's trackers: log_with and the TensorBoard folder."""
     names = cfg.train.trackers()
-    if not names:
-        return {}
-    return {"log_with": names, "project_dir": str(logs_dir(cfg) / "tensorboard")}
+    return {"log_with": names, "project_dir": str(logs_dir(cfg) / "tensorboard")} if names else {}
 
 
 def _hyperparameters(cfg: RunConfig, decisions: RunDecisions) -> dict:
