@@ -89,14 +89,12 @@ def validate_data(
         files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
     else:
         cfg = RunConfig().replace(settings)
-    counter = None
-    if typed_model or current:  # the current dataset's model: only when it is at hand
-        counter = _token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
+    counter = (_token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
+               if typed_model or current else None)  # the current dataset's model: only when it is at hand
     limit = cfg.data.max_length
-    reports = []
-    for path in files:
-        stream = None if as_json else (lambda issue: print_issues([issue], out))
-        reports.append(validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None))
+    stream = None if as_json else (lambda issue: print_issues([issue], out))
+    reports = [validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None)
+               for path in files]
     shared_records = cross_file_issues(reports)  # validation records that are also training records
     if not as_json:
         print_issues(shared_records, out)
