@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from lora_cli.atomic import pid_alive
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -60,13 +61,8 @@ def _alive(owner: dict) -> bool:
     """Without flock: the owner named in the file may still be at work (another host: assume so)."""
     if owner.get("host") != socket.gethostname():
         return bool(owner)
-    try:
-        os.kill(int(owner.get("pid")), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    pid = owner.get("pid")
+    return isinstance(pid, int) and pid_alive(pid)  # "?": a record cut short by a kill
 
 
 def _flock(fd: int, mode: int) -> bool | None:
