@@ -38,15 +38,10 @@ def _print_reports(reports: list, limit: int, failed: bool) -> None:
     from lora_cli.cli.render import err, out, table
 
     with_tokens = any(r.tokens is not None for r in reports)
-    rows = []
-    for r in reports:
-        for stats in (r.chars, r.tokens):
-            if stats is None:
-                continue
-            row = [r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}",
-                   f"{stats.p50:.0f}", f"{stats.p90:.0f}", stats.max]
-            tokens = stats.unit == "tokens"
-            rows.append(row + ([r.truncated if tokens else "", r.left_out if tokens else ""] if with_tokens else []))
+    rows = [[r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}", f"{stats.p50:.0f}",
+             f"{stats.p90:.0f}", stats.max]  # a row per length unit; with a model, the token row's truncation
+            + (([r.truncated, r.left_out] if stats.unit == "tokens" else ["", ""]) if with_tokens else [])
+            for r in reports for stats in (r.chars, r.tokens) if stats is not None]
     columns = ["file", "records", "valid", "errors", "warnings", "length", "mean", "p50", "p90", "max"]
     if with_tokens:
         columns += [f"> {limit} tokens", "left out"]
