@@ -171,11 +171,9 @@ def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
     """TokenCount per example under `policy`'s labels (untruncated: prompt + response + eos), for
     validate-data's statistics and the context an export check needs."""
     untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
-    out = []
-    for enc in encode_batch(examples, tokenizer, template, untruncated):
-        first = next((i for i in range(1, len(enc.labels)) if enc.labels[i] != IGNORE), len(enc.labels))
-        out.append(TokenCount(enc.line, len(enc.input_ids), first))
-    return out
+    return [TokenCount(enc.line, len(enc.input_ids),
+                       next((i for i in range(1, len(enc.labels)) if enc.labels[i] != IGNORE), len(enc.labels)))
+            for enc in encode_batch(examples, tokenizer, template, untruncated)]
 
 
 def _where(count: int, lines: list[int]) -> str:
