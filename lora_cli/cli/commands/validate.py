@@ -95,7 +95,7 @@ def validate_data(
         print_issues(shared_records, out)
     for issue in shared_records:
         next(r for r in reports if r.file == issue.file).issues.append(issue)
-    failed = any(not r.clean or r.records == 0 or (strict and r.warnings) for r in reports)
+    failed = any(r.errors or r.records == 0 or (strict and r.warnings) for r in reports)
     if as_json:
         typer.echo(json.dumps({"ok": not failed, "files": [r.to_dict() for r in reports]}, indent=2))
     else:
