@@ -54,10 +54,7 @@ EXTENDABLE = ("epochs", "max_steps")
 
 
 def _settings_blob(cfg: RunConfig, leave_out: tuple[str, ...]) -> dict:
-    raw = cfg.model_dump()
-    for key in leave_out:
-        raw["train"].pop(key, None)
-    return {k: raw[k] for k in ("data", "model", "lora", "train")}
+    return cfg.model_dump(include={"data", "model", "lora", "train"}, exclude={"train": set(leave_out)})
 
 
 def run_fingerprint(cfg: RunConfig, content: dict | None = None) -> str:
