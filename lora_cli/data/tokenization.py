@@ -126,10 +126,8 @@ def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     chat template refuses a conversation that opens with the assistant, say); [] when all render.
 
     What generation and scoring check before they use records that training never filtered."""
-    def render(batch: list[Example]) -> list:
-        return [(template.segments(ex, tokenizer), encode_example_prompt(ex, tokenizer, template)) for ex in batch]
-
-    return apply_or_reject(examples, render, file)[1]
+    return apply_or_reject(examples, lambda batch: [(template.segments(ex, tokenizer), encode_example_prompt(
+        ex, tokenizer, template)) for ex in batch], file)[1]
 
 
 def check_system_message(system: str, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
