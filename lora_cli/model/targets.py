@@ -77,17 +77,14 @@ def all_linear(model) -> list[str]:
     return list(dict.fromkeys(_short(k) for k in order))
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
-    folded = {c.lower(): c for c in candidates}
-    close = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(folded[c]) for c in close)}?)" if close else ""
-
-
 def _problem(model, name: str, candidates: list[str], model_name: str) -> str | None:
     """Why `name` cannot be a LoRA target of `model`, or None when it can."""
     found = [(k, m) for k, m in model.named_modules() if k and _matches(k, name)]
     if not found:
-        return f"'{name}' is not a module of {model_name}{_suggest(name, candidates)}"
+        folded = {c.lower(): c for c in candidates}
+        close = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.6)
+        suggest = f" (did you mean {' or '.join(repr(folded[c]) for c in close)}?)" if close else ""
+        return f"'{name}' is not a module of {model_name}{suggest}"
     adaptable = _adaptable_types()
     wrong = [(k, m) for k, m in found if not isinstance(m, adaptable)]
     if wrong:
