@@ -102,14 +102,6 @@ def _open(path: Path, wait: bool) -> tuple[int | None, dict]:
         os.close(fd)
 
 
-def _record(fd: int) -> None:
-    me = {"host": socket.gethostname(), "pid": os.getpid(),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
-
-
 def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
     """Refuse at once (OutputInUse) when a live process holds `target`'s lock; changes nothing on disk.
 
@@ -158,8 +150,12 @@ def exclusive(target: Path | str, what: str, hint: str = "", reporter=NULL_REPOR
                            "Choose a writable location.") from None
     if fd is None:
         raise OutputInUse(what, owner, hint)
-    try:
-        _record(fd)
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
+    try:  # who holds it, for a refused command to name
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
     except OSError as exc:
         os.close(fd)
         raise LoraCliError(f"Cannot lock {target}: {path}: {exc.strerror or exc}.", "Choose a writable location.") from None

@@ -65,21 +65,17 @@ def with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
     return list(ids) if prefix and ids[: len(prefix)] == prefix else [*prefix, *ids]
 
 
-def _closed(piece: list[int], trainable: bool | None, add_eos: bool, eos: int | None) -> list[int]:
-    """A segment's ids, with eos appended after a response (trained, or UNTRAINED: a turn of weight 0)
-    unless it ends with one already: the one rule for training and for the prompts of generation."""
-    if trainable is not False and add_eos and eos is not None and (not piece or piece[-1] != eos):
-        return [*piece, eos]
-    return list(piece)
-
-
 def _joined(segs: list[tuple[str, bool | None]], ids: list[list[int]], prefix: list[int], eos: int | None,
             policy: LabelPolicy) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of segments whose texts tokenized to `ids`: each closed by its eos, labels
-    on the trained ones (on all with train_on_prompt), the special prefix in front, untruncated."""
+    on the trained ones (on all with train_on_prompt), the special prefix in front, untruncated.
+
+    The eos closes a response (trained, or UNTRAINED: a turn of weight 0) unless it ends with one already:
+    the one rule for training and for the prompts of generation."""
     input_ids, labels = [], []
     for (_, trainable), piece in zip(segs, ids):
-        piece = _closed(piece, trainable, policy.add_eos, eos)
+        if trainable is not False and policy.add_eos and eos is not None and (not piece or piece[-1] != eos):
+            piece = [*piece, eos]
         input_ids.extend(piece)
         labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
     opened = with_prefix(prefix, input_ids)
