@@ -4,6 +4,7 @@
     python bench/decode_speed.py step --config bench/configs/qwen2.5-1.5b-instruct.json --batches 8
     python bench/decode_speed.py eval ADAPTER held_out.jsonl --max-new-tokens 512 --batch-size 52
     python bench/decode_speed.py probe val.jsonl --repeat 2
+    python bench/decode_speed.py agree --config bench/configs/smollm2-135m.json --batch 52 --tokens 64
 
 
 `step` puts a LoRA (rank 16, every linear layer, B drawn small so that it changes the answers) on
@@ -16,7 +17,10 @@ LORA_CLI_EAGER_GENERATE=1, and compares the answers: identical share, stop rates
 `probe` times the training probe's decoding (its first K prompts of a val file, each with its own
 cap, one batch) on the model with such a LoRA: wall and process CPU seconds (CPU seconds are what
 a shared machine cannot blur), of which the prefill, and the rows decoded summed over the steps
-(--zero-b: the adapter as at the first evaluation, B still zero).
+(--zero-b: the adapter as at the first evaluation, B still zero). `step` also prints which decoding
+step ran ("fused": fused_step.py; "transformers": the model's own forward, LORA_CLI_TRANSFORMERS_STEP=1
+asks for it) and its ops (and CUDA kernels) per layer. `agree` decodes the same prompts greedily with
+both steps on one model (bf16 on a GPU) and counts identical answers.
 Every result is one JSON line on stdout.
 """
 
@@ -73,6 +77,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _step_ops(decoder, ids, mask, layers: int) -> dict:
+    """Ops of one decoding step (the second, profiled): top-level aten ops and, on CUDA, kernels; per layer too."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_cli.infer.generation import Sampling
+
+    calls, counts = [0], {}
+    inner = decoder._forward
+
+    def counted(slot):
+        calls[0] += 1
+        if calls[0] != 2:
+            return inner(slot)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+        with profile(activities=acts) as prof:
+            inner(slot)
+            _sync()
+        events = prof.events()
+        counts["ops"] = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+        if ids.is_cuda:
+            counts["kernels"] = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    graphs, decoder.graphs = decoder.graphs, False
+    decoder._forward = counted
+    try:
+        decoder.run(ids, mask.bool(), Sampling(max_new_tokens=4), [-1], 0)
+    finally:
+        decoder._forward, decoder.graphs = inner, graphs
+    return {f"step_{k}": v for k, v in counts.items()} | {f"{k}_per_layer": round(v / layers, 1)
+                                                         for k, v in counts.items()}
+
+
 def step(opts) -> None:
     import torch
 
@@ -80,10 +117,14 @@ def step(opts) -> None:
     from lora_cli.infer.generation import Sampling, _left_padded
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     base, what = _model(opts, device)
     model = _with_lora(base)
     t0 = time.perf_counter()
-    decoder, reason = build_decoder(model, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(opts.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    decoder, reason = build_decoder(model, device, dtype)
     build_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     for batch in [int(b) for b in opts.batches.split(",")]:
@@ -101,18 +142,53 @@ def step(opts) -> None:
                                       do_sample=False, pad_token_id=0)
 
         row = {"bench": "step", "model": what, "batch": batch, "device": torch.cuda.get_device_name()
-               if device.type == "cuda" else "cpu", "copy_build_s": round(build_s, 2), "fallback": reason}
+               if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)", "dtype": str(dtype)[6:],
+               "copy_build_s": round(build_s, 2), "fallback": reason}
         if decoder is not None:
+            row["step"] = decoder.step_kind  # fused (fused_step.py) or transformers (the model's own forward)
+            row |= _step_ops(decoder, ids, mask, model.config.num_hidden_layers)
             row["fast_first_call_s"] = round(_timed(lambda: fast(opts.short)), 2)  # capture included
             long_s, short_s = _timed(lambda: fast(opts.long)), _timed(lambda: fast(opts.short))
             row["fast_step_ms"] = round(1000 * (long_s - short_s) / (opts.long - opts.short), 3)
             row["notes"] = decoder.notes
+        if opts.no_eager:
+            print(json.dumps(row), flush=True)
+            continue
         eager(2)
         long_s, short_s = _timed(lambda: eager(opts.eager_long)), _timed(lambda: eager(opts.short))
         row["eager_step_ms"] = round(1000 * (long_s - short_s) / (opts.eager_long - opts.short), 3)
         if decoder is not None:
             row["speedup"] = round(row["eager_step_ms"] / row["fast_step_ms"], 1)
         print(json.dumps(row), flush=True)
+
+
+def agree(opts) -> None:
+    """Greedy answers of the fused step against transformers' forward as the step, same copy dtype, same prompts."""
+    import torch
+
+    from lora_cli.infer.decode import build_decoder
+    from lora_cli.infer.generation import Sampling, _left_padded
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, what = _model(opts, device)
+    model = _with_lora(base)
+    if opts.config:  # random weights give flat logits: sharpened, greedy answers depend on the whole step
+        with torch.no_grad():
+            model.get_base_model().get_output_embeddings().weight.mul_(30)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fused, _ = build_decoder(model, device, dtype)
+    os.environ["LORA_CLI_TRANSFORMERS_STEP"] = "1"
+    plain, _ = build_decoder(model, device, dtype)
+    del os.environ["LORA_CLI_TRANSFORMERS_STEP"]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, model.config.vocab_size - 10, (int(n),), generator=g).tolist()
+               for n in torch.randint(16, 129, (opts.batch,), generator=g)]
+    ids, mask = _left_padded(prompts, 0, device)
+    a, b = (d.run(ids, mask.bool(), Sampling(max_new_tokens=opts.tokens), [-1], 0) for d in (fused, plain))
+    print(json.dumps({"bench": "agree", "model": what, "dtype": str(dtype)[6:], "steps": [fused.step_kind,
+                      plain.step_kind], "rows": opts.batch, "tokens": opts.tokens,
+                      "identical_rows": sum(bool(torch.equal(x, y)) for x, y in zip(a, b)),
+                      "tokens_agree": round((a == b).float().mean().item(), 4)}), flush=True)
 
 
 def _eval_json(adapter: str, data: str, opts, eager: bool) -> tuple[dict, float]:
@@ -183,7 +259,8 @@ def probe(opts) -> None:
                                 Sampling(max_new_tokens=stop_probe.max_new_tokens), batch_size=len(stop_probe.prompts),
                                 decoder=decoder, caps=stop_probe.caps)
         _sync()
-        print(json.dumps({"bench": "probe", "model": what, "threads": decoder.cpu_threads or torch.get_num_threads(),
+        print(json.dumps({"bench": "probe", "model": what, "step": getattr(decoder, "step_kind", "transformers"),
+                          "threads": decoder.cpu_threads or torch.get_num_threads(),
                           "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
                           "prefill_s": round(sum(prefill), 2), "row_steps": getattr(decoder, "row_steps", None),
                           "caps": stop_probe.caps, "new_tokens": [len(a.token_ids) for a in answers],
@@ -201,6 +278,16 @@ def main() -> None:
     s.add_argument("--short", type=int, default=16)
     s.add_argument("--long", type=int, default=272)
     s.add_argument("--eager-long", type=int, default=48)
+    s.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the copy's dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the process's)")
+    s.add_argument("--no-eager", action="store_true", help="time the fast path only")
+    a = sub.add_parser("agree")
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--quantization", default="nf4")
+    a.add_argument("--config", default=None)
+    a.add_argument("--batch", type=int, default=52)
+    a.add_argument("--tokens", type=int, default=64)
     e = sub.add_parser("eval")
     e.add_argument("adapter")
     e.add_argument("data")
@@ -221,7 +308,7 @@ def main() -> None:
     from lora_cli.model.load import quiet_libraries
 
     quiet_libraries()
-    {"step": step, "eval": evaluate, "probe": probe}[opts.what](opts)
+    {"step": step, "agree": agree, "eval": evaluate, "probe": probe}[opts.what](opts)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def _prompts(vocab: int, lengths=(3, 40, 11, 1, 25, 7), seed: int = 1) -> list[l
 def _both(model, tokenizer, prompts, sampling, batch_size=8):
     eager = generate_with(model, tokenizer, torch.device("cpu"), prompts, sampling, batch_size)
     decoder = Decoder(build_copy(model, torch.float32, torch.device("cpu")), torch.device("cpu"))
+    assert decoder.step_kind == "fused"  # the answers below come from the step written for the architecture
     fast = generate_with(model, tokenizer, torch.device("cpu"), prompts, sampling, batch_size, decoder=decoder)
     return eager, fast
 
@@ -257,24 +258,25 @@ def test_sampled_rows_that_stop_early_keep_drawing_as_eager(peft_model, tokenize
 def test_cpu_attention_sees_only_the_filled_cache_and_answers_as_over_the_whole_cache(peft_model, tokenizer,
                                                                                       monkeypatch):
     import lora_cli.infer.cpu_decode as cpu_decode
+    from lora_cli.infer.fused_step import FusedStep
 
     cpu, sampling = torch.device("cpu"), Sampling(max_new_tokens=12)
     prompts = _prompts(len(tokenizer))  # the longest has 40 tokens: a cache of 64
     copy = build_copy(peft_model, torch.float32, cpu)
-    seen, layer_class = [], cpu_decode.filled_layer_class()
-    real_update = layer_class.update
+    seen, real = [], FusedStep.attended
 
-    def update(self, *args, **kwargs):
-        keys, values = real_update(self, *args, **kwargs)
-        seen.append(keys.shape[2])
-        return keys, values
+    def attended(slot):
+        seen.append(real(slot))  # the number of cache positions this step attends to
+        return seen[-1]
 
-    monkeypatch.setattr(layer_class, "update", update)
+    monkeypatch.setattr(FusedStep, "attended", staticmethod(attended))
     filled = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=Decoder(copy, cpu))
+    assert min(seen) == 41 and max(seen) == 40 + 11  # the prompt and the tokens fed so far, never all 64
+    seen.clear()
     monkeypatch.setattr(cpu_decode, "attend_filled_only", lambda cache: False)
     whole = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=Decoder(copy, cpu))
     assert [a.token_ids for a in filled] == [a.token_ids for a in whole]
-    assert min(seen) == 41 and max(seen) == 40 + 11  # the prompt and the tokens fed so far, never all 64
+    assert set(seen) == {64}
 
 
 def test_prompts_are_packed_in_order_up_to_the_token_budget_a_longer_one_alone():

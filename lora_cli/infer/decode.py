@@ -43,6 +43,7 @@ class _Slot:
     logits: object  # (batch, vocab) float32: the step's output
     graph: object = None
     filled: bool = False  # CPU: attention sees only the cache's filled part (cpu_decode.FilledLayer)
+    fused: bool = False  # the step is fused_step's (a plain cache, a Llama-family copy), else transformers' forward
 
 
 def processors_for(sampling, prompt_pad_lengths):
@@ -84,24 +85,36 @@ class Decoder:
         self.process_threads = 1  # the process's own intra-op thread count, put back after each run
         self.unpadded_prefill = device.type == "cpu"  # prompts prefilled without padding (cpu_decode.packed_prefill)
         self.row_steps = 0  # rows decoded in the last run, summed over its steps (finished rows dropped on the CPU)
+        self.fused = model.__dict__.get("fused_step")  # fused_step.FusedStep, or None: transformers' forward
+        if self.fused is None:
+            why = model.__dict__.get("fused_note") or "not a plain copy (plain_copy.build_copy)"
+            self.notes.append(f"decoding step: transformers' forward ({why})")
+
+    @property
+    def step_kind(self) -> str:
+        """Which decoding step runs: "fused" (fused_step.py) or "transformers" (the model's own forward)."""
+        return "fused" if self.fused is not None else "transformers"
 
     def _slot(self, batch: int, length: int) -> _Slot:
         """The static tensors of this shape: kept for reuse on CUDA (a captured graph reads them); on the CPU,
         where nothing is captured, fresh for each run, attending only to the filled cache, rows droppable."""
         from transformers import StaticCache
 
-        from lora_cli.infer.cpu_decode import attend_filled_only
+        from lora_cli.infer.cpu_decode import attend_filled_only, plain_static
 
         if self.device.type == "cpu":
             slot = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch, length)
             slot.filled = attend_filled_only(slot.cache)
-            return slot
-        key = (batch, length)
-        if key not in self.slots:
-            while len(self.slots) >= MAX_SLOTS:
-                self.slots.pop(next(iter(self.slots)))
-            self.slots[key] = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch, length)
-        return self.slots[key]
+        else:
+            key = (batch, length)
+            if key not in self.slots:
+                while len(self.slots) >= MAX_SLOTS:
+                    self.slots.pop(next(iter(self.slots)))
+                self.slots[key] = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch,
+                                                 length)
+            slot = self.slots[key]
+        slot.fused = self.fused is not None and plain_static(slot.cache)
+        return slot
 
     def _new_slot(self, cache, batch: int, length: int) -> _Slot:
         import torch
@@ -116,6 +129,8 @@ class Decoder:
                                         device=dev))
 
     def _forward(self, slot: _Slot) -> None:
+        if slot.fused:
+            return self.fused(slot)
         # a FilledLayer hands attention the keys up to and with this step's: the mask covers as many
         mask = slot.mask[..., :int(slot.cache_pos) + 1] if slot.filled else slot.mask
         out = self.model(input_ids=slot.tok, position_ids=slot.pos, cache_position=slot.cache_pos,

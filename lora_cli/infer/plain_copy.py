@@ -29,14 +29,19 @@ def _lora_linear_class():
     import torch
 
     class _LoraLinear(torch.nn.Module):
-        """y = x W^T (+ bias) + scale * (x A^T) B^T, with [W; A] in one weight (see the module docstring)."""
+        """y = x W^T (+ bias) + (x A^T) (scale B)^T: W and A rows of one weight (see the module docstring).
 
-        def __init__(self, out_features: int, in_features: int, rank: int, scale: float, bias: bool, dtype,
-                     cpu: bool = False):
+        `weight` (out, in) and `lora_A` (rank, in) are views: of this layer's own [W; A], one matmul for both,
+        or, once `place`d, of a decoder layer's fused stack (fused_step.py), whose step reads them there.
+        `lora_B` (out, rank) holds scale * B, so a fused block-diagonal B needs no per-layer scale.
+        """
+
+        def __init__(self, out_features: int, in_features: int, rank: int, bias: bool, dtype, cpu: bool = False):
             super().__init__()
-            self.out_features, self.in_features, self.rank, self.scale = out_features, in_features, rank, scale
-            self.weight = torch.nn.Parameter(torch.empty(out_features + rank, in_features, dtype=dtype),
-                                             requires_grad=False)
+            self.out_features, self.in_features, self.rank = out_features, in_features, rank
+            self.stacked = torch.empty(out_features + rank, in_features, dtype=dtype)  # [W; A]
+            self.weight = torch.nn.Parameter(self.stacked[:out_features], requires_grad=False)
+            self.lora_A = torch.nn.Parameter(self.stacked[out_features:], requires_grad=False)
             # the CPU keeps B in fp32 (see _cpu_forward); a GPU's captured step reads it in the copy's dtype
             self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32 if cpu else dtype),
                                              requires_grad=False)
@@ -45,29 +50,39 @@ def _lora_linear_class():
             self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) \
                 if bias else None
 
+        def place(self, weight, lora_a, lora_b, bias) -> None:
+            """Hold views of a fused stack instead of an own [W; A] (refresh then writes into the stack)."""
+            self.stacked = None
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            self.lora_A = torch.nn.Parameter(lora_a, requires_grad=False)
+            self.lora_B = torch.nn.Parameter(lora_b, requires_grad=False)
+            if self.bias is not None:
+                self.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+        def parts(self, x):
+            """x W^T (+ bias) and x A^T, one matmul when [W; A] is one weight."""
+            if self.stacked is None:
+                return torch.nn.functional.linear(x, self.weight, self.bias), torch.nn.functional.linear(x, self.lora_A)
+            base, low = torch.nn.functional.linear(x, self.stacked).split([self.out_features, self.rank], -1)
+            return (base + self.bias if self.bias is not None else base), low
+
         def forward(self, x):
             if self.cpu:
                 return self._cpu_forward(x)
             shape = x.shape[:-1]
-            y = torch.nn.functional.linear(x.reshape(-1, self.in_features), self.weight)
-            base = y[:, :self.out_features]
-            if self.bias is not None:
-                base = base + self.bias
-            out = torch.addmm(base, y[:, self.out_features:], self.lora_B.t(), alpha=self.scale)
-            return out.reshape(*shape, self.out_features)
+            base, low = self.parts(x.reshape(-1, self.in_features))
+            return torch.addmm(base, low, self.lora_B.t()).reshape(*shape, self.out_features)
 
         def _cpu_forward(self, x):
             """Fewer, cheaper ops: on a CPU each op of a decoding step costs ~5 us beside its arithmetic, and a bf16
             matmul of a rank-r B ~30 us of kernel overhead where an fp32 one costs 10-17 us (1-8 rows, measured).
             The delta is rounded to the copy's dtype before the add, as peft's own forward rounds it."""
             if self.b_zero:  # no optimizer step yet, or the adapter switched off: W alone, exactly
-                return torch.nn.functional.linear(x, self.weight[:self.out_features], self.bias)
-            y = torch.nn.functional.linear(x, self.weight)
-            base, low = y.split([self.out_features, self.rank], -1)
-            if self.bias is not None:
-                base = base + self.bias
-            delta = torch.matmul(low.float(), self.lora_B.t())
-            return delta.mul_(self.scale).to(y.dtype).add_(base)
+                return torch.nn.functional.linear(x, self.weight, self.bias)
+            from lora_cli.infer.fused_step import add_delta
+
+            base, low = self.parts(x)
+            return add_delta(base, low, self.lora_B)
 
     return _LoraLinear
 
@@ -156,11 +171,14 @@ def build_copy(model, dtype, device):
             if adapter is not None:
                 inner = module.get_base_layer()
                 copy.set_submodule(name, lora_linear(inner.out_features, inner.in_features,
-                                                     module.lora_A[adapter].out_features,
-                                                     float(module.scaling[adapter]), inner.bias is not None, dtype,
-                                                     cpu))
+                                                     module.lora_A[adapter].out_features, inner.bias is not None,
+                                                     dtype, cpu))
     copy.eval().requires_grad_(False)
     copy.generation_config = base.generation_config
+    from lora_cli.infer.fused_step import fuse
+
+    # plain attributes, not submodules: refresh walks the copy's modules
+    copy.__dict__["fused_step"], copy.__dict__["fused_note"] = fuse(copy)
     refresh(copy, model)
     return copy
 
@@ -193,16 +211,14 @@ def _refresh_split(target, lora) -> None:
     """[W; A] and B of a LoRA linear layer into its LoraLinear; B zero while the adapter is switched off."""
     base = lora.get_base_layer()
     adapter = _split_layer(lora)
-    out = target.out_features
-    target.weight[:out].copy_(_weight(base.weight, target.weight.dtype))
-    target.weight[out:].copy_(lora.lora_A[adapter].weight)
+    target.weight.copy_(_weight(base.weight, target.weight.dtype))
+    target.lora_A.copy_(lora.lora_A[adapter].weight)
     if target.bias is not None:
         target.bias.copy_(base.bias)
-    if _active(lora):
-        target.lora_B.copy_(lora.lora_B[adapter].weight)
+    if _active(lora):  # scale * B, computed in fp32 and rounded once
+        target.lora_B.copy_(lora.lora_B[adapter].weight.float() * float(lora.scaling[adapter]))
     else:
         target.lora_B.zero_()
-    target.scale = float(lora.scaling[adapter])
     target.b_zero = target.cpu and not bool(target.lora_B.any())
 
 
@@ -233,3 +249,6 @@ def refresh(copy, model) -> None:
                 for adapter in deltas:
                     value = value + lora.get_delta_weight(adapter).to(torch.float32)
                 tensor.copy_(value.reshape(tensor.shape))
+    fused = copy.__dict__.get("fused_step")
+    if fused is not None:
+        fused.sync()
