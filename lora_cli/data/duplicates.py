@@ -1,7 +1,7 @@
 """Find duplicate records among any number of them in a fixed amount of memory.
 
 validate-data reports "line N: duplicate of line M". Each record contributes an 8-byte
-digest and its line number. Up to BUDGET records are kept in memory (12 bytes each); past
+digest and its line number. Up to `budget` records are kept in memory (12 bytes each); past
 that they are written to a temporary SQLite table, and SQLite's sorter, which spills to disk
 past its page cache (2 MB), finds each digest's first line. Memory stays near a few MB however
 long the file; the disk holds about 20 bytes per record until the scan ends.
@@ -27,15 +27,17 @@ _PAIRS = ("SELECT line, orig FROM (SELECT line, MIN(line) OVER (PARTITION BY dig
 class DuplicateFinder:
     """Feed (digest, line) in file order with `add`; `pairs()` then yields (dup, orig) by dup line."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = BUDGET):
+        self.budget = max(16, budget)
         self._d, self._l = array("q"), array("I")
         self._dir: Path | None = None
         self._db: sqlite3.Connection | None = None
+        self.spilled = 0  # records written to disk (0: everything fitted in memory)
 
     def add(self, digest: int, line: int) -> None:
         self._d.append(digest - _SIGN)
         self._l.append(line)
-        if len(self._d) >= BUDGET:
+        if len(self._d) >= self.budget:
             self._spill()
 
     def _spill(self) -> None:
@@ -45,6 +47,7 @@ class DuplicateFinder:
             self._db.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA temp_store = FILE;"
                                    "CREATE TABLE records (digest INTEGER, line INTEGER)")
         self._db.executemany("INSERT INTO records VALUES (?, ?)", zip(self._d, self._l))
+        self.spilled += len(self._d)
         self._d, self._l = array("q"), array("I")
 
     def pairs(self) -> Iterator[tuple[int, int]]:
