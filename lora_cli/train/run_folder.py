@@ -54,9 +54,8 @@ def check_output(cfg: RunConfig, lora_parameters: int, is_main: bool = True) -> 
         return
     # one checkpoint: the LoRA weights and AdamW's two moments, fp32 each (the tensors alone, a lower bound);
     # the previous checkpoint stays until the next is complete, so this is needed beside what the folder holds
-    need = 12 * lora_parameters
-    check_writable(cfg.output.dir, "folder", "--output", need, f"one checkpoint of {lora_parameters:,} LoRA "
-                   "parameters with their optimizer state", inside=True)
+    check_writable(cfg.output.dir, "folder", "--output", 12 * lora_parameters, f"one checkpoint of "
+                   f"{lora_parameters:,} LoRA parameters with their optimizer state", inside=True)
 
 
 IN_USE_HINT = "Wait for that run to finish, or choose another --output folder."
