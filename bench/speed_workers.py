@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import asdict
 import time
 
 PAD_ID = 151643
@@ -158,7 +159,7 @@ def run_loracli(model_dir: str, examples: list[dict], warmup: int, steps: int, o
     metrics = f"{cfg.output.dir}/metrics.jsonl"
     losses = [json.loads(line)["loss"] for line in open(metrics) if '"train"' in line] if placement.is_main else []
     out = _result(times, reporter.per_step, warmup, losses)
-    out["decisions"] = result.decisions.to_dict()
+    out["decisions"] = asdict(result.decisions)
     out["memory_plan"] = reporter.messages
     return out
 

@@ -241,9 +241,13 @@ def _owner_alive(name: str) -> bool:
     host = _owner().split("~")[0]
     tags = [part.partition("~") for part in name.split(".") if "~" in part]
     pids = [int(pid) for tag_host, _, pid in tags if tag_host == host and pid.isdigit()]
+    return not pids or pid_alive(pids[-1])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host may still be running."""
     try:
-        if pids:
-            os.kill(pids[-1], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process, alive

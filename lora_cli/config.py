@@ -35,12 +35,11 @@ def _bad(section: str, key: str, value: Any, why: str) -> LoraCliError:
 
 def _as_flag(section: str, key: str) -> str:
     """' (--flag)': the command-line flag of a config key, so that an error names what the user typed
-    whichever way the value came ("" for a key without a flag of its own)."""
+    whichever way the value came ("" for a key the config does not have)."""
     model = RunConfig.model_fields.get(section)  # called while validating, long after RunConfig exists
     field = model.annotation.model_fields.get(key) if model is not None else None
-    if field is None or field.json_schema_extra["set_only"]:  # every field is a setting(): its meta is a dict
-        return ""
-    return f" ({flag_for(key, field.json_schema_extra).split('/')[0]})"
+    # every field is a setting(): its meta is a dict
+    return f" ({flag_for(key, field.json_schema_extra).split('/')[0]})" if field is not None else ""
 
 
 def flag_for(name: str, meta: dict[str, Any]) -> str:
@@ -65,14 +64,13 @@ Share = Annotated[float, Field(ge=0, lt=1)]
 
 
 def setting(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
-            set_only: bool = False, panel: str | None = None, **limits: Any) -> Any:
+            panel: str | None = None, **limits: Any) -> Any:
     """A config field with what its command-line flag needs: help text, and a flag name where the
     field's own name (`max_length` -> `--max-length`) would be unclear. A bool flag is written as
-    `--on/--off`. `set_only`: no flag of its own, reachable only through --set section.key=value.
-    `panel`: the --help panel it is listed in (one of HELP_PANELS; its section's by default).
+    `--on/--off`. `panel`: the --help panel it is listed in (one of HELP_PANELS; its section's by default).
     `limits`: pydantic's numeric bounds (gt, ge, lt, le). A mutable default (a list) is copied for each
     config, as pydantic copies every default that is not hashable."""
-    meta = {"help": help, "flag": flag, "short": short, "set_only": set_only, "panel": panel}
+    meta = {"help": help, "flag": flag, "short": short, "panel": panel}
     return Field(default, description=help, json_schema_extra=meta, **limits)
 
 
@@ -278,9 +276,6 @@ class RunConfig(BaseModel):
         return self
 
     # ---- conversion -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
         """Validate `raw` ({section: {key: value}}, as YAML reads it); LoraCliError naming the first bad key."""
@@ -293,7 +288,7 @@ class RunConfig(BaseModel):
 
     def replace(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted-key overrides applied (`{"train.lr": 1e-4}`), validated again."""
-        raw = self.to_dict()
+        raw = self.model_dump()
         for dotted, value in overrides.items():
             section, _, key = dotted.partition(".")
             if section not in raw or key not in raw[section]:
@@ -309,7 +304,7 @@ class RunConfig(BaseModel):
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
 # What a pydantic error type means for a setting, in the words of lora-cli's other messages.

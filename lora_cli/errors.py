@@ -34,10 +34,11 @@ class TrainingInterrupted(LoraCliError):
     """Ctrl-C (or SIGTERM) during training: a checkpoint was saved; exit 128 + the signal's number
     (130 for Ctrl-C) like any program a signal stopped."""
 
-    def __init__(self, message: str, checkpoint: str | None, resume_command: str | None, exit_code: int = 130):
+    resume_command: str | None = None  # the command line that continues the run: the CLI knows it, not the core
+
+    def __init__(self, message: str, checkpoint: str | None, exit_code: int = 130):
         super().__init__(message)
         self.checkpoint = checkpoint
-        self.resume_command = resume_command
         self.exit_code = exit_code
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from lora_cli.atomic import pid_alive
 from lora_cli.errors import LoraCliError
 from lora_cli.progress import NULL_REPORTER
 
@@ -60,13 +61,8 @@ def _alive(owner: dict) -> bool:
     """Without flock: the owner named in the file may still be at work (another host: assume so)."""
     if owner.get("host") != socket.gethostname():
         return bool(owner)
-    try:
-        os.kill(int(owner.get("pid")), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    pid = owner.get("pid")
+    return isinstance(pid, int) and pid_alive(pid)  # "?": a record cut short by a kill
 
 
 def _flock(fd: int, mode: int) -> bool | None:
@@ -104,14 +100,6 @@ def _open(path: Path, wait: bool) -> tuple[int | None, dict]:
         if same:
             return fd, owner
         os.close(fd)
-
-
-def _record(fd: int) -> None:
-    me = {"host": socket.gethostname(), "pid": os.getpid(),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
 
 
 def refuse_if_held(target: Path | str, what: str, hint: str = "") -> None:
@@ -162,8 +150,12 @@ def exclusive(target: Path | str, what: str, hint: str = "", reporter=NULL_REPOR
                            "Choose a writable location.") from None
     if fd is None:
         raise OutputInUse(what, owner, hint)
-    try:
-        _record(fd)
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
+    try:  # who holds it, for a refused command to name
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
     except OSError as exc:
         os.close(fd)
         raise LoraCliError(f"Cannot lock {target}: {path}: {exc.strerror or exc}.", "Choose a writable location.") from None

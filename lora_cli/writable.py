@@ -17,14 +17,6 @@ from lora_cli.atomic import WRITE_HINTS, tmp_prefix
 from lora_cli.errors import LoraCliError
 
 
-def nearest_existing(path: Path) -> Path:
-    """`path` or its closest ancestor that exists (what a mkdir -p of `path` starts from)."""
-    path = Path(os.path.abspath(path))
-    while not os.path.lexists(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
@@ -55,7 +47,9 @@ def check_writable(target: Path | str, kind: str, flag: str, need_bytes: int = 0
     if kind == "file" and target.is_dir():
         raise LoraCliError(f"{flag} {target}: is a folder; this command writes one file there.",
                            "Pass a file path (a new name, or an earlier output of this command).")
-    base = nearest_existing(target.parent)
+    base = Path(os.path.abspath(target.parent))
+    while not os.path.lexists(base) and base != base.parent:  # its closest ancestor that exists (where mkdir -p starts)
+        base = base.parent
     if not base.is_dir():
         raise LoraCliError(f"{flag} {target}: {base} is a file, not a folder.", "Choose another path.")
     _probe(base, target, flag)

@@ -13,6 +13,7 @@ there (torch's FullyShardedDataParallel, peft's wrap policy, use_orig_params=Fal
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -108,7 +109,7 @@ def main() -> None:
     report.mkdir(parents=True, exist_ok=True)
     save_file(captured["weights"], str(report / f"rank-{rank}.safetensors"))
     (report / f"rank-{rank}.json").write_text(json.dumps({"calls": calls, "steps": result.summary.steps,
-                                                          "decisions": result.decisions.to_dict()}))
+                                                          "decisions": asdict(result.decisions)}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ EVALS = [(1.0, 0.25), (0.8, 0.5), (0.9, 1.0), (0.85, 0.75)]
 
 def _track(select_by: str, patience: int = 5):
     messages = []
-    loop = SimpleNamespace(state=LoopState(), total_steps=10, reporter=SimpleNamespace(message=messages.append),
+    loop = SimpleNamespace(state=LoopState(total_steps=10), reporter=SimpleNamespace(message=messages.append),
                            train_cfg=SimpleNamespace(select_by=select_by, early_stopping_patience=patience))
     for step, (loss, rate) in enumerate(EVALS, start=1):
         loop.state.step = step
@@ -36,7 +36,7 @@ def test_selecting_by_stop_rate_keeps_the_highest_stop_rate_and_stops_after_pati
 
 def test_an_equal_stop_rate_is_better_only_with_a_lower_eval_loss():
     messages = []
-    loop = SimpleNamespace(state=LoopState(), total_steps=10, reporter=SimpleNamespace(message=messages.append),
+    loop = SimpleNamespace(state=LoopState(total_steps=10), reporter=SimpleNamespace(message=messages.append),
                            train_cfg=SimpleNamespace(select_by="stop-rate", early_stopping_patience=5))
     for step, (loss, rate) in enumerate([(0.9, 1.0), (0.95, 1.0), (0.7, 1.0)], start=1):
         loop.state.step = step
@@ -47,7 +47,7 @@ def test_an_equal_stop_rate_is_better_only_with_a_lower_eval_loss():
 @pytest.mark.parametrize("train, match", [({"select_by": "accuracy"}, "select_by"),
                                           ({"select_by": "stop-rate", "eval_generate": 0}, "--eval-generate is 0")])
 def test_bad_select_by_settings_are_one_clear_error(train, match):
-    raw = RunConfig().to_dict()
+    raw = RunConfig().model_dump()
     raw["data"]["val"] = "val.jsonl"
     raw["train"].update(train)
     with pytest.raises(LoraCliError, match=match):

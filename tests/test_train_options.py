@@ -42,7 +42,7 @@ OPTIONS = {
 def config(model_dir, data_files, out, options: dict, **train):
     train_f, val_f = data_files
     settings = dict(epochs=2, lr=5e-3, max_tokens=128, log_every=1) | train
-    raw = tiny_config(model_dir, train_f, val_f, out, **settings).to_dict()
+    raw = tiny_config(model_dir, train_f, val_f, out, **settings).model_dump()
     raw["model"]["quantization"] = "none"
     for key, value in options.items():
         section, _, name = key.partition(".")

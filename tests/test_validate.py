@@ -55,7 +55,7 @@ def test_bom_crlf_and_blank_lines_are_accepted(tmp_path):
     body = "\r\n".join(json.dumps(r) for r in make_records(3)) + "\r\n\r\n"
     path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     report = validate_file(path)
-    assert report.clean and report.records == 3 and report.issues == []
+    assert report.errors == 0 and report.records == 3 and report.issues == []
 
 
 def test_chat_records_are_validated_too(tmp_path):

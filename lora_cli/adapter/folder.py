@@ -54,10 +54,7 @@ EXTENDABLE = ("epochs", "max_steps")
 
 
 def _settings_blob(cfg: RunConfig, leave_out: tuple[str, ...]) -> dict:
-    raw = cfg.to_dict()
-    for key in leave_out:
-        raw["train"].pop(key, None)
-    return {k: raw[k] for k in ("data", "model", "lora", "train")}
+    return cfg.model_dump(include={"data", "model", "lora", "train"}, exclude={"train": set(leave_out)})
 
 
 def run_fingerprint(cfg: RunConfig, content: dict | None = None) -> str:
@@ -193,9 +190,7 @@ def read_param_summary(path: str | Path):
     from lora_cli.model.params import ParamSummary
 
     file = Path(path) / PARAM_SUMMARY
-    if not file.is_file():
-        return None
-    return ParamSummary.from_dict(_read_json(file))
+    return ParamSummary.from_dict(_read_json(file)) if file.is_file() else None
 
 
 def summary_for_adapter(path: str | Path, model: str | None = None, trust_remote_code: bool = False):

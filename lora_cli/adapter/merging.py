@@ -78,37 +78,28 @@ def trained_base_weights(quantization: str) -> str:
     return "nf4" if quantization == "nf4" else "original"
 
 
-def _load_base(path: Path, dtype: str, base_weights: str, trust_remote_code: bool):
-    if base_weights == "original":
-        return load_model(path, "none", dtype, "cpu", trust_remote_code)
-    # de-quantized: every Linear4bit becomes a Linear holding exactly the NF4 values
-    return load_model(path, "nf4", "fp32", "cpu", trust_remote_code).dequantize().to(torch_dtype(dtype))
-
-
-def untie_adapted_head(peft_model: PeftModel) -> bool:
+def untie_adapted_head(peft_model: PeftModel) -> None:
     """Give the output head its own weight where it shares the input embedding's (tied) and LoRA
     is on either of them.
 
     Merging adds a LoRA update to the weight it wraps; tied, that tensor is the other side's too,
     so the merged model would see the update at both ends (and be saved tied): not base + adapter,
     where LoRA on the head changes the logits only and LoRA on the embedding the inputs only. The
-    head gets a copy, the update lands on its own side, and the model is saved untied. True when it
-    untied.
+    head gets a copy, the update lands on its own side, and the model is saved untied.
     """
     import torch
 
     base = peft_model.get_base_model()
     head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
     if head is None or embedding is None:
-        return False
+        return
     inner_head, inner_embedding = getattr(head, "base_layer", head), getattr(embedding, "base_layer", embedding)
     adapted = inner_head is not head or inner_embedding is not embedding  # a LoRA layer wraps its base layer
     if not adapted or inner_head.weight.data_ptr() != inner_embedding.weight.data_ptr():
-        return False
+        return
     inner_head.weight = torch.nn.Parameter(inner_head.weight.detach().clone(), requires_grad=False)
     for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-    return True
 
 
 def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "original",
@@ -123,7 +114,12 @@ def merged_model(info: AdapterInfo, dtype: str = "fp32", base_weights: str = "or
     resolved = resolve_model(info.base_model, reporter)
     tokenizer = load_tokenizer(info.tokenizer_dir or resolved.path, info.trust_remote_code)
     with reporter.stage(f"Merging the adapter into {info.base_model} ({base_weights} weights, {dtype})"):
-        model = attach_adapter(_load_base(resolved.path, dtype, base_weights, info.trust_remote_code), info)
+        if base_weights == "original":
+            base = load_model(resolved.path, "none", dtype, "cpu", info.trust_remote_code)
+        else:  # de-quantized: every Linear4bit becomes a Linear holding exactly the NF4 values
+            base = load_model(resolved.path, "nf4", "fp32", "cpu", info.trust_remote_code).dequantize()
+            base = base.to(torch_dtype(dtype))
+        model = attach_adapter(base, info)
         untie_adapted_head(model)
         merged = model.merge_and_unload()
         merged.config.use_cache = True

@@ -37,9 +37,6 @@ class RunDecisions:
     warmup_steps: int  # optimizer steps of learning-rate warm-up
     eval_generate_max_new_tokens: int  # the stop-rate probe's longest answer cap (0: no probe)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class BestEvaluation:
@@ -120,7 +117,7 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         """As run_config.yaml holds it: the named fields, the decisions, then the summary if any."""
         raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("decisions", "summary")}
-        decisions = self.decisions.to_dict() if self.decisions is not None else {}
+        decisions = asdict(self.decisions) if self.decisions is not None else {}
         return raw | decisions | ({"summary": self.summary.to_dict()} if self.summary is not None else {})
 
 
@@ -156,5 +153,5 @@ class SavedRun:
         return cls(**sections, run=RunRecord.from_dict(raw["run"] if "run" in raw else {}))
 
     def settings(self) -> dict[str, dict[str, Any]]:
-        """The data, model, lora and train sections as plain values (RunConfig.to_dict's layout)."""
+        """The data, model, lora and train sections as plain values (RunConfig.model_dump's layout)."""
         return {name: getattr(self, name).model_dump() for name in self.SECTIONS}

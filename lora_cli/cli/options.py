@@ -30,7 +30,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 @dataclass(frozen=True)
 class ConfigField:
     """A field of the run config as its flag sees it: name, default, and what `config.setting` recorded
-    (help, flag, short, set_only, panel)."""
+    (help, flag, short, panel)."""
 
     name: str
     default: Any
@@ -82,7 +82,7 @@ def select(patterns: tuple[str, ...]) -> list[tuple[str, ConfigField]]:
     unknown = set(patterns) - {"*"} - {f"{s}.*" for s, _ in chosen} - {f"{s}.{f.name}" for s, f in chosen}
     if unknown:
         raise ValueError(f"no such config field: {', '.join(sorted(unknown))}")
-    return [(s, f) for s, f in chosen if not f.metadata.get("set_only")]
+    return chosen
 
 
 def config_flags(*patterns: str):
@@ -93,22 +93,16 @@ def config_flags(*patterns: str):
     hide the --config file's value.
     """
     chosen = select(patterns)
-
-    def settings(given: dict[str, tuple[Any, bool]]) -> dict[str, Any]:
-        return {key: value for key, (value, typed) in given.items() if typed}
-
-    return lambda fn: _with_flags(fn, "settings", chosen, settings)
+    return lambda fn: _with_flags(fn, "settings", chosen, lambda given: {
+        key: value for key, (value, typed) in given.items() if typed})
 
 
 def model_flags(model: Any, receiver: str):
     """Give a command one flag per field of `model` (a pydantic model declared with config.setting); it
     receives them as `receiver`, an instance of `model` (the defaults where no flag was typed)."""
     chosen = [(receiver, f) for f in model_fields(model)]
-
-    def build(given: dict[str, tuple[Any, bool]]) -> Any:
-        return model(**{key.partition(".")[2]: value for key, (value, _) in given.items()})
-
-    return lambda fn: _with_flags(fn, receiver, chosen, build)
+    return lambda fn: _with_flags(fn, receiver, chosen, lambda given: model(**{
+        key.partition(".")[2]: value for key, (value, _) in given.items()}))
 
 
 def _with_flags(fn, receiver: str, chosen: list[tuple[str, ConfigField]], build):

@@ -45,9 +45,7 @@ class MicroBatch:
         cuda = getattr(device, "type", str(device)).startswith("cuda")
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+            return t if t is None else t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids),
                           self.n_targets, self.n_real, move(self.target_index))
@@ -107,10 +105,6 @@ def plan_packed(order: list[int], lengths: list[int], max_tokens: int, row_token
     return [batch for batch, _ in _first_fit(lengths, order, max_tokens, row_tokens)]
 
 
-def plan_padded(order: list[int], batch_size: int) -> list[list[int]]:
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def _shifted(labels: list[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE]
 
@@ -123,21 +117,16 @@ def collate_packed(rows: list[dict] | list[list[dict]], pad_id: int, max_tokens:
     """
     import torch
 
-    built = []  # (ids, targets, positions) of each row, unpadded
-    for row in rows if rows and isinstance(rows[0], list) else [rows]:
-        built.append(([t for r in row for t in r["input_ids"]], [t for r in row for t in _shifted(list(r["labels"]))],
-                      [p for r in row for p in range(len(r["input_ids"]))]))
+    built = [([t for r in row for t in r["input_ids"]], [t for r in row for t in _shifted(list(r["labels"]))],
+              [p for r in row for p in range(len(r["input_ids"]))])  # (ids, targets, positions) of a row, unpadded
+             for row in (rows if rows and isinstance(rows[0], list) else [rows])]
     built += [([], [], [])] * max(0, static_rows - len(built))
     longest = max(len(b[0]) for b in built)
     width = max(max_tokens if static_rows else min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max_tokens), longest)
-    out_ids, out_tgt, out_pos = [], [], []
-    for ids, tgt, pos in built:
-        extra = width - len(ids)
-        # padding is a separate "sequence" with its own positions: it attends only to itself
-        out_ids.append(ids + [pad_id] * extra)
-        out_tgt.append(tgt + [IGNORE] * extra)
-        out_pos.append(pos + list(range(extra)))
-    ids_t, tgt_t, pos_t = (torch.tensor(v, dtype=torch.long) for v in (out_ids, out_tgt, out_pos))
+    # padding is a separate "sequence" with its own positions: it attends only to itself
+    padded = [(ids + [pad_id] * extra, tgt + [IGNORE] * extra, pos + list(range(extra)))
+              for ids, tgt, pos in built for extra in [width - len(ids)]]
+    ids_t, tgt_t, pos_t = (torch.tensor(v, dtype=torch.long) for v in zip(*padded))
     return MicroBatch(ids_t, tgt_t, None, pos_t, int((tgt_t != IGNORE).sum()), sum(len(b[0]) for b in built))
 
 
@@ -188,7 +177,7 @@ class Batcher:
         order = epoch_order(len(self.lengths), self.seed, epoch, shuffle)
         if self.packed:
             return plan_packed(order, self.lengths, self.max_tokens, self.row_tokens)
-        return plan_padded(order, self.batch_size)
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def collate(self, indices: list[int]) -> MicroBatch:
         data = self.dataset[indices]

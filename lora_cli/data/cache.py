@@ -52,18 +52,13 @@ TOKENIZER_FILES = (
 
 def file_digest(path: Path) -> tuple[str, int]:
     """(sha256 of the bytes, number of lines)."""
-    lines = 0
-
-    def count(chunk: bytes) -> None:
-        nonlocal lines
-        lines += chunk.count(b"\n")
-
+    newlines: list[int] = []  # of each chunk read
     with open_data_file(path) as fh:
         try:
-            digest = sha256_of(fh, count)
+            digest = sha256_of(fh, lambda chunk: newlines.append(chunk.count(b"\n")))
         except OSError as exc:
             raise LoraCliError(f"Cannot read data file {path}: {exc.strerror or exc}.") from None
-    return digest, lines
+    return digest, sum(newlines)
 
 
 def tokenizer_digest(tokenizer_dir: Path) -> str:

@@ -60,7 +60,7 @@ def current_path(cache_dir: str | Path) -> Path:
 
 
 def _flat(cfg: RunConfig) -> dict:
-    return {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+    return {f"{s}.{k}": v for s, values in cfg.model_dump().items() for k, v in values.items()}
 
 
 def _when(stamp: str) -> str:
@@ -96,10 +96,8 @@ class CurrentDataset:
 
     def config_settings(self) -> dict:
         """The run config layer of a command that works on it (config_files.build_config's `base`)."""
-        out = dict(self.settings)
-        for split in SPLITS:
-            out[f"data.{split}"] = self.located(self.files[split].path) if split in self.files else None
-        return out
+        files = {f"data.{s}": self.located(self.files[s].path) if s in self.files else None for s in SPLITS}
+        return self.settings | files
 
     def describe(self, cfg: RunConfig | None = None) -> str:
         """'the current dataset: data/train.jsonl (48 examples), data/val.jsonl (12 examples); model
@@ -126,9 +124,9 @@ class CurrentDataset:
                                "longer exists.",
                                "Tokenize the data again (lora-cli tokenize --train FILE.jsonl ...), or pass --train "
                                "FILE.jsonl.")
-        if file_digest(Path(path))[0] == f.sha256:
-            return None
-        return f"{path} changed since it was tokenized ({_when(f.tokenized)}): tokenizing it again."
+        if file_digest(Path(path))[0] != f.sha256:
+            return f"{path} changed since it was tokenized ({_when(f.tokenized)}): tokenizing it again."
+        return None
 
     def same_settings(self, cfg: RunConfig) -> bool:
         """True when `cfg` runs on this dataset's files with its settings (the files' content may differ)."""
@@ -138,11 +136,11 @@ class CurrentDataset:
 
 def record(cfg: RunConfig, entries: dict, eos_token: str | None) -> CurrentDataset:
     """Write `<cache_dir>/current.json` for what was just tokenized (entries: split -> cache.CacheEntry)."""
-    flat, files = _flat(cfg), {}
-    for split, entry in entries.items():
-        files[split] = {"path": str(getattr(cfg.data, split)), "sha256": entry.meta.parts.data_sha256,
-                        "examples": entry.meta.counts.examples, "cache_key": entry.key,
-                        "tokenized": entry.meta.created or time.strftime("%Y-%m-%dT%H:%M:%S")}
+    flat = _flat(cfg)
+    files = {split: {"path": str(getattr(cfg.data, split)), "sha256": entry.meta.parts.data_sha256,
+                     "examples": entry.meta.counts.examples, "cache_key": entry.key,
+                     "tokenized": entry.meta.created or time.strftime("%Y-%m-%dT%H:%M:%S")}
+             for split, entry in entries.items()}
     raw = {"version": VERSION, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S"), "cwd": os.getcwd(),
            "settings": {k: flat[k] for k in SETTINGS}, "eos_token": eos_token, "files": files}
     path = current_path(cfg.data.cache_dir)
@@ -241,6 +239,5 @@ def check_data_files(cfg: RunConfig, current: CurrentDataset | None, splits: tup
             continue
         if current is not None and not Path(path).exists():
             current.change_note(split, str(path))  # its own recorded file: raises, saying when it was tokenized
-        with open_data_file(path):
-            pass
+        open_data_file(path).close()
 

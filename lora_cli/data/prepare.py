@@ -66,9 +66,8 @@ def prepare_data(cfg: RunConfig, reporter: Reporter = NULL_REPORTER, force: bool
                 reporter.message(note)
     if is_main and "val" in entries:
         _say_val_overlap(entries["train"], entries["val"], reporter)
-    recorded = None
-    if is_main and (record or _moved_on(current, cfg, entries)):
-        recorded = current_dataset.record(cfg, entries, tokenizer.eos_token)
+    recorded = (current_dataset.record(cfg, entries, tokenizer.eos_token)
+                if is_main and (record or _moved_on(current, cfg, entries)) else None)
     if is_main:
         barrier()
     return PreparedData(resolved, tokenizer, template, entries["train"], entries.get("val"), recorded)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -31,6 +32,7 @@ ALIASES = {"output": ("response", "answer", "completion", "target"), "instructio
            "system": ("system_prompt", "system_message"), "history": ("chat_history", "conversation_history"),
            "messages": ("conversations", "conversation", "dialog", "chat")}
 KNOWN = ("instruction", "input", "output", "messages", "system", "history")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a \ud83d escape alone decodes to: not encodable as UTF-8
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,6 @@ def read_units(path: str | Path) -> Iterator[tuple[int, "bytes | Element | Issue
     yield from open_lines(path, cr_only=kind == JSONL_CR)
 
 
-def _is_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: bool) -> str | None:
     value = obj.get(key)
     if value is None and optional:  # absent or null
@@ -160,7 +154,7 @@ def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: 
     else:
         problem = (f"'{key}' is null; it must be a non-empty string" if value is None else
                    f"'{key}' must be a string, not {type(value).__name__}" if not isinstance(value, str) else
-                   f"'{key}' holds an invalid unicode escape (a lone surrogate)" if not _is_encodable(value) else
+                   f"'{key}' holds an invalid unicode escape (a lone surrogate)" if LONE_SURROGATE.search(value) else
                    f"'{key}' is blank" if not optional and not value.strip() else None)
     if problem:
         issue(key, problem)
@@ -189,7 +183,7 @@ def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None
             bad(f"{where}.role", f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if not isinstance(content, str):
             bad(f"{where}.content", "content must be a string" + (" (missing)" if "content" not in msg else ""))
-        elif not _is_encodable(content):
+        elif LONE_SURROGATE.search(content):
             bad(f"{where}.content", "content holds an invalid unicode escape (a lone surrogate)")
         elif role == "assistant" and not content.strip():
             bad(f"{where}.content", "assistant content is blank")
@@ -288,7 +282,7 @@ def _parse_history(value: Any, issue: IssueSink) -> list[tuple[str, str]]:
             continue
         for j, (text, who) in enumerate(zip(pair, ("user", "assistant"))):
             problem = (f"must be a string, not {type(text).__name__}" if not isinstance(text, str) else
-                       "holds an invalid unicode escape (a lone surrogate)" if not _is_encodable(text) else
+                       "holds an invalid unicode escape (a lone surrogate)" if LONE_SURROGATE.search(text) else
                        "is blank" if who == "assistant" and not text.strip() else None)
             if problem:
                 issue(f"history[{i}][{j}]", f"the {who} text {problem}")

@@ -79,10 +79,6 @@ class DataReport:
     left_out_lines: list[int] = field(default_factory=list)
     digests: RecordDigests = field(default_factory=RecordDigests, repr=False)  # for records shared across files
 
-    @property
-    def clean(self) -> bool:
-        return self.errors == 0
-
     def to_dict(self) -> dict:
         return {
             "file": self.file, "records": self.records, "valid": self.valid, "invalid": self.records - self.valid,

@@ -49,9 +49,7 @@ def spans_of(input_ids: list[int], labels: list[int], tokenizer: PreTrainedToken
 
 def show_examples(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, n: int) -> list[ShownExample]:
     """The first `n` rows of a tokenized split (datasets.Dataset with input_ids, labels, line) as spans."""
-    shown = []
-    for row in dataset.select(range(min(n, len(dataset)))):
-        spans = spans_of(row["input_ids"], row["labels"], tokenizer)
-        trained = sum(1 for i, label in enumerate(row["labels"]) if i > 0 and label != IGNORE)
-        shown.append(ShownExample(int(row["line"]), len(row["input_ids"]), trained, spans))
-    return shown
+    return [ShownExample(int(row["line"]), len(row["input_ids"]),
+                         sum(label != IGNORE for label in row["labels"][1:]),  # the first token is never trained
+                         spans_of(row["input_ids"], row["labels"], tokenizer))
+            for row in dataset.select(range(min(n, len(dataset))))]

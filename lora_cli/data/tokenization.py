@@ -65,21 +65,17 @@ def with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
     return list(ids) if prefix and ids[: len(prefix)] == prefix else [*prefix, *ids]
 
 
-def _closed(piece: list[int], trainable: bool | None, add_eos: bool, eos: int | None) -> list[int]:
-    """A segment's ids, with eos appended after a response (trained, or UNTRAINED: a turn of weight 0)
-    unless it ends with one already: the one rule for training and for the prompts of generation."""
-    if trainable is not False and add_eos and eos is not None and (not piece or piece[-1] != eos):
-        return [*piece, eos]
-    return list(piece)
-
-
 def _joined(segs: list[tuple[str, bool | None]], ids: list[list[int]], prefix: list[int], eos: int | None,
             policy: LabelPolicy) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of segments whose texts tokenized to `ids`: each closed by its eos, labels
-    on the trained ones (on all with train_on_prompt), the special prefix in front, untruncated."""
+    on the trained ones (on all with train_on_prompt), the special prefix in front, untruncated.
+
+    The eos closes a response (trained, or UNTRAINED: a turn of weight 0) unless it ends with one already:
+    the one rule for training and for the prompts of generation."""
     input_ids, labels = [], []
     for (_, trainable), piece in zip(segs, ids):
-        piece = _closed(piece, trainable, policy.add_eos, eos)
+        if trainable is not False and policy.add_eos and eos is not None and (not piece or piece[-1] != eos):
+            piece = [*piece, eos]
         input_ids.extend(piece)
         labels.extend(piece if (trainable or policy.train_on_prompt) else [IGNORE] * len(piece))
     opened = with_prefix(prefix, input_ids)
@@ -92,13 +88,10 @@ def encode_batch(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
     per_example = [template.segments(ex, tokenizer) for ex in examples]
     texts = [text for segs in per_example for text, _ in segs]
     ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
-    out = []
-    for example, segs in zip(examples, per_example):
-        input_ids, labels = _joined(segs, [next(ids) for _ in segs], prefix, eos, policy)
-        truncated = len(input_ids) > policy.max_length
-        out.append(Encoded(input_ids[: policy.max_length], labels[: policy.max_length], example.line, truncated))
-    return out
+    prefix, eos, n = special_prefix(tokenizer), tokenizer.eos_token_id, policy.max_length
+    joined = (_joined(segs, [next(ids) for _ in segs], prefix, eos, policy) for segs in per_example)
+    return [Encoded(input_ids[:n], labels[:n], example.line, truncated=len(input_ids) > n)
+            for example, (input_ids, labels) in zip(examples, joined)]
 
 
 def encode_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
@@ -129,10 +122,8 @@ def template_issues(examples: list[Example], tokenizer: PreTrainedTokenizerBase,
     chat template refuses a conversation that opens with the assistant, say); [] when all render.
 
     What generation and scoring check before they use records that training never filtered."""
-    def render(batch: list[Example]) -> list:
-        return [(template.segments(ex, tokenizer), encode_example_prompt(ex, tokenizer, template)) for ex in batch]
-
-    return apply_or_reject(examples, render, file)[1]
+    return apply_or_reject(examples, lambda batch: [(template.segments(ex, tokenizer), encode_example_prompt(
+        ex, tokenizer, template)) for ex in batch], file)[1]
 
 
 def check_system_message(system: str, tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
@@ -174,11 +165,9 @@ def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, te
     """TokenCount per example under `policy`'s labels (untruncated: prompt + response + eos), for
     validate-data's statistics and the context an export check needs."""
     untruncated = LabelPolicy(2**31 - 1, policy.train_on_prompt, policy.add_eos)
-    out = []
-    for enc in encode_batch(examples, tokenizer, template, untruncated):
-        first = next((i for i in range(1, len(enc.labels)) if enc.labels[i] != IGNORE), len(enc.labels))
-        out.append(TokenCount(enc.line, len(enc.input_ids), first))
-    return out
+    return [TokenCount(enc.line, len(enc.input_ids),
+                       next((i for i in range(1, len(enc.labels)) if enc.labels[i] != IGNORE), len(enc.labels)))
+            for enc in encode_batch(examples, tokenizer, template, untruncated)]
 
 
 def _where(count: int, lines: list[int]) -> str:

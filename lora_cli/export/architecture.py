@@ -40,11 +40,9 @@ class ArchSpec:
 
 
 def _rope(config) -> tuple[float, str]:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0), kind
+    """(theta, rope type): transformers 5 holds both in rope_parameters, whichever keys config.json used."""
+    params = config.rope_parameters or {}
+    return float(params.get("rope_theta", 10000.0)), params.get("rope_type", "default")
 
 
 def check_config(config, name: str) -> ArchSpec:
@@ -135,10 +133,5 @@ def to_gguf_layout(gguf_tensor: str, array, spec: ArchSpec):
     if spec.model_type != "llama" or not gguf_tensor.endswith((".attn_q.weight", ".attn_k.weight")):
         return array
     heads = spec.heads if ".attn_q." in gguf_tensor else spec.kv_heads
-    return permute_rows(array, heads)
-
-
-def permute_rows(array, heads: int):
-    """Within each head, interleave the two rotary halves: rows (h, 2, d) -> (h, d, 2)."""
-    rows = array.shape[0]
-    return array.reshape(heads, 2, rows // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+    # within each head, interleave the two rotary halves: rows (h, 2, d) -> (h, d, 2)
+    return array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)

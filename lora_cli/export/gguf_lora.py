@@ -23,7 +23,7 @@ from lora_cli import __version__
 from lora_cli.adapter.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraCliError
 from lora_cli.export.architecture import gguf_name, to_gguf_layout
-from lora_cli.export.gguf_model import declare, stream, tensor_type
+from lora_cli.export.gguf_model import stream
 from lora_cli.progress import NULL_REPORTER
 
 LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -77,8 +77,6 @@ def write_lora_gguf(path: Path, info, spec, outtype: str, reporter=NULL_REPORTER
     plan = []
     for base, pair in sorted(pairs.items()):
         b = to_gguf_layout(base, pair["b"], spec)  # rows of B are the rows of W: permuted like W's
-        for suffix, array in ((".lora_a", pair["a"]), (".lora_b", b)):
-            qtype = tensor_type(outtype, base + suffix, array.shape)
-            declare(writer, base + suffix, array.shape, qtype)
-            plan.append((base + suffix, (lambda x=array: x), qtype))
-    return stream(writer, path, plan, reporter, f"Writing {outtype} GGUF LoRA adapter")
+        plan += [(base + suffix, array.shape, lambda x=array: x) for suffix, array in ((".lora_a", pair["a"]),
+                                                                                        (".lora_b", b))]
+    return stream(writer, path, outtype, plan, reporter, f"Writing {outtype} GGUF LoRA adapter")

@@ -13,6 +13,8 @@ fp32 model plus one converted tensor.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -61,25 +63,28 @@ def declare(writer, name: str, shape: tuple[int, ...], qtype) -> None:
     writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
 
 
-def stream(writer, path, plan: list[tuple[str, object, object]], reporter=NULL_REPORTER, label: str = "") -> dict:
-    """Header, metadata and tensor infos, then each tensor: `plan` is [(gguf name, producer(), qtype)].
+def stream(writer, path, outtype: str, plan: list[tuple[str, tuple[int, ...], object]], reporter=NULL_REPORTER,
+           label: str = "") -> dict:
+    """Each tensor declared in its type for `outtype` (tensor_type), the header, metadata and tensor infos
+    written, then each tensor: `plan` is [(gguf name, shape, producer())].
 
     `producer()` returns the float32 numpy array, called only when that tensor is written.
     Returns {GGML type name: count}.
     """
-    counts: dict[str, int] = {}
+    types = [tensor_type(outtype, name, shape) for name, shape, _ in plan]
+    for (name, shape, _), qtype in zip(plan, types):
+        declare(writer, name, shape, qtype)
     try:
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with reporter.stage(label or f"Writing {path}", total=len(plan), unit="tensors") as stage:
-            for _, produce, qtype in plan:
+            for (_, _, produce), qtype in zip(plan, types):
                 writer.write_tensor_data(encode(produce(), qtype))
-                counts[qtype.name] = counts.get(qtype.name, 0) + 1
                 stage.update(1)
     finally:
         writer.close()
-    return counts
+    return dict(Counter(qtype.name for qtype in types))
 
 
 def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: str, metadata: dict,
@@ -103,11 +108,7 @@ def write_model_gguf(path, model, tokenizer, spec, outtype: str, chat_template: 
     writer.add_chat_template(chat_template)
     for key, value in metadata.items():
         writer.add_string(f"lora_cli.{key}", str(value))
-    plan = []
-    for hf_name, target in names.items():
-        tensor = state[hf_name]
-        qtype = tensor_type(outtype, target, tuple(tensor.shape))
-        declare(writer, target, tuple(tensor.shape), qtype)
-        plan.append((target, lambda t=tensor, n=target: to_gguf_layout(n, t.detach().float().cpu().numpy(), spec),
-                     qtype))
-    return stream(writer, path, plan, reporter, f"Writing {outtype} GGUF")
+    plan = [(target, tuple(state[hf_name].shape),
+             lambda t=state[hf_name], n=target: to_gguf_layout(n, t.detach().float().cpu().numpy(), spec))
+            for hf_name, target in names.items()]
+    return stream(writer, path, outtype, plan, reporter, f"Writing {outtype} GGUF")

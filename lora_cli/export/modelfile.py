@@ -126,9 +126,7 @@ def go_string(text: str) -> str:
 
 def go_literal(text: str) -> str:
     """Template text for `text`: as is, or as a string action when it holds "{{", '\"\"\"' or unprintable characters."""
-    if not text:
-        return ""
-    if "{{" in text or text.endswith("{") or '"""' in text or not all(_printable(c) for c in text):
+    if text and ("{{" in text or text.endswith("{") or '"""' in text or not all(_printable(c) for c in text)):
         return "{{ " + go_string(text) + " }}"
     return text
 

@@ -141,14 +141,10 @@ def _export(info, output: Path, fmt: str, outtype: str, base_weights: str, repla
     counts = _write(output, fmt, replace, model, tokenizer, spec, outtype, plan, meta, reporter)
     files = sorted(p.name for p in output.iterdir()) if output.is_dir() else [output.name]
     size = sum(p.stat().st_size for p in output.iterdir()) if output.is_dir() else output.stat().st_size
-    create = f"ollama create {_model_name(output)} -f {output / MODELFILE}" if fmt == "ollama" else ""
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in output.resolve().name.lower()).strip("-.")
+    create = f"ollama create {name or 'lora-cli-model'} -f {output / MODELFILE}" if fmt == "ollama" else ""
     return ExportResult(fmt, outtype, str(output), files, size, round(time.time() - t0, 2), info.base_model,
                         spec.arch_name, weights, info.template, plan["prompt"], counts, plan["stops"], create)
-
-
-def _model_name(output: Path) -> str:
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in output.resolve().name.lower())
-    return name.strip("-.") or "lora-cli-model"
 
 
 def _prompt_plan(info, template, model_dir: Path, fmt: str) -> dict:

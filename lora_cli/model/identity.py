@@ -36,13 +36,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_digest(folder: Path) -> str:
-    """Digest (16 hex digits) of the *.safetensors files of `folder` (see the module); "" when none."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    digests = "".join(_file_digest(path) for path in files)  # one sha256 over each file's digest in turn
-    return hashlib.sha256(digests.encode()).hexdigest()[:16] if files else ""
-
-
 def base_identity(resolved) -> dict:
     """What identifies the base `resolved` (resolve.ResolvedModel): {"revision": commit} for a hub
     model, {"config_sha256", "weights"} (16 hex digits each) for a folder. Reads ~1 MiB a weight file."""
@@ -51,7 +44,9 @@ def base_identity(resolved) -> dict:
         return {"revision": path.name}
     config = path / "config.json"
     digest = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else ""
-    return {"config_sha256": digest, "weights": weights_digest(path)}
+    files = sorted(path.glob("*.safetensors"))  # the weights: one sha256 over each file's digest in turn ("": none)
+    weights = hashlib.sha256("".join(_file_digest(f) for f in files).encode()).hexdigest()[:16] if files else ""
+    return {"config_sha256": digest, "weights": weights}
 
 
 def describe_change(then: dict, now: dict) -> str:

@@ -130,14 +130,13 @@ def prepare_for_training(model, quantized: bool, upcast: bool, checkpoint_layers
     else:
         for param in model.parameters():
             param.requires_grad_(False)
-    if input_grads and not checkpoint_layers:
-        model.enable_input_require_grads()
     if checkpoint_layers:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if input_grads or checkpoint_layers:
         model.enable_input_require_grads()
-        if checkpoint_layers > 0:
-            for layer in decoder_layers(model)[checkpoint_layers:]:
-                layer.gradient_checkpointing = False
+    if checkpoint_layers > 0:
+        for layer in decoder_layers(model)[checkpoint_layers:]:
+            layer.gradient_checkpointing = False
 
 
 def compile_layers(model, mode: str = "on", static_shapes: bool = False) -> None:
@@ -190,18 +189,6 @@ def check_targets(name: str, lora: LoraSettings, trust_remote_code: bool = False
     return replace(targets, lora_parameters=count)
 
 
-def lora_config(lora: LoraSettings, target_modules: list[str] | str):
-    """peft's LoraConfig for our LoRA settings on `target_modules` (targets.resolve_targets' peft_value).
-    init `default` is peft's True (kaiming A, zero B); loftq starts as default and is replaced by
-    attach_lora (peft's replace_lora_weights_loftq, for a 4-bit base)."""
-    from peft import LoraConfig
-
-    init = {"default": True, "loftq": True}.get(lora.init_lora_weights, lora.init_lora_weights)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      target_modules=target_modules, task_type="CAUSAL_LM", use_dora=lora.use_dora,
-                      use_rslora=lora.use_rslora, init_lora_weights=init)
-
-
 def attach_lora(model, lora: LoraSettings, model_name: str = "the model", model_path: Path | None = None):
     """peft's LoRA (DoRA, rsLoRA, and the initialisation chosen) on `model`, on the modules
     targets.resolve_targets finds (every name checked).
@@ -210,11 +197,16 @@ def attach_lora(model, lora: LoraSettings, model_name: str = "the model", model_
     Errors: LoraCliError when the settings do not fit the model (no target module, an init that
     the base's dtype does not allow).
     """
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, lora.target_modules, model_name)
+    # init `default` is peft's True (kaiming A, zero B); loftq starts as default and is then replaced
+    init = {"default": True, "loftq": True}.get(lora.init_lora_weights, lora.init_lora_weights)
     try:
-        peft_model = get_peft_model(model, lora_config(lora, targets.peft_value))
+        peft_model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, task_type="CAUSAL_LM",
+            target_modules=targets.peft_value, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+            init_lora_weights=init))
         if lora.init_lora_weights == "loftq":
             from peft import replace_lora_weights_loftq
 

@@ -53,18 +53,12 @@ class ParamSummary:
                    base_model=d.get("base_model", ""), lora=LoraSettings(**lora) if lora else None)
 
 
-def true_numel(param) -> int:
-    state = getattr(param, "quant_state", None)
-    if state is not None and getattr(state, "shape", None) is not None:
-        return math.prod(int(s) for s in state.shape)
-    return param.numel()
-
-
 def count_parameters(model, base_model: str = "", lora: LoraSettings | None = None) -> ParamSummary:
     rows: dict[str, ModuleRow] = {}
     total = trainable = 0
     for name, param in model.named_parameters():  # tied weights are yielded once
-        n = true_numel(param)
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)  # a 4-bit weight's logical shape
+        n = math.prod(int(s) for s in shape) if shape is not None else param.numel()
         total += n
         t = n if param.requires_grad else 0
         trainable += t

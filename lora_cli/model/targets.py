@@ -61,11 +61,6 @@ def linear_names(model) -> list[str]:
                               if key and isinstance(module, linear)))
 
 
-def _head_name(model) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((k for k, m in model.named_modules() if m is head), None) if head is not None else None
-
-
 def all_linear(model) -> list[str]:
     """peft's expansion of all-linear on this model (every Linear/Conv1D layer except the output
     head), as short names where they are unambiguous (full module names otherwise)."""
@@ -82,17 +77,14 @@ def all_linear(model) -> list[str]:
     return list(dict.fromkeys(_short(k) for k in order))
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
-    folded = {c.lower(): c for c in candidates}
-    close = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(folded[c]) for c in close)}?)" if close else ""
-
-
 def _problem(model, name: str, candidates: list[str], model_name: str) -> str | None:
     """Why `name` cannot be a LoRA target of `model`, or None when it can."""
     found = [(k, m) for k, m in model.named_modules() if k and _matches(k, name)]
     if not found:
-        return f"'{name}' is not a module of {model_name}{_suggest(name, candidates)}"
+        folded = {c.lower(): c for c in candidates}
+        close = difflib.get_close_matches(name.lower(), list(folded), n=1, cutoff=0.6)
+        suggest = f" (did you mean {' or '.join(repr(folded[c]) for c in close)}?)" if close else ""
+        return f"'{name}' is not a module of {model_name}{suggest}"
     adaptable = _adaptable_types()
     wrong = [(k, m) for k, m in found if not isinstance(m, adaptable)]
     if wrong:
@@ -114,8 +106,9 @@ def resolve_targets(model, names: list[str], model_name: str = "the model") -> T
     candidates = linear_names(model)
     problems = [p for p in (_problem(model, n, candidates + [ALL_LINEAR], model_name) for n in wanted) if p]
     if problems:
-        head = _head_name(model)
-        but = f" but the output head {head}" if head else ""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        name = next((k for k, m in model.named_modules() if m is head), None) if head is not None else None
+        but = f" but the output head {name}" if name else ""
         raise LoraCliError(f"--target-modules: {'; '.join(problems)}.",
                            f"The linear layers of {model_name}: {', '.join(candidates)}; or {ALL_LINEAR} "
                            f"(every linear layer{but}).")

@@ -179,9 +179,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         state = LoopState.from_dict(json.loads((path / STATE).read_text()))
         adapter = load_file(str(path / ADAPTER_WEIGHTS))
-        optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
-        rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+        optim, sched, rng = (torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu")
+                             for name in ("optimizer", "scheduler", "rng"))
     except FileNotFoundError as exc:
         raise LoraCliError(f"Checkpoint {path} is incomplete ({Path(exc.filename).name} is missing).") from None
     except Exception as exc:  # corrupt or foreign files: say which checkpoint, not a traceback

@@ -62,15 +62,11 @@ def launch_if_asked(gpus: int | None, fsdp: bool) -> int | None:
 
 def _without(argv: list[str], flags: tuple[str, ...], options: tuple[str, ...]) -> list[str]:
     """`argv` less `flags`, and less `options` with their values (--option VALUE or --option=VALUE)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in flags or any(arg.startswith(o + "=") for o in options):
-            continue
-        elif arg in options:
-            skip = True
-        else:
+    kept, args = [], iter(argv)
+    for arg in args:
+        if arg in options:
+            next(args, None)  # its value
+        elif arg not in flags and not arg.startswith(tuple(o + "=" for o in options)):
             kept.append(arg)
     return kept
 

@@ -73,10 +73,6 @@ class TrainingLoop:
                                             recipe.placement.precision)
         self._pending: StepNumbers | None = None  # the last step's numbers, not yet read (late_read.py)
 
-    @property
-    def total_steps(self) -> int:
-        return self.state.total_steps
-
     # ---- the loop ---------------------------------------------------------------------
     def run(self) -> LoopSummary:
         t0 = time.time()
@@ -87,9 +83,9 @@ class TrainingLoop:
             if self.train_cfg.eval_at_start and state.step == 0 and self.val_batcher is not None:
                 self._log_eval(self.evaluate())
             self._last_log = time.time()
-            with self.reporter.stage("Training", total=self.total_steps, unit="steps") as bar:
+            with self.reporter.stage("Training", total=state.total_steps, unit="steps") as bar:
                 bar.update(state.step)
-                while state.step < self.total_steps and not state.stopped_early:
+                while state.step < state.total_steps and not state.stopped_early:
                     self._run_epoch(flag, bar)
         return LoopSummary(state.first_loss, state.last_loss, list(state.eval_losses), list(state.stop_rates),
                            state.step, state.tokens_seen, round(time.time() - t0, 3))
@@ -98,7 +94,7 @@ class TrainingLoop:
         """The rest of the current epoch, its end, and a stop when a signal asked for one."""
         state = self.state
         n_steps = self.steps.steps_in(state.epoch)
-        while state.step_in_epoch < n_steps and state.step < self.total_steps:
+        while state.step_in_epoch < n_steps and state.step < state.total_steps:
             started = time.perf_counter()
             self._step(self.steps.step(state.epoch, state.step_in_epoch), flag)
             if not self._compile_reported and self.plan.compile != "off":
@@ -110,7 +106,7 @@ class TrainingLoop:
                     self.reporter.message(f"Not captured as CUDA graphs ({graphed.failure}): the decoder runs eagerly.")
             faults.point("train:step")
             bar.update(1, loss=state.last_loss, tok_s=self._last_tok_s)
-            at_end = state.step_in_epoch >= n_steps or state.step >= self.total_steps
+            at_end = state.step_in_epoch >= n_steps or state.step >= state.total_steps
             if flag.set and not at_end:
                 self._interrupt(flag)
             every = self.train_cfg.save_every_steps
@@ -119,7 +115,7 @@ class TrainingLoop:
         self.settle()
         self._end_epoch(partial=state.step_in_epoch < n_steps)
         self._sync_flag(flag)  # a signal during the evaluation reached only some processes
-        if flag.set and state.step < self.total_steps and not state.stopped_early:
+        if flag.set and state.step < state.total_steps and not state.stopped_early:
             self._interrupt(flag, saved=True)
 
     def _first_step_work(self) -> str:
@@ -225,7 +221,7 @@ class TrainingLoop:
         state.window_targets += n_targets
         state.window_tokens += real_tokens
         # the first step is logged too: a short run's first and last train loss then mean something
-        if step % self.train_cfg.log_every == 0 or step in (1, self.total_steps):
+        if step % self.train_cfg.log_every == 0 or step in (1, state.total_steps):
             self._log_train(lr, grad_norm, step, epoch)
 
     def _clip(self) -> torch.Tensor | float:
@@ -285,7 +281,7 @@ class TrainingLoop:
             state.evals_since_best = 0
             return
         state.evals_since_best += 1
-        if state.evals_since_best >= patience and state.step < self.total_steps:
+        if state.evals_since_best >= patience and state.step < state.total_steps:
             state.stopped_early = True
             what = f"stop rate {state.best_stop_rate:.0%}, " if by_rate else ""
             self.reporter.message(f"Early stopping: no better {'stop rate' if by_rate else 'eval loss'} in {patience} "
@@ -337,7 +333,7 @@ class TrainingLoop:
         self.settle()
         path = self.last_checkpoint if saved else self._checkpoint(f"step-{self.state.step}")
         raise TrainingInterrupted(f"Training interrupted at step {self.state.step}; checkpoint saved to {path}.",
-                                  str(path), None, exit_code=128 + int(flag.signum))
+                                  str(path), exit_code=128 + int(flag.signum))
 
     def _nonfinite_message(self, step: int, what: str = "loss") -> str:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint

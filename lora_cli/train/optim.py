@@ -32,7 +32,7 @@ class Trainable:
 
 def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
                    peft_model: PeftModel) -> torch.optim.Optimizer:
-    """AdamW (torch's fused kernel, on CUDA and the CPU alike) over the parameters that require a gradient.
+    """AdamW (torch's fused kernel, on CUDA and the CPU alike) over `params`, those that require a gradient.
 
     Fused, so that a step's update can be skipped on the device's word (late_read.py), and one
     code path runs in the CPU tests and on a GPU.
@@ -42,7 +42,6 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig,
     """
     import torch
 
-    params = [p for p in params if p.requires_grad]
     if not params:
         raise LoraCliError("No trainable parameters: LoRA matched no module.", "Check --target-modules.")
     kwargs = dict(betas=(0.9, 0.999), eps=1e-8, fused=True)

@@ -177,13 +177,8 @@ def decide(cfg: RunConfig, placement: Placement, model_config: PretrainedConfig,
     estimated = t.max_steps or t.epochs * math.ceil(sum(lengths) / max(max_tokens * per_process, 1))
     compile_mode, compile_note = _compile_mode(cfg, placement, estimated)
     static = cuda and compile_mode != "off" and not t.pack_length
-    if t.pack_length:
-        pack_length = t.pack_length
-    elif cuda:
-        row = max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0)
-        pack_length = math.ceil(row / ROW_MULTIPLE) * ROW_MULTIPLE
-    else:
-        pack_length = 0
+    row = max(min(GPU_PACK_LENGTH, max_tokens), longest if static else 0)  # a GPU's automatic row
+    pack_length = t.pack_length or (math.ceil(row / ROW_MULTIPLE) * ROW_MULTIPLE if cuda else 0)
     layers, note, fits = _checkpointing(cfg, placement, model_config, max_tokens, weights_bytes)
     dequantize = _wants_dequantized(cfg, dequantize_bytes) and not wants_upcast(cfg, placement.precision)
     if dequantize:
@@ -221,9 +216,8 @@ def _compile_scope(cfg: RunConfig, compile_mode: str, checkpoint_layers: int, fu
     GPU (docs/PERFORMANCE.md). Only with the fused loss (it needs the hidden states, not the model's
     head), no checkpointed layer (its forward runs again inside the backward) and no NEFTune (its
     noise hook would be captured). Elsewhere "layers": each compiled layer replayed as its own graph."""
-    if compile_mode != "graphs" or not fused or checkpoint_layers or cfg.train.neftune_alpha:
-        return "layers"
-    return "backbone"
+    whole = compile_mode == "graphs" and fused and not checkpoint_layers and not cfg.train.neftune_alpha
+    return "backbone" if whole else "layers"
 
 
 def _wants_dequantized(cfg: RunConfig, dequantize_bytes: int) -> bool:

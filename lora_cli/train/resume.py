@@ -51,7 +51,7 @@ def _same_run(folder: OutputFolder, fingerprint: str | None) -> bool:
 
 
 def _describe_difference(folder: OutputFolder, saved: SavedRun, skip: tuple[str, ...] = RESUME_FREE) -> str:
-    mine = folder.cfg.to_dict()
+    mine = folder.cfg.model_dump()
     diffs = [f"{section}.{key}: {value!r} there, {mine[section][key]!r} now"
              for section, values in saved.settings().items() for key, value in values.items()
              if key not in skip and mine[section][key] != value]
@@ -101,12 +101,11 @@ def admit(folder: OutputFolder, resume: bool | str, overwrite: bool) -> Path | N
         raise LoraCliError(
             f"Output folder {path} is not empty and was not written by lora-cli; refusing to write into it.",
             "Choose another --output folder.")
-    if overwrite:
-        if folder.is_main:
-            folder.clear()
-        return None
-    _refuse_unless_new(folder, saved)
-    return None  # this run, started but killed before its first checkpoint: start it again
+    if not overwrite:  # passes only this run, started but killed before its first checkpoint: start it again
+        _refuse_unless_new(folder, saved)
+    elif folder.is_main:
+        folder.clear()
+    return None
 
 
 def _refuse_unless_new(folder: OutputFolder, saved: SavedRun) -> None:
@@ -182,10 +181,8 @@ def announce(folder: OutputFolder, checkpoint: Checkpoint, note: str, reporter: 
     done again are not logged twice), and said, with `continuation`'s note."""
     state = checkpoint.state
     if folder.is_main:
-        kept = []
-        if folder.metrics_path.is_file():
-            kept = folder.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)[:state.metrics_lines]
-        write_text(folder.metrics_path, "".join(kept))
+        rows = folder.metrics_path.read_text(encoding="utf-8") if folder.metrics_path.is_file() else ""
+        write_text(folder.metrics_path, "".join(rows.splitlines(keepends=True)[:state.metrics_lines]))
     reporter.message(f"Resuming from {checkpoint.path} (step {state.step} of {state.total_steps}).")
     if note:
         reporter.message(note)

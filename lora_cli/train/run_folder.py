@@ -54,9 +54,8 @@ def check_output(cfg: RunConfig, lora_parameters: int, is_main: bool = True) -> 
         return
     # one checkpoint: the LoRA weights and AdamW's two moments, fp32 each (the tensors alone, a lower bound);
     # the previous checkpoint stays until the next is complete, so this is needed beside what the folder holds
-    need = 12 * lora_parameters
-    check_writable(cfg.output.dir, "folder", "--output", need, f"one checkpoint of {lora_parameters:,} LoRA "
-                   "parameters with their optimizer state", inside=True)
+    check_writable(cfg.output.dir, "folder", "--output", 12 * lora_parameters, f"one checkpoint of "
+                   f"{lora_parameters:,} LoRA parameters with their optimizer state", inside=True)
 
 
 IN_USE_HINT = "Wait for that run to finish, or choose another --output folder."
@@ -150,7 +149,7 @@ class OutputFolder:
             write_text(self.metrics_path, "")
 
     def run_config_text(self, decisions: RunDecisions, finished: bool, summary: LoopSummary | None = None) -> str:
-        data = self.cfg.to_dict()
+        data = self.cfg.model_dump()
         data["run"] = RunRecord(self.fingerprint, __version__, finished, self.cache_keys, self.data_sha256,
                                 self.base_identity, decisions, summary).to_dict()
         return yaml.safe_dump(data, sort_keys=False)

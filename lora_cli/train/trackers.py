@@ -10,6 +10,7 @@ a new run.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,15 +51,13 @@ def logs_dir(cfg: RunConfig) -> Path:
 def accelerator_kwargs(cfg: RunConfig) -> dict:
     """What Accelerator(...) needs for the run's trackers: log_with and the TensorBoard folder."""
     names = cfg.train.trackers()
-    if not names:
-        return {}
-    return {"log_with": names, "project_dir": str(logs_dir(cfg) / "tensorboard")}
+    return {"log_with": names, "project_dir": str(logs_dir(cfg) / "tensorboard")} if names else {}
 
 
 def _hyperparameters(cfg: RunConfig, decisions: RunDecisions) -> dict:
     """The run's settings as flat scalars (trackers take no lists or None)."""
-    flat = {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
-    flat |= {f"run.{key}": value for key, value in decisions.to_dict().items()}
+    flat = {f"{section}.{key}": value for section, values in cfg.model_dump().items() for key, value in values.items()}
+    flat |= {f"run.{key}": value for key, value in asdict(decisions).items()}
     return {k: ",".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for k, v in flat.items()}
 
 

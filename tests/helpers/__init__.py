@@ -58,7 +58,7 @@ def tiny_config(model_dir: Path, train: Path, val: Path | None, out: Path, **tra
     """A RunConfig for fast CPU runs on the tiny model (fp32, tiny LoRA, few steps)."""
     from lora_cli.config import RunConfig
 
-    raw = RunConfig().to_dict()
+    raw = RunConfig().model_dump()
     raw["model"]["name"] = str(model_dir)
     raw["data"].update(train=str(train), val=str(val) if val else None, max_length=64, cache_dir=str(out.parent / "cache"))
     # eval_generate=0: the stop-rate probe generates at each evaluation; the tests that need it turn it on

@@ -76,16 +76,6 @@ def _print_table(rows: list[dict], compare: bool, title: str) -> None:
     out.print(plain_table(title, ["line", "prompt", "answer", "eos"], body))
 
 
-def _stream_one(loaded, prompt_ids, params) -> None:
-    from lora_cli.cli.render import err, out
-    from lora_cli.infer.generation import generate as run
-
-    answer = run(loaded, [prompt_ids], params,
-                 on_text=lambda text: out.print(text, end="", markup=False, highlight=False, soft_wrap=True))[0]
-    out.print()
-    err.print(f"({'eos after' if answer.stopped else 'no eos within'} {len(answer.token_ids)} tokens)", markup=False)
-
-
 def _answer_all(loaded, prompts, params, batch_size: int, compare: bool):
     from lora_cli.cli.render import RichReporter
     from lora_cli.infer.generation import generate as run
@@ -143,11 +133,12 @@ def generate(
     With neither: every record of the current dataset's validation file (what lora-cli tokenize --val
     tokenized last).
     """
-    from lora_cli.cli.render import err
+    from lora_cli.cli.render import err, out
     from lora_cli.data.current import resolve
     from lora_cli.data.records import Example
     from lora_cli.infer.evaluation import read_examples
     from lora_cli.infer.generation import Sampling, check_records
+    from lora_cli.infer.generation import generate as run
 
     _check_args(prompt, input_file, compare, base_only)
     if prompt is None and input_file is None:
@@ -160,8 +151,12 @@ def generate(
     check = None if input_file is None else lambda tok, template: check_records(examples, tok, template, str(input_file))
     with loaded_model(adapter, load, not base_only, check) as loaded:
         prompts = [loaded.example_prompt(ex) for ex in examples]
-        if single and stream and not (compare or as_json or output_file):
-            _stream_one(loaded, prompts[0], params)
+        if single and stream and not (compare or as_json or output_file):  # streamed as it is produced
+            answer = run(loaded, prompts, params, on_text=lambda text: out.print(
+                text, end="", markup=False, highlight=False, soft_wrap=True))[0]
+            out.print()
+            err.print(f"({'eos after' if answer.stopped else 'no eos within'} {len(answer.token_ids)} tokens)",
+                      markup=False)
             return
         answers, base = _answer_all(loaded, prompts, params, batch_size, compare)
         title = f"{loaded.info.base_model} + {loaded.info.path}" if loaded.has_adapter else loaded.info.base_model

@@ -54,11 +54,8 @@ def tokenize(
                                 **({"shown": [asdict(x) for x in shown]} if e.split == "train" and show else {})}
                                for e in entries], indent=2))
         return
-    rows = []
-    for e in entries:
-        c = e.meta.counts
-        rows.append([e.split, "cache hit" if e.hit else "built", c.examples, c.tokens, c.targets, c.truncated,
-                     c.no_target, c.invalid, str(e.path)])
+    rows = [[e.split, "cache hit" if e.hit else "built", c.examples, c.tokens, c.targets, c.truncated, c.no_target,
+             c.invalid, str(e.path)] for e in entries for c in [e.meta.counts]]
     out.print(table(f"tokenize ({cfg.model.name}, template {cfg.data.template}, max length {cfg.data.max_length})",
                     ["split", "status", "examples", "tokens", "target tokens", "truncated", "left out", "skipped",
                      "cache entry"], rows, right=(2, 3, 4, 5, 6, 7)))

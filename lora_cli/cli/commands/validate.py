@@ -38,15 +38,10 @@ def _print_reports(reports: list, limit: int, failed: bool) -> None:
     from lora_cli.cli.render import err, out, table
 
     with_tokens = any(r.tokens is not None for r in reports)
-    rows = []
-    for r in reports:
-        for stats in (r.chars, r.tokens):
-            if stats is None:
-                continue
-            row = [r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}",
-                   f"{stats.p50:.0f}", f"{stats.p90:.0f}", stats.max]
-            tokens = stats.unit == "tokens"
-            rows.append(row + ([r.truncated if tokens else "", r.left_out if tokens else ""] if with_tokens else []))
+    rows = [[r.file, r.records, r.valid, r.errors, r.warnings, stats.unit, f"{stats.mean:.1f}", f"{stats.p50:.0f}",
+             f"{stats.p90:.0f}", stats.max]  # a row per length unit; with a model, the token row's truncation
+            + (([r.truncated, r.left_out] if stats.unit == "tokens" else ["", ""]) if with_tokens else [])
+            for r in reports for stats in (r.chars, r.tokens) if stats is not None]
     columns = ["file", "records", "valid", "errors", "warnings", "length", "mean", "p50", "p90", "max"]
     if with_tokens:
         columns += [f"> {limit} tokens", "left out"]
@@ -89,20 +84,18 @@ def validate_data(
         files = [Path(p) for p in (cfg.data.train, cfg.data.val) if p]
     else:
         cfg = RunConfig().replace(settings)
-    counter = None
-    if typed_model or current:  # the current dataset's model: only when it is at hand
-        counter = _token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
+    counter = (_token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
+               if typed_model or current else None)  # the current dataset's model: only when it is at hand
     limit = cfg.data.max_length
-    reports = []
-    for path in files:
-        stream = None if as_json else (lambda issue: print_issues([issue], out))
-        reports.append(validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None))
+    stream = None if as_json else (lambda issue: print_issues([issue], out))
+    reports = [validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None)
+               for path in files]
     shared_records = cross_file_issues(reports)  # validation records that are also training records
     if not as_json:
         print_issues(shared_records, out)
     for issue in shared_records:
         next(r for r in reports if r.file == issue.file).issues.append(issue)
-    failed = any(not r.clean or r.records == 0 or (strict and r.warnings) for r in reports)
+    failed = any(r.errors or r.records == 0 or (strict and r.warnings) for r in reports)
     if as_json:
         typer.echo(json.dumps({"ok": not failed, "files": [r.to_dict() for r in reports]}, indent=2))
     else:
