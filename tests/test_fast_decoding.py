@@ -296,3 +296,19 @@ def test_a_bf16_cpu_copy_keeps_the_lora_b_side_in_fp32_and_adds_the_adapter(peft
         want, base = theirs(x), theirs.get_base_layer()(x)
         got = mine(x.to(torch.bfloat16)).float()
     assert (got - want).abs().max() < 0.1 * (want - base).abs().max()  # within bf16 rounding of the adapter's delta
+
+
+def test_the_probe_says_once_when_its_decoding_step_is_transformers_forward(tiny_model_dir, tmp_path_factory, tmp_path,
+                                                                            monkeypatch):
+    from helpers import RecordingReporter, tiny_config
+    from helpers.adapter_factory import data_dir
+
+    from lora_cli.train.recipe import train
+
+    train_f, val_f = data_dir(tmp_path_factory)
+    monkeypatch.setenv("LORA_CLI_TRANSFORMERS_STEP", "1")
+    reporter = RecordingReporter()
+    train(tiny_config(tiny_model_dir, train_f, val_f, tmp_path / "out", epochs=2, max_tokens=256, eval_generate=2)
+          .replace({"model.quantization": "none"}), reporter=reporter)
+    said = [m for m in reporter.messages if m.startswith("The stop-rate probe: ")]
+    assert said == ["The stop-rate probe: decoding step: transformers' forward (LORA_CLI_TRANSFORMERS_STEP=1 is set)."]

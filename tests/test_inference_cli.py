@@ -237,3 +237,11 @@ def test_eval_cuts_a_long_answer_by_lines_as_well_as_by_characters():
     assert cut.endswith(" [...]") and cut.count("\n") == 7
     assert _shorten("a" * 400) == "a" * 300 + " [...]"
     assert _shorten("short\nanswer") == "short\nanswer"
+
+
+def test_a_decoding_step_kept_as_transformers_forward_is_said_once(adapter, val, monkeypatch):
+    monkeypatch.setenv("LORA_CLI_TRANSFORMERS_STEP", "1")
+    res = ok("generate", "-a", adapter, "--input", val, "-n", "8", "--json", "--compare")
+    text = " ".join(res.output.split())
+    note = "Generating: decoding step: transformers' forward (LORA_CLI_TRANSFORMERS_STEP=1 is set)."
+    assert text.count(note) == 1, res.output

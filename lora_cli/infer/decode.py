@@ -90,6 +90,11 @@ class Decoder:
             why = model.__dict__.get("fused_note") or "not a plain copy (plain_copy.build_copy)"
             self.notes.append(f"decoding step: transformers' forward ({why})")
 
+    def take_notes(self) -> list[str]:
+        """The notes not said yet, to be said once each (the callers pass them to their reporter)."""
+        notes, self.notes = self.notes, []
+        return notes
+
     @property
     def step_kind(self) -> str:
         """Which decoding step runs: "fused" (fused_step.py) or "transformers" (the model's own forward)."""

@@ -224,8 +224,11 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
         switch = loaded.model.disable_adapter()
     with switch:
         decoder = loaded.decoder(use_adapter or not loaded.has_adapter)
-        return generate_with(loaded.model, loaded.tokenizer, loaded.device, prompts, sampling, batch_size,
-                             on_text=on_text, on_batch=on_batch, decoder=decoder)
+        answers = generate_with(loaded.model, loaded.tokenizer, loaded.device, prompts, sampling, batch_size,
+                                on_text=on_text, on_batch=on_batch, decoder=decoder)
+    for note in decoder.take_notes() if decoder else []:  # a slower step or a failed capture, said once
+        loaded.reporter.message(f"Generating: {note}.")
+    return answers
 
 
 def generate_with(model, tokenizer, device, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8,

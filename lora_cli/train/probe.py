@@ -152,6 +152,8 @@ class StopProbe:
             seconds = time.time() - t0
             self.seconds += seconds
             warmup = decoder.warmup_seconds if (first and decoder is not None) else 0.0
+            for note in decoder.take_notes() if decoder is not None else []:  # a slower step or a failed capture
+                self.reporter.message(f"The stop-rate probe: {note}.")
             result = ProbeResult(sum(a.stopped for a in answers), len(answers), self.max_new_tokens,
                                  answers[0].text, answers[0].stopped, seconds, warmup)
         placement.accelerator.wait_for_everyone()
