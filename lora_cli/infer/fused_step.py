@@ -33,19 +33,9 @@ FAMILIES = ("llama", "qwen2", "mistral")
 
 
 def add_delta(base, low, lora_b):
-    """base + low @ lora_b^T, the delta rounded to base's dtype first where B is kept in fp32 (CPU).
-
-    base: (..., out) in the copy's dtype; low: (..., rank) = x A^T; lora_b: (out, rank), scale folded in.
-    """
-    import torch
-
-    if lora_b.dtype == base.dtype and base.dim() == 2:
-        return torch.addmm(base, low, lora_b.t())
-    return torch.matmul(low.to(lora_b.dtype), lora_b.t()).to(base.dtype).add_(base)
-
-
-def add_delta_(base, low, lora_b):
-    """add_delta into `base` in place (a column block of a fresh matmul output: no copy of it first). (rows, out)"""
+    """base += low @ lora_b^T in place (base: a fresh (rows, out) tensor or a column block of one: no copy of it
+    first); low (rows, rank) = x A^T; lora_b (out, rank), scale folded in. Where B is kept in fp32 (CPU), the delta
+    is rounded to base's dtype before the add, as peft's own forward rounds it."""
     if lora_b.dtype == base.dtype:
         return base.addmm_(low, lora_b.t())
     return base.add_(low.to(lora_b.dtype).mm(lora_b.t()).to(base.dtype))
@@ -216,22 +206,16 @@ class FusedStep:
             return torch.nn.functional.linear(x, group.weight[:group.n],
                                               None if group.bias is None else group.bias[:group.n])
         y = torch.addmm(group.bias, x, group.weight.t()) if group.bias is not None else torch.mm(x, group.weight.t())
-        return add_delta_(y[:, :group.n], y[:, group.n:], group.lora_b)
+        return add_delta(y[:, :group.n], y[:, group.n:], group.lora_b)
 
     @staticmethod
     def _residual(h, x, module):
-        """h + module(x) for an output projection (Linear or LoraLinear), the residual add inside the addmm."""
-        import torch
-
-        if not hasattr(module, "lora_B") or module.b_zero:  # h is this step's own tensor: added to in place
-            h.addmm_(x, module.weight.t())
-            return h.add_(module.bias) if module.bias is not None else h
-        if module.stacked is None:
-            base, low = module.parts(x)
-            return h + add_delta(base, low, module.lora_B)
-        y = torch.mm(x, module.stacked.t())
-        base = add_delta_(y[:, :module.out_features], y[:, module.out_features:], module.lora_B)
-        return h + (base + module.bias if module.bias is not None else base)
+        """h + module(x) for an output projection (Linear or LoraLinear), x (rows, in); where W alone computes
+        it, the residual add inside the addmm (h is this step's own tensor: added to in place)."""
+        if hasattr(module, "lora_B") and not module.b_zero:
+            return h + module(x)
+        h.addmm_(x, module.weight.t())
+        return h.add_(module.bias) if module.bias is not None else h
 
     def _layer(self, layer: _Layer, cache, h, rope, mask, cache_pos, width):
         import torch

@@ -42,7 +42,7 @@ def _lora_linear_class():
             self.stacked = torch.empty(out_features + rank, in_features, dtype=dtype)  # [W; A]
             self.weight = torch.nn.Parameter(self.stacked[:out_features], requires_grad=False)
             self.lora_A = torch.nn.Parameter(self.stacked[out_features:], requires_grad=False)
-            # the CPU keeps B in fp32 (see _cpu_forward); a GPU's captured step reads it in the copy's dtype
+            # the CPU keeps B in fp32 (see the module docstring); a GPU's captured step reads it in the copy's dtype
             self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32 if cpu else dtype),
                                              requires_grad=False)
             self.cpu = cpu
@@ -67,22 +67,13 @@ def _lora_linear_class():
             return (base + self.bias if self.bias is not None else base), low
 
         def forward(self, x):
-            if self.cpu:
-                return self._cpu_forward(x)
-            shape = x.shape[:-1]
-            base, low = self.parts(x.reshape(-1, self.in_features))
-            return torch.addmm(base, low, self.lora_B.t()).reshape(*shape, self.out_features)
-
-        def _cpu_forward(self, x):
-            """Fewer, cheaper ops: on a CPU each op of a decoding step costs ~5 us beside its arithmetic, and a bf16
-            matmul of a rank-r B ~30 us of kernel overhead where an fp32 one costs 10-17 us (1-8 rows, measured).
-            The delta is rounded to the copy's dtype before the add, as peft's own forward rounds it."""
-            if self.b_zero:  # no optimizer step yet, or the adapter switched off: W alone, exactly
+            if self.b_zero:  # CPU: no optimizer step yet, or the adapter switched off: W alone, exactly
                 return torch.nn.functional.linear(x, self.weight, self.bias)
             from lora_cli.infer.fused_step import add_delta
 
-            base, low = self.parts(x)
-            return add_delta(base, low, self.lora_B)
+            shape = x.shape[:-1]
+            base, low = self.parts(x.reshape(-1, self.in_features))
+            return add_delta(base, low, self.lora_B).reshape(*shape, self.out_features)
 
     return _LoraLinear
 
