@@ -99,7 +99,7 @@ def _split_layer(module) -> str | None:
     """The adapter a LoRA linear layer keeps beside its weight in the copy (its one adapter), or None: merged."""
     import torch
 
-    names = [a for a in getattr(module, "active_adapters", []) if a in module.lora_A]
+    names = [a for a in module.active_adapters if a in module.lora_A]
     if len(names) != 1 or getattr(module, "merged", False):
         return None
     base = module.get_base_layer()
@@ -144,13 +144,10 @@ def build_copy(model, dtype, device):
     """A plain transformers model of `model`'s architecture on `device` in `dtype`, weights from `model`."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     base = _source_base(model)
     config = base.config
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
     with torch.device(device), no_init_weights():
         copy = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
                                                 trust_remote_code=getattr(config, "auto_map", None) is not None)
