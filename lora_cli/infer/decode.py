@@ -69,14 +69,14 @@ def processors_for(sampling, prompt_pad_lengths):
 
 
 class Decoder:
-    """Static-cache decoding on one plain model (see plain_copy); CUDA graphs on CUDA unless `graphs=False`.
+    """Static-cache decoding on one plain model (see plain_copy); each decoding step a CUDA graph on CUDA.
 
     `notes` collects one line per capture that failed (that shape then decodes without a graph).
     """
 
-    def __init__(self, model, device, graphs: bool | None = None):
+    def __init__(self, model, device):
         self.model, self.device = model, device
-        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.graphs = device.type == "cuda"  # False once a capture failed
         self.dtype = next(model.parameters()).dtype
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.notes: list[str] = []
@@ -103,29 +103,27 @@ class Decoder:
     def _slot(self, batch: int, length: int) -> _Slot:
         """The static tensors of this shape: kept for reuse on CUDA (a captured graph reads them); on the CPU,
         where nothing is captured, fresh for each run, attending only to the filled cache, rows droppable."""
-        from transformers import StaticCache
-
         from lora_cli.infer.cpu_decode import attend_filled_only, plain_static
 
         if self.device.type == "cpu":
-            slot = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch, length)
+            slot = self._new_slot(batch, length)
             slot.filled = attend_filled_only(slot.cache)
         else:
             key = (batch, length)
             if key not in self.slots:
                 while len(self.slots) >= MAX_SLOTS:
                     self.slots.pop(next(iter(self.slots)))
-                self.slots[key] = self._new_slot(StaticCache(config=self.model.config, max_cache_len=length), batch,
-                                                 length)
+                self.slots[key] = self._new_slot(batch, length)
             slot = self.slots[key]
         slot.fused = self.fused is not None and plain_static(slot.cache)
         return slot
 
-    def _new_slot(self, cache, batch: int, length: int) -> _Slot:
+    def _new_slot(self, batch: int, length: int) -> _Slot:
         import torch
+        from transformers import StaticCache
 
         dev = self.device
-        return _Slot(cache=cache,
+        return _Slot(cache=StaticCache(config=self.model.config, max_cache_len=length),
                      tok=torch.zeros((batch, 1), dtype=torch.long, device=dev),
                      pos=torch.zeros((batch, 1), dtype=torch.long, device=dev),
                      cache_pos=torch.zeros((1,), dtype=torch.long, device=dev),
