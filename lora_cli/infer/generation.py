@@ -9,7 +9,7 @@ defaults (Qwen's temperature 0.7, top_k 20, ...) are overridden, so greedy means
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from lora_cli.adapter.folder import AdapterInfo, attach_adapter, load_template
@@ -54,10 +54,8 @@ class Sampling:
                     eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
 
     def to_dict(self) -> dict:
-        """What eval records of how the answers were picked."""
-        return {"greedy": self.greedy, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed, "repetition_penalty": self.repetition_penalty,
-                "no_repeat_ngram_size": self.no_repeat_ngram_size, "max_new_tokens": self.max_new_tokens}
+        """What eval records of how the answers were picked: every field, and whether that is greedy."""
+        return {"greedy": self.greedy, **asdict(self)}
 
 
 @dataclass
@@ -192,13 +190,10 @@ def make_streamer(tokenizer, on_text: Callable[[str], None]):
 def _left_padded(batch: list[list[int]], pad_id: int, device):
     import torch
 
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, width - len(x):] = 1
-    return ids.to(device), mask.to(device)
+    width = max(map(len, batch))
+    ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def _cut(ids: list[int], stop_ids: list[int], tokenizer) -> Answer:
