@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.data.records import Example, iter_examples
@@ -53,9 +53,6 @@ class EvalResult:
     left_out: int = 0  # examples not scored: the prompt fills max length
     left_out_lines: list[int] = field(default_factory=list)
     generate_seconds: float = 0.0  # of `seconds`: generating the answers (warm-up included)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def read_examples(path: str | Path) -> list[Example]:

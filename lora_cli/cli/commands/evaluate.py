@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -104,6 +105,6 @@ def evaluate(
         result = run(loaded, examples, str(data), max_new_tokens, batch_size, stop_rate=not loss_only,
                      reporter=RichReporter(), sampling=params)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2, ensure_ascii=False))
     else:
         print_result(result, show)
