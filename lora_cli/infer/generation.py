@@ -214,9 +214,7 @@ def generate(loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, 
     """
     import contextlib
 
-    switch = contextlib.nullcontext()
-    if not use_adapter and loaded.has_adapter:
-        switch = loaded.model.disable_adapter()
+    switch = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else contextlib.nullcontext()
     with switch:
         decoder = loaded.decoder(use_adapter or not loaded.has_adapter)
         answers = generate_with(loaded.model, loaded.tokenizer, loaded.device, prompts, sampling, batch_size,
