@@ -77,7 +77,12 @@ class _Group:
     bias: object  # (n + R,) or None: zero on the A rows
     lora_b: object  # (n, R) block-diagonal scale * B, or None where no projection has a LoRA
     n: int  # output width (the projections' outputs side by side)
-    zero: bool = False  # CPU: every B is zero (no optimizer step yet, adapter off): W alone, exactly
+    loras: list  # its LoraLinear layers, whose B blocks lora_b holds
+
+    @property
+    def zero(self) -> bool:
+        """CPU: every B is zero (no optimizer step yet, adapter off; plain_copy.refresh notes it): W alone, exactly."""
+        return all(m.b_zero for m in self.loras)
 
 
 def _stack(modules, cpu: bool) -> _Group:
@@ -105,7 +110,7 @@ def _stack(modules, cpu: bool) -> _Group:
             if own_bias is not None:
                 mod.bias = torch.nn.Parameter(own_bias, requires_grad=False)
         row, col = row + out, col + rank
-    return _Group(weight, bias, lora_b, n)
+    return _Group(weight, bias, lora_b, n, [m for m, rank in zip(modules, ranks) if rank])
 
 
 @dataclass
@@ -149,7 +154,7 @@ class FusedStep:
         import torch
 
         att = copy.model.layers[0].self_attn
-        self.copy, self.layers, self.cpu = copy, layers, cpu
+        self.copy, self.layers = copy, layers
         self.heads, self.kv_heads = copy.config.num_attention_heads, copy.config.num_key_value_heads
         self.head_dim, self.scaling = att.head_dim, float(att.scaling)
         half = self.head_dim // 2
@@ -163,12 +168,6 @@ class FusedStep:
         self.swap = torch.zeros(self.head_dim, self.head_dim, dtype=dtype, device=device)
         self.swap[(index + half) % self.head_dim, index] = 1
         self.fp32 = dtype == torch.float32
-
-    def sync(self) -> None:
-        """After a refresh: on the CPU, note the groups whose B is all zero (they run W alone)."""
-        for layer in self.layers:
-            for group in (layer.qkv, layer.gate_up):
-                group.zero = self.cpu and (group.lora_b is None or not bool(group.lora_b.any()))
 
     def __call__(self, slot) -> None:
         import torch

@@ -237,6 +237,3 @@ def refresh(copy, model) -> None:
                 for adapter in deltas:
                     value = value + lora.get_delta_weight(adapter).to(torch.float32)
                 tensor.copy_(value.reshape(tensor.shape))
-    fused = copy.__dict__.get("fused_step")
-    if fused is not None:
-        fused.sync()
