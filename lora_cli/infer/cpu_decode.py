@@ -4,20 +4,15 @@ A CPU decoding step of a small model is a few hundred small matmuls over weights
 memory; what else a step costs there, and what removes it (measured on a 2-core AVX-512 CPU,
 the embedded 135M model in bf16; docs/PERFORMANCE.md):
 
-- Attention over the whole static cache: PyTorch's CPU attention kernel costs in proportion to
-  the cache's length, filled or not. The fused step (fused_step.py) attends only to the filled
-  part of the cache (`FusedStep.attended`): the same keys, the same masked-out padding.
-- Rows that have finished: fed pad until the whole batch ends, they still cost a row of every
-  matmul and of attention. `drop_rows` takes them out of the batch (greedy decoding without
-  logits processors only: sampling must draw for every row as `generate` does, and the
-  repetition processors keep per-row state).
-- The prefill: left padding computes batch x the longest prompt, and prompts prefilled one by
-  one run small, slow matmuls with Python overhead per layer. `packed_prefill` runs the prompts
-  without padding, several packed into one sequence (each attending only to itself, positions
-  restarting at 0), and writes each prompt's keys and values into its row of the cache.
-- Threads: each small matmul is a barrier for every intra-op thread; on a machine whose cores
-  other work also uses, one thread has measured 5-11x faster than two. `ThreadTrial` times the
-  first steps at both counts and keeps the faster.
+- Attention over the whole static cache (PyTorch's CPU kernel costs in proportion to the keys it
+  is given, masked or not): the fused step attends only to the filled part (`FusedStep.attended`).
+- Finished rows, fed pad until the whole batch ends, still cost a row of every matmul and of
+  attention: `drop_rows` takes them out (greedy decoding without logits processors only: sampling
+  must draw for every row as `generate` does, and the repetition processors keep per-row state).
+- Left padding makes the prefill compute batch x the longest prompt, and prompts prefilled one by
+  one run small, slow matmuls: `packed_prefill` packs them without padding.
+- Each small matmul is a barrier for every intra-op thread; on cores other work also uses, one
+  thread has measured 5-11x faster than two: `ThreadTrial` keeps the faster count.
 """
 
 from __future__ import annotations
