@@ -28,8 +28,7 @@ MAX_SLOTS = 4  # captured (batch, cache length) shapes kept at once
 
 def cache_length(prompt_width: int, max_new_tokens: int, step: int = 64) -> int:
     """Static cache length: prompt plus cap, rounded up so that nearby shapes share a capture."""
-    need = prompt_width + max_new_tokens
-    return -(-need // step) * step
+    return -(-(prompt_width + max_new_tokens) // step) * step
 
 
 @dataclass

@@ -129,15 +129,10 @@ def copy_bytes(model, dtype) -> int:
     """Bytes a copy of `model` in `dtype` takes: one element per logical weight (4-bit weights count whole)."""
     import torch
 
-    per = torch.finfo(dtype).bits // 8
-    total = 0
-    for module in _source_base(model).modules():
-        if _is_lora(module):
-            continue
-        for name, p in module.named_parameters(recurse=False):
-            shape = getattr(getattr(p, "quant_state", None), "shape", None)
-            total += (int(torch.Size(shape).numel()) if shape is not None else p.numel()) * per
-    return total
+    shapes = (getattr(getattr(p, "quant_state", None), "shape", None) or p.shape
+              for module in _source_base(model).modules() if not _is_lora(module)
+              for p in module.parameters(recurse=False))
+    return sum(torch.Size(shape).numel() for shape in shapes) * (torch.finfo(dtype).bits // 8)
 
 
 def build_copy(model, dtype, device):
