@@ -257,6 +257,7 @@ def test_sampled_rows_that_stop_early_keep_drawing_as_eager(peft_model, tokenize
 
 def test_cpu_attention_sees_only_the_filled_cache_and_answers_as_over_the_whole_cache(peft_model, tokenizer,
                                                                                       monkeypatch):
+    import lora_cli.infer.cpu_decode as cpu_decode
     from lora_cli.infer.fused_step import FusedStep
 
     cpu, sampling = torch.device("cpu"), Sampling(max_new_tokens=12)
@@ -271,9 +272,11 @@ def test_cpu_attention_sees_only_the_filled_cache_and_answers_as_over_the_whole_
     monkeypatch.setattr(FusedStep, "attended", staticmethod(attended))
     filled = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=Decoder(copy, cpu))
     assert min(seen) == 41 and max(seen) == 40 + 11  # the prompt and the tokens fed so far, never all 64
-    monkeypatch.setattr(FusedStep, "attended", staticmethod(lambda slot: slot.mask.shape[-1]))  # all 64, as on a GPU
+    seen.clear()
+    monkeypatch.setattr(cpu_decode, "attend_filled_only", lambda cache: False)
     whole = generate_with(peft_model, tokenizer, cpu, prompts, sampling, decoder=Decoder(copy, cpu))
     assert [a.token_ids for a in filled] == [a.token_ids for a in whole]
+    assert set(seen) == {64}
 
 
 def test_prompts_are_packed_in_order_up_to_the_token_budget_a_longer_one_alone():

@@ -5,7 +5,8 @@ memory; what else a step costs there, and what removes it (measured on a 2-core 
 the embedded 135M model in bf16; docs/PERFORMANCE.md):
 
 - Attention over the whole static cache (PyTorch's CPU kernel costs in proportion to the keys it
-  is given, masked or not): the fused step attends only to the filled part (`FusedStep.attended`).
+  is given, masked or not): the fused step attends only to the filled part (`FusedStep.attended`);
+  transformers' forward, the step of other architectures, through `FilledLayer`.
 - Finished rows, fed pad until the whole batch ends, still cost a row of every matmul and of
   attention: `drop_rows` takes them out (greedy decoding without logits processors only: sampling
   must draw for every row as `generate` does, and the repetition processors keep per-row state).
@@ -17,6 +18,8 @@ the embedded 135M model in bf16; docs/PERFORMANCE.md):
 
 from __future__ import annotations
 
+import functools
+
 TRIAL_STEPS = 2  # decode steps timed at each thread count before the faster one is kept
 PACK_TOKENS = 256  # prompt tokens per packed prefill forward: larger packs attend across more masked-out pairs
 
@@ -26,11 +29,35 @@ def faster_threads(timings: dict[int, list[float]]) -> int:
     return min(timings, key=lambda n: (min(timings[n]), n))
 
 
+@functools.cache
+def filled_layer_class():
+    from transformers.cache_utils import StaticLayer
+
+    class FilledLayer(StaticLayer):
+        """A StaticLayer whose update returns only the positions written so far: (batch, heads, filled, dim)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            filled = int(self.cumulative_length)
+            return keys[:, :, :filled], values[:, :, :filled]
+
+    return FilledLayer
+
+
 def plain_static(cache) -> bool:
     """Whether every layer of a StaticCache is a plain one (no sliding window), whose rows can be written directly."""
     from transformers.cache_utils import StaticLayer
 
-    return all(type(layer) is StaticLayer for layer in cache.layers)
+    return all(type(layer) in (StaticLayer, filled_layer_class()) for layer in cache.layers)
+
+
+def attend_filled_only(cache) -> bool:
+    """Swap the plain layers of a fresh StaticCache for FilledLayers; False (unchanged) if any layer is not plain."""
+    if not plain_static(cache):
+        return False
+    filled = filled_layer_class()
+    cache.layers = [filled(max_cache_len=layer.max_cache_len) for layer in cache.layers]
+    return True
 
 
 def packs(lengths: list[int], budget: int | None = None) -> list[list[int]]:

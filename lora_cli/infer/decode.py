@@ -6,7 +6,7 @@ yet costs ~100 ms on the 4-bit model). Here a batch of left-padded prompts is pr
 then every new token is one replay of a captured graph (CUDA) or one forward (CPU), on a model
 whose cache never grows: transformers' StaticCache, its length the prompt plus the token cap
 rounded up, so batches of similar shapes reuse one capture. On the CPU, where nothing is
-captured and shapes may change, the fused step attends only to the filled cache, finished
+captured and shapes may change, attention sees only the filled part of the cache, finished
 rows leave the batch (greedy, no logits processors), prompts are prefilled packed without
 padding, and the thread count is measured (cpu_decode.py).
 
@@ -41,6 +41,7 @@ class _Slot:
     mask: object  # (batch, 1, 1, cache length) additive: 0 where a key may be attended, dtype min elsewhere
     logits: object  # (batch, vocab) float32: the step's output
     graph: object = None
+    filled: bool = False  # CPU: attention sees only the cache's filled part (cpu_decode.FilledLayer)
     fused: bool = False  # the step is fused_step's (a plain cache, a Llama-family copy), else transformers' forward
 
 
@@ -100,11 +101,12 @@ class Decoder:
 
     def _slot(self, batch: int, length: int) -> _Slot:
         """The static tensors of this shape: kept for reuse on CUDA (a captured graph reads them); on the CPU,
-        where nothing is captured, fresh for each run, rows droppable."""
-        from lora_cli.infer.cpu_decode import plain_static
+        where nothing is captured, fresh for each run, attending only to the filled cache, rows droppable."""
+        from lora_cli.infer.cpu_decode import attend_filled_only, plain_static
 
         if self.device.type == "cpu":
             slot = self._new_slot(batch, length)
+            slot.filled = attend_filled_only(slot.cache)
         else:
             key = (batch, length)
             if key not in self.slots:
@@ -131,8 +133,10 @@ class Decoder:
     def _forward(self, slot: _Slot) -> None:
         if slot.fused:
             return self.fused(slot)
+        # a FilledLayer hands attention the keys up to and with this step's: the mask covers as many
+        mask = slot.mask[..., :int(slot.cache_pos) + 1] if slot.filled else slot.mask
         out = self.model(input_ids=slot.tok, position_ids=slot.pos, cache_position=slot.cache_pos,
-                         attention_mask=slot.mask, past_key_values=slot.cache, use_cache=True)
+                         attention_mask=mask, past_key_values=slot.cache, use_cache=True)
         slot.logits.copy_(out.logits[:, -1, :])
 
     def _capture(self, slot: _Slot, filled: int) -> None:
@@ -182,7 +186,7 @@ class Decoder:
             logits = packed_prefill(self.model, slot.cache, ids, valid, self.dtype)
         else:
             logits = self.model(input_ids=ids, position_ids=pos, cache_position=torch.arange(width, device=self.device),
-                                attention_mask=mask, past_key_values=slot.cache,
+                                attention_mask=mask[..., :width] if slot.filled else mask, past_key_values=slot.cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1, :]
         slot.mask.copy_(torch.zeros_like(slot.mask).masked_fill_(~keys[:, None, None, :], low))
         slot.pos.copy_(valid.long().sum(-1, keepdim=True))

@@ -147,7 +147,7 @@ class FusedStep:
     """One decoding step of a Llama-family plain copy: slot.tok in, slot.logits out (see the module docstring).
 
     Reads the slot's static tensors (decode._Slot) and its cache's layers' keys and values, so a
-    CUDA graph can capture it; on the CPU the keys attended stop at cache_pos (`attended`).
+    CUDA graph can capture it; on the CPU the keys attended stop at cache_pos (slot.filled).
     """
 
     def __init__(self, copy, layers: list[_Layer], cpu: bool):
@@ -186,9 +186,8 @@ class FusedStep:
 
     @staticmethod
     def attended(slot) -> int:
-        """Cache positions the step attends to: on the CPU those filled, with its own (PyTorch's CPU attention costs
-        in proportion to the keys it is given, masked or not); on a GPU the whole cache (a captured shape)."""
-        return int(slot.cache_pos) + 1 if slot.cache_pos.is_cpu else slot.mask.shape[-1]
+        """Cache positions the step attends to: those filled, with its own (CPU), or the whole cache."""
+        return int(slot.cache_pos) + 1 if slot.filled else slot.mask.shape[-1]
 
     def _norm(self, x, norm):
         import torch
