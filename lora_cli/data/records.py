@@ -202,8 +202,8 @@ def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None
     return None if found else out
 
 
-def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
-    """Parse one raw line into an Example, or None with the reasons it is invalid."""
+def parse_line(raw: bytes, number: int, file: str, answers: bool = True) -> tuple[Example | None, list[Issue]]:
+    """Parse one raw line into an Example, or None with the reasons it is invalid (`answers`: see parse_value)."""
     def invalid(reason: str) -> tuple[None, list[Issue]]:
         return None, [Issue(file, number, "", reason)]
 
@@ -220,11 +220,12 @@ def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list
         return invalid("invalid JSON: nested too deeply")
     except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
         return invalid(f"invalid JSON: {exc}")
-    return parse_value(obj, number, file)
+    return parse_value(obj, number, file, answers)
 
 
-def parse_value(obj: Any, number: int, file: str) -> tuple[Example | None, list[Issue]]:
-    """Validate one parsed record (a JSON Lines line or a JSON array's element)."""
+def parse_value(obj: Any, number: int, file: str, answers: bool = True) -> tuple[Example | None, list[Issue]]:
+    """Validate one parsed record (a JSON Lines line or a JSON array's element). answers=False: prompts
+    to answer, whose 'output' (the reference answer) may be absent, read as ""."""
     issues: list[Issue] = []
 
     def issue(fld: str, reason: str) -> None:
@@ -236,7 +237,7 @@ def parse_value(obj: Any, number: int, file: str) -> tuple[Example | None, list[
     if "messages" in obj or ("instruction" not in obj and _found_instead(obj, "messages")):
         example = _chat_record(obj, number, issue)
     else:
-        values = {k: _string_field(obj, k, issue, optional=(k == "input")) for k in FIELDS}
+        values = {k: _string_field(obj, k, issue, optional=(k == "input" or (k == "output" and not answers))) for k in FIELDS}
         system = _string_field(obj, "system", issue, optional=True)
         history = _parse_history(obj.get("history"), issue)
         example = None if issues else Example(number, **values, system=system.strip() and system, history=history)
@@ -337,9 +338,10 @@ class ScanStats:
         self.chat += example is not None and example.is_chat
 
 
-def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: ScanStats | None = None
-                  ) -> Iterator[Example]:
+def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: ScanStats | None = None,
+                  answers: bool = True) -> Iterator[Example]:
     """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
+    answers=False: prompts to answer, the answer ('output') optional (parse_value).
 
     A warning about a look-alike field is reported for the first line that has it, not for every one."""
     path = Path(path)
@@ -348,11 +350,11 @@ def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: Sc
         if isinstance(unit, Issue):
             example, issues = None, [unit]
         elif isinstance(unit, Element):
-            example, issues = parse_value(unit.value, number, name)
+            example, issues = parse_value(unit.value, number, name, answers)
         elif not unit.strip():
             continue
         else:
-            example, issues = parse_line(unit, number, name)
+            example, issues = parse_line(unit, number, name, answers)
         issues = [i for i in issues if i.severity == "error" or i.field not in warned]
         warned.update(i.field for i in issues if i.severity == "warning")
         if stats is not None:
