@@ -146,11 +146,13 @@ def test_bad_jsonl_lines_are_named_before_any_model_loads(adapter, tmp_path, mon
 
 def test_generate_answers_prompts_without_an_output_while_eval_still_needs_one(adapter, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": "red house 3"},
-                                                       {"instruction": "red city", "input": "", "output": "yes"}])
+                                                       {"instruction": "red city", "input": "", "output": "yes"},
+                                                       {"messages": [{"role": "user", "content": "red city"}]}])
     rows = [json.loads(x) for x in ok("generate", "-a", adapter, "--input", prompts, "-n", "8", "--json"
                                       ).stdout.splitlines()]
-    assert [r["line"] for r in rows] == [1, 2] and all(r["answer"] for r in rows), rows
-    assert "reference" not in rows[0] and rows[1]["reference"] == "yes"
+    assert [r["line"] for r in rows] == [1, 2, 3] and all(r["answer"] for r in rows), rows
+    assert "reference" not in rows[0] and rows[1]["reference"] == "yes" and "reference" not in rows[2]
+    assert rows[2]["messages"] == [{"role": "user", "content": "red city"}]
     output = fails("eval", "-a", adapter, "--data", prompts)
     assert f"{prompts}:1 [output]: missing field 'output'" in output
 

@@ -162,7 +162,9 @@ def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: 
     return value
 
 
-def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None:
+def _parse_messages(value: Any, issue: IssueSink, answers: bool = True) -> list[dict[str, Any]] | None:
+    """The checked messages, or None. answers=False (prompts to answer): a conversation may end with the
+    user's turn, held with a blank assistant message after it (the answer to generate)."""
     if not isinstance(value, list) or not value:
         issue("messages", "'messages' must be a non-empty list of {role, content} objects")
         return None
@@ -193,6 +195,8 @@ def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None
                                    f"not {weight!r}" + ("" if role == "assistant" else f" on a {role} message"))
         if not found:
             out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
+    if not found and not answers and out[-1]["role"] != "assistant":
+        return [*out, {"role": "assistant", "content": ""}]
     if not found and not any(m["role"] == "assistant" for m in out):
         bad("messages", "no assistant message: there is nothing to learn from this record")
     if not found and all(m.get("weight") == 0 for m in out if m["role"] == "assistant"):
@@ -235,7 +239,7 @@ def parse_value(obj: Any, number: int, file: str, answers: bool = True) -> tuple
         issue("", f"expected a JSON object, got {type(obj).__name__}")
         return None, issues
     if "messages" in obj or ("instruction" not in obj and _found_instead(obj, "messages")):
-        example = _chat_record(obj, number, issue)
+        example = _chat_record(obj, number, issue, answers)
     else:
         values = {k: _string_field(obj, k, issue, optional=(k == "input" or (k == "output" and not answers))) for k in FIELDS}
         system = _string_field(obj, "system", issue, optional=True)
@@ -246,13 +250,13 @@ def parse_value(obj: Any, number: int, file: str, answers: bool = True) -> tuple
     return example, issues
 
 
-def _chat_record(obj: dict[str, Any], number: int, issue: IssueSink) -> Example | None:
+def _chat_record(obj: dict[str, Any], number: int, issue: IssueSink, answers: bool = True) -> Example | None:
     if "messages" not in obj:
         found = _found_instead(obj, "messages")
         issue("messages", f"missing field 'messages' (found '{found}': rename it to 'messages', with "
                           "{role, content} objects) or fields 'instruction' and 'output'")
         return None
-    messages = _parse_messages(obj["messages"], issue)
+    messages = _parse_messages(obj["messages"], issue, answers)
     system = _string_field(obj, "system", issue, optional=True)
     if obj.get("history") is not None:
         issue("history", "'history' belongs to instruction records; a chat record holds its earlier turns in 'messages'")
