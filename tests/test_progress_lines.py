@@ -48,3 +48,33 @@ def test_the_training_lines_final_loss_is_the_last_logged_one_though_it_is_read_
     assert last["step"] == 4
     done = re.search(r"Training: done in [\d.]+ s, 4 steps\s+loss (\d+\.\d+)", res.output)
     assert done and done.group(1) == f"{last['loss']:.4f}", res.output
+
+
+def test_a_run_whose_loss_ends_far_above_its_start_is_warned_about_with_the_lr_to_lower(tiny_model_dir, data_files,
+                                                                                        tmp_path):
+    from lora_cli import faults
+
+    train_f, val_f = data_files
+    evals = iter([2.5, 7.5])  # what a diverging run's evaluations measure (the tiny model's loss is flat)
+    with faults.inject("train:eval-loss", lambda loss: next(evals, 11.9)):
+        res = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--train", str(train_f), "--val",
+                                       str(val_f), "-o", str(tmp_path / "run"), "--epochs", "2", "--precision",
+                                       "fp32", "--device", "cpu", "--quantization", "none", "--max-length", "64",
+                                       "--max-tokens", "128", "--lr", "3", "--eval-generate", "0"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert ("Warning: the eval loss rose from 2.5000 to 11.9000: training diverged, and the adapter written is worse "
+            "than none. Try a lower --lr (now 3).") in text, res.output
+
+
+def test_an_ordinary_run_gets_no_divergence_warning():
+    from lora_cli.adapter.record import LoopSummary
+    from lora_cli.cli.commands.train import loss_rose
+
+    def summary(first, last, evals):
+        return LoopSummary(first, last, evals, [], 10, 100, 1.0)
+
+    assert loss_rose(summary(2.5, 1.4, [2.1, 1.5]), 2e-4) is None
+    assert loss_rose(summary(2.25, 2.58, []), 2e-4) is None  # a short run's noise, under 1.5x
+    assert "the train loss rose from 2.5000 to 11.9000" in loss_rose(summary(2.5, 11.9, []), 3.0)
+    assert "the eval loss rose" in loss_rose(summary(2.5, 11.9, [2.6, 17.9, 11.9]), 3.0)
