@@ -139,7 +139,7 @@ def test_a_damaged_zip_is_refused_as_not_intact_by_every_command_that_reads_one(
     data.write_text(json.dumps({"instruction": "hi", "output": "there"}) + "\n")
     commands = [["package", "--verify"], ["generate", "hi", "--adapter"], ["chat", "--adapter"],
                 ["eval", "--data", str(data), "--adapter"], ["merge", "-o", str(tmp_path / "m"), "--adapter"],
-                ["export", "-o", str(tmp_path / "m.gguf"), "--adapter"]]
+                ["export", "-o", str(tmp_path / "m.gguf"), "--adapter"], ["param-report"]]
     for argv in commands:
         res = runner.invoke(app, [*argv, str(bad)], input="")
         assert res.exit_code == 1, (argv, res.output)
@@ -148,3 +148,18 @@ def test_a_damaged_zip_is_refused_as_not_intact_by_every_command_that_reads_one(
         if how == "flipped":
             assert "adapter_model.safetensors" in first and "internal error" not in res.output, res.output
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_param_report_reads_a_packaged_zip_as_it_reads_the_folder(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "adapters"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(folder)
+    dest = tmp_path / "adaptermodel.zip"
+    assert runner.invoke(app, ["package", str(folder), "-o", str(dest)]).exit_code == 0
+    from_zip, from_folder = (runner.invoke(app, ["param-report", "--json", str(p)]) for p in (dest, folder))
+    assert from_zip.exit_code == 0 and from_folder.exit_code == 0, from_zip.output
+    assert json.loads(from_zip.stdout) == json.loads(from_folder.stdout)
+    assert json.loads(from_zip.stdout)["trainable"] > 0

@@ -226,8 +226,15 @@ def open_adapter(path: str | Path, model: str | None = None, template: str | Non
     if base_only and not path.exists():
         yield base_model_info(model, template, path)
         return
+    with adapter_folder(path) as folder:
+        yield read_adapter(folder, model, template)
+
+
+@contextlib.contextmanager
+def adapter_folder(path: Path) -> Iterator[Path]:
+    """`path` itself, or for an adapter zip (`lora-cli package`) the folder it was verified and unpacked to."""
     if path.is_file() and (zipfile.is_zipfile(path) or _starts_as_zip(path)):  # a damaged zip: verify says so
         with tempfile.TemporaryDirectory(prefix="lora-cli-adapter-") as tmp:
-            yield read_adapter(extract(path, Path(tmp) / "adapter"), model, template)
+            yield extract(path, Path(tmp) / "adapter")
         return
-    yield read_adapter(path, model, template)
+    yield path

@@ -44,7 +44,7 @@ def _default_source(settings: dict):
 def param_report(
     settings: dict,
     adapter_dir: Annotated[Optional[Path], typer.Argument(
-        help="Adapter folder (its base model and LoRA settings). [default: ./adapters when it holds an adapter "
+        help="Adapter folder or zip (its base model and LoRA settings). [default: ./adapters when it holds an adapter "
              "(and no LoRA flag is given), else --model, else the current dataset's model, with the LoRA flags]",
         show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -59,7 +59,10 @@ def param_report(
     quiet_libraries()
     cfg = RunConfig().replace(settings)
     if adapter_dir is not None:
-        summary = summary_for_adapter(adapter_dir, settings.get("model.name"), cfg.model.trust_remote_code)
+        from lora_cli.adapter.packaging import adapter_folder
+
+        with adapter_folder(adapter_dir) as folder:  # a packaged zip too
+            summary = summary_for_adapter(folder, settings.get("model.name"), cfg.model.trust_remote_code)
     elif "model.name" in settings:
         summary = summary_for_model(cfg.model.name, cfg.lora, cfg.model.trust_remote_code)
     else:
