@@ -189,6 +189,21 @@ def atomic_path(dest: Path | str, hint: str | None = None) -> Iterator[Path]:
         raise failure from exc
 
 
+def check_new_file(dest: Path | str, force: bool, flag: str = "-o", inputs: tuple = ()) -> None:
+    """Refuse to write the user-named file `dest` over an existing one (unless `force`) or, even with
+    `force`, over one of the command's own `inputs` (files it reads: replacing one loses the data the
+    output was made from). Errors: LoraCliError naming `dest` and `flag`."""
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    for source in inputs:
+        if source is not None and Path(source).exists() and dest.samefile(source):  # links included
+            raise LoraCliError(f"{flag} {dest} is also an input of this command; refusing to write over it, "
+                               "even with --force.", f"Choose another {flag} file.")
+    if not force:
+        raise LoraCliError(f"{dest} already exists.", f"Pass --force to replace it, or choose another {flag} file.")
+
+
 def write_text(dest: Path | str, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -70,6 +70,21 @@ def test_an_unfinished_run_is_refused_by_every_command_with_the_same_message(tmp
     assert len(messages) == 1 and "has not finished" in messages.pop()
 
 
+def test_an_interrupted_run_with_checkpoints_but_no_adapter_yet_is_unfinished_for_every_command(tmp_path):
+    folder = tmp_path / "run5"
+    (folder / "checkpoints" / "step-2").mkdir(parents=True)
+    (folder / RUN_CONFIG).write_text("run:\n  finished: false\n")
+    commands = {**_commands(folder, tmp_path), "param-report": ["param-report", str(folder)],
+                "export": ["export", "--adapter", str(folder), "-o", str(tmp_path / "m.gguf")]}
+    messages = {}
+    for name, argv in commands.items():
+        res = runner.invoke(app, argv, input="")
+        assert res.exit_code == 1, (name, res.output)
+        messages[name] = res.output.strip()
+    assert len(set(messages.values())) == 1, messages
+    assert "has not finished" in messages["param-report"] and "--resume" in messages["param-report"]
+
+
 def _lora_weights(path, rank: int, modules: list[str]) -> None:
     import torch
     from safetensors.torch import save_file

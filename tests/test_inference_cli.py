@@ -140,7 +140,40 @@ def test_bad_jsonl_lines_are_named_before_any_model_loads(adapter, tmp_path, mon
     bad = write_jsonl(tmp_path / "bad.jsonl", [*make_records(2), "{oops", {"instruction": "x", "input": ""}])
     for cmd in (["eval", "-a", adapter, "--data", bad], ["generate", "-a", adapter, "--input", bad]):
         output = fails(*cmd)
-        assert f"{bad}:3" in output and "invalid JSON" in output and f"{bad}:4 [output]" in output
+        assert f"{bad}:3" in output and "invalid JSON" in output
+        assert (f"{bad}:4 [output]" in output) == (cmd[0] == "eval")  # generate answers prompts without one
+
+
+def test_generate_answers_prompts_without_an_output_while_eval_still_needs_one(adapter, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": "red house 3"},
+                                                       {"instruction": "red city", "input": "", "output": "yes"},
+                                                       {"messages": [{"role": "user", "content": "red city"}]}])
+    rows = [json.loads(x) for x in ok("generate", "-a", adapter, "--input", prompts, "-n", "8", "--json"
+                                      ).stdout.splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3] and all(r["answer"] for r in rows), rows
+    assert "reference" not in rows[0] and rows[1]["reference"] == "yes" and "reference" not in rows[2]
+    assert rows[2]["messages"] == [{"role": "user", "content": "red city"}]
+    output = fails("eval", "-a", adapter, "--data", prompts)
+    assert f"{prompts}:1 [output]: missing field 'output'" in output
+
+
+def test_generate_refuses_an_existing_output_file_and_its_own_input_even_with_force(adapter, val, tmp_path,
+                                                                                   monkeypatch):
+    import lora_cli.infer.generation as generation
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("precious\n")
+    before = (tmp_path / "val.jsonl").write_bytes(open(val, "rb").read())
+    own_input = tmp_path / "val.jsonl"
+    loaded = generation.load_for_inference
+    monkeypatch.setattr(generation, "load_for_inference", lambda *a, **k: pytest.fail("loaded before refusing"))
+    output = fails("generate", "-a", adapter, "--input", own_input, "-o", mine)
+    assert f"{mine} already exists." in output and "--force" in output and mine.read_text() == "precious\n"
+    output = fails("generate", "-a", adapter, "--input", own_input, "-o", own_input, "--force")
+    assert "is also an input of this command" in output and own_input.stat().st_size == before
+    monkeypatch.setattr(generation, "load_for_inference", loaded)
+    ok("generate", "-a", adapter, "--input", own_input, "-o", mine, "--force", "-n", "2")
+    assert len(mine.read_text().splitlines()) == 6 and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_the_new_commands_have_help():

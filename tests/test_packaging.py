@@ -114,3 +114,37 @@ def test_bad_inputs(tmp_path):
     junk.write_bytes(b"not a zip")
     res = runner.invoke(app, ["package", "--verify", str(junk)])
     assert res.exit_code == 1 and "not a readable zip" in res.output
+
+
+def _damaged(src, dest, how):
+    """`src` with one byte of the weights' stored data flipped, or cut in half (a copy that stopped)."""
+    data = bytearray(src.read_bytes())
+    if how == "truncated":
+        dest.write_bytes(bytes(data[: len(data) // 2]))
+        return
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo("adapter_model.safetensors")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF
+    dest.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_a_damaged_zip_is_refused_as_not_intact_by_every_command_that_reads_one(adapter, tmp_path, how):
+    good = tmp_path / "good.zip"
+    assert runner.invoke(app, ["package", str(adapter), "-o", str(good)]).exit_code == 0
+    bad = tmp_path / "bad.zip"
+    _damaged(good, bad, how)
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"instruction": "hi", "output": "there"}) + "\n")
+    commands = [["package", "--verify"], ["generate", "hi", "--adapter"], ["chat", "--adapter"],
+                ["eval", "--data", str(data), "--adapter"], ["merge", "-o", str(tmp_path / "m"), "--adapter"],
+                ["export", "-o", str(tmp_path / "m.gguf"), "--adapter"]]
+    for argv in commands:
+        res = runner.invoke(app, [*argv, str(bad)], input="")
+        assert res.exit_code == 1, (argv, res.output)
+        first = res.output.strip().splitlines()[0]
+        assert first.startswith(f"error: {bad} is not intact"), (argv, res.output)
+        if how == "flipped":
+            assert "adapter_model.safetensors" in first and "internal error" not in res.output, res.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()

@@ -113,22 +113,28 @@ def check_loadable(path: str | Path) -> Path:
     be missing, partly written, or from an earlier run).
     """
     path = Path(path)
-    if not path.exists():
-        raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
+    _check_adapter_folder(path)
     if not path.is_dir():
         raise LoraCliError(f"{path} is a file, but neither an adapter folder nor an adapter zip.", TRAIN_HINT)
-    if is_finished(path) is False:
-        raise LoraCliError(f"{path} holds a training run that has not finished: its adapter files may be missing, "
-                           "partly written by this run, or from an earlier one.", RESUME_HINT)
-    if not (path / ADAPTER_CONFIG).is_file():
-        hint = RESUME_HINT if (path / CHECKPOINTS).is_dir() else TRAIN_HINT
-        raise LoraCliError(f"{path} is not an adapter folder (no {ADAPTER_CONFIG}).", hint)
     if not (path / ADAPTER_WEIGHTS).is_file():
         why = (f"{PICKLED_WEIGHTS} (a pickle) is refused: lora-cli loads safetensors only"
                if (path / PICKLED_WEIGHTS).is_file() else "missing")
         raise LoraCliError(f"{path} has no {ADAPTER_WEIGHTS} ({why}).", TRAIN_HINT)
     check_config_matches_weights(path)
     return path
+
+
+def _check_adapter_folder(path: Path) -> None:
+    """The one check every reader of an adapter folder makes first: it exists, it is not a run that has
+    not finished, it has an adapter config. Errors: LoraCliError (a run with checkpoints: finish it)."""
+    if not path.exists():
+        raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
+    if path.is_dir() and is_finished(path) is False:
+        raise LoraCliError(f"{path} holds a training run that has not finished: its adapter files may be missing, "
+                           "partly written by this run, or from an earlier one.", RESUME_HINT)
+    if path.is_dir() and not (path / ADAPTER_CONFIG).is_file():
+        hint = RESUME_HINT if (path / CHECKPOINTS).is_dir() else TRAIN_HINT
+        raise LoraCliError(f"{path} is not an adapter folder (no {ADAPTER_CONFIG}).", hint)
 
 
 def check_config_matches_weights(path: str | Path) -> None:
@@ -153,8 +159,7 @@ def check_config_matches_weights(path: str | Path) -> None:
 def read_adapter_config(path: str | Path) -> dict:
     """peft's adapter_config.json of a folder, as a dict (LoraCliError if absent or damaged)."""
     file = Path(path) / ADAPTER_CONFIG
-    if not Path(path).exists():  # worded as every command that takes an adapter words it (check_loadable)
-        raise LoraCliError(f"Adapter folder {path} does not exist.", TRAIN_HINT)
+    _check_adapter_folder(Path(path))  # worded as every command that takes an adapter words it
     if not file.is_file():
         raise LoraCliError(f"{path} is not an adapter folder (no {ADAPTER_CONFIG}).", TRAIN_HINT)
     return _read_json(file)

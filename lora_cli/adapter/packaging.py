@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,8 @@ from lora_cli.lock import exclusive
 from lora_cli.writable import check_writable
 
 MANIFEST = "MANIFEST.json"
+DAMAGED_HINT = "Copy the zip again from its source, or package the adapter folder again (lora-cli package)."
+ZIP_MAGIC = b"PK\x03\x04"  # a zip's first bytes: a file starting so is a zip, intact or not
 EXCLUDED_DIRS = (CHECKPOINTS, LOGS)
 
 
@@ -111,7 +114,30 @@ def _open(path: Path) -> zipfile.ZipFile:
     except FileNotFoundError:
         raise LoraCliError(f"{path} does not exist.") from None
     except (zipfile.BadZipFile, OSError) as exc:
-        raise LoraCliError(f"{path} is not a readable zip file ({exc}).") from None
+        raise LoraCliError(f"{path} is not intact: not a readable zip file ({exc}); it may be truncated or damaged.",
+                           DAMAGED_HINT) from None
+
+
+@contextlib.contextmanager
+def _reading(path: Path, name: str) -> Iterator[None]:
+    """Turn a damaged member (a CRC mismatch, a broken deflate stream, data cut short) into one message
+    naming the zip and the member, for every command that reads a packaged adapter."""
+    try:
+        yield
+    except zipfile.BadZipFile as exc:
+        why = "CRC mismatch" if "CRC" in str(exc) else str(exc)
+        raise LoraCliError(f"{path} is not intact: member {name}: {why}.", DAMAGED_HINT) from None
+    except (zlib.error, EOFError) as exc:
+        raise LoraCliError(f"{path} is not intact: member {name} cannot be decompressed ({exc or 'cut short'}).",
+                           DAMAGED_HINT) from None
+
+
+def _starts_as_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == ZIP_MAGIC
+    except OSError:
+        return False
 
 
 def verify(path: str | Path) -> Verification:
@@ -121,7 +147,9 @@ def verify(path: str | Path) -> Verification:
         if MANIFEST not in names:
             raise LoraCliError(f"{path} has no {MANIFEST}; it was not made by lora-cli package.")
         try:
-            manifest = json.loads(zf.read(MANIFEST))
+            with _reading(path, MANIFEST):
+                raw = zf.read(MANIFEST)
+            manifest = json.loads(raw)
             listed = manifest["files"]
         except (ValueError, KeyError, TypeError):
             raise LoraCliError(f"{path}: {MANIFEST} is not valid.") from None
@@ -133,7 +161,7 @@ def verify(path: str | Path) -> Verification:
         # a name stored twice: only one copy was hashed, but an unpacker may write either
         result.extra += sorted(f"{n} (stored {k} times)" for n, k in Counter(names).items() if k > 1)
         for name in sorted(present & set(listed)):
-            with zf.open(name) as fh:
+            with _reading(path, name), zf.open(name) as fh:
                 digest = sha256_of(fh)
             if digest != listed[name].get("sha256") or zf.getinfo(name).file_size != listed[name].get("size"):
                 result.changed.append(name)
@@ -198,7 +226,7 @@ def open_adapter(path: str | Path, model: str | None = None, template: str | Non
     if base_only and not path.exists():
         yield base_model_info(model, template, path)
         return
-    if path.is_file() and zipfile.is_zipfile(path):
+    if path.is_file() and (zipfile.is_zipfile(path) or _starts_as_zip(path)):  # a damaged zip: verify says so
         with tempfile.TemporaryDirectory(prefix="lora-cli-adapter-") as tmp:
             yield read_adapter(extract(path, Path(tmp) / "adapter"), model, template)
         return

@@ -32,15 +32,28 @@ class _BarStage:
         self.progress.update(self.task, advance=advance, info=_info(fields))
 
 
-class _LineStage:
-    """Non-terminal output (CI logs, pipes): a line at start and end, no animation."""
+LINE_EVERY_S = 30.0  # outside a terminal, a long stage says how far it is this often
 
-    def __init__(self):
+
+class _LineStage:
+    """Non-terminal output (CI logs, pipes): a line at start and end, no animation, and in between a
+    line every LINE_EVERY_S seconds (done / total, elapsed, the latest fields), so a long stage shows life."""
+
+    def __init__(self, console: Console, name: str, total: float | None, unit: str):
+        self.console, self.name, self.total, self.unit = console, name, total, unit
         self.done, self.info = 0.0, ""
+        self.t0 = self.last = time.time()
 
     def update(self, advance: float = 1, **fields) -> None:
         self.done += advance
         self.info = _info(fields) or self.info
+        now = time.time()
+        if now - self.last >= LINE_EVERY_S and self.done:
+            self.last = now
+            of = f"/{self.total:,.0f}" if self.total else ""
+            info = f"  {self.info}" if self.info else ""
+            self.console.print(f"{self.name}: {self.done:,.0f}{of} {self.unit}, {now - self.t0:.0f} s{info}",
+                               markup=False)
 
 
 def _info(fields: dict) -> str:
@@ -79,7 +92,7 @@ class RichReporter:
                 yield _BarStage(progress, task)
             return
         self.console.print(f"{name} ...", markup=False)
-        stage = _LineStage()
+        stage = _LineStage(self.console, name, total, unit)
         yield stage
         unit_text = f", {stage.done:,.0f} {unit}" if unit and stage.done else ""
         info = f"  {stage.info}" if stage.info else ""

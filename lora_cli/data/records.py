@@ -167,7 +167,9 @@ def _string_field(obj: dict[str, Any], key: str, issue: IssueSink, *, optional: 
     return value
 
 
-def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None:
+def _parse_messages(value: Any, issue: IssueSink, answers: bool = True) -> list[dict[str, Any]] | None:
+    """The checked messages, or None. answers=False (prompts to answer): a conversation may end with the
+    user's turn, held with a blank assistant message after it (the answer to generate)."""
     if not isinstance(value, list) or not value:
         issue("messages", "'messages' must be a non-empty list of {role, content} objects")
         return None
@@ -198,6 +200,8 @@ def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None
                                    f"not {weight!r}" + ("" if role == "assistant" else f" on a {role} message"))
         if not found:
             out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
+    if not found and not answers and out[-1]["role"] != "assistant":
+        return [*out, {"role": "assistant", "content": ""}]
     if not found and not any(m["role"] == "assistant" for m in out):
         bad("messages", "no assistant message: there is nothing to learn from this record")
     if not found and all(m.get("weight") == 0 for m in out if m["role"] == "assistant"):
@@ -207,8 +211,8 @@ def _parse_messages(value: Any, issue: IssueSink) -> list[dict[str, Any]] | None
     return None if found else out
 
 
-def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list[Issue]]:
-    """Parse one raw line into an Example, or None with the reasons it is invalid."""
+def parse_line(raw: bytes, number: int, file: str, answers: bool = True) -> tuple[Example | None, list[Issue]]:
+    """Parse one raw line into an Example, or None with the reasons it is invalid (`answers`: see parse_value)."""
     def invalid(reason: str) -> tuple[None, list[Issue]]:
         return None, [Issue(file, number, "", reason)]
 
@@ -225,11 +229,12 @@ def parse_line(raw: bytes, number: int, file: str) -> tuple[Example | None, list
         return invalid("invalid JSON: nested too deeply")
     except ValueError as exc:  # e.g. an integer of more than 4300 digits (CPython's int-parsing limit)
         return invalid(f"invalid JSON: {exc}")
-    return parse_value(obj, number, file)
+    return parse_value(obj, number, file, answers)
 
 
-def parse_value(obj: Any, number: int, file: str) -> tuple[Example | None, list[Issue]]:
-    """Validate one parsed record (a JSON Lines line or a JSON array's element)."""
+def parse_value(obj: Any, number: int, file: str, answers: bool = True) -> tuple[Example | None, list[Issue]]:
+    """Validate one parsed record (a JSON Lines line or a JSON array's element). answers=False: prompts
+    to answer, whose 'output' (the reference answer) may be absent, read as ""."""
     issues: list[Issue] = []
 
     def issue(fld: str, reason: str) -> None:
@@ -239,9 +244,9 @@ def parse_value(obj: Any, number: int, file: str) -> tuple[Example | None, list[
         issue("", f"expected a JSON object, got {type(obj).__name__}")
         return None, issues
     if "messages" in obj or ("instruction" not in obj and _found_instead(obj, "messages")):
-        example = _chat_record(obj, number, issue)
+        example = _chat_record(obj, number, issue, answers)
     else:
-        values = {k: _string_field(obj, k, issue, optional=(k == "input")) for k in FIELDS}
+        values = {k: _string_field(obj, k, issue, optional=(k == "input" or (k == "output" and not answers))) for k in FIELDS}
         system = _string_field(obj, "system", issue, optional=True)
         history = _parse_history(obj.get("history"), issue)
         example = None if issues else Example(number, **values, system=system.strip() and system, history=history)
@@ -250,13 +255,13 @@ def parse_value(obj: Any, number: int, file: str) -> tuple[Example | None, list[
     return example, issues
 
 
-def _chat_record(obj: dict[str, Any], number: int, issue: IssueSink) -> Example | None:
+def _chat_record(obj: dict[str, Any], number: int, issue: IssueSink, answers: bool = True) -> Example | None:
     if "messages" not in obj:
         found = _found_instead(obj, "messages")
         issue("messages", f"missing field 'messages' (found '{found}': rename it to 'messages', with "
                           "{role, content} objects) or fields 'instruction' and 'output'")
         return None
-    messages = _parse_messages(obj["messages"], issue)
+    messages = _parse_messages(obj["messages"], issue, answers)
     system = _string_field(obj, "system", issue, optional=True)
     if obj.get("history") is not None:
         issue("history", "'history' belongs to instruction records; a chat record holds its earlier turns in 'messages'")
@@ -342,9 +347,10 @@ class ScanStats:
         self.chat += example is not None and example.is_chat
 
 
-def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: ScanStats | None = None
-                  ) -> Iterator[Example]:
+def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: ScanStats | None = None,
+                  answers: bool = True) -> Iterator[Example]:
     """Yield valid examples; report each defect through `on_issue(Issue)`. Blank lines are skipped.
+    answers=False: prompts to answer, the answer ('output') optional (parse_value).
 
     A warning about a look-alike field is reported for the first line that has it, not for every one."""
     path = Path(path)
@@ -353,11 +359,11 @@ def iter_examples(path: str | Path, on_issue: Callable[[Issue], None], stats: Sc
         if isinstance(unit, Issue):
             example, issues = None, [unit]
         elif isinstance(unit, Element):
-            example, issues = parse_value(unit.value, number, name)
+            example, issues = parse_value(unit.value, number, name, answers)
         elif not unit.strip():
             continue
         else:
-            example, issues = parse_line(unit, number, name)
+            example, issues = parse_line(unit, number, name, answers)
         issues = [i for i in issues if i.severity == "error" or i.field not in warned]
         warned.update(i.field for i in issues if i.severity == "warning")
         if stats is not None:

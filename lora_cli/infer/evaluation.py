@@ -55,10 +55,12 @@ class EvalResult:
     generate_seconds: float = 0.0  # of `seconds`: generating the answers (warm-up included)
 
 
-def read_examples(path: str | Path) -> list[Example]:
-    """Every valid record, or a DataError listing each defect with its line number."""
+def read_examples(path: str | Path, answers: bool = True) -> list[Example]:
+    """Every valid record, or a DataError listing each defect with its line number. answers=False
+    (prompts to answer, as generate reads them): a record's 'output' may be absent; eval scores
+    against it, so it keeps the default."""
     issues = []
-    examples = list(iter_examples(path, on_issue=issues.append))
+    examples = list(iter_examples(path, on_issue=issues.append, answers=answers))
     errors = [i for i in issues if i.severity == "error"]
     if errors:
         raise DataError(f"{path} has {len(error_lines(errors))} invalid record(s); fix them first "

@@ -113,6 +113,7 @@ class TrainingLoop:
             if every and state.step % every == 0 and not at_end:
                 self._checkpoint(f"step-{state.step}")
         self.settle()
+        bar.update(0, loss=state.last_loss, tok_s=self._last_tok_s)  # the last step's loss, read late
         self._end_epoch(partial=state.step_in_epoch < n_steps)
         self._sync_flag(flag)  # a signal during the evaluation reached only some processes
         if flag.set and state.step < state.total_steps and not state.stopped_early:

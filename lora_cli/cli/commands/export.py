@@ -46,6 +46,7 @@ def export(
 ) -> None:
     """Export for llama.cpp / Ollama: GGUF with the tokenizer and the training prompt's chat template."""
     from lora_cli.adapter.packaging import open_adapter
+    from lora_cli.atomic import check_new_file
     from lora_cli.cli.render import RichReporter
     from lora_cli.errors import LoraCliError
     from lora_cli.export.runner import export as run
@@ -53,6 +54,7 @@ def export(
     if output is None:
         example = "-o ollama-model" if fmt == "ollama" else "-o model.gguf"
         raise LoraCliError("No output given.", f"Pass {example} (--force replaces an earlier export).")
+    check_new_file(output, True, "-o", (data, base_gguf, adapter))  # replacing is the runner's call; an input, never
     with open_adapter(adapter, model, template) as info:
         print_notes(info)
         plan = check_plan(info, fmt == "gguf-lora", data, base_gguf, "llama.cpp") if check else None  # refusals first

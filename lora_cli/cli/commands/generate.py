@@ -46,7 +46,7 @@ def _rows(examples, answers, base_answers) -> list[dict]:
     for i, ex in enumerate(examples):
         row = {"line": ex.line} if ex.line else {}
         row.update({"messages": ex.messages[:-1]} if ex.is_chat else {"instruction": ex.instruction, "input": ex.input})
-        if ex.line:
+        if ex.line and reference_answer(ex):  # a prompt without an answer has no reference
             row["reference"] = reference_answer(ex)
         row.update(answer=answers[i].text, stopped=answers[i].stopped, new_tokens=len(answers[i].token_ids))
         if base_answers is not None:
@@ -116,6 +116,7 @@ def generate(
         "--input", "-i", help="Answer every record of this JSONL file (training format). [default without a PROMPT: "
                               "the current dataset's validation file]", show_default=False)] = None,
     output_file: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the answers as JSONL.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answers as JSONL on stdout.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Show the base model's answers beside the adapter's.")] = False,
     base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base model alone (without an adapter folder: name it with --model).")] = False,
@@ -133,6 +134,7 @@ def generate(
     With neither: every record of the current dataset's validation file (what lora-cli tokenize --val
     tokenized last).
     """
+    from lora_cli.atomic import check_new_file
     from lora_cli.cli.render import err, out
     from lora_cli.data.current import resolve
     from lora_cli.data.records import Example
@@ -145,8 +147,10 @@ def generate(
         work = resolve("generate")
         err.print(work.said, markup=False, soft_wrap=True)
         input_file = Path(work.cfg.data.val)
+    if output_file is not None:  # before the model loads: refused at once, the file untouched
+        check_new_file(output_file, force, "-o", (input_file, adapter))
     params = Sampling(max_new_tokens, temperature, top_p, top_k, seed, load.repetition_penalty, load.no_repeat_ngram_size)
-    examples = read_examples(input_file) if input_file is not None else [Example(0, prompt)]
+    examples = read_examples(input_file, answers=False) if input_file is not None else [Example(0, prompt)]
     single = prompt is not None
     check = None if input_file is None else lambda tok, template: check_records(examples, tok, template, str(input_file))
     with loaded_model(adapter, load, not base_only, check) as loaded:

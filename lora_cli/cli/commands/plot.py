@@ -18,12 +18,12 @@ def plot(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Draw train loss, eval loss and stop rate of one or several runs on one figure, to compare settings."""
+    from lora_cli.atomic import check_new_file
     from lora_cli.cli.render import err
     from lora_cli.errors import LoraCliError
     from lora_cli.train.curves import draw, read_metrics
 
-    if output.exists() and not force:
-        raise LoraCliError(f"{output} already exists.", "Pass --force to replace it, or choose another -o file.")
+    check_new_file(output, force, "-o", tuple(runs))
     if output.suffix.lower() != ".png":
         raise LoraCliError(f"-o {output}: the figure is written as PNG; name the file .png.")
     named = [(run.name if run.is_dir() else run.parent.name, read_metrics(run)) for run in runs]

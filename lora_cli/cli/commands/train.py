@@ -19,6 +19,7 @@ import typer
 from lora_cli.cli.options import ConfigOpt, SetOpt, config_flags
 
 if TYPE_CHECKING:
+    from lora_cli.adapter.record import LoopSummary
     from lora_cli.train.recipe import TrainResult
 
 Opt = typer.Option
@@ -68,6 +69,26 @@ def train(
         raise
     if result.is_main:  # one summary for the run, not one per process
         _summary(result, time.time() - started)
+        rose = loss_rose(result.summary, work.cfg.train.lr)
+        if rose:
+            from lora_cli.cli.render import err
+
+            err.print(rose, markup=False)
+
+
+DIVERGED = 1.5  # a final loss this many times the first: training diverged, not noise
+
+
+def loss_rose(s: LoopSummary, lr: float) -> str | None:
+    """A warning when the run ended far above where it began (eval loss, else train loss), else None."""
+    pairs = [("eval", s.eval_losses[0], s.eval_losses[-1])] if len(s.eval_losses) >= 2 else []
+    if s.first_loss is not None and s.last_loss is not None:
+        pairs.append(("train", s.first_loss, s.last_loss))
+    what, first, last = pairs[0] if pairs else ("", 0.0, 0.0)
+    if not pairs or not last > DIVERGED * first:
+        return None
+    return (f"Warning: the {what} loss rose from {first:.4f} to {last:.4f}: training diverged, and the adapter "
+            f"written is worse than none. Try a lower --lr (now {lr:g}).")
 
 
 def _summary(result: TrainResult, whole: float) -> None:
