@@ -96,3 +96,15 @@ def test_an_empty_training_file_says_so_without_a_truncation_hint(tiny_model_dir
         res = runner.invoke(app, ["tokenize", "--model", str(tiny_model_dir), "--train", str(tmp_path / name)])
         assert res.exit_code == 1 and f"{tmp_path / name} holds no records" in " ".join(res.output.split())
         assert "truncat" not in res.output and "max-length" not in res.output
+
+
+def test_a_record_with_two_defects_is_one_invalid_line_listed_once(tiny_model_dir, tmp_path):
+    rows = make_records(5)
+    rows.insert(1, {"prompt": "x", "response": "y"})  # no instruction and no output: two errors on line 2
+    rows.insert(4, {"instruction": 3})  # two errors on line 5 as well
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    res = runner.invoke(app, ["tokenize", "--model", str(tiny_model_dir), "--train", str(path)])
+    assert res.exit_code == 1 and f"{path} has 2 invalid line(s)" in " ".join(res.output.split())
+    res = runner.invoke(app, ["tokenize", "--model", str(tiny_model_dir), "--train", str(path), "--skip-invalid"])
+    assert res.exit_code == 0, res.output
+    assert "2 invalid train record(s) skipped (lines 2, 5)." in " ".join(res.output.split()), res.output

@@ -3,10 +3,12 @@ element starts); anything else (compressed, binary, another encoding, pretty-pri
 is one message that says what the file is and how to convert it, never one error per line."""
 
 import bz2
+import csv
 import gzip
 import io
 import json
 import lzma
+import re
 import tracemalloc
 import zipfile
 
@@ -125,6 +127,17 @@ def _zip(path):
         z.writestr("train.jsonl", JSONL)
 
 
+def _dict_writer(path, delimiter, rows=40, quoting=csv.QUOTE_MINIMAL):
+    """A CSV/TSV as Python's csv.DictWriter writes one: fields quoted where they hold the delimiter, quotes
+    or newlines, and continuation lines that start with [ or {."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, ["instruction", "input", "output"], delimiter=delimiter, quoting=quoting)
+        writer.writeheader()
+        for n in range(rows):
+            writer.writerow({"instruction": f'Write to {n}, "politely"\n[Name]\n{{"x": 1}}', "input": "",
+                             "output": f"Dear {n},\n[my name]\tthanks"})
+
+
 KINDS = {  # name: (writer, words the message holds)
     "gzip": (lambda p: p.write_bytes(gzip.compress(JSONL.encode())), ["gzip-compressed", "gzip -dc"]),
     "bzip2": (lambda p: p.write_bytes(bz2.compress(JSONL.encode())), ["bzip2-compressed", "bzip2 -dc"]),
@@ -153,6 +166,8 @@ KINDS = {  # name: (writer, words the message holds)
                     ["Python dict literals", "ast.literal_eval"]),
     "csv": (lambda p: p.write_text("instruction,input,output\nSay hi,,hi\n"), ["CSV", "csv.DictReader"]),
     "tsv": (lambda p: p.write_text("instruction\tinput\toutput\nSay hi\t\thi\n"), ["TSV", "delimiter"]),
+    "csv-quoted": (lambda p: _dict_writer(p, ","), ["CSV", "csv.DictReader"]),
+    "tsv-quoted": (lambda p: _dict_writer(p, "\t"), ["TSV", "delimiter"]),
     "text": (lambda p: p.write_text("Say hi\nhi\n"), ["not JSON"]),
     "binary": (lambda p: p.write_bytes(bytes(range(256)) * 40), ["binary file"]),
 }
@@ -184,6 +199,45 @@ def test_the_conversion_hint_writes_beside_the_input_not_into_the_current_folder
         write(folder / name)
         [issue] = validate_file(folder / name).issues
         assert f"> {folder / out}" in issue.reason, issue.reason
+
+
+def test_no_conversion_hint_names_an_existing_file_as_its_output(tmp_path):
+    written = {"clean.jsonl.gz": KINDS["gzip"][0], "pretty.jsonl": KINDS["pretty-object"][0],
+               "t.csv": KINDS["csv"][0], "w.json": KINDS["wrapped"][0], "u.jsonl": KINDS["utf16-bom"][0]}
+    for name, write in written.items():
+        write(tmp_path / name)
+    for taken in ("clean.jsonl", "clean.converted.jsonl", "pretty.converted.jsonl", "t.jsonl", "w.jsonl",
+                  "u.converted.jsonl"):
+        (tmp_path / taken).write_text("mine\n")
+    expected = {"clean.jsonl.gz": "clean.converted-2.jsonl", "pretty.jsonl": "pretty.converted-2.jsonl",
+                "t.csv": "t.converted.jsonl", "w.json": "w.converted.jsonl", "u.jsonl": "u.converted-2.jsonl"}
+    for name, out in expected.items():
+        [issue] = validate_file(tmp_path / name).issues
+        outputs = set(re.findall(r" > (/\S+?)\)?(?=\s|$)", issue.reason))  # every redirection's target
+        assert outputs == {str(tmp_path / out)}, issue.reason
+    assert {p.name for p in tmp_path.iterdir()} == set(written) | {
+        "clean.jsonl", "clean.converted.jsonl", "pretty.converted.jsonl", "t.jsonl", "w.jsonl", "u.converted.jsonl"}
+
+
+def test_a_csv_with_quoted_fields_holding_commas_and_newlines_is_one_message_in_validate_tokenize_and_train(
+        tmp_path, tiny_model_dir):
+    path = tmp_path / "data.csv"
+    _dict_writer(path, ",", quoting=csv.QUOTE_ALL)
+    res = runner.invoke(app, ["validate-data", str(path)])
+    assert res.exit_code == 1 and "invalid JSON" not in res.output
+    assert f"{path}: this is comma-separated text (CSV)" in res.output and f"> {tmp_path / 'data.jsonl'}" in res.output
+    for command in (["tokenize"], ["train", "-o", str(tmp_path / "out"), "--max-steps", "1"]):
+        res = runner.invoke(app, [*command, "--model", str(tiny_model_dir), "--train", str(path)])
+        assert res.exit_code == 1 and "Traceback" not in res.output and "invalid JSON" not in res.output
+        assert f"{path} is comma-separated text (CSV), not JSON Lines" in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_lines_under_a_comma_separated_first_line_stay_json_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("id,text\n" + "".join(json.dumps({"instruction": f"a{n}", "output": "b"}) + "\n" for n in range(5)))
+    report = validate_file(path)
+    assert report.valid == 5 and [(i.line, i.reason.split(":")[0]) for i in report.issues] == [(1, "invalid JSON")]
 
 
 def test_tokenize_stops_on_such_a_file_with_that_one_message(tmp_path, tiny_model_dir):

@@ -36,7 +36,8 @@ def test_validate_data_with_a_model_names_the_examples_max_length_would_leave_ou
             and "(lines 3, 5)" in res.output)
     assert runner.invoke(app, args + ["--strict"]).exit_code == 1
     report = json.loads(runner.invoke(app, args + ["--json"]).stdout)["files"][0]
-    assert report["would_leave_out"] == 2 and report["left_out_lines"] == [3, 5] and report["warnings"] == 1
+    assert report["would_leave_out"] == 2 and report["left_out_lines"] == [3, 5]
+    assert report["lost_eos_lines"] == [1, 2, 4] and report["warnings"] == 2  # the others, longer than MAX: cut
     report = json.loads(runner.invoke(app, args[:-2] + ["--max-length", "512", "--json"]).stdout)["files"][0]
     assert report["would_leave_out"] == 0 and report["warnings"] == 0
 
@@ -91,7 +92,7 @@ def test_the_left_out_note_lists_ten_lines_and_counts_the_rest():
 
 @pytest.mark.parametrize("name", ["alpaca", "chat"])
 @pytest.mark.parametrize("train_on_prompt", [False, True])
-def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out(tiny_model_dir, name, train_on_prompt):
+def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out_and_which_lose_their_eos(tiny_model_dir, name, train_on_prompt):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
@@ -106,6 +107,7 @@ def test_validate_data_and_tokenize_agree_on_which_examples_are_left_out(tiny_mo
         policy = LabelPolicy(max_length=max_length, train_on_prompt=train_on_prompt)
         encoded = encode_batch(examples, tok, template, policy)
         assert [c.left_out(max_length) for c in counts] == [e.n_targets == 0 for e in encoded]
+        assert [c.loses_eos(max_length) for c in counts] == [bool(e.truncated and e.n_targets) for e in encoded]
     assert any(c.left_out(32) for c in counts) != train_on_prompt
 
 

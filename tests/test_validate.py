@@ -118,3 +118,30 @@ def test_token_statistics_and_truncation_with_a_model(tmp_path, tiny_model_dir):
     f = json.loads(res.stdout)["files"][0]
     assert f["length_tokens"]["count"] == 9 and f["length_tokens"]["max"] > 256
     assert f["would_truncate"] == 1
+
+
+def test_records_longer_than_max_length_are_a_warning_naming_their_lines_so_strict_fails(tmp_path, tiny_model_dir):
+    rows = make_records(6)
+    for line in (2, 5):
+        rows[line - 1] = {"instruction": f"Say it at length, {line}.", "input": "", "output": "long answer " * 200}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = ["validate-data", str(path), "--model", str(tiny_model_dir), "--max-length", "128"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "clean (with warnings)" in res.output, res.output
+    said = " ".join(res.output.split())
+    assert f"warning {path}: 2 example(s) cut by --max-length (128 tokens) before the end of the answer (lines 2, 5)" \
+           in said and "without their eos" in said
+    assert runner.invoke(app, args + ["--strict"]).exit_code == 1
+    report = json.loads(runner.invoke(app, args + ["--json"]).stdout)["files"][0]
+    assert report["warnings"] == 1 and report["would_lose_eos"] == 2 and report["lost_eos_lines"] == [2, 5]
+    report = json.loads(runner.invoke(app, args[:-1] + ["4096", "--json"]).stdout)["files"][0]
+    assert report["warnings"] == 0 and report["would_lose_eos"] == 0
+
+
+def test_without_a_model_validate_data_says_once_that_token_lengths_were_not_checked(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", make_records(3))
+    second = write_jsonl(tmp_path / "b.jsonl", make_records(3, seed=5))
+    res = runner.invoke(app, ["validate-data", str(first), str(second), "--max-length", "64"])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert said.count("Token lengths not checked") == 1 and "--model" in said and "--max-length (64 tokens)" in said

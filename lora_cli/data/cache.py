@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_cli import faults
 from lora_cli.atomic import atomic_dir, is_disk_full, remove_stale_temporaries, sha256_of, write_text
-from lora_cli.data.records import Issue, ScanStats, iter_examples, open_data_file
+from lora_cli.data.records import Issue, ScanStats, error_lines, iter_examples, open_data_file
 from lora_cli.data.tokenization import LabelPolicy, apply_or_reject, encode_batch, left_out_note, lost_eos_note
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.lock import exclusive
@@ -297,7 +297,8 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
                 ds = None
             errors = [i for i in issues if i.severity == "error"]
             if errors and not skip_invalid:
-                raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,
+                raise DataError(f"{path} has {len(error_lines(errors))} invalid line(s); nothing was tokenized.",
+                                errors,
                                 hint="Fix them (lora-cli validate-data lists every one) or pass --skip-invalid.")
             if counts.examples == 0:
                 raise _no_examples(path, counts, left_out, policy, errors)
@@ -306,7 +307,7 @@ def _build(split: str, path: Path, tokenizer: PreTrainedTokenizerBase, template:
             del ds
             shutil.rmtree(tmp / "build", ignore_errors=True)
             warnings = [str(i) for i in issues if i.severity == "warning"]
-            meta = CacheMeta(key, split, str(path), parts, counts, [i.line for i in errors][:1000],
+            meta = CacheMeta(key, split, str(path), parts, counts, error_lines(errors)[:1000],
                              left_out, lost_eos, warnings[:KEPT_WARNINGS], round(time.time() - t0, 3),
                              time.strftime("%Y-%m-%dT%H:%M:%S"))
             write_text(tmp / "meta.json", json.dumps(asdict(meta), indent=2))

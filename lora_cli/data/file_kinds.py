@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from itertools import chain, count
 from pathlib import Path
 
 from lora_cli.errors import LoraCliError
@@ -46,13 +47,16 @@ class NotJsonLines(LoraCliError):
 
 def _out_name(path: Path) -> str:
     """Where a conversion should write: beside the input, the name without its compression/format
-    suffix, as .jsonl (a hint that wrote into the current folder would scatter a user's data)."""
+    suffix, as .jsonl (a hint that wrote into the current folder would scatter a user's data). Never
+    a file that exists: following the hint must not overwrite the user's data (clean.jsonl.gz beside
+    clean.jsonl gives clean.converted.jsonl, then clean.converted-2.jsonl, ...)."""
     name = path.name
     for suffix in (".gz", ".bz2", ".xz", ".zst", ".zip", ".7z", ".parquet", ".arrow", ".feather", ".csv", ".tsv",
                    ".json", ".jsonl", ".txt"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             name = name[: -len(suffix)]
-    return str(path.with_name(name + (".converted.jsonl" if name + ".jsonl" == path.name else ".jsonl")))
+    candidates = chain([name + ".jsonl", name + ".converted.jsonl"], (f"{name}.converted-{n}.jsonl" for n in count(2)))
+    return str(path.with_name(next(c for c in candidates if c != path.name and not path.with_name(c).exists())))
 
 
 def _pyarrow(mod: str, reader: str, tail: str = "") -> Callable[[str, str], str]:  # hint(path, out)
@@ -236,6 +240,7 @@ def _structure(path: Path, text: str, out: str, whole: bool) -> str:
         _check_python_literals(path, first, out)
         _check_multiline_object(path, text, first, out)
         return JSONL  # a JSONL file whose first line is broken: that line's error says so
+    _check_delimited(path, text, out, whole)
     if not any(ln[:1] in "{[" for ln in content[:TEXT_LINES]):
         raise _not_json(path, first, out)
     return JSONL
@@ -300,9 +305,33 @@ def _check_multiline_object(path: Path, text: str, first: str, out: str) -> None
             f"{path} > {out})")
 
 
+_DELIMITED = (("\t", "tab-separated text (TSV)", ", delimiter='\\t'"), (",", "comma-separated text (CSV)", ""))
+
+
+def _check_delimited(path: Path, text: str, out: str, whole: bool) -> None:
+    """CSV or TSV whose first line names the fields, quoted or not: its rows parsed as csv reads them
+    (a quoted field may hold commas, newlines and lines that start with { or [). Most rows with as many
+    fields as the header is the sign; a JSONL file under a stray first line has rows of other widths."""
+    import csv
+    import io
+
+    for sep, what, delim in _DELIMITED:
+        try:
+            rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=sep) if row]
+        except csv.Error:
+            continue
+        rows = rows if whole else rows[:-1]  # the last row may be cut at the sample's end
+        header, body = (rows[0], rows[1:]) if rows else ([], [])
+        names = [name.strip() for name in header]
+        if len(names) < 2 or not all(0 < len(n) <= 64 and n[0] not in "{[" for n in names) or not body:
+            continue
+        if sum(len(row) == len(header) and row[0].lstrip()[:1] not in "{[" for row in body) * 2 > len(body):
+            raise NotJsonLines(path, what, "Convert it (the first line names the fields): "
+                               + _CSV_ROWS.format(delim=delim, path=path, out=out))
+
+
 def _not_json(path: Path, first: str, out: str) -> NotJsonLines:
-    for sep, what, delim in (("\t", "tab-separated text (TSV)", ", delimiter='\\t'"),
-                             (",", "comma-separated text (CSV)", "")):
+    for sep, what, delim in _DELIMITED:
         if sep in first:
             return NotJsonLines(path, what, "Convert it (the first line names the fields): "
                                 + _CSV_ROWS.format(delim=delim, path=path, out=out))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_cli.config import RunConfig
-from lora_cli.data.records import Issue, iter_examples
+from lora_cli.data.records import Issue, error_lines, iter_examples
 from lora_cli.errors import DataError
 
 PRECHECK_BYTES = 64 << 20  # 64 MiB: under a second of parsing, paid again by every run of that file
@@ -29,5 +29,5 @@ def refuse_invalid_records(cfg: RunConfig) -> None:
         for _ in iter_examples(path, on_issue=lambda i: errors.append(i) if i.severity == "error" else None):
             pass
         if errors:
-            raise DataError(f"{path} has {len(errors)} invalid line(s); nothing was tokenized.", errors,
+            raise DataError(f"{path} has {len(error_lines(errors))} invalid line(s); nothing was tokenized.", errors,
                             hint="Fix them (lora-cli validate-data lists every one) or pass --skip-invalid.")

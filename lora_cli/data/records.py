@@ -49,6 +49,11 @@ class Issue:
         return f"{where}{what}: {self.reason}"
 
 
+def error_lines(issues: list[Issue]) -> list[int]:
+    """The lines that hold an error, each once and in order (a record with two defects is one invalid line)."""
+    return sorted({i.line for i in issues if i.severity == "error"})
+
+
 @dataclass
 class Example:
     """One valid record. `messages` is set for chat records, the three fields otherwise."""

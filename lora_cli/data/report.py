@@ -77,6 +77,8 @@ class DataReport:
     truncated: int = 0
     left_out: int = 0
     left_out_lines: list[int] = field(default_factory=list)
+    lost_eos: int = 0  # cut by max_length after their first trained token: they train without their eos
+    lost_eos_lines: list[int] = field(default_factory=list)
     digests: RecordDigests = field(default_factory=RecordDigests, repr=False)  # for records shared across files
 
     def to_dict(self) -> dict:
@@ -88,6 +90,8 @@ class DataReport:
             "max_length": self.max_length, "would_truncate": self.truncated if self.tokens else None,
             "would_leave_out": self.left_out if self.tokens else None,
             "left_out_lines": self.left_out_lines if self.tokens else None,
+            "would_lose_eos": self.lost_eos if self.tokens else None,
+            "lost_eos_lines": self.lost_eos_lines if self.tokens else None,
         }
 
 
@@ -162,17 +166,25 @@ def _tally(report: DataReport, tokens: Counter, counts: list) -> None:
             report.left_out += 1
             if len(report.left_out_lines) < MAX_LEFT_OUT_LINES:
                 report.left_out_lines.append(count.line)
+        elif report.max_length and count.loses_eos(report.max_length):
+            report.lost_eos += 1
+            if len(report.lost_eos_lines) < MAX_LEFT_OUT_LINES:
+                report.lost_eos_lines.append(count.line)
 
 
 def _token_summary(report: DataReport, tokens: Counter, keep: Callable[[Issue], None]) -> None:
-    """Token statistics, the examples max_length would truncate, and a warning naming those it would leave out."""
-    from lora_cli.data.tokenization import left_out_note
+    """Token statistics, the examples max_length would truncate, and a warning naming those it would leave
+    out and one naming those it would cut before their eos (as tokenize and train warn)."""
+    from lora_cli.data.tokenization import left_out_note, lost_eos_note
 
     report.tokens = LengthStats.from_counts(tokens, "tokens")
     if report.max_length:
         report.truncated = sum(c for n, c in tokens.items() if n > report.max_length)
     if report.left_out and report.max_length:
         keep(Issue(report.file, 0, "", left_out_note(report.left_out, report.left_out_lines, report.max_length),
+                   "warning"))
+    if report.lost_eos and report.max_length:
+        keep(Issue(report.file, 0, "", lost_eos_note(report.lost_eos, report.lost_eos_lines, report.max_length),
                    "warning"))
 
 

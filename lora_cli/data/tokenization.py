@@ -159,6 +159,10 @@ class TokenCount:
         """True when truncation at max_length keeps no trained token: the example is left out."""
         return self.first_target >= max_length
 
+    def loses_eos(self, max_length: int) -> bool:
+        """True when truncation at max_length keeps a trained token but cuts the end, the eos with it."""
+        return self.length > max_length and not self.left_out(max_length)
+
 
 def token_counts(examples: list[Example], tokenizer: PreTrainedTokenizerBase, template: TextTemplate | ChatTemplate,
                  policy: LabelPolicy = LabelPolicy()) -> list[TokenCount]:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.data.records import Example, iter_examples
+from lora_cli.data.records import Example, error_lines, iter_examples
 from lora_cli.errors import DataError, LoraCliError
 from lora_cli.infer.generation import LoadedModel, Sampling, generate
 from lora_cli.progress import NULL_REPORTER
@@ -63,7 +63,8 @@ def read_examples(path: str | Path, answers: bool = True) -> list[Example]:
     examples = list(iter_examples(path, on_issue=issues.append, answers=answers))
     errors = [i for i in issues if i.severity == "error"]
     if errors:
-        raise DataError(f"{path} has {len(errors)} invalid record(s); fix them first (lora-cli validate-data).",
+        raise DataError(f"{path} has {len(error_lines(errors))} invalid record(s); fix them first "
+                        "(lora-cli validate-data).",
                         errors)
     if not examples:
         raise LoraCliError(f"{path} holds no records.")

@@ -87,6 +87,9 @@ def validate_data(
     counter = (_token_counter(cfg.model.name, cfg.data.template, at_hand=not typed_model)
                if typed_model or current else None)  # the current dataset's model: only when it is at hand
     limit = cfg.data.max_length
+    if counter is None and not current:  # the current dataset's model not at hand: _token_counter said so
+        err.print(f"Token lengths not checked: pass --model NAME to count them and name the records --max-length "
+                  f"({limit} tokens) would cut.", markup=False, soft_wrap=True)
     stream = None if as_json else (lambda issue: print_issues([issue], out))
     reports = [validate_file(path, on_issue=stream, token_counts=counter, max_length=limit if counter else None)
                for path in files]
